@@ -1,0 +1,258 @@
+//! Jobs and repositories as the core sees them, and the job state machine.
+//!
+//! ```text
+//! queued -> running -> succeeded | failed | cancelled | timed_out | lost
+//!    \-> cancelled
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AgentId, CommitSha, JobId};
+
+/// Where a job is in its life. Terminal states never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    /// Whether the state machine allows `self -> next`.
+    pub fn can_become(self, next: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, next),
+            (Queued, Running)
+                | (Queued, Cancelled)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Cancelled)
+                | (Running, TimedOut)
+                | (Running, Lost)
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown state {s:?}; expected one of queued, running, succeeded, failed, cancelled, timed_out, lost"
+                )
+            })
+    }
+}
+
+/// What a job is for: `test` and `deploy` get their own env scope and rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Test,
+    Deploy,
+    Custom,
+}
+
+impl JobKind {
+    /// `test` for target test, `deploy` for target deploy, `custom` otherwise.
+    pub fn for_target(target: &str) -> JobKind {
+        match target {
+            "test" => JobKind::Test,
+            "deploy" => JobKind::Deploy,
+            _ => JobKind::Custom,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Test => "test",
+            JobKind::Deploy => "deploy",
+            JobKind::Custom => "custom",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What created a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Api,
+    Webhook,
+    Retry,
+}
+
+/// How an agent says a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl Outcome {
+    pub fn state(self) -> JobState {
+        match self {
+            Outcome::Succeeded => JobState::Succeeded,
+            Outcome::Failed => JobState::Failed,
+            Outcome::Cancelled => JobState::Cancelled,
+            Outcome::TimedOut => JobState::TimedOut,
+        }
+    }
+}
+
+/// Default wall-clock limit of a job, per repository.
+pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 60 * 60;
+
+/// A registered repository.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Repo {
+    pub owner: String,
+    pub name: String,
+    pub git_url: String,
+    /// Branch used when a trigger names neither a commit nor a branch.
+    pub default_branch: String,
+    /// Wall-clock limit of each job.
+    pub timeout_secs: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Repo {
+    /// `owner/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+}
+
+/// A job and everything known about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    /// `owner/name`.
+    pub repo: String,
+    pub git_url: String,
+    pub kind: JobKind,
+    pub target: String,
+    pub commit: CommitSha,
+    pub branch: Option<String>,
+    /// Variables given with the trigger (already merged with the repository's).
+    pub env: BTreeMap<String, String>,
+    /// Labels an agent must carry to take the job.
+    pub labels: BTreeMap<String, String>,
+    pub trigger: Trigger,
+    pub state: JobState,
+    /// 0 while queued; each time an agent takes the job it is incremented
+    /// (fencing token).
+    pub attempt: u32,
+    pub agent: Option<AgentId>,
+    pub agent_name: Option<String>,
+    pub exit_code: Option<i32>,
+    /// A one-line explanation of the state (why it failed, why it waits).
+    pub message: Option<String>,
+    pub timeout_secs: u64,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// Whether an agent with `agent_labels` may take this job.
+    pub fn labels_match(&self, agent_labels: &BTreeMap<String, String>) -> bool {
+        self.labels
+            .iter()
+            .all(|(key, value)| agent_labels.get(key) == Some(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_machine() {
+        use JobState::*;
+        let allowed = [
+            (Queued, Running),
+            (Queued, Cancelled),
+            (Running, Succeeded),
+            (Running, Failed),
+            (Running, Cancelled),
+            (Running, TimedOut),
+            (Running, Lost),
+        ];
+        for from in JobState::ALL {
+            for to in JobState::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
+        for state in JobState::ALL {
+            assert_eq!(state.is_terminal(), !matches!(state, Queued | Running));
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+        }
+    }
+
+    #[test]
+    fn kind_follows_target() {
+        assert_eq!(JobKind::for_target("test"), JobKind::Test);
+        assert_eq!(JobKind::for_target("deploy"), JobKind::Deploy);
+        assert_eq!(JobKind::for_target("lint"), JobKind::Custom);
+    }
+}

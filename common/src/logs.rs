@@ -1,0 +1,84 @@
+//! Log offset arithmetic: how an idempotent append treats a chunk.
+//!
+//! A chunk is `(offset, data)`. The receiver knows how many bytes it has
+//! committed. A chunk entirely below that is a duplicate (a resend after a
+//! reconnect); one that overlaps is appended from where the committed bytes
+//! end; one that starts past the end is a gap, which the sender must fill by
+//! resending from the committed length.
+
+/// What to do with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendPlan {
+    /// Append `data[skip..]`.
+    Append { skip: usize },
+    /// Every byte is already committed: acknowledge, write nothing.
+    Duplicate,
+    /// The chunk starts past the committed end.
+    Gap,
+}
+
+pub fn plan_append(committed: u64, offset: u64, len: usize) -> AppendPlan {
+    let end = offset.saturating_add(len as u64);
+    if offset > committed {
+        AppendPlan::Gap
+    } else if end <= committed {
+        AppendPlan::Duplicate
+    } else {
+        // offset <= committed < end, so the difference fits in `len`.
+        AppendPlan::Append {
+            skip: usize::try_from(committed - offset).unwrap_or(len),
+        }
+    }
+}
+
+/// Largest log chunk an agent sends, in bytes.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_plans() {
+        let cases = [
+            // committed, offset, len, plan
+            (0, 0, 10, AppendPlan::Append { skip: 0 }),
+            (10, 10, 5, AppendPlan::Append { skip: 0 }),
+            (10, 5, 10, AppendPlan::Append { skip: 5 }),
+            (10, 0, 10, AppendPlan::Duplicate),
+            (10, 3, 4, AppendPlan::Duplicate),
+            (10, 11, 4, AppendPlan::Gap),
+            (0, 0, 0, AppendPlan::Duplicate),
+        ];
+        for (committed, offset, len, plan) in cases {
+            assert_eq!(
+                plan_append(committed, offset, len),
+                plan,
+                "committed={committed} offset={offset} len={len}"
+            );
+        }
+    }
+
+    #[test]
+    fn applying_plans_in_any_order_reconstructs_the_log() {
+        let log: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        // Chunks of 7 sent in order, each also resent once, and some
+        // overlapping re-chunked ranges.
+        let mut sends = Vec::new();
+        for start in (0..log.len()).step_by(7) {
+            let end = (start + 7).min(log.len());
+            sends.push((start, end));
+            sends.push((start, end));
+            sends.push((start.saturating_sub(3), end));
+        }
+        let mut stored = Vec::new();
+        for (start, end) in sends {
+            match plan_append(stored.len() as u64, start as u64, end - start) {
+                AppendPlan::Append { skip } => stored.extend_from_slice(&log[start + skip..end]),
+                AppendPlan::Duplicate => {}
+                AppendPlan::Gap => panic!("no gap expected"),
+            }
+        }
+        assert_eq!(stored, log);
+    }
+}

@@ -1,0 +1,211 @@
+//! Validation of names that come from the network and end up in a file path,
+//! a git command line or a make command line: repository owners and names,
+//! branches, make targets and environment variable names.
+//!
+//! Architecture invariant: a value that passed these checks cannot be read as
+//! an option (no leading `-`), cannot escape a directory (no `..`, no `/` where
+//! a path component is expected) and holds no shell metacharacter, so even a
+//! careless caller could not turn it into a command.
+
+/// Why a value was refused, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Longest accepted repository owner or name.
+pub const MAX_REPO_NAME_LEN: usize = 100;
+/// Longest accepted branch name.
+pub const MAX_BRANCH_LEN: usize = 255;
+/// Longest accepted make target.
+pub const MAX_TARGET_LEN: usize = 100;
+/// Longest accepted environment variable name.
+pub const MAX_ENV_NAME_LEN: usize = 256;
+/// Largest accepted environment variable value, in bytes.
+pub const MAX_ENV_VALUE_LEN: usize = 64 * 1024;
+
+fn common_checks(field: &str, value: &str, max_len: usize) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.len() > max_len {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {max_len} characters"),
+        ));
+    }
+    if value.starts_with('-') {
+        return Err(ValidationError::new(field, "must not start with '-'"));
+    }
+    if value.contains("..") {
+        return Err(ValidationError::new(field, "must not contain '..'"));
+    }
+    Ok(())
+}
+
+fn only_chars(
+    field: &str,
+    value: &str,
+    allowed: impl Fn(char) -> bool,
+    described: &str,
+) -> Result<(), ValidationError> {
+    match value.chars().find(|c| !allowed(*c)) {
+        None => Ok(()),
+        Some(c) => Err(ValidationError::new(
+            field,
+            format!("character {c:?} is not allowed (use {described})"),
+        )),
+    }
+}
+
+/// A repository owner or name: letters, digits, `.`, `_`, `-`.
+pub fn repo_component(field: &str, value: &str) -> Result<(), ValidationError> {
+    common_checks(field, value, MAX_REPO_NAME_LEN)?;
+    if value.starts_with('.') {
+        return Err(ValidationError::new(field, "must not start with '.'"));
+    }
+    only_chars(
+        field,
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+        "letters, digits, '.', '_' and '-'",
+    )
+}
+
+/// A branch name: what `git check-ref-format --branch` accepts, restricted to
+/// letters, digits and `._/-`.
+pub fn branch(field: &str, value: &str) -> Result<(), ValidationError> {
+    common_checks(field, value, MAX_BRANCH_LEN)?;
+    only_chars(
+        field,
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'),
+        "letters, digits, '.', '_', '/' and '-'",
+    )?;
+    if value.starts_with('/') || value.ends_with('/') || value.contains("//") {
+        return Err(ValidationError::new(
+            field,
+            "must not start or end with '/' or contain '//'",
+        ));
+    }
+    if value.ends_with('.') || value.ends_with(".lock") || value.contains("/.") {
+        return Err(ValidationError::new(
+            field,
+            "is not a valid git branch name",
+        ));
+    }
+    Ok(())
+}
+
+/// A make target: letters, digits and `._/-` (no `=`, which make would read as
+/// a variable assignment).
+pub fn target(field: &str, value: &str) -> Result<(), ValidationError> {
+    common_checks(field, value, MAX_TARGET_LEN)?;
+    only_chars(
+        field,
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'),
+        "letters, digits, '.', '_', '/' and '-'",
+    )
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn env_name(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() || value.len() > MAX_ENV_NAME_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("must be 1 to {MAX_ENV_NAME_LEN} characters"),
+        ));
+    }
+    let mut chars = value.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(ValidationError::new(
+            field,
+            "must match [A-Za-z_][A-Za-z0-9_]*",
+        ));
+    }
+    Ok(())
+}
+
+/// An environment variable value: at most [`MAX_ENV_VALUE_LEN`] bytes, no NUL.
+pub fn env_value(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.len() > MAX_ENV_VALUE_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("value must be at most {MAX_ENV_VALUE_LEN} bytes"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ValidationError::new(field, "value must not contain NUL"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branches() {
+        for ok in ["main", "feature/x-1", "release-1.2", "a_b"] {
+            assert_eq!(branch("branch", ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "", "-x", "a..b", "a;b", "a b", "$(id)", "`id`", "a|b", "/a", "a/", "a//b", "a.lock",
+            "a/.b", "x\n", "a@{b", "a~1", "a^", "a:b",
+        ] {
+            assert!(branch("branch", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn targets() {
+        for ok in ["test", "deploy", "build-all", "sub/dir.x"] {
+            assert_eq!(target("target", ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-n", "a..b", "x=y", "a;b", "a&&b", "$(id)", "a b", "a'b"] {
+            assert!(target("target", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn repo_components() {
+        for ok in ["demo", "my.repo", "a-b_c"] {
+            assert_eq!(repo_component("name", ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a/b", "..", "a..b", ".hidden", "-x", "a b", "a;b"] {
+            assert!(repo_component("name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_names() {
+        for ok in ["A", "_x", "FOO_BAR9"] {
+            assert_eq!(env_name("env", ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "9A", "A-B", "A B", "A=B", "ä"] {
+            assert!(env_name("env", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = branch("branch", "a;b").unwrap_err();
+        assert_eq!(err.field, "branch");
+        assert!(err.to_string().starts_with("branch: character ';'"));
+    }
+}
