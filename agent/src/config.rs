@@ -45,12 +45,64 @@ pub struct AgentConfig {
     /// cancelled.
     #[arg(long, env = "HOBOTNICA_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Longest a single git command (fetch, work tree checkout) may take.
+    #[arg(long, env = "HOBOTNICA_GIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub git_timeout: Duration,
 }
 
 impl AgentConfig {
     pub fn labels_map(&self) -> BTreeMap<String, String> {
         self.labels.iter().cloned().collect()
     }
+
+    /// The name to register under: `--name`, else the host name from
+    /// `/etc/hostname`, else `agent`.
+    pub fn agent_name(&self) -> String {
+        if let Some(name) = self.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            return name.to_owned();
+        }
+        std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|contents| contents.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "agent".to_owned())
+    }
+
+    /// Cross-field checks, run before anything starts. Error messages never
+    /// contain the token.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.controllers.is_empty(),
+            "at least one --controller URL is required"
+        );
+        for url in &self.controllers {
+            anyhow::ensure!(
+                url.starts_with("http://"),
+                "controller URL {url:?} must start with http:// (TLS is not supported yet)"
+            );
+        }
+        anyhow::ensure!(!self.token.trim().is_empty(), "--token must not be empty");
+        anyhow::ensure!(
+            self.token.bytes().all(|b| b.is_ascii_graphic()),
+            "--token must be printable ASCII without spaces"
+        );
+        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(
+            !self.git_timeout.is_zero(),
+            "--git-timeout must be longer than zero"
+        );
+        Ok(())
+    }
+}
+
+/// The agent's own environment, from which a job's base variables are taken
+/// (see `hobotnica_common::env::compose`). Variables that are not valid UTF-8
+/// are skipped.
+pub(crate) fn inherited_environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .collect()
 }
 
 fn parse_label(input: &str) -> Result<(String, String), String> {

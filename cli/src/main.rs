@@ -1,1 +1,72 @@
-fn main() {}
+//! `hobot`, the Hobotnica operator CLI: repositories, runs, jobs, logs and
+//! agents over the controller's REST API and gRPC log tailing, and `hobot up`,
+//! which runs a controller with local agents in one process.
+//!
+//! Exit codes: 0 on success; 1 on an error (printed as `error: ...` on
+//! stderr); with `run --follow` and `logs -f`, the job's own exit code.
+
+mod client;
+mod commands;
+mod config;
+mod logs;
+mod output;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::client::{Client, Connection};
+use crate::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    // One TLS provider for reqwest and tonic, installed before either runs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Cli { global, command } = cli;
+    if let Command::Up(args) = command {
+        init_tracing();
+        return up::up(*args).await;
+    }
+    let client = Client::new(Connection::discover(&global)?)?;
+    let json = global.json;
+    match command {
+        Command::Up(_) => unreachable!("handled above"),
+        Command::Repos(command) => commands::repos(&client, command, json).await?,
+        Command::Run(args) => return commands::run(&client, args, json).await,
+        Command::Jobs(command) => commands::jobs(&client, command, json).await?,
+        Command::Logs(args) => return logs::tail(&client, args.id, args.offset, args.follow).await,
+        Command::Agents(command) => commands::agents(&client, command, json).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr, filtered by `HOBOTNICA_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOBOTNICA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

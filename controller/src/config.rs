@@ -67,3 +67,11 @@ impl ControllerConfig {
         self.lease_timeout / 3
     }
 }
+
+/// The variables the controller passes to the processes it spawns (git):
+/// `PATH`, `HOME` and `LANG`, nothing else of its own environment.
+pub fn process_base_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(name, _)| matches!(name.as_str(), "PATH" | "HOME" | "LANG"))
+        .collect()
+}

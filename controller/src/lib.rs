@@ -1,12 +1,42 @@
 //! The Hobotnica controller: REST API, gRPC services for agents and log
 //! tailing, the job store and queue.
+//!
+//! `Controller::open` prepares everything that can fail at start-up (data
+//! directory, tokens, store); `Controller::serve` runs the servers and
+//! background tasks until the shutdown token is cancelled. The binary and
+//! `hobot up` compose the two.
 
 mod config;
+mod error;
+mod git;
+mod grpc;
+pub mod http;
+mod jobs;
+mod logs;
+mod projects;
+mod services;
+pub mod store;
 
 pub use config::ControllerConfig;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use hobotnica_common::proto::agent_service_server::AgentServiceServer;
+use hobotnica_common::proto::log_service_server::LogServiceServer;
+use hobotnica_common::token::{hash_token, new_token};
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::services::Services;
+use crate::store::embedded::EmbeddedStore;
+
+/// How often HTTP/2 pings keep idle agent connections alive.
+const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The controller's bound sockets (tests bind `127.0.0.1:0`).
 pub struct Listeners {
@@ -16,7 +46,6 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &ControllerConfig) -> anyhow::Result<Listeners> {
-        use anyhow::Context as _;
         let http = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -29,8 +58,38 @@ impl Listeners {
 
 /// An opened controller: store, tokens and services, ready to serve.
 pub struct Controller {
-    config: ControllerConfig,
+    services: Services,
     admin_token: String,
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a token kept in `path`, or creates one there (mode 0600).
+pub fn load_or_create_token(path: &Path, prefix: &str) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} is empty", path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let token = new_token(prefix);
+            write_private_file(path, &format!("{token}\n"))?;
+            Ok(token)
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 impl Controller {
@@ -38,9 +97,29 @@ impl Controller {
     /// admin token.
     pub async fn open(config: ControllerConfig) -> anyhow::Result<Controller> {
         config.validate()?;
-        let admin_token = config.admin_token.clone().unwrap_or_default();
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create the data directory {}", config.data_dir.display())
+        })?;
+        let admin_token = match &config.admin_token {
+            Some(token) => token.clone(),
+            None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
+        };
+        let store = EmbeddedStore::open(&config.data_dir)?;
+        // Agents of jobs that ran before a restart get a full lease to
+        // re-attach.
+        let store: Arc<dyn store::Store> = Arc::new(store);
+        store
+            .extend_leases(Utc::now() + config.lease_timeout)
+            .await
+            .context("cannot extend running leases")?;
+        let services = Services {
+            store,
+            admin_token_hash: hash_token(&admin_token).into(),
+            agent_pool_token_hash: config.agent_token.as_deref().map(|t| hash_token(t).into()),
+            config: Arc::new(config),
+        };
         Ok(Controller {
-            config,
+            services,
             admin_token,
         })
     }
@@ -50,10 +129,93 @@ impl Controller {
         &self.admin_token
     }
 
-    /// Serves REST and gRPC until `shutdown` is cancelled.
-    pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let _ = (self.config, listeners);
-        shutdown.cancelled().await;
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.services.config.data_dir.clone()
+    }
+
+    /// Serves REST and gRPC until `shutdown` is cancelled, then lets
+    /// in-flight requests finish and returns.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let services = self.services;
+        let http_addr = listeners.http.local_addr()?;
+        let grpc_addr = listeners.grpc.local_addr()?;
+        let public_url = services
+            .config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let endpoints = serde_json::json!({
+            "url": public_url,
+            "grpc_url": format!("http://{grpc_addr}"),
+        });
+        write_private_file(
+            &services.config.data_dir.join("controller.json"),
+            &format!("{endpoints:#}\n"),
+        )?;
+
+        let tasks = TaskTracker::new();
+        tasks.spawn(jobs::lease_reaper(services.clone(), shutdown.clone()));
+
+        let agent_service = AgentServiceServer::new(grpc::AgentGrpc::new(
+            services.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        let log_service = LogServiceServer::new(grpc::LogGrpc::new(services.clone()));
+        let grpc_shutdown = shutdown.clone();
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .add_service(agent_service)
+            .add_service(log_service)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                async move { grpc_shutdown.cancelled().await },
+            );
+
+        let http_shutdown = shutdown.clone();
+        let http = axum::serve(listeners.http, http::router(services.clone()))
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+
+        tracing::info!(%http_addr, %grpc_addr, "controller serving");
+        let (http_result, grpc_result) = tokio::join!(http, grpc);
+        tasks.close();
+        tasks.wait().await;
+        http_result.context("the REST server failed")?;
+        grpc_result.context("the gRPC server failed")?;
+        tracing::info!("controller stopped");
         Ok(())
     }
+}
+
+/// Tracing to stderr, filtered by `HOBOTNICA_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOBOTNICA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+pub async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = sigterm.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }

@@ -1,1 +1,25 @@
-fn main() {}
+//! `hobotnica-controller`: parse the configuration, set up tracing, bind,
+//! serve until SIGTERM or Ctrl-C.
+
+use clap::Parser;
+use hobotnica_controller::{Controller, ControllerConfig, Listeners};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "hobotnica-controller", version, about = "The Hobotnica controller")]
+struct Cli {
+    #[command(flatten)]
+    config: ControllerConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    hobotnica_controller::init_tracing();
+    let controller = Controller::open(cli.config.clone()).await?;
+    let listeners = Listeners::bind(&cli.config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hobotnica_controller::shutdown_on_signal(shutdown.clone()));
+    controller.serve(listeners, shutdown).await
+}

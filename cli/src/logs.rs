@@ -1,0 +1,255 @@
+//! `hobot logs [-f]`: a job's log over gRPC `LogService.Tail`.
+//!
+//! The bytes go to stdout unchanged. When following, a broken stream (a
+//! controller restart, say) is resumed from the last byte written, and the
+//! exit code is the job's.
+
+use std::fmt;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use hobotnica_common::logs::{AppendPlan, plan_append};
+use hobotnica_common::proto::log_service_client::LogServiceClient;
+use hobotnica_common::proto::{JobEnd, TailRequest, tail_response};
+use tokio::io::AsyncWriteExt as _;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+use crate::client::{Client, Unreachable};
+
+/// How long a followed tail keeps trying to reconnect before giving up.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// First pause between reconnection attempts; doubles up to
+/// [`MAX_RECONNECT_INTERVAL`].
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest pause between reconnection attempts.
+const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+/// Time allowed to open the gRPC connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A gRPC error answer, printed like a REST one (`title: detail`).
+#[derive(Debug)]
+pub struct GrpcError {
+    code: Code,
+    message: String,
+}
+
+impl fmt::Display for GrpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let title = match self.code {
+            Code::NotFound => "Not Found",
+            Code::Unauthenticated => "Unauthorized",
+            Code::PermissionDenied => "Forbidden",
+            Code::InvalidArgument => "Bad Request",
+            Code::Unavailable => "Service Unavailable",
+            _ => "gRPC error",
+        };
+        write!(f, "{title}: {}", self.message)
+    }
+}
+
+impl std::error::Error for GrpcError {}
+
+/// Why one tail attempt stopped without a `JobEnd`.
+enum Interrupted {
+    /// Worth retrying from the current offset (connection lost, gap).
+    Retry(anyhow::Error),
+    /// Not worth retrying (bad token, unknown job, stdout closed).
+    Fatal(anyhow::Error),
+}
+
+/// Prints job `job_id`'s log from `offset`; with `follow`, until the job
+/// ends, returning its exit code.
+pub async fn tail(
+    client: &Client,
+    job_id: u64,
+    offset: u64,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut written = offset;
+    let mut failing_since: Option<Instant> = None;
+    let mut pause = RECONNECT_INTERVAL;
+    let mut connected_once = false;
+    loop {
+        let before = written;
+        match tail_once(client, job_id, &mut written, follow, &mut connected_once).await {
+            Ok(Some(end)) => return Ok(report_end(job_id, &end, follow)),
+            // The stream ended without a JobEnd: done, or resume when following.
+            Ok(None) if !follow => return Ok(ExitCode::SUCCESS),
+            Ok(None) => {}
+            Err(Interrupted::Fatal(err)) => return Err(err),
+            // Never reached the controller, or not following: nothing to resume.
+            Err(Interrupted::Retry(err)) if !follow || !connected_once => return Err(err),
+            Err(Interrupted::Retry(err)) => {
+                if written > before {
+                    failing_since = None;
+                    pause = RECONNECT_INTERVAL;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > RECONNECT_TIMEOUT {
+                    return Err(err);
+                }
+                tracing::debug!(error = %err, "log stream interrupted; resuming");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RECONNECT_INTERVAL);
+    }
+}
+
+/// One `Tail` call. Advances `written`; returns the job's end when the
+/// stream delivered it.
+async fn tail_once(
+    client: &Client,
+    job_id: u64,
+    written: &mut u64,
+    follow: bool,
+    connected_once: &mut bool,
+) -> Result<Option<JobEnd>, Interrupted> {
+    let grpc_url = &client.connection.grpc_url;
+    let unreachable = |cause: String| {
+        Interrupted::Retry(anyhow::Error::new(Unreachable {
+            url: grpc_url.clone(),
+            source_hint: client.connection.grpc_source.clone(),
+            cause,
+        }))
+    };
+    let endpoint = Endpoint::from_shared(grpc_url.clone())
+        .map_err(|err| Interrupted::Fatal(anyhow::anyhow!("invalid gRPC URL {grpc_url}: {err}")))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|err| unreachable(root_cause(&err)))?;
+    let mut service = LogServiceClient::new(channel);
+    let mut request = tonic::Request::new(TailRequest {
+        job_id,
+        from_offset: *written,
+        follow,
+    });
+    if let Some(token) = &client.connection.token {
+        let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            Interrupted::Fatal(anyhow::anyhow!("the token holds characters not allowed in a header"))
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut stream = service
+        .tail(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    *connected_once = true;
+    let mut stdout = tokio::io::stdout();
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(None),
+            Err(status) => return Err(status_error(status)),
+        };
+        match message.kind {
+            Some(tail_response::Kind::Chunk(chunk)) => {
+                match plan_append(*written, chunk.offset, chunk.data.len()) {
+                    AppendPlan::Append { skip } => {
+                        let data = &chunk.data[skip..];
+                        write_out(&mut stdout, data).await?;
+                        *written += data.len() as u64;
+                    }
+                    AppendPlan::Duplicate => {}
+                    AppendPlan::Gap => {
+                        return Err(Interrupted::Retry(anyhow::anyhow!(
+                            "the log stream skipped from byte {} to {}",
+                            written,
+                            chunk.offset
+                        )));
+                    }
+                }
+            }
+            Some(tail_response::Kind::End(end)) => return Ok(Some(end)),
+            None => {}
+        }
+    }
+}
+
+async fn write_out(stdout: &mut tokio::io::Stdout, data: &[u8]) -> Result<(), Interrupted> {
+    let result = async {
+        stdout.write_all(data).await?;
+        stdout.flush().await
+    }
+    .await;
+    result.map_err(|err| {
+        Interrupted::Fatal(anyhow::Error::new(err).context("cannot write the log to stdout"))
+    })
+}
+
+fn status_error(status: tonic::Status) -> Interrupted {
+    let error = anyhow::Error::new(GrpcError {
+        code: status.code(),
+        message: status.message().to_owned(),
+    });
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted | Code::Cancelled => {
+            Interrupted::Retry(error)
+        }
+        _ => Interrupted::Fatal(error),
+    }
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+/// Says how the job ended (on stderr, stdout is the log) and picks the exit
+/// code: the job's own, or 1 when it did not succeed and has none.
+fn report_end(job_id: u64, end: &JobEnd, follow: bool) -> ExitCode {
+    if !follow {
+        return ExitCode::SUCCESS;
+    }
+    let code = job_exit_code(end);
+    let mut line = format!("job {job_id} {}", end.state);
+    if let Some(exit_code) = end.exit_code {
+        line.push_str(&format!(" (exit code {exit_code})"));
+    }
+    if !end.message.is_empty() {
+        line.push_str(&format!(": {}", end.message));
+    }
+    eprintln!("{line}");
+    ExitCode::from(code)
+}
+
+fn job_exit_code(end: &JobEnd) -> u8 {
+    let succeeded = end.state == "succeeded";
+    match end.exit_code {
+        _ if succeeded => 0,
+        Some(code) if code != 0 => u8::try_from(code).unwrap_or(1),
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(state: &str, exit_code: Option<i32>) -> JobEnd {
+        JobEnd {
+            state: state.to_owned(),
+            exit_code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_job() {
+        assert_eq!(job_exit_code(&end("succeeded", Some(0))), 0);
+        assert_eq!(job_exit_code(&end("succeeded", None)), 0);
+        assert_eq!(job_exit_code(&end("failed", Some(3))), 3);
+        assert_eq!(job_exit_code(&end("failed", None)), 1);
+        assert_eq!(job_exit_code(&end("lost", None)), 1);
+        assert_eq!(job_exit_code(&end("cancelled", Some(0))), 1);
+        assert_eq!(job_exit_code(&end("failed", Some(300))), 1);
+    }
+}

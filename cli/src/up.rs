@@ -1,0 +1,219 @@
+//! `hobot up`: a controller (embedded store) and local agents in one process.
+//!
+//! Tasks, who stops them and in which order:
+//! - the controller's `serve`, spawned here, owns the listeners and the
+//!   store; it ends when `controller_shutdown` is cancelled, which happens
+//!   only after every agent has ended;
+//! - one `hobotnica_agent::run` per local agent, spawned here into a
+//!   `JoinSet`; each ends when `agents_shutdown` (a child of the root token)
+//!   is cancelled and its running jobs have drained (at most
+//!   [`AGENT_DRAIN_TIMEOUT`]).
+//!
+//! Ctrl-C or SIGTERM cancels the agents, waits for them, then stops the
+//! controller. A second signal stops everything at once.
+
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hobotnica_agent::AgentConfig;
+use hobotnica_controller::{Controller, Listeners};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UpArgs;
+
+/// How long a local agent's running jobs may take to finish on shutdown.
+const AGENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// File holding the local agents' pool token in the data directory.
+const AGENT_TOKEN_FILE: &str = "agent-token";
+
+pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let UpArgs {
+        controller: mut config,
+        agents,
+        agent_concurrency,
+        agent_labels,
+        agent_work_dir,
+    } = args;
+    anyhow::ensure!(agent_concurrency >= 1, "--agent-concurrency must be at least 1");
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let agent_token = match &config.agent_token {
+        Some(token) => token.clone(),
+        None => load_or_create_agent_token(&config.data_dir.join(AGENT_TOKEN_FILE))?,
+    };
+    config.agent_token = Some(agent_token.clone());
+    let agent_work_dir = agent_work_dir.unwrap_or_else(|| config.data_dir.join("agent"));
+
+    let controller = Controller::open(config.clone()).await?;
+    let admin_token = controller.admin_token().to_owned();
+    let listeners = Listeners::bind(&config).await?;
+    let http_addr = reachable(listeners.http.local_addr()?);
+    let grpc_addr = reachable(listeners.grpc.local_addr()?);
+
+    let shutdown = CancellationToken::new();
+    let controller_shutdown = CancellationToken::new();
+    let mut controller_task = tokio::spawn(controller.serve(listeners, controller_shutdown.clone()));
+
+    let mut agent_tasks = JoinSet::new();
+    for i in 1..=agents {
+        let agent_config = AgentConfig {
+            controllers: vec![format!("http://{grpc_addr}")],
+            token: agent_token.clone(),
+            name: Some(format!("local-{i}")),
+            labels: agent_labels.clone(),
+            concurrency: agent_concurrency,
+            work_dir: agent_work_dir.join(i.to_string()),
+            drain_timeout: AGENT_DRAIN_TIMEOUT,
+        };
+        agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
+    }
+
+    let url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "Hobotnica is up ({agents} local agent{}, data in {})\n\
+         \x20 REST API:    {url}\n\
+         \x20 gRPC:        http://{grpc_addr}\n\
+         \x20 API docs:    {url}/api/docs\n\
+         \x20 admin token: {admin_token}\n\
+         `hobot` commands run from this directory use this controller. Ctrl-C stops it.",
+        if agents == 1 { "" } else { "s" },
+        config.data_dir.display(),
+    );
+    let _ = stdout.flush();
+    drop(stdout);
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut failed = false;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM; stopping"),
+        result = &mut controller_task => {
+            match result {
+                Ok(Ok(())) => tracing::error!("the controller stopped unexpectedly"),
+                Ok(Err(err)) => tracing::error!(error = %format!("{err:#}"), "the controller failed"),
+                Err(err) => tracing::error!(error = %err, "the controller task failed"),
+            }
+            shutdown.cancel();
+            agent_tasks.shutdown().await;
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+
+    shutdown.cancel();
+    let drain = async {
+        while let Some(result) = agent_tasks.join_next().await {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    failed = true;
+                    tracing::error!(error = %format!("{err:#}"), "a local agent failed");
+                }
+                Err(err) => {
+                    failed = true;
+                    tracing::error!(error = %err, "a local agent task failed");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = drain => {}
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("interrupted again; not waiting for running jobs");
+            agent_tasks.shutdown().await;
+        }
+        _ = sigterm.recv() => {
+            tracing::warn!("SIGTERM again; not waiting for running jobs");
+            agent_tasks.shutdown().await;
+        }
+    }
+
+    controller_shutdown.cancel();
+    match controller_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            failed = true;
+            tracing::error!(error = %format!("{err:#}"), "the controller failed while stopping");
+        }
+        Err(err) => {
+            failed = true;
+            tracing::error!(error = %err, "the controller task failed");
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The address to connect to for a bound address (`0.0.0.0` means this
+/// host: use loopback).
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let ip = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    }
+}
+
+/// Reads the pool token, or creates one readable only by this user.
+fn load_or_create_agent_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let token = hobotnica_common::token::new_token("hbag");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{token}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn agent_token_is_created_once_and_private() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(AGENT_TOKEN_FILE);
+        let first = load_or_create_agent_token(&path).expect("created");
+        assert!(first.starts_with("hbag_"));
+        let mode = std::fs::metadata(&path).expect("exists").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_or_create_agent_token(&path).expect("read"), first);
+    }
+
+    #[test]
+    fn unspecified_addresses_become_loopback() {
+        let addr: SocketAddr = "0.0.0.0:8081".parse().expect("addr");
+        assert_eq!(reachable(addr).to_string(), "127.0.0.1:8081");
+        let addr: SocketAddr = "10.1.2.3:8081".parse().expect("addr");
+        assert_eq!(reachable(addr), addr);
+    }
+}

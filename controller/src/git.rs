@@ -1,0 +1,113 @@
+//! PORT: the git questions the controller asks a repository (which commit a
+//! branch points at), answered by `git ls-remote` spawned with an argument
+//! vector and a minimal environment.
+
+use std::time::Duration;
+
+use hobotnica_common::ids::CommitSha;
+use tokio::process::Command;
+
+/// How long `git ls-remote` may take before the request fails.
+pub const LS_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("branch {branch:?} does not exist in the repository")]
+    NoSuchBranch { branch: String },
+    #[error("could not read the repository: {0}")]
+    Unreachable(String),
+}
+
+/// The commit `branch` points at in the repository at `git_url`.
+pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, GitError> {
+    let reference = format!("refs/heads/{branch}");
+    let mut command = Command::new("git");
+    command
+        .args(["ls-remote", "--exit-code", git_url, &reference])
+        .env_clear()
+        .envs(crate::config::process_base_env())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(LS_REMOTE_TIMEOUT, command.output())
+        .await
+        .map_err(|_| GitError::Unreachable("git ls-remote timed out".to_owned()))?
+        .map_err(|err| GitError::Unreachable(format!("cannot run git: {err}")))?;
+    // --exit-code: 2 means the repository answered but has no such ref.
+    if output.status.code() == Some(2) {
+        return Err(GitError::NoSuchBranch {
+            branch: branch.to_owned(),
+        });
+    }
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let first_line = stderr.lines().next().unwrap_or("git ls-remote failed");
+        return Err(GitError::Unreachable(first_line.to_owned()));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| {
+            let (sha, name) = line.split_once('\t')?;
+            (name == reference).then(|| sha.parse::<CommitSha>().ok())?
+        })
+        .ok_or(GitError::NoSuchBranch {
+            branch: branch.to_owned(),
+        })
+}
+
+/// Whether `url` is a git URL the controller accepts: http(s), ssh, git,
+/// file, scp-like `user@host:path`, or an absolute path. Transports that run
+/// commands (`ext::`) and anything that looks like an option are refused.
+pub fn check_git_url(url: &str) -> Result<(), &'static str> {
+    if url.is_empty() || url.len() > 2048 {
+        return Err("must be 1 to 2048 characters");
+    }
+    if url.starts_with('-') {
+        return Err("must not start with '-'");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace or control characters");
+    }
+    let allowed_scheme = ["https://", "http://", "ssh://", "git://", "file://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
+    let scp_like = !url.contains("://")
+        && !url.contains("::")
+        && url.split_once(':').is_some_and(|(host, _)| host.contains('@'));
+    if allowed_scheme || scp_like || url.starts_with('/') {
+        Ok(())
+    } else {
+        Err("must be an https://, http://, ssh://, git:// or file:// URL, user@host:path, or an absolute path")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_urls() {
+        for ok in [
+            "https://github.com/o/r.git",
+            "file:///tmp/x.git",
+            "git@github.com:o/r.git",
+            "/srv/git/r.git",
+            "ssh://git@host/r",
+        ] {
+            assert_eq!(check_git_url(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-uhttps://x",
+            "ext::sh -c touch% /tmp/pwned",
+            "ext::sh",
+            "fd::17",
+            "relative/path",
+            "https://x y",
+            "ftp://host/r",
+        ] {
+            assert!(check_git_url(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! EDGE: `/api/v1/agents` and `/api/v1/agent-tokens` — connected agents, and
+//! per-agent tokens that can be revoked.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use hobotnica_common::job::JobState;
+use hobotnica_common::token::{hash_token, new_token, random_hex};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::Admin;
+use super::problem::{ApiError, ApiJson, Problem};
+use crate::services::Services;
+use crate::store::{AgentTokenRecord, JobFilter};
+
+pub fn router() -> OpenApiRouter<Services> {
+    OpenApiRouter::new()
+        .routes(routes!(list_agents))
+        .routes(routes!(create_agent_token, list_agent_tokens))
+        .routes(routes!(revoke_agent_token))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub concurrency: u32,
+    pub version: String,
+    /// Whether the agent was heard from within the last lease timeout.
+    pub connected: bool,
+    /// Ids of the jobs it is running.
+    pub running_jobs: Vec<u64>,
+    pub last_seen: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentList {
+    pub items: Vec<AgentView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgentTokenRequest {
+    /// What the token is for, e.g. the build host's name.
+    pub name: String,
+}
+
+/// A new agent token. `token` is shown only in this response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTokenCreated {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTokenView {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTokenList {
+    pub items: Vec<AgentTokenView>,
+}
+
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents",
+    responses(
+        (status = 200, body = AgentList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn list_agents(
+    _: Admin,
+    State(services): State<Services>,
+) -> Result<Json<AgentList>, ApiError> {
+    let agents = services.store.list_agents().await?;
+    let running = services
+        .store
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Running),
+            limit: usize::MAX,
+            ..JobFilter::default()
+        })
+        .await?;
+    let now = Utc::now();
+    let mut items: Vec<AgentView> = agents
+        .into_iter()
+        .map(|agent| AgentView {
+            running_jobs: running
+                .iter()
+                .filter(|job| job.agent.as_ref() == Some(&agent.id))
+                .map(|job| job.id.0)
+                .collect(),
+            connected: now - agent.last_seen
+                < chrono::Duration::from_std(services.config.lease_timeout)
+                    .unwrap_or(chrono::Duration::MAX),
+            id: agent.id.0,
+            name: agent.name,
+            labels: agent.labels,
+            concurrency: agent.concurrency,
+            version: agent.version,
+            last_seen: agent.last_seen,
+        })
+        .collect();
+    items.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(AgentList { items }))
+}
+
+#[utoipa::path(post, path = "/api/v1/agent-tokens", tag = "agents",
+    request_body = CreateAgentTokenRequest,
+    responses(
+        (status = 201, body = AgentTokenCreated),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn create_agent_token(
+    _: Admin,
+    State(services): State<Services>,
+    ApiJson(request): ApiJson<CreateAgentTokenRequest>,
+) -> Result<(StatusCode, Json<AgentTokenCreated>), ApiError> {
+    hobotnica_common::validate::repo_component("name", &request.name)
+        .map_err(crate::error::CoreError::from)?;
+    let token = new_token("hbag");
+    let record = AgentTokenRecord {
+        id: random_hex(8),
+        name: request.name,
+        token_hash: hash_token(&token),
+        created_at: Utc::now(),
+    };
+    services.store.create_agent_token(record.clone()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(AgentTokenCreated {
+            id: record.id,
+            name: record.name,
+            token,
+            created_at: record.created_at,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/agent-tokens", tag = "agents",
+    responses(
+        (status = 200, body = AgentTokenList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn list_agent_tokens(
+    _: Admin,
+    State(services): State<Services>,
+) -> Result<Json<AgentTokenList>, ApiError> {
+    let tokens = services.store.list_agent_tokens().await?;
+    Ok(Json(AgentTokenList {
+        items: tokens
+            .into_iter()
+            .map(|t| AgentTokenView {
+                id: t.id,
+                name: t.name,
+                created_at: t.created_at,
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/api/v1/agent-tokens/{id}", tag = "agents",
+    params(("id" = String, Path)),
+    responses(
+        (status = 204, description = "Revoked: agents using it are disconnected"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn revoke_agent_token(
+    _: Admin,
+    State(services): State<Services>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    services.store.delete_agent_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

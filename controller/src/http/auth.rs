@@ -1,0 +1,43 @@
+//! EDGE: who is calling. `Authorization: Bearer <admin token>` for now
+//! (GitHub credentials and API tokens come with the GitHub integration).
+
+use axum::extract::FromRequestParts;
+use axum::http::{header, request::Parts};
+use hobotnica_common::token::{constant_time_eq, hash_token};
+
+use super::problem::ApiError;
+use crate::services::Services;
+
+/// A caller holding the admin token.
+pub struct Admin;
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+impl FromRequestParts<Services> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        services: &Services,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("missing credentials: send Authorization: Bearer <token>")
+        })?;
+        if constant_time_eq(
+            hash_token(token).as_bytes(),
+            services.admin_token_hash.as_bytes(),
+        ) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::unauthorized("the token is not valid"))
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! EDGE: `/api/v1/jobs` — list, show, cancel jobs and read their logs.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use hobotnica_common::ids::JobId;
+use hobotnica_common::job::{Job, JobKind, JobState, Trigger};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::Admin;
+use super::problem::{ApiError, ApiQuery, Problem};
+use crate::services::Services;
+use crate::store::JobFilter;
+
+/// Jobs per page when `limit` is not given.
+const DEFAULT_PAGE_SIZE: usize = 50;
+
+pub fn router() -> OpenApiRouter<Services> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs))
+        .routes(routes!(show_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(job_log))
+}
+
+/// A job and its status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub id: u64,
+    /// `owner/name`
+    pub repo: String,
+    pub kind: JobKind,
+    pub target: String,
+    pub state: JobState,
+    /// The exact commit the job runs at.
+    pub commit: String,
+    /// The branch the commit was resolved from, if the job named one.
+    pub branch: Option<String>,
+    pub trigger: Trigger,
+    /// How many times an agent took the job.
+    pub attempt: u32,
+    /// Name of the agent running (or that ran) the job.
+    pub agent: Option<String>,
+    pub agent_id: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Why the job is in its state (failure reason, cancel, lost lease).
+    pub message: Option<String>,
+    /// Names of the one-time variables (values are not shown).
+    pub env_keys: Vec<String>,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// This job's URL.
+    pub url: String,
+    /// Its log's URL.
+    pub log_url: String,
+}
+
+impl From<Job> for JobView {
+    fn from(job: Job) -> JobView {
+        JobView {
+            url: format!("/api/v1/jobs/{}", job.id),
+            log_url: format!("/api/v1/jobs/{}/log", job.id),
+            id: job.id.0,
+            repo: job.repo,
+            kind: job.kind,
+            target: job.target,
+            state: job.state,
+            commit: job.commit.to_string(),
+            branch: job.branch,
+            trigger: job.trigger,
+            attempt: job.attempt,
+            agent: job.agent_name,
+            agent_id: job.agent.map(|id| id.0),
+            exit_code: job.exit_code,
+            message: job.message,
+            env_keys: job.env.into_keys().collect(),
+            cancel_requested: job.cancel_requested,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+        }
+    }
+}
+
+/// 202 with the job and its `Location`.
+pub fn accepted(job: Job) -> Response {
+    let location = format!("/api/v1/jobs/{}", job.id);
+    let mut response = (StatusCode::ACCEPTED, Json(JobView::from(job))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub items: Vec<JobView>,
+    /// Pass as `cursor` to get the next (older) page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobsQuery {
+    /// Only jobs of this repository (`owner/name`).
+    pub repo: Option<String>,
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs of this kind.
+    pub kind: Option<JobKind>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// Byte offset to start from (default 0).
+    pub offset: Option<u64>,
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|err: hobotnica_common::ids::InvalidId| {
+            ApiError::field(StatusCode::BAD_REQUEST, "id", err.to_string())
+        })
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
+    params(JobsQuery),
+    responses(
+        (status = 200, body = JobList),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn list_jobs(
+    _: Admin,
+    State(services): State<Services>,
+    ApiQuery(query): ApiQuery<JobsQuery>,
+) -> Result<Json<JobList>, ApiError> {
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            cursor.parse::<JobId>().map_err(|_| {
+                ApiError::field(StatusCode::BAD_REQUEST, "cursor", "not a cursor from a previous page")
+            })
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE_SIZE);
+    let jobs = services
+        .list_jobs(JobFilter {
+            repo: query.repo,
+            state: query.state,
+            kind: query.kind,
+            agent: None,
+            before,
+            limit,
+        })
+        .await?;
+    let next_cursor = (jobs.len() >= limit.clamp(1, crate::jobs::MAX_PAGE_SIZE))
+        .then(|| jobs.last().map(|job| job.id.to_string()))
+        .flatten();
+    Ok(Json(JobList {
+        items: jobs.into_iter().map(JobView::from).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn show_job(
+    _: Admin,
+    State(services): State<Services>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = services.job(parse_job_id(&id)?).await?;
+    Ok(Json(job.into()))
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Cancelled (queued job) or cancel sent to the agent (running job)", body = JobView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job has already finished", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn cancel_job(
+    _: Admin,
+    State(services): State<Services>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = services.cancel_job(parse_job_id(&id)?).await?;
+    Ok(accepted(job))
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id"), LogQuery),
+    responses(
+        (status = 200, description = "The log's bytes from `offset` (stdout and stderr interleaved as produced)", body = String, content_type = "text/plain",
+            headers(("X-Log-Length" = u64, description = "The log's length when the response started"),
+                    ("X-Job-State" = String, description = "The job's state when the response started"))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn job_log(
+    _: Admin,
+    State(services): State<Services>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<LogQuery>,
+) -> Result<Response, ApiError> {
+    let job = services.job(parse_job_id(&id)?).await?;
+    let length = services.store.log_len(job.id).await?;
+    let start = query.offset.unwrap_or(0).min(length);
+    let store = services.store.clone();
+    let job_id = job.id;
+    let body = crate::logs::read_range(store, job_id, start, length);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert("x-log-length", HeaderValue::from(length));
+    headers.insert("x-job-state", HeaderValue::from_static(job.state.as_str()));
+    Ok(response)
+}
+

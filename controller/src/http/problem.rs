@@ -1,0 +1,204 @@
+//! EDGE: the one conversion from errors to RFC 9457 `application/problem+json`
+//! responses, and extractors whose rejections are problems too.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+use crate::error::CoreError;
+use crate::store::StoreError;
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"type": "about:blank", "title": "Unprocessable Entity", "status": 422, "detail": "branch: character ';' is not allowed (use letters, digits, '.', '_', '/' and '-')", "errors": [{"field": "branch", "message": "character ';' is not allowed (use letters, digits, '.', '_', '/' and '-')"}]}))]
+pub struct Problem {
+    /// Always `about:blank`: the status code says what kind of problem it is.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// The HTTP reason phrase.
+    pub title: String,
+    pub status: u16,
+    /// What went wrong, in words a person can act on.
+    pub detail: String,
+    /// The fields that were refused, when the request had invalid fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// An error on its way to becoming a problem response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub detail: String,
+    pub errors: Option<Vec<FieldError>>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            detail: detail.into(),
+            errors: None,
+        }
+    }
+
+    pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        ApiError {
+            status,
+            detail: format!("{field}: {message}"),
+            errors: Some(vec![FieldError {
+                field: field.to_owned(),
+                message,
+            }]),
+        }
+    }
+
+    pub fn unauthorized(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, detail)
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(err: CoreError) -> ApiError {
+        match err {
+            CoreError::NotFound(what) => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+            }
+            CoreError::Conflict(detail) => ApiError::new(StatusCode::CONFLICT, detail),
+            CoreError::Invalid(invalid) => ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &invalid.field,
+                invalid.reason,
+            ),
+            CoreError::Upstream(detail) => ApiError::new(StatusCode::BAD_GATEWAY, detail),
+            CoreError::Store(err) => ApiError::from(err),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        match err {
+            StoreError::NotFound(what) => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+            }
+            StoreError::Conflict(detail) => ApiError::new(StatusCode::CONFLICT, detail),
+            StoreError::LeaseLost { .. } | StoreError::LogGap { .. } => {
+                ApiError::new(StatusCode::CONFLICT, err.to_string())
+            }
+            StoreError::Unavailable(cause) => {
+                tracing::error!(error = %cause, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the store is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            problem_type: "about:blank".to_owned(),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            errors: self.errors,
+        };
+        let mut response = (self.status, Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// `Json<T>` whose rejection is a problem naming what was wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ApiError {
+    let text = rejection.body_text();
+    // axum prefixes serde's message; serde's message names the field.
+    let cause = text
+        .split_once(": ")
+        .map_or(text.as_str(), |(_, cause)| cause)
+        .to_owned();
+    match rejection {
+        JsonRejection::JsonDataError(_) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {cause}"))
+        }
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {cause}"))
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the request body must be JSON with Content-Type: application/json",
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, format!("unreadable request body: {cause}")),
+    }
+}
+
+/// `Query<T>` whose rejection is a problem.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(query_rejection(&rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: &QueryRejection) -> ApiError {
+    let text = rejection.body_text();
+    let cause = text
+        .split_once(": ")
+        .map_or(text.as_str(), |(_, cause)| cause);
+    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query string: {cause}"))
+}

@@ -1,0 +1,168 @@
+//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents lives
+//! in the gRPC edge (it is a stream), built on `Store::claim_job`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use hobotnica_common::env::is_reserved;
+use hobotnica_common::ids::{CommitSha, JobId};
+use hobotnica_common::job::{Job, JobKind, Trigger};
+use hobotnica_common::validate;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CoreError;
+use crate::git::{GitError, resolve_branch};
+use crate::services::Services;
+use crate::store::{JobFilter, NewJob};
+
+/// Most one-time variables a trigger may carry.
+pub const MAX_ENV_VARS: usize = 200;
+/// Most jobs one list request returns.
+pub const MAX_PAGE_SIZE: usize = 200;
+
+/// What a trigger asks for.
+#[derive(Debug, Clone)]
+pub struct TriggerJob {
+    pub target: String,
+    pub commit: Option<String>,
+    pub branch: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub trigger: Trigger,
+}
+
+/// Checks one-time (or any job-level) variables.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(CoreError::invalid(
+            "env",
+            format!("at most {MAX_ENV_VARS} variables"),
+        ));
+    }
+    for (name, value) in env {
+        let field = format!("env.{name}");
+        validate::env_name(&field, name)?;
+        if is_reserved(name) {
+            return Err(CoreError::invalid(
+                &field,
+                "PATH, HOME, CI and HOBOTNICA_* are set by Hobotnica and cannot be overridden",
+            ));
+        }
+        validate::env_value(&field, value)?;
+    }
+    Ok(())
+}
+
+impl Services {
+    pub async fn trigger_job(
+        &self,
+        owner: &str,
+        name: &str,
+        request: TriggerJob,
+    ) -> Result<Job, CoreError> {
+        let repo = self.repo(owner, name).await?;
+        validate::target("target", &request.target)?;
+        validate_env(&request.env)?;
+        let (commit, branch) = match (request.commit, request.branch) {
+            (Some(_), Some(_)) => {
+                return Err(CoreError::invalid(
+                    "commit",
+                    "give either commit or branch, not both",
+                ));
+            }
+            (Some(commit), None) => {
+                let sha: CommitSha = commit
+                    .parse()
+                    .map_err(|_| CoreError::invalid("commit", "must be 40 hexadecimal characters"))?;
+                (sha, None)
+            }
+            (None, branch) => {
+                let branch = branch.unwrap_or_else(|| repo.default_branch.clone());
+                validate::branch("branch", &branch)?;
+                let sha = resolve_branch(&repo.git_url, &branch)
+                    .await
+                    .map_err(|err| match err {
+                        GitError::NoSuchBranch { .. } => {
+                            CoreError::invalid("branch", err.to_string())
+                        }
+                        GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
+                    })?;
+                (sha, Some(branch))
+            }
+        };
+        let job = self
+            .store
+            .create_job(
+                NewJob {
+                    repo: repo.full_name(),
+                    git_url: repo.git_url.clone(),
+                    kind: JobKind::for_target(&request.target),
+                    target: request.target,
+                    commit,
+                    branch,
+                    env: request.env,
+                    labels: BTreeMap::new(),
+                    trigger: request.trigger,
+                    timeout_secs: repo.timeout_secs,
+                },
+                Utc::now(),
+            )
+            .await?;
+        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+        Ok(job)
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Job, CoreError> {
+        self.store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("job {id}")))
+    }
+
+    pub async fn list_jobs(&self, mut filter: JobFilter) -> Result<Vec<Job>, CoreError> {
+        if let Some(repo) = &filter.repo {
+            let (owner, name) = repo
+                .split_once('/')
+                .ok_or_else(|| CoreError::invalid("repo", "must be owner/name"))?;
+            validate::repo_component("repo", owner)?;
+            validate::repo_component("repo", name)?;
+        }
+        filter.limit = filter.limit.clamp(1, MAX_PAGE_SIZE);
+        Ok(self.store.list_jobs(&filter).await?)
+    }
+
+    pub async fn cancel_job(&self, id: JobId) -> Result<Job, CoreError> {
+        self.job(id).await?;
+        let job = self.store.request_cancel(id, Utc::now()).await?;
+        tracing::info!(job.id = %id, state = %job.state, "cancel requested");
+        Ok(job)
+    }
+}
+
+/// Marks jobs whose lease ran out as `lost`, until `shutdown`.
+pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
+    let period = (services.config.lease_timeout / 4).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match services.store.expire_leases(Utc::now()).await {
+            Ok(lost) => {
+                for job in lost {
+                    tracing::warn!(job.id = %job.id, agent = job.agent_name.as_deref().unwrap_or("?"), "lease expired: job lost");
+                    let line = format!(
+                        "job lost: {}",
+                        job.message.as_deref().unwrap_or("lease expired")
+                    );
+                    if let Err(err) = services.store.append_controller_line(job.id, &line).await {
+                        tracing::warn!(job.id = %job.id, error = %err, "cannot note the loss in the log");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "lease expiry check failed"),
+        }
+    }
+}

@@ -1,0 +1,745 @@
+//! The embedded backend: an ACID redb database for state and one append-only
+//! file per job for logs, under the data directory. No server to install.
+//!
+//! Log files are written before a chunk is acknowledged (a controller crash
+//! loses no acknowledged byte) and synced to disk when the job finishes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+
+use hobotnica_common::ids::{AgentId, JobId};
+use hobotnica_common::job::{Job, JobState, Repo};
+use hobotnica_common::logs::{AppendPlan, plan_append};
+
+use super::{
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent,
+    StoreResult,
+};
+
+const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
+const JOBS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("jobs");
+/// Queued job ids, oldest first.
+const QUEUE: TableDefinition<'_, u64, ()> = TableDefinition::new("queue");
+/// Running job ids (for lease expiry).
+const RUNNING: TableDefinition<'_, u64, ()> = TableDefinition::new("running");
+const AGENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agents");
+const AGENT_TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_tokens");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const NEXT_JOB_ID: &str = "next_job_id";
+
+/// Capacity of the event channel; a receiver further behind misses events.
+const EVENT_CAPACITY: usize = 4096;
+
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+    events: broadcast::Sender<StoreEvent>,
+}
+
+struct Inner {
+    db: Database,
+    logs_dir: PathBuf,
+    /// Serialises log appends (state check + write).
+    log_lock: Mutex<()>,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(unavailable)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|err| StoreError::Unavailable(format!("corrupt record: {err}")))
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<EmbeddedStore> {
+        use anyhow::Context as _;
+        let logs_dir = dir.join("logs");
+        fs::create_dir_all(&logs_dir)
+            .with_context(|| format!("cannot create {}", logs_dir.display()))?;
+        let path = dir.join("hobotnica.redb");
+        let db = Database::create(&path)
+            .with_context(|| format!("cannot open the store at {}", path.display()))?;
+        let txn = db.begin_write()?;
+        txn.open_table(REPOS)?;
+        txn.open_table(JOBS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(RUNNING)?;
+        txn.open_table(AGENTS)?;
+        txn.open_table(AGENT_TOKENS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                db,
+                logs_dir,
+                log_lock: Mutex::new(()),
+            }),
+            events,
+        })
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(unavailable)?
+    }
+
+    fn publish(&self, event: StoreEvent) {
+        // No receiver is fine: nobody is waiting.
+        let _ = self.events.send(event);
+    }
+}
+
+impl Inner {
+    fn log_path(&self, id: JobId) -> PathBuf {
+        self.logs_dir.join(format!("{id}.log"))
+    }
+
+    fn read_job(&self, id: JobId) -> StoreResult<Option<Job>> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(JOBS).map_err(unavailable)?;
+        let value = table.get(id.0).map_err(unavailable)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Runs `change` on a job inside a write transaction and stores the result.
+    fn update_job<T>(
+        &self,
+        id: JobId,
+        change: impl FnOnce(&mut Job) -> StoreResult<T>,
+    ) -> StoreResult<(Job, T)> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        let (job, result) = {
+            let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            let mut job: Job = match jobs.get(id.0).map_err(unavailable)? {
+                Some(value) => decode(value.value())?,
+                None => return Err(StoreError::NotFound(format!("job {id}"))),
+            };
+            let before = job.state;
+            let result = change(&mut job)?;
+            jobs.insert(id.0, encode(&job)?.as_slice())
+                .map_err(unavailable)?;
+            if before != job.state {
+                let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+                let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
+                queue.remove(id.0).map_err(unavailable)?;
+                running.remove(id.0).map_err(unavailable)?;
+                match job.state {
+                    JobState::Queued => {
+                        queue.insert(id.0, ()).map_err(unavailable)?;
+                    }
+                    JobState::Running => {
+                        running.insert(id.0, ()).map_err(unavailable)?;
+                    }
+                    _ => {}
+                }
+            }
+            (job, result)
+        };
+        txn.commit().map_err(unavailable)?;
+        Ok((job, result))
+    }
+
+    fn log_len(&self, id: JobId) -> StoreResult<u64> {
+        match fs::metadata(self.log_path(id)) {
+            Ok(meta) => Ok(meta.len()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    fn append_file(&self, id: JobId, data: &[u8]) -> StoreResult<u64> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))
+            .map_err(unavailable)?;
+        file.write_all(data).map_err(unavailable)?;
+        file.metadata().map(|m| m.len()).map_err(unavailable)
+    }
+
+    fn sync_log(&self, id: JobId) {
+        if let Ok(file) = File::open(self.log_path(id)) {
+            let _ = file.sync_all();
+        }
+    }
+}
+
+fn get_json<T: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<'_, &str, &[u8]>,
+    key: &str,
+) -> StoreResult<Option<T>> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(table).map_err(unavailable)?;
+    let value = table.get(key).map_err(unavailable)?;
+    value.map(|v| decode(v.value())).transpose()
+}
+
+fn all_json<T: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<'_, &str, &[u8]>,
+) -> StoreResult<Vec<T>> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let table = txn.open_table(table).map_err(unavailable)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(unavailable)? {
+        let (_, value) = entry.map_err(unavailable)?;
+        out.push(decode(value.value())?);
+    }
+    Ok(out)
+}
+
+fn put_json<T: Serialize>(
+    db: &Database,
+    table: TableDefinition<'_, &str, &[u8]>,
+    key: &str,
+    value: &T,
+    durability: Durability,
+) -> StoreResult<()> {
+    let mut txn = db.begin_write().map_err(unavailable)?;
+    txn.set_durability(durability).map_err(unavailable)?;
+    {
+        let mut table = txn.open_table(table).map_err(unavailable)?;
+        table
+            .insert(key, encode(value)?.as_slice())
+            .map_err(unavailable)?;
+    }
+    txn.commit().map_err(unavailable)
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.blocking(|inner| {
+            inner.db.begin_read().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
+        self.blocking(move |inner| {
+            let key = repo.full_name();
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(REPOS).map_err(unavailable)?;
+                if table.get(key.as_str()).map_err(unavailable)?.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "repository {key} is already registered"
+                    )));
+                }
+                table
+                    .insert(key.as_str(), encode(&repo)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
+        let key = format!("{owner}/{name}");
+        self.blocking(move |inner| get_json(&inner.db, REPOS, &key))
+            .await
+    }
+
+    async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
+        self.blocking(|inner| all_json(&inner.db, REPOS)).await
+    }
+
+    async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()> {
+        let key = format!("{owner}/{name}");
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let existed = {
+                let mut table = txn.open_table(REPOS).map_err(unavailable)?;
+                table.remove(key.as_str()).map_err(unavailable)?.is_some()
+            };
+            txn.commit().map_err(unavailable)?;
+            if existed {
+                Ok(())
+            } else {
+                Err(StoreError::NotFound(format!("repository {key}")))
+            }
+        })
+        .await
+    }
+
+    async fn create_job(&self, new: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
+        let job = self
+            .blocking(move |inner| {
+                let txn = inner.db.begin_write().map_err(unavailable)?;
+                let job = {
+                    let mut meta = txn.open_table(META).map_err(unavailable)?;
+                    let id = meta
+                        .get(NEXT_JOB_ID)
+                        .map_err(unavailable)?
+                        .map_or(1, |v| v.value());
+                    meta.insert(NEXT_JOB_ID, id + 1).map_err(unavailable)?;
+                    let job = Job {
+                        id: JobId(id),
+                        repo: new.repo,
+                        git_url: new.git_url,
+                        kind: new.kind,
+                        target: new.target,
+                        commit: new.commit,
+                        branch: new.branch,
+                        env: new.env,
+                        labels: new.labels,
+                        trigger: new.trigger,
+                        state: JobState::Queued,
+                        attempt: 0,
+                        agent: None,
+                        agent_name: None,
+                        exit_code: None,
+                        message: None,
+                        timeout_secs: new.timeout_secs,
+                        cancel_requested: false,
+                        created_at: now,
+                        started_at: None,
+                        finished_at: None,
+                        lease_expires_at: None,
+                    };
+                    let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                    jobs.insert(id, encode(&job)?.as_slice())
+                        .map_err(unavailable)?;
+                    let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+                    queue.insert(id, ()).map_err(unavailable)?;
+                    job
+                };
+                txn.commit().map_err(unavailable)?;
+                Ok(job)
+            })
+            .await?;
+        self.publish(StoreEvent::JobQueued { job: job.id });
+        Ok(job)
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
+        self.blocking(move |inner| inner.read_job(id)).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+        let filter = filter.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOBS).map_err(unavailable)?;
+            let upper = filter.before.map_or(u64::MAX, |id| id.0);
+            let mut out = Vec::new();
+            for entry in table.range(..upper).map_err(unavailable)?.rev() {
+                let (_, value) = entry.map_err(unavailable)?;
+                let job: Job = decode(value.value())?;
+                if filter.matches(&job) {
+                    out.push(job);
+                    if out.len() >= filter.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn claim_job(
+        &self,
+        agent: &AgentRecord,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        let agent = agent.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let claimed = {
+                let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+                let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                let mut found = None;
+                for entry in queue.iter().map_err(unavailable)? {
+                    let (id, _) = entry.map_err(unavailable)?;
+                    let id = id.value();
+                    let Some(value) = jobs.get(id).map_err(unavailable)? else {
+                        continue;
+                    };
+                    let job: Job = decode(value.value())?;
+                    if job.labels_match(&agent.labels) {
+                        found = Some(job);
+                        break;
+                    }
+                }
+                match found {
+                    None => None,
+                    Some(mut job) => {
+                        job.state = JobState::Running;
+                        job.attempt += 1;
+                        job.agent = Some(agent.id.clone());
+                        job.agent_name = Some(agent.name.clone());
+                        job.started_at = Some(now);
+                        job.lease_expires_at = Some(lease_until);
+                        job.message = None;
+                        queue.remove(job.id.0).map_err(unavailable)?;
+                        let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
+                        running.insert(job.id.0, ()).map_err(unavailable)?;
+                        jobs.insert(job.id.0, encode(&job)?.as_slice())
+                            .map_err(unavailable)?;
+                        Some(job)
+                    }
+                }
+            };
+            txn.commit().map_err(unavailable)?;
+            if let Some(job) = &claimed {
+                // A new attempt starts its log afresh.
+                if job.attempt > 1 {
+                    let _guard = inner.log_lock.lock().map_err(unavailable)?;
+                    let _ = fs::remove_file(inner.log_path(job.id));
+                }
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn renew_lease(
+        &self,
+        id: JobId,
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Job> {
+        self.blocking(move |inner| {
+            let current = inner
+                .read_job(id)?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            if current.state != JobState::Running || current.attempt != attempt {
+                return Err(StoreError::LeaseLost { job: id, attempt });
+            }
+            let (job, ()) = inner.update_job(id, |job| {
+                if job.state != JobState::Running || job.attempt != attempt {
+                    return Err(StoreError::LeaseLost { job: id, attempt });
+                }
+                job.lease_expires_at = Some(lease_until);
+                Ok(())
+            })?;
+            Ok(job)
+        })
+        .await
+    }
+
+    async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job> {
+        let job = self
+            .blocking(move |inner| {
+                let (job, ()) = inner.update_job(id, |job| match job.state {
+                    JobState::Queued => {
+                        job.state = JobState::Cancelled;
+                        job.finished_at = Some(now);
+                        job.message = Some("cancelled before it started".to_owned());
+                        Ok(())
+                    }
+                    JobState::Running => {
+                        job.cancel_requested = true;
+                        Ok(())
+                    }
+                    state => Err(StoreError::Conflict(format!(
+                        "job {id} has already finished ({state})"
+                    ))),
+                })?;
+                Ok(job)
+            })
+            .await?;
+        match (&job.state, &job.agent) {
+            (JobState::Running, Some(agent)) => self.publish(StoreEvent::CancelRequested {
+                job: id,
+                attempt: job.attempt,
+                agent: agent.clone(),
+            }),
+            _ => self.publish(StoreEvent::JobFinished { job: id }),
+        }
+        Ok(job)
+    }
+
+    async fn finish_job(
+        &self,
+        id: JobId,
+        attempt: u32,
+        finish: Finish,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Job> {
+        let (job, changed) = self
+            .blocking(move |inner| {
+                inner.sync_log(id);
+                inner.update_job(id, |job| {
+                    let state = finish.outcome.state();
+                    if job.attempt != attempt {
+                        return Err(StoreError::LeaseLost { job: id, attempt });
+                    }
+                    if job.state == state && job.exit_code == finish.exit_code {
+                        return Ok(false); // a repeated completion
+                    }
+                    if !job.state.can_become(state) {
+                        return Err(StoreError::LeaseLost { job: id, attempt });
+                    }
+                    job.state = state;
+                    job.exit_code = finish.exit_code;
+                    job.message = finish.message;
+                    job.finished_at = Some(now);
+                    job.lease_expires_at = None;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if changed {
+            self.publish(StoreEvent::JobFinished { job: id });
+        }
+        Ok(job)
+    }
+
+    async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {
+        let lost = self
+            .blocking(move |inner| {
+                let running: Vec<u64> = {
+                    let txn = inner.db.begin_read().map_err(unavailable)?;
+                    let table = txn.open_table(RUNNING).map_err(unavailable)?;
+                    let mut ids = Vec::new();
+                    for entry in table.iter().map_err(unavailable)? {
+                        ids.push(entry.map_err(unavailable)?.0.value());
+                    }
+                    ids
+                };
+                let mut lost = Vec::new();
+                for id in running {
+                    let Some(job) = inner.read_job(JobId(id))? else {
+                        continue;
+                    };
+                    if job.lease_expires_at.is_some_and(|until| until < now) {
+                        let (job, expired) = inner.update_job(JobId(id), |job| {
+                            let expired = job.state == JobState::Running
+                                && job.lease_expires_at.is_some_and(|until| until < now);
+                            if expired {
+                                job.state = JobState::Lost;
+                                job.finished_at = Some(now);
+                                job.lease_expires_at = None;
+                                job.message = Some(format!(
+                                    "agent {} stopped renewing the lease",
+                                    job.agent_name.as_deref().unwrap_or("?")
+                                ));
+                            }
+                            Ok(expired)
+                        })?;
+                        if expired {
+                            lost.push(job);
+                        }
+                    }
+                }
+                Ok(lost)
+            })
+            .await?;
+        for job in &lost {
+            self.publish(StoreEvent::JobFinished { job: job.id });
+        }
+        Ok(lost)
+    }
+
+    async fn extend_leases(&self, until: DateTime<Utc>) -> StoreResult<()> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let running = txn.open_table(RUNNING).map_err(unavailable)?;
+                let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                let mut ids = Vec::new();
+                for entry in running.iter().map_err(unavailable)? {
+                    ids.push(entry.map_err(unavailable)?.0.value());
+                }
+                for id in ids {
+                    let Some(value) = jobs.get(id).map_err(unavailable)? else {
+                        continue;
+                    };
+                    let mut job: Job = decode(value.value())?;
+                    drop(value);
+                    if job.lease_expires_at.is_none_or(|current| current < until) {
+                        job.lease_expires_at = Some(until);
+                        jobs.insert(id, encode(&job)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn append_log(
+        &self,
+        id: JobId,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> StoreResult<u64> {
+        let (len, grew) = self
+            .blocking(move |inner| {
+                let _guard = inner.log_lock.lock().map_err(unavailable)?;
+                let job = inner
+                    .read_job(id)?
+                    .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+                if job.state != JobState::Running || job.attempt != attempt {
+                    return Err(StoreError::LeaseLost { job: id, attempt });
+                }
+                let committed = inner.log_len(id)?;
+                match plan_append(committed, offset, data.len()) {
+                    AppendPlan::Duplicate => Ok((committed, false)),
+                    AppendPlan::Gap => Err(StoreError::LogGap { committed }),
+                    AppendPlan::Append { skip } => {
+                        Ok((inner.append_file(id, &data[skip..])?, true))
+                    }
+                }
+            })
+            .await?;
+        if grew {
+            self.publish(StoreEvent::LogAppended { job: id, len });
+        }
+        Ok(len)
+    }
+
+    async fn append_controller_line(&self, id: JobId, line: &str) -> StoreResult<u64> {
+        let line = format!("[hobotnica] {line}\n");
+        let len = self
+            .blocking(move |inner| {
+                let _guard = inner.log_lock.lock().map_err(unavailable)?;
+                inner.append_file(id, line.as_bytes())
+            })
+            .await?;
+        self.publish(StoreEvent::LogAppended { job: id, len });
+        Ok(len)
+    }
+
+    async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
+        self.blocking(move |inner| {
+            let mut file = match File::open(inner.log_path(id)) {
+                Ok(file) => file,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Bytes::new());
+                }
+                Err(err) => return Err(unavailable(err)),
+            };
+            file.seek(SeekFrom::Start(offset)).map_err(unavailable)?;
+            let mut buf = Vec::with_capacity(max.min(1 << 20));
+            file.take(max as u64)
+                .read_to_end(&mut buf)
+                .map_err(unavailable)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn log_len(&self, id: JobId) -> StoreResult<u64> {
+        self.blocking(move |inner| inner.log_len(id)).await
+    }
+
+    async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord> {
+        self.blocking(move |inner| {
+            let existing: Vec<AgentRecord> = all_json(&inner.db, AGENTS)?;
+            let mut agent = agent;
+            if let Some(previous) = existing.into_iter().find(|a| a.name == agent.name) {
+                agent.id = previous.id;
+                agent.registered_at = previous.registered_at;
+            }
+            put_json(&inner.db, AGENTS, &agent.id.0, &agent, Durability::Immediate)?;
+            Ok(agent)
+        })
+        .await
+    }
+
+    async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>> {
+        let id = id.clone();
+        self.blocking(move |inner| get_json(&inner.db, AGENTS, &id.0))
+            .await
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        self.blocking(|inner| all_json(&inner.db, AGENTS)).await
+    }
+
+    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
+        let id = id.clone();
+        self.blocking(move |inner| {
+            let Some(mut agent) = get_json::<AgentRecord>(&inner.db, AGENTS, &id.0)? else {
+                return Err(StoreError::NotFound(format!("agent {id}")));
+            };
+            agent.last_seen = now;
+            // Losing a last-seen time in a crash is harmless: skip the fsync.
+            put_json(&inner.db, AGENTS, &id.0, &agent, Durability::None)
+        })
+        .await
+    }
+
+    async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()> {
+        self.blocking(move |inner| {
+            put_json(&inner.db, AGENT_TOKENS, &token.id, &token, Durability::Immediate)
+        })
+        .await
+    }
+
+    async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>> {
+        self.blocking(|inner| all_json(&inner.db, AGENT_TOKENS))
+            .await
+    }
+
+    async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>> {
+        let token_hash = token_hash.to_owned();
+        self.blocking(move |inner| {
+            let tokens: Vec<AgentTokenRecord> = all_json(&inner.db, AGENT_TOKENS)?;
+            Ok(tokens.into_iter().find(|t| {
+                hobotnica_common::token::constant_time_eq(
+                    t.token_hash.as_bytes(),
+                    token_hash.as_bytes(),
+                )
+            }))
+        })
+        .await
+    }
+
+    async fn delete_agent_token(&self, id: &str) -> StoreResult<()> {
+        let key = id.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let existed = {
+                let mut table = txn.open_table(AGENT_TOKENS).map_err(unavailable)?;
+                table.remove(key.as_str()).map_err(unavailable)?.is_some()
+            };
+            txn.commit().map_err(unavailable)?;
+            if existed {
+                Ok(())
+            } else {
+                Err(StoreError::NotFound(format!("agent token {key}")))
+            }
+        })
+        .await?;
+        self.publish(StoreEvent::AgentTokenRevoked {
+            token_id: id.to_owned(),
+        });
+        Ok(())
+    }
+}

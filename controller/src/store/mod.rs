@@ -1,0 +1,208 @@
+//! PORT: the `Store` trait — everything the controller keeps (repositories,
+//! jobs and their queue, leases, logs, agents, agent tokens) — and the events
+//! a store publishes when something changes.
+//!
+//! Architecture invariant: only `store::*` names a database. Everything
+//! above the trait works unchanged on any backend, and one conformance suite
+//! (`store::conformance`) runs against each backend.
+
+pub mod embedded;
+
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use hobotnica_common::ids::{AgentId, CommitSha, JobId};
+use hobotnica_common::job::{Job, JobKind, JobState, Outcome, Repo, Trigger};
+
+/// Errors a caller of the store branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The job is not running under this attempt any more (fencing).
+    #[error("job {job} attempt {attempt} no longer holds the lease")]
+    LeaseLost { job: JobId, attempt: u32 },
+    /// The log has a gap before the chunk's offset; resend from `committed`.
+    #[error("log chunk leaves a gap: committed {committed}")]
+    LogGap { committed: u64 },
+    /// The backend cannot be reached or failed; the request may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What a new job is made of; the store assigns its id and queues it.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub repo: String,
+    pub git_url: String,
+    pub kind: JobKind,
+    pub target: String,
+    pub commit: CommitSha,
+    pub branch: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub trigger: Trigger,
+    pub timeout_secs: u64,
+}
+
+/// A filter for listing jobs, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub repo: Option<String>,
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+    pub agent: Option<AgentId>,
+    /// Only jobs with an id below this one.
+    pub before: Option<JobId>,
+    pub limit: usize,
+}
+
+impl JobFilter {
+    pub fn matches(&self, job: &Job) -> bool {
+        self.repo.as_ref().is_none_or(|repo| &job.repo == repo)
+            && self.state.is_none_or(|state| job.state == state)
+            && self.kind.is_none_or(|kind| job.kind == kind)
+            && self.agent.as_ref().is_none_or(|agent| job.agent.as_ref() == Some(agent))
+            && self.before.is_none_or(|before| job.id < before)
+    }
+}
+
+/// How a running job ended.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+}
+
+/// A registered agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub concurrency: u32,
+    pub version: String,
+    /// The agent token it registered with (id of the token, or `pool`).
+    pub token_id: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+}
+
+/// An agent token as stored: its hash, never its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub token_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Changes other parts of the controller react to. Delivery is best effort
+/// (a lagging receiver misses events and must re-read the store).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A job entered the queue: idle agents try to claim.
+    JobQueued { job: JobId },
+    /// Someone asked to cancel a running job.
+    CancelRequested {
+        job: JobId,
+        attempt: u32,
+        agent: AgentId,
+    },
+    /// The job's log grew to `len` bytes.
+    LogAppended { job: JobId, len: u64 },
+    /// The job reached a terminal state.
+    JobFinished { job: JobId },
+    /// An agent token was revoked: sessions registered with it close.
+    AgentTokenRevoked { token_id: String },
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Whether the backend answers (readiness).
+    async fn ping(&self) -> StoreResult<()>;
+    /// Subscribe to change events.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+
+    async fn create_repo(&self, repo: Repo) -> StoreResult<()>;
+    async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>>;
+    async fn list_repos(&self) -> StoreResult<Vec<Repo>>;
+    /// Removes the repository (its jobs stay, for history).
+    async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()>;
+
+    /// Assigns an id, stores the job as `queued` and publishes `JobQueued`.
+    async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job>;
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>>;
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>>;
+    /// Atomically takes the oldest queued job `agent` may run: it becomes
+    /// `running` under a new attempt and a lease until `lease_until`.
+    async fn claim_job(
+        &self,
+        agent: &AgentRecord,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>>;
+    /// Extends the lease of a running job; `LeaseLost` when the job is not
+    /// running under `attempt`.
+    async fn renew_lease(
+        &self,
+        id: JobId,
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Job>;
+    /// Queued jobs become `cancelled`; running ones get `cancel_requested`
+    /// (and `CancelRequested` is published). `Conflict` when finished.
+    async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job>;
+    /// Records how a running attempt ended. Repeating the same call is
+    /// accepted; a stale attempt gets `LeaseLost`.
+    async fn finish_job(
+        &self,
+        id: JobId,
+        attempt: u32,
+        finish: Finish,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Job>;
+    /// Every running job whose lease ended before `now` becomes `lost`.
+    async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>>;
+    /// Gives every running job a lease until at least `until` (after a
+    /// controller restart, so agents have time to re-attach).
+    async fn extend_leases(&self, until: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Appends a chunk at `offset` of a running attempt's log, idempotently;
+    /// returns the committed length.
+    async fn append_log(
+        &self,
+        id: JobId,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> StoreResult<u64>;
+    /// Appends a line written by the controller itself (any state).
+    async fn append_controller_line(&self, id: JobId, line: &str) -> StoreResult<u64>;
+    /// Up to `max` bytes of the log from `offset`.
+    async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes>;
+    async fn log_len(&self, id: JobId) -> StoreResult<u64>;
+
+    /// Registers an agent; an agent with the same name keeps its id.
+    async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord>;
+    async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>>;
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
+    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()>;
+
+    async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()>;
+    async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>>;
+    async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>>;
+    /// Revokes a token and publishes `AgentTokenRevoked`.
+    async fn delete_agent_token(&self, id: &str) -> StoreResult<()>;
+}
