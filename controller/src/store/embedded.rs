@@ -161,6 +161,22 @@ impl Inner {
         Ok((job, result))
     }
 
+    fn has_claimable_job(&self, agent: &AgentRecord) -> StoreResult<bool> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let queue = txn.open_table(QUEUE).map_err(unavailable)?;
+        let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+        for entry in queue.iter().map_err(unavailable)? {
+            let (id, _) = entry.map_err(unavailable)?;
+            if let Some(value) = jobs.get(id.value()).map_err(unavailable)? {
+                let job: Job = decode(value.value())?;
+                if job.labels_match(&agent.labels) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     fn log_len(&self, id: JobId) -> StoreResult<u64> {
         match fs::metadata(self.log_path(id)) {
             Ok(meta) => Ok(meta.len()),
@@ -375,6 +391,11 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Option<Job>> {
         let agent = agent.clone();
         self.blocking(move |inner| {
+            // A read transaction first: most calls find nothing to take, and
+            // a write transaction costs a sync to disk.
+            if !inner.has_claimable_job(&agent)? {
+                return Ok(None);
+            }
             let txn = inner.db.begin_write().map_err(unavailable)?;
             let claimed = {
                 let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;

@@ -8,6 +8,9 @@
 
 pub mod embedded;
 
+#[cfg(test)]
+mod conformance;
+
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,396 @@
+//! The store conformance suite: the behaviour every `Store` backend must
+//! have. Each test function takes a fresh store; `embedded_suite` runs them
+//! against redb (the Redis backend adds its own runner).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{Duration, Utc};
+use hobotnica_common::ids::AgentId;
+use hobotnica_common::job::{JobKind, JobState, Outcome, Repo, Trigger};
+
+use super::{AgentRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent};
+
+fn repo(name: &str) -> Repo {
+    Repo {
+        owner: "local".into(),
+        name: name.into(),
+        git_url: format!("file:///srv/{name}.git"),
+        default_branch: "main".into(),
+        timeout_secs: 60,
+        created_at: Utc::now(),
+    }
+}
+
+fn new_job(target: &str) -> NewJob {
+    NewJob {
+        repo: "local/demo".into(),
+        git_url: "file:///srv/demo.git".into(),
+        kind: JobKind::for_target(target),
+        target: target.into(),
+        commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
+        branch: Some("main".into()),
+        env: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        trigger: Trigger::Api,
+        timeout_secs: 60,
+    }
+}
+
+fn agent(name: &str) -> AgentRecord {
+    AgentRecord {
+        id: AgentId::generate(),
+        name: name.into(),
+        labels: BTreeMap::new(),
+        concurrency: 1,
+        version: "test".into(),
+        token_id: "pool".into(),
+        registered_at: Utc::now(),
+        last_seen: Utc::now(),
+    }
+}
+
+fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
+    Finish {
+        outcome,
+        exit_code,
+        message: None,
+    }
+}
+
+pub async fn repos_are_unique_and_removable(store: Arc<dyn Store>) {
+    store.create_repo(repo("demo")).await.unwrap();
+    assert!(matches!(
+        store.create_repo(repo("demo")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.list_repos().await.unwrap().len(), 1);
+    assert!(store.get_repo("local", "demo").await.unwrap().is_some());
+    store.delete_repo("local", "demo").await.unwrap();
+    assert!(store.get_repo("local", "demo").await.unwrap().is_none());
+    assert!(matches!(
+        store.delete_repo("local", "demo").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
+    let mut events = store.subscribe();
+    let first = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let second = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    assert!(second.id > first.id);
+    assert_eq!(first.state, JobState::Queued);
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::JobQueued { job: first.id });
+
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let lease = Utc::now() + Duration::seconds(30);
+    let claimed = store
+        .claim_job(&worker, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, first.id, "oldest first");
+    assert_eq!(claimed.state, JobState::Running);
+    assert_eq!(claimed.attempt, 1);
+    assert_eq!(claimed.agent, Some(worker.id.clone()));
+    let claimed_second = store
+        .claim_job(&worker, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed_second.id, second.id);
+    assert!(
+        store
+            .claim_job(&worker, Utc::now(), lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A stale attempt is refused everywhere.
+    assert!(matches!(
+        store.renew_lease(first.id, 7, lease).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        store.append_log(first.id, 7, 0, Bytes::from_static(b"x")).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        store
+            .finish_job(first.id, 7, finish(Outcome::Succeeded, Some(0)), Utc::now())
+            .await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+
+    let done = store
+        .finish_job(first.id, 1, finish(Outcome::Failed, Some(3)), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Failed);
+    assert_eq!(done.exit_code, Some(3));
+    // Completing twice is accepted and changes nothing.
+    let again = store
+        .finish_job(first.id, 1, finish(Outcome::Failed, Some(3)), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(again.finished_at, done.finished_at);
+    // A finished job cannot be renewed.
+    assert!(matches!(
+        store.renew_lease(first.id, 1, lease).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+}
+
+pub async fn labels_decide_who_may_claim(store: Arc<dyn Store>) {
+    let mut job = new_job("test");
+    job.labels.insert("gpu".into(), "yes".into());
+    store.create_job(job, Utc::now()).await.unwrap();
+    let plain = store.register_agent(agent("plain")).await.unwrap();
+    let lease = Utc::now() + Duration::seconds(30);
+    assert!(store.claim_job(&plain, Utc::now(), lease).await.unwrap().is_none());
+    let mut gpu = agent("gpu");
+    gpu.labels.insert("gpu".into(), "yes".into());
+    let gpu = store.register_agent(gpu).await.unwrap();
+    assert!(store.claim_job(&gpu, Utc::now(), lease).await.unwrap().is_some());
+}
+
+pub async fn leases_expire_into_lost(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert!(store.expire_leases(now).await.unwrap().is_empty());
+    store
+        .renew_lease(job.id, 1, now + Duration::seconds(5))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .expire_leases(now + Duration::seconds(2))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a renewed lease holds"
+    );
+    let lost = store
+        .expire_leases(now + Duration::seconds(6))
+        .await
+        .unwrap();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].state, JobState::Lost);
+    assert!(lost[0].message.as_deref().unwrap().contains("a1"));
+    assert!(matches!(
+        store.renew_lease(job.id, 1, now + Duration::seconds(60)).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+}
+
+pub async fn extending_leases_protects_running_jobs(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(1))
+        .await
+        .unwrap();
+    store
+        .extend_leases(now + Duration::seconds(30))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .expire_leases(now + Duration::seconds(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().unwrap().state,
+        JobState::Running
+    );
+}
+
+pub async fn cancel_depends_on_state(store: Arc<dyn Store>) {
+    let queued = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let cancelled = store.request_cancel(queued.id, Utc::now()).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(matches!(
+        store.request_cancel(queued.id, Utc::now()).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let running = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let mut events = store.subscribe();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap();
+    let asked = store.request_cancel(running.id, Utc::now()).await.unwrap();
+    assert_eq!(asked.state, JobState::Running);
+    assert!(asked.cancel_requested);
+    assert_eq!(
+        events.recv().await.unwrap(),
+        StoreEvent::CancelRequested {
+            job: running.id,
+            attempt: 1,
+            agent: worker.id.clone()
+        }
+    );
+    let renewed = store
+        .renew_lease(running.id, 1, now + Duration::seconds(30))
+        .await
+        .unwrap();
+    assert!(renewed.cancel_requested);
+}
+
+pub async fn log_appends_are_idempotent(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap();
+    let append = |offset: u64, data: &'static [u8]| {
+        let store = Arc::clone(&store);
+        async move { store.append_log(job.id, 1, offset, Bytes::from_static(data)).await }
+    };
+    assert_eq!(append(0, b"hello ").await.unwrap(), 6);
+    assert_eq!(append(0, b"hello ").await.unwrap(), 6, "a resend is a no-op");
+    assert_eq!(append(3, b"lo world").await.unwrap(), 11, "an overlap appends the rest");
+    assert!(matches!(
+        append(20, b"gap").await,
+        Err(StoreError::LogGap { committed: 11 })
+    ));
+    assert_eq!(store.log_len(job.id).await.unwrap(), 11);
+    assert_eq!(
+        store.read_log(job.id, 0, 100).await.unwrap(),
+        Bytes::from_static(b"hello world")
+    );
+    assert_eq!(
+        store.read_log(job.id, 6, 3).await.unwrap(),
+        Bytes::from_static(b"wor")
+    );
+    assert!(store.read_log(job.id, 11, 10).await.unwrap().is_empty());
+}
+
+pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store>) {
+    let first = store.register_agent(agent("builder")).await.unwrap();
+    let again = store.register_agent(agent("builder")).await.unwrap();
+    assert_eq!(first.id, again.id);
+    assert_eq!(store.list_agents().await.unwrap().len(), 1);
+
+    let token = super::AgentTokenRecord {
+        id: "t1".into(),
+        name: "box".into(),
+        token_hash: hobotnica_common::token::hash_token("secret-token"),
+        created_at: Utc::now(),
+    };
+    store.create_agent_token(token.clone()).await.unwrap();
+    let found = store
+        .find_agent_token(&hobotnica_common::token::hash_token("secret-token"))
+        .await
+        .unwrap();
+    assert_eq!(found, Some(token));
+    let mut events = store.subscribe();
+    store.delete_agent_token("t1").await.unwrap();
+    assert_eq!(
+        events.recv().await.unwrap(),
+        StoreEvent::AgentTokenRevoked {
+            token_id: "t1".into()
+        }
+    );
+    assert!(
+        store
+            .find_agent_token(&hobotnica_common::token::hash_token("secret-token"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn job_lists_filter_and_page_newest_first(store: Arc<dyn Store>) {
+    let mut ids = Vec::new();
+    for target in ["test", "deploy", "test", "lint", "test"] {
+        ids.push(store.create_job(new_job(target), Utc::now()).await.unwrap().id);
+    }
+    let all = store
+        .list_jobs(&JobFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), {
+        let mut rev = ids.clone();
+        rev.reverse();
+        rev
+    });
+    let tests = store
+        .list_jobs(&JobFilter {
+            kind: Some(JobKind::Test),
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(tests.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[4], ids[2]]);
+    let next = store
+        .list_jobs(&JobFilter {
+            kind: Some(JobKind::Test),
+            limit: 2,
+            before: Some(ids[2]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[0]]);
+}
+
+/// Runs every conformance test against fresh stores made by `make`.
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        conformance_suite!(@tests $make;
+            repos_are_unique_and_removable,
+            jobs_are_claimed_once_in_order_and_fenced,
+            labels_decide_who_may_claim,
+            leases_expire_into_lost,
+            extending_leases_protects_running_jobs,
+            cancel_depends_on_state,
+            log_appends_are_idempotent,
+            agents_keep_their_id_by_name_and_tokens_revoke,
+            job_lists_filter_and_page_newest_first,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (store, _guard) = $make;
+                super::$name(store).await;
+            }
+        )*
+    };
+}
+
+mod embedded_suite {
+    use super::super::embedded::EmbeddedStore;
+    use std::sync::Arc;
+
+    fn make() -> (Arc<dyn super::Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        (Arc::new(store), dir)
+    }
+
+    conformance_suite!(make());
+}
