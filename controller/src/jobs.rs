@@ -7,13 +7,13 @@ use std::time::Duration;
 use chrono::Utc;
 use hobotnica_common::env::is_reserved;
 use hobotnica_common::ids::{CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, Trigger};
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
-use crate::services::Services;
+use crate::services::{Services, agent_connected};
 use crate::store::{JobFilter, NewJob};
 
 /// Most one-time variables a trigger may carry.
@@ -113,10 +113,37 @@ impl Services {
     }
 
     pub async fn job(&self, id: JobId) -> Result<Job, CoreError> {
-        self.store
+        let mut job = self
+            .store
             .get_job(id)
             .await?
-            .ok_or_else(|| CoreError::NotFound(format!("job {id}")))
+            .ok_or_else(|| CoreError::NotFound(format!("job {id}")))?;
+        self.explain_wait(&mut job).await;
+        Ok(job)
+    }
+
+    /// Says in a queued job's message why no agent has taken it yet.
+    async fn explain_wait(&self, job: &mut Job) {
+        if job.state != JobState::Queued || job.message.is_some() {
+            return;
+        }
+        let Ok(agents) = self.store.list_agents().await else {
+            return;
+        };
+        let now = Utc::now();
+        let connected: Vec<_> = agents
+            .iter()
+            .filter(|agent| agent_connected(agent.last_seen, now))
+            .collect();
+        let reason = if connected.is_empty() {
+            "waiting: no agent is connected".to_owned()
+        } else if !connected.iter().any(|agent| job.labels_match(&agent.labels)) {
+            let labels: Vec<String> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("waiting: no connected agent has labels {}", labels.join(","))
+        } else {
+            "waiting for a free agent".to_owned()
+        };
+        job.message = Some(reason);
     }
 
     pub async fn list_jobs(&self, mut filter: JobFilter) -> Result<Vec<Job>, CoreError> {

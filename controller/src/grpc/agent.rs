@@ -57,10 +57,10 @@ impl AgentGrpc {
     /// Which token the caller holds: `pool` or a per-agent token's id.
     async fn token_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
         let hash = hash_token(bearer(metadata)?);
-        if let Some(pool) = &self.services.agent_pool_token_hash {
-            if constant_time_eq(hash.as_bytes(), pool.as_bytes()) {
-                return Ok("pool".to_owned());
-            }
+        if let Some(pool) = &self.services.agent_pool_token_hash
+            && constant_time_eq(hash.as_bytes(), pool.as_bytes())
+        {
+            return Ok("pool".to_owned());
         }
         match self.services.store.find_agent_token(&hash).await.map_err(status)? {
             Some(token) => Ok(token.id),

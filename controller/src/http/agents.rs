@@ -33,7 +33,7 @@ pub struct AgentView {
     pub labels: BTreeMap<String, String>,
     pub concurrency: u32,
     pub version: String,
-    /// Whether the agent was heard from within the last lease timeout.
+    /// Whether the agent was heard from within the last 30 seconds.
     pub connected: bool,
     /// Ids of the jobs it is running.
     pub running_jobs: Vec<u64>,
@@ -101,9 +101,7 @@ async fn list_agents(
                 .filter(|job| job.agent.as_ref() == Some(&agent.id))
                 .map(|job| job.id.0)
                 .collect(),
-            connected: now - agent.last_seen
-                < chrono::Duration::from_std(services.config.lease_timeout)
-                    .unwrap_or(chrono::Duration::MAX),
+            connected: crate::services::agent_connected(agent.last_seen, now),
             id: agent.id.0,
             name: agent.name,
             labels: agent.labels,

@@ -133,7 +133,7 @@ async fn list_repos(
     State(services): State<Services>,
 ) -> Result<Json<RepoList>, ApiError> {
     let mut repos = services.store.list_repos().await?;
-    repos.sort_by(|a, b| a.full_name().cmp(&b.full_name()));
+    repos.sort_by_key(Repo::full_name);
     Ok(Json(RepoList {
         items: repos.into_iter().map(RepoView::from).collect(),
     }))
