@@ -116,8 +116,12 @@ impl fmt::Display for ApiError {
         if let Some(detail) = &self.detail {
             write!(f, ": {detail}")?;
         }
+        let detail = self.detail.as_deref().unwrap_or_default();
         for (field, message) in &self.field_errors {
-            write!(f, "\n  {field}: {message}")?;
+            // Often the detail already says it.
+            if !detail.contains(message.as_str()) {
+                write!(f, "\n  {field}: {message}")?;
+            }
         }
         Ok(())
     }
@@ -335,6 +339,13 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "Unprocessable Entity: commit: invalid\n  commit: must be 40 hex"
+        );
+        let body = br#"{"title":"Unprocessable Entity","status":422,
+            "detail":"commit: must be 40 hex","errors":[{"field":"commit","message":"must be 40 hex"}]}"#;
+        let error = ApiError::from_body(StatusCode::UNPROCESSABLE_ENTITY, body);
+        assert_eq!(
+            error.to_string(),
+            "Unprocessable Entity: commit: must be 40 hex"
         );
         let error = ApiError::from_body(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
         assert_eq!(error.to_string(), "Bad Gateway: <html>bad gateway</html>");

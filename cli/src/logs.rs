@@ -130,7 +130,9 @@ async fn tail_once(
     });
     if let Some(token) = &client.connection.token {
         let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-            Interrupted::Fatal(anyhow::anyhow!("the token holds characters not allowed in a header"))
+            Interrupted::Fatal(anyhow::anyhow!(
+                "the token holds characters not allowed in a header"
+            ))
         })?;
         request.metadata_mut().insert("authorization", value);
     }

@@ -15,7 +15,7 @@
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -41,7 +41,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         agent_labels,
         agent_work_dir,
     } = args;
-    anyhow::ensure!(agent_concurrency >= 1, "--agent-concurrency must be at least 1");
+    anyhow::ensure!(
+        agent_concurrency >= 1,
+        "--agent-concurrency must be at least 1"
+    );
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
@@ -60,19 +63,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     let controller_shutdown = CancellationToken::new();
-    let mut controller_task = tokio::spawn(controller.serve(listeners, controller_shutdown.clone()));
+    let mut controller_task =
+        tokio::spawn(controller.serve(listeners, controller_shutdown.clone()));
 
     let mut agent_tasks = JoinSet::new();
     for i in 1..=agents {
-        let agent_config = AgentConfig {
-            controllers: vec![format!("http://{grpc_addr}")],
+        let agent_config = local_agent_config(LocalAgent {
+            controller: format!("http://{grpc_addr}"),
             token: agent_token.clone(),
-            name: Some(format!("local-{i}")),
+            name: format!("local-{i}"),
             labels: agent_labels.clone(),
             concurrency: agent_concurrency,
             work_dir: agent_work_dir.join(i.to_string()),
-            drain_timeout: AGENT_DRAIN_TIMEOUT,
-        };
+        })?;
         agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
     }
 
@@ -159,6 +162,36 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// What differs between local agents.
+struct LocalAgent {
+    controller: String,
+    token: String,
+    name: String,
+    labels: Vec<(String, String)>,
+    concurrency: u32,
+    work_dir: PathBuf,
+}
+
+/// The configuration of a local agent: the agent's defaults (options this
+/// command does not set keep the agent binary's defaults, or its
+/// `HOBOTNICA_*` variables), with the given values set.
+fn local_agent_config(agent: LocalAgent) -> anyhow::Result<AgentConfig> {
+    use clap::{Args as _, FromArgMatches as _};
+    let command = AgentConfig::augment_args(clap::Command::new("local-agent").no_binary_name(true));
+    let matches = command
+        .try_get_matches_from(["--controller", &agent.controller, "--token", &agent.token])
+        .context("local agent options")?;
+    let mut config = AgentConfig::from_arg_matches(&matches).context("local agent options")?;
+    config.controllers = vec![agent.controller];
+    config.token = agent.token;
+    config.name = Some(agent.name);
+    config.labels = agent.labels;
+    config.concurrency = agent.concurrency;
+    config.work_dir = agent.work_dir;
+    config.drain_timeout = AGENT_DRAIN_TIMEOUT;
+    Ok(config)
+}
+
 /// The address to connect to for a bound address (`0.0.0.0` means this
 /// host: use loopback).
 fn reachable(addr: SocketAddr) -> SocketAddr {
@@ -204,9 +237,30 @@ mod tests {
         let path = dir.path().join(AGENT_TOKEN_FILE);
         let first = load_or_create_agent_token(&path).expect("created");
         assert!(first.starts_with("hbag_"));
-        let mode = std::fs::metadata(&path).expect("exists").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create_agent_token(&path).expect("read"), first);
+    }
+
+    #[test]
+    fn local_agents_get_the_given_options() {
+        let config = local_agent_config(LocalAgent {
+            controller: "http://127.0.0.1:8081".to_owned(),
+            token: "hbag_0123456789abcdef".to_owned(),
+            name: "local-1".to_owned(),
+            labels: vec![("os".to_owned(), "linux".to_owned())],
+            concurrency: 3,
+            work_dir: PathBuf::from("/tmp/agent/1"),
+        })
+        .expect("valid");
+        assert_eq!(config.controllers, ["http://127.0.0.1:8081"]);
+        assert_eq!(config.name.as_deref(), Some("local-1"));
+        assert_eq!(config.concurrency, 3);
+        assert_eq!(config.drain_timeout, AGENT_DRAIN_TIMEOUT);
+        assert_eq!(config.work_dir, PathBuf::from("/tmp/agent/1"));
     }
 
     #[test]

@@ -1,1 +1,49 @@
-//! placeholder
+//! The end-to-end test harness: runs the real `hobotnica-controller`,
+//! `hobotnica-agent` and `hobot` binaries as processes, with a fixture git
+//! repository, a REST client and condition waits with deadlines.
+//!
+//! The binaries are not built here (no nested cargo): build them first with
+//! `cargo build --workspace --bins` (`--release` for the benches), then run
+//! `cargo test -p hobotnica-tests`. They are found next to the test
+//! executable, or in `HOBOTNICA_BIN_DIR`.
+//!
+//! Every process a fixture starts is killed when the fixture is dropped, and
+//! its output is printed when the test is failing.
+
+pub mod agent;
+pub mod api;
+pub mod bins;
+pub mod cli;
+pub mod controller;
+pub mod daemon;
+pub mod git;
+pub mod net;
+pub mod output;
+pub mod procs;
+pub mod wait;
+
+pub use agent::{Agent, AgentOpts};
+pub use api::{Api, Job, RawResponse};
+pub use controller::{Controller, ControllerOpts};
+pub use git::GitRepo;
+pub use hobotnica_common::job::JobState;
+pub use wait::{wait_for, wait_until};
+
+use std::sync::Once;
+
+/// Installs the process-wide rustls provider (aws-lc-rs) once; every fixture
+/// calls it, so tests need not.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// A string unique within this test run, for names and markers.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}

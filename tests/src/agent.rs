@@ -1,0 +1,192 @@
+//! A `hobotnica-agent` process connected to a test controller, with its own
+//! work directory. Dropping it kills the agent and anything still running
+//! in its work directory (jobs of an agent killed with SIGKILL live on).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::api::Api;
+use crate::bins;
+use crate::controller::{Controller, log_filter};
+use crate::daemon::{Daemon, Spec};
+use crate::procs;
+use crate::wait::wait_for;
+
+/// How long an agent may take to show up as connected.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options of a test agent.
+#[derive(Clone, Debug)]
+pub struct AgentOpts {
+    /// `--name` (default: a unique `e2e-agent-...`).
+    pub name: Option<String>,
+    /// `--concurrency`.
+    pub concurrency: u32,
+    /// `--labels`.
+    pub labels: Vec<(String, String)>,
+    /// `--drain-timeout`.
+    pub drain_timeout: Duration,
+    /// More variables in the agent's own environment.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            name: None,
+            concurrency: 2,
+            labels: Vec::new(),
+            drain_timeout: Duration::from_secs(30),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub name: String,
+    daemon: Daemon,
+    dir: TempDir,
+}
+
+impl Agent {
+    /// Starts an agent with default options (concurrency 2).
+    pub async fn start_default(controller: &Controller) -> Agent {
+        Agent::start(controller, AgentOpts::default()).await
+    }
+
+    /// Starts an agent and waits until the controller lists it connected.
+    pub async fn start(controller: &Controller, opts: AgentOpts) -> Agent {
+        crate::init();
+        let dir = tempfile::Builder::new()
+            .prefix("hobotnica-agent-")
+            .tempdir()
+            .expect("temp dir");
+        let name = opts
+            .name
+            .clone()
+            .unwrap_or_else(|| crate::unique("e2e-agent"));
+        let work_dir = dir.path().join("work");
+        let mut args: Vec<OsString> = vec![
+            "--controller".into(),
+            controller.grpc_url().into(),
+            "--name".into(),
+            name.clone().into(),
+            "--concurrency".into(),
+            opts.concurrency.to_string().into(),
+            "--work-dir".into(),
+            work_dir.into(),
+            "--drain-timeout".into(),
+            format!("{}ms", opts.drain_timeout.as_millis()).into(),
+        ];
+        if !opts.labels.is_empty() {
+            let labels: Vec<String> = opts
+                .labels
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect();
+            args.push("--labels".into());
+            args.push(labels.join(",").into());
+        }
+        // The token goes through the environment: never in argv. The job
+        // environment test checks it does not leak into jobs.
+        let mut env: Vec<(OsString, OsString)> = vec![
+            (
+                "HOBOTNICA_AGENT_TOKEN".into(),
+                controller.agent_token.clone().into(),
+            ),
+            ("HOBOTNICA_LOG".into(), log_filter().into()),
+        ];
+        env.extend(
+            opts.env
+                .iter()
+                .map(|(key, value)| (key.into(), value.into())),
+        );
+        let spec = Spec {
+            name: format!("agent-{name}"),
+            program: bins::bin(bins::AGENT),
+            args,
+            env,
+            cwd: Some(dir.path().to_path_buf()),
+            log_dir: dir.path().to_path_buf(),
+        };
+        let mut agent = Agent {
+            name,
+            daemon: Daemon::spawn(spec),
+            dir,
+        };
+        agent.wait_connected(&controller.api()).await;
+        agent
+    }
+
+    /// Waits until the controller lists this agent as connected, and
+    /// returns that listing.
+    pub async fn wait_connected(&mut self, api: &Api) -> Value {
+        let what = format!("agent {} to connect", self.name);
+        let name = self.name.clone();
+        let daemon = &mut self.daemon;
+        wait_for(CONNECT_TIMEOUT, &what, || {
+            if let Some(status) = daemon.try_exit() {
+                panic!("agent {name} exited ({status}) before it connected");
+            }
+            let name = name.clone();
+            async move {
+                api.agents().await.into_iter().find(|agent| {
+                    agent["name"].as_str() == Some(name.as_str())
+                        && agent["connected"].as_bool() == Some(true)
+                })
+            }
+        })
+        .await
+    }
+
+    /// The directory the agent keeps clones and work trees in.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.is_running()
+    }
+
+    /// Asks it to drain and exit.
+    pub fn sigterm(&mut self) {
+        self.daemon.signal(Signal::SIGTERM);
+    }
+
+    /// SIGKILL (its jobs' processes survive: they have their own process
+    /// group; they are killed when the fixture is dropped).
+    pub fn kill9(&mut self) {
+        self.daemon.kill9();
+    }
+
+    /// Waits for it to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.daemon.wait(timeout).await
+    }
+
+    /// Its stdout and stderr so far.
+    pub fn output(&self) -> String {
+        self.daemon.output()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.daemon.kill9();
+        // Orphaned `make`s of a killed agent.
+        procs::signal_all(&procs::processes_in_dir(&self.work_dir()), Signal::SIGKILL);
+    }
+}

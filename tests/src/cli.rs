@@ -1,0 +1,96 @@
+//! Running `hobot` as a user would: against a test controller (through
+//! `HOBOTNICA_URL`, `HOBOTNICA_GRPC_URL` and `HOBOTNICA_TOKEN`) or in a
+//! directory where `hobot up` runs.
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::bins;
+use crate::controller::Controller;
+
+/// How long one `hobot` command may take.
+pub const HOBOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a `hobot` run printed and how it exited.
+pub struct HobotOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for HobotOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HobotOutput")
+            .field("status", &self.status)
+            .field("stdout", &String::from_utf8_lossy(&self.stdout))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
+}
+
+impl HobotOutput {
+    /// The exit code (`None` when killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Asserts exit code 0 and returns stdout as text.
+    pub fn success(&self) -> String {
+        assert_eq!(self.code(), Some(0), "hobot failed: {self:#?}");
+        self.stdout_text()
+    }
+}
+
+/// A `hobot` command with no `HOBOTNICA_*` variable of the test process;
+/// pointed at `controller` through the environment when given.
+pub fn command(controller: Option<&Controller>, cwd: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bins::bin(bins::HOBOT));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HOBOTNICA_") {
+            command.env_remove(name);
+        }
+    }
+    if let Some(controller) = controller {
+        command
+            .env("HOBOTNICA_URL", controller.url())
+            .env("HOBOTNICA_GRPC_URL", controller.grpc_url())
+            .env("HOBOTNICA_TOKEN", &controller.admin_token);
+    }
+    command
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `hobot args...` to completion.
+///
+/// # Panics
+/// When it runs longer than [`HOBOT_TIMEOUT`].
+pub async fn run(controller: Option<&Controller>, cwd: &Path, args: &[&str]) -> HobotOutput {
+    let child = command(controller, cwd)
+        .args(args)
+        .spawn()
+        .expect("start hobot");
+    finish(child, args).await
+}
+
+/// Waits for a spawned `hobot` to finish and collects its output.
+pub async fn finish(child: tokio::process::Child, args: &[&str]) -> HobotOutput {
+    let output = tokio::time::timeout(HOBOT_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("hobot {args:?} still runs after {HOBOT_TIMEOUT:?}"))
+        .expect("hobot output");
+    HobotOutput {
+        status: output.status,
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

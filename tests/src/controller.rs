@@ -1,0 +1,201 @@
+//! A `hobotnica-controller` process with its own data directory, ports and
+//! tokens; it can be killed and started again on the same ports and data.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::api::Api;
+use crate::bins;
+use crate::daemon::{Daemon, Spec};
+use crate::net::free_addr;
+use crate::wait::POLL_INTERVAL;
+
+/// How long a controller may take to answer `/readyz` after it starts.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options of a test controller.
+#[derive(Clone, Debug)]
+pub struct ControllerOpts {
+    /// `--lease-timeout`: short, so lost agents are noticed quickly.
+    pub lease_timeout: Duration,
+    /// `--kill-grace`.
+    pub kill_grace: Duration,
+    /// More flags.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        ControllerOpts {
+            lease_timeout: Duration::from_secs(2),
+            kill_grace: Duration::from_secs(1),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running controller.
+pub struct Controller {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub admin_token: String,
+    pub agent_token: String,
+    pub opts: ControllerOpts,
+    daemon: Daemon,
+    dir: TempDir,
+}
+
+fn duration_flag(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
+impl Controller {
+    /// Starts a controller with default options and waits until it is ready.
+    pub async fn start_default() -> Controller {
+        Controller::start(ControllerOpts::default()).await
+    }
+
+    /// Starts a controller and waits until `/readyz` answers 200.
+    pub async fn start(opts: ControllerOpts) -> Controller {
+        crate::init();
+        let dir = tempfile::Builder::new()
+            .prefix("hobotnica-controller-")
+            .tempdir()
+            .expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let http_addr = free_addr();
+        let grpc_addr = free_addr();
+        let admin_token = hobotnica_common::token::new_token("hbt_admin");
+        let agent_token = hobotnica_common::token::new_token("hbag_pool");
+        let mut args: Vec<OsString> = vec![
+            "--data-dir".into(),
+            data_dir.into(),
+            "--listen".into(),
+            http_addr.to_string().into(),
+            "--grpc-listen".into(),
+            grpc_addr.to_string().into(),
+            "--lease-timeout".into(),
+            duration_flag(opts.lease_timeout).into(),
+            "--kill-grace".into(),
+            duration_flag(opts.kill_grace).into(),
+        ];
+        args.extend(opts.extra_args.iter().map(OsString::from));
+        let spec = Spec {
+            name: "controller".to_owned(),
+            program: bins::bin(bins::CONTROLLER),
+            args,
+            // Tokens through the environment: never in argv.
+            env: vec![
+                ("HOBOTNICA_ADMIN_TOKEN".into(), admin_token.clone().into()),
+                ("HOBOTNICA_AGENT_TOKEN".into(), agent_token.clone().into()),
+                ("HOBOTNICA_LOG".into(), log_filter().into()),
+            ],
+            cwd: Some(dir.path().to_path_buf()),
+            log_dir: dir.path().to_path_buf(),
+        };
+        let mut controller = Controller {
+            http_addr,
+            grpc_addr,
+            admin_token,
+            agent_token,
+            opts,
+            daemon: Daemon::spawn(spec),
+            dir,
+        };
+        controller.wait_ready().await;
+        controller
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("reqwest client");
+        let url = format!("{}/readyz", self.url());
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.daemon.try_exit() {
+                panic!("the controller exited ({status}) before it was ready");
+            }
+            let ready = http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status().is_success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller was not ready after {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// `http://<rest address>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// `http://<grpc address>`, what agents and `hobot logs` connect to.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A REST client with the admin token.
+    pub fn api(&self) -> Api {
+        Api::new(self.url(), Some(&self.admin_token))
+    }
+
+    /// The data directory (kept across restarts).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A scratch directory that lives as long as the controller.
+    pub fn scratch_dir(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("scratch").join(name);
+        std::fs::create_dir_all(&path).expect("scratch dir");
+        path
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        self.daemon.kill9();
+    }
+
+    /// SIGTERM and wait for it to exit (SIGKILL after 30 s).
+    pub async fn stop(&mut self) {
+        self.daemon.stop(Duration::from_secs(30)).await;
+    }
+
+    /// Stops it if it runs (SIGTERM), then starts it again on the same
+    /// ports, data directory and tokens, and waits until it is ready.
+    pub async fn restart(&mut self) {
+        if self.daemon.is_running() {
+            self.stop().await;
+        }
+        self.daemon.start();
+        self.wait_ready().await;
+    }
+
+    /// Its stdout and stderr so far.
+    pub fn output(&self) -> String {
+        self.daemon.output()
+    }
+}
+
+/// The log filter given to the processes under test.
+pub(crate) fn log_filter() -> String {
+    "info,hobotnica_controller=debug,hobotnica_agent=debug".to_owned()
+}

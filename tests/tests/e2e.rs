@@ -1,0 +1,1055 @@
+//! End-to-end tests over real processes: a `hobotnica-controller`, one or
+//! more `hobotnica-agent`s and the `hobot` CLI, against a real git
+//! repository. Build the binaries first: `cargo build --workspace --bins`.
+//!
+//! Each test starts its own controller (temp data dir, free ports), so tests
+//! run in parallel. Waits are conditions with deadlines, never bare sleeps.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hobotnica_tests::git::{BIG_OUTPUT_BYTES, INTERLEAVED_OUTPUT, big_output_sha256};
+use hobotnica_tests::output::make_output;
+use hobotnica_tests::procs::{processes_in_dir, processes_with_env, signal_all};
+use hobotnica_tests::{Agent, AgentOpts, Api, Controller, GitRepo, JobState, cli, net, wait_until};
+use nix::sys::signal::Signal;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Deadline for an ordinary job (clone, make) to finish.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// GNU make's exit status when a recipe fails (whatever the recipe's own).
+const MAKE_FAILED: i32 = 2;
+/// The repository every test registers.
+const REPO: &str = "local/demo";
+
+/// A controller, an agent and a registered repository `local/demo`.
+struct Setup {
+    controller: Controller,
+    agent: Agent,
+    repo: GitRepo,
+    api: Api,
+}
+
+async fn setup() -> Setup {
+    setup_with(AgentOpts::default()).await
+}
+
+async fn setup_with(agent_opts: AgentOpts) -> Setup {
+    let controller = Controller::start_default().await;
+    let agent = Agent::start(&controller, agent_opts).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    Setup {
+        controller,
+        agent,
+        repo,
+        api,
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A one-time variable that marks every process of one job, so the test can
+/// find them in /proc.
+fn marker() -> (String, String) {
+    let value = hobotnica_tests::unique("job");
+    ("E2E_MARKER".to_owned(), value)
+}
+
+fn marker_entry(marker: &(String, String)) -> String {
+    format!("{}={}", marker.0, marker.1)
+}
+
+/// Waits until make's processes for the marked job exist.
+async fn wait_for_processes(marker: &(String, String)) {
+    let entry = marker_entry(marker);
+    wait_until(JOB_TIMEOUT, "the job's processes to start", || {
+        let found = !processes_with_env(&entry).is_empty();
+        async move { found }
+    })
+    .await;
+}
+
+/// Waits until no process of the marked job is left.
+async fn wait_for_no_processes(marker: &(String, String), timeout: Duration) {
+    let entry = marker_entry(marker);
+    wait_until(timeout, "the job's processes to be gone", || {
+        let left = processes_with_env(&entry);
+        async move { left.is_empty() }
+    })
+    .await;
+}
+
+/// Kills whatever is left of the marked job (after an agent was SIGKILLed).
+fn kill_marked(marker: &(String, String)) {
+    signal_all(&processes_with_env(&marker_entry(marker)), Signal::SIGKILL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_end_to_end_and_its_log_holds_the_exact_interleaved_output() {
+    let s = setup().await;
+    let head = s.repo.head();
+
+    let job = s.api.run_target(REPO, "interleave").await;
+    assert_eq!(job.repo, REPO);
+    assert_eq!(job.target, "interleave");
+    assert_eq!(job.kind, "custom");
+    assert_eq!(job.trigger, "api");
+    assert_eq!(job.commit, head);
+    assert_eq!(job.branch.as_deref(), Some("main"));
+    assert!(
+        matches!(job.state, JobState::Queued | JobState::Running),
+        "a new job is {:?}",
+        job.state
+    );
+
+    let done = s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.agent.as_deref(), Some(s.agent.name.as_str()));
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+
+    assert_eq!(s.api.output(job.id).await, INTERLEAVED_OUTPUT);
+    let log = s.api.log(job.id).await;
+    assert_eq!(s.api.log_from(job.id, 6).await, log[6..]);
+    assert_eq!(
+        text(&s.api.log_from(job.id, log.len() as u64).await),
+        "",
+        "reading from the end gives nothing"
+    );
+
+    // `make test` is a `test` job; both streams reach the log.
+    let job = s.api.run_target(REPO, "test").await;
+    assert_eq!(job.kind, "test");
+    s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let log = text(&s.api.log(job.id).await);
+    for line in ["hello from stdout", "hello from stderr", "tests passed"] {
+        assert!(log.contains(line), "{line:?} missing from {log:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_fails_the_job_with_its_exit_code() {
+    let s = setup().await;
+    let job = s.api.run_target(REPO, "fail").await;
+    let done = s
+        .api
+        .wait_for_state(job.id, &[JobState::Failed], JOB_TIMEOUT)
+        .await;
+    // The job's exit code is make's: GNU make exits 2 when a recipe fails,
+    // and says which exit code the recipe had.
+    assert_eq!(done.exit_code, Some(MAKE_FAILED));
+    let output = s.api.output(job.id).await;
+    assert!(output.starts_with("about to fail\n"), "output: {output:?}");
+    assert!(
+        output.contains("Error 3"),
+        "make names the recipe's exit code: {output:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_and_branches_resolve_to_the_right_sha() {
+    let s = setup().await;
+    let first = s.repo.head();
+    let second = s.repo.commit_version("2");
+    s.repo.create_branch("feature");
+    let feature = s.repo.commit_version("feature");
+    s.repo.switch("main");
+
+    let by_default = s.api.run_target(REPO, "version").await;
+    let by_commit = s
+        .api
+        .run_job(REPO, json!({ "target": "version", "commit": first }))
+        .await;
+    let by_branch = s
+        .api
+        .run_job(REPO, json!({ "target": "version", "branch": "feature" }))
+        .await;
+    assert_eq!(by_default.commit, second, "default branch resolves to main");
+    assert_eq!(by_default.branch.as_deref(), Some("main"));
+    assert_eq!(by_commit.commit, first);
+    assert_eq!(by_branch.commit, feature);
+    assert_eq!(by_branch.branch.as_deref(), Some("feature"));
+
+    for (job, expected) in [
+        (&by_default, "version 2\n"),
+        (&by_commit, "version 1\n"),
+        (&by_branch, "version feature\n"),
+    ] {
+        let done = s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        assert_eq!(done.commit, job.commit, "the commit does not change");
+        assert_eq!(s.api.output(job.id).await, expected, "job {}", job.id);
+    }
+
+    // A new commit on main is seen: the agent's cached clone is refreshed.
+    let third = s.repo.commit_version("3");
+    let latest = s
+        .api
+        .run_job(REPO, json!({ "target": "version", "branch": "main" }))
+        .await;
+    assert_eq!(latest.commit, third);
+    s.api.wait_for_success(latest.id, JOB_TIMEOUT).await;
+    assert_eq!(s.api.output(latest.id).await, "version 3\n");
+
+    // Uppercase hex names the same commit.
+    let upper = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "version", "commit": first.to_ascii_uppercase() }),
+        )
+        .await;
+    assert_eq!(upper.commit, first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_environment_has_ci_variables_and_none_of_the_agents_own() {
+    let secret = "ghp_e2eSecretLookingToken0123456789abcdefXYZ";
+    let s = setup_with(AgentOpts {
+        env: vec![
+            ("VIRTUAL_ENV".to_owned(), "/opt/e2e-venv".to_owned()),
+            ("GITHUB_TOKEN".to_owned(), secret.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY".to_owned(), secret.to_owned()),
+            (
+                "HTTPS_PROXY".to_owned(),
+                "http://proxy.invalid:3128".to_owned(),
+            ),
+            ("HOBOTNICA_DRAIN_TIMEOUT".to_owned(), "31s".to_owned()),
+        ],
+        ..AgentOpts::default()
+    })
+    .await;
+    let head = s.repo.head();
+
+    let job = s
+        .api
+        .run_job(
+            REPO,
+            json!({
+                "target": "env",
+                "env": { "E2E_ONE_TIME": "hello one-time", "E2E_WITH_EQUALS": "a=b" },
+            }),
+        )
+        .await;
+    s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let log = text(&s.api.log(job.id).await);
+    let output = s.api.output(job.id).await;
+    let env: BTreeMap<&str, &str> = output
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect();
+
+    let id = job.id.to_string();
+    for (name, value) in [
+        ("CI", "true"),
+        ("HOBOTNICA_JOB_ID", id.as_str()),
+        ("HOBOTNICA_COMMIT", head.as_str()),
+        ("HOBOTNICA_BRANCH", "main"),
+        ("HOBOTNICA_REPO", REPO),
+        ("HOBOTNICA_TARGET", "env"),
+        ("E2E_ONE_TIME", "hello one-time"),
+        ("E2E_WITH_EQUALS", "a=b"),
+    ] {
+        assert_eq!(env.get(name).copied(), Some(value), "{name} in:\n{log}");
+    }
+    for name in [
+        "VIRTUAL_ENV",
+        "GITHUB_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "HTTPS_PROXY",
+        "HOBOTNICA_AGENT_TOKEN",
+        "HOBOTNICA_LOG",
+        "HOBOTNICA_DRAIN_TIMEOUT",
+        "HOBOTNICA_CONTROLLER",
+        "HOBOTNICA_WORK_DIR",
+    ] {
+        assert!(
+            !env.contains_key(name),
+            "{name} leaked into the job:\n{log}"
+        );
+    }
+    for value in [
+        secret,
+        s.controller.agent_token.as_str(),
+        s.controller.admin_token.as_str(),
+        "/opt/e2e-venv",
+        "proxy.invalid",
+    ] {
+        assert!(
+            !log.contains(value),
+            "{value:?} leaked into the job:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_of_one_repo_on_one_agent_each_see_their_own_commit() {
+    let s = setup_with(AgentOpts {
+        concurrency: 2,
+        ..AgentOpts::default()
+    })
+    .await;
+    let commit_a = s.repo.commit_version("A");
+    let commit_b = s.repo.commit_version("B");
+    let sync_dir = s.controller.scratch_dir("sync");
+    let sync_dir = sync_dir.to_str().unwrap();
+
+    let job_a = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "concurrent", "commit": commit_a, "env": { "E2E_SYNC_DIR": sync_dir } }),
+        )
+        .await;
+    let job_b = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "concurrent", "commit": commit_b, "env": { "E2E_SYNC_DIR": sync_dir } }),
+        )
+        .await;
+    // Each job waits until both run, so both succeeding proves they ran at once.
+    for (job, commit, version) in [(&job_a, &commit_a, "A"), (&job_b, &commit_b, "B")] {
+        let done = s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        assert_eq!(&done.commit, commit);
+        assert_eq!(done.agent.as_deref(), Some(s.agent.name.as_str()));
+        assert_eq!(
+            s.api.output(job.id).await,
+            format!("version {version}\nboth jobs running\n")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_of_output_arrive_byte_exact() {
+    let s = setup().await;
+    let expected = tokio::task::spawn_blocking(big_output_sha256);
+
+    let started = Instant::now();
+    let job = s.api.run_target(REPO, "big").await;
+    s.api
+        .wait_for_success(job.id, Duration::from_secs(300))
+        .await;
+    let job_time = started.elapsed();
+    let download = Instant::now();
+    let (len, sha) = s.api.output_digest(job.id).await;
+    let download_time = download.elapsed();
+    println!(
+        "50 MiB job: POST -> succeeded in {:.2}s, log read back in {:.2}s",
+        job_time.as_secs_f64(),
+        download_time.as_secs_f64()
+    );
+    assert_eq!(len, BIG_OUTPUT_BYTES, "log length");
+    assert_eq!(sha, expected.await.unwrap(), "log sha256");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_agent_is_killed_becomes_lost_within_the_lease_timeout() {
+    let mut s = setup().await;
+    let marker = marker();
+    let job = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "sleep", "env": { &marker.0: &marker.1 } }),
+        )
+        .await;
+    s.api
+        .wait_for_state(job.id, &[JobState::Running], JOB_TIMEOUT)
+        .await;
+    wait_for_processes(&marker).await;
+
+    let killed = Instant::now();
+    s.agent.kill9();
+    let lease = s.controller.opts.lease_timeout;
+    let lost = s
+        .api
+        .wait_for_state(job.id, &[JobState::Lost], lease + Duration::from_secs(8))
+        .await;
+    println!(
+        "agent SIGKILL -> job lost in {:.2}s (lease timeout {lease:?})",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(lost.finished_at.is_some());
+    kill_marked(&marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restart_mid_job_is_a_non_event() {
+    let mut s = setup().await;
+
+    let finished = s.api.run_target(REPO, "test").await;
+    s.api.wait_for_success(finished.id, JOB_TIMEOUT).await;
+    let finished_log = s.api.log(finished.id).await;
+
+    let gate = s.controller.scratch_dir("gate").join("open");
+    let job = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_str().unwrap() } }),
+        )
+        .await;
+    s.api
+        .wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+
+    // An operator follows the log across the restart.
+    let cwd = tempfile::tempdir().unwrap();
+    let followed_path = cwd.path().join("followed.log");
+    let mut follower = cli::command(Some(&s.controller), cwd.path())
+        .args(["logs", "-f", &job.id.to_string()])
+        .stdout(std::fs::File::create(&followed_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(JOB_TIMEOUT, "`hobot logs -f` to print the log", || {
+        let printed = std::fs::read_to_string(&followed_path).unwrap_or_default();
+        async move { printed.contains("waiting for the gate") }
+    })
+    .await;
+
+    s.controller.kill9();
+    // The job finishes while no controller runs: its end and output must
+    // still arrive once one is back.
+    std::fs::write(&gate, b"").unwrap();
+    s.controller.restart().await;
+    let api = s.controller.api();
+
+    let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert_eq!(done.attempt, 1, "the job ran once");
+    assert_eq!(
+        api.output(job.id).await,
+        "waiting for the gate\ngate opened\n"
+    );
+    let status = tokio::time::timeout(cli::HOBOT_TIMEOUT, follower.wait())
+        .await
+        .expect("`hobot logs -f` ends with the job")
+        .unwrap();
+    let mut stderr = String::new();
+    if let Some(mut pipe) = follower.stderr.take() {
+        use tokio::io::AsyncReadExt as _;
+        pipe.read_to_string(&mut stderr).await.unwrap();
+    }
+    assert_eq!(status.code(), Some(0), "hobot logs -f: {stderr}");
+    assert_eq!(
+        std::fs::read(&followed_path).unwrap(),
+        api.log(job.id).await,
+        "`hobot logs -f` resumed where it was: {stderr}"
+    );
+
+    // What was there before the restart still is.
+    let repos = api.get_json("/api/v1/repos").await;
+    let names: Vec<&str> = repos["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|repo| repo["full_name"].as_str())
+        .collect();
+    assert_eq!(names, [REPO]);
+    let before = api.job(finished.id).await;
+    assert_eq!(before.state, JobState::Succeeded);
+    assert_eq!(api.log(finished.id).await, finished_log);
+    let ids: Vec<u64> = api.jobs("").await.iter().map(|job| job.id).collect();
+    assert_eq!(ids, [job.id, finished.id], "jobs newest first");
+
+    // The agent is back and takes new work.
+    s.agent.wait_connected(&api).await;
+    let after = api.run_target(REPO, "test").await;
+    assert!(after.id > job.id, "job ids keep growing after a restart");
+    api.wait_for_success(after.id, JOB_TIMEOUT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_its_processes_and_a_queued_one() {
+    let s = setup_with(AgentOpts {
+        concurrency: 1,
+        ..AgentOpts::default()
+    })
+    .await;
+    let marker = marker();
+    let running = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "sleep", "env": { &marker.0: &marker.1 } }),
+        )
+        .await;
+    s.api
+        .wait_for_state(running.id, &[JobState::Running], JOB_TIMEOUT)
+        .await;
+    wait_for_processes(&marker).await;
+
+    // The only slot is taken, so this one waits in the queue.
+    let queued = s.api.run_target(REPO, "test").await;
+    let cancelled = s.api.cancel(queued.id).await;
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.started_at.is_none());
+
+    let cancel_sent = Instant::now();
+    s.api.cancel(running.id).await;
+    let done = s
+        .api
+        .wait_for_state(running.id, &[JobState::Cancelled], Duration::from_secs(5))
+        .await;
+    let took = cancel_sent.elapsed();
+    wait_for_no_processes(&marker, Duration::from_secs(5)).await;
+    println!(
+        "cancel -> cancelled in {:.2}s, processes gone in {:.2}s",
+        took.as_secs_f64(),
+        cancel_sent.elapsed().as_secs_f64()
+    );
+    assert!(done.finished_at.is_some());
+
+    // Cancelling a finished job is a conflict.
+    s.api
+        .raw(
+            Method::POST,
+            &format!("/api/v1/jobs/{}/cancel", running.id),
+            None,
+        )
+        .await
+        .assert_problem(409);
+    let queued = s.api.job(queued.id).await;
+    assert_eq!(queued.state, JobState::Cancelled, "never ran");
+    assert!(queued.agent.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_past_the_repository_timeout_is_timed_out() {
+    let s = setup().await;
+    let repo = s
+        .api
+        .register_repo_with(json!({ "name": "slow", "git_url": s.repo.url(), "timeout_secs": 2 }))
+        .await;
+    assert_eq!(repo["timeout_secs"], 2);
+    let marker = marker();
+    let posted = Instant::now();
+    let job = s
+        .api
+        .run_job(
+            "local/slow",
+            json!({ "target": "sleep", "env": { &marker.0: &marker.1 } }),
+        )
+        .await;
+    let done = s
+        .api
+        .wait_for_state(job.id, &[JobState::TimedOut], Duration::from_secs(30))
+        .await;
+    assert!(posted.elapsed() >= Duration::from_secs(2));
+    assert!(done.finished_at.is_some());
+    wait_for_no_processes(&marker, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_sigterm_finishes_its_job_takes_no_new_one_and_exits() {
+    let mut s = setup().await;
+    let gate = s.controller.scratch_dir("gate").join("open");
+    let running = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_str().unwrap() } }),
+        )
+        .await;
+    s.api
+        .wait_for_log(running.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+
+    s.agent.sigterm();
+    // Not a synchronisation on state: this defines "after the SIGTERM" from
+    // the agent's side, giving it time to handle the signal before a job is
+    // queued (a correct agent refuses new work from then on).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued_after = s.api.run_target(REPO, "test").await;
+
+    std::fs::write(&gate, b"").unwrap();
+    let done = s.api.wait_for_success(running.id, JOB_TIMEOUT).await;
+    assert_eq!(done.agent.as_deref(), Some(s.agent.name.as_str()));
+    let status = s.agent.wait(JOB_TIMEOUT).await;
+    assert!(status.success(), "the agent exits cleanly: {status}");
+    assert_eq!(
+        s.api.output(running.id).await,
+        "waiting for the gate\ngate opened\n"
+    );
+
+    let waiting = s.api.job(queued_after.id).await;
+    assert_eq!(
+        waiting.state,
+        JobState::Queued,
+        "the draining agent must not take it: {waiting:#?}"
+    );
+
+    // Another agent takes it.
+    let other = Agent::start_default(&s.controller).await;
+    let done = s.api.wait_for_success(queued_after.id, JOB_TIMEOUT).await;
+    assert_eq!(done.agent.as_deref(), Some(other.name.as_str()));
+}
+
+/// Asserts a problem+json with `status` whose `detail` names `field`.
+fn assert_field_problem(response: &hobotnica_tests::RawResponse, status: u16, field: &str) {
+    let problem = response.assert_problem(status);
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(field),
+        "detail of a {status} does not name {field:?}: {problem}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_problem_json_and_creates_nothing() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let jobs_path = format!("/api/v1/repos/{REPO}/jobs");
+
+    // Unknown things.
+    for path in [
+        "/api/v1/repos/local/nope",
+        "/api/v1/jobs/999999",
+        "/api/v1/jobs/999999/log",
+    ] {
+        api.raw(Method::GET, path, None).await.assert_problem(404);
+    }
+    api.raw(Method::POST, "/api/v1/jobs/999999/cancel", None)
+        .await
+        .assert_problem(404);
+    api.send_json(
+        Method::POST,
+        "/api/v1/repos/local/nope/jobs",
+        &json!({ "target": "test" }),
+    )
+    .await
+    .assert_problem(404);
+
+    // Malformed JSON.
+    api.raw(Method::POST, &jobs_path, Some(b"{\"target\": "))
+        .await
+        .assert_problem(400);
+    api.raw(Method::POST, "/api/v1/repos", Some(b"not json"))
+        .await
+        .assert_problem(400);
+
+    // Missing target.
+    let response = api
+        .send_json(Method::POST, &jobs_path, &json!({ "branch": "main" }))
+        .await;
+    let status = if response.status == 400 { 400 } else { 422 };
+    assert_field_problem(&response, status, "target");
+
+    // Commits that are not 40 hex characters.
+    for commit in [
+        "abc123",
+        "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+        "0123456789abcdef0123456789abcdef012345678",
+        "HEAD",
+    ] {
+        let response = api
+            .send_json(
+                Method::POST,
+                &jobs_path,
+                &json!({ "target": "test", "commit": commit }),
+            )
+            .await;
+        assert_field_problem(&response, 422, "commit");
+    }
+
+    // Branches and targets that could be read as commands, options or paths.
+    let hostile = ["main;id", "$(id)", "`id`", "a..b", "-rf", "x y", "a|b"];
+    for branch in hostile.iter().chain(&["feature/../../etc"]) {
+        let response = api
+            .send_json(
+                Method::POST,
+                &jobs_path,
+                &json!({ "target": "test", "branch": branch }),
+            )
+            .await;
+        assert_field_problem(&response, 422, "branch");
+    }
+    for target in hostile.iter().chain(&["..", "VAR=value"]) {
+        let response = api
+            .send_json(Method::POST, &jobs_path, &json!({ "target": target }))
+            .await;
+        assert_field_problem(&response, 422, "target");
+    }
+
+    // Repository names that are not one path component.
+    for name in ["a/b", "..", "../etc", "-x", "a b", ""] {
+        let response = api
+            .send_json(
+                Method::POST,
+                "/api/v1/repos",
+                &json!({ "name": name, "git_url": repo.url() }),
+            )
+            .await;
+        assert_field_problem(&response, 422, "name");
+    }
+    let response = api
+        .send_json(
+            Method::POST,
+            "/api/v1/repos",
+            &json!({ "owner": "../x", "name": "ok", "git_url": repo.url() }),
+        )
+        .await;
+    assert_field_problem(&response, 422, "owner");
+
+    // A repository that exists already.
+    api.send_json(
+        Method::POST,
+        "/api/v1/repos",
+        &json!({ "name": "demo", "git_url": repo.url() }),
+    )
+    .await
+    .assert_problem(409);
+
+    // No token, a wrong token.
+    for anonymous in [
+        api.with_token(None),
+        api.with_token(Some("wrong-token-0123456789")),
+    ] {
+        anonymous
+            .raw(Method::GET, "/api/v1/repos", None)
+            .await
+            .assert_problem(401);
+        anonymous
+            .send_json(
+                Method::POST,
+                "/api/v1/repos",
+                &json!({ "name": "sneaky", "git_url": repo.url() }),
+            )
+            .await
+            .assert_problem(401);
+        anonymous
+            .send_json(Method::POST, &jobs_path, &json!({ "target": "test" }))
+            .await
+            .assert_problem(401);
+    }
+
+    // Nothing was created.
+    let repos = api.get_json("/api/v1/repos").await;
+    let names: Vec<&str> = repos["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|repo| repo["full_name"].as_str())
+        .collect();
+    assert_eq!(names, [REPO]);
+    assert!(api.jobs("").await.is_empty(), "no job was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_does_not_exist_fails_quickly_with_a_clear_message() {
+    let s = setup().await;
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let posted = Instant::now();
+    let job = s
+        .api
+        .run_job(REPO, json!({ "target": "test", "commit": missing }))
+        .await;
+    let done = s.api.wait_for_end(job.id, Duration::from_secs(30)).await;
+    println!(
+        "missing commit -> {} in {:.2}s",
+        done.state,
+        posted.elapsed().as_secs_f64()
+    );
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let names_it = |text: &str| text.contains(missing) || text.to_lowercase().contains("commit");
+    let message = done.message.clone().unwrap_or_default();
+    assert!(names_it(&message), "unclear message: {done:#?}");
+    let log = text(&s.api.log(job.id).await);
+    assert!(names_it(&log), "unclear log: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_queued_jobs_each_run_exactly_once() {
+    let s = setup_with(AgentOpts {
+        concurrency: 2,
+        ..AgentOpts::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(s.api.run_target(REPO, "id").await.id);
+    }
+    for id in &ids {
+        let done = s.api.wait_for_success(*id, JOB_TIMEOUT).await;
+        assert_eq!(done.attempt, 1, "job {id} ran once");
+        assert_eq!(s.api.output(*id).await, format!("job {id}\n"));
+    }
+    let listed: Vec<u64> = s
+        .api
+        .jobs("limit=100")
+        .await
+        .iter()
+        .map(|job| job.id)
+        .collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_registers_runs_follows_and_lists() {
+    let controller = Controller::start_default().await;
+    let agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    let cwd = tempfile::tempdir().unwrap();
+    let hobot = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let controller = &controller;
+        let cwd = cwd.path().to_path_buf();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli::run(Some(controller), &cwd, &args).await
+        }
+    };
+
+    let url = repo.url();
+    let out = hobot(&["repos", "add", "demo", &url]).await.success();
+    assert!(out.contains(REPO), "{out}");
+    let out = hobot(&["repos", "ls"]).await.success();
+    assert!(out.contains(REPO) && out.contains(&url), "{out}");
+    let shown: Value =
+        serde_json::from_str(&hobot(&["--json", "repos", "show", "demo"]).await.success()).unwrap();
+    assert_eq!(shown["full_name"], REPO);
+
+    // run --follow: the log on stdout, the job's exit code.
+    let out = hobot(&["run", "demo", "test", "--follow"]).await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let id = api.jobs("limit=1").await[0].id;
+    assert_eq!(out.stdout, api.log(id).await, "stdout is the log");
+    assert!(out.stdout_text().contains("hello from stdout"));
+    assert!(out.stderr.contains(&format!("job {id}")), "{out:#?}");
+
+    let out = hobot(&["run", "demo", "fail", "--follow"]).await;
+    let failed = api.jobs("limit=1").await.remove(0);
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(out.code(), failed.exit_code, "{out:#?}");
+    assert_eq!(out.code(), Some(MAKE_FAILED), "{out:#?}");
+    assert_eq!(out.stdout, api.log(failed.id).await, "stdout is the log");
+    let failed_id = failed.id;
+
+    // logs -f follows a running job to its end.
+    let gate = controller.scratch_dir("gate").join("open");
+    let gate_env = format!("E2E_GATE={}", gate.display());
+    let out = hobot(&["run", "demo", "gate", "--env", &gate_env])
+        .await
+        .success();
+    let gate_id: u64 = out.trim().parse().expect("run prints the job id");
+    api.wait_for_log(gate_id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    let follower = cli::command(Some(&controller), cwd.path())
+        .args(["logs", "-f", &gate_id.to_string()])
+        .spawn()
+        .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let out = cli::finish(follower, &["logs", "-f"]).await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    assert_eq!(
+        text(&make_output(&out.stdout)),
+        "waiting for the gate\ngate opened\n"
+    );
+    assert_eq!(out.stdout, api.log(gate_id).await);
+    let out = hobot(&["logs", &gate_id.to_string()]).await;
+    assert_eq!(out.stdout, api.log(gate_id).await, "{out:#?}");
+    let out = hobot(&["logs", "-f", &failed_id.to_string()]).await;
+    assert_eq!(
+        out.code(),
+        Some(MAKE_FAILED),
+        "logs -f of a finished job: {out:#?}"
+    );
+
+    // Listings.
+    let listed: Value =
+        serde_json::from_str(&hobot(&["jobs", "ls", "--json"]).await.success()).unwrap();
+    let ids: Vec<u64> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [gate_id, failed_id, id]);
+    let failed: Value = serde_json::from_str(
+        &hobot(&["jobs", "ls", "--state", "failed", "--json"])
+            .await
+            .success(),
+    )
+    .unwrap();
+    assert_eq!(failed["items"].as_array().unwrap().len(), 1);
+    assert_eq!(failed["items"][0]["id"], failed_id);
+    let table = hobot(&["jobs", "ls", "--repo", "demo"]).await.success();
+    assert!(table.starts_with("ID "), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    let shown = hobot(&["jobs", "show", &failed_id.to_string()])
+        .await
+        .success();
+    assert!(shown.contains("failed") && shown.contains('3'), "{shown}");
+    let agents = hobot(&["agents", "ls"]).await.success();
+    assert!(agents.contains(&agent.name), "{agents}");
+
+    let out = hobot(&["repos", "rm", "demo"]).await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    api.raw(Method::GET, &format!("/api/v1/repos/{REPO}"), None)
+        .await
+        .assert_problem(404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_reports_api_errors_and_unreachable_controllers() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let cwd = tempfile::tempdir().unwrap();
+
+    let out = cli::run(Some(&controller), cwd.path(), &["jobs", "show", "999999"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    let problem = api
+        .raw(Method::GET, "/api/v1/jobs/999999", None)
+        .await
+        .json();
+    let expected = format!(
+        "error: {}: {}",
+        problem["title"].as_str().unwrap(),
+        problem["detail"].as_str().unwrap()
+    );
+    assert!(out.stderr.starts_with(&expected), "{out:#?}");
+
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["run", "demo", "test", "--commit", "abc"],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(
+        out.stderr.starts_with("error: ") && out.stderr.contains("commit"),
+        "{out:#?}"
+    );
+
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["--token", "wrong-token-0123456789", "repos", "ls"],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.starts_with("error: "), "{out:#?}");
+
+    let closed = format!("http://{}", net::closed_addr());
+    let out = cli::run(None, cwd.path(), &["--url", &closed, "repos", "ls"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains(&closed) && out.stderr.contains("hobot up"),
+        "{out:#?}"
+    );
+    let out = cli::run(None, cwd.path(), &["--grpc-url", &closed, "logs", "1"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.contains(&closed), "{out:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_up_serves_and_hobot_works_from_the_same_directory() {
+    use hobotnica_tests::daemon::{Daemon, Spec};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    hobotnica_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().join("project");
+    std::fs::create_dir(&cwd).unwrap();
+    let repo = GitRepo::new();
+    let http = net::free_addr();
+    let grpc = net::free_addr();
+    let mut up = Daemon::spawn(Spec {
+        name: "hobot-up".to_owned(),
+        program: hobotnica_tests::bins::bin(hobotnica_tests::bins::HOBOT),
+        args: [
+            "up",
+            "--listen",
+            &http.to_string(),
+            "--grpc-listen",
+            &grpc.to_string(),
+            "--lease-timeout",
+            "2s",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect(),
+        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
+        cwd: Some(cwd.clone()),
+        log_dir: dir.path().to_path_buf(),
+    });
+    let data_dir = cwd.join(".hobotnica");
+    let controller_file = data_dir.join("controller.json");
+    wait_until(
+        Duration::from_secs(30),
+        "hobot up to write controller.json",
+        || {
+            let exists = controller_file.is_file();
+            async move { exists }
+        },
+    )
+    .await;
+    let urls: Value = serde_json::from_slice(&std::fs::read(&controller_file).unwrap()).unwrap();
+    assert_eq!(urls["url"], format!("http://{http}"));
+    assert_eq!(urls["grpc_url"], format!("http://{grpc}"));
+    let admin_token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    let admin_token = admin_token.trim();
+    wait_until(
+        Duration::from_secs(30),
+        "hobot up to print its URLs",
+        || {
+            let printed = up.stdout();
+            let done = printed.contains(&format!("http://{http}/api/docs"))
+                && printed.contains(admin_token);
+            async move { done }
+        },
+    )
+    .await;
+    let agent_token = data_dir.join("agent-token");
+    let mode = std::fs::metadata(&agent_token)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the agent token file is private");
+
+    let api = Api::new(format!("http://{http}"), Some(admin_token));
+    wait_until(
+        Duration::from_secs(30),
+        "the local agent to connect",
+        || {
+            let api = api.clone();
+            async move {
+                api.agents().await.iter().any(|agent| {
+                    agent["name"] == "local-1" && agent["connected"].as_bool() == Some(true)
+                })
+            }
+        },
+    )
+    .await;
+
+    // No flags, no environment: the data directory says where and how.
+    let url = repo.url();
+    cli::run(None, &cwd, &["repos", "add", "demo", &url])
+        .await
+        .success();
+    let out = cli::run(None, &cwd, &["run", "demo", "test", "--follow"]).await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    assert!(out.stdout_text().contains("hello from stdout"), "{out:#?}");
+    let out = cli::run(None, &cwd, &["run", "demo", "fail", "--follow"]).await;
+    assert_eq!(out.code(), Some(MAKE_FAILED), "{out:#?}");
+    let agents = cli::run(None, &cwd, &["agents", "ls"]).await.success();
+    assert!(agents.contains("local-1"), "{agents}");
+
+    up.signal(Signal::SIGTERM);
+    let status = up.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "hobot up exits 0 on SIGTERM: {status}");
+    signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
+}
