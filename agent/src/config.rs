@@ -59,7 +59,12 @@ impl AgentConfig {
     /// The name to register under: `--name`, else the host name from
     /// `/etc/hostname`, else `agent`.
     pub fn agent_name(&self) -> String {
-        if let Some(name) = self.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        if let Some(name) = self
+            .name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
             return name.to_owned();
         }
         std::fs::read_to_string("/etc/hostname")

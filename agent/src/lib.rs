@@ -1,16 +1,108 @@
 //! The Hobotnica agent: registers with a controller, takes jobs over a gRPC
 //! stream, runs `make <target>` in a git work tree at the job's commit and
 //! ships the output back.
+//!
+//! Tasks (all owned, none orphaned):
+//!
+//! | task | spawned by | ends when |
+//! | --- | --- | --- |
+//! | pool loop ([`run`]) | the caller | shutdown and jobs drained, or a fatal error |
+//! | job supervisor | pool, per assignment (`JoinSet`) | job reported or dropped, cleaned up |
+//! | lease renewal | supervisor (`JoinSet`) | supervisor stops it, or job gone |
+//! | log shipper | supervisor (`JoinSet`) | supervisor stops it, or job gone |
+//!
+//! On shutdown the pool sends `Capacity{free_slots: 0}`, waits for running
+//! jobs up to the drain timeout, then cancels them ("agent shut down").
 
 mod config;
+mod connection;
+mod job;
+mod logs;
+mod pool;
+mod process;
+mod workspace;
 
+use std::sync::Arc;
+
+use anyhow::Context as _;
 pub use config::AgentConfig;
-
 use tokio_util::sync::CancellationToken;
 
-/// Runs the agent until `shutdown` is cancelled and running jobs have drained.
+use crate::connection::{AgentIdentity, Connection};
+use crate::job::JobContext;
+use crate::workspace::Workspaces;
+
+/// Runs the agent until `shutdown` is cancelled and running jobs have drained
+/// (or the drain timeout passed). Returns an error when the agent cannot
+/// work at all: invalid configuration, token refused, protocol mismatch.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = config;
-    shutdown.cancelled().await;
-    Ok(())
+    run_with_stop_now(config, shutdown, CancellationToken::new()).await
+}
+
+/// Like [`run`]; cancelling `stop_now` (after `shutdown`) skips the rest of
+/// the drain timeout: running jobs are cancelled at once, report, and the
+/// agent returns.
+pub async fn run_with_stop_now(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    stop_now: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
+    let work_dir = std::fs::canonicalize(&config.work_dir)
+        .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))?;
+    let spool_dir = work_dir.join("spool");
+    std::fs::create_dir_all(&spool_dir)
+        .with_context(|| format!("creating {}", spool_dir.display()))?;
+    remove_old_spools(&spool_dir);
+
+    let inherited_env: Arc<[(String, String)]> = config::inherited_environment().into();
+    let workspaces = Workspaces::new(&work_dir, &inherited_env, config.git_timeout)
+        .with_context(|| format!("preparing {}", work_dir.display()))?;
+    workspaces.remove_leftovers().await;
+
+    let name = config.agent_name();
+    let identity = AgentIdentity {
+        name: name.clone(),
+        labels: config.labels_map(),
+        concurrency: config.concurrency,
+    };
+    let connection = Connection::new(&config.controllers, &config.token, identity)?;
+    tracing::info!(
+        agent.name = %name,
+        concurrency = config.concurrency,
+        work_dir = %work_dir.display(),
+        controllers = ?config.controllers,
+        version = hobotnica_common::VERSION,
+        "agent starting"
+    );
+
+    let context = Arc::new(JobContext {
+        connection: connection.clone(),
+        workspaces: Arc::new(workspaces),
+        spool_dir,
+        inherited_env,
+        abandon: CancellationToken::new(),
+    });
+    pool::Pool::new(
+        connection,
+        context,
+        config.concurrency,
+        config.drain_timeout,
+    )
+    .run(shutdown, stop_now)
+    .await
+}
+
+/// Spools of jobs an earlier run did not finish: those jobs are lost (their
+/// leases expire), so their logs have nowhere to go.
+fn remove_old_spools(spool_dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(spool_dir) {
+        for entry in entries.flatten() {
+            if let Err(error) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(%error, path = %entry.path().display(), "could not remove an old spool");
+            }
+        }
+    }
 }

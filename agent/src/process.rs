@@ -44,6 +44,7 @@ impl CommandSpec {
         self
     }
 
+    #[cfg(test)]
     pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> CommandSpec {
         self.env.insert(name.into(), value.into());
         self
@@ -94,7 +95,8 @@ pub fn spawn(spec: &CommandSpec) -> io::Result<(ProcessGroup, OutputPipe)> {
         .id()
         .ok_or_else(|| io::Error::other("the process exited before its id was read"))?;
     let pgid = Pid::from_raw(
-        i32::try_from(pid).map_err(|_| io::Error::other(format!("process id {pid} out of range")))?,
+        i32::try_from(pid)
+            .map_err(|_| io::Error::other(format!("process id {pid} out of range")))?,
     );
     let output = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
     Ok((
@@ -247,6 +249,7 @@ pub async fn run_captured(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
     use std::time::Instant;
 
     use super::*;
@@ -325,6 +328,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), read_all(&mut output))
             .await
             .expect("the pipe closes");
+    }
+
+    #[tokio::test]
+    async fn sigkill_stops_a_group_that_ignores_sigterm() {
+        let spec = sh("trap '' TERM; echo ready; sleep 300 & wait");
+        let (mut group, mut output) = spawn(&spec).expect("spawn");
+        let mut buf = [0u8; 16];
+        let n = output.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"ready\n");
+        group.terminate();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), group.wait())
+                .await
+                .is_err(),
+            "SIGTERM is ignored"
+        );
+        group.kill();
+        let status = tokio::time::timeout(Duration::from_secs(2), group.wait())
+            .await
+            .expect("SIGKILL stops it")
+            .expect("wait");
+        assert_eq!(status.signal(), Some(9));
     }
 
     #[tokio::test]

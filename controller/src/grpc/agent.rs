@@ -96,7 +96,8 @@ impl AgentGrpc {
             .get_job(JobId(id))
             .await
             .map_err(status)?
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+            // NOT_FOUND is reserved for an unknown agent (see agent.proto).
+            .ok_or_else(|| Status::failed_precondition(format!("job {id} does not exist")))?;
         if job.agent.as_ref() != Some(&agent.id) || job.attempt != attempt {
             return Err(Status::failed_precondition(format!(
                 "job {id} attempt {attempt} is not held by this agent"
@@ -351,7 +352,9 @@ async fn intake_chunk(
             .get_job(JobId(chunk.job_id))
             .await
             .map_err(status)?
-            .ok_or_else(|| Status::not_found(format!("job {} not found", chunk.job_id)))?;
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("job {} does not exist", chunk.job_id))
+            })?;
         if job.agent.as_ref() != Some(&agent.id) || job.attempt != chunk.attempt {
             return Err(Status::failed_precondition(format!(
                 "job {} attempt {} is not held by this agent",

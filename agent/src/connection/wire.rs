@@ -1,0 +1,268 @@
+//! The two long-lived streams (Session, PushLogs) and every conversion
+//! between proto messages and the agent's domain types.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hobotnica_common::ids::{AgentId, JobId};
+use hobotnica_common::job::Outcome;
+use hobotnica_common::proto::{self, agent_message, controller_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{CALL_TIMEOUT, Client, Connection, RpcError};
+use crate::job::{Completion, JobKey, JobSpec};
+
+/// Messages the agent may queue on its Session before they are sent.
+const SESSION_QUEUE: usize = 64;
+
+/// Chunks queued on a PushLogs stream; the shipper never has more unacked
+/// chunks than this in flight, so a send never waits.
+pub const LOG_QUEUE_CHUNKS: usize = 32;
+
+/// What the controller says on the Session.
+#[derive(Debug)]
+pub enum SessionCommand {
+    /// Run this job (the agent now holds its lease).
+    Assign(JobSpec),
+    /// Stop this job.
+    Cancel { key: JobKey, reason: String },
+    /// Nothing but proof of life.
+    Heartbeat,
+}
+
+/// An open Session.
+pub struct SessionStream {
+    outbound: mpsc::Sender<proto::AgentMessage>,
+    inbound: tonic::Streaming<proto::ControllerMessage>,
+    connection: Connection,
+    controller: usize,
+}
+
+pub(super) async fn open_session(
+    mut client: Client,
+    connection: Connection,
+    controller: usize,
+    agent_id: &AgentId,
+    free_slots: u32,
+) -> Result<SessionStream, RpcError> {
+    let (outbound, queue) = mpsc::channel(SESSION_QUEUE);
+    // Queued before the call: a controller may wait for Hello before it
+    // answers with headers.
+    for kind in [
+        agent_message::Kind::Hello(proto::Hello {
+            agent_id: agent_id.0.clone(),
+        }),
+        agent_message::Kind::Capacity(proto::Capacity {
+            free_slots,
+            assignments_received: 0,
+        }),
+    ] {
+        outbound
+            .try_send(proto::AgentMessage { kind: Some(kind) })
+            .map_err(|_| RpcError::Unavailable("session queue closed".to_owned()))?;
+    }
+    let response = tokio::time::timeout(CALL_TIMEOUT, client.session(ReceiverStream::new(queue)))
+        .await
+        .map_err(|_| RpcError::Unavailable(format!("no session within {CALL_TIMEOUT:?}")))??;
+    Ok(SessionStream {
+        outbound,
+        inbound: response.into_inner(),
+        connection,
+        controller,
+    })
+}
+
+impl SessionStream {
+    fn send(&self, kind: agent_message::Kind) -> bool {
+        self.outbound
+            .try_send(proto::AgentMessage { kind: Some(kind) })
+            .is_ok()
+    }
+
+    /// Tells the controller how many jobs it may still assign; false when
+    /// the stream is closed or congested.
+    pub fn send_capacity(&self, free_slots: u32, assignments_received: u64) -> bool {
+        self.send(agent_message::Kind::Capacity(proto::Capacity {
+            free_slots,
+            assignments_received,
+        }))
+    }
+
+    pub fn send_heartbeat(&self) -> bool {
+        self.send(agent_message::Kind::Heartbeat(proto::Heartbeat {}))
+    }
+
+    /// The next command; `Ok(None)` when the controller ended the stream.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<SessionCommand>, RpcError> {
+        loop {
+            let message = match self.inbound.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(None),
+                Err(status) => {
+                    let error = RpcError::from(status);
+                    self.connection.note_failure(self.controller, &error);
+                    return Err(error);
+                }
+            };
+            match message.kind {
+                Some(controller_message::Kind::Assignment(assignment)) => {
+                    return Ok(Some(SessionCommand::Assign(job_spec(assignment))));
+                }
+                Some(controller_message::Kind::Cancel(cancel)) => {
+                    return Ok(Some(SessionCommand::Cancel {
+                        key: JobKey {
+                            id: JobId(cancel.job_id),
+                            attempt: cancel.attempt,
+                        },
+                        reason: cancel.reason,
+                    }));
+                }
+                Some(controller_message::Kind::Heartbeat(_)) => {
+                    return Ok(Some(SessionCommand::Heartbeat));
+                }
+                // A newer controller's message kind: ignore it.
+                None => continue,
+            }
+        }
+    }
+}
+
+fn job_spec(assignment: proto::Assignment) -> JobSpec {
+    JobSpec {
+        key: JobKey {
+            id: JobId(assignment.job_id),
+            attempt: assignment.attempt,
+        },
+        repo: assignment.repo,
+        git_url: assignment.git_url,
+        commit: assignment.commit,
+        branch: assignment.branch,
+        target: assignment.target,
+        kind: assignment.kind,
+        env: assignment.env.into_iter().collect::<BTreeMap<_, _>>(),
+        timeout: (assignment.timeout_ms > 0).then(|| Duration::from_millis(assignment.timeout_ms)),
+        secrets: assignment.secrets,
+    }
+}
+
+pub(super) fn complete_request(completion: &Completion) -> proto::CompleteJobRequest {
+    let outcome = match completion.outcome {
+        Outcome::Succeeded => proto::Outcome::Succeeded,
+        Outcome::Failed => proto::Outcome::Failed,
+        Outcome::Cancelled => proto::Outcome::Cancelled,
+        Outcome::TimedOut => proto::Outcome::TimedOut,
+    };
+    proto::CompleteJobRequest {
+        job_id: completion.key.id.0,
+        attempt: completion.key.attempt,
+        outcome: outcome as i32,
+        exit_code: completion.exit_code,
+        message: completion.message.clone(),
+        log_length: completion.log_length,
+        duration_ms: u64::try_from(completion.duration.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// The controller's acknowledgement of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogAck {
+    pub seq: u64,
+    /// The controller's log length after this chunk.
+    pub committed: u64,
+}
+
+/// An open PushLogs stream for one job attempt.
+pub struct LogStream {
+    key: JobKey,
+    outbound: mpsc::Sender<proto::LogChunk>,
+    inbound: tonic::Streaming<proto::LogAck>,
+    next_seq: u64,
+    connection: Connection,
+    controller: usize,
+}
+
+pub(super) async fn open_log_stream(
+    mut client: Client,
+    connection: Connection,
+    controller: usize,
+    key: JobKey,
+    offset: u64,
+    data: Vec<u8>,
+) -> Result<LogStream, RpcError> {
+    let (outbound, queue) = mpsc::channel(LOG_QUEUE_CHUNKS);
+    // The first chunk is queued before the call: a controller may read it
+    // (to learn the job) before it answers with headers.
+    outbound
+        .try_send(proto::LogChunk {
+            job_id: key.id.0,
+            attempt: key.attempt,
+            seq: 0,
+            offset,
+            data,
+        })
+        .map_err(|_| RpcError::Unavailable("log queue closed".to_owned()))?;
+    let response = tokio::time::timeout(CALL_TIMEOUT, client.push_logs(ReceiverStream::new(queue)))
+        .await
+        .map_err(|_| RpcError::Unavailable(format!("no log stream within {CALL_TIMEOUT:?}")))??;
+    Ok(LogStream {
+        key,
+        outbound,
+        inbound: response.into_inner(),
+        next_seq: 1,
+        connection,
+        controller,
+    })
+}
+
+/// Why a chunk was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The queue is full: wait for acknowledgements.
+    Full,
+    /// The stream is gone.
+    Closed,
+}
+
+impl LogStream {
+    /// Queues a chunk without waiting; returns its sequence number. The
+    /// stream's first chunk (given when it was opened) has seq 0.
+    pub fn try_send(&mut self, offset: u64, data: Vec<u8>) -> Result<u64, SendError> {
+        let seq = self.next_seq;
+        let chunk = proto::LogChunk {
+            job_id: self.key.id.0,
+            attempt: self.key.attempt,
+            seq,
+            offset,
+            data,
+        };
+        match self.outbound.try_send(chunk) {
+            Ok(()) => {
+                self.next_seq += 1;
+                Ok(seq)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        }
+    }
+
+    /// The next acknowledgement. The controller ending the stream is an
+    /// error too (the shipper reconnects). Cancel-safe.
+    pub async fn next_ack(&mut self) -> Result<LogAck, RpcError> {
+        let result = match self.inbound.message().await {
+            Ok(Some(ack)) => Ok(LogAck {
+                seq: ack.seq,
+                committed: ack.committed,
+            }),
+            Ok(None) => Err(RpcError::Unavailable(
+                "the controller closed the log stream".to_owned(),
+            )),
+            Err(status) => Err(RpcError::from(status)),
+        };
+        if let Err(error) = &result {
+            self.connection.note_failure(self.controller, error);
+        }
+        result
+    }
+}

@@ -1,0 +1,534 @@
+//! The supervisor of one job attempt: work tree, make, kill path, and the
+//! report. Its child tasks (lease renewal, log shipper) live in its own
+//! `JoinSet` and end with it.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hobotnica_common::env::{CiVars, compose};
+use hobotnica_common::ids::CommitSha;
+use hobotnica_common::job::Outcome;
+use hobotnica_common::validate;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{Completion, JobContext, JobEvent, JobSpec, LeaseTimings, lease};
+use crate::connection::{Backoff, RpcError, retry};
+use crate::logs::{self, Masker, Shipper, ShipperEnd, ShipperHandle, Spool};
+use crate::process::{self, CommandSpec, OUTPUT_CLOSE_TIMEOUT};
+use crate::workspace::{WorkTree, WorkspaceError};
+
+/// Why the job is being stopped before make finished on its own.
+#[derive(Debug, Clone)]
+enum Stop {
+    Cancelled(String),
+    TimedOut(Duration),
+    ShutDown,
+    /// The controller forgot the job: nothing is reported.
+    Gone(String),
+}
+
+/// How the work ended, before it is reported.
+struct WorkEnd {
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    message: String,
+}
+
+pub(super) struct Supervisor {
+    context: Arc<JobContext>,
+    spec: JobSpec,
+    timings: LeaseTimings,
+    events_tx: mpsc::UnboundedSender<JobEvent>,
+    events_rx: mpsc::UnboundedReceiver<JobEvent>,
+    stop: Option<Stop>,
+    started: Instant,
+    /// Lease renewal and log shipping.
+    children: JoinSet<()>,
+    children_stop: CancellationToken,
+}
+
+impl Supervisor {
+    pub(super) fn new(
+        context: Arc<JobContext>,
+        spec: JobSpec,
+        timings: LeaseTimings,
+        events_tx: mpsc::UnboundedSender<JobEvent>,
+        events_rx: mpsc::UnboundedReceiver<JobEvent>,
+    ) -> Supervisor {
+        Supervisor {
+            context,
+            spec,
+            timings,
+            events_tx,
+            events_rx,
+            stop: None,
+            started: Instant::now(),
+            children: JoinSet::new(),
+            children_stop: CancellationToken::new(),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let key = self.spec.key;
+        tracing::info!(commit = %self.spec.commit, "job started");
+        self.children.spawn(
+            lease::renew_lease(
+                self.context.connection.clone(),
+                key,
+                self.timings.renew_interval,
+                self.events_tx.clone(),
+                self.children_stop.clone(),
+            )
+            .in_current_span(),
+        );
+
+        let spool_path = self.context.spool_dir.join(format!("{key}.log"));
+        let spool = match Spool::create(spool_path) {
+            Ok(spool) => Arc::new(spool),
+            Err(error) => {
+                let message = format!("could not create the log spool: {error}");
+                tracing::error!("{message}");
+                let completion = self.completion(
+                    WorkEnd {
+                        outcome: Outcome::Failed,
+                        exit_code: None,
+                        message,
+                    },
+                    0,
+                );
+                self.report(None, completion).await;
+                self.stop_children().await;
+                return;
+            }
+        };
+
+        let (shipper, shipper_handle) =
+            Shipper::new(self.context.connection.clone(), key, spool.clone());
+        let gone_tx = self.events_tx.clone();
+        let shipper_stop = self.children_stop.clone();
+        self.children.spawn(
+            async move {
+                if let ShipperEnd::JobGone(error) = shipper.run(shipper_stop).await {
+                    let _ = gone_tx.send(JobEvent::JobGone {
+                        reason: error.to_string(),
+                    });
+                }
+            }
+            .in_current_span(),
+        );
+
+        let (tree, end) = self.work(&spool).await;
+        let log_length = spool.close();
+        match &self.stop {
+            Some(Stop::Gone(reason)) => {
+                tracing::warn!(
+                    reason,
+                    "the controller no longer holds this job; dropping it"
+                );
+            }
+            _ => {
+                let completion = self.completion(end, log_length);
+                self.report(Some(&shipper_handle), completion).await;
+            }
+        }
+
+        self.stop_children().await;
+        spool.remove();
+        if let Some(tree) = tree {
+            self.context.workspaces.remove(tree).await;
+        }
+    }
+
+    async fn stop_children(&mut self) {
+        self.children_stop.cancel();
+        while self.children.join_next().await.is_some() {}
+    }
+
+    fn completion(&self, end: WorkEnd, log_length: u64) -> Completion {
+        Completion {
+            key: self.spec.key,
+            outcome: end.outcome,
+            exit_code: end.exit_code,
+            message: end.message,
+            log_length,
+            duration: self.started.elapsed(),
+        }
+    }
+
+    /// Takes in an event from the lease, the pool or a timer. Returns true
+    /// when the job must now be stopped (the first stop reason wins; a job
+    /// gone overrides everything, as nothing may be reported then).
+    fn on_event(&mut self, event: JobEvent, spool: &Spool) -> bool {
+        let stop = match event {
+            JobEvent::LeaseRenewed {
+                cancel_requested: true,
+            } => Stop::Cancelled(String::new()),
+            JobEvent::CancelRequested { reason } => Stop::Cancelled(reason),
+            JobEvent::DeadlineReached => Stop::TimedOut(self.spec.timeout.unwrap_or_default()),
+            JobEvent::Shutdown => Stop::ShutDown,
+            JobEvent::JobGone { reason } => Stop::Gone(reason),
+            JobEvent::LeaseRenewed {
+                cancel_requested: false,
+            }
+            | JobEvent::ProcessExited(_)
+            | JobEvent::KillGraceExpired => return false,
+        };
+        match (&self.stop, &stop) {
+            (None, _) => {}
+            (Some(Stop::Gone(_)), _) => return false,
+            (Some(_), Stop::Gone(_)) => {
+                self.stop = Some(stop);
+                return false;
+            }
+            (Some(_), _) => return false,
+        }
+        match &stop {
+            Stop::Cancelled(reason) if reason.is_empty() => spool.line("cancelled"),
+            Stop::Cancelled(reason) => spool.line(&format!("cancelled: {reason}")),
+            Stop::TimedOut(limit) => spool.line(&format!("timed out after {}", human(*limit))),
+            Stop::ShutDown => spool.line("agent shut down"),
+            Stop::Gone(_) => {}
+        }
+        tracing::info!(?stop, "stopping the job");
+        self.stop = Some(stop);
+        true
+    }
+
+    fn failed(spool: &Spool, message: String) -> WorkEnd {
+        spool.line(&message);
+        WorkEnd {
+            outcome: Outcome::Failed,
+            exit_code: None,
+            message,
+        }
+    }
+
+    fn stopped(&self, exit_code: Option<i32>) -> WorkEnd {
+        let (outcome, message) = match &self.stop {
+            Some(Stop::Cancelled(reason)) if reason.is_empty() => {
+                (Outcome::Cancelled, "cancelled".to_owned())
+            }
+            Some(Stop::Cancelled(reason)) => (Outcome::Cancelled, reason.clone()),
+            Some(Stop::TimedOut(limit)) => (
+                Outcome::TimedOut,
+                format!("timed out after {}", human(*limit)),
+            ),
+            Some(Stop::ShutDown) => (Outcome::Cancelled, "agent shut down".to_owned()),
+            Some(Stop::Gone(reason)) => (Outcome::Cancelled, reason.clone()),
+            None => (Outcome::Failed, "stopped".to_owned()),
+        };
+        WorkEnd {
+            outcome,
+            exit_code,
+            message,
+        }
+    }
+
+    /// Prepares the work tree and runs make; the tree is returned for
+    /// removal whatever happened.
+    async fn work(&mut self, spool: &Arc<Spool>) -> (Option<WorkTree>, WorkEnd) {
+        let commit: CommitSha = match self.spec.commit.parse() {
+            Ok(commit) => commit,
+            Err(error) => {
+                let message = format!("invalid commit {:?}: {error}", self.spec.commit);
+                return (None, Self::failed(spool, message));
+            }
+        };
+        if let Err(error) = validate::target("target", &self.spec.target) {
+            return (None, Self::failed(spool, format!("invalid {error}")));
+        }
+
+        let tree = match self.prepare(&commit, spool).await {
+            Ok(tree) => tree,
+            Err(WorkspaceError::Cancelled) => return (None, self.stopped(None)),
+            Err(error) => {
+                tracing::warn!(%error, "preparing the work tree failed");
+                return (None, Self::failed(spool, error.to_string()));
+            }
+        };
+        if self.stop.is_some() {
+            return (Some(tree), self.stopped(None));
+        }
+        let end = self.run_make(&tree, spool).await;
+        (Some(tree), end)
+    }
+
+    async fn prepare(
+        &mut self,
+        commit: &CommitSha,
+        spool: &Arc<Spool>,
+    ) -> Result<WorkTree, WorkspaceError> {
+        let workspaces = self.context.workspaces.clone();
+        let git_url = self.spec.git_url.clone();
+        let name = self.spec.key.to_string();
+        let git_cancel = CancellationToken::new();
+        let log_spool = spool.clone();
+        let log = move |line: &str| log_spool.line(line);
+        let prepare = workspaces.prepare(&git_url, commit, &name, &log, &git_cancel);
+        tokio::pin!(prepare);
+        loop {
+            tokio::select! {
+                result = &mut prepare => return result,
+                Some(event) = self.events_rx.recv() => {
+                    if self.on_event(event, spool) {
+                        git_cancel.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
+        let spec = &self.spec;
+        let ci = CiVars {
+            job_id: spec.key.id.0,
+            attempt: spec.key.attempt,
+            repo: &spec.repo,
+            commit: &spec.commit,
+            branch: &spec.branch,
+            target: &spec.target,
+            kind: &spec.kind,
+        };
+        let env = compose(self.context.inherited_env.iter().cloned(), &ci, &spec.env);
+        let command = CommandSpec {
+            env,
+            ..CommandSpec::new("make", &tree.path).arg(&spec.target)
+        };
+        let (mut group, pipe) = match process::spawn(&command) {
+            Ok(spawned) => spawned,
+            Err(error) => return Self::failed(spool, format!("could not start make: {error}")),
+        };
+        tracing::info!(pgid = group.pgid(), "make started");
+        let copy = logs::copy_output(pipe, Masker::new(&spec.secrets), spool.clone());
+        tokio::pin!(copy);
+        let mut copied: Option<io::Result<u64>> = None;
+        let deadline = spec.timeout.map(|limit| Instant::now() + limit);
+        let mut kill_at: Option<Instant> = None;
+
+        let status = loop {
+            let event = tokio::select! {
+                status = group.wait() => JobEvent::ProcessExited(status),
+                result = &mut copy, if copied.is_none() => {
+                    copied = Some(result);
+                    continue;
+                }
+                Some(event) = self.events_rx.recv() => event,
+                () = sleep_until(deadline), if self.stop.is_none() => JobEvent::DeadlineReached,
+                () = sleep_until(kill_at) => JobEvent::KillGraceExpired,
+            };
+            match event {
+                JobEvent::ProcessExited(status) => break status,
+                JobEvent::KillGraceExpired => {
+                    tracing::info!("grace period over; killing the process group");
+                    group.kill();
+                    kill_at = None;
+                }
+                event => {
+                    if self.on_event(event, spool) {
+                        group.terminate();
+                        kill_at = Some(Instant::now() + self.timings.kill_grace);
+                    }
+                }
+            }
+        };
+
+        if copied.is_none() {
+            match tokio::time::timeout(OUTPUT_CLOSE_TIMEOUT, &mut copy).await {
+                Ok(result) => copied = Some(result),
+                Err(_) => spool.line(
+                    "output still open after make exited (a process left its process group?); the rest is dropped",
+                ),
+            }
+        }
+        let spool_error = match copied {
+            Some(Err(error)) => {
+                tracing::error!(%error, "copying the output failed");
+                Some(format!("; log incomplete: {error}"))
+            }
+            _ => None,
+        };
+
+        let status: ExitStatus = match status {
+            Ok(status) => status,
+            Err(error) => return Self::failed(spool, format!("waiting for make failed: {error}")),
+        };
+        tracing::info!(
+            exit_code = status.code(),
+            signal = status.signal(),
+            "make exited"
+        );
+        let mut end = if self.stop.is_some() {
+            self.stopped(status.code())
+        } else if status.success() {
+            WorkEnd {
+                outcome: Outcome::Succeeded,
+                exit_code: Some(0),
+                message: String::new(),
+            }
+        } else {
+            let message = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("make {} exited with code {code}", self.spec.target),
+                (None, Some(signal)) => {
+                    format!("make {} was killed by signal {signal}", self.spec.target)
+                }
+                (None, None) => format!("make {} failed", self.spec.target),
+            };
+            WorkEnd {
+                outcome: Outcome::Failed,
+                exit_code: status.code(),
+                message,
+            }
+        };
+        if let Some(suffix) = spool_error {
+            end.message.push_str(&suffix);
+        }
+        end
+    }
+
+    /// Waits until the controller acknowledged `log_length` bytes, then
+    /// completes the job; retries until the controller has the result,
+    /// unless the job is gone or the agent gives up (abandon).
+    async fn report(&mut self, shipper: Option<&ShipperHandle>, completion: Completion) {
+        let connection = self.context.connection.clone();
+        let abandon = self.context.abandon.clone();
+        let mut acked = shipper.map(ShipperHandle::acked);
+        let mut backoff = Backoff::default();
+        loop {
+            if let Some(acked) = acked.as_mut()
+                && !self.wait_shipped(acked, completion.log_length).await
+            {
+                return;
+            }
+            let call = retry(&connection, "complete job", || {
+                connection.complete_job(&completion)
+            });
+            tokio::pin!(call);
+            let result = loop {
+                tokio::select! {
+                    result = &mut call => break result,
+                    Some(event) = self.events_rx.recv() => {
+                        if let JobEvent::JobGone { reason } = event {
+                            tracing::warn!(reason, "the job is gone; not reporting it");
+                            return;
+                        }
+                    }
+                    () = abandon.cancelled() => {
+                        tracing::warn!("the agent stops; the job's result is not reported");
+                        return;
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        outcome = ?completion.outcome,
+                        exit_code = completion.exit_code,
+                        log_length = completion.log_length,
+                        duration_ms = completion.duration.as_millis() as u64,
+                        "job completed"
+                    );
+                    return;
+                }
+                Err(RpcError::LogIncomplete(message)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        message,
+                        "the controller's log is incomplete; shipping the rest"
+                    );
+                    match (shipper, acked.as_mut()) {
+                        (Some(shipper), Some(acked)) => {
+                            acked.borrow_and_update();
+                            shipper.resync();
+                            // The shipper announces the resync with a (lower)
+                            // acknowledged length; wait for it.
+                            tokio::select! {
+                                _ = acked.changed() => {}
+                                () = abandon.cancelled() => return,
+                            }
+                        }
+                        _ => tokio::time::sleep(delay).await,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the controller refused the completion; dropping the job");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether every byte up to `len` was acknowledged (false: the job is
+    /// gone or the agent gave up).
+    async fn wait_shipped(&mut self, acked: &mut watch::Receiver<u64>, len: u64) -> bool {
+        let abandon = self.context.abandon.clone();
+        let mut shipper_alive = true;
+        loop {
+            if *acked.borrow_and_update() >= len {
+                return true;
+            }
+            tokio::select! {
+                changed = acked.changed(), if shipper_alive => {
+                    if changed.is_err() {
+                        shipper_alive = false;
+                    }
+                }
+                Some(event) = self.events_rx.recv() => {
+                    if let JobEvent::JobGone { reason } = event {
+                        tracing::warn!(reason, "the job is gone; not shipping the rest");
+                        self.stop = Some(Stop::Gone(reason));
+                        return false;
+                    }
+                }
+                () = abandon.cancelled() => {
+                    tracing::warn!(acked = *acked.borrow(), len, "the agent stops; the rest of the log is not shipped");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `500ms`, `30s`, `10m`, `2h`.
+fn human(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if !millis.is_multiple_of(1000) {
+        return format!("{millis}ms");
+    }
+    let secs = duration.as_secs();
+    if secs != 0 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs != 0 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_the_options() {
+        assert_eq!(human(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(human(Duration::from_secs(5)), "5s");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_secs(600)), "10m");
+        assert_eq!(human(Duration::from_secs(7200)), "2h");
+        assert_eq!(human(Duration::ZERO), "0s");
+    }
+}

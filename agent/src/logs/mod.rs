@@ -1,0 +1,85 @@
+//! A job's log on its way out: output pipe → [`Masker`] → [`Spool`] on disk →
+//! [`Shipper`] → controller.
+
+mod mask;
+mod shipper;
+mod spool;
+
+use std::io;
+use std::sync::Arc;
+
+pub use mask::Masker;
+pub use shipper::{Shipper, ShipperEnd, ShipperHandle};
+pub use spool::Spool;
+
+use crate::process::OutputPipe;
+
+/// Bytes read from the output pipe at once.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Copies a process's output through the masker into the spool until every
+/// writer has closed the pipe; returns the bytes read. After a spool write
+/// fails the pipe is still drained (so the process never blocks on a full
+/// pipe) and the first error is returned at the end.
+pub async fn copy_output(
+    mut pipe: OutputPipe,
+    mut masker: Masker,
+    spool: Arc<Spool>,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let mut masked = Vec::with_capacity(READ_BUFFER_BYTES);
+    let mut total = 0u64;
+    let mut first_error = None;
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        masked.clear();
+        masker.push(&buf[..n], &mut masked);
+        if first_error.is_none()
+            && let Err(error) = spool.append(&masked)
+        {
+            first_error = Some(error);
+        }
+    }
+    masked.clear();
+    masker.finish(&mut masked);
+    if first_error.is_none()
+        && let Err(error) = spool.append(&masked)
+    {
+        first_error = Some(error);
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(total),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::{CommandSpec, spawn};
+
+    #[tokio::test]
+    async fn output_reaches_the_spool_byte_for_byte() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let spool = Arc::new(Spool::create(dir.path().join("1-1.log"))?);
+        // 3 MB of output, some on stderr.
+        let spec = CommandSpec::new("/bin/sh", dir.path())
+            .arg("-c")
+            .arg("head -c 3000000 /dev/zero | tr '\\0' x; echo; echo tail >&2")
+            .env("PATH", "/usr/bin:/bin");
+        let (mut group, pipe) = spawn(&spec)?;
+        let copied = copy_output(pipe, Masker::new(&[]), spool.clone()).await?;
+        assert!(group.wait().await?.success());
+        assert_eq!(copied, 3_000_000 + 1 + 5);
+        let len = spool.close();
+        assert_eq!(len, copied);
+        let data = spool.reader()?.read_at(0, usize::try_from(len)?)?;
+        assert!(data[..3_000_000].iter().all(|b| *b == b'x'));
+        assert_eq!(&data[3_000_000..], b"\ntail\n");
+        Ok(())
+    }
+}

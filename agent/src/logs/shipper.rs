@@ -1,0 +1,380 @@
+//! Ships a job's spool to the controller over PushLogs: reads from the last
+//! acknowledged offset, sends chunks of at most `MAX_CHUNK_BYTES` as soon as
+//! bytes are written, keeps at most [`WINDOW_BYTES`] unacknowledged, and after
+//! any error reconnects (maybe to another controller) and resends from what
+//! the controller acknowledged. The controller appends idempotently, so
+//! resending never duplicates a byte.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hobotnica_common::logs::MAX_CHUNK_BYTES;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::spool::{Spool, SpoolReader};
+use crate::connection::{
+    BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Connection, LOG_QUEUE_CHUNKS, LogAck, LogStream,
+    RpcError, SendError,
+};
+use crate::job::JobKey;
+
+/// Most log bytes sent and not yet acknowledged, per job.
+pub const WINDOW_BYTES: u64 = 1024 * 1024;
+
+/// How long the shipper waits for more output before sending less than a
+/// full chunk: short enough for a live tail, long enough to batch chatty
+/// output.
+pub const COALESCE_DELAY: Duration = Duration::from_millis(10);
+
+/// The next chunk to send, as `(offset, len)`, or `None` when there is
+/// nothing to send or the window is full.
+///
+/// `sent` is the offset the next chunk starts at, `available` the spool's
+/// length, `acked` what the controller acknowledged, `chunks_in_flight` the
+/// number of chunks sent and not yet acknowledged.
+pub fn next_chunk(
+    sent: u64,
+    available: u64,
+    acked: u64,
+    chunks_in_flight: usize,
+) -> Option<(u64, usize)> {
+    if sent >= available || chunks_in_flight >= LOG_QUEUE_CHUNKS {
+        return None;
+    }
+    let len = (available - sent).min(MAX_CHUNK_BYTES as u64);
+    let unacked = sent.saturating_sub(acked);
+    if unacked > 0 && unacked + len > WINDOW_BYTES {
+        return None;
+    }
+    // `len` is at most MAX_CHUNK_BYTES, which is a usize.
+    Some((sent, usize::try_from(len).unwrap_or(MAX_CHUNK_BYTES)))
+}
+
+/// What the supervisor sees of its shipper.
+pub struct ShipperHandle {
+    acked: watch::Receiver<u64>,
+    resync: Arc<Notify>,
+}
+
+impl ShipperHandle {
+    /// Follows the controller's acknowledged length.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked.clone()
+    }
+
+    /// The controller said its log is shorter than we thought (CompleteJob
+    /// ABORTED): find out what it has and ship the rest.
+    pub fn resync(&self) {
+        self.resync.notify_one();
+    }
+}
+
+/// Why a shipper stopped.
+#[derive(Debug)]
+pub enum ShipperEnd {
+    /// Told to stop.
+    Stopped,
+    /// The controller no longer accepts logs for this attempt.
+    JobGone(RpcError),
+}
+
+/// One job's shipper. Run it with [`Shipper::run`].
+pub struct Shipper {
+    connection: Connection,
+    key: JobKey,
+    spool: Arc<Spool>,
+    acked_tx: watch::Sender<u64>,
+    resync: Arc<Notify>,
+}
+
+struct InFlight {
+    seq: u64,
+    end: u64,
+}
+
+struct OpenStream {
+    stream: LogStream,
+    in_flight: VecDeque<InFlight>,
+    /// Acknowledgements of chunks up to this seq predate a rewind.
+    stale_through: Option<u64>,
+    last_seq: u64,
+}
+
+impl Shipper {
+    pub fn new(connection: Connection, key: JobKey, spool: Arc<Spool>) -> (Shipper, ShipperHandle) {
+        let (acked_tx, acked) = watch::channel(0);
+        let resync = Arc::new(Notify::new());
+        (
+            Shipper {
+                connection,
+                key,
+                spool,
+                acked_tx,
+                resync: resync.clone(),
+            },
+            ShipperHandle { acked, resync },
+        )
+    }
+
+    /// Ships until `stop` is cancelled or the job is gone.
+    pub async fn run(self, stop: CancellationToken) -> ShipperEnd {
+        let reader = loop {
+            match self.spool.reader() {
+                Ok(reader) => break reader,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the log spool; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = stop.cancelled() => return ShipperEnd::Stopped,
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            end = self.ship(&reader) => end,
+            () = stop.cancelled() => ShipperEnd::Stopped,
+        }
+    }
+
+    fn publish_acked(&self, acked: u64) {
+        self.acked_tx.send_if_modified(|value| {
+            let changed = *value != acked;
+            *value = acked;
+            changed
+        });
+    }
+
+    fn read(&self, reader: &SpoolReader, offset: u64, len: usize) -> Option<Vec<u8>> {
+        match reader.read_at(offset, len) {
+            Ok(data) => Some(data),
+            Err(error) => {
+                tracing::error!(%error, offset, len, "cannot read the log spool");
+                None
+            }
+        }
+    }
+
+    async fn ship(&self, reader: &SpoolReader) -> ShipperEnd {
+        let mut progress_rx = self.spool.subscribe();
+        let mut backoff = Backoff::default();
+        let mut open: Option<OpenStream> = None;
+        let mut acked = 0u64;
+        let mut sent = 0u64;
+        loop {
+            let progress = *progress_rx.borrow_and_update();
+
+            if open.is_none() {
+                sent = acked;
+                if let Some((offset, len)) = next_chunk(sent, progress.len, acked, 0) {
+                    let Some(data) = self.read(reader, offset, len) else {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    };
+                    match self
+                        .connection
+                        .open_log_stream(self.key, offset, data)
+                        .await
+                    {
+                        Ok(stream) => {
+                            tracing::debug!(offset, "log stream open");
+                            sent = offset + len as u64;
+                            open = Some(OpenStream {
+                                stream,
+                                in_flight: VecDeque::from([InFlight { seq: 0, end: sent }]),
+                                stale_through: None,
+                                last_seq: 0,
+                            });
+                        }
+                        Err(error) => {
+                            if let Some(end) = self.gone(&error) {
+                                return end;
+                            }
+                            let delay = backoff.next_delay();
+                            if delay == BACKOFF_INITIAL || delay == BACKOFF_MAX {
+                                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
+                            } else {
+                                tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
+                            }
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                    }
+                }
+            }
+
+            if let Some(state) = open.as_mut() {
+                while let Some((offset, len)) =
+                    next_chunk(sent, progress.len, acked, state.in_flight.len())
+                {
+                    let Some(data) = self.read(reader, offset, len) else {
+                        break;
+                    };
+                    match state.stream.try_send(offset, data) {
+                        Ok(seq) => {
+                            sent = offset + len as u64;
+                            state.last_seq = seq;
+                            state.in_flight.push_back(InFlight { seq, end: sent });
+                        }
+                        Err(SendError::Full) => break,
+                        Err(SendError::Closed) => {
+                            open = None;
+                            break;
+                        }
+                    }
+                }
+            }
+
+            tokio::select! {
+                changed = progress_rx.changed() => {
+                    if changed.is_err() {
+                        // The spool is gone: the job is over.
+                        return ShipperEnd::Stopped;
+                    }
+                    let progress = *progress_rx.borrow();
+                    if !progress.closed && progress.len.saturating_sub(sent) < MAX_CHUNK_BYTES as u64 {
+                        tokio::time::sleep(COALESCE_DELAY).await;
+                    }
+                }
+                ack = next_ack(&mut open) => match ack {
+                    Ok(ack) => {
+                        backoff.reset();
+                        if let Some(state) = open.as_mut() {
+                            acked = on_ack(state, ack, &mut sent);
+                            self.publish_acked(acked);
+                        }
+                    }
+                    Err(error) => {
+                        if let Some(end) = self.gone(&error) {
+                            return end;
+                        }
+                        open = None;
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, acked, retry_in_ms = delay.as_millis() as u64, "log stream broken; resending from the acknowledged offset");
+                        tokio::time::sleep(delay).await;
+                    }
+                },
+                () = self.resync.notified() => {
+                    // Resend the last chunk on a new stream: its acknowledgement
+                    // tells how much the controller really has.
+                    open = None;
+                    acked = self.spool.progress().len.saturating_sub(MAX_CHUNK_BYTES as u64).min(acked);
+                    // Always notifies, even when the value did not move, so
+                    // the supervisor knows the resync happened.
+                    self.acked_tx.send_replace(acked);
+                }
+            }
+        }
+    }
+
+    fn gone(&self, error: &RpcError) -> Option<ShipperEnd> {
+        match error {
+            RpcError::FailedPrecondition(_) | RpcError::Refused { .. } => {
+                Some(ShipperEnd::JobGone(error.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+async fn next_ack(open: &mut Option<OpenStream>) -> Result<LogAck, RpcError> {
+    match open {
+        Some(state) => state.stream.next_ack().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies an acknowledgement; returns the controller's committed length and
+/// moves `sent` back when the controller has less than what was sent.
+fn on_ack(state: &mut OpenStream, ack: LogAck, sent: &mut u64) -> u64 {
+    let mut acknowledged = None;
+    while state.in_flight.front().is_some_and(|c| c.seq <= ack.seq) {
+        acknowledged = state.in_flight.pop_front();
+    }
+    let stale = state.stale_through.is_some_and(|seq| ack.seq <= seq);
+    if !stale
+        && let Some(chunk) = acknowledged
+        && ack.committed < chunk.end
+    {
+        // A gap (the controller lost bytes or missed a chunk): resend from
+        // what it has. Acks of chunks already queued are stale now.
+        tracing::info!(
+            committed = ack.committed,
+            chunk_end = chunk.end,
+            "the controller has less than was sent; resending"
+        );
+        *sent = ack.committed;
+        state.in_flight.clear();
+        state.stale_through = Some(state.last_seq);
+    }
+    if ack.committed > *sent {
+        *sent = ack.committed;
+    }
+    ack.committed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = MAX_CHUNK_BYTES as u64;
+
+    #[test]
+    fn chunks_are_cut_at_the_maximum_size() {
+        assert_eq!(next_chunk(0, 10, 0, 0), Some((0, 10)));
+        assert_eq!(next_chunk(0, 3 * MAX, 0, 0), Some((0, MAX_CHUNK_BYTES)));
+        assert_eq!(next_chunk(MAX, 3 * MAX, 0, 1), Some((MAX, MAX_CHUNK_BYTES)));
+        assert_eq!(
+            next_chunk(3 * MAX - 5, 3 * MAX, 0, 2),
+            Some((3 * MAX - 5, 5))
+        );
+    }
+
+    #[test]
+    fn nothing_to_send_when_everything_was_sent() {
+        assert_eq!(next_chunk(10, 10, 0, 1), None);
+        assert_eq!(next_chunk(0, 0, 0, 0), None);
+    }
+
+    #[test]
+    fn the_window_bounds_unacknowledged_bytes() {
+        // Exactly a window in flight: wait.
+        assert_eq!(next_chunk(WINDOW_BYTES, 10 * WINDOW_BYTES, 0, 16), None);
+        // One chunk acknowledged: room for one more.
+        assert_eq!(
+            next_chunk(WINDOW_BYTES, 10 * WINDOW_BYTES, MAX, 15),
+            Some((WINDOW_BYTES, MAX_CHUNK_BYTES))
+        );
+        // A small tail fits where a full chunk would not.
+        assert_eq!(
+            next_chunk(WINDOW_BYTES - 10, WINDOW_BYTES, 0, 16),
+            Some((WINDOW_BYTES - 10, 10))
+        );
+        // Too many chunks in flight, even small ones.
+        assert_eq!(next_chunk(0, 10, 0, LOG_QUEUE_CHUNKS), None);
+    }
+
+    #[test]
+    fn simulated_shipping_sends_every_byte_once_with_bounded_window() {
+        // Ship 10 MB with acks arriving two chunks late.
+        let total = 10 * 1024 * 1024 + 123;
+        let (mut sent, mut acked) = (0u64, 0u64);
+        let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut received = 0u64;
+        while acked < total {
+            while let Some((offset, len)) = next_chunk(sent, total, acked, in_flight.len()) {
+                assert_eq!(offset, sent);
+                assert!(len <= MAX_CHUNK_BYTES);
+                sent += len as u64;
+                in_flight.push_back((offset, sent));
+                assert!(sent - acked <= WINDOW_BYTES);
+            }
+            let (offset, end) = in_flight.pop_front().expect("something in flight");
+            assert_eq!(offset, received, "in order, no gap");
+            received = end;
+            acked = end;
+        }
+        assert_eq!(received, total);
+    }
+}

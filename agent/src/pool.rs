@@ -1,0 +1,381 @@
+//! The agent's main loop: keeps a registration and a Session with a
+//! controller (reconnecting, re-registering, failing over), starts a job
+//! supervisor for each assignment up to the concurrency, routes cancels, and
+//! on shutdown drains: no new job, running jobs finish (leases still renewed)
+//! until the drain timeout, then the rest are cancelled.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{
+    BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Connection, Registration, RpcError, SessionCommand,
+    SessionStream,
+};
+use crate::job::{self, JobContext, JobHandle, JobKey, JobSpec};
+
+/// How often the agent sends a Heartbeat on its Session.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// After the drain timeout cancelled the remaining jobs, how long they may
+/// take to ship their logs and report before the agent gives up on them.
+pub const SHUTDOWN_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After giving up on reports, how long supervisors may take to clean up
+/// before they are aborted.
+pub const SHUTDOWN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Session that lived shorter than this counts as a failed connection for
+/// the reconnection back-off.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+type Connecting =
+    Pin<Box<dyn Future<Output = anyhow::Result<(Registration, SessionStream)>> + Send>>;
+
+/// The open Session and its per-stream accounting.
+struct Live {
+    session: SessionStream,
+    /// Assignments received on this stream (for Capacity).
+    assignments_received: u64,
+    opened: Instant,
+}
+
+struct RunningJob {
+    handle: JobHandle,
+    task: tokio::task::Id,
+}
+
+/// Where shutdown stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    Running,
+    /// SIGTERM: no new jobs; running jobs may finish.
+    Draining,
+    /// Drain timeout passed: remaining jobs were told to stop.
+    Cancelling,
+    /// Report timeout passed: supervisors were told to give up reporting.
+    Abandoning,
+}
+
+pub(crate) struct Pool {
+    connection: Connection,
+    context: Arc<JobContext>,
+    concurrency: u32,
+    drain_timeout: Duration,
+    registration: Option<Registration>,
+    jobs: HashMap<JobKey, RunningJob>,
+    /// The job supervisors; each yields its key when done.
+    tasks: JoinSet<JobKey>,
+}
+
+impl Pool {
+    pub(crate) fn new(
+        connection: Connection,
+        context: Arc<JobContext>,
+        concurrency: u32,
+        drain_timeout: Duration,
+    ) -> Pool {
+        Pool {
+            connection,
+            context,
+            concurrency,
+            drain_timeout,
+            registration: None,
+            jobs: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    fn free_slots(&self, shutdown: Shutdown) -> u32 {
+        if shutdown != Shutdown::Running {
+            return 0;
+        }
+        let running = u32::try_from(self.jobs.len()).unwrap_or(u32::MAX);
+        self.concurrency.saturating_sub(running)
+    }
+
+    fn send_capacity(&self, live: &Option<Live>, shutdown: Shutdown) {
+        if let Some(live) = live {
+            let free = self.free_slots(shutdown);
+            if !live.session.send_capacity(free, live.assignments_received) {
+                tracing::debug!("could not queue Capacity; the session is closing");
+            }
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled and the jobs drained, or a fatal
+    /// error (token refused, protocol mismatch).
+    pub(crate) async fn run(
+        mut self,
+        shutdown_signal: CancellationToken,
+        stop_now: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut shutdown = Shutdown::Running;
+        let mut next_deadline: Option<Instant> = None;
+        let mut reconnect_backoff = Backoff::default();
+        let mut connecting: Option<Connecting> = Some(Box::pin(connect(
+            self.connection.clone(),
+            self.free_slots(shutdown),
+            Duration::ZERO,
+        )));
+        let mut live: Option<Live> = None;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            tokio::select! {
+                () = shutdown_signal.cancelled(), if shutdown == Shutdown::Running => {
+                    shutdown = Shutdown::Draining;
+                    if self.jobs.is_empty() {
+                        tracing::info!("shutting down; no job running");
+                        return Ok(());
+                    }
+                    tracing::info!(jobs = self.jobs.len(), drain_timeout_s = self.drain_timeout.as_secs(), "shutting down; waiting for running jobs");
+                    self.send_capacity(&live, shutdown);
+                    next_deadline = Some(Instant::now() + self.drain_timeout);
+                }
+
+                () = stop_now.cancelled(), if shutdown == Shutdown::Draining => {
+                    tracing::warn!(jobs = self.jobs.len(), "asked to stop now; cancelling the running jobs");
+                    self.cancel_all();
+                    shutdown = Shutdown::Cancelling;
+                    next_deadline = Some(Instant::now() + SHUTDOWN_REPORT_TIMEOUT);
+                }
+
+                () = sleep_until(next_deadline) => {
+                    match shutdown {
+                        Shutdown::Draining => {
+                            tracing::warn!(jobs = self.jobs.len(), "drain timeout passed; cancelling the remaining jobs");
+                            self.cancel_all();
+                            shutdown = Shutdown::Cancelling;
+                            next_deadline = Some(Instant::now() + SHUTDOWN_REPORT_TIMEOUT);
+                        }
+                        Shutdown::Cancelling => {
+                            tracing::warn!(jobs = self.jobs.len(), "giving up on reporting the remaining jobs");
+                            self.context.abandon.cancel();
+                            shutdown = Shutdown::Abandoning;
+                            next_deadline = Some(Instant::now() + SHUTDOWN_CLEANUP_TIMEOUT);
+                        }
+                        Shutdown::Abandoning | Shutdown::Running => {
+                            tracing::error!(jobs = self.jobs.len(), "job supervisors did not stop; aborting them");
+                            self.tasks.shutdown().await;
+                            return Ok(());
+                        }
+                    }
+                }
+
+                connected = poll_connecting(&mut connecting) => {
+                    connecting = None;
+                    match connected {
+                        Ok((registration, session)) => {
+                            tracing::info!(agent.id = %registration.agent_id, controller = self.connection.current_url(), "session open");
+                            self.registration = Some(registration);
+                            live = Some(Live { session, assignments_received: 0, opened: Instant::now() });
+                            // The Capacity queued when connecting may be stale.
+                            self.send_capacity(&live, shutdown);
+                            heartbeat.reset();
+                        }
+                        Err(error) => {
+                            return Err(self.fail(error).await);
+                        }
+                    }
+                }
+
+                command = next_command(&mut live) => {
+                    match command {
+                        Ok(Some(command)) => self.on_command(command, &mut live, shutdown),
+                        Ok(None) | Err(_) => {
+                            let lived = live.as_ref().map(|l| l.opened.elapsed()).unwrap_or_default();
+                            live = None;
+                            match command {
+                                Err(error) => tracing::warn!(%error, "session broken; reconnecting"),
+                                _ => tracing::warn!("the controller closed the session; reconnecting"),
+                            }
+                            if lived >= STABLE_SESSION {
+                                reconnect_backoff.reset();
+                            }
+                            let delay = reconnect_backoff.next_delay();
+                            connecting = Some(Box::pin(connect(self.connection.clone(), self.free_slots(shutdown), delay)));
+                        }
+                    }
+                }
+
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    let key = match joined {
+                        Ok((_, key)) => Some(key),
+                        Err(error) => {
+                            tracing::error!(%error, "a job supervisor failed");
+                            let id = error.id();
+                            self.jobs.iter().find(|(_, job)| job.task == id).map(|(key, _)| *key)
+                        }
+                    };
+                    if let Some(key) = key {
+                        self.jobs.remove(&key);
+                    }
+                    if shutdown != Shutdown::Running && self.jobs.is_empty() {
+                        tracing::info!("all jobs finished; shutting down");
+                        return Ok(());
+                    }
+                    self.send_capacity(&live, shutdown);
+                }
+
+                _ = heartbeat.tick(), if live.is_some() => {
+                    if let Some(live) = &live {
+                        live.session.send_heartbeat();
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: SessionCommand, live: &mut Option<Live>, shutdown: Shutdown) {
+        match command {
+            SessionCommand::Assign(spec) => {
+                if let Some(live) = live.as_mut() {
+                    live.assignments_received += 1;
+                }
+                self.assign(spec, shutdown);
+            }
+            SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
+                Some(job) => {
+                    tracing::info!(job.id = %key.id, attempt = key.attempt, reason, "cancel requested");
+                    job.handle.cancel(reason);
+                }
+                None => {
+                    tracing::debug!(job.id = %key.id, attempt = key.attempt, "cancel for a job not running here");
+                }
+            },
+            SessionCommand::Heartbeat => {}
+        }
+    }
+
+    fn assign(&mut self, spec: JobSpec, shutdown: Shutdown) {
+        let key = spec.key;
+        if self.jobs.contains_key(&key) {
+            tracing::warn!(job.id = %key.id, attempt = key.attempt, "assignment of a job already running here; ignored");
+            return;
+        }
+        let Some(registration) = &self.registration else {
+            tracing::error!(job.id = %key.id, "assignment before registration; ignored");
+            return;
+        };
+        if self.free_slots(Shutdown::Running) == 0 {
+            // The controller's view lagged behind; the job is ours now, so
+            // run it rather than lose it.
+            tracing::warn!(job.id = %key.id, running = self.jobs.len(), "assignment beyond the concurrency; running it anyway");
+        }
+        let (handle, task) = job::start(
+            self.context.clone(),
+            spec,
+            registration.timings,
+            &mut self.tasks,
+        );
+        if matches!(shutdown, Shutdown::Cancelling | Shutdown::Abandoning) {
+            handle.shut_down();
+        }
+        self.jobs.insert(key, RunningJob { handle, task });
+    }
+
+    /// Cancels every running job with "agent shut down".
+    fn cancel_all(&self) {
+        for job in self.jobs.values() {
+            job.handle.shut_down();
+        }
+    }
+
+    /// Stops every job after a fatal error and returns the error.
+    async fn fail(&mut self, error: anyhow::Error) -> anyhow::Error {
+        tracing::error!(error = %format!("{error:#}"), jobs = self.jobs.len(), "fatal error; stopping");
+        self.cancel_all();
+        self.context.abandon.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.shutdown().await;
+        }
+        error
+    }
+}
+
+/// Registers (again) and opens a Session, retrying until it works or fails
+/// for good.
+async fn connect(
+    connection: Connection,
+    free_slots: u32,
+    delay: Duration,
+) -> anyhow::Result<(Registration, SessionStream)> {
+    tokio::time::sleep(delay).await;
+    let mut backoff = Backoff::default();
+    loop {
+        let registration = match connection.register().await {
+            Ok(registration) => registration,
+            Err(RpcError::Unauthenticated(message)) => {
+                anyhow::bail!("the controller refused the agent token: {message}")
+            }
+            Err(RpcError::FailedPrecondition(message)) => anyhow::bail!(
+                "the controller refused this agent's protocol version {} (agent {}): {message}",
+                hobotnica_common::proto::PROTOCOL_VERSION,
+                hobotnica_common::VERSION,
+            ),
+            Err(RpcError::Refused { code, message }) => {
+                anyhow::bail!("the controller refused the registration ({code:?}): {message}")
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                if delay == BACKOFF_INITIAL || delay == BACKOFF_MAX {
+                    tracing::warn!(%error, controller = connection.current_url(), retry_in_ms = delay.as_millis() as u64, "cannot register");
+                } else {
+                    tracing::debug!(%error, controller = connection.current_url(), retry_in_ms = delay.as_millis() as u64, "cannot register");
+                }
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        match connection
+            .open_session(&registration.agent_id, free_slots)
+            .await
+        {
+            Ok(session) => return Ok((registration, session)),
+            Err(RpcError::Unauthenticated(message)) => {
+                anyhow::bail!("the controller refused the agent token: {message}")
+            }
+            Err(error) => {
+                // NOT_FOUND included: the loop registers again first.
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, controller = connection.current_url(), retry_in_ms = delay.as_millis() as u64, "cannot open the session");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn poll_connecting(
+    connecting: &mut Option<Connecting>,
+) -> anyhow::Result<(Registration, SessionStream)> {
+    match connecting {
+        Some(future) => future.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_command(live: &mut Option<Live>) -> Result<Option<SessionCommand>, RpcError> {
+    match live {
+        Some(live) => live.session.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
