@@ -49,8 +49,14 @@ mod tests {
     #[test]
     fn hashes_compare_in_constant_time() {
         let h = hash_token("secret");
-        assert!(constant_time_eq(h.as_bytes(), hash_token("secret").as_bytes()));
-        assert!(!constant_time_eq(h.as_bytes(), hash_token("other").as_bytes()));
+        assert!(constant_time_eq(
+            h.as_bytes(),
+            hash_token("secret").as_bytes()
+        ));
+        assert!(!constant_time_eq(
+            h.as_bytes(),
+            hash_token("other").as_bytes()
+        ));
         assert!(!constant_time_eq(b"a", b"ab"));
     }
 }

@@ -177,7 +177,9 @@ mod tests {
         for ok in ["test", "deploy", "build-all", "sub/dir.x"] {
             assert_eq!(target("target", ok), Ok(()), "{ok}");
         }
-        for bad in ["", "-n", "a..b", "x=y", "a;b", "a&&b", "$(id)", "a b", "a'b"] {
+        for bad in [
+            "", "-n", "a..b", "x=y", "a;b", "a&&b", "$(id)", "a b", "a'b",
+        ] {
             assert!(target("target", bad).is_err(), "{bad:?}");
         }
     }

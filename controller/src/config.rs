@@ -54,10 +54,16 @@ impl ControllerConfig {
             "--lease-timeout must be at least 300ms"
         );
         if let Some(token) = &self.admin_token {
-            anyhow::ensure!(token.len() >= 16, "--admin-token must be at least 16 characters");
+            anyhow::ensure!(
+                token.len() >= 16,
+                "--admin-token must be at least 16 characters"
+            );
         }
         if let Some(token) = &self.agent_token {
-            anyhow::ensure!(token.len() >= 16, "--agent-token must be at least 16 characters");
+            anyhow::ensure!(
+                token.len() >= 16,
+                "--agent-token must be at least 16 characters"
+            );
         }
         Ok(())
     }

@@ -74,11 +74,15 @@ pub fn check_git_url(url: &str) -> Result<(), &'static str> {
         .any(|scheme| url.starts_with(scheme));
     let scp_like = !url.contains("://")
         && !url.contains("::")
-        && url.split_once(':').is_some_and(|(host, _)| host.contains('@'));
+        && url
+            .split_once(':')
+            .is_some_and(|(host, _)| host.contains('@'));
     if allowed_scheme || scp_like || url.starts_with('/') {
         Ok(())
     } else {
-        Err("must be an https://, http://, ssh://, git:// or file:// URL, user@host:path, or an absolute path")
+        Err(
+            "must be an https://, http://, ssh://, git:// or file:// URL, user@host:path, or an absolute path",
+        )
     }
 }
 

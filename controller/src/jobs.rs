@@ -71,22 +71,23 @@ impl Services {
                 ));
             }
             (Some(commit), None) => {
-                let sha: CommitSha = commit
-                    .parse()
-                    .map_err(|_| CoreError::invalid("commit", "must be 40 hexadecimal characters"))?;
+                let sha: CommitSha = commit.parse().map_err(|_| {
+                    CoreError::invalid("commit", "must be 40 hexadecimal characters")
+                })?;
                 (sha, None)
             }
             (None, branch) => {
                 let branch = branch.unwrap_or_else(|| repo.default_branch.clone());
                 validate::branch("branch", &branch)?;
-                let sha = resolve_branch(&repo.git_url, &branch)
-                    .await
-                    .map_err(|err| match err {
-                        GitError::NoSuchBranch { .. } => {
-                            CoreError::invalid("branch", err.to_string())
-                        }
-                        GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
-                    })?;
+                let sha =
+                    resolve_branch(&repo.git_url, &branch)
+                        .await
+                        .map_err(|err| match err {
+                            GitError::NoSuchBranch { .. } => {
+                                CoreError::invalid("branch", err.to_string())
+                            }
+                            GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
+                        })?;
                 (sha, Some(branch))
             }
         };
@@ -137,9 +138,15 @@ impl Services {
             .collect();
         let reason = if connected.is_empty() {
             "waiting: no agent is connected".to_owned()
-        } else if !connected.iter().any(|agent| job.labels_match(&agent.labels)) {
+        } else if !connected
+            .iter()
+            .any(|agent| job.labels_match(&agent.labels))
+        {
             let labels: Vec<String> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("waiting: no connected agent has labels {}", labels.join(","))
+            format!(
+                "waiting: no connected agent has labels {}",
+                labels.join(",")
+            )
         } else {
             "waiting for a free agent".to_owned()
         };

@@ -98,7 +98,10 @@ impl Controller {
     pub async fn open(config: ControllerConfig) -> anyhow::Result<Controller> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("cannot create the data directory {}", config.data_dir.display())
+            format!(
+                "cannot create the data directory {}",
+                config.data_dir.display()
+            )
         })?;
         let admin_token = match &config.admin_token {
             Some(token) => token.clone(),
@@ -172,10 +175,9 @@ impl Controller {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .add_service(agent_service)
             .add_service(log_service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
-                async move { grpc_shutdown.cancelled().await },
-            );
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+                grpc_shutdown.cancelled().await
+            });
 
         let http_shutdown = shutdown.clone();
         let http = axum::serve(listeners.http, http::router(services.clone()))

@@ -46,7 +46,10 @@ pub fn read_range(
 /// What a tail yields.
 #[derive(Debug)]
 pub enum TailItem {
-    Chunk { offset: u64, data: Bytes },
+    Chunk {
+        offset: u64,
+        data: Bytes,
+    },
     /// The job has finished and every byte was sent.
     End(Box<Job>),
 }
@@ -91,7 +94,11 @@ pub fn tail(
                     return Some((Err(err), state));
                 }
             };
-            match state.store.read_log(job, state.offset, LOG_READ_BYTES).await {
+            match state
+                .store
+                .read_log(job, state.offset, LOG_READ_BYTES)
+                .await
+            {
                 Ok(data) if !data.is_empty() => {
                     let offset = state.offset;
                     state.offset += data.len() as u64;
@@ -113,9 +120,10 @@ pub fn tail(
             // Wait for the log to grow or the job to end.
             loop {
                 match state.events.recv().await {
-                    Ok(StoreEvent::LogAppended { job: id, .. } | StoreEvent::JobFinished { job: id })
-                        if id == job =>
-                    {
+                    Ok(
+                        StoreEvent::LogAppended { job: id, .. }
+                        | StoreEvent::JobFinished { job: id },
+                    ) if id == job => {
                         break;
                     }
                     Ok(_) => {}

@@ -6,7 +6,11 @@ use hobotnica_controller::{Controller, ControllerConfig, Listeners};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "hobotnica-controller", version, about = "The Hobotnica controller")]
+#[command(
+    name = "hobotnica-controller",
+    version,
+    about = "The Hobotnica controller"
+)]
 struct Cli {
     #[command(flatten)]
     config: ControllerConfig,

@@ -31,6 +31,8 @@ impl Services {
 
 /// Whether an agent last seen at `last_seen` counts as connected at `now`.
 pub fn agent_connected(last_seen: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-    (now - last_seen).to_std().is_ok_and(|age| age < AGENT_CONNECTED_WITHIN)
+    (now - last_seen)
+        .to_std()
+        .is_ok_and(|age| age < AGENT_CONNECTED_WITHIN)
         || last_seen >= now
 }

@@ -13,7 +13,11 @@ fn hobotnica_closure() -> BTreeMap<String, BTreeSet<String>> {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let metadata: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
     let mut direct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -54,7 +58,11 @@ fn hobotnica_closure() -> BTreeMap<String, BTreeSet<String>> {
 fn crates_depend_only_in_the_allowed_direction() {
     let closure = hobotnica_closure();
     let deps = |name: &str| closure.get(name).cloned().unwrap_or_default();
-    assert!(deps("hobotnica-common").is_empty(), "common links {:?}", deps("hobotnica-common"));
+    assert!(
+        deps("hobotnica-common").is_empty(),
+        "common links {:?}",
+        deps("hobotnica-common")
+    );
     assert!(
         !deps("hobotnica-agent").contains("hobotnica-controller"),
         "the agent must not link the controller"
@@ -63,5 +71,7 @@ fn crates_depend_only_in_the_allowed_direction() {
         !deps("hobotnica-controller").contains("hobotnica-agent"),
         "the controller must not link the agent"
     );
-    assert!(deps("hobot").contains("hobotnica-controller") && deps("hobot").contains("hobotnica-agent"));
+    assert!(
+        deps("hobot").contains("hobotnica-controller") && deps("hobot").contains("hobotnica-agent")
+    );
 }

@@ -62,9 +62,17 @@ impl AgentGrpc {
         {
             return Ok("pool".to_owned());
         }
-        match self.services.store.find_agent_token(&hash).await.map_err(status)? {
+        match self
+            .services
+            .store
+            .find_agent_token(&hash)
+            .await
+            .map_err(status)?
+        {
             Some(token) => Ok(token.id),
-            None => Err(Status::unauthenticated("the agent token is not valid or was revoked")),
+            None => Err(Status::unauthenticated(
+                "the agent token is not valid or was revoked",
+            )),
         }
     }
 
@@ -74,7 +82,9 @@ impl AgentGrpc {
         let id = metadata
             .get(AGENT_ID_METADATA)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Status::invalid_argument(format!("missing {AGENT_ID_METADATA} metadata")))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing {AGENT_ID_METADATA} metadata"))
+            })?;
         let agent = self
             .services
             .store
@@ -83,7 +93,9 @@ impl AgentGrpc {
             .map_err(status)?
             .ok_or_else(|| Status::not_found(format!("agent {id} is not registered")))?;
         if agent.token_id != token_id {
-            return Err(Status::unauthenticated("the token does not belong to this agent"));
+            return Err(Status::unauthenticated(
+                "the token does not belong to this agent",
+            ));
         }
         Ok(agent)
     }
@@ -237,7 +249,8 @@ impl AgentService for AgentGrpc {
     ) -> Result<Response<RenewLeaseResponse>, Status> {
         let agent = self.caller(request.metadata()).await?;
         let request = request.into_inner();
-        self.held_job(&agent, request.job_id, request.attempt).await?;
+        self.held_job(&agent, request.job_id, request.attempt)
+            .await?;
         let until = self.services.lease_until(Utc::now());
         let job = self
             .services
@@ -287,7 +300,9 @@ impl AgentService for AgentGrpc {
     ) -> Result<Response<CompleteJobResponse>, Status> {
         let agent = self.caller(request.metadata()).await?;
         let request = request.into_inner();
-        let job = self.held_job(&agent, request.job_id, request.attempt).await?;
+        let job = self
+            .held_job(&agent, request.job_id, request.attempt)
+            .await?;
         let outcome = match Outcome::try_from(request.outcome) {
             Ok(Outcome::Succeeded) => DomainOutcome::Succeeded,
             Ok(Outcome::Failed) => DomainOutcome::Failed,
@@ -413,7 +428,11 @@ async fn run_session(
         .await
         .unwrap_or_default();
     for job in running.iter().filter(|job| job.cancel_requested) {
-        if outbound.send(Ok(cancel(job.id, job.attempt))).await.is_err() {
+        if outbound
+            .send(Ok(cancel(job.id, job.attempt)))
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -32,7 +32,14 @@ impl LogService for LogGrpc {
         require_admin(&self.services, request.metadata())?;
         let request = request.into_inner();
         let id = JobId(request.job_id);
-        if self.services.store.get_job(id).await.map_err(status)?.is_none() {
+        if self
+            .services
+            .store
+            .get_job(id)
+            .await
+            .map_err(status)?
+            .is_none()
+        {
             return Err(Status::not_found(format!("job {id} not found")));
         }
         let stream = tail(

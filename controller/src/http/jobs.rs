@@ -157,7 +157,11 @@ async fn list_jobs(
         .as_deref()
         .map(|cursor| {
             cursor.parse::<JobId>().map_err(|_| {
-                ApiError::field(StatusCode::BAD_REQUEST, "cursor", "not a cursor from a previous page")
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "cursor",
+                    "not a cursor from a previous page",
+                )
             })
         })
         .transpose()?;
@@ -248,4 +252,3 @@ async fn job_log(
     headers.insert("x-job-state", HeaderValue::from_static(job.state.as_str()));
     Ok(response)
 }
-

@@ -68,7 +68,9 @@ pub fn router(services: Services) -> axum::Router {
         )
         .merge(utoipa_swagger_ui::SwaggerUi::new("/api/docs").url("/api/docs/openapi.json", api))
         .fallback(not_found)
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_BODY_BYTES,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 

@@ -1,11 +1,11 @@
 //! EDGE: the one conversion from errors to RFC 9457 `application/problem+json`
 //! responses, and extractors whose rejections are problems too.
 
+use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
@@ -113,11 +113,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = Problem {
             problem_type: "about:blank".to_owned(),
-            title: self
-                .status
-                .canonical_reason()
-                .unwrap_or("Error")
-                .to_owned(),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
             status: self.status.as_u16(),
             detail: self.detail,
             errors: self.errors,
@@ -128,10 +124,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -163,9 +158,10 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         .map_or(text.as_str(), |(_, cause)| cause)
         .to_owned();
     match rejection {
-        JsonRejection::JsonDataError(_) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {cause}"))
-        }
+        JsonRejection::JsonDataError(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid request body: {cause}"),
+        ),
         JsonRejection::JsonSyntaxError(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {cause}"))
         }
@@ -173,7 +169,10 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the request body must be JSON with Content-Type: application/json",
         ),
-        _ => ApiError::new(StatusCode::BAD_REQUEST, format!("unreadable request body: {cause}")),
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("unreadable request body: {cause}"),
+        ),
     }
 }
 
@@ -200,5 +199,8 @@ fn query_rejection(rejection: &QueryRejection) -> ApiError {
     let cause = text
         .split_once(": ")
         .map_or(text.as_str(), |(_, cause)| cause);
-    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid query string: {cause}"))
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        format!("invalid query string: {cause}"),
+    )
 }

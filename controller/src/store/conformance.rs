@@ -83,7 +83,10 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
     let second = store.create_job(new_job("test"), Utc::now()).await.unwrap();
     assert!(second.id > first.id);
     assert_eq!(first.state, JobState::Queued);
-    assert_eq!(events.recv().await.unwrap(), StoreEvent::JobQueued { job: first.id });
+    assert_eq!(
+        events.recv().await.unwrap(),
+        StoreEvent::JobQueued { job: first.id }
+    );
 
     let worker = store.register_agent(agent("a1")).await.unwrap();
     let lease = Utc::now() + Duration::seconds(30);
@@ -116,7 +119,9 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
-        store.append_log(first.id, 7, 0, Bytes::from_static(b"x")).await,
+        store
+            .append_log(first.id, 7, 0, Bytes::from_static(b"x"))
+            .await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
@@ -151,11 +156,23 @@ pub async fn labels_decide_who_may_claim(store: Arc<dyn Store>) {
     store.create_job(job, Utc::now()).await.unwrap();
     let plain = store.register_agent(agent("plain")).await.unwrap();
     let lease = Utc::now() + Duration::seconds(30);
-    assert!(store.claim_job(&plain, Utc::now(), lease).await.unwrap().is_none());
+    assert!(
+        store
+            .claim_job(&plain, Utc::now(), lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let mut gpu = agent("gpu");
     gpu.labels.insert("gpu".into(), "yes".into());
     let gpu = store.register_agent(gpu).await.unwrap();
-    assert!(store.claim_job(&gpu, Utc::now(), lease).await.unwrap().is_some());
+    assert!(
+        store
+            .claim_job(&gpu, Utc::now(), lease)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 pub async fn leases_expire_into_lost(store: Arc<dyn Store>) {
@@ -187,7 +204,9 @@ pub async fn leases_expire_into_lost(store: Arc<dyn Store>) {
     assert_eq!(lost[0].state, JobState::Lost);
     assert!(lost[0].message.as_deref().unwrap().contains("a1"));
     assert!(matches!(
-        store.renew_lease(job.id, 1, now + Duration::seconds(60)).await,
+        store
+            .renew_lease(job.id, 1, now + Duration::seconds(60))
+            .await,
         Err(StoreError::LeaseLost { .. })
     ));
 }
@@ -262,11 +281,23 @@ pub async fn log_appends_are_idempotent(store: Arc<dyn Store>) {
         .unwrap();
     let append = |offset: u64, data: &'static [u8]| {
         let store = Arc::clone(&store);
-        async move { store.append_log(job.id, 1, offset, Bytes::from_static(data)).await }
+        async move {
+            store
+                .append_log(job.id, 1, offset, Bytes::from_static(data))
+                .await
+        }
     };
     assert_eq!(append(0, b"hello ").await.unwrap(), 6);
-    assert_eq!(append(0, b"hello ").await.unwrap(), 6, "a resend is a no-op");
-    assert_eq!(append(3, b"lo world").await.unwrap(), 11, "an overlap appends the rest");
+    assert_eq!(
+        append(0, b"hello ").await.unwrap(),
+        6,
+        "a resend is a no-op"
+    );
+    assert_eq!(
+        append(3, b"lo world").await.unwrap(),
+        11,
+        "an overlap appends the rest"
+    );
     assert!(matches!(
         append(20, b"gap").await,
         Err(StoreError::LogGap { committed: 11 })
@@ -321,7 +352,13 @@ pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store
 pub async fn job_lists_filter_and_page_newest_first(store: Arc<dyn Store>) {
     let mut ids = Vec::new();
     for target in ["test", "deploy", "test", "lint", "test"] {
-        ids.push(store.create_job(new_job(target), Utc::now()).await.unwrap().id);
+        ids.push(
+            store
+                .create_job(new_job(target), Utc::now())
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let all = store
         .list_jobs(&JobFilter {
@@ -343,7 +380,10 @@ pub async fn job_lists_filter_and_page_newest_first(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    assert_eq!(tests.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[4], ids[2]]);
+    assert_eq!(
+        tests.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[2]]
+    );
     let next = store
         .list_jobs(&JobFilter {
             kind: Some(JobKind::Test),

@@ -61,7 +61,8 @@ fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(|err| StoreError::Unavailable(format!("corrupt record: {err}")))
+    serde_json::from_slice(bytes)
+        .map_err(|err| StoreError::Unavailable(format!("corrupt record: {err}")))
 }
 
 impl EmbeddedStore {
@@ -687,7 +688,13 @@ impl Store for EmbeddedStore {
                 agent.id = previous.id;
                 agent.registered_at = previous.registered_at;
             }
-            put_json(&inner.db, AGENTS, &agent.id.0, &agent, Durability::Immediate)?;
+            put_json(
+                &inner.db,
+                AGENTS,
+                &agent.id.0,
+                &agent,
+                Durability::Immediate,
+            )?;
             Ok(agent)
         })
         .await
@@ -718,7 +725,13 @@ impl Store for EmbeddedStore {
 
     async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()> {
         self.blocking(move |inner| {
-            put_json(&inner.db, AGENT_TOKENS, &token.id, &token, Durability::Immediate)
+            put_json(
+                &inner.db,
+                AGENT_TOKENS,
+                &token.id,
+                &token,
+                Durability::Immediate,
+            )
         })
         .await
     }

@@ -11,7 +11,6 @@ pub mod embedded;
 #[cfg(test)]
 mod conformance;
 
-
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -75,7 +74,10 @@ impl JobFilter {
         self.repo.as_ref().is_none_or(|repo| &job.repo == repo)
             && self.state.is_none_or(|state| job.state == state)
             && self.kind.is_none_or(|kind| job.kind == kind)
-            && self.agent.as_ref().is_none_or(|agent| job.agent.as_ref() == Some(agent))
+            && self
+                .agent
+                .as_ref()
+                .is_none_or(|agent| job.agent.as_ref() == Some(agent))
             && self.before.is_none_or(|before| job.id < before)
     }
 }
