@@ -136,8 +136,9 @@ impl Pool {
                         tracing::info!("shutting down; no job running");
                         return Ok(());
                     }
-                    tracing::info!(jobs = self.jobs.len(), drain_timeout_s = self.drain_timeout.as_secs(), "shutting down; waiting for running jobs");
+                    // Capacity 0 first: once this line is logged, no new job comes.
                     self.send_capacity(&live, shutdown);
+                    tracing::info!(jobs = self.jobs.len(), drain_timeout_s = self.drain_timeout.as_secs(), "shutting down; waiting for running jobs");
                     next_deadline = Some(Instant::now() + self.drain_timeout);
                 }
 

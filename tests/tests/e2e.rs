@@ -562,10 +562,12 @@ async fn an_agent_given_sigterm_finishes_its_job_takes_no_new_one_and_exits() {
         .await;
 
     s.agent.sigterm();
-    // Not a synchronisation on state: this defines "after the SIGTERM" from
-    // the agent's side, giving it time to handle the signal before a job is
-    // queued (a correct agent refuses new work from then on).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The agent logs this once it has told the controller it takes no more.
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the agent to start draining", || {
+        let output = s.agent.output();
+        async move { output.contains("shutting down; waiting for running jobs") }
+    })
+    .await;
     let queued_after = s.api.run_target(REPO, "test").await;
 
     std::fs::write(&gate, b"").unwrap();
