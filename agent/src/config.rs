@@ -104,6 +104,7 @@ impl AgentConfig {
 /// The agent's own environment, from which a job's base variables are taken
 /// (see `hobotnica_common::env::compose`). Variables that are not valid UTF-8
 /// are skipped.
+#[allow(clippy::disallowed_methods)] // config.rs is where the environment is read
 pub(crate) fn inherited_environment() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))

@@ -76,6 +76,7 @@ impl ControllerConfig {
 
 /// The variables the controller passes to the processes it spawns (git):
 /// `PATH`, `HOME` and `LANG`, nothing else of its own environment.
+#[allow(clippy::disallowed_methods)] // config.rs is where the environment is read
 pub fn process_base_env() -> Vec<(String, String)> {
     std::env::vars()
         .filter(|(name, _)| matches!(name.as_str(), "PATH" | "HOME" | "LANG"))

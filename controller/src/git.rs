@@ -19,6 +19,7 @@ pub enum GitError {
 }
 
 /// The commit `branch` points at in the repository at `git_url`.
+#[allow(clippy::disallowed_methods)] // the controller's one place that spawns processes
 pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, GitError> {
     let reference = format!("refs/heads/{branch}");
     let mut command = Command::new("git");

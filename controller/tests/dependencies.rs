@@ -2,6 +2,8 @@
 //! `common` links no other Hobotnica crate, the agent never links the
 //! controller and the controller never links the agent.
 
+#![allow(clippy::disallowed_methods)] // runs `cargo metadata`
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 

@@ -5,7 +5,7 @@
 //! Each test starts its own controller (temp data dir, free ports), so tests
 //! run in parallel. Waits are conditions with deadlines, never bare sleeps.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
