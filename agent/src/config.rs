@@ -30,7 +30,7 @@ pub struct AgentConfig {
     pub name: Option<String>,
 
     /// Labels as key=value pairs, comma-separated (jobs may require labels).
-    #[arg(long, env = "HOBOTNICA_AGENT_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    #[arg(long, env = "HOBOTNICA_AGENT_LABELS", value_delimiter = ',', value_parser = hobotnica_common::validate::label)]
     pub labels: Vec<(String, String)>,
 
     /// Jobs run at once.
@@ -109,20 +109,4 @@ pub(crate) fn inherited_environment() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
         .collect()
-}
-
-fn parse_label(input: &str) -> Result<(String, String), String> {
-    let (key, value) = input
-        .split_once('=')
-        .ok_or_else(|| format!("label {input:?} must be key=value"))?;
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        return Err(format!(
-            "label key {key:?} must be letters, digits, '_', '-' or '.'"
-        ));
-    }
-    Ok((key.to_owned(), value.to_owned()))
 }

@@ -90,7 +90,7 @@ pub struct UpArgs {
         long,
         env = "HOBOTNICA_AGENT_LABELS",
         value_delimiter = ',',
-        value_parser = parse_label
+        value_parser = hobotnica_common::validate::label
     )]
     pub agent_labels: Vec<(String, String)>,
 
@@ -197,23 +197,6 @@ pub enum AgentsCommand {
     Ls,
 }
 
-/// Parses `key=value` with the agent's label key rules.
-pub fn parse_label(input: &str) -> Result<(String, String), String> {
-    let (key, value) = input
-        .split_once('=')
-        .ok_or_else(|| format!("label {input:?} must be key=value"))?;
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        return Err(format!(
-            "label key {key:?} must be letters, digits, '_', '-' or '.'"
-        ));
-    }
-    Ok((key.to_owned(), value.to_owned()))
-}
-
 /// Parses `KEY=VALUE` (the value may contain `=`).
 fn parse_env_pair(input: &str) -> Result<(String, String), String> {
     let (key, value) = input
@@ -253,7 +236,5 @@ mod tests {
         );
         assert!(parse_env_pair("A").is_err());
         assert!(parse_env_pair("1A=b").is_err());
-        assert_eq!(parse_label("os=linux"), Ok(("os".into(), "linux".into())));
-        assert!(parse_label("o s=linux").is_err());
     }
 }

@@ -14,8 +14,7 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,7 +49,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let agent_token = match &config.agent_token {
         Some(token) => token.clone(),
-        None => load_or_create_agent_token(&config.data_dir.join(AGENT_TOKEN_FILE))?,
+        None => hobotnica_controller::load_or_create_token(
+            &config.data_dir.join(AGENT_TOKEN_FILE),
+            "hbag",
+        )?,
     };
     config.agent_token = Some(agent_token.clone());
     let agent_work_dir = agent_work_dir.unwrap_or_else(|| config.data_dir.join("agent"));
@@ -206,26 +208,6 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Reads the pool token, or creates one readable only by this user.
-fn load_or_create_agent_token(path: &Path) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
-        Ok(_) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
-    }
-    let token = hobotnica_common::token::new_token("hbag");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{token}").with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(token)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,14 +217,17 @@ mod tests {
     fn agent_token_is_created_once_and_private() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join(AGENT_TOKEN_FILE);
-        let first = load_or_create_agent_token(&path).expect("created");
+        let first = hobotnica_controller::load_or_create_token(&path, "hbag").expect("created");
         assert!(first.starts_with("hbag_"));
         let mode = std::fs::metadata(&path)
             .expect("exists")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(load_or_create_agent_token(&path).expect("read"), first);
+        assert_eq!(
+            hobotnica_controller::load_or_create_token(&path, "hbag").expect("read"),
+            first
+        );
     }
 
     #[test]

@@ -155,6 +155,24 @@ pub fn env_value(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Parses an agent label `key=value`; keys are letters, digits, `_`, `-`
+/// and `.`.
+pub fn label(input: &str) -> Result<(String, String), String> {
+    let (key, value) = input
+        .split_once('=')
+        .ok_or_else(|| format!("label {input:?} must be key=value"))?;
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(format!(
+            "label key {key:?} must be letters, digits, '_', '-' or '.'"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +220,15 @@ mod tests {
         for bad in ["", "9A", "A-B", "A B", "A=B", "ä"] {
             assert!(env_name("env", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(label("os=linux"), Ok(("os".into(), "linux".into())));
+        assert_eq!(label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(label("o s=linux").is_err());
+        assert!(label("=x").is_err());
+        assert!(label("novalue").is_err());
     }
 
     #[test]
