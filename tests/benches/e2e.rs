@@ -27,38 +27,8 @@ fn now_ns() -> i128 {
 }
 
 fn rfc3339_ns(text: &str) -> Option<i128> {
-    // `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, without a date library.
-    let (date, rest) = text.split_once('T')?;
-    let mut date_parts = date.split('-').map(|p| p.parse::<i64>());
-    let (year, month, day) = (
-        date_parts.next()?.ok()?,
-        date_parts.next()?.ok()?,
-        date_parts.next()?.ok()?,
-    );
-    let offset_at = rest.find(['Z', '+', '-']).unwrap_or(rest.len());
-    let (time, zone) = rest.split_at(offset_at);
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, ""));
-    let mut hms = hms.split(':').map(|p| p.parse::<i64>());
-    let (hour, minute, second) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
-    let nanos: i64 = format!("{fraction:0<9}")[..9].parse().ok()?;
-    let offset_secs = match zone.chars().next() {
-        Some(sign @ ('+' | '-')) => {
-            let (h, m) = zone[1..].split_once(':')?;
-            let secs = h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60;
-            if sign == '+' { secs } else { -secs }
-        }
-        _ => 0,
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
-    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
+    let time = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    time.timestamp_nanos_opt().map(i128::from)
 }
 
 fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
