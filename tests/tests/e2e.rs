@@ -1055,3 +1055,50 @@ async fn hobot_up_serves_and_hobot_works_from_the_same_directory() {
     assert!(status.success(), "hobot up exits 0 on SIGTERM: {status}");
     signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_per_agent_token_disconnects_its_agent() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let created = api
+        .send_json(
+            Method::POST,
+            "/api/v1/agent-tokens",
+            &json!({ "name": "build-box-1" }),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let created = created.json();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let listed = api.get_json("/api/v1/agent-tokens").await;
+    assert!(
+        !listed.to_string().contains(&token),
+        "a token is shown only when created"
+    );
+
+    let mut agent = Agent::start(
+        &controller,
+        AgentOpts {
+            env: vec![("HOBOTNICA_AGENT_TOKEN".to_owned(), token.clone())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let revoked = api
+        .raw(Method::DELETE, &format!("/api/v1/agent-tokens/{id}"), None)
+        .await;
+    assert_eq!(revoked.status, 204);
+
+    // The session closes and the token no longer registers: the agent stops.
+    let status = agent.wait(JOB_TIMEOUT).await;
+    assert!(!status.success(), "a revoked agent exits with an error");
+    assert!(
+        !agent.output().contains(&token),
+        "the agent never prints its token"
+    );
+    let again = api
+        .raw(Method::DELETE, &format!("/api/v1/agent-tokens/{id}"), None)
+        .await;
+    again.assert_problem(404);
+}
