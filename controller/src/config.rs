@@ -40,6 +40,12 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: Duration,
 
+    /// Keep everything in Redis instead of the embedded store
+    /// (`redis://host:6379/0`, or `rediss://` for TLS). Any number of
+    /// controllers may share one Redis.
+    #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
     /// The URL users reach the REST API at (used in links); defaults to
     /// `http://<listen>`.
     #[arg(long, env = "HOBOTNICA_PUBLIC_URL")]
@@ -57,6 +63,12 @@ impl ControllerConfig {
             anyhow::ensure!(
                 token.len() >= 16,
                 "--admin-token must be at least 16 characters"
+            );
+        }
+        if self.redis_url.is_some() {
+            anyhow::ensure!(
+                self.admin_token.is_some(),
+                "with --redis, give the admin token (--admin-token or HOBOTNICA_ADMIN_TOKEN): controllers sharing one Redis must share it"
             );
         }
         if let Some(token) = &self.agent_token {
