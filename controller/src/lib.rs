@@ -34,6 +34,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::services::Services;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+
+/// Prefix of every key Hobotnica keeps in Redis.
+const REDIS_KEY_PREFIX: &str = "hobotnica:";
 
 /// How often HTTP/2 pings keep idle agent connections alive.
 const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
@@ -107,10 +111,12 @@ impl Controller {
             Some(token) => token.clone(),
             None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
         };
-        let store = EmbeddedStore::open(&config.data_dir)?;
+        let store: Arc<dyn store::Store> = match &config.redis_url {
+            Some(url) => Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX).await?),
+            None => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+        };
         // Agents of jobs that ran before a restart get a full lease to
         // re-attach.
-        let store: Arc<dyn store::Store> = Arc::new(store);
         store
             .extend_leases(Utc::now() + config.lease_timeout)
             .await

@@ -126,8 +126,8 @@ pub fn tail(
                     ) if id == job => {
                         break;
                     }
+                    Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => break,
                     Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => break,
                     Err(RecvError::Closed) => return None,
                 }
             }

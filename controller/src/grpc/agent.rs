@@ -488,7 +488,9 @@ async fn run_session(
                     return;
                 }
                 // A new job, or missed events: try to claim again.
-                Ok(StoreEvent::JobQueued { .. }) | Err(RecvError::Lagged(_)) => try_claim = true,
+                Ok(StoreEvent::JobQueued { .. } | StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                    try_claim = true;
+                }
                 Ok(_) => {}
                 Err(RecvError::Closed) => return,
             },

@@ -396,6 +396,85 @@ pub async fn job_lists_filter_and_page_newest_first(store: Arc<dyn Store>) {
     assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[0]]);
 }
 
+pub async fn racing_claimers_take_each_job_exactly_once(store: Arc<dyn Store>) {
+    const JOBS: usize = 60;
+    const CLAIMERS: usize = 6;
+    for _ in 0..JOBS {
+        store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    }
+    let mut claimers = tokio::task::JoinSet::new();
+    for n in 0..CLAIMERS {
+        let store = Arc::clone(&store);
+        claimers.spawn(async move {
+            let worker = store
+                .register_agent(agent(&format!("racer-{n}")))
+                .await
+                .unwrap();
+            let mut taken = Vec::new();
+            loop {
+                let now = Utc::now();
+                match store
+                    .claim_job(&worker, now, now + Duration::seconds(30))
+                    .await
+                    .unwrap()
+                {
+                    Some(job) => taken.push(job.id),
+                    None => return taken,
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(taken) = claimers.join_next().await {
+        all.extend(taken.unwrap());
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a job was claimed twice");
+    assert_eq!(all.len(), JOBS, "every job was claimed");
+}
+
+pub async fn logs_read_back_from_any_offset(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap();
+    let log: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut offset = 0;
+    for size in [1usize, 7, 100, 1, 999, 3, 2000, 1889] {
+        let end = offset + size;
+        store
+            .append_log(
+                job.id,
+                1,
+                offset as u64,
+                Bytes::copy_from_slice(&log[offset..end]),
+            )
+            .await
+            .unwrap();
+        offset = end;
+    }
+    assert_eq!(offset, log.len());
+    for (from, max) in [
+        (0, 5000),
+        (0, 1),
+        (1, 7),
+        (5, 3000),
+        (107, 1),
+        (1108, 4000),
+        (4999, 10),
+        (5000, 10),
+    ] {
+        let read = store.read_log(job.id, from as u64, max).await.unwrap();
+        let end = (from + max).min(log.len());
+        assert_eq!(&read[..], &log[from..end], "from {from} max {max}");
+    }
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -409,11 +488,13 @@ macro_rules! conformance_suite {
             log_appends_are_idempotent,
             agents_keep_their_id_by_name_and_tokens_revoke,
             job_lists_filter_and_page_newest_first,
+            racing_claimers_take_each_job_exactly_once,
+            logs_read_back_from_any_offset,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let (store, _guard) = $make;
                 super::$name(store).await;
@@ -433,4 +514,65 @@ mod embedded_suite {
     }
 
     conformance_suite!(make());
+}
+
+/// A `redis-server` of its own on a free port, killed on drop.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    #[allow(clippy::disallowed_methods)] // tests start their own redis-server
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/setup installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+mod redis_suite {
+    use super::super::redis::RedisStore;
+    use super::RedisServer;
+    use std::sync::Arc;
+
+    async fn make() -> (Arc<dyn super::Store>, RedisServer) {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url, "test:").await.unwrap();
+        (Arc::new(store), server)
+    }
+
+    conformance_suite!(make().await);
 }

@@ -23,7 +23,7 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 
 use super::{
     AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent,
-    StoreResult,
+    StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -319,30 +319,7 @@ impl Store for EmbeddedStore {
                         .map_err(unavailable)?
                         .map_or(1, |v| v.value());
                     meta.insert(NEXT_JOB_ID, id + 1).map_err(unavailable)?;
-                    let job = Job {
-                        id: JobId(id),
-                        repo: new.repo,
-                        git_url: new.git_url,
-                        kind: new.kind,
-                        target: new.target,
-                        commit: new.commit,
-                        branch: new.branch,
-                        env: new.env,
-                        labels: new.labels,
-                        trigger: new.trigger,
-                        state: JobState::Queued,
-                        attempt: 0,
-                        agent: None,
-                        agent_name: None,
-                        exit_code: None,
-                        message: None,
-                        timeout_secs: new.timeout_secs,
-                        cancel_requested: false,
-                        created_at: now,
-                        started_at: None,
-                        finished_at: None,
-                        lease_expires_at: None,
-                    };
+                    let job = transitions::new_job(JobId(id), new, now);
                     let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
                     jobs.insert(id, encode(&job)?.as_slice())
                         .map_err(unavailable)?;
@@ -417,13 +394,7 @@ impl Store for EmbeddedStore {
                 match found {
                     None => None,
                     Some(mut job) => {
-                        job.state = JobState::Running;
-                        job.attempt += 1;
-                        job.agent = Some(agent.id.clone());
-                        job.agent_name = Some(agent.name.clone());
-                        job.started_at = Some(now);
-                        job.lease_expires_at = Some(lease_until);
-                        job.message = None;
+                        transitions::claim(&mut job, &agent, now, lease_until)?;
                         queue.remove(job.id.0).map_err(unavailable)?;
                         let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
                         running.insert(job.id.0, ()).map_err(unavailable)?;
@@ -456,16 +427,10 @@ impl Store for EmbeddedStore {
             let current = inner
                 .read_job(id)?
                 .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-            if current.state != JobState::Running || current.attempt != attempt {
-                return Err(StoreError::LeaseLost { job: id, attempt });
-            }
-            let (job, ()) = inner.update_job(id, |job| {
-                if job.state != JobState::Running || job.attempt != attempt {
-                    return Err(StoreError::LeaseLost { job: id, attempt });
-                }
-                job.lease_expires_at = Some(lease_until);
-                Ok(())
-            })?;
+            // Check before taking the write lock: a refused renewal is common.
+            transitions::check_lease(&current, attempt)?;
+            let (job, ()) =
+                inner.update_job(id, |job| transitions::renew(job, attempt, lease_until))?;
             Ok(job)
         })
         .await
@@ -474,32 +439,12 @@ impl Store for EmbeddedStore {
     async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job> {
         let job = self
             .blocking(move |inner| {
-                let (job, ()) = inner.update_job(id, |job| match job.state {
-                    JobState::Queued => {
-                        job.state = JobState::Cancelled;
-                        job.finished_at = Some(now);
-                        job.message = Some("cancelled before it started".to_owned());
-                        Ok(())
-                    }
-                    JobState::Running => {
-                        job.cancel_requested = true;
-                        Ok(())
-                    }
-                    state => Err(StoreError::Conflict(format!(
-                        "job {id} has already finished ({state})"
-                    ))),
-                })?;
+                let (job, ()) =
+                    inner.update_job(id, |job| transitions::request_cancel(job, now))?;
                 Ok(job)
             })
             .await?;
-        match (&job.state, &job.agent) {
-            (JobState::Running, Some(agent)) => self.publish(StoreEvent::CancelRequested {
-                job: id,
-                attempt: job.attempt,
-                agent: agent.clone(),
-            }),
-            _ => self.publish(StoreEvent::JobFinished { job: id }),
-        }
+        self.publish(transitions::cancel_event(&job));
         Ok(job)
     }
 
@@ -513,24 +458,7 @@ impl Store for EmbeddedStore {
         let (job, changed) = self
             .blocking(move |inner| {
                 inner.sync_log(id);
-                inner.update_job(id, |job| {
-                    let state = finish.outcome.state();
-                    if job.attempt != attempt {
-                        return Err(StoreError::LeaseLost { job: id, attempt });
-                    }
-                    if job.state == state && job.exit_code == finish.exit_code {
-                        return Ok(false); // a repeated completion
-                    }
-                    if !job.state.can_become(state) {
-                        return Err(StoreError::LeaseLost { job: id, attempt });
-                    }
-                    job.state = state;
-                    job.exit_code = finish.exit_code;
-                    job.message = finish.message;
-                    job.finished_at = Some(now);
-                    job.lease_expires_at = None;
-                    Ok(true)
-                })
+                inner.update_job(id, |job| transitions::finish(job, attempt, finish, now))
             })
             .await?;
         if changed {
@@ -557,20 +485,8 @@ impl Store for EmbeddedStore {
                         continue;
                     };
                     if job.lease_expires_at.is_some_and(|until| until < now) {
-                        let (job, expired) = inner.update_job(JobId(id), |job| {
-                            let expired = job.state == JobState::Running
-                                && job.lease_expires_at.is_some_and(|until| until < now);
-                            if expired {
-                                job.state = JobState::Lost;
-                                job.finished_at = Some(now);
-                                job.lease_expires_at = None;
-                                job.message = Some(format!(
-                                    "agent {} stopped renewing the lease",
-                                    job.agent_name.as_deref().unwrap_or("?")
-                                ));
-                            }
-                            Ok(expired)
-                        })?;
+                        let (job, expired) =
+                            inner.update_job(JobId(id), |job| Ok(transitions::expire(job, now)))?;
                         if expired {
                             lost.push(job);
                         }
@@ -601,8 +517,7 @@ impl Store for EmbeddedStore {
                     };
                     let mut job: Job = decode(value.value())?;
                     drop(value);
-                    if job.lease_expires_at.is_none_or(|current| current < until) {
-                        job.lease_expires_at = Some(until);
+                    if transitions::extend(&mut job, until) {
                         jobs.insert(id, encode(&job)?.as_slice())
                             .map_err(unavailable)?;
                     }
@@ -626,9 +541,7 @@ impl Store for EmbeddedStore {
                 let job = inner
                     .read_job(id)?
                     .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
-                if job.state != JobState::Running || job.attempt != attempt {
-                    return Err(StoreError::LeaseLost { job: id, attempt });
-                }
+                transitions::check_lease(&job, attempt)?;
                 let committed = inner.log_len(id)?;
                 match plan_append(committed, offset, data.len()) {
                     AppendPlan::Duplicate => Ok((committed, false)),

@@ -7,6 +7,8 @@
 //! (`store::conformance`) runs against each backend.
 
 pub mod embedded;
+pub mod redis;
+mod transitions;
 
 #[cfg(test)]
 mod conformance;
@@ -115,7 +117,8 @@ pub struct AgentTokenRecord {
 
 /// Changes other parts of the controller react to. Delivery is best effort
 /// (a lagging receiver misses events and must re-read the store).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum StoreEvent {
     /// A job entered the queue: idle agents try to claim.
     JobQueued { job: JobId },
@@ -131,6 +134,8 @@ pub enum StoreEvent {
     JobFinished { job: JobId },
     /// An agent token was revoked: sessions registered with it close.
     AgentTokenRevoked { token_id: String },
+    /// Events may have been missed (the event feed reconnected): re-read.
+    Resync,
 }
 
 #[async_trait]

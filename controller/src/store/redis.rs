@@ -1,0 +1,961 @@
+//! The Redis backend: every controller sharing one Redis sees the same
+//! repositories, jobs, queue, leases, logs, agents and tokens, and the same
+//! events (Redis pub/sub). A controller keeps no state of its own.
+//!
+//! Transitions are read-modify-compare-and-set: the state machine runs in
+//! Rust (`transitions`), and one Lua script (`CAS_JOB`) writes the new job
+//! only if the stored JSON is still the one that was read, updating the
+//! queue and running indexes and the job's fence (`state:attempt`) in the
+//! same step. Log appends check the fence in a script too, so a stale
+//! attempt can never write. See ARCHITECTURE.md for the key layout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use hobotnica_common::ids::{AgentId, JobId};
+use hobotnica_common::job::{Job, JobState, Repo};
+use hobotnica_common::logs::{AppendPlan, plan_append};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent,
+    StoreResult, transitions,
+};
+
+/// Capacity of the local event channel.
+const EVENT_CAPACITY: usize = 4096;
+/// How many times a compare-and-set is retried under contention.
+const MAX_CAS_ATTEMPTS: usize = 64;
+/// Queued jobs looked at per claim (oldest first).
+const CLAIM_SCAN: isize = 100;
+/// Jobs fetched per round while listing with a filter.
+const LIST_BATCH: usize = 200;
+/// Stream entries fetched per round while reading a log.
+const LOG_ENTRIES_PER_READ: usize = 16;
+/// A Redis command that takes longer fails (the API answers 503).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Sets a job's JSON only if it is still `old`, and keeps the indexes and the
+/// fence in step.
+/// KEYS: job, fence, queue, running. ARGV: old, new, id, fence, index.
+const CAS_JOB: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('SREM', KEYS[4], ARGV[3])
+if ARGV[5] == 'queued' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
+elseif ARGV[5] == 'running' then
+  redis.call('SADD', KEYS[4], ARGV[3])
+end
+return 1
+";
+
+/// Appends a log piece at the committed end, if the fence still says the
+/// attempt runs and nothing was appended since the caller looked.
+/// KEYS: fence, length, stream. ARGV: fence, committed, data.
+/// Returns the new length, -1 for a lost lease, -2 for a moved end.
+const APPEND_LOG: &str = r"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local committed = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[2] ~= '' and committed ~= tonumber(ARGV[2]) then return -2 end
+redis.call('XADD', KEYS[3], (committed + 1) .. '-0', 'd', ARGV[3])
+return redis.call('INCRBY', KEYS[2], string.len(ARGV[3]))
+";
+
+/// Key names under one prefix.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn key(&self, name: impl std::fmt::Display) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    fn next_job_id(&self) -> String {
+        self.key("next_job_id")
+    }
+    fn job(&self, id: JobId) -> String {
+        self.key(format_args!("job:{id}"))
+    }
+    fn fence(&self, id: JobId) -> String {
+        self.key(format_args!("fence:{id}"))
+    }
+    fn jobs(&self) -> String {
+        self.key("jobs")
+    }
+    fn repo_jobs(&self, repo: &str) -> String {
+        self.key(format_args!("repo_jobs:{repo}"))
+    }
+    fn queue(&self) -> String {
+        self.key("queue")
+    }
+    fn running(&self) -> String {
+        self.key("running")
+    }
+    fn repo(&self, full_name: &str) -> String {
+        self.key(format_args!("repo:{full_name}"))
+    }
+    fn repos(&self) -> String {
+        self.key("repos")
+    }
+    fn agent(&self, id: &AgentId) -> String {
+        self.key(format_args!("agent:{id}"))
+    }
+    fn agents(&self) -> String {
+        self.key("agents")
+    }
+    fn agent_name(&self, name: &str) -> String {
+        self.key(format_args!("agent_name:{name}"))
+    }
+    fn agent_token(&self, id: &str) -> String {
+        self.key(format_args!("agent_token:{id}"))
+    }
+    fn agent_tokens(&self) -> String {
+        self.key("agent_tokens_by_hash")
+    }
+    fn log(&self, id: JobId) -> String {
+        self.key(format_args!("log:{id}"))
+    }
+    fn log_len(&self, id: JobId) -> String {
+        self.key(format_args!("log_len:{id}"))
+    }
+    fn events(&self) -> String {
+        self.key("events")
+    }
+}
+
+fn fence(job: &Job) -> String {
+    format!("{}:{}", job.state, job.attempt)
+}
+
+fn unavailable(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(unavailable)
+}
+
+fn decode<T: DeserializeOwned>(raw: &str) -> StoreResult<T> {
+    serde_json::from_str(raw)
+        .map_err(|err| StoreError::Unavailable(format!("corrupt record: {err}")))
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    events: broadcast::Sender<StoreEvent>,
+    cas_job: Arc<Script>,
+    append_log: Arc<Script>,
+    /// Stops the pub/sub task when the store is dropped.
+    stop_subscriber: CancellationToken,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stop_subscriber.cancel();
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://` or `rediss://`), subscribes to the event
+    /// channel, and warns about settings that can lose jobs.
+    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<RedisStore> {
+        use anyhow::Context as _;
+        let client = redis::Client::open(url).context("invalid Redis URL")?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .context("cannot connect to Redis")?;
+        let keys = Keys {
+            prefix: prefix.to_owned(),
+        };
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let stop_subscriber = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(run_subscriber(
+            client,
+            keys.events(),
+            events.clone(),
+            ready_tx,
+            stop_subscriber.clone(),
+        ));
+        tokio::time::timeout(CONNECT_TIMEOUT, ready_rx)
+            .await
+            .context("cannot subscribe to Redis events")?
+            .context("cannot subscribe to Redis events")?;
+        let store = RedisStore {
+            conn,
+            keys,
+            events,
+            cas_job: Arc::new(Script::new(CAS_JOB)),
+            append_log: Arc::new(Script::new(APPEND_LOG)),
+            stop_subscriber,
+        };
+        store.check_settings().await;
+        Ok(store)
+    }
+
+    /// Warns about Redis settings that could lose jobs or logs.
+    async fn check_settings(&self) {
+        let policy: StoreResult<Vec<String>> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
+            .await;
+        match policy.as_deref() {
+            Ok([_, policy]) if policy != "noeviction" => tracing::warn!(
+                maxmemory_policy = %policy,
+                "Redis may EVICT keys under memory pressure, which loses jobs and logs: set maxmemory-policy noeviction"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::info!(error = %err, "cannot read Redis' maxmemory-policy (CONFIG is disabled?)")
+            }
+        }
+        let aof: StoreResult<Vec<String>> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("appendonly"))
+            .await;
+        if let Ok([_, aof]) = aof.as_deref()
+            && aof != "yes"
+        {
+            tracing::warn!(
+                "Redis runs without AOF persistence (appendonly no): a Redis restart can lose accepted jobs; set appendonly yes"
+            );
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
+        cmd.query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn publish(&self, event: StoreEvent) {
+        let payload = match serde_json::to_string(&event) {
+            Ok(payload) => payload,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot encode an event");
+                return;
+            }
+        };
+        let sent: StoreResult<i64> = self
+            .query(redis::cmd("PUBLISH").arg(self.keys.events()).arg(payload))
+            .await;
+        if let Err(err) = sent {
+            // Listeners re-read on their own schedule (heartbeats, tails).
+            tracing::warn!(error = %err, "cannot publish an event");
+        }
+    }
+
+    async fn get_raw(&self, key: &str) -> StoreResult<Option<String>> {
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> StoreResult<Option<T>> {
+        self.get_raw(key).await?.map(|raw| decode(&raw)).transpose()
+    }
+
+    /// The records stored under `keys`, skipping missing ones.
+    async fn mget_json<T: DeserializeOwned>(
+        &self,
+        keys: &[String],
+    ) -> StoreResult<Vec<(String, T)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raws: Vec<Option<String>> = self.query(redis::cmd("MGET").arg(keys)).await?;
+        raws.into_iter()
+            .flatten()
+            .map(|raw| {
+                let value = decode(&raw)?;
+                Ok((raw, value))
+            })
+            .collect()
+    }
+
+    /// Writes `job` if the stored JSON is still `old`.
+    async fn cas(&self, old: &str, job: &Job) -> StoreResult<bool> {
+        let index = match job.state {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            _ => "none",
+        };
+        let written: i64 = self
+            .cas_job
+            .key(self.keys.job(job.id))
+            .key(self.keys.fence(job.id))
+            .key(self.keys.queue())
+            .key(self.keys.running())
+            .arg(old)
+            .arg(encode(job)?)
+            .arg(job.id.0)
+            .arg(fence(job))
+            .arg(index)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(written == 1)
+    }
+
+    /// Read, change, compare-and-set; retried while others change the job.
+    async fn update_job<T>(
+        &self,
+        id: JobId,
+        mut change: impl FnMut(&mut Job) -> StoreResult<T>,
+    ) -> StoreResult<(Job, T)> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let raw = self
+                .get_raw(&self.keys.job(id))
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
+            let mut job: Job = decode(&raw)?;
+            let result = change(&mut job)?;
+            if self.cas(&raw, &job).await? {
+                return Ok((job, result));
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "job {id} kept changing under {MAX_CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn jobs_by_id(&self, ids: &[u64]) -> StoreResult<Vec<(String, Job)>> {
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.job(JobId(*id))).collect();
+        self.mget_json(&keys).await
+    }
+
+    async fn running_ids(&self) -> StoreResult<Vec<u64>> {
+        let ids: Vec<u64> = self
+            .query(redis::cmd("SMEMBERS").arg(self.keys.running()))
+            .await?;
+        Ok(ids)
+    }
+
+    async fn all_of<T: DeserializeOwned>(
+        &self,
+        set: &str,
+        key: impl Fn(&str) -> String,
+    ) -> StoreResult<Vec<T>> {
+        let members: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(set)).await?;
+        let keys: Vec<String> = members.iter().map(|m| key(m)).collect();
+        Ok(self
+            .mget_json(&keys)
+            .await?
+            .into_iter()
+            .map(|(_, value)| value)
+            .collect())
+    }
+
+    /// Appends `data` at the committed end of the log; `fence` empty means
+    /// "any state" (controller lines).
+    async fn append_at_end(
+        &self,
+        id: JobId,
+        fence: &str,
+        committed: Option<u64>,
+        data: &[u8],
+    ) -> StoreResult<i64> {
+        self.append_log
+            .key(self.keys.fence(id))
+            .key(self.keys.log_len(id))
+            .key(self.keys.log(id))
+            .arg(fence)
+            .arg(committed.map(|c| c.to_string()).unwrap_or_default())
+            .arg(data)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// Forwards the Redis event channel to the local broadcast; after a
+/// reconnect it sends `Resync` (events may have been missed meanwhile).
+async fn run_subscriber(
+    client: redis::Client,
+    channel: String,
+    events: broadcast::Sender<StoreEvent>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: CancellationToken,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::select! {
+            () = stop.cancelled() => return,
+            result = subscribed => result,
+        } {
+            Ok(pubsub) => {
+                match ready.take() {
+                    Some(ready) => {
+                        let _ = ready.send(());
+                    }
+                    None => {
+                        tracing::info!("Redis event feed reconnected");
+                        let _ = events.send(StoreEvent::Resync);
+                    }
+                }
+                backoff = Duration::from_millis(100);
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        () = stop.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    let Ok(payload) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    match serde_json::from_str::<StoreEvent>(&payload) {
+                        Ok(event) => {
+                            let _ = events.send(event);
+                        }
+                        Err(err) => tracing::warn!(error = %err, "unreadable event"),
+                    }
+                }
+                tracing::warn!("Redis event feed lost; reconnecting");
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot subscribe to Redis events; retrying"),
+        }
+        let _ = events.send(StoreEvent::Resync);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A stream entry id `N-0` names the log offset `N - 1`.
+fn entry_offset(id: &str) -> Option<u64> {
+    id.split_once('-')?.0.parse::<u64>().ok()?.checked_sub(1)
+}
+
+type StreamEntry = (String, (String, Vec<u8>));
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn ping(&self) -> StoreResult<()> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
+        let full_name = repo.full_name();
+        let created: bool = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.repo(&full_name))
+                    .arg(encode(&repo)?)
+                    .arg("NX"),
+            )
+            .await?;
+        if !created {
+            return Err(StoreError::Conflict(format!(
+                "repository {full_name} is already registered"
+            )));
+        }
+        let _: i64 = self
+            .query(redis::cmd("SADD").arg(self.keys.repos()).arg(&full_name))
+            .await?;
+        Ok(())
+    }
+
+    async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
+        self.get_json(&self.keys.repo(&format!("{owner}/{name}")))
+            .await
+    }
+
+    async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
+        self.all_of(&self.keys.repos(), |name| self.keys.repo(name))
+            .await
+    }
+
+    async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()> {
+        let full_name = format!("{owner}/{name}");
+        let (deleted, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(self.keys.repo(&full_name))
+            .cmd("SREM")
+            .arg(self.keys.repos())
+            .arg(&full_name)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if deleted == 0 {
+            return Err(StoreError::NotFound(format!("repository {full_name}")));
+        }
+        Ok(())
+    }
+
+    async fn create_job(&self, new: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
+        let id: u64 = self
+            .query(redis::cmd("INCR").arg(self.keys.next_job_id()))
+            .await?;
+        let job = transitions::new_job(JobId(id), new, now);
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.job(job.id))
+            .arg(encode(&job)?)
+            .ignore()
+            .cmd("SET")
+            .arg(self.keys.fence(job.id))
+            .arg(fence(&job))
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.jobs())
+            .arg(id)
+            .arg(id)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.repo_jobs(&job.repo))
+            .arg(id)
+            .arg(id)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.keys.queue())
+            .arg(id)
+            .arg(id)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        self.publish(StoreEvent::JobQueued { job: job.id }).await;
+        Ok(job)
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
+        self.get_json(&self.keys.job(id)).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+        // Small indexes answer state filters directly.
+        if matches!(filter.state, Some(JobState::Running | JobState::Queued)) {
+            let ids: Vec<u64> = if filter.state == Some(JobState::Running) {
+                self.running_ids().await?
+            } else {
+                self.query(redis::cmd("ZRANGE").arg(self.keys.queue()).arg(0).arg(-1))
+                    .await?
+            };
+            let mut jobs: Vec<Job> = self
+                .jobs_by_id(&ids)
+                .await?
+                .into_iter()
+                .map(|(_, job)| job)
+                .filter(|job| filter.matches(job))
+                .collect();
+            jobs.sort_by_key(|job| std::cmp::Reverse(job.id));
+            jobs.truncate(filter.limit);
+            return Ok(jobs);
+        }
+        let index = match &filter.repo {
+            Some(repo) => self.keys.repo_jobs(repo),
+            None => self.keys.jobs(),
+        };
+        let mut upper = filter
+            .before
+            .map_or_else(|| "+inf".to_owned(), |id| format!("({}", id.0));
+        let mut out = Vec::new();
+        loop {
+            let ids: Vec<u64> = self
+                .query(
+                    redis::cmd("ZREVRANGEBYSCORE")
+                        .arg(&index)
+                        .arg(&upper)
+                        .arg("-inf")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(LIST_BATCH),
+                )
+                .await?;
+            let Some(last) = ids.last() else { break };
+            upper = format!("({last}");
+            for (_, job) in self.jobs_by_id(&ids).await? {
+                if filter.matches(&job) {
+                    out.push(job);
+                    if out.len() >= filter.limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if ids.len() < LIST_BATCH {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim_job(
+        &self,
+        agent: &AgentRecord,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let ids: Vec<u64> = self
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(self.keys.queue())
+                        .arg(0)
+                        .arg(CLAIM_SCAN - 1),
+                )
+                .await?;
+            let candidate =
+                self.jobs_by_id(&ids).await?.into_iter().find(|(_, job)| {
+                    job.state == JobState::Queued && job.labels_match(&agent.labels)
+                });
+            let Some((raw, mut job)) = candidate else {
+                return Ok(None);
+            };
+            transitions::claim(&mut job, agent, now, lease_until)?;
+            if self.cas(&raw, &job).await? {
+                if job.attempt > 1 {
+                    // A new attempt starts its log afresh.
+                    let _: i64 = self
+                        .query(
+                            redis::cmd("DEL")
+                                .arg(self.keys.log(job.id))
+                                .arg(self.keys.log_len(job.id)),
+                        )
+                        .await?;
+                }
+                return Ok(Some(job));
+            }
+            // Another agent took it first: look again.
+        }
+        Ok(None)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: JobId,
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Job> {
+        let (job, ()) = self
+            .update_job(id, |job| transitions::renew(job, attempt, lease_until))
+            .await?;
+        Ok(job)
+    }
+
+    async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job> {
+        let (job, ()) = self
+            .update_job(id, |job| transitions::request_cancel(job, now))
+            .await?;
+        self.publish(transitions::cancel_event(&job)).await;
+        Ok(job)
+    }
+
+    async fn finish_job(
+        &self,
+        id: JobId,
+        attempt: u32,
+        finish: Finish,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Job> {
+        let (job, changed) = self
+            .update_job(id, |job| {
+                transitions::finish(job, attempt, finish.clone(), now)
+            })
+            .await?;
+        if changed {
+            self.publish(StoreEvent::JobFinished { job: id }).await;
+        }
+        Ok(job)
+    }
+
+    async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {
+        let ids = self.running_ids().await?;
+        let mut lost = Vec::new();
+        for (_, job) in self.jobs_by_id(&ids).await? {
+            if job.lease_expires_at.is_none_or(|until| until >= now) {
+                continue;
+            }
+            // Several controllers may race here; one wins the transition.
+            let (job, expired) = self
+                .update_job(job.id, |job| Ok(transitions::expire(job, now)))
+                .await?;
+            if expired {
+                self.publish(StoreEvent::JobFinished { job: job.id }).await;
+                lost.push(job);
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn extend_leases(&self, until: DateTime<Utc>) -> StoreResult<()> {
+        for id in self.running_ids().await? {
+            self.update_job(JobId(id), |job| Ok(transitions::extend(job, until)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn append_log(
+        &self,
+        id: JobId,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> StoreResult<u64> {
+        let expected_fence = format!("{}:{attempt}", JobState::Running);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (current_fence, committed): (Option<String>, Option<u64>) = self
+                .query(
+                    redis::cmd("MGET")
+                        .arg(self.keys.fence(id))
+                        .arg(self.keys.log_len(id)),
+                )
+                .await?;
+            if current_fence.as_deref() != Some(expected_fence.as_str()) {
+                if current_fence.is_none() {
+                    return Err(StoreError::NotFound(format!("job {id}")));
+                }
+                return Err(StoreError::LeaseLost { job: id, attempt });
+            }
+            let committed = committed.unwrap_or(0);
+            let skip = match plan_append(committed, offset, data.len()) {
+                AppendPlan::Duplicate => return Ok(committed),
+                AppendPlan::Gap => return Err(StoreError::LogGap { committed }),
+                AppendPlan::Append { skip } => skip,
+            };
+            match self
+                .append_at_end(id, &expected_fence, Some(committed), &data[skip..])
+                .await?
+            {
+                -1 => return Err(StoreError::LeaseLost { job: id, attempt }),
+                -2 => continue, // appended meanwhile: plan again
+                len => {
+                    let len = u64::try_from(len).unwrap_or(0);
+                    self.publish(StoreEvent::LogAppended { job: id, len }).await;
+                    return Ok(len);
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the log of job {id} kept changing"
+        )))
+    }
+
+    async fn append_controller_line(&self, id: JobId, line: &str) -> StoreResult<u64> {
+        let line = format!("[hobotnica] {line}\n");
+        let len = self.append_at_end(id, "", None, line.as_bytes()).await?;
+        let len = u64::try_from(len).unwrap_or(0);
+        self.publish(StoreEvent::LogAppended { job: id, len }).await;
+        Ok(len)
+    }
+
+    async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
+        let key = self.keys.log(id);
+        // The entry holding `offset`: the last one starting at or before it.
+        let first: Vec<StreamEntry> = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg(format!("{}-0", offset + 1))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        let Some((first_id, (_, first_data))) = first.into_iter().next() else {
+            return Ok(Bytes::new());
+        };
+        let start = entry_offset(&first_id).unwrap_or(0);
+        let mut out = Vec::with_capacity(max.min(1 << 20));
+        let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        if skip < first_data.len() {
+            let end = first_data.len().min(skip.saturating_add(max));
+            out.extend_from_slice(&first_data[skip..end]);
+        }
+        let mut after = first_id;
+        while out.len() < max {
+            let entries: Vec<StreamEntry> = self
+                .query(
+                    redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg(format!("({after}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(LOG_ENTRIES_PER_READ),
+                )
+                .await?;
+            let done = entries.len() < LOG_ENTRIES_PER_READ;
+            for (entry_id, (_, data)) in entries {
+                let room = max - out.len();
+                out.extend_from_slice(&data[..data.len().min(room)]);
+                after = entry_id;
+                if out.len() >= max {
+                    break;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    async fn log_len(&self, id: JobId) -> StoreResult<u64> {
+        let len: Option<u64> = self
+            .query(redis::cmd("GET").arg(self.keys.log_len(id)))
+            .await?;
+        Ok(len.unwrap_or(0))
+    }
+
+    async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord> {
+        let mut agent = agent;
+        let existing: Option<String> = self.get_raw(&self.keys.agent_name(&agent.name)).await?;
+        if let Some(id) = existing
+            && let Some(previous) = self
+                .get_json::<AgentRecord>(&self.keys.agent(&AgentId(id)))
+                .await?
+        {
+            agent.id = previous.id;
+            agent.registered_at = previous.registered_at;
+        }
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.agent(&agent.id))
+            .arg(encode(&agent)?)
+            .ignore()
+            .cmd("SET")
+            .arg(self.keys.agent_name(&agent.name))
+            .arg(&agent.id.0)
+            .ignore()
+            .cmd("SADD")
+            .arg(self.keys.agents())
+            .arg(&agent.id.0)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(agent)
+    }
+
+    async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>> {
+        self.get_json(&self.keys.agent(id)).await
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        self.all_of(&self.keys.agents(), |id| {
+            self.keys.agent(&AgentId(id.to_owned()))
+        })
+        .await
+    }
+
+    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut agent: AgentRecord = self
+            .get_json(&self.keys.agent(id))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+        agent.last_seen = now;
+        let () = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.agent(id))
+                    .arg(encode(&agent)?),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()> {
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.agent_token(&token.id))
+            .arg(encode(&token)?)
+            .ignore()
+            .cmd("HSET")
+            .arg(self.keys.agent_tokens())
+            .arg(&token.token_hash)
+            .arg(&token.id)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>> {
+        let ids: Vec<String> = self
+            .query(redis::cmd("HVALS").arg(self.keys.agent_tokens()))
+            .await?;
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.agent_token(id)).collect();
+        let mut tokens: Vec<AgentTokenRecord> = self
+            .mget_json(&keys)
+            .await?
+            .into_iter()
+            .map(|(_, token)| token)
+            .collect();
+        tokens.sort_by_key(|token| token.created_at);
+        Ok(tokens)
+    }
+
+    async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>> {
+        // Looked up by hash: the hash of a guess reveals nothing about others.
+        let id: Option<String> = self
+            .query(
+                redis::cmd("HGET")
+                    .arg(self.keys.agent_tokens())
+                    .arg(token_hash),
+            )
+            .await?;
+        match id {
+            Some(id) => self.get_json(&self.keys.agent_token(&id)).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn delete_agent_token(&self, id: &str) -> StoreResult<()> {
+        let token: AgentTokenRecord = self
+            .get_json(&self.keys.agent_token(id))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent token {id}")))?;
+        let () = redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(self.keys.agent_token(id))
+            .ignore()
+            .cmd("HDEL")
+            .arg(self.keys.agent_tokens())
+            .arg(&token.token_hash)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        self.publish(StoreEvent::AgentTokenRevoked {
+            token_id: id.to_owned(),
+        })
+        .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The job transitions every backend applies, as pure functions on a `Job`
+//! (the backend makes them atomic). Each checks the state machine
+//! (`JobState::can_become`) and the attempt (fencing).
+
+use chrono::{DateTime, Utc};
+use hobotnica_common::ids::JobId;
+use hobotnica_common::job::{Job, JobState};
+
+use super::{AgentRecord, Finish, NewJob, StoreError, StoreEvent, StoreResult};
+
+/// A new queued job.
+pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
+    Job {
+        id,
+        repo: new.repo,
+        git_url: new.git_url,
+        kind: new.kind,
+        target: new.target,
+        commit: new.commit,
+        branch: new.branch,
+        env: new.env,
+        labels: new.labels,
+        trigger: new.trigger,
+        state: JobState::Queued,
+        attempt: 0,
+        agent: None,
+        agent_name: None,
+        exit_code: None,
+        message: None,
+        timeout_secs: new.timeout_secs,
+        cancel_requested: false,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        lease_expires_at: None,
+    }
+}
+
+/// `agent` takes a queued job under a new attempt.
+pub fn claim(
+    job: &mut Job,
+    agent: &AgentRecord,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> StoreResult<()> {
+    if !job.state.can_become(JobState::Running) {
+        return Err(StoreError::Conflict(format!(
+            "job {} is {}",
+            job.id, job.state
+        )));
+    }
+    job.state = JobState::Running;
+    job.attempt += 1;
+    job.agent = Some(agent.id.clone());
+    job.agent_name = Some(agent.name.clone());
+    job.started_at = Some(now);
+    job.lease_expires_at = Some(lease_until);
+    job.message = None;
+    Ok(())
+}
+
+/// Whether `attempt` holds the job's lease.
+pub fn check_lease(job: &Job, attempt: u32) -> StoreResult<()> {
+    if job.state == JobState::Running && job.attempt == attempt {
+        Ok(())
+    } else {
+        Err(StoreError::LeaseLost {
+            job: job.id,
+            attempt,
+        })
+    }
+}
+
+pub fn renew(job: &mut Job, attempt: u32, lease_until: DateTime<Utc>) -> StoreResult<()> {
+    check_lease(job, attempt)?;
+    job.lease_expires_at = Some(lease_until);
+    Ok(())
+}
+
+/// Queued: cancelled now. Running: flagged for the agent. Finished: conflict.
+pub fn request_cancel(job: &mut Job, now: DateTime<Utc>) -> StoreResult<()> {
+    match job.state {
+        JobState::Queued => {
+            job.state = JobState::Cancelled;
+            job.finished_at = Some(now);
+            job.message = Some("cancelled before it started".to_owned());
+            Ok(())
+        }
+        JobState::Running => {
+            job.cancel_requested = true;
+            Ok(())
+        }
+        state => Err(StoreError::Conflict(format!(
+            "job {} has already finished ({state})",
+            job.id
+        ))),
+    }
+}
+
+/// The event a cancel request publishes.
+pub fn cancel_event(job: &Job) -> StoreEvent {
+    match (&job.state, &job.agent) {
+        (JobState::Running, Some(agent)) => StoreEvent::CancelRequested {
+            job: job.id,
+            attempt: job.attempt,
+            agent: agent.clone(),
+        },
+        _ => StoreEvent::JobFinished { job: job.id },
+    }
+}
+
+/// Records how an attempt ended; `Ok(false)` when the same ending was
+/// already recorded (a repeated completion).
+pub fn finish(
+    job: &mut Job,
+    attempt: u32,
+    finish: Finish,
+    now: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let state = finish.outcome.state();
+    if job.attempt != attempt {
+        return Err(StoreError::LeaseLost {
+            job: job.id,
+            attempt,
+        });
+    }
+    if job.state == state && job.exit_code == finish.exit_code {
+        return Ok(false);
+    }
+    if !job.state.can_become(state) {
+        return Err(StoreError::LeaseLost {
+            job: job.id,
+            attempt,
+        });
+    }
+    job.state = state;
+    job.exit_code = finish.exit_code;
+    job.message = finish.message;
+    job.finished_at = Some(now);
+    job.lease_expires_at = None;
+    Ok(true)
+}
+
+/// A running job whose lease ended before `now` becomes lost.
+pub fn expire(job: &mut Job, now: DateTime<Utc>) -> bool {
+    let expired =
+        job.state == JobState::Running && job.lease_expires_at.is_some_and(|until| until < now);
+    if expired {
+        job.state = JobState::Lost;
+        job.finished_at = Some(now);
+        job.lease_expires_at = None;
+        job.message = Some(format!(
+            "agent {} stopped renewing the lease",
+            job.agent_name.as_deref().unwrap_or("?")
+        ));
+    }
+    expired
+}
+
+/// Gives a running job a lease until at least `until`.
+pub fn extend(job: &mut Job, until: DateTime<Utc>) -> bool {
+    let extend = job.state == JobState::Running
+        && job.lease_expires_at.is_none_or(|current| current < until);
+    if extend {
+        job.lease_expires_at = Some(until);
+    }
+    extend
+}
