@@ -5,7 +5,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use hobotnica_common::duration::parse_duration;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::connection::{ClientIdentity, TlsOptions};
 
 /// Options of `hobotnica-agent` (also embedded in `hobot up`).
 #[derive(Clone, clap::Args)]
@@ -49,6 +54,25 @@ pub struct AgentConfig {
     /// Longest a single git command (fetch, work tree checkout) may take.
     #[arg(long, env = "HOBOTNICA_GIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub git_timeout: Duration,
+
+    /// PEM CA certificate(s) that `https://` controllers' certificates are
+    /// verified against, instead of the system's roots.
+    #[arg(long, env = "HOBOTNICA_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS (a controller started with
+    /// --client-ca).
+    #[arg(long, env = "HOBOTNICA_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-cert (keep it mode 0600).
+    #[arg(long, env = "HOBOTNICA_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+
+    /// Allow plaintext `http://` controller URLs on hosts other than
+    /// loopback: the token and the logs then cross the network unencrypted.
+    #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
 }
 
 impl AgentConfig {
@@ -82,10 +106,13 @@ impl AgentConfig {
             "at least one --controller URL is required"
         );
         for url in &self.controllers {
-            anyhow::ensure!(
-                url.starts_with("http://"),
-                "controller URL {url:?} must start with http:// (TLS is not supported yet)"
-            );
+            hobotnica_common::transport::check_url("--controller", url, self.insecure)
+                .map_err(anyhow::Error::msg)?;
+        }
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => anyhow::bail!("--client-cert needs --client-key"),
+            (None, Some(_)) => anyhow::bail!("--client-key needs --client-cert"),
+            _ => {}
         }
         anyhow::ensure!(!self.token.trim().is_empty(), "--token must not be empty");
         anyhow::ensure!(
@@ -101,6 +128,54 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Reads the TLS files named by `--ca-cert`, `--client-cert` and
+    /// `--client-key`. Errors name the file, never its contents.
+    pub fn tls_options(&self) -> anyhow::Result<TlsOptions> {
+        let read = |option: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read {option} file {}", path.display()))
+        };
+        let ca_cert = match &self.ca_cert {
+            Some(path) => {
+                let pem = read("--ca-cert", path)?;
+                let certs = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .ok()
+                    .filter(|certs| !certs.is_empty());
+                anyhow::ensure!(
+                    certs.is_some(),
+                    "--ca-cert file {} holds no PEM certificate",
+                    path.display()
+                );
+                Some(pem)
+            }
+            None => None,
+        };
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert_path), Some(key_path)) => {
+                let cert = read("--client-cert", cert_path)?;
+                anyhow::ensure!(
+                    CertificateDer::pem_slice_iter(&cert)
+                        .next()
+                        .is_some_and(|c| c.is_ok()),
+                    "--client-cert file {} holds no PEM certificate",
+                    cert_path.display()
+                );
+                let key = read("--client-key", key_path)?;
+                anyhow::ensure!(
+                    PrivateKeyDer::from_pem_slice(&key).is_ok(),
+                    "--client-key file {} holds no PEM private key",
+                    key_path.display()
+                );
+                Some(ClientIdentity { cert, key })
+            }
+            _ => None,
+        };
+        Ok(TlsOptions { ca_cert, identity })
+    }
+}
+
 /// The agent's own environment, from which a job's base variables are taken
 /// (see `hobotnica_common::env::compose`). Variables that are not valid UTF-8
 /// are skipped.
@@ -109,4 +184,90 @@ pub(crate) fn inherited_environment() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::AgentConfig;
+
+    fn parse(args: &[&str]) -> AgentConfig {
+        let command = AgentConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let mut all = vec!["--token", "hbag_0123456789abcdef"];
+        all.extend_from_slice(args);
+        let matches = command.try_get_matches_from(all).expect("parses");
+        AgentConfig::from_arg_matches(&matches).expect("parses")
+    }
+
+    fn error(args: &[&str]) -> String {
+        format!("{:#}", parse(args).validate().expect_err("must be refused"))
+    }
+
+    #[test]
+    fn plaintext_only_to_loopback_unless_insecure() {
+        parse(&["--controller", "http://127.0.0.1:8081"])
+            .validate()
+            .expect("loopback");
+        parse(&["--controller", "https://ci.example.com:8081"])
+            .validate()
+            .expect("TLS");
+        let message = error(&[
+            "--controller",
+            "https://ci.example.com,http://10.0.0.2:8081",
+        ]);
+        assert!(
+            message.contains("10.0.0.2") && message.contains("--insecure"),
+            "{message}"
+        );
+        parse(&["--controller", "http://10.0.0.2:8081", "--insecure"])
+            .validate()
+            .expect("allowed with --insecure");
+        let message = error(&["--controller", "ftp://ci.example.com"]);
+        assert!(message.contains("https://"), "{message}");
+    }
+
+    #[test]
+    fn a_client_certificate_and_its_key_come_together() {
+        let base = ["--controller", "https://ci.example.com"];
+        let message = error(&[&base[..], &["--client-cert", "a.pem"]].concat());
+        assert!(message.contains("--client-key"), "{message}");
+        let message = error(&[&base[..], &["--client-key", "k.pem"]].concat());
+        assert!(message.contains("--client-cert"), "{message}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_keys_never_echoed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "no certificate here").expect("write");
+        let config = parse(&[
+            "--controller",
+            "https://ci.example.com",
+            "--ca-cert",
+            ca.to_str().expect("utf-8"),
+        ]);
+        let message = format!("{:#}", config.tls_options().err().expect("refused"));
+        assert!(message.contains("holds no PEM certificate"), "{message}");
+
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "SECRETKEYMATERIAL").expect("write");
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let config = parse(&[
+            "--controller",
+            "https://ci.example.com",
+            "--client-cert",
+            cert.to_str().expect("utf-8"),
+            "--client-key",
+            key.to_str().expect("utf-8"),
+        ]);
+        let message = format!("{:#}", config.tls_options().err().expect("refused"));
+        assert!(message.contains("holds no PEM private key"), "{message}");
+        assert!(!message.contains("SECRETKEYMATERIAL"), "{message}");
+    }
 }

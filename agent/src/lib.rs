@@ -48,6 +48,15 @@ pub async fn run_with_stop_now(
     stop_now: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    for url in &config.controllers {
+        if hobotnica_common::transport::check_url("--controller", url, false).is_err() {
+            tracing::warn!(
+                controller = %url,
+                "INSECURE: plaintext to a non-loopback controller (--insecure); the agent \
+                 token and job logs cross the network unencrypted"
+            );
+        }
+    }
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
     let work_dir = std::fs::canonicalize(&config.work_dir)
@@ -68,7 +77,12 @@ pub async fn run_with_stop_now(
         labels: config.labels_map(),
         concurrency: config.concurrency,
     };
-    let connection = Connection::new(&config.controllers, &config.token, identity)?;
+    let connection = Connection::new(
+        &config.controllers,
+        &config.token,
+        identity,
+        &config.tls_options()?,
+    )?;
     tracing::info!(
         agent.name = %name,
         concurrency = config.concurrency,

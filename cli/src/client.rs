@@ -36,6 +36,8 @@ pub struct Connection {
     pub source: String,
     /// Where `grpc_url` came from, for error messages.
     pub grpc_source: String,
+    /// PEM CA certificate(s) from `--ca-cert`; `None`: the system's roots.
+    pub ca_cert: Option<Vec<u8>>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +72,21 @@ impl Connection {
             .clone()
             .or_else(|| from_file.as_ref().map(|file| file.grpc_url.clone()))
             .unwrap_or_else(|| DEFAULT_GRPC_URL.to_owned());
+        for (what, url, source) in [("REST", &url, &source), ("gRPC", &grpc_url, &grpc_source)] {
+            hobotnica_common::transport::check_url(
+                &format!("the {what} URL from {source}"),
+                url,
+                global.insecure,
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
+        let ca_cert =
+            match &global.ca_cert {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("cannot read the --ca-cert file {}", path.display())
+                })?),
+                None => None,
+            };
         let token = match &global.token {
             Some(token) => Some(token.clone()),
             None => read_token_file(&global.data_dir.join(ADMIN_TOKEN_FILE))?,
@@ -80,6 +97,7 @@ impl Connection {
             token,
             source,
             grpc_source,
+            ca_cert,
         })
     }
 }
@@ -176,13 +194,22 @@ pub struct Unreachable {
 
 impl fmt::Display for Unreachable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
+        writeln!(
             f,
-            "cannot reach the controller at {} (from {}): {}\n\
-             hint: start one with `hobot up`, or point --url / HOBOTNICA_URL \
-             (and --token / HOBOTNICA_TOKEN) at a running controller",
+            "cannot reach the controller at {} (from {}): {}",
             self.url, self.source_hint, self.cause
-        )
+        )?;
+        if self.cause.contains("certificate") {
+            f.write_str(
+                "hint: the controller's TLS certificate was not accepted; give the CA \
+                 that issued it with --ca-cert / HOBOTNICA_CA_CERT",
+            )
+        } else {
+            f.write_str(
+                "hint: start one with `hobot up`, or point --url / HOBOTNICA_URL \
+                 (and --token / HOBOTNICA_TOKEN) at a running controller",
+            )
+        }
     }
 }
 
@@ -206,11 +233,17 @@ pub struct Client {
 
 impl Client {
     pub fn new(connection: Connection) -> anyhow::Result<Client> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("hobot/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("cannot build the HTTP client")?;
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(pem) = &connection.ca_cert {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .ok()
+                .filter(|certs| !certs.is_empty())
+                .context("the --ca-cert file holds no PEM certificate")?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
         Ok(Client { http, connection })
     }
 

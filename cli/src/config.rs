@@ -50,6 +50,17 @@ pub struct GlobalArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// PEM CA certificate(s) that an `https://` controller's certificate is
+    /// verified against (REST and gRPC), instead of the system's roots.
+    #[arg(long, global = true, env = "HOBOTNICA_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Allow plaintext `http://` URLs on hosts other than loopback: the
+    /// token then crosses the network unencrypted. (`hobot up`: serve
+    /// plaintext on a non-loopback address.)
+    #[arg(long, global = true, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -226,6 +237,33 @@ mod tests {
 
         let cli = Cli::try_parse_from(["hobot", "up", "--data-dir", "/tmp/y"]).expect("parses");
         assert_eq!(cli.global.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn tls_options_reach_up_and_the_clients() {
+        let cli = Cli::try_parse_from([
+            "hobot",
+            "up",
+            "--insecure",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--client-ca",
+            "ca.pem",
+        ])
+        .expect("parses");
+        assert!(cli.global.insecure);
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert!(up.controller.insecure && up.controller.tls_enabled());
+        assert_eq!(up.controller.client_ca, Some(PathBuf::from("ca.pem")));
+
+        let cli =
+            Cli::try_parse_from(["hobot", "repos", "ls", "--ca-cert", "ca.pem"]).expect("parses");
+        assert_eq!(cli.global.ca_cert, Some(PathBuf::from("ca.pem")));
+        assert!(!cli.global.insecure);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hobotnica_common::proto::{JobEnd, TailRequest, tail_response};
 use tokio::io::AsyncWriteExt as _;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::client::{Client, Unreachable};
 
@@ -115,9 +115,23 @@ async fn tail_once(
             cause,
         }))
     };
-    let endpoint = Endpoint::from_shared(grpc_url.clone())
+    let mut endpoint = Endpoint::from_shared(grpc_url.clone())
         .map_err(|err| Interrupted::Fatal(anyhow::anyhow!("invalid gRPC URL {grpc_url}: {err}")))?
         .connect_timeout(CONNECT_TIMEOUT);
+    if endpoint.uri().scheme_str() == Some("https") {
+        // The given CA, else the system's roots: verification is never off.
+        let tls = ClientTlsConfig::new();
+        let tls = match &client.connection.ca_cert {
+            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        endpoint = endpoint.tls_config(tls).map_err(|err| {
+            Interrupted::Fatal(anyhow::anyhow!(
+                "cannot set up TLS for {grpc_url}: {err} (give the CA with --ca-cert / \
+                 HOBOTNICA_CA_CERT)"
+            ))
+        })?;
+    }
     let channel = endpoint
         .connect()
         .await

@@ -1,7 +1,9 @@
 //! `hobot up`: a controller (embedded store) and local agents in one process.
 //!
 //! Tasks, who stops them and in which order:
-//! - the controller's `serve`, spawned here, owns the listeners and the
+//! - the controller's `serve_with_local_grpc`, spawned here, owns the
+//!   listeners (the public ones, TLS with `--tls-cert`, and a plaintext
+//!   gRPC listener on 127.0.0.1 that only the local agents use) and the
 //!   store; it ends when `controller_shutdown` is cancelled, which happens
 //!   only after every agent has ended;
 //! - one `hobotnica_agent::run` per local agent, spawned here into a
@@ -21,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hobotnica_agent::AgentConfig;
 use hobotnica_controller::{Controller, Listeners};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -62,16 +65,26 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let listeners = Listeners::bind(&config).await?;
     let http_addr = reachable(listeners.http.local_addr()?);
     let grpc_addr = reachable(listeners.grpc.local_addr()?);
+    // The local agents get a plaintext gRPC listener of their own on
+    // loopback: they need neither the CA nor a client certificate when the
+    // public listeners speak TLS, and their traffic never leaves the host.
+    let local_grpc = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .context("cannot listen on 127.0.0.1 for the local agents")?;
+    let local_grpc_addr = local_grpc.local_addr()?;
 
     let shutdown = CancellationToken::new();
     let controller_shutdown = CancellationToken::new();
-    let mut controller_task =
-        tokio::spawn(controller.serve(listeners, controller_shutdown.clone()));
+    let mut controller_task = tokio::spawn(controller.serve_with_local_grpc(
+        listeners,
+        Some(local_grpc),
+        controller_shutdown.clone(),
+    ));
 
     let mut agent_tasks = JoinSet::new();
     for i in 1..=agents {
         let agent_config = local_agent_config(LocalAgent {
-            controller: format!("http://{grpc_addr}"),
+            controller: format!("http://{local_grpc_addr}"),
             token: agent_token.clone(),
             name: format!("local-{i}"),
             labels: agent_labels.clone(),
@@ -81,16 +94,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
     }
 
+    let scheme = if config.tls_enabled() {
+        "https"
+    } else {
+        "http"
+    };
     let url = config
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{http_addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(
         stdout,
         "Hobotnica is up ({agents} local agent{}, data in {})\n\
          \x20 REST API:    {url}\n\
-         \x20 gRPC:        http://{grpc_addr}\n\
+         \x20 gRPC:        {scheme}://{grpc_addr}\n\
          \x20 API docs:    {url}/api/docs\n\
          \x20 admin token: {admin_token}\n\
          `hobot` commands run from this directory use this controller. Ctrl-C stops it.",

@@ -11,6 +11,7 @@ pub mod job;
 pub mod logs;
 pub mod proto;
 pub mod token;
+pub mod transport;
 pub mod validate;
 
 /// The build version of every Hobotnica binary (one workspace version).

@@ -46,10 +46,42 @@ pub struct ControllerConfig {
     #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Finished jobs and their logs are deleted after this long.
+    #[arg(long, env = "HOBOTNICA_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Only the newest this many jobs of each repository are kept.
+    #[arg(
+        long,
+        env = "HOBOTNICA_RETENTION_JOBS_PER_REPO",
+        default_value_t = 1000
+    )]
+    pub retention_jobs_per_repo: usize,
+
     /// The URL users reach the REST API at (used in links); defaults to
-    /// `http://<listen>`.
+    /// `http://<listen>` (`https://` with TLS).
     #[arg(long, env = "HOBOTNICA_PUBLIC_URL")]
     pub public_url: Option<String>,
+
+    /// PEM certificate chain (leaf first) for both listeners; with
+    /// --tls-key, REST and gRPC speak TLS only.
+    #[arg(long, env = "HOBOTNICA_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (keep it mode 0600).
+    #[arg(long, env = "HOBOTNICA_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS for agents: PEM CA certificate(s) that agents' client
+    /// certificates must be issued by. Agents without one are refused;
+    /// `hobot logs` (admin token) needs none. Requires --tls-cert.
+    #[arg(long, env = "HOBOTNICA_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Allow plaintext (no --tls-cert) on a non-loopback address. Tokens
+    /// and logs then cross the network unencrypted.
+    #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
 }
 
 impl ControllerConfig {
@@ -77,6 +109,54 @@ impl ControllerConfig {
                 "--agent-token must be at least 16 characters"
             );
         }
+        self.validate_tls()?;
+        // Read the certificate and key now, so that a bad file fails the
+        // start before anything listens.
+        crate::tls::ServerTls::load(self)?;
+        Ok(())
+    }
+
+    /// Whether both listeners speak TLS (`--tls-cert` and `--tls-key`).
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+
+    /// The listen addresses that are not loopback (where plaintext needs
+    /// `--insecure`).
+    pub fn non_loopback_addrs(&self) -> Vec<SocketAddr> {
+        [self.listen, self.grpc_listen]
+            .into_iter()
+            .filter(|addr| !addr.ip().to_canonical().is_loopback())
+            .collect()
+    }
+
+    /// TLS options: a certificate and its key come together, client
+    /// certificates need TLS, and plaintext stays on loopback unless
+    /// `--insecure`.
+    fn validate_tls(&self) -> anyhow::Result<()> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => anyhow::bail!(
+                "--tls-cert needs --tls-key (HOBOTNICA_TLS_KEY): the certificate's private key"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "--tls-key needs --tls-cert (HOBOTNICA_TLS_CERT): the certificate chain of that key"
+            ),
+            _ => {}
+        }
+        anyhow::ensure!(
+            self.client_ca.is_none() || self.tls_enabled(),
+            "--client-ca needs --tls-cert and --tls-key: client certificates are checked in the TLS handshake"
+        );
+        if !self.tls_enabled()
+            && !self.insecure
+            && let Some(addr) = self.non_loopback_addrs().first()
+        {
+            anyhow::bail!(
+                "refusing to serve plaintext on {addr}, which is not a loopback address: \
+                 give --tls-cert and --tls-key (HOBOTNICA_TLS_CERT, HOBOTNICA_TLS_KEY), \
+                 or --insecure (HOBOTNICA_INSECURE=true) to send tokens and logs unencrypted"
+            );
+        }
         Ok(())
     }
 
@@ -93,4 +173,93 @@ pub fn process_base_env() -> Vec<(String, String)> {
     std::env::vars()
         .filter(|(name, _)| matches!(name.as_str(), "PATH" | "HOME" | "LANG"))
         .collect()
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::ControllerConfig;
+
+    fn parse(args: &[&str]) -> ControllerConfig {
+        let command = ControllerConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let matches = command.try_get_matches_from(args).expect("parses");
+        ControllerConfig::from_arg_matches(&matches).expect("parses")
+    }
+
+    /// The TLS option checks (the files named here do not exist).
+    fn error(args: &[&str]) -> String {
+        let config = parse(args);
+        format!("{:#}", config.validate_tls().expect_err("must be refused"))
+    }
+
+    #[test]
+    fn defaults_are_plaintext_on_loopback() {
+        let config = parse(&[]);
+        assert!(!config.tls_enabled());
+        config.validate().expect("valid");
+        parse(&["--listen", "[::1]:8080", "--grpc-listen", "127.0.0.2:8081"])
+            .validate()
+            .expect("loopback");
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_come_together() {
+        let message = error(&["--tls-cert", "c.pem"]);
+        assert!(message.contains("--tls-key"), "{message}");
+        let message = error(&["--tls-key", "k.pem"]);
+        assert!(message.contains("--tls-cert"), "{message}");
+        let config = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]);
+        assert!(config.tls_enabled());
+        config.validate_tls().expect("valid");
+        let message = format!("{:#}", config.validate().expect_err("no such file"));
+        assert!(
+            message.contains("cannot read --tls-cert file c.pem"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn client_certificates_need_tls() {
+        let message = error(&["--client-ca", "ca.pem"]);
+        assert!(
+            message.contains("--client-ca needs --tls-cert"),
+            "{message}"
+        );
+        parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--client-ca",
+            "ca.pem",
+        ])
+        .validate_tls()
+        .expect("valid");
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_insecure() {
+        for args in [
+            &["--listen", "0.0.0.0:8080"][..],
+            &["--grpc-listen", "10.1.2.3:8081"][..],
+            &["--listen", "[::]:8080"][..],
+        ] {
+            let message = error(args);
+            assert!(
+                message.contains("refusing to serve plaintext")
+                    && message.contains("--tls-cert")
+                    && message.contains("--insecure"),
+                "{args:?}: {message}"
+            );
+            let mut insecure = args.to_vec();
+            insecure.push("--insecure");
+            parse(&insecure)
+                .validate()
+                .expect("allowed with --insecure");
+            let mut tls = args.to_vec();
+            tls.extend(["--tls-cert", "c.pem", "--tls-key", "k.pem"]);
+            parse(&tls).validate_tls().expect("allowed with TLS");
+        }
+    }
 }

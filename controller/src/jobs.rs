@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
 use crate::services::{Services, agent_connected};
-use crate::store::{JobFilter, NewJob};
+use crate::store::{JobFilter, NewJob, Retention};
 
 /// Most one-time variables a trigger may carry.
 pub const MAX_ENV_VARS: usize = 200;
@@ -178,10 +178,29 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
     let period = (services.config.lease_timeout / 4).max(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut store_was_down = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        // After the store was unreachable, agents could not renew: give every
+        // running job a fresh lease before expiring any.
+        if store_was_down {
+            match services
+                .store
+                .extend_leases(services.lease_until(Utc::now()))
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!("store reachable again: running leases extended");
+                    store_was_down = false;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "store still unreachable");
+                    continue;
+                }
+            }
         }
         match services.store.expire_leases(Utc::now()).await {
             Ok(lost) => {
@@ -196,7 +215,49 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
                     }
                 }
             }
-            Err(err) => tracing::warn!(error = %err, "lease expiry check failed"),
+            Err(err) => {
+                tracing::warn!(error = %err, "lease expiry check failed");
+                store_was_down = true;
+            }
+        }
+    }
+}
+
+/// How often finished jobs' logs are archived.
+pub const ARCHIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the retention policy is applied.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Archives finished logs and applies the retention policy, until
+/// `shutdown`. Every controller runs it; the store makes each step safe to
+/// run concurrently.
+pub async fn maintenance(services: Services, shutdown: CancellationToken) {
+    let retention = Retention {
+        max_age: services.config.retention,
+        max_jobs_per_repo: services.config.retention_jobs_per_repo,
+    };
+    let mut archive = tokio::time::interval(ARCHIVE_INTERVAL);
+    let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+    archive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = archive.tick() => {
+                let finished_before = Utc::now() - ARCHIVE_INTERVAL;
+                match services.store.archive_logs(finished_before).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::debug!(count, "logs archived"),
+                    Err(err) => tracing::warn!(error = %err, "archiving logs failed"),
+                }
+            }
+            _ = prune.tick() => {
+                match services.store.prune(&retention, Utc::now()).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(count, "old jobs deleted (retention)"),
+                    Err(err) => tracing::warn!(error = %err, "applying the retention policy failed"),
+                }
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ mod logs;
 mod projects;
 mod services;
 pub mod store;
+mod tls;
 
 pub use config::ControllerConfig;
 
@@ -144,23 +145,56 @@ impl Controller {
     }
 
     /// Serves REST and gRPC until `shutdown` is cancelled, then lets
-    /// in-flight requests finish and returns.
+    /// in-flight requests finish and returns. With `--tls-cert`, both
+    /// listeners speak TLS only.
     pub async fn serve(
         self,
         listeners: Listeners,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.serve_with_local_grpc(listeners, None, shutdown).await
+    }
+
+    /// Like [`Controller::serve`], plus plaintext gRPC on `local_grpc`, a
+    /// loopback listener for the in-process agents of `hobot up`: they need
+    /// no certificate when the public listeners speak TLS, and no client
+    /// certificate under `--client-ca`.
+    pub async fn serve_with_local_grpc(
+        self,
+        listeners: Listeners,
+        local_grpc: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let services = self.services;
+        let tls = tls::ServerTls::load(&services.config)?;
+        if let Some(local) = &local_grpc {
+            let addr = local.local_addr()?;
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "the local agents' gRPC listener must be on loopback, not {addr}"
+            );
+        }
+        if tls.is_none() {
+            for addr in services.config.non_loopback_addrs() {
+                tracing::warn!(
+                    %addr,
+                    "INSECURE: serving plaintext on a non-loopback address (--insecure); \
+                     agent and admin tokens and logs cross the network unencrypted. \
+                     Use --tls-cert and --tls-key."
+                );
+            }
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let http_addr = listeners.http.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         let public_url = services
             .config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
         let endpoints = serde_json::json!({
             "url": public_url,
-            "grpc_url": format!("http://{grpc_addr}"),
+            "grpc_url": format!("{scheme}://{grpc_addr}"),
         });
         write_private_file(
             &services.config.data_dir.join("controller.json"),
@@ -169,36 +203,85 @@ impl Controller {
 
         let tasks = TaskTracker::new();
         tasks.spawn(jobs::lease_reaper(services.clone(), shutdown.clone()));
+        tasks.spawn(jobs::maintenance(services.clone(), shutdown.clone()));
 
-        let agent_service = AgentServiceServer::new(grpc::AgentGrpc::new(
-            services.clone(),
-            shutdown.clone(),
-            tasks.clone(),
-        ));
-        let log_service = LogServiceServer::new(grpc::LogGrpc::new(services.clone()));
-        let grpc_shutdown = shutdown.clone();
-        let grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .add_service(agent_service)
-            .add_service(log_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-                grpc_shutdown.cancelled().await
-            });
+        // One router per listener; `require_agent_cert` is mutual TLS for
+        // AgentService (`--client-ca`).
+        let grpc_router = |require_agent_cert: bool| {
+            let agent_service = AgentServiceServer::with_interceptor(
+                grpc::AgentGrpc::new(services.clone(), shutdown.clone(), tasks.clone()),
+                tls::RequireClientCert {
+                    required: require_agent_cert,
+                },
+            );
+            let log_service = LogServiceServer::new(grpc::LogGrpc::new(services.clone()));
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+                .add_service(agent_service)
+                .add_service(log_service)
+        };
+        let cancelled = |token: &CancellationToken| {
+            let token = token.clone();
+            async move { token.cancelled().await }
+        };
 
-        let http_shutdown = shutdown.clone();
-        let http = axum::serve(listeners.http, http::router(services.clone()))
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+        let grpc: BoxFuture<'_, Result<(), tonic::transport::Error>> = match &tls {
+            Some(tls) => Box::pin(
+                grpc_router(tls.require_agent_cert).serve_with_incoming_shutdown(
+                    tls::TlsListener::new(listeners.grpc, tls.grpc.clone()).into_stream(),
+                    cancelled(&shutdown),
+                ),
+            ),
+            None => Box::pin(grpc_router(false).serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                cancelled(&shutdown),
+            )),
+        };
+        let local_grpc = async {
+            match local_grpc {
+                Some(listener) => {
+                    grpc_router(false)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            cancelled(&shutdown),
+                        )
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
 
-        tracing::info!(%http_addr, %grpc_addr, "controller serving");
-        let (http_result, grpc_result) = tokio::join!(http, grpc);
+        let router = http::router(services.clone());
+        let http: BoxFuture<'_, std::io::Result<()>> = match &tls {
+            Some(tls) => Box::pin(
+                axum::serve(
+                    tls::TlsListener::new(listeners.http, tls.rest.clone()),
+                    router,
+                )
+                .with_graceful_shutdown(cancelled(&shutdown))
+                .into_future(),
+            ),
+            None => Box::pin(
+                axum::serve(listeners.http, router)
+                    .with_graceful_shutdown(cancelled(&shutdown))
+                    .into_future(),
+            ),
+        };
+
+        tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), "controller serving");
+        let (http_result, grpc_result, local_result) = tokio::join!(http, grpc, local_grpc);
         tasks.close();
         tasks.wait().await;
         http_result.context("the REST server failed")?;
         grpc_result.context("the gRPC server failed")?;
+        local_result.context("the local agents' gRPC server failed")?;
         tracing::info!("controller stopped");
         Ok(())
     }
 }
+
+/// A boxed server future (the TLS and plaintext servers differ in type).
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Tracing to stderr, filtered by `HOBOTNICA_LOG` (default `info`).
 pub fn init_tracing() {
@@ -224,6 +307,7 @@ pub async fn shutdown_on_signal(shutdown: CancellationToken) {
             let _ = ctrl_c.await;
         }
     }
-    tracing::info!("shutting down");
+    // Cancel first: logging may fail (a closed stderr) and must not stop it.
     shutdown.cancel();
+    tracing::info!("shutting down");
 }

@@ -34,6 +34,12 @@ pub struct AgentOpts {
     pub drain_timeout: Duration,
     /// More variables in the agent's own environment.
     pub env: Vec<(String, String)>,
+    /// With a TLS controller, verify it with the test CA (`--ca-cert`);
+    /// without, the agent has only the system's roots.
+    pub trust_controller_ca: bool,
+    /// Present the test PKI's client certificate (`--client-cert`,
+    /// `--client-key`).
+    pub client_cert: bool,
 }
 
 impl Default for AgentOpts {
@@ -44,6 +50,8 @@ impl Default for AgentOpts {
             labels: Vec::new(),
             drain_timeout: Duration::from_secs(30),
             env: Vec::new(),
+            trust_controller_ca: true,
+            client_cert: false,
         }
     }
 }
@@ -63,6 +71,13 @@ impl Agent {
 
     /// Starts an agent and waits until the controller lists it connected.
     pub async fn start(controller: &Controller, opts: AgentOpts) -> Agent {
+        let mut agent = Agent::spawn(controller, opts);
+        agent.wait_connected(&controller.api()).await;
+        agent
+    }
+
+    /// Starts an agent without waiting for it to connect.
+    pub fn spawn(controller: &Controller, opts: AgentOpts) -> Agent {
         crate::init();
         let dir = tempfile::Builder::new()
             .prefix("hobotnica-agent-")
@@ -85,6 +100,19 @@ impl Agent {
             "--drain-timeout".into(),
             format!("{}ms", opts.drain_timeout.as_millis()).into(),
         ];
+        if let Some(pki) = &controller.pki {
+            if opts.trust_controller_ca {
+                args.extend(["--ca-cert".into(), pki.ca_cert.clone().into()]);
+            }
+            if opts.client_cert {
+                args.extend([
+                    "--client-cert".into(),
+                    pki.client_cert.clone().into(),
+                    "--client-key".into(),
+                    pki.client_key.clone().into(),
+                ]);
+            }
+        }
         if !opts.labels.is_empty() {
             let labels: Vec<String> = opts
                 .labels
@@ -116,13 +144,11 @@ impl Agent {
             cwd: Some(dir.path().to_path_buf()),
             log_dir: dir.path().to_path_buf(),
         };
-        let mut agent = Agent {
+        Agent {
             name,
             daemon: Daemon::spawn(spec),
             dir,
-        };
-        agent.wait_connected(&controller.api()).await;
-        agent
+        }
     }
 
     /// Waits until the controller lists this agent as connected, and
@@ -180,6 +206,11 @@ impl Agent {
     /// Its stdout and stderr so far.
     pub fn output(&self) -> String {
         self.daemon.output()
+    }
+
+    /// The exit status, once it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.daemon.try_exit()
     }
 }
 

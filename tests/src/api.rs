@@ -114,11 +114,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 impl Api {
     /// A client sending `Authorization: Bearer <token>`.
     pub fn new(base: impl Into<String>, token: Option<&str>) -> Api {
+        Api::with_ca(base, token, None)
+    }
+
+    /// Like [`Api::new`], trusting only the CA in `ca_pem` for `https://`
+    /// when given.
+    pub fn with_ca(base: impl Into<String>, token: Option<&str>, ca_pem: Option<&[u8]>) -> Api {
         crate::init();
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .expect("reqwest client");
+        let mut http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+        if let Some(pem) = ca_pem {
+            http = http.tls_certs_only([reqwest::Certificate::from_pem(pem).expect("CA PEM")]);
+        }
+        let http = http.build().expect("reqwest client");
         Api {
             base: base.into(),
             token: token.map(str::to_owned),

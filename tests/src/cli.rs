@@ -1,6 +1,6 @@
 //! Running `hobot` as a user would: against a test controller (through
-//! `HOBOTNICA_URL`, `HOBOTNICA_GRPC_URL` and `HOBOTNICA_TOKEN`) or in a
-//! directory where `hobot up` runs.
+//! `HOBOTNICA_URL`, `HOBOTNICA_GRPC_URL`, `HOBOTNICA_TOKEN` and, with TLS,
+//! `HOBOTNICA_CA_CERT`) or in a directory where `hobot up` runs.
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -60,6 +60,9 @@ pub fn command(controller: Option<&Controller>, cwd: &Path) -> tokio::process::C
             .env("HOBOTNICA_URL", controller.url())
             .env("HOBOTNICA_GRPC_URL", controller.grpc_url())
             .env("HOBOTNICA_TOKEN", &controller.admin_token);
+        if let Some(pki) = &controller.pki {
+            command.env("HOBOTNICA_CA_CERT", &pki.ca_cert);
+        }
     }
     command
         .current_dir(cwd)

@@ -12,6 +12,7 @@ use crate::api::Api;
 use crate::bins;
 use crate::daemon::{Daemon, Spec};
 use crate::net::free_addr;
+use crate::tls::TestPki;
 use crate::wait::POLL_INTERVAL;
 
 /// How long a controller may take to answer `/readyz` after it starts.
@@ -26,6 +27,10 @@ pub struct ControllerOpts {
     pub kill_grace: Duration,
     /// More flags.
     pub extra_args: Vec<String>,
+    /// Serve TLS with a certificate from a fresh test CA ([`Controller::pki`]).
+    pub tls: bool,
+    /// `--client-ca`: agents must present a client certificate of that CA.
+    pub client_ca: bool,
 }
 
 impl Default for ControllerOpts {
@@ -34,6 +39,8 @@ impl Default for ControllerOpts {
             lease_timeout: Duration::from_secs(2),
             kill_grace: Duration::from_secs(1),
             extra_args: Vec::new(),
+            tls: false,
+            client_ca: false,
         }
     }
 }
@@ -45,6 +52,8 @@ pub struct Controller {
     pub admin_token: String,
     pub agent_token: String,
     pub opts: ControllerOpts,
+    /// The test CA and certificates, when it serves TLS.
+    pub pki: Option<TestPki>,
     daemon: Daemon,
     dir: TempDir,
 }
@@ -83,6 +92,18 @@ impl Controller {
             "--kill-grace".into(),
             duration_flag(opts.kill_grace).into(),
         ];
+        let pki = opts.tls.then(|| TestPki::create(&dir.path().join("pki")));
+        if let Some(pki) = &pki {
+            args.extend([
+                "--tls-cert".into(),
+                pki.server_cert.clone().into(),
+                "--tls-key".into(),
+                pki.server_key.clone().into(),
+            ]);
+            if opts.client_ca {
+                args.extend(["--client-ca".into(), pki.ca_cert.clone().into()]);
+            }
+        }
         args.extend(opts.extra_args.iter().map(OsString::from));
         let spec = Spec {
             name: "controller".to_owned(),
@@ -103,6 +124,7 @@ impl Controller {
             admin_token,
             agent_token,
             opts,
+            pki,
             daemon: Daemon::spawn(spec),
             dir,
         };
@@ -111,10 +133,13 @@ impl Controller {
     }
 
     async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("reqwest client");
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(2));
+        if let Some(pki) = &self.pki {
+            http = http.tls_certs_only([
+                reqwest::Certificate::from_pem(&pki.ca_pem()).expect("CA certificate")
+            ]);
+        }
+        let http = http.build().expect("reqwest client");
         let url = format!("{}/readyz", self.url());
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -137,19 +162,25 @@ impl Controller {
         }
     }
 
-    /// `http://<rest address>`.
+    /// `http` or, with TLS, `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.pki.is_some() { "https" } else { "http" }
+    }
+
+    /// `http(s)://<rest address>`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("{}://{}", self.scheme(), self.http_addr)
     }
 
-    /// `http://<grpc address>`, what agents and `hobot logs` connect to.
+    /// `http(s)://<grpc address>`, what agents and `hobot logs` connect to.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("{}://{}", self.scheme(), self.grpc_addr)
     }
 
-    /// A REST client with the admin token.
+    /// A REST client with the admin token (trusting the test CA with TLS).
     pub fn api(&self) -> Api {
-        Api::new(self.url(), Some(&self.admin_token))
+        let ca_pem = self.pki.as_ref().map(TestPki::ca_pem);
+        Api::with_ca(self.url(), Some(&self.admin_token), ca_pem.as_deref())
     }
 
     /// The data directory (kept across restarts).

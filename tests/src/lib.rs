@@ -23,6 +23,8 @@ pub mod git;
 pub mod net;
 pub mod output;
 pub mod procs;
+pub mod redis;
+pub mod tls;
 pub mod wait;
 
 pub use agent::{Agent, AgentOpts};

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use hobotnica_tests::git::{BIG_OUTPUT_BYTES, INTERLEAVED_OUTPUT, big_output_sha256};
 use hobotnica_tests::output::make_output;
 use hobotnica_tests::procs::{processes_in_dir, processes_with_env, signal_all};
-use hobotnica_tests::{Agent, AgentOpts, Api, Controller, GitRepo, JobState, cli, net, wait_until};
+use hobotnica_tests::{
+    Agent, AgentOpts, Api, Controller, ControllerOpts, GitRepo, JobState, cli, net, wait_until,
+};
 use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -1101,4 +1103,321 @@ async fn a_revoked_per_agent_token_disconnects_its_agent() {
         .raw(Method::DELETE, &format!("/api/v1/agent-tokens/{id}"), None)
         .await;
     again.assert_problem(404);
+}
+
+/// A controller serving TLS (and, with `client_ca`, asking agents for a
+/// client certificate) with `local/demo` registered.
+async fn tls_controller(client_ca: bool) -> (Controller, GitRepo, Api) {
+    let controller = Controller::start(ControllerOpts {
+        tls: true,
+        client_ca,
+        ..ControllerOpts::default()
+    })
+    .await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    assert!(api.base.starts_with("https://"), "{}", api.base);
+    api.register_repo("demo", &repo.url()).await;
+    (controller, repo, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_end_to_end_over_tls() {
+    let (controller, _repo, api) = tls_controller(false).await;
+    let agent = Agent::start_default(&controller).await;
+
+    // controller.json tells local `hobot`s to use https.
+    let urls: Value = serde_json::from_slice(
+        &std::fs::read(controller.data_dir().join("controller.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(urls["url"], controller.url());
+    assert_eq!(urls["grpc_url"], controller.grpc_url());
+
+    // Both listeners speak TLS only.
+    let plain = reqwest::Client::new();
+    for addr in [controller.http_addr, controller.grpc_addr] {
+        let answer = plain.get(format!("http://{addr}/readyz")).send().await;
+        assert!(
+            answer.as_ref().map_or(true, |r| !r.status().is_success()),
+            "plaintext on {addr} answered: {answer:?}"
+        );
+    }
+
+    let job = api.run_target(REPO, "interleave").await;
+    let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert_eq!(done.agent.as_deref(), Some(agent.name.as_str()));
+    assert_eq!(api.output(job.id).await, INTERLEAVED_OUTPUT);
+
+    // hobot over https (REST) and TLS gRPC (logs -f), trusting the test CA
+    // through HOBOTNICA_CA_CERT.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = cli::run(Some(&controller), cwd.path(), &["repos", "ls"]).await;
+    assert!(out.success().contains(REPO), "{out:#?}");
+    let gate = controller.scratch_dir("gate").join("open");
+    let gate_env = format!("E2E_GATE={}", gate.display());
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["run", "demo", "gate", "--env", &gate_env],
+    )
+    .await;
+    let gate_id: u64 = out.success().trim().parse().expect("run prints the job id");
+    api.wait_for_log(gate_id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    let follower = cli::command(Some(&controller), cwd.path())
+        .args(["logs", "-f", &gate_id.to_string()])
+        .spawn()
+        .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let out = cli::finish(follower, &["logs", "-f"]).await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    assert_eq!(out.stdout, api.log(gate_id).await);
+    assert_eq!(
+        text(&make_output(&out.stdout)),
+        "waiting for the gate\ngate opened\n"
+    );
+
+    // Without the CA, hobot refuses the certificate and says what to do.
+    let out = cli::command(Some(&controller), cwd.path())
+        .env_remove("HOBOTNICA_CA_CERT")
+        .args(["repos", "ls"])
+        .spawn()
+        .unwrap();
+    let out = cli::finish(out, &["repos", "ls"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains("certificate") && out.stderr.contains("--ca-cert"),
+        "{out:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_the_ca_refuses_the_controllers_certificate() {
+    let (controller, _repo, api) = tls_controller(false).await;
+    let agent = Agent::spawn(
+        &controller,
+        AgentOpts {
+            trust_controller_ca: false,
+            ..AgentOpts::default()
+        },
+    );
+    let job = api.run_target(REPO, "test").await;
+    wait_until(
+        JOB_TIMEOUT,
+        "the agent to report the certificate error",
+        || {
+            let output = agent.output().to_lowercase();
+            async move { output.contains("certificate") }
+        },
+    )
+    .await;
+    let listed = api.agents().await;
+    assert!(
+        !listed
+            .iter()
+            .any(|a| a["name"] == agent.name.as_str() && a["connected"] == true),
+        "{listed:?}"
+    );
+    assert_eq!(
+        api.job(job.id).await.state,
+        JobState::Queued,
+        "{}",
+        agent.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_client_ca_only_agents_with_a_client_certificate_take_jobs() {
+    let (controller, _repo, api) = tls_controller(true).await;
+    let job = api.run_target(REPO, "test").await;
+
+    // Without a client certificate: refused for good, no job taken.
+    let mut refused = Agent::spawn(&controller, AgentOpts::default());
+    let status = refused.wait(JOB_TIMEOUT).await;
+    assert!(!status.success(), "{}", refused.output());
+    assert!(
+        refused.output().contains("client certificate"),
+        "{}",
+        refused.output()
+    );
+    assert_eq!(api.job(job.id).await.state, JobState::Queued);
+
+    // With one issued by the client CA: runs the job.
+    let agent = Agent::start(
+        &controller,
+        AgentOpts {
+            client_cert: true,
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert_eq!(done.agent.as_deref(), Some(agent.name.as_str()));
+
+    // Operators tail logs over the same gRPC listener without a client
+    // certificate (the admin token is their credential).
+    let cwd = tempfile::tempdir().unwrap();
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["logs", "-f", &job.id.to_string()],
+    )
+    .await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    assert_eq!(out.stdout, api.log(job.id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_refuses_plaintext_on_a_non_loopback_address_unless_insecure() {
+    use hobotnica_tests::daemon::{Daemon, Spec};
+
+    hobotnica_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let http = net::free_addr();
+    let grpc = net::free_addr();
+    let spec = |name: &str, extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--data-dir".into(),
+            dir.path().join(name).into(),
+            "--listen".into(),
+            format!("0.0.0.0:{}", http.port()).into(),
+            "--grpc-listen".into(),
+            grpc.to_string().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        Spec {
+            name: name.to_owned(),
+            program: hobotnica_tests::bins::bin(hobotnica_tests::bins::CONTROLLER),
+            args,
+            env: vec![("HOBOTNICA_LOG".into(), "info".into())],
+            cwd: Some(dir.path().to_path_buf()),
+            log_dir: dir.path().to_path_buf(),
+        }
+    };
+
+    let mut refused = Daemon::spawn(spec("refused", &[]));
+    let status = refused.wait(Duration::from_secs(30)).await;
+    assert!(!status.success(), "{}", refused.output());
+    let stderr = refused.stderr();
+    assert!(
+        stderr.contains("refusing to serve plaintext on 0.0.0.0")
+            && stderr.contains("--tls-cert")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+
+    let mut insecure = Daemon::spawn(spec("insecure", &["--insecure"]));
+    let api = Api::new(format!("http://{http}"), None);
+    wait_until(
+        Duration::from_secs(30),
+        "the --insecure controller to answer",
+        || {
+            assert!(insecure.is_running(), "{}", insecure.output());
+            let api = api.clone();
+            async move { api.raw(Method::GET, "/readyz", None).await.status == 200 }
+        },
+    )
+    .await;
+    assert!(
+        insecure.stderr().contains("INSECURE"),
+        "{}",
+        insecure.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate() {
+    use hobotnica_tests::daemon::{Daemon, Spec};
+    use hobotnica_tests::tls::TestPki;
+
+    hobotnica_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().join("project");
+    std::fs::create_dir(&cwd).unwrap();
+    let pki = TestPki::create(&dir.path().join("pki"));
+    let repo = GitRepo::new();
+    let http = net::free_addr();
+    let grpc = net::free_addr();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let args = [
+        "up".to_owned(),
+        "--listen".to_owned(),
+        http.to_string(),
+        "--grpc-listen".to_owned(),
+        grpc.to_string(),
+        "--tls-cert".to_owned(),
+        path(&pki.server_cert),
+        "--tls-key".to_owned(),
+        path(&pki.server_key),
+        // Remote agents would need a client certificate; local ones do not.
+        "--client-ca".to_owned(),
+        path(&pki.ca_cert),
+    ];
+    let mut up = Daemon::spawn(Spec {
+        name: "hobot-up-tls".to_owned(),
+        program: hobotnica_tests::bins::bin(hobotnica_tests::bins::HOBOT),
+        args: args.iter().map(Into::into).collect(),
+        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
+        cwd: Some(cwd.clone()),
+        log_dir: dir.path().to_path_buf(),
+    });
+    let data_dir = cwd.join(".hobotnica");
+    let controller_file = data_dir.join("controller.json");
+    wait_until(
+        Duration::from_secs(30),
+        "hobot up to write controller.json",
+        || {
+            assert!(up.is_running(), "{}", up.output());
+            let exists = controller_file.is_file();
+            async move { exists }
+        },
+    )
+    .await;
+    let urls: Value = serde_json::from_slice(&std::fs::read(&controller_file).unwrap()).unwrap();
+    assert_eq!(urls["url"], format!("https://{http}"));
+    assert_eq!(urls["grpc_url"], format!("https://{grpc}"));
+    let admin_token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    let api = Api::with_ca(
+        format!("https://{http}"),
+        Some(admin_token.trim()),
+        Some(&pki.ca_pem()),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the local agent to connect",
+        || {
+            let api = api.clone();
+            async move {
+                api.agents().await.iter().any(|agent| {
+                    agent["name"] == "local-1" && agent["connected"].as_bool() == Some(true)
+                })
+            }
+        },
+    )
+    .await;
+
+    // hobot finds the https URLs in the data directory; --ca-cert trusts them.
+    let ca = path(&pki.ca_cert);
+    let url = repo.url();
+    cli::run(
+        None,
+        &cwd,
+        &["--ca-cert", &ca, "repos", "add", "demo", &url],
+    )
+    .await
+    .success();
+    let out = cli::run(
+        None,
+        &cwd,
+        &["--ca-cert", &ca, "run", "demo", "test", "--follow"],
+    )
+    .await;
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    assert!(out.stdout_text().contains("hello from stdout"), "{out:#?}");
+
+    up.signal(Signal::SIGTERM);
+    let status = up.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "hobot up exits 0 on SIGTERM: {status}");
+    signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
 }

@@ -19,7 +19,7 @@ use hobotnica_common::proto::{self, AGENT_ID_METADATA, PROTOCOL_VERSION};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::job::{Completion, JobKey, LeaseTimings};
@@ -181,28 +181,76 @@ pub struct Connection {
     inner: Arc<Inner>,
 }
 
-/// The one place where a controller endpoint is configured (TLS goes here).
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// PEM client certificate and key for mutual TLS. No `Debug`: it holds a
+/// private key.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// How `https://` controllers are verified, and what the agent presents.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// PEM CA certificate(s) that replace the system roots.
+    pub ca_cert: Option<Vec<u8>>,
+    /// A client certificate (controllers started with `--client-ca`).
+    pub identity: Option<ClientIdentity>,
+}
+
+impl TlsOptions {
+    /// The tonic client configuration: the given CA or the system roots;
+    /// verification is never off.
+    fn client_config(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new();
+        let config = match &self.ca_cert {
+            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+            None => config.with_native_roots(),
+        };
+        match &self.identity {
+            Some(identity) => config.identity(Identity::from_pem(&identity.cert, &identity.key)),
+            None => config,
+        }
+    }
+}
+
+/// The one place where a controller endpoint is configured: timeouts,
+/// keep-alive, and TLS for `https://` URLs.
+fn endpoint(url: &str, tls: &TlsOptions) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid controller URL {url:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_INTERVAL)
         .keep_alive_while_idle(true);
+    if endpoint.uri().scheme_str() == Some("https") {
+        let roots = match tls.ca_cert {
+            Some(_) => "the --ca-cert certificates",
+            None => "the system's root certificates (give --ca-cert for a private CA)",
+        };
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .with_context(|| format!("cannot set up TLS for {url} with {roots}"))?;
+    }
     Ok(endpoint)
 }
 
 impl Connection {
     /// Channels to `urls` (connected lazily, reconnecting on their own).
-    pub fn new(urls: &[String], token: &str, identity: AgentIdentity) -> anyhow::Result<Self> {
+    pub fn new(
+        urls: &[String],
+        token: &str,
+        identity: AgentIdentity,
+        tls: &TlsOptions,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "no controller URL given");
         let controllers = urls
             .iter()
             .map(|url| {
                 Ok(Controller {
                     url: url.clone(),
-                    channel: endpoint(url)?.connect_lazy(),
+                    channel: endpoint(url, tls)?.connect_lazy(),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -462,6 +510,7 @@ mod tests {
                 labels: Default::default(),
                 concurrency: 1,
             },
+            &TlsOptions::default(),
         )?;
         let mut auth = connection.inner.auth.clone();
         let request = auth.call(tonic::Request::new(()))?;
@@ -489,6 +538,7 @@ mod tests {
                 labels: Default::default(),
                 concurrency: 1,
             },
+            &TlsOptions::default(),
         )?;
         let error = connection.register().await.err().context("must fail")?;
         assert!(error.is_transient(), "{error:?}");

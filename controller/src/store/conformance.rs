@@ -475,6 +475,126 @@ pub async fn logs_read_back_from_any_offset(store: Arc<dyn Store>) {
     }
 }
 
+pub async fn archived_logs_read_the_same(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap();
+    // Over two archive segments, in agent-sized chunks.
+    let log: Vec<u8> = (0..2_600_000u32).map(|i| (i % 253) as u8).collect();
+    for (n, chunk) in log.chunks(64 * 1024).enumerate() {
+        store
+            .append_log(
+                job.id,
+                1,
+                (n * 64 * 1024) as u64,
+                Bytes::copy_from_slice(chunk),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .unwrap();
+    store
+        .archive_logs(Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap();
+    let check = |expected: Vec<u8>| {
+        let store = Arc::clone(&store);
+        async move {
+            assert_eq!(store.log_len(job.id).await.unwrap(), expected.len() as u64);
+            for (from, max) in [
+                (0, 3_000_000),
+                (1, 10),
+                (1_048_570, 20),
+                (2_000_000, 700_000),
+                (2_599_999, 5),
+            ] {
+                let read = store.read_log(job.id, from as u64, max).await.unwrap();
+                let end = (from + max).min(expected.len());
+                assert_eq!(read.len(), end - from, "from {from} max {max}");
+                assert!(read[..] == expected[from..end], "from {from} max {max}");
+            }
+        }
+    };
+    check(log.clone()).await;
+    // A line written after the archive is read after it.
+    store
+        .append_controller_line(job.id, "after the end")
+        .await
+        .unwrap();
+    let mut longer = log.clone();
+    longer.extend_from_slice(b"[hobotnica] after the end\n");
+    check(longer.clone()).await;
+    store
+        .archive_logs(Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap();
+    check(longer).await;
+}
+
+pub async fn retention_deletes_only_old_finished_jobs(store: Arc<dyn Store>) {
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+        let now = Utc::now();
+        store
+            .claim_job(&worker, now, now + Duration::seconds(30))
+            .await
+            .unwrap();
+        store
+            .append_log(job.id, 1, 0, Bytes::from_static(b"output"))
+            .await
+            .unwrap();
+        store
+            .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+            .await
+            .unwrap();
+        ids.push(job.id);
+    }
+    let running = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap();
+
+    let keep_two = super::Retention {
+        max_age: std::time::Duration::from_secs(3600),
+        max_jobs_per_repo: 2,
+    };
+    assert_eq!(store.prune(&keep_two, Utc::now()).await.unwrap(), 4);
+    for id in &ids[..4] {
+        assert!(store.get_job(*id).await.unwrap().is_none(), "job {id} kept");
+        assert_eq!(store.log_len(*id).await.unwrap(), 0, "log of {id} kept");
+    }
+    assert!(store.get_job(ids[4]).await.unwrap().is_some());
+
+    let by_age = super::Retention {
+        max_age: std::time::Duration::ZERO,
+        max_jobs_per_repo: 1000,
+    };
+    assert_eq!(
+        store
+            .prune(&by_age, Utc::now() + Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get_job(ids[4]).await.unwrap().is_none());
+    assert_eq!(
+        store.get_job(running.id).await.unwrap().unwrap().state,
+        JobState::Running,
+        "a running job is never pruned"
+    );
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -490,6 +610,8 @@ macro_rules! conformance_suite {
             job_lists_filter_and_page_newest_first,
             racing_claimers_take_each_job_exactly_once,
             logs_read_back_from_any_offset,
+            archived_logs_read_the_same,
+            retention_deletes_only_old_finished_jobs,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {

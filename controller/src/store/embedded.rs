@@ -22,8 +22,8 @@ use hobotnica_common::job::{Job, JobState, Repo};
 use hobotnica_common::logs::{AppendPlan, plan_append};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent,
-    StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
+    StoreEvent, StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -688,5 +688,51 @@ impl Store for EmbeddedStore {
             token_id: id.to_owned(),
         });
         Ok(())
+    }
+
+    async fn archive_logs(&self, _finished_before: DateTime<Utc>) -> StoreResult<usize> {
+        // Log files are already their own archive.
+        Ok(0)
+    }
+
+    async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize> {
+        let policy = *policy;
+        self.blocking(move |inner| {
+            let victims: Vec<JobId> = {
+                let txn = inner.db.begin_read().map_err(unavailable)?;
+                let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                let mut per_repo: std::collections::HashMap<String, usize> =
+                    std::collections::HashMap::new();
+                let mut victims = Vec::new();
+                for entry in jobs.iter().map_err(unavailable)?.rev() {
+                    let (_, value) = entry.map_err(unavailable)?;
+                    let job: Job = decode(value.value())?;
+                    let newer = per_repo.entry(job.repo.clone()).or_insert(0);
+                    *newer += 1;
+                    let beyond_count = *newer > policy.max_jobs_per_repo;
+                    if job.state.is_terminal() && (beyond_count || policy.too_old(&job, now)) {
+                        victims.push(job.id);
+                    }
+                }
+                victims
+            };
+            if victims.is_empty() {
+                return Ok(0);
+            }
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                for id in &victims {
+                    jobs.remove(id.0).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            let _guard = inner.log_lock.lock().map_err(unavailable)?;
+            for id in &victims {
+                let _ = fs::remove_file(inner.log_path(*id));
+            }
+            Ok(victims.len())
+        })
+        .await
     }
 }

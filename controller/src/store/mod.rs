@@ -215,4 +215,34 @@ pub trait Store: Send + Sync + 'static {
     async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>>;
     /// Revokes a token and publishes `AgentTokenRevoked`.
     async fn delete_agent_token(&self, id: &str) -> StoreResult<()>;
+
+    /// Moves the logs of jobs that finished before `finished_before` into
+    /// their archived form (Redis: compressed segments instead of a stream);
+    /// reading them is unchanged. Returns how many logs were archived.
+    async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize>;
+    /// Deletes finished jobs, with their logs, that are older than the
+    /// policy's age or beyond its count per repository. Queued and running
+    /// jobs are never deleted. Returns how many were deleted.
+    async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize>;
+}
+
+/// How long finished jobs and their logs are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Jobs that finished longer ago are deleted.
+    pub max_age: std::time::Duration,
+    /// Only the newest this many jobs of a repository are kept.
+    pub max_jobs_per_repo: usize,
+}
+
+impl Retention {
+    /// Whether a finished job is past the age limit.
+    pub fn too_old(&self, job: &Job, now: DateTime<Utc>) -> bool {
+        job.state.is_terminal()
+            && job.finished_at.is_some_and(|finished| {
+                (now - finished)
+                    .to_std()
+                    .is_ok_and(|age| age > self.max_age)
+            })
+    }
 }

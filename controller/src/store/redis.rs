@@ -27,8 +27,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent,
-    StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
+    StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -46,8 +46,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Sets a job's JSON only if it is still `old`, and keeps the indexes and the
-/// fence in step.
-/// KEYS: job, fence, queue, running. ARGV: old, new, id, fence, index.
+/// fence in step. A job that has just finished enters the `finished` and
+/// `unarchived` indexes (scored by its finish time in ms).
+/// KEYS: job, fence, queue, running, finished, unarchived.
+/// ARGV: old, new, id, fence, index, finished_ms ('' unless it just finished).
 const CAS_JOB: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -59,8 +61,39 @@ if ARGV[5] == 'queued' then
 elseif ARGV[5] == 'running' then
   redis.call('SADD', KEYS[4], ARGV[3])
 end
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[3])
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[3])
+end
 return 1
 ";
+
+/// Replaces a log's archive with the freshly written one and drops its
+/// stream — only if the log did not grow while it was being archived.
+/// KEYS: length, stream, archive, new archive, archived length, unarchived, lock.
+/// ARGV: length archived, id.
+const FINISH_ARCHIVE: &str = r"
+local current = redis.call('GET', KEYS[1]) or '0'
+if current ~= ARGV[1] then
+  redis.call('DEL', KEYS[4], KEYS[7])
+  return 0
+end
+redis.call('DEL', KEYS[3])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RENAME', KEYS[4], KEYS[3])
+end
+redis.call('SET', KEYS[5], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[7])
+redis.call('ZREM', KEYS[6], ARGV[2])
+return 1
+";
+
+/// Bytes of log per compressed archive segment.
+const ARCHIVE_SEGMENT_BYTES: usize = 1024 * 1024;
+/// How long one controller may hold a log's archiving lock.
+const ARCHIVE_LOCK_MS: u64 = 120_000;
+/// Logs archived (or jobs pruned) per maintenance round.
+const MAINTENANCE_BATCH: usize = 200;
 
 /// Appends a log piece at the committed end, if the fence still says the
 /// attempt runs and nothing was appended since the caller looked.
@@ -111,6 +144,10 @@ impl Keys {
     fn repos(&self) -> String {
         self.key("repos")
     }
+    /// Every repository that has jobs (registered or not any more).
+    fn repos_with_jobs(&self) -> String {
+        self.key("repos_with_jobs")
+    }
     fn agent(&self, id: &AgentId) -> String {
         self.key(format_args!("agent:{id}"))
     }
@@ -131,6 +168,24 @@ impl Keys {
     }
     fn log_len(&self, id: JobId) -> String {
         self.key(format_args!("log_len:{id}"))
+    }
+    fn log_archive(&self, id: JobId) -> String {
+        self.key(format_args!("log_archive:{id}"))
+    }
+    fn log_archive_new(&self, id: JobId) -> String {
+        self.key(format_args!("log_archive_new:{id}"))
+    }
+    fn log_archived_len(&self, id: JobId) -> String {
+        self.key(format_args!("log_archived_len:{id}"))
+    }
+    fn archive_lock(&self, id: JobId) -> String {
+        self.key(format_args!("archive_lock:{id}"))
+    }
+    fn finished(&self) -> String {
+        self.key("finished")
+    }
+    fn unarchived(&self) -> String {
+        self.key("unarchived")
     }
     fn events(&self) -> String {
         self.key("events")
@@ -160,6 +215,7 @@ pub struct RedisStore {
     events: broadcast::Sender<StoreEvent>,
     cas_job: Arc<Script>,
     append_log: Arc<Script>,
+    finish_archive: Arc<Script>,
     /// Stops the pub/sub task when the store is dropped.
     stop_subscriber: CancellationToken,
 }
@@ -207,6 +263,7 @@ impl RedisStore {
             events,
             cas_job: Arc::new(Script::new(CAS_JOB)),
             append_log: Arc::new(Script::new(APPEND_LOG)),
+            finish_archive: Arc::new(Script::new(FINISH_ARCHIVE)),
             stop_subscriber,
         };
         store.check_settings().await;
@@ -289,8 +346,14 @@ impl RedisStore {
             .collect()
     }
 
-    /// Writes `job` if the stored JSON is still `old`.
-    async fn cas(&self, old: &str, job: &Job) -> StoreResult<bool> {
+    /// Writes `job` if the stored JSON is still `old`; `just_finished` says
+    /// the change made it terminal.
+    async fn cas(&self, old: &str, job: &Job, just_finished: bool) -> StoreResult<bool> {
+        let finished_ms = job
+            .finished_at
+            .filter(|_| just_finished)
+            .map(|at| at.timestamp_millis().to_string())
+            .unwrap_or_default();
         let index = match job.state {
             JobState::Queued => "queued",
             JobState::Running => "running",
@@ -302,11 +365,14 @@ impl RedisStore {
             .key(self.keys.fence(job.id))
             .key(self.keys.queue())
             .key(self.keys.running())
+            .key(self.keys.finished())
+            .key(self.keys.unarchived())
             .arg(old)
             .arg(encode(job)?)
             .arg(job.id.0)
             .arg(fence(job))
             .arg(index)
+            .arg(finished_ms)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -325,8 +391,10 @@ impl RedisStore {
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("job {id}")))?;
             let mut job: Job = decode(&raw)?;
+            let was_terminal = job.state.is_terminal();
             let result = change(&mut job)?;
-            if self.cas(&raw, &job).await? {
+            let just_finished = !was_terminal && job.state.is_terminal();
+            if self.cas(&raw, &job, just_finished).await? {
                 return Ok((job, result));
             }
         }
@@ -382,6 +450,162 @@ impl RedisStore {
             .await
             .map_err(unavailable)
     }
+
+    /// Reads from the stream part of a log (offsets past the archive).
+    async fn read_stream(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
+        let key = self.keys.log(id);
+        // The entry holding `offset`: the last one starting at or before it.
+        let first: Vec<StreamEntry> = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg(format!("{}-0", offset + 1))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        let Some((first_id, (_, first_data))) = first.into_iter().next() else {
+            return Ok(Bytes::new());
+        };
+        let start = entry_offset(&first_id).unwrap_or(0);
+        let mut out = Vec::with_capacity(max.min(1 << 20));
+        let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+        if skip < first_data.len() {
+            let end = first_data.len().min(skip.saturating_add(max));
+            out.extend_from_slice(&first_data[skip..end]);
+        }
+        let mut after = first_id;
+        while out.len() < max {
+            let entries: Vec<StreamEntry> = self
+                .query(
+                    redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg(format!("({after}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(LOG_ENTRIES_PER_READ),
+                )
+                .await?;
+            let done = entries.len() < LOG_ENTRIES_PER_READ;
+            for (entry_id, (_, data)) in entries {
+                let room = max - out.len();
+                out.extend_from_slice(&data[..data.len().min(room)]);
+                after = entry_id;
+                if out.len() >= max {
+                    break;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Rewrites a finished job's log as compressed segments, one segment in
+    /// memory at a time, and drops its stream. `Ok(false)` when another
+    /// controller is at it or the log grew meanwhile (tried again later).
+    async fn archive_one(&self, id: JobId) -> StoreResult<bool> {
+        let locked: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.archive_lock(id))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ARCHIVE_LOCK_MS),
+            )
+            .await?;
+        if locked.is_none() {
+            return Ok(false);
+        }
+        let total = self.log_len(id).await?;
+        let new_archive = self.keys.log_archive_new(id);
+        let _: i64 = self.query(redis::cmd("DEL").arg(&new_archive)).await?;
+        let mut offset = 0;
+        while offset < total {
+            let segment = self.read_log(id, offset, ARCHIVE_SEGMENT_BYTES).await?;
+            if segment.is_empty() {
+                break;
+            }
+            offset += segment.len() as u64;
+            let _: i64 = self
+                .query(
+                    redis::cmd("RPUSH")
+                        .arg(&new_archive)
+                        .arg(deflate(&segment)?),
+                )
+                .await?;
+        }
+        let done: i64 = self
+            .finish_archive
+            .key(self.keys.log_len(id))
+            .key(self.keys.log(id))
+            .key(self.keys.log_archive(id))
+            .key(&new_archive)
+            .key(self.keys.log_archived_len(id))
+            .key(self.keys.unarchived())
+            .key(self.keys.archive_lock(id))
+            .arg(offset)
+            .arg(id.0)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
+    /// Deletes a finished job and everything of it.
+    async fn delete_job(&self, job: &Job) -> StoreResult<()> {
+        let id = job.id;
+        redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(self.keys.job(id))
+            .arg(self.keys.fence(id))
+            .arg(self.keys.log(id))
+            .arg(self.keys.log_len(id))
+            .arg(self.keys.log_archive(id))
+            .arg(self.keys.log_archived_len(id))
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.jobs())
+            .arg(id.0)
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.repo_jobs(&job.repo))
+            .arg(id.0)
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.finished())
+            .arg(id.0)
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.unarchived())
+            .arg(id.0)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+fn deflate(data: &[u8]) -> StoreResult<Vec<u8>> {
+    use std::io::Write as _;
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).map_err(unavailable)?;
+    encoder.finish().map_err(unavailable)
+}
+
+fn inflate(data: &[u8]) -> StoreResult<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::with_capacity(ARCHIVE_SEGMENT_BYTES);
+    flate2::read::DeflateDecoder::new(data)
+        .take(ARCHIVE_SEGMENT_BYTES as u64)
+        .read_to_end(&mut out)
+        .map_err(|err| StoreError::Unavailable(format!("corrupt log archive: {err}")))?;
+    Ok(out)
 }
 
 /// Forwards the Redis event channel to the local broadcast; after a
@@ -543,6 +767,10 @@ impl Store for RedisStore {
             .arg(id)
             .arg(id)
             .ignore()
+            .cmd("SADD")
+            .arg(self.keys.repos_with_jobs())
+            .arg(&job.repo)
+            .ignore()
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -634,7 +862,7 @@ impl Store for RedisStore {
                 return Ok(None);
             };
             transitions::claim(&mut job, agent, now, lease_until)?;
-            if self.cas(&raw, &job).await? {
+            if self.cas(&raw, &job, false).await? {
                 if job.attempt > 1 {
                     // A new attempt starts its log afresh.
                     let _: i64 = self
@@ -772,52 +1000,37 @@ impl Store for RedisStore {
     }
 
     async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
-        let key = self.keys.log(id);
-        // The entry holding `offset`: the last one starting at or before it.
-        let first: Vec<StreamEntry> = self
-            .query(
-                redis::cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg(format!("{}-0", offset + 1))
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1),
-            )
+        let archived: Option<u64> = self
+            .query(redis::cmd("GET").arg(self.keys.log_archived_len(id)))
             .await?;
-        let Some((first_id, (_, first_data))) = first.into_iter().next() else {
-            return Ok(Bytes::new());
-        };
-        let start = entry_offset(&first_id).unwrap_or(0);
-        let mut out = Vec::with_capacity(max.min(1 << 20));
-        let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
-        if skip < first_data.len() {
-            let end = first_data.len().min(skip.saturating_add(max));
-            out.extend_from_slice(&first_data[skip..end]);
+        let archived = archived.unwrap_or(0);
+        if offset >= archived {
+            return self.read_stream(id, offset, max).await;
         }
-        let mut after = first_id;
-        while out.len() < max {
-            let entries: Vec<StreamEntry> = self
+        let mut out = Vec::with_capacity(max.min(ARCHIVE_SEGMENT_BYTES));
+        let mut position = offset;
+        while out.len() < max && position < archived {
+            let index = position / ARCHIVE_SEGMENT_BYTES as u64;
+            let compressed: Option<Vec<u8>> = self
                 .query(
-                    redis::cmd("XRANGE")
-                        .arg(&key)
-                        .arg(format!("({after}"))
-                        .arg("+")
-                        .arg("COUNT")
-                        .arg(LOG_ENTRIES_PER_READ),
+                    redis::cmd("LINDEX")
+                        .arg(self.keys.log_archive(id))
+                        .arg(index),
                 )
                 .await?;
-            let done = entries.len() < LOG_ENTRIES_PER_READ;
-            for (entry_id, (_, data)) in entries {
-                let room = max - out.len();
-                out.extend_from_slice(&data[..data.len().min(room)]);
-                after = entry_id;
-                if out.len() >= max {
-                    break;
-                }
-            }
-            if done {
+            let Some(compressed) = compressed else { break };
+            let segment = inflate(&compressed)?;
+            let from = usize::try_from(position - index * ARCHIVE_SEGMENT_BYTES as u64)
+                .unwrap_or(usize::MAX);
+            if from >= segment.len() {
                 break;
             }
+            let take = (segment.len() - from).min(max - out.len());
+            out.extend_from_slice(&segment[from..from + take]);
+            position += take as u64;
+        }
+        if out.len() < max && position >= archived {
+            out.extend_from_slice(&self.read_stream(id, position, max - out.len()).await?);
         }
         Ok(Bytes::from(out))
     }
@@ -957,5 +1170,67 @@ impl Store for RedisStore {
         })
         .await;
         Ok(())
+    }
+
+    async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize> {
+        let ids: Vec<u64> = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.unarchived())
+                    .arg("-inf")
+                    .arg(finished_before.timestamp_millis())
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(MAINTENANCE_BATCH),
+            )
+            .await?;
+        let mut archived = 0;
+        for id in ids {
+            if self.archive_one(JobId(id)).await? {
+                archived += 1;
+            }
+        }
+        Ok(archived)
+    }
+
+    async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize> {
+        let cutoff =
+            now - chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::MAX);
+        let mut victims: Vec<u64> = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.finished())
+                    .arg("-inf")
+                    .arg(format!("({}", cutoff.timestamp_millis()))
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(MAINTENANCE_BATCH),
+            )
+            .await?;
+        let repos: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(self.keys.repos_with_jobs()))
+            .await?;
+        for repo in repos {
+            let index = self.keys.repo_jobs(&repo);
+            let count: usize = self.query(redis::cmd("ZCARD").arg(&index)).await?;
+            if count > policy.max_jobs_per_repo {
+                let excess = (count - policy.max_jobs_per_repo).min(MAINTENANCE_BATCH);
+                let oldest: Vec<u64> = self
+                    .query(redis::cmd("ZRANGE").arg(&index).arg(0).arg(excess - 1))
+                    .await?;
+                victims.extend(oldest);
+            }
+        }
+        victims.sort_unstable();
+        victims.dedup();
+        let mut deleted = 0;
+        for (_, job) in self.jobs_by_id(&victims).await? {
+            // Only finished jobs go; a queued or running one is kept.
+            if job.state.is_terminal() {
+                self.delete_job(&job).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 }

@@ -1,0 +1,98 @@
+//! A `redis-server` of the test's own on a free port, with AOF persistence in
+//! a temp dir, that can be stopped, killed and started again on the same
+//! port and data (the "Redis restarted" and "Redis unreachable" faults).
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::daemon::{Daemon, Spec};
+use crate::net::free_addr;
+use crate::wait::wait_until;
+
+/// How long redis-server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct RedisServer {
+    pub addr: SocketAddr,
+    daemon: Daemon,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts redis-server with `appendonly yes` and `noeviction`, and waits
+    /// until it answers.
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("hobotnica-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let addr = free_addr();
+        let args: Vec<OsString> = [
+            "--port",
+            &addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        .iter()
+        .map(OsString::from)
+        .chain([OsString::from("--dir"), dir.path().as_os_str().to_owned()])
+        .collect();
+        let daemon = Daemon::spawn(Spec {
+            name: format!("redis-{}", addr.port()),
+            program: "redis-server".into(),
+            args,
+            env: Vec::new(),
+            cwd: Some(dir.path().to_path_buf()),
+            log_dir: dir.path().to_path_buf(),
+        });
+        let server = RedisServer {
+            addr,
+            daemon,
+            _dir: dir,
+        };
+        server.wait_accepting().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    async fn wait_accepting(&self) {
+        let addr = self.addr;
+        wait_until(
+            START_TIMEOUT,
+            "redis-server to accept connections",
+            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+        )
+        .await;
+    }
+
+    /// SIGKILL: Redis is gone at once (what it had fsynced to the AOF stays).
+    pub fn kill9(&mut self) {
+        self.daemon.kill9();
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub async fn stop(&mut self) {
+        self.daemon.stop(START_TIMEOUT).await;
+    }
+
+    /// Starts it again on the same port and data, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.daemon.start();
+        self.wait_accepting().await;
+    }
+}
