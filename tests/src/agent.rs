@@ -40,6 +40,9 @@ pub struct AgentOpts {
     /// Present the test PKI's client certificate (`--client-cert`,
     /// `--client-key`).
     pub client_cert: bool,
+    /// More controllers' gRPC URLs, after the one the agent is started with:
+    /// it fails over between them.
+    pub more_controllers: Vec<String>,
 }
 
 impl Default for AgentOpts {
@@ -52,6 +55,7 @@ impl Default for AgentOpts {
             env: Vec::new(),
             trust_controller_ca: true,
             client_cert: false,
+            more_controllers: Vec::new(),
         }
     }
 }
@@ -88,9 +92,12 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| crate::unique("e2e-agent"));
         let work_dir = dir.path().join("work");
+        let controllers: Vec<String> = std::iter::once(controller.grpc_url())
+            .chain(opts.more_controllers.iter().cloned())
+            .collect();
         let mut args: Vec<OsString> = vec![
             "--controller".into(),
-            controller.grpc_url().into(),
+            controllers.join(",").into(),
             "--name".into(),
             name.clone().into(),
             "--concurrency".into(),

@@ -31,6 +31,11 @@ pub struct ControllerOpts {
     pub tls: bool,
     /// `--client-ca`: agents must present a client certificate of that CA.
     pub client_ca: bool,
+    /// `--redis`: keep everything in this Redis.
+    pub redis_url: Option<String>,
+    /// The admin and pool agent tokens (default: fresh ones). Controllers
+    /// sharing one Redis share them: see [`Controller::peer_opts`].
+    pub tokens: Option<(String, String)>,
 }
 
 impl Default for ControllerOpts {
@@ -41,6 +46,8 @@ impl Default for ControllerOpts {
             extra_args: Vec::new(),
             tls: false,
             client_ca: false,
+            redis_url: None,
+            tokens: None,
         }
     }
 }
@@ -78,8 +85,12 @@ impl Controller {
         let data_dir = dir.path().join("data");
         let http_addr = free_addr();
         let grpc_addr = free_addr();
-        let admin_token = hobotnica_common::token::new_token("hbt_admin");
-        let agent_token = hobotnica_common::token::new_token("hbag_pool");
+        let (admin_token, agent_token) = opts.tokens.clone().unwrap_or_else(|| {
+            (
+                hobotnica_common::token::new_token("hbt_admin"),
+                hobotnica_common::token::new_token("hbag_pool"),
+            )
+        });
         let mut args: Vec<OsString> = vec![
             "--data-dir".into(),
             data_dir.into(),
@@ -103,6 +114,9 @@ impl Controller {
             if opts.client_ca {
                 args.extend(["--client-ca".into(), pki.ca_cert.clone().into()]);
             }
+        }
+        if let Some(url) = &opts.redis_url {
+            args.extend(["--redis".into(), url.into()]);
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
         let spec = Spec {
@@ -159,6 +173,15 @@ impl Controller {
                 "the controller was not ready after {READY_TIMEOUT:?}"
             );
             tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Options for another controller beside this one: the same Redis and
+    /// tokens.
+    pub fn peer_opts(&self) -> ControllerOpts {
+        ControllerOpts {
+            tokens: Some((self.admin_token.clone(), self.agent_token.clone())),
+            ..self.opts.clone()
         }
     }
 

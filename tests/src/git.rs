@@ -18,9 +18,10 @@ use tempfile::TempDir;
 ///   file in `$E2E_SYNC_DIR`;
 /// - `gate`: waits until the file `$E2E_GATE` exists;
 /// - `id`: `job <HOBOTNICA_JOB_ID>`;
-/// - `now`: nanoseconds since the epoch when make ran the recipe.
+/// - `now`: nanoseconds since the epoch when make ran the recipe;
+/// - `count`: appends `$HOBOTNICA_JOB_ID` to the file `$E2E_COUNT_FILE`.
 pub const MAKEFILE: &str = r#"# Targets used by Hobotnica's end-to-end tests.
-.PHONY: test fail sleep big env interleave version concurrent gate id now
+.PHONY: test fail sleep big env interleave version concurrent gate id now count
 
 test:
 	@echo "hello from stdout"
@@ -63,6 +64,10 @@ id:
 
 now:
 	@date +%s%N
+
+count:
+	@echo "$$HOBOTNICA_JOB_ID" >> "$$E2E_COUNT_FILE"
+	@echo "counted $$HOBOTNICA_JOB_ID"
 "#;
 
 /// What `make interleave` prints, in order, stdout and stderr alternating.

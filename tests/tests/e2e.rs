@@ -1315,7 +1315,11 @@ async fn a_controller_refuses_plaintext_on_a_non_loopback_address_unless_insecur
         || {
             assert!(insecure.is_running(), "{}", insecure.output());
             let api = api.clone();
-            async move { api.raw(Method::GET, "/readyz", None).await.status == 200 }
+            async move {
+                // Not listening yet is not an answer (and `raw` would panic).
+                tokio::net::TcpStream::connect(http).await.is_ok()
+                    && api.raw(Method::GET, "/readyz", None).await.status == 200
+            }
         },
     )
     .await;
@@ -1421,3 +1425,6 @@ async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate
     assert!(status.success(), "hobot up exits 0 on SIGTERM: {status}");
     signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
 }
+
+#[path = "e2e/redis_mode.rs"]
+mod redis_mode;

@@ -192,6 +192,28 @@ impl Keys {
     }
 }
 
+/// Commands that only read, and so may be retried.
+const READ_COMMANDS: &[&[u8]] = &[
+    b"GET",
+    b"MGET",
+    b"SMEMBERS",
+    b"ZRANGE",
+    b"ZRANGEBYSCORE",
+    b"ZREVRANGEBYSCORE",
+    b"ZCARD",
+    b"HGET",
+    b"HVALS",
+    b"XRANGE",
+    b"XREVRANGE",
+    b"LINDEX",
+    b"PING",
+    b"CONFIG",
+];
+
+fn is_read(cmd: &redis::Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if READ_COMMANDS.contains(&name))
+}
+
 fn fence(job: &Job) -> String {
     format!("{}:{}", job.state, job.attempt)
 }
@@ -297,10 +319,18 @@ impl RedisStore {
         }
     }
 
+    /// Runs one command. A read that failed on a dropped connection (Redis
+    /// restarted; the connection manager reconnects) is asked once more; a
+    /// write is not, since it may have been carried out.
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
-        cmd.query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+        match cmd.query_async(&mut self.conn.clone()).await {
+            Ok(value) => Ok(value),
+            Err(err) if (err.is_connection_dropped() || err.is_io_error()) && is_read(cmd) => cmd
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable),
+            Err(err) => Err(unavailable(err)),
+        }
     }
 
     async fn publish(&self, event: StoreEvent) {
