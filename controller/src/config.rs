@@ -46,6 +46,11 @@ pub struct ControllerConfig {
     #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// The CA certificate (PEM) that signed Redis' certificate, for
+    /// `rediss://` with a private CA (default: the system's roots).
+    #[arg(long, env = "HOBOTNICA_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
+
     /// Finished jobs and their logs are deleted after this long.
     #[arg(long, env = "HOBOTNICA_RETENTION", default_value = "90d", value_parser = parse_duration)]
     pub retention: Duration,

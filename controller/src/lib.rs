@@ -113,7 +113,15 @@ impl Controller {
             None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
         };
         let store: Arc<dyn store::Store> = match &config.redis_url {
-            Some(url) => Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX).await?),
+            Some(url) => {
+                let ca = match &config.redis_ca_cert {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("cannot read the Redis CA certificate {}", path.display())
+                    })?),
+                    None => None,
+                };
+                Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX, ca).await?)
+            }
             None => Arc::new(EmbeddedStore::open(&config.data_dir)?),
         };
         // Agents of jobs that ran before a restart get a full lease to

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 
 use crate::daemon::{Daemon, Spec};
 use crate::net::free_addr;
+use crate::tls::TestPki;
 use crate::wait::wait_until;
 
 /// How long redis-server may take to accept connections.
@@ -17,6 +18,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct RedisServer {
     pub addr: SocketAddr,
+    tls: bool,
     daemon: Daemon,
     _dir: TempDir,
 }
@@ -25,29 +27,55 @@ impl RedisServer {
     /// Starts redis-server with `appendonly yes` and `noeviction`, and waits
     /// until it answers.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(None).await
+    }
+
+    /// The same, speaking only TLS with the test PKI's server certificate.
+    pub async fn start_tls(pki: &TestPki) -> RedisServer {
+        RedisServer::start_with(Some(pki)).await
+    }
+
+    async fn start_with(tls: Option<&TestPki>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("hobotnica-redis-")
             .tempdir()
             .expect("temp dir");
         let addr = free_addr();
-        let args: Vec<OsString> = [
-            "--port",
-            &addr.port().to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--maxmemory-policy",
-            "noeviction",
-        ]
-        .iter()
-        .map(OsString::from)
-        .chain([OsString::from("--dir"), dir.path().as_os_str().to_owned()])
-        .collect();
+        let port = addr.port().to_string();
+        let mut args: Vec<OsString> = match tls {
+            None => vec!["--port".into(), port.into()],
+            Some(pki) => vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.into(),
+                "--tls-cert-file".into(),
+                pki.server_cert.clone().into(),
+                "--tls-key-file".into(),
+                pki.server_key.clone().into(),
+                "--tls-ca-cert-file".into(),
+                pki.ca_cert.clone().into(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+        };
+        args.extend(
+            [
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                "noeviction",
+            ]
+            .iter()
+            .map(OsString::from),
+        );
+        args.extend([OsString::from("--dir"), dir.path().as_os_str().to_owned()]);
         let daemon = Daemon::spawn(Spec {
             name: format!("redis-{}", addr.port()),
             program: "redis-server".into(),
@@ -58,6 +86,7 @@ impl RedisServer {
         });
         let server = RedisServer {
             addr,
+            tls: tls.is_some(),
             daemon,
             _dir: dir,
         };
@@ -65,9 +94,10 @@ impl RedisServer {
         server
     }
 
-    /// `redis://127.0.0.1:<port>/`.
+    /// `redis://127.0.0.1:<port>/` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://{}/", self.addr)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{}/", self.addr)
     }
 
     async fn wait_accepting(&self) {

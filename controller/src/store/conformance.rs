@@ -692,7 +692,9 @@ mod redis_suite {
 
     async fn make() -> (Arc<dyn super::Store>, RedisServer) {
         let server = RedisServer::start();
-        let store = RedisStore::connect(&server.url, "test:").await.unwrap();
+        let store = RedisStore::connect(&server.url, "test:", None)
+            .await
+            .unwrap();
         (Arc::new(store), server)
     }
 

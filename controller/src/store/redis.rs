@@ -249,11 +249,26 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://` or `rediss://`), subscribes to the event
-    /// channel, and warns about settings that can lose jobs.
-    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<RedisStore> {
+    /// Connects to `url` (`redis://` or `rediss://`, verified against `ca_pem`
+    /// or the system's roots), subscribes to the event channel, and warns
+    /// about settings that can lose jobs.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+    ) -> anyhow::Result<RedisStore> {
         use anyhow::Context as _;
-        let client = redis::Client::open(url).context("invalid Redis URL")?;
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .context("invalid Redis URL or CA certificate")?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))

@@ -278,3 +278,27 @@ async fn five_hundred_jobs_through_two_controllers_run_exactly_once() {
     ran.sort_unstable();
     assert_eq!(ran, ids, "each job ran exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_reach_redis_over_tls_with_a_private_ca() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = hobotnica_tests::tls::TestPki::create(pki_dir.path());
+    let redis = RedisServer::start_tls(&pki).await;
+    assert!(redis.url().starts_with("rediss://"));
+    let controller = Controller::start(ControllerOpts {
+        redis_url: Some(redis.url()),
+        extra_args: vec![
+            "--redis-ca-cert".to_owned(),
+            pki.ca_cert.display().to_string(),
+        ],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let job = api.run_target(REPO, "test").await;
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert!(api.output(job.id).await.contains("hello from stdout"));
+}
