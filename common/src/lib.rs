@@ -10,6 +10,7 @@ pub mod ids;
 pub mod job;
 pub mod logs;
 pub mod proto;
+pub mod secrets;
 pub mod token;
 pub mod transport;
 pub mod validate;

@@ -122,6 +122,8 @@ impl SessionStream {
                 Some(controller_message::Kind::Heartbeat(_)) => {
                     return Ok(Some(SessionCommand::Heartbeat));
                 }
+                // Handled by the repository-forgetting work (not yet wired).
+                Some(controller_message::Kind::ForgetRepository(_)) => continue,
                 // A newer controller's message kind: ignore it.
                 None => continue,
             }

@@ -160,6 +160,7 @@ fn assignment(job: &Job) -> ControllerMessage {
             env: job.env.clone().into_iter().collect(),
             timeout_ms: job.timeout_secs.saturating_mul(1000),
             secrets: Vec::new(),
+            git_http_header: String::new(),
         })),
     }
 }
