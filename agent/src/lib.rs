@@ -10,6 +10,7 @@
 //! | job supervisor | pool, per assignment (`JoinSet`) | job reported or dropped, cleaned up |
 //! | lease renewal | supervisor (`JoinSet`) | supervisor stops it, or job gone |
 //! | log shipper | supervisor (`JoinSet`) | supervisor stops it, or job gone |
+//! | forget repository | pool, per ForgetRepository (`JoinSet`) | cache and idle trees deleted; aborted when the pool returns |
 //!
 //! On shutdown the pool sends `Capacity{free_slots: 0}`, waits for running
 //! jobs up to the drain timeout, then cancels them ("agent shut down").

@@ -2,7 +2,8 @@
 //! controller (reconnecting, re-registering, failing over), starts a job
 //! supervisor for each assignment up to the concurrency, routes cancels, and
 //! on shutdown drains: no new job, running jobs finish (leases still renewed)
-//! until the drain timeout, then the rest are cancelled.
+//! until the drain timeout, then the rest are cancelled. ForgetRepository
+//! deletes a repository's cache and idle work trees in a task of its own.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::connection::{
     BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Connection, Registration, RpcError, SessionCommand,
@@ -72,6 +74,9 @@ pub(crate) struct Pool {
     jobs: HashMap<JobKey, RunningJob>,
     /// The job supervisors; each yields its key when done.
     tasks: JoinSet<JobKey>,
+    /// Repositories being forgotten (ForgetRepository); aborted when the
+    /// pool returns (the controller sends it again at the next session).
+    forgets: JoinSet<()>,
 }
 
 impl Pool {
@@ -89,6 +94,7 @@ impl Pool {
             registration: None,
             jobs: HashMap::new(),
             tasks: JoinSet::new(),
+            forgets: JoinSet::new(),
         }
     }
 
@@ -226,6 +232,12 @@ impl Pool {
                     self.send_capacity(&live, shutdown);
                 }
 
+                Some(joined) = self.forgets.join_next() => {
+                    if let Err(error) = joined {
+                        tracing::error!(%error, "forgetting a repository failed");
+                    }
+                }
+
                 _ = heartbeat.tick(), if live.is_some() => {
                     if let Some(live) = &live {
                         live.session.send_heartbeat();
@@ -241,7 +253,7 @@ impl Pool {
                 if let Some(live) = live.as_mut() {
                     live.assignments_received += 1;
                 }
-                self.assign(spec, shutdown);
+                self.assign(*spec, shutdown);
             }
             SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
                 Some(job) => {
@@ -253,6 +265,19 @@ impl Pool {
                 }
             },
             SessionCommand::Heartbeat => {}
+            SessionCommand::ForgetRepository { git_url } => {
+                let workspaces = self.context.workspaces.clone();
+                let span = tracing::info_span!(
+                    "forget_repository",
+                    repo = %crate::workspace::redact_url(&git_url)
+                );
+                self.forgets.spawn(
+                    async move {
+                        workspaces.forget(&git_url).await;
+                    }
+                    .instrument(span),
+                );
+            }
         }
     }
 

@@ -167,6 +167,26 @@ pub struct Repo {
     /// Wall-clock limit of each job.
     pub timeout_secs: u64,
     pub created_at: DateTime<Utc>,
+    /// Set for a GitHub repository.
+    #[serde(default)]
+    pub github: Option<GitHubLink>,
+    /// Why the repository is disabled (access revoked); `None` while it works.
+    #[serde(default)]
+    pub disabled: Option<String>,
+}
+
+/// What ties a repository to GitHub. Secrets are kept sealed
+/// (`secrets::SecretKey::seal`), never in the clear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GitHubLink {
+    /// The GitHub user whose token the controller uses for this repository.
+    pub login: String,
+    /// The sealed token (context `github-token:<owner>/<name>`).
+    pub token_sealed: String,
+    /// The unguessable id in the webhook URL.
+    pub hook_id: String,
+    /// The sealed webhook secret (context `webhook-secret:<owner>/<name>`).
+    pub webhook_secret_sealed: String,
 }
 
 impl Repo {

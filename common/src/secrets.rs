@@ -113,7 +113,10 @@ mod tests {
         let sealed = key.seal(b"ghp_secret", "github-token:o/r");
         assert!(sealed.starts_with("v1."));
         assert!(!sealed.contains("ghp_secret"));
-        assert_eq!(key.open(&sealed, "github-token:o/r").unwrap(), b"ghp_secret");
+        assert_eq!(
+            key.open(&sealed, "github-token:o/r").unwrap(),
+            b"ghp_secret"
+        );
         assert_eq!(
             key.open(&sealed, "github-token:o/other"),
             Err(SecretError::CannotOpen)

@@ -63,6 +63,32 @@ pub struct ControllerConfig {
     )]
     pub retention_jobs_per_repo: usize,
 
+    /// GitHub's web URL: clone URLs are `<github-url>/<owner>/<name>.git`.
+    #[arg(
+        long,
+        env = "HOBOTNICA_GITHUB_URL",
+        default_value = "https://github.com"
+    )]
+    pub github_url: String,
+
+    /// GitHub's API URL (GitHub Enterprise: `https://<host>/api/v3`).
+    #[arg(
+        long,
+        env = "HOBOTNICA_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    pub github_api_url: String,
+
+    /// How often the stored GitHub credentials of each repository are
+    /// checked again (a repository whose access is gone is disabled).
+    #[arg(long, env = "HOBOTNICA_GITHUB_RECHECK_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub github_recheck_interval: Duration,
+
+    /// The key that encrypts secrets at rest (a file of 64 hex characters).
+    /// Without it, the embedded store generates one in `<data-dir>/secret-key`.
+    #[arg(long, env = "HOBOTNICA_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+
     /// The URL users reach the REST API at (used in links); defaults to
     /// `http://<listen>` (`https://` with TLS).
     #[arg(long, env = "HOBOTNICA_PUBLIC_URL")]
@@ -103,6 +129,10 @@ impl ControllerConfig {
             );
         }
         if self.redis_url.is_some() {
+            anyhow::ensure!(
+                self.secret_key_file.is_some(),
+                "with --redis, give the secret key (--secret-key-file or HOBOTNICA_SECRET_KEY_FILE): controllers sharing one Redis must share it; make one with: openssl rand -hex 32"
+            );
             anyhow::ensure!(
                 self.admin_token.is_some(),
                 "with --redis, give the admin token (--admin-token or HOBOTNICA_ADMIN_TOKEN): controllers sharing one Redis must share it"

@@ -11,6 +11,18 @@ pub enum CoreError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Credentials missing or wrong.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Known caller, not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The repository's access was revoked; it is disabled.
+    #[error("{0}")]
+    Gone(String),
+    /// An upstream's rate limit (GitHub): retry later.
+    #[error("{0}")]
+    RateLimited(String),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     /// A repository or other upstream could not be asked (git, GitHub).

@@ -7,12 +7,13 @@ use std::time::Duration;
 use chrono::Utc;
 use hobotnica_common::env::is_reserved;
 use hobotnica_common::ids::{CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger};
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
+use crate::github::GitHubError;
 use crate::services::{Services, agent_connected};
 use crate::store::{JobFilter, NewJob, Retention};
 
@@ -61,6 +62,12 @@ impl Services {
         request: TriggerJob,
     ) -> Result<Job, CoreError> {
         let repo = self.repo(owner, name).await?;
+        if let Some(reason) = &repo.disabled {
+            return Err(CoreError::Gone(format!(
+                "repository {} is disabled: {reason}",
+                repo.full_name()
+            )));
+        }
         validate::target("target", &request.target)?;
         validate_env(&request.env)?;
         let (commit, branch) = match (request.commit, request.branch) {
@@ -80,14 +87,27 @@ impl Services {
                 let branch = branch.unwrap_or_else(|| repo.default_branch.clone());
                 validate::branch("branch", &branch)?;
                 let sha =
-                    resolve_branch(&repo.git_url, &branch)
-                        .await
-                        .map_err(|err| match err {
-                            GitError::NoSuchBranch { .. } => {
-                                CoreError::invalid("branch", err.to_string())
-                            }
-                            GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
-                        })?;
+                    match self.repo_token(&repo) {
+                        Some(token) => self
+                            .github
+                            .branch_head(&token, &repo.owner, &repo.name, &branch)
+                            .await
+                            .map_err(|err| match err {
+                                GitHubError::NotFound => CoreError::invalid(
+                                    "branch",
+                                    format!("branch {branch:?} does not exist in the repository"),
+                                ),
+                                other => crate::auth::caller_error(other),
+                            })?,
+                        None => resolve_branch(&repo.git_url, &branch)
+                            .await
+                            .map_err(|err| match err {
+                                GitError::NoSuchBranch { .. } => {
+                                    CoreError::invalid("branch", err.to_string())
+                                }
+                                GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
+                            })?,
+                    };
                 (sha, Some(branch))
             }
         };
@@ -110,6 +130,36 @@ impl Services {
             )
             .await?;
         tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+        Ok(job)
+    }
+
+    /// Queues `make test` for a webhook delivery.
+    pub async fn queue_webhook_job(
+        &self,
+        repo: &Repo,
+        commit: CommitSha,
+        branch: Option<String>,
+        from_fork: bool,
+    ) -> Result<Job, CoreError> {
+        let job = self
+            .store
+            .create_job(
+                NewJob {
+                    repo: repo.full_name(),
+                    git_url: repo.git_url.clone(),
+                    kind: JobKind::Test,
+                    target: "test".to_owned(),
+                    commit,
+                    branch,
+                    env: BTreeMap::new(),
+                    labels: BTreeMap::new(),
+                    trigger: Trigger::Webhook,
+                    timeout_secs: repo.timeout_secs,
+                },
+                Utc::now(),
+            )
+            .await?;
+        tracing::info!(job.id = %job.id, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
         Ok(job)
     }
 
@@ -168,6 +218,9 @@ impl Services {
     pub async fn cancel_job(&self, id: JobId) -> Result<Job, CoreError> {
         self.job(id).await?;
         let job = self.store.request_cancel(id, Utc::now()).await?;
+        if job.state.is_terminal() {
+            self.statuses.job_changed(&job);
+        }
         tracing::info!(job.id = %id, state = %job.state, "cancel requested");
         Ok(job)
     }
@@ -205,6 +258,7 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
         match services.store.expire_leases(Utc::now()).await {
             Ok(lost) => {
                 for job in lost {
+                    services.statuses.job_changed(&job);
                     tracing::warn!(job.id = %job.id, agent = job.agent_name.as_deref().unwrap_or("?"), "lease expired: job lost");
                     let line = format!(
                         "job lost: {}",

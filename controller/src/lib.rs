@@ -6,17 +6,21 @@
 //! background tasks until the shutdown token is cancelled. The binary and
 //! `hobot up` compose the two.
 
+mod auth;
 mod config;
 mod error;
 mod git;
+pub(crate) mod github;
 mod grpc;
 pub mod http;
 mod jobs;
 mod logs;
 mod projects;
 mod services;
+mod statuses;
 pub mod store;
 mod tls;
+mod webhook;
 
 pub use config::ControllerConfig;
 
@@ -32,6 +36,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use hobotnica_common::secrets::SecretKey;
 
 use crate::services::Services;
 use crate::store::embedded::EmbeddedStore;
@@ -65,6 +71,29 @@ impl Listeners {
 pub struct Controller {
     services: Services,
     admin_token: String,
+    statuses_rx: statuses::StatusReceiver,
+}
+
+/// The key that seals secrets: from `--secret-key-file`, or (embedded store
+/// only) generated once into `<data-dir>/secret-key`.
+fn load_secret_key(config: &ControllerConfig) -> anyhow::Result<SecretKey> {
+    let path = match &config.secret_key_file {
+        Some(path) => path.clone(),
+        None => {
+            let path = config.data_dir.join("secret-key");
+            if !path.exists() {
+                tracing::warn!(
+                    path = %path.display(),
+                    "no --secret-key-file: generated a secret key in the data directory; back it up, or secrets at rest cannot be read"
+                );
+                write_private_file(&path, &format!("{}\n", SecretKey::generate_hex()))?;
+            }
+            path
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the secret key {}", path.display()))?;
+    SecretKey::from_hex(&text).with_context(|| format!("invalid secret key in {}", path.display()))
 }
 
 /// Writes `contents` to `path` readable by the owner only.
@@ -130,15 +159,23 @@ impl Controller {
             .extend_leases(Utc::now() + config.lease_timeout)
             .await
             .context("cannot extend running leases")?;
+        let secret_key = load_secret_key(&config)?;
+        let (statuses, statuses_rx) = statuses::channel();
         let services = Services {
             store,
             admin_token_hash: hash_token(&admin_token).into(),
             agent_pool_token_hash: config.agent_token.as_deref().map(|t| hash_token(t).into()),
+            secret_key,
+            github: github::GitHub::new(&config.github_url, &config.github_api_url),
+            credentials: Arc::new(auth::CredentialCache::default()),
+            statuses,
+            public_url: Arc::new(std::sync::OnceLock::new()),
             config: Arc::new(config),
         };
         Ok(Controller {
             services,
             admin_token,
+            statuses_rx,
         })
     }
 
@@ -200,6 +237,9 @@ impl Controller {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
+        let _ = services
+            .public_url
+            .set(public_url.trim_end_matches('/').to_owned());
         let endpoints = serde_json::json!({
             "url": public_url,
             "grpc_url": format!("{scheme}://{grpc_addr}"),
@@ -212,6 +252,15 @@ impl Controller {
         let tasks = TaskTracker::new();
         tasks.spawn(jobs::lease_reaper(services.clone(), shutdown.clone()));
         tasks.spawn(jobs::maintenance(services.clone(), shutdown.clone()));
+        tasks.spawn(statuses::post_statuses(
+            services.clone(),
+            self.statuses_rx,
+            shutdown.clone(),
+        ));
+        tasks.spawn(projects::recheck_github_access(
+            services.clone(),
+            shutdown.clone(),
+        ));
 
         // One router per listener; `require_agent_cert` is mutual TLS for
         // AgentService (`--client-ca`).

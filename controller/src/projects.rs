@@ -1,12 +1,17 @@
 //! CORE: registering, showing and removing repositories.
 
 use chrono::Utc;
-use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, Repo};
+use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, JobState, Repo};
+use hobotnica_common::token::random_hex;
 use hobotnica_common::validate;
+use tokio_util::sync::CancellationToken;
 
+use crate::auth::Caller;
 use crate::error::CoreError;
 use crate::git::check_git_url;
+use crate::github::{GitHubError, GitHubToken};
 use crate::services::Services;
+use crate::store::{JobFilter, StoreEvent};
 
 /// Owner of repositories registered by plain git URL.
 pub const LOCAL_OWNER: &str = "local";
@@ -45,6 +50,8 @@ impl Services {
             default_branch: branch,
             timeout_secs,
             created_at: Utc::now(),
+            github: None,
+            disabled: None,
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
@@ -65,5 +72,205 @@ impl Services {
         self.store.delete_repo(owner, name).await?;
         tracing::info!(repo = %format!("{owner}/{name}"), "repository removed");
         Ok(())
+    }
+}
+
+/// Context strings that bind sealed secrets to their repository.
+fn token_context(full_name: &str) -> String {
+    format!("github-token:{full_name}")
+}
+fn webhook_secret_context(full_name: &str) -> String {
+    format!("webhook-secret:{full_name}")
+}
+
+/// A GitHub repository just registered, with what is shown only now.
+pub struct RegisteredGitHubRepo {
+    pub repo: Repo,
+    pub webhook_url: String,
+    pub webhook_secret: String,
+}
+
+impl Services {
+    /// Registers a GitHub repository with the caller's token, after checking
+    /// that the token can read it; with `create_webhook`, also creates the
+    /// webhook (needs admin rights on the repository).
+    pub async fn register_github_repo(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+        branch: Option<String>,
+        timeout_secs: Option<u64>,
+        create_webhook: bool,
+    ) -> Result<RegisteredGitHubRepo, CoreError> {
+        let Caller::GitHub { login, token } = caller else {
+            return Err(CoreError::invalid(
+                "owner",
+                "registering a GitHub repository needs GitHub credentials: send Authorization: Bearer <github token> and X-GitHub-Username (or give git_url to register by URL)",
+            ));
+        };
+        validate::repo_component("owner", owner)?;
+        validate::repo_component("name", name)?;
+        let info = self
+            .github
+            .repository(token, owner, name)
+            .await
+            .map_err(crate::auth::caller_error)?;
+        if !(info.permissions.pull || info.permissions.push) {
+            return Err(CoreError::Forbidden(format!(
+                "the token of {login} cannot read {owner}/{name}"
+            )));
+        }
+        if create_webhook && !info.permissions.admin {
+            return Err(CoreError::Forbidden(format!(
+                "creating the webhook needs admin rights on {owner}/{name}; register without create_webhook and add the webhook by hand"
+            )));
+        }
+        let branch = branch
+            .or(info.default_branch)
+            .unwrap_or_else(|| "main".to_owned());
+        validate::branch("branch", &branch)?;
+        let timeout_secs = timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
+        if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(CoreError::invalid(
+                "timeout_secs",
+                format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
+            ));
+        }
+        let full_name = format!("{owner}/{name}");
+        let hook_id = random_hex(16);
+        let webhook_secret = random_hex(32);
+        let repo = Repo {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            git_url: self.github.clone_url(owner, name),
+            default_branch: branch,
+            timeout_secs,
+            created_at: Utc::now(),
+            github: Some(GitHubLink {
+                login: login.clone(),
+                token_sealed: self
+                    .secret_key
+                    .seal(token.expose().as_bytes(), &token_context(&full_name)),
+                hook_id: hook_id.clone(),
+                webhook_secret_sealed: self.secret_key.seal(
+                    webhook_secret.as_bytes(),
+                    &webhook_secret_context(&full_name),
+                ),
+            }),
+            disabled: None,
+        };
+        let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
+        if create_webhook {
+            self.github
+                .create_hook(token, owner, name, &webhook_url, &webhook_secret)
+                .await
+                .map_err(crate::auth::caller_error)?;
+        }
+        self.store.create_repo(repo.clone()).await?;
+        tracing::info!(repo = %full_name, github.login = %login, "GitHub repository registered");
+        Ok(RegisteredGitHubRepo {
+            repo,
+            webhook_url,
+            webhook_secret,
+        })
+    }
+
+    /// The stored GitHub token of a repository.
+    pub fn repo_token(&self, repo: &Repo) -> Option<GitHubToken> {
+        let github = repo.github.as_ref()?;
+        match self
+            .secret_key
+            .open(&github.token_sealed, &token_context(&repo.full_name()))
+        {
+            Ok(bytes) => String::from_utf8(bytes).ok().map(GitHubToken::new),
+            Err(err) => {
+                tracing::error!(repo = %repo.full_name(), error = %err, "cannot open the stored GitHub token (wrong --secret-key-file?)");
+                None
+            }
+        }
+    }
+
+    /// The webhook secret of a GitHub repository.
+    pub fn webhook_secret(&self, repo: &Repo) -> Option<Vec<u8>> {
+        let github = repo.github.as_ref()?;
+        self.secret_key
+            .open(
+                &github.webhook_secret_sealed,
+                &webhook_secret_context(&repo.full_name()),
+            )
+            .ok()
+    }
+
+    /// GitHub says the stored credentials no longer reach the repository:
+    /// disable it, cancel its queued jobs, and have every agent delete its
+    /// clones of it.
+    pub async fn access_lost(&self, repo: &Repo, cause: &GitHubError) {
+        let full_name = repo.full_name();
+        let mut disabled = repo.clone();
+        disabled.disabled = Some(format!("access to GitHub lost: {cause}"));
+        if let Err(err) = self.store.update_repo(disabled).await {
+            tracing::warn!(repo = %full_name, error = %err, "cannot disable a repository");
+            return;
+        }
+        tracing::warn!(repo = %full_name, cause = %cause, "repository disabled: access lost");
+        let queued = self
+            .store
+            .list_jobs(&JobFilter {
+                repo: Some(full_name.clone()),
+                state: Some(JobState::Queued),
+                limit: usize::MAX,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap_or_default();
+        for job in queued {
+            let _ = self.store.request_cancel(job.id, Utc::now()).await;
+        }
+        self.store
+            .announce(StoreEvent::RepoDisabled {
+                git_url: repo.git_url.clone(),
+            })
+            .await;
+    }
+}
+
+/// Checks every enabled GitHub repository's stored credentials every
+/// `--github-recheck-interval`, until `shutdown`.
+pub async fn recheck_github_access(services: Services, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(services.config.github_recheck_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(repos) = services.store.list_repos().await else {
+            continue;
+        };
+        for repo in repos {
+            if repo.disabled.is_some() {
+                continue;
+            }
+            let Some(token) = services.repo_token(&repo) else {
+                continue;
+            };
+            match services
+                .github
+                .repository(&token, &repo.owner, &repo.name)
+                .await
+            {
+                Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
+                    services.access_lost(&repo, &err).await;
+                }
+                Ok(info) if !(info.permissions.pull || info.permissions.push) => {
+                    services.access_lost(&repo, &GitHubError::NotFound).await;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(repo = %repo.full_name(), error = %err, "cannot re-check GitHub access");
+                }
+            }
+        }
     }
 }

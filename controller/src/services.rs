@@ -1,11 +1,14 @@
 //! The controller's shared state, handed to every edge: the store and the
 //! configuration.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
+use hobotnica_common::secrets::SecretKey;
 
 use crate::config::ControllerConfig;
+use crate::github::GitHub;
+use crate::statuses::StatusSender;
 use crate::store::Store;
 
 /// An agent heard from within this time counts as connected (sessions
@@ -20,9 +23,23 @@ pub struct Services {
     pub admin_token_hash: Arc<str>,
     /// Hash of the pool agent token, if one is configured.
     pub agent_pool_token_hash: Option<Arc<str>>,
+    /// Seals and opens secrets at rest.
+    pub secret_key: SecretKey,
+    pub github: GitHub,
+    /// Verified GitHub credentials, briefly.
+    pub credentials: Arc<crate::auth::CredentialCache>,
+    /// Commit statuses on their way to GitHub.
+    pub statuses: StatusSender,
+    /// Where users reach the REST API (known once the listener is bound).
+    pub public_url: Arc<OnceLock<String>>,
 }
 
 impl Services {
+    /// The REST API's base URL, for links.
+    pub fn public_url(&self) -> &str {
+        self.public_url.get().map_or("", String::as_str)
+    }
+
     /// When a lease taken or renewed now ends.
     pub fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now + self.config.lease_timeout

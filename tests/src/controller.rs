@@ -36,6 +36,9 @@ pub struct ControllerOpts {
     /// The admin and pool agent tokens (default: fresh ones). Controllers
     /// sharing one Redis share them: see [`Controller::peer_opts`].
     pub tokens: Option<(String, String)>,
+    /// `--secret-key-file` contents (64 hex characters). With Redis, one is
+    /// generated when not given, and peers share it.
+    pub secret_key_hex: Option<String>,
 }
 
 impl Default for ControllerOpts {
@@ -48,6 +51,7 @@ impl Default for ControllerOpts {
             client_ca: false,
             redis_url: None,
             tokens: None,
+            secret_key_hex: None,
         }
     }
 }
@@ -115,8 +119,15 @@ impl Controller {
                 args.extend(["--client-ca".into(), pki.ca_cert.clone().into()]);
             }
         }
+        let mut opts = opts;
         if let Some(url) = &opts.redis_url {
             args.extend(["--redis".into(), url.into()]);
+            let key = opts
+                .secret_key_hex
+                .get_or_insert_with(hobotnica_common::secrets::SecretKey::generate_hex);
+            let key_file = dir.path().join("secret-key");
+            std::fs::write(&key_file, format!("{key}\n")).expect("write the secret key");
+            args.extend(["--secret-key-file".into(), key_file.into()]);
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
         let spec = Spec {

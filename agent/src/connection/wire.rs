@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{CALL_TIMEOUT, Client, Connection, RpcError};
 use crate::job::{Completion, JobKey, JobSpec};
+use crate::workspace::GitHttpHeader;
 
 /// Messages the agent may queue on its Session before they are sent.
 const SESSION_QUEUE: usize = 64;
@@ -24,11 +25,14 @@ pub const LOG_QUEUE_CHUNKS: usize = 32;
 #[derive(Debug)]
 pub enum SessionCommand {
     /// Run this job (the agent now holds its lease).
-    Assign(JobSpec),
+    Assign(Box<JobSpec>),
     /// Stop this job.
     Cancel { key: JobKey, reason: String },
     /// Nothing but proof of life.
     Heartbeat,
+    /// Access to this repository is gone: delete its cache clone and idle
+    /// work trees (sent again at each session start while it lasts).
+    ForgetRepository { git_url: String },
 }
 
 /// An open Session.
@@ -108,7 +112,7 @@ impl SessionStream {
             };
             match message.kind {
                 Some(controller_message::Kind::Assignment(assignment)) => {
-                    return Ok(Some(SessionCommand::Assign(job_spec(assignment))));
+                    return Ok(Some(SessionCommand::Assign(Box::new(job_spec(assignment)))));
                 }
                 Some(controller_message::Kind::Cancel(cancel)) => {
                     return Ok(Some(SessionCommand::Cancel {
@@ -122,8 +126,11 @@ impl SessionStream {
                 Some(controller_message::Kind::Heartbeat(_)) => {
                     return Ok(Some(SessionCommand::Heartbeat));
                 }
-                // Handled by the repository-forgetting work (not yet wired).
-                Some(controller_message::Kind::ForgetRepository(_)) => continue,
+                Some(controller_message::Kind::ForgetRepository(forget)) => {
+                    return Ok(Some(SessionCommand::ForgetRepository {
+                        git_url: forget.git_url,
+                    }));
+                }
                 // A newer controller's message kind: ignore it.
                 None => continue,
             }
@@ -146,6 +153,8 @@ fn job_spec(assignment: proto::Assignment) -> JobSpec {
         env: assignment.env.into_iter().collect::<BTreeMap<_, _>>(),
         timeout: (assignment.timeout_ms > 0).then(|| Duration::from_millis(assignment.timeout_ms)),
         secrets: assignment.secrets,
+        git_http_header: (!assignment.git_http_header.is_empty())
+            .then(|| GitHttpHeader::new(assignment.git_http_header)),
     }
 }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 use hobotnica_common::ids::JobId;
 use hobotnica_common::job::Outcome;
 
+use crate::workspace::GitHttpHeader;
+
 /// One attempt of one job: the unit the agent runs, renews and reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct JobKey {
@@ -42,6 +44,9 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     /// Values masked in the output before it leaves the host.
     pub secrets: Vec<String>,
+    /// Sent by git to the repository's host (private repositories); given
+    /// to git only, never to make, and masked like the secrets.
+    pub git_http_header: Option<GitHttpHeader>,
 }
 
 /// Timings the controller gave at registration.

@@ -20,9 +20,9 @@ use tracing::Instrument as _;
 
 use super::{Completion, JobContext, JobEvent, JobSpec, LeaseTimings, lease};
 use crate::connection::{Backoff, RpcError, retry};
-use crate::logs::{self, Masker, Shipper, ShipperEnd, ShipperHandle, Spool};
+use crate::logs::{self, Secrets, Shipper, ShipperEnd, ShipperHandle, Spool};
 use crate::process::{self, CommandSpec, OUTPUT_CLOSE_TIMEOUT};
-use crate::workspace::{WorkTree, WorkspaceError};
+use crate::workspace::{Remote, WorkTree, WorkspaceError};
 
 /// Why the job is being stopped before make finished on its own.
 #[derive(Debug, Clone)]
@@ -48,6 +48,9 @@ pub(super) struct Supervisor {
     events_tx: mpsc::UnboundedSender<JobEvent>,
     events_rx: mpsc::UnboundedReceiver<JobEvent>,
     stop: Option<Stop>,
+    /// The job's secrets and its git header's secret parts: masked in make's
+    /// output and in every line and message the agent writes about the job.
+    secrets: Secrets,
     started: Instant,
     /// Lease renewal and log shipping.
     children: JoinSet<()>,
@@ -62,8 +65,15 @@ impl Supervisor {
         events_tx: mpsc::UnboundedSender<JobEvent>,
         events_rx: mpsc::UnboundedReceiver<JobEvent>,
     ) -> Supervisor {
+        let header_parts = spec
+            .git_http_header
+            .as_ref()
+            .map(|header| header.secret_parts())
+            .unwrap_or_default();
+        let secrets = Secrets::new(spec.secrets.iter().chain(&header_parts));
         Supervisor {
             context,
+            secrets,
             spec,
             timings,
             events_tx,
@@ -156,7 +166,7 @@ impl Supervisor {
             key: self.spec.key,
             outcome: end.outcome,
             exit_code: end.exit_code,
-            message: end.message,
+            message: self.secrets.mask(&end.message),
             log_length,
             duration: self.started.elapsed(),
         }
@@ -190,10 +200,12 @@ impl Supervisor {
             (Some(_), _) => return false,
         }
         match &stop {
-            Stop::Cancelled(reason) if reason.is_empty() => spool.line("cancelled"),
-            Stop::Cancelled(reason) => spool.line(&format!("cancelled: {reason}")),
-            Stop::TimedOut(limit) => spool.line(&format!("timed out after {}", human(*limit))),
-            Stop::ShutDown => spool.line("agent shut down"),
+            Stop::Cancelled(reason) if reason.is_empty() => self.line(spool, "cancelled"),
+            Stop::Cancelled(reason) => self.line(spool, &format!("cancelled: {reason}")),
+            Stop::TimedOut(limit) => {
+                self.line(spool, &format!("timed out after {}", human(*limit)));
+            }
+            Stop::ShutDown => self.line(spool, "agent shut down"),
             Stop::Gone(_) => {}
         }
         tracing::info!(?stop, "stopping the job");
@@ -201,7 +213,13 @@ impl Supervisor {
         true
     }
 
-    fn failed(spool: &Spool, message: String) -> WorkEnd {
+    /// Writes an agent line to the job's log, masked.
+    fn line(&self, spool: &Spool, text: &str) {
+        spool.line(&self.secrets.mask(text));
+    }
+
+    fn failed(&self, spool: &Spool, message: String) -> WorkEnd {
+        let message = self.secrets.mask(&message);
         spool.line(&message);
         WorkEnd {
             outcome: Outcome::Failed,
@@ -238,19 +256,23 @@ impl Supervisor {
             Ok(commit) => commit,
             Err(error) => {
                 let message = format!("invalid commit {:?}: {error}", self.spec.commit);
-                return (None, Self::failed(spool, message));
+                return (None, self.failed(spool, message));
             }
         };
         if let Err(error) = validate::target("target", &self.spec.target) {
-            return (None, Self::failed(spool, format!("invalid {error}")));
+            return (None, self.failed(spool, format!("invalid {error}")));
+        }
+        if let Some(Err(error)) = self.spec.git_http_header.as_ref().map(|h| h.validate()) {
+            return (None, self.failed(spool, error.to_string()));
         }
 
         let tree = match self.prepare(&commit, spool).await {
             Ok(tree) => tree,
             Err(WorkspaceError::Cancelled) => return (None, self.stopped(None)),
             Err(error) => {
-                tracing::warn!(%error, "preparing the work tree failed");
-                return (None, Self::failed(spool, error.to_string()));
+                let error = self.secrets.mask(&error.to_string());
+                tracing::warn!(error, "preparing the work tree failed");
+                return (None, self.failed(spool, error));
             }
         };
         if self.stop.is_some() {
@@ -267,11 +289,17 @@ impl Supervisor {
     ) -> Result<WorkTree, WorkspaceError> {
         let workspaces = self.context.workspaces.clone();
         let git_url = self.spec.git_url.clone();
+        let http_header = self.spec.git_http_header.clone();
+        let remote = Remote {
+            url: &git_url,
+            http_header: http_header.as_ref(),
+        };
         let name = self.spec.key.to_string();
         let git_cancel = CancellationToken::new();
         let log_spool = spool.clone();
-        let log = move |line: &str| log_spool.line(line);
-        let prepare = workspaces.prepare(&git_url, commit, &name, &log, &git_cancel);
+        let secrets = self.secrets.clone();
+        let log = move |line: &str| log_spool.line(&secrets.mask(line));
+        let prepare = workspaces.prepare(remote, commit, &name, &log, &git_cancel);
         tokio::pin!(prepare);
         loop {
             tokio::select! {
@@ -287,26 +315,13 @@ impl Supervisor {
 
     async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
         let spec = &self.spec;
-        let ci = CiVars {
-            job_id: spec.key.id.0,
-            attempt: spec.key.attempt,
-            repo: &spec.repo,
-            commit: &spec.commit,
-            branch: &spec.branch,
-            target: &spec.target,
-            kind: &spec.kind,
-        };
-        let env = compose(self.context.inherited_env.iter().cloned(), &ci, &spec.env);
-        let command = CommandSpec {
-            env,
-            ..CommandSpec::new("make", &tree.path).arg(&spec.target)
-        };
+        let command = make_command(spec, &self.context.inherited_env, &tree.path);
         let (mut group, pipe) = match process::spawn(&command) {
             Ok(spawned) => spawned,
-            Err(error) => return Self::failed(spool, format!("could not start make: {error}")),
+            Err(error) => return self.failed(spool, format!("could not start make: {error}")),
         };
         tracing::info!(pgid = group.pgid(), "make started");
-        let copy = logs::copy_output(pipe, Masker::new(&spec.secrets), spool.clone());
+        let copy = logs::copy_output(pipe, self.secrets.masker(), spool.clone());
         tokio::pin!(copy);
         let mut copied: Option<io::Result<u64>> = None;
         let deadline = spec.timeout.map(|limit| Instant::now() + limit);
@@ -342,7 +357,8 @@ impl Supervisor {
         if copied.is_none() {
             match tokio::time::timeout(OUTPUT_CLOSE_TIMEOUT, &mut copy).await {
                 Ok(result) => copied = Some(result),
-                Err(_) => spool.line(
+                Err(_) => self.line(
+                    spool,
                     "output still open after make exited (a process left its process group?); the rest is dropped",
                 ),
             }
@@ -357,7 +373,7 @@ impl Supervisor {
 
         let status: ExitStatus = match status {
             Ok(status) => status,
-            Err(error) => return Self::failed(spool, format!("waiting for make failed: {error}")),
+            Err(error) => return self.failed(spool, format!("waiting for make failed: {error}")),
         };
         tracing::info!(
             exit_code = status.code(),
@@ -495,6 +511,30 @@ impl Supervisor {
     }
 }
 
+/// `make <target>` in the work tree, with the job's environment: the agent's
+/// base variables, the CI variables and the job's variables. Nothing of git's
+/// (the URL, the HTTP header) is in it.
+fn make_command(
+    spec: &JobSpec,
+    inherited_env: &[(String, String)],
+    tree: &std::path::Path,
+) -> CommandSpec {
+    let ci = CiVars {
+        job_id: spec.key.id.0,
+        attempt: spec.key.attempt,
+        repo: &spec.repo,
+        commit: &spec.commit,
+        branch: &spec.branch,
+        target: &spec.target,
+        kind: &spec.kind,
+    };
+    let env = compose(inherited_env.iter().cloned(), &ci, &spec.env);
+    CommandSpec {
+        env,
+        ..CommandSpec::new("make", tree).arg(&spec.target)
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -520,7 +560,56 @@ fn human(duration: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use hobotnica_common::ids::JobId;
+
     use super::*;
+    use crate::job::JobKey;
+    use crate::workspace::GitHttpHeader;
+
+    #[test]
+    fn make_never_gets_the_git_header() {
+        let header = GitHttpHeader::new("Authorization: Bearer ghs_SecretToken123");
+        let spec = JobSpec {
+            key: JobKey {
+                id: JobId(7),
+                attempt: 1,
+            },
+            repo: "o/r".to_owned(),
+            git_url: "https://github.com/o/r.git".to_owned(),
+            commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            branch: "main".to_owned(),
+            target: "test".to_owned(),
+            kind: "test".to_owned(),
+            env: BTreeMap::from([("PROJECT_VAR".to_owned(), "1".to_owned())]),
+            timeout: None,
+            secrets: Vec::new(),
+            git_http_header: Some(header.clone()),
+        };
+        // Even when the agent itself runs with git configuration around.
+        let inherited = [
+            ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+            ("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()),
+            ("GIT_CONFIG_KEY_0".to_owned(), "http.extraHeader".to_owned()),
+            (
+                "GIT_CONFIG_VALUE_0".to_owned(),
+                "Authorization: x".to_owned(),
+            ),
+        ];
+        let command = make_command(&spec, &inherited, std::path::Path::new("/tmp/tree"));
+        assert_eq!(command.args, ["test"]);
+        assert!(
+            command.env.keys().all(|name| !name.starts_with("GIT_")),
+            "{:?}",
+            command.env.keys()
+        );
+        for part in header.secret_parts() {
+            assert!(!command.env.values().any(|v| v.contains(&part)));
+            assert!(!command.env.keys().any(|v| v.contains(&part)));
+        }
+        assert_eq!(command.env["PROJECT_VAR"], "1");
+    }
 
     #[test]
     fn durations_read_like_the_options() {

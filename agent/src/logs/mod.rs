@@ -1,5 +1,6 @@
 //! A job's log on its way out: output pipe → [`Masker`] → [`Spool`] on disk →
-//! [`Shipper`] → controller.
+//! [`Shipper`] → controller. [`Secrets`] also masks the lines the agent writes
+//! itself.
 
 mod mask;
 mod shipper;
@@ -8,7 +9,7 @@ mod spool;
 use std::io;
 use std::sync::Arc;
 
-pub use mask::Masker;
+pub use mask::{Masker, Secrets};
 pub use shipper::{Shipper, ShipperEnd, ShipperHandle};
 pub use spool::Spool;
 
@@ -72,7 +73,7 @@ mod tests {
             .arg("head -c 3000000 /dev/zero | tr '\\0' x; echo; echo tail >&2")
             .env("PATH", "/usr/bin:/bin");
         let (mut group, pipe) = spawn(&spec)?;
-        let copied = copy_output(pipe, Masker::new(&[]), spool.clone()).await?;
+        let copied = copy_output(pipe, Secrets::default().masker(), spool.clone()).await?;
         assert!(group.wait().await?.success());
         assert_eq!(copied, 3_000_000 + 1 + 5);
         let len = spool.close();
@@ -80,6 +81,26 @@ mod tests {
         let data = spool.reader()?.read_at(0, usize::try_from(len)?)?;
         assert!(data[..3_000_000].iter().all(|b| *b == b'x'));
         assert_eq!(&data[3_000_000..], b"\ntail\n");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn secrets_in_the_output_are_masked_even_split_across_writes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let spool = Arc::new(Spool::create(dir.path().join("1-1.log"))?);
+        // The secret comes in two writes with a pause between them, and once
+        // more at the very end of the output.
+        let spec = CommandSpec::new("/bin/sh", dir.path())
+            .arg("-c")
+            .arg("printf 'token: ghp_sec'; sleep 0.2; printf 'ret123\\n'; printf 'ghp_secret123'")
+            .env("PATH", "/usr/bin:/bin");
+        let (mut group, pipe) = spawn(&spec)?;
+        let secrets = Secrets::new(["ghp_secret123", "a-longer-secret-value-here"]);
+        copy_output(pipe, secrets.masker(), spool.clone()).await?;
+        assert!(group.wait().await?.success());
+        let len = spool.close();
+        let data = spool.reader()?.read_at(0, usize::try_from(len)?)?;
+        assert_eq!(String::from_utf8(data)?, "token: [MASKED]\n[MASKED]");
         Ok(())
     }
 }

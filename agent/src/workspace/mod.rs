@@ -4,13 +4,21 @@
 //! work tree. Git operations on one cache are serialised by a per-repository
 //! async mutex.
 //!
-//! The repository URL reaches git through the environment
-//! (`GIT_CONFIG_*` = `remote.origin.url`), never through argv or the cache's
-//! config file, so credentials in a URL are not visible in `ps` or on disk.
+//! The repository URL, and the HTTP header of a private repository, reach
+//! git through the environment (`GIT_CONFIG_*` = `remote.origin.url`,
+//! `http.extraHeader`), never through argv or the cache's config file, so
+//! credentials are not visible in `ps` or on disk. Git's output is scrubbed
+//! of them before it becomes an error message.
+//!
+//! A repository the agent may no longer access is forgotten
+//! ([`Workspaces::forget`]): its cache and idle work trees are deleted at
+//! once; the trees of running jobs stay until those jobs end, and the cache
+//! goes with the last of them (their trees share its object store).
 
+mod http_header;
 mod redact;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,8 +28,10 @@ use hobotnica_common::ids::CommitSha;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+pub use http_header::GitHttpHeader;
 pub use redact::redact_url;
 
+use crate::logs::Secrets;
 use crate::process::{self, Captured, CommandSpec, RunError};
 
 /// Why a work tree could not be made.
@@ -65,6 +75,79 @@ pub struct WorkTree {
 /// Receives progress lines meant for the job's log.
 pub type LogLine<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
+/// Where a job's commit comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote<'a> {
+    /// Anything git can fetch from.
+    pub url: &'a str,
+    /// Sent with every HTTP request to the remote (private repositories).
+    pub http_header: Option<&'a GitHttpHeader>,
+}
+
+#[cfg(test)]
+impl<'a> Remote<'a> {
+    /// A remote that needs no header.
+    pub fn plain(url: &'a str) -> Remote<'a> {
+        Remote {
+            url,
+            http_header: None,
+        }
+    }
+}
+
+/// A remote as git commands see it, with what must be scrubbed from their
+/// output.
+struct Origin<'a> {
+    url: &'a str,
+    http_header: Option<&'a GitHttpHeader>,
+    /// The header's secret parts.
+    secrets: Secrets,
+}
+
+impl<'a> Origin<'a> {
+    fn new(remote: Remote<'a>) -> Origin<'a> {
+        Origin {
+            url: remote.url,
+            http_header: remote.http_header,
+            secrets: Secrets::new(
+                remote
+                    .http_header
+                    .map(GitHttpHeader::secret_parts)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// `text` without the URL's credentials and the header's secrets.
+    fn scrub(&self, text: &str) -> String {
+        self.secrets.mask(&redact::scrub(text, self.url))
+    }
+}
+
+/// What [`Workspaces::forget`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The cache clone was deleted now.
+    pub cache_removed: bool,
+    /// Idle work trees deleted.
+    pub trees_removed: Vec<PathBuf>,
+    /// Work trees of running jobs, removed when their jobs end (and the
+    /// cache with the last of them).
+    pub trees_kept: Vec<PathBuf>,
+}
+
+/// Which work trees are handed out, and which caches wait for theirs to be
+/// given back before they are deleted.
+#[derive(Default)]
+struct Trees {
+    /// Work trees given out by [`Workspaces::prepare`] and not yet removed,
+    /// by cache.
+    in_use: HashMap<PathBuf, HashSet<PathBuf>>,
+    /// Forgotten caches still used by a running job, with the repository's
+    /// redacted URL (for the log).
+    forgotten: HashMap<PathBuf, String>,
+}
+
 /// The agent's git caches and job work trees.
 pub struct Workspaces {
     cache_dir: PathBuf,
@@ -73,6 +156,7 @@ pub struct Workspaces {
     base_env: BTreeMap<String, String>,
     git_timeout: Duration,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    trees: Mutex<Trees>,
 }
 
 /// Variables git gets from the agent's environment.
@@ -111,6 +195,7 @@ impl Workspaces {
             base_env,
             git_timeout,
             locks: Mutex::new(HashMap::new()),
+            trees: Mutex::new(Trees::default()),
         })
     }
 
@@ -130,6 +215,10 @@ impl Workspaces {
         locks.entry(cache.to_owned()).or_default().clone()
     }
 
+    fn trees(&self) -> std::sync::MutexGuard<'_, Trees> {
+        self.trees.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Removes work trees left by an earlier run of the agent (killed
     /// mid-job) and forgets them in every cache.
     pub async fn remove_leftovers(&self) {
@@ -145,6 +234,13 @@ impl Workspaces {
         if let Ok(entries) = std::fs::read_dir(&self.cache_dir) {
             for entry in entries.flatten() {
                 let cache = entry.path();
+                if cache.extension().is_some_and(|e| e == FORGOTTEN_EXTENSION) {
+                    // A forgotten cache whose deletion was interrupted.
+                    if let Err(error) = std::fs::remove_dir_all(&cache) {
+                        tracing::warn!(%error, path = %cache.display(), "could not remove a forgotten cache");
+                    }
+                    continue;
+                }
                 let lock = self.lock_for(&cache);
                 let _guard = lock.lock().await;
                 let never = CancellationToken::new();
@@ -164,19 +260,22 @@ impl Workspaces {
         }
     }
 
-    /// Makes a work tree named `name` at `commit` of `git_url`, fetching
+    /// Makes a work tree named `name` at `commit` of `remote`, fetching
     /// into the cache when the commit is not there yet. Progress lines go to
     /// `log`. Cancelling `cancel` kills git and returns
-    /// [`WorkspaceError::Cancelled`].
+    /// [`WorkspaceError::Cancelled`]. Nothing returned or logged contains the
+    /// URL's credentials or the header's secrets.
     pub async fn prepare(
         &self,
-        git_url: &str,
+        remote: Remote<'_>,
         commit: &CommitSha,
         name: &str,
         log: LogLine<'_>,
         cancel: &CancellationToken,
     ) -> Result<WorkTree, WorkspaceError> {
-        let shown_url = redact_url(git_url);
+        let origin = Origin::new(remote);
+        let git_url = remote.url;
+        let shown_url = origin.scrub(&redact_url(git_url));
         if git_url.is_empty() || git_url.starts_with('-') || git_url.contains(['\n', '\0']) {
             return Err(WorkspaceError::InvalidUrl(shown_url));
         }
@@ -186,6 +285,8 @@ impl Workspaces {
             guard = lock.lock() => guard,
             () = cancel.cancelled() => return Err(WorkspaceError::Cancelled),
         };
+        // A job of a forgotten repository: it is wanted again.
+        self.trees().forgotten.remove(&cache);
 
         self.ensure_cache(&cache, cancel).await?;
         if !self.has_commit(&cache, commit, cancel).await? {
@@ -193,7 +294,7 @@ impl Workspaces {
             let fetched = self
                 .git(
                     &cache,
-                    Some(git_url),
+                    Some(&origin),
                     "git fetch",
                     cancel,
                     [
@@ -221,7 +322,7 @@ impl Workspaces {
                 match self
                     .git(
                         &cache,
-                        Some(git_url),
+                        Some(&origin),
                         "git fetch <commit>",
                         cancel,
                         ["fetch", "--no-tags", "origin", commit.as_str()],
@@ -279,6 +380,11 @@ impl Workspaces {
             ],
         )
         .await?;
+        self.trees()
+            .in_use
+            .entry(cache.clone())
+            .or_default()
+            .insert(path.clone());
         Ok(WorkTree { path, cache })
     }
 
@@ -322,6 +428,117 @@ impl Workspaces {
                 tracing::warn!(%error, "git worktree prune failed");
             }
         }
+        let forgotten = {
+            let mut trees = self.trees();
+            if let Some(in_use) = trees.in_use.get_mut(&tree.cache) {
+                in_use.remove(&tree.path);
+                if in_use.is_empty() {
+                    trees.in_use.remove(&tree.cache);
+                }
+            }
+            if trees.in_use.contains_key(&tree.cache) {
+                None
+            } else {
+                trees.forgotten.remove(&tree.cache)
+            }
+        };
+        if let Some(repo) = forgotten {
+            match self.delete_cache(&tree.cache) {
+                Ok(true) => tracing::info!(
+                    repo,
+                    "removed the cache of a forgotten repository after its last job"
+                ),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, repo, "could not remove the cache of a forgotten repository");
+                }
+            }
+        }
+    }
+
+    /// Deletes the cache clone of `git_url` and every work tree of it that
+    /// no running job uses; the trees of running jobs stay until their jobs
+    /// end, and the cache is deleted with the last of them. Idempotent;
+    /// waits for git work on the same repository (the per-repository lock).
+    pub async fn forget(&self, git_url: &str) -> Forgotten {
+        let cache = self.cache_path(git_url);
+        let repo = redact_url(git_url);
+        let lock = self.lock_for(&cache);
+        let _guard = lock.lock().await;
+        let in_use = self.trees().in_use.get(&cache).cloned().unwrap_or_default();
+        let mut forgotten = Forgotten::default();
+        if let Ok(entries) = std::fs::read_dir(&self.jobs_dir) {
+            for entry in entries.flatten() {
+                let tree = entry.path();
+                if !is_tree_of(&tree, &cache) {
+                    continue;
+                }
+                if in_use.contains(&tree) {
+                    forgotten.trees_kept.push(tree);
+                    continue;
+                }
+                match std::fs::remove_dir_all(&tree) {
+                    Ok(()) => forgotten.trees_removed.push(tree),
+                    Err(error) => {
+                        tracing::warn!(%error, path = %tree.display(), "could not remove a work tree of a forgotten repository");
+                    }
+                }
+            }
+        }
+        if in_use.is_empty() {
+            self.trees().forgotten.remove(&cache);
+            match self.delete_cache(&cache) {
+                Ok(removed) => forgotten.cache_removed = removed,
+                Err(error) => {
+                    tracing::warn!(%error, repo, "could not remove the cache of a forgotten repository");
+                }
+            }
+        } else {
+            self.trees().forgotten.insert(cache.clone(), repo.clone());
+            if !forgotten.trees_removed.is_empty()
+                && let Err(error) = self
+                    .git(
+                        &cache,
+                        None,
+                        "git worktree prune",
+                        &CancellationToken::new(),
+                        ["worktree", "prune"],
+                    )
+                    .await
+            {
+                tracing::warn!(%error, "git worktree prune failed");
+            }
+        }
+        if forgotten == Forgotten::default() {
+            tracing::debug!(repo, "forgetting a repository: nothing to remove");
+        } else {
+            tracing::info!(
+                repo,
+                cache_removed = forgotten.cache_removed,
+                trees_removed = forgotten.trees_removed.len(),
+                trees_kept_until_their_jobs_end = forgotten.trees_kept.len(),
+                "forgot a repository"
+            );
+        }
+        forgotten
+    }
+
+    /// Deletes a cache clone: renamed first, so that an interrupted deletion
+    /// never leaves a half cache that looks usable. False when there was none.
+    fn delete_cache(&self, cache: &Path) -> io::Result<bool> {
+        if !cache.exists() {
+            return Ok(false);
+        }
+        let mut trash = cache.as_os_str().to_owned();
+        trash.push(".");
+        trash.push(FORGOTTEN_EXTENSION);
+        let trash = PathBuf::from(trash);
+        if trash.exists() {
+            std::fs::remove_dir_all(&trash)?;
+        }
+        std::fs::rename(cache, &trash)?;
+        std::fs::remove_dir_all(&trash)?;
+        Ok(true)
     }
 
     async fn ensure_cache(
@@ -364,7 +581,7 @@ impl Workspaces {
         Ok(captured.status.success())
     }
 
-    fn git_spec<I, S>(&self, cache: &Path, url: Option<&str>, args: I) -> CommandSpec
+    fn git_spec<I, S>(&self, cache: &Path, origin: Option<&Origin<'_>>, args: I) -> CommandSpec
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
@@ -377,8 +594,11 @@ impl Workspaces {
             ("gc.autoDetach", "false"),
             ("maintenance.autoDetach", "false"),
         ];
-        if let Some(url) = url {
-            config.push(("remote.origin.url", url));
+        if let Some(origin) = origin {
+            config.push(("remote.origin.url", origin.url));
+            if let Some(header) = origin.http_header {
+                config.push(("http.extraHeader", header.as_config_value()));
+            }
         }
         env.insert("GIT_CONFIG_COUNT".to_owned(), config.len().to_string());
         for (i, (key, value)) in config.into_iter().enumerate() {
@@ -413,11 +633,12 @@ impl Workspaces {
         }
     }
 
-    /// Runs git on `cache` and fails unless it exits with 0.
+    /// Runs git on `cache` and fails unless it exits with 0; with `origin`,
+    /// git may talk to the remote, and its output in the error is scrubbed.
     async fn git<I, S>(
         &self,
         cache: &Path,
-        url: Option<&str>,
+        origin: Option<&Origin<'_>>,
         operation: &str,
         cancel: &CancellationToken,
         args: I,
@@ -426,17 +647,37 @@ impl Workspaces {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let spec = self.git_spec(cache, url, args);
+        let spec = self.git_spec(cache, origin, args);
         let captured = self.run(&spec, operation, cancel).await?;
-        check_success(operation, &captured).map_err(|error| match (error, url) {
-            (WorkspaceError::Git { operation, detail }, Some(url)) => WorkspaceError::Git {
+        check_success(operation, &captured).map_err(|error| match (error, origin) {
+            (WorkspaceError::Git { operation, detail }, Some(origin)) => WorkspaceError::Git {
                 operation,
-                detail: redact::scrub(&detail, url),
+                detail: origin.scrub(&detail),
             },
             (error, _) => error,
         })?;
         Ok(captured)
     }
+}
+
+/// Added to a cache's name while it is being deleted.
+const FORGOTTEN_EXTENSION: &str = "forgotten";
+
+/// Whether the work tree at `tree` belongs to the cache clone `cache` (its
+/// `.git` file points into the cache).
+fn is_tree_of(tree: &Path, cache: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(tree.join(".git")) else {
+        return false;
+    };
+    let Some(gitdir) = text.trim_end().strip_prefix("gitdir: ") else {
+        return false;
+    };
+    let gitdir = tree.join(gitdir);
+    if gitdir.starts_with(cache) {
+        return true;
+    }
+    let real = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    real(&gitdir).starts_with(real(cache))
 }
 
 /// Lines of git's output kept in an error message.
@@ -463,5 +704,7 @@ fn check_success(operation: &str, captured: &Captured) -> Result<(), WorkspaceEr
     })
 }
 
+#[cfg(test)]
+mod git_http_server;
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 use std::sync::Mutex as StdMutex;
 use std::time::Instant;
 
+use super::git_http_server::GitHttpServer;
 use super::*;
 
 /// A source repository with two commits; returns (dir, first, second).
@@ -83,8 +84,8 @@ async fn two_work_trees_of_one_repository_at_different_commits() {
     let log = |line: &str| lines.push(line);
 
     let (a, b) = tokio::join!(
-        workspaces.prepare(&url, &first, "1-1", &log, &never),
-        workspaces.prepare(&url, &second, "2-1", &log, &never),
+        workspaces.prepare(Remote::plain(&url), &first, "1-1", &log, &never),
+        workspaces.prepare(Remote::plain(&url), &second, "2-1", &log, &never),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_ne!(a.path, b.path);
@@ -123,7 +124,7 @@ async fn a_later_commit_is_fetched_into_an_existing_cache() {
     let never = CancellationToken::new();
     let noop = |_: &str| {};
     let tree = workspaces
-        .prepare(&url, &first, "1-1", &noop, &never)
+        .prepare(Remote::plain(&url), &first, "1-1", &noop, &never)
         .await
         .unwrap();
     workspaces.remove(tree).await;
@@ -161,7 +162,7 @@ async fn a_later_commit_is_fetched_into_an_existing_cache() {
     let third: CommitSha = head.output_text().trim().parse().unwrap();
 
     let tree = workspaces
-        .prepare(&url, &third, "2-1", &noop, &never)
+        .prepare(Remote::plain(&url), &third, "2-1", &noop, &never)
         .await
         .unwrap();
     assert_eq!(
@@ -182,7 +183,13 @@ async fn a_missing_commit_fails_fast_with_commit_not_found() {
     let log = |line: &str| lines.push(line);
     let started = Instant::now();
     let error = workspaces
-        .prepare(&url, &missing, "1-1", &log, &CancellationToken::new())
+        .prepare(
+            Remote::plain(&url),
+            &missing,
+            "1-1",
+            &log,
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(20));
@@ -208,7 +215,7 @@ async fn an_unreachable_repository_fails_with_git_s_reason() {
     let commit: CommitSha = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
     let error = workspaces
         .prepare(
-            &url,
+            Remote::plain(&url),
             &commit,
             "1-1",
             &|_: &str| {},
@@ -229,7 +236,7 @@ async fn option_like_urls_are_refused() {
     let commit: CommitSha = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
     let error = workspaces
         .prepare(
-            "--upload-pack=touch /tmp/pwned",
+            Remote::plain("--upload-pack=touch /tmp/pwned"),
             &commit,
             "1-1",
             &|_: &str| {},
@@ -248,7 +255,7 @@ async fn leftovers_of_a_killed_agent_are_removed() {
     let url = repo.display().to_string();
     let tree = workspaces
         .prepare(
-            &url,
+            Remote::plain(&url),
             &first,
             "1-1",
             &|_: &str| {},
@@ -268,7 +275,7 @@ async fn leftovers_of_a_killed_agent_are_removed() {
     // And the same name can be used again.
     let again = workspaces
         .prepare(
-            &url,
+            Remote::plain(&url),
             &first,
             "1-1",
             &|_: &str| {},
@@ -277,4 +284,291 @@ async fn leftovers_of_a_killed_agent_are_removed() {
         .await
         .unwrap();
     workspaces.remove(again).await;
+}
+
+const TOKEN: &str = "ghp_T0kenForTests0123456789";
+
+fn basic_header(user_password: &str) -> GitHttpHeader {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(user_password);
+    GitHttpHeader::new(format!("Authorization: Basic {encoded}"))
+}
+
+/// Serves a bare clone of the source repository as `<base>/repo.git`,
+/// demanding `header`.
+async fn private_server(root: &Path, source: &Path, header: &GitHttpHeader) -> GitHttpServer {
+    let served = root.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let clone = CommandSpec::new("git", &served)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", root.display().to_string())
+        .arg("clone")
+        .arg("--bare")
+        .arg("--quiet")
+        .arg(source)
+        .arg("repo.git");
+    let done = process::run_captured(&clone, Duration::from_secs(30), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(done.status.success(), "{}", done.output_text());
+    let value = header
+        .as_config_value()
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .to_owned();
+    GitHttpServer::start(served, value).await
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path)
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_private_repository_is_fetched_with_the_header_in_the_environment_only() {
+    let root = tempfile::tempdir().unwrap();
+    let (source, first, _) = source_repo(root.path()).await;
+    let header = basic_header(&format!("x-access-token:{TOKEN}"));
+    let server = private_server(root.path(), &source, &header).await;
+    let url = format!("{}/repo.git", server.base_url);
+    let never = CancellationToken::new();
+
+    // Without the header: refused.
+    let workspaces = workspaces(root.path());
+    let error = workspaces
+        .prepare(Remote::plain(&url), &first, "1-1", &|_: &str| {}, &never)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, WorkspaceError::Git { operation, .. } if operation == "git fetch"),
+        "{error:?}"
+    );
+    assert!(server.seen().iter().all(|r| r.authorization.is_none()));
+
+    // With it: fetched and checked out.
+    let lines = Lines::new();
+    let log = |line: &str| lines.push(line);
+    let remote = Remote {
+        url: &url,
+        http_header: Some(&header),
+    };
+    let tree = workspaces
+        .prepare(remote, &first, "2-1", &log, &never)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tree.path.join("version")).unwrap(),
+        "one\n"
+    );
+    let with_header: Vec<_> = server
+        .seen()
+        .into_iter()
+        .filter(|r| r.authorization.is_some())
+        .collect();
+    assert!(!with_header.is_empty());
+    assert!(with_header.iter().all(|r| r.path.starts_with("/repo.git/")));
+
+    // The header went through GIT_CONFIG_* only: never argv, never a file.
+    let cache = workspaces.cache_path(&url);
+    let spec = workspaces.git_spec(
+        &cache,
+        Some(&Origin::new(remote)),
+        ["fetch", "origin", "+refs/heads/*:refs/heads/*"],
+    );
+    let encoded = header.secret_parts();
+    for arg in &spec.args {
+        let arg = arg.to_string_lossy();
+        for part in &encoded {
+            assert!(!arg.contains(part.as_str()), "{arg:?} holds a secret");
+        }
+    }
+    let count: usize = spec.env["GIT_CONFIG_COUNT"].parse().unwrap();
+    let config: Vec<(&str, &str)> = (0..count)
+        .map(|i| {
+            (
+                spec.env[&format!("GIT_CONFIG_KEY_{i}")].as_str(),
+                spec.env[&format!("GIT_CONFIG_VALUE_{i}")].as_str(),
+            )
+        })
+        .collect();
+    assert!(config.contains(&("remote.origin.url", url.as_str())));
+    assert!(config.contains(&("http.extraHeader", header.as_config_value())));
+    assert!(!spec.env.contains_key(&format!("GIT_CONFIG_KEY_{count}")));
+    // Commands that do not talk to the remote do not get it.
+    let local = workspaces.git_spec(&cache, None, ["worktree", "prune"]);
+    assert!(
+        !local
+            .env
+            .values()
+            .any(|v| v.contains(TOKEN) || v.contains("Authorization"))
+    );
+    for part in [TOKEN, "Authorization"] {
+        let found = files_containing(&root.path().join("work"), part);
+        assert!(found.is_empty(), "{part} found in {found:?}");
+    }
+    assert_eq!(lines.all(), [format!("fetching {url}")]);
+    workspaces.remove(tree).await;
+}
+
+#[tokio::test]
+async fn git_output_with_the_header_is_masked() {
+    let root = tempfile::tempdir().unwrap();
+    let (source, first, _) = source_repo(root.path()).await;
+    let user_password = format!("x-access-token:{TOKEN}");
+    let header = basic_header(&user_password);
+    let server = private_server(root.path(), &source, &header).await;
+    // The server repeats the Authorization header in its error, and the URL
+    // holds the token too: both reach git's output and the log.
+    let url = format!("{}/echo-auth/{TOKEN}/repo.git", server.base_url);
+    let workspaces = workspaces(root.path());
+    let lines = Lines::new();
+    let log = |line: &str| lines.push(line);
+    let error = workspaces
+        .prepare(
+            Remote {
+                url: &url,
+                http_header: Some(&header),
+            },
+            &first,
+            "1-1",
+            &log,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("remote error"), "{message}");
+    assert!(message.contains("[MASKED]"), "{message}");
+    let encoded = header
+        .as_config_value()
+        .rsplit_once(' ')
+        .unwrap()
+        .1
+        .to_owned();
+    let mut shown = lines.all();
+    shown.push(message);
+    shown.push(format!("{error:?}"));
+    for text in &shown {
+        for secret in [TOKEN, &user_password, &encoded, header.as_config_value()] {
+            assert!(!text.contains(secret), "{secret:?} in {text:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn forgetting_removes_the_cache_and_idle_trees_and_keeps_busy_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let (repo, first, second) = source_repo(root.path()).await;
+    let url = repo.display().to_string();
+    let never = CancellationToken::new();
+    let noop = |_: &str| {};
+
+    // An earlier run of the agent left a tree of the repository behind.
+    let earlier = workspaces(root.path());
+    let idle = earlier
+        .prepare(Remote::plain(&url), &first, "1-1", &noop, &never)
+        .await
+        .unwrap();
+    let idle_path = idle.path.clone();
+    drop(earlier);
+
+    // This run has a job of it running, and a job of another repository.
+    let workspaces = workspaces(root.path());
+    let busy = workspaces
+        .prepare(Remote::plain(&url), &second, "2-1", &noop, &never)
+        .await
+        .unwrap();
+    let other_root = root.path().join("other");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let (other_repo, other_commit, _) = source_repo(&other_root).await;
+    let other_url = other_repo.display().to_string();
+    let other = workspaces
+        .prepare(
+            Remote::plain(&other_url),
+            &other_commit,
+            "3-1",
+            &noop,
+            &never,
+        )
+        .await
+        .unwrap();
+
+    let forgotten = workspaces.forget(&url).await;
+    assert_eq!(forgotten.trees_removed, std::slice::from_ref(&idle_path));
+    assert_eq!(forgotten.trees_kept, std::slice::from_ref(&busy.path));
+    assert!(!forgotten.cache_removed, "the running job still uses it");
+    assert!(!idle_path.exists());
+    assert_eq!(
+        std::fs::read_to_string(busy.path.join("version")).unwrap(),
+        "two\n"
+    );
+    // Sent again (next session): nothing more goes.
+    let again = workspaces.forget(&url).await;
+    assert!(again.trees_removed.is_empty() && !again.cache_removed);
+    assert_eq!(again.trees_kept, std::slice::from_ref(&busy.path));
+
+    // The job ends: its tree goes, and the cache with it.
+    let busy_path = busy.path.clone();
+    workspaces.remove(busy).await;
+    assert!(!busy_path.exists());
+    assert!(!workspaces.cache_path(&url).exists());
+    assert_eq!(workspaces.forget(&url).await, Forgotten::default());
+
+    // The other repository is untouched.
+    assert!(other.path.join("version").exists());
+    assert!(workspaces.cache_path(&other_url).join("HEAD").is_file());
+    workspaces.remove(other).await;
+}
+
+#[tokio::test]
+async fn forgetting_an_idle_repository_removes_its_cache_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let (repo, first, _) = source_repo(root.path()).await;
+    let url = repo.display().to_string();
+    let never = CancellationToken::new();
+    let workspaces = workspaces(root.path());
+    let tree = workspaces
+        .prepare(Remote::plain(&url), &first, "1-1", &|_: &str| {}, &never)
+        .await
+        .unwrap();
+    workspaces.remove(tree).await;
+    assert!(workspaces.cache_path(&url).exists());
+
+    let forgotten = workspaces.forget(&url).await;
+    assert!(forgotten.cache_removed);
+    assert!(!workspaces.cache_path(&url).exists());
+    let cache_dir = root.path().join("work").join("cache");
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0);
+
+    // Forgetting and fetching the same repository at once: the lock orders
+    // them, and the job gets a complete tree either way.
+    let (forgotten, tree) = tokio::join!(
+        workspaces.forget(&url),
+        workspaces.prepare(Remote::plain(&url), &first, "2-1", &|_: &str| {}, &never),
+    );
+    let tree = tree.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tree.path.join("version")).unwrap(),
+        "one\n"
+    );
+    assert!(forgotten.trees_removed.is_empty());
+    workspaces.remove(tree).await;
 }

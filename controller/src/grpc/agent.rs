@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use chrono::Utc;
 use futures_util::Stream;
@@ -15,8 +16,9 @@ use hobotnica_common::logs::MAX_CHUNK_BYTES;
 use hobotnica_common::proto::agent_service_server::AgentService;
 use hobotnica_common::proto::{
     AGENT_ID_METADATA, AgentMessage, Assignment, Cancel, CompleteJobRequest, CompleteJobResponse,
-    ControllerMessage, Heartbeat, LogAck, LogChunk, Outcome, PROTOCOL_VERSION, RegisterRequest,
-    RegisterResponse, RenewLeaseRequest, RenewLeaseResponse, agent_message, controller_message,
+    ControllerMessage, ForgetRepository, Heartbeat, LogAck, LogChunk, Outcome, PROTOCOL_VERSION,
+    RegisterRequest, RegisterResponse, RenewLeaseRequest, RenewLeaseResponse, agent_message,
+    controller_message,
 };
 use hobotnica_common::token::{constant_time_eq, hash_token};
 use tokio::sync::broadcast::error::RecvError;
@@ -146,7 +148,31 @@ fn validate_registration(request: &RegisterRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn assignment(job: &Job) -> ControllerMessage {
+/// The git credentials of a job's repository: an `Authorization` header for
+/// GitHub (basic auth with the token as password, as GitHub expects), and
+/// the values the agent must mask.
+async fn git_auth(services: &Services, job: &Job) -> Option<(String, Vec<String>)> {
+    let (owner, name) = job.repo.split_once('/')?;
+    let repo = services.store.get_repo(owner, name).await.ok()??;
+    let token = services.repo_token(&repo)?;
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("x-access-token:{}", token.expose()));
+    Some((
+        format!("Authorization: Basic {basic}"),
+        vec![token.expose().to_owned(), basic],
+    ))
+}
+
+fn forget(git_url: String) -> ControllerMessage {
+    ControllerMessage {
+        kind: Some(controller_message::Kind::ForgetRepository(
+            ForgetRepository { git_url },
+        )),
+    }
+}
+
+fn assignment(job: &Job, git_auth: Option<(String, Vec<String>)>) -> ControllerMessage {
+    let (git_http_header, secrets) = git_auth.unwrap_or_default();
     ControllerMessage {
         kind: Some(controller_message::Kind::Assignment(Assignment {
             job_id: job.id.0,
@@ -159,8 +185,8 @@ fn assignment(job: &Job) -> ControllerMessage {
             kind: job.kind.as_str().to_owned(),
             env: job.env.clone().into_iter().collect(),
             timeout_ms: job.timeout_secs.saturating_mul(1000),
-            secrets: Vec::new(),
-            git_http_header: String::new(),
+            secrets,
+            git_http_header,
         })),
     }
 }
@@ -341,6 +367,7 @@ impl AgentService for AgentGrpc {
             .await
             .map_err(status)?;
         tracing::info!(job.id = %job.id, state = %job.state, exit_code = ?job.exit_code, duration_ms = request.duration_ms, "job finished");
+        self.services.statuses.job_changed(&job);
         Ok(Response::new(CompleteJobResponse {}))
     }
 }
@@ -437,6 +464,13 @@ async fn run_session(
             return;
         }
     }
+    // Repositories whose access is gone: the agent deletes its clones.
+    let disabled = services.store.list_repos().await.unwrap_or_default();
+    for repo in disabled.into_iter().filter(|repo| repo.disabled.is_some()) {
+        if outbound.send(Ok(forget(repo.git_url))).await.is_err() {
+            return;
+        }
+    }
 
     // Claiming costs a write transaction: try only when something changed.
     let mut try_claim = true;
@@ -452,7 +486,9 @@ async fn run_session(
             {
                 Ok(Some(job)) => {
                     tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
-                    if outbound.send(Ok(assignment(&job))).await.is_err() {
+                    services.statuses.job_changed(&job);
+                    let message = assignment(&job, git_auth(&services, &job).await);
+                    if outbound.send(Ok(message)).await.is_err() {
                         // The agent is gone: the lease will expire and the
                         // job becomes lost.
                         return;
@@ -481,6 +517,11 @@ async fn run_session(
             event = events.recv() => match event {
                 Ok(StoreEvent::CancelRequested { job, attempt, agent: holder }) if holder == agent.id => {
                     if outbound.send(Ok(cancel(job, attempt))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(StoreEvent::RepoDisabled { git_url }) => {
+                    if outbound.send(Ok(forget(git_url))).await.is_err() {
                         return;
                     }
                 }

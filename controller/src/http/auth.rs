@@ -41,3 +41,43 @@ impl FromRequestParts<Services> for Admin {
         }
     }
 }
+
+/// The header naming the GitHub user whose token is the bearer token.
+pub const GITHUB_USERNAME_HEADER: &str = "x-github-username";
+
+impl FromRequestParts<Services> for crate::auth::Caller {
+    type Rejection = ApiError;
+
+    /// The admin token, or a GitHub token with `X-GitHub-Username`.
+    async fn from_request_parts(
+        parts: &mut Parts,
+        services: &Services,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("missing credentials: send Authorization: Bearer <token>")
+        })?;
+        if constant_time_eq(
+            hash_token(token).as_bytes(),
+            services.admin_token_hash.as_bytes(),
+        ) {
+            return Ok(crate::auth::Caller::Admin);
+        }
+        let Some(login) = parts
+            .headers
+            .get(GITHUB_USERNAME_HEADER)
+            .and_then(|value| value.to_str().ok())
+        else {
+            return Err(ApiError::unauthorized(
+                "the token is not valid (a GitHub token also needs X-GitHub-Username)",
+            ));
+        };
+        if login.is_empty() || login.len() > 39 {
+            return Err(ApiError::unauthorized(
+                "X-GitHub-Username is not a GitHub login",
+            ));
+        }
+        Ok(services
+            .verify_github_user(crate::github::GitHubToken::new(token), login)
+            .await?)
+    }
+}

@@ -13,8 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Admin;
 use super::problem::{ApiError, ApiQuery, Problem};
+use crate::auth::{Access, Caller};
 use crate::services::Services;
 use crate::store::JobFilter;
 
@@ -148,7 +148,7 @@ fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     ),
     security(("token" = [])))]
 async fn list_jobs(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     ApiQuery(query): ApiQuery<JobsQuery>,
 ) -> Result<Json<JobList>, ApiError> {
@@ -179,8 +179,19 @@ async fn list_jobs(
     let next_cursor = (jobs.len() >= limit.clamp(1, crate::jobs::MAX_PAGE_SIZE))
         .then(|| jobs.last().map(|job| job.id.to_string()))
         .flatten();
+    // A GitHub user sees the jobs of repositories they can read.
+    let mut visible = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if services
+            .require_job_access(&caller, &job, Access::Read)
+            .await
+            .is_ok()
+        {
+            visible.push(job);
+        }
+    }
     Ok(Json(JobList {
-        items: jobs.into_iter().map(JobView::from).collect(),
+        items: visible.into_iter().map(JobView::from).collect(),
         next_cursor,
     }))
 }
@@ -195,11 +206,14 @@ async fn list_jobs(
     ),
     security(("token" = [])))]
 async fn show_job(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = services.job(parse_job_id(&id)?).await?;
+    services
+        .require_job_access(&caller, &job, Access::Read)
+        .await?;
     Ok(Json(job.into()))
 }
 
@@ -214,11 +228,16 @@ async fn show_job(
     ),
     security(("token" = [])))]
 async fn cancel_job(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = services.cancel_job(parse_job_id(&id)?).await?;
+    let id = parse_job_id(&id)?;
+    let job = services.job(id).await?;
+    services
+        .require_job_access(&caller, &job, Access::Push)
+        .await?;
+    let job = services.cancel_job(id).await?;
     Ok(accepted(job))
 }
 
@@ -234,12 +253,15 @@ async fn cancel_job(
     ),
     security(("token" = [])))]
 async fn job_log(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let job = services.job(parse_job_id(&id)?).await?;
+    services
+        .require_job_access(&caller, &job, Access::Read)
+        .await?;
     let length = services.store.log_len(job.id).await?;
     let start = query.offset.unwrap_or(0).min(length);
     let store = services.store.clone();

@@ -5,6 +5,7 @@
 mod agents;
 mod auth;
 mod jobs;
+pub use jobs::accepted;
 pub mod problem;
 mod repos;
 
@@ -59,6 +60,7 @@ impl Modify for SecuritySchemes {
 /// The REST router with its OpenAPI document.
 pub fn router(services: Services) -> axum::Router {
     let (router, api) = api_router().split_for_parts();
+    let webhooks = crate::webhook::router().with_state(services.clone());
     let router = router.with_state(services);
     let api_json = api.clone();
     router
@@ -67,10 +69,10 @@ pub fn router(services: Services) -> axum::Router {
             axum::routing::get(move || async move { Json(api_json) }),
         )
         .merge(utoipa_swagger_ui::SwaggerUi::new("/api/docs").url("/api/docs/openapi.json", api))
+        // API bodies are small; webhooks set their own (larger) limit.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(webhooks)
         .fallback(not_found)
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(
-            MAX_BODY_BYTES,
-        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 

@@ -77,6 +77,10 @@ impl From<CoreError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
             }
             CoreError::Conflict(detail) => ApiError::new(StatusCode::CONFLICT, detail),
+            CoreError::Unauthorized(detail) => ApiError::unauthorized(detail),
+            CoreError::Forbidden(detail) => ApiError::new(StatusCode::FORBIDDEN, detail),
+            CoreError::Gone(detail) => ApiError::new(StatusCode::GONE, detail),
+            CoreError::RateLimited(detail) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, detail),
             CoreError::Invalid(invalid) => ApiError::field(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &invalid.field,
@@ -170,7 +174,7 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
             "the request body must be JSON with Content-Type: application/json",
         ),
         _ => ApiError::new(
-            StatusCode::BAD_REQUEST,
+            rejection.status(),
             format!("unreadable request body: {cause}"),
         ),
     }

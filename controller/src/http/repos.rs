@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Admin;
 use super::jobs::JobView;
 use super::problem::{ApiError, ApiJson, Problem};
+use crate::auth::{Access, Caller};
 use crate::jobs::TriggerJob;
 use crate::projects::NewRepo;
 use crate::services::Services;
@@ -36,9 +36,14 @@ pub struct RegisterRepoRequest {
     /// Repository name: letters, digits, `.`, `_`, `-`.
     pub name: String,
     /// Anything git can clone: https://, ssh://, git://, file://, user@host:path.
-    pub git_url: String,
-    /// Owner; `local` when not given.
+    /// Leave it out to register the GitHub repository `owner/name` (with
+    /// GitHub credentials: `Authorization: Bearer <github token>` and
+    /// `X-GitHub-Username`).
+    pub git_url: Option<String>,
+    /// Owner: the GitHub owner, or `local` when registering by URL.
     pub owner: Option<String>,
+    /// Create the GitHub webhook (needs admin rights on the repository).
+    pub create_webhook: Option<bool>,
     /// Default branch for jobs that name neither commit nor branch (`main`).
     pub branch: Option<String>,
     /// Wall-clock limit of each job in seconds (default 3600).
@@ -55,6 +60,18 @@ pub struct RepoView {
     pub default_branch: String,
     pub timeout_secs: u64,
     pub created_at: DateTime<Utc>,
+    /// `github` or `git`.
+    pub source: String,
+    /// Why the repository is disabled, if it is.
+    pub disabled: Option<String>,
+    /// GitHub repositories: where GitHub must send webhooks (only in the
+    /// registration's answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// GitHub repositories: the webhook secret (only in the registration's
+    /// answer; store it in the GitHub webhook's settings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 }
 
 impl From<Repo> for RepoView {
@@ -67,6 +84,15 @@ impl From<Repo> for RepoView {
             default_branch: repo.default_branch,
             timeout_secs: repo.timeout_secs,
             created_at: repo.created_at,
+            source: if repo.github.is_some() {
+                "github"
+            } else {
+                "git"
+            }
+            .to_owned(),
+            disabled: repo.disabled,
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }
@@ -97,29 +123,69 @@ pub struct RunJobRequest {
         (status = 201, description = "Registered", body = RepoView),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The GitHub token cannot read the repository, or lacks admin rights for create_webhook", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not on GitHub, or not visible with this token", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already registered", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "GitHub's rate limit is exhausted", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "GitHub could not be reached", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
 async fn register_repo(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     ApiJson(request): ApiJson<RegisterRepoRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let repo = services
-        .register_repo(NewRepo {
-            owner: request.owner,
-            name: request.name,
-            git_url: request.git_url,
-            branch: request.branch,
-            timeout_secs: request.timeout_secs,
-        })
-        .await?;
+    let mut view = match request.git_url {
+        Some(git_url) => {
+            if !matches!(caller, Caller::Admin) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "only the admin token may register a repository by git_url",
+                ));
+            }
+            RepoView::from(
+                services
+                    .register_repo(NewRepo {
+                        owner: request.owner,
+                        name: request.name,
+                        git_url,
+                        branch: request.branch,
+                        timeout_secs: request.timeout_secs,
+                    })
+                    .await?,
+            )
+        }
+        None => {
+            let owner = request.owner.ok_or_else(|| {
+                ApiError::field(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "owner",
+                    "give owner (a GitHub repository) or git_url",
+                )
+            })?;
+            let registered = services
+                .register_github_repo(
+                    &caller,
+                    &owner,
+                    &request.name,
+                    request.branch,
+                    request.timeout_secs,
+                    request.create_webhook.unwrap_or(false),
+                )
+                .await?;
+            let mut view = RepoView::from(registered.repo);
+            view.webhook_url = Some(registered.webhook_url);
+            view.webhook_secret = Some(registered.webhook_secret);
+            view
+        }
+    };
+    view.full_name = format!("{}/{}", view.owner, view.name);
     let mut headers = HeaderMap::new();
-    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/repos/{}", repo.full_name())) {
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/repos/{}", view.full_name)) {
         headers.insert(header::LOCATION, location);
     }
-    Ok((StatusCode::CREATED, headers, Json(RepoView::from(repo))))
+    Ok((StatusCode::CREATED, headers, Json(view)))
 }
 
 #[utoipa::path(get, path = "/api/v1/repos", tag = "repos",
@@ -129,10 +195,19 @@ async fn register_repo(
     ),
     security(("token" = [])))]
 async fn list_repos(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
 ) -> Result<Json<RepoList>, ApiError> {
-    let mut repos = services.store.list_repos().await?;
+    let mut repos = Vec::new();
+    for repo in services.store.list_repos().await? {
+        if services
+            .require_access(&caller, &repo, Access::Read)
+            .await
+            .is_ok()
+        {
+            repos.push(repo);
+        }
+    }
     repos.sort_by_key(Repo::full_name);
     Ok(Json(RepoList {
         items: repos.into_iter().map(RepoView::from).collect(),
@@ -149,11 +224,15 @@ async fn list_repos(
     ),
     security(("token" = [])))]
 async fn show_repo(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
 ) -> Result<Json<RepoView>, ApiError> {
-    Ok(Json(services.repo(&owner, &name).await?.into()))
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Read)
+        .await?;
+    Ok(Json(repo.into()))
 }
 
 #[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
@@ -166,10 +245,14 @@ async fn show_repo(
     ),
     security(("token" = [])))]
 async fn delete_repo(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
     services.delete_repo(&owner, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -184,15 +267,22 @@ async fn delete_repo(
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs push access on GitHub", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The repository is disabled (access lost)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "GitHub's rate limit is exhausted", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The repository could not be read", body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
 async fn run_job(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
     ApiJson(request): ApiJson<RunJobRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
     let job = services
         .trigger_job(
             &owner,

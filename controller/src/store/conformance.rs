@@ -22,6 +22,8 @@ fn repo(name: &str) -> Repo {
         default_branch: "main".into(),
         timeout_secs: 60,
         created_at: Utc::now(),
+        github: None,
+        disabled: None,
     }
 }
 

@@ -35,6 +35,8 @@ const RUNNING: TableDefinition<'_, u64, ()> = TableDefinition::new("running");
 const AGENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agents");
 const AGENT_TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_tokens");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// Webhook delivery ids → when they arrived (unix ms).
+const DELIVERIES: TableDefinition<'_, &str, i64> = TableDefinition::new("deliveries");
 const NEXT_JOB_ID: &str = "next_job_id";
 
 /// Capacity of the event channel; a receiver further behind misses events.
@@ -83,6 +85,7 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(AGENT_TOKENS)?;
         txn.open_table(META)?;
+        txn.open_table(DELIVERIES)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(EmbeddedStore {
@@ -260,6 +263,10 @@ impl Store for EmbeddedStore {
         self.events.subscribe()
     }
 
+    async fn announce(&self, event: StoreEvent) {
+        self.publish(event);
+    }
+
     async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
         self.blocking(move |inner| {
             let key = repo.full_name();
@@ -304,6 +311,76 @@ impl Store for EmbeddedStore {
             } else {
                 Err(StoreError::NotFound(format!("repository {key}")))
             }
+        })
+        .await
+    }
+
+    async fn update_repo(&self, repo: Repo) -> StoreResult<()> {
+        self.blocking(move |inner| {
+            let key = repo.full_name();
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(REPOS).map_err(unavailable)?;
+                if table.get(key.as_str()).map_err(unavailable)?.is_none() {
+                    return Err(StoreError::NotFound(format!("repository {key}")));
+                }
+                table
+                    .insert(key.as_str(), encode(&repo)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
+        let hook_id = hook_id.to_owned();
+        self.blocking(move |inner| {
+            let repos: Vec<Repo> = all_json(&inner.db, REPOS)?;
+            Ok(repos.into_iter().find(|repo| {
+                repo.github.as_ref().is_some_and(|github| {
+                    hobotnica_common::token::constant_time_eq(
+                        github.hook_id.as_bytes(),
+                        hook_id.as_bytes(),
+                    )
+                })
+            }))
+        })
+        .await
+    }
+
+    async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let delivery_id = delivery_id.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let first = {
+                let mut table = txn.open_table(DELIVERIES).map_err(unavailable)?;
+                let seen = table
+                    .get(delivery_id.as_str())
+                    .map_err(unavailable)?
+                    .is_some();
+                if !seen {
+                    table
+                        .insert(delivery_id.as_str(), now.timestamp_millis())
+                        .map_err(unavailable)?;
+                }
+                !seen
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(first)
+        })
+        .await
+    }
+
+    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
+        let delivery_id = delivery_id.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            txn.open_table(DELIVERIES)
+                .map_err(unavailable)?
+                .remove(delivery_id.as_str())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
         })
         .await
     }
@@ -716,15 +793,20 @@ impl Store for EmbeddedStore {
                 }
                 victims
             };
-            if victims.is_empty() {
-                return Ok(0);
-            }
+            let delivery_cutoff = (now
+                - chrono::Duration::from_std(super::DELIVERY_RETENTION)
+                    .unwrap_or(chrono::Duration::MAX))
+            .timestamp_millis();
             let txn = inner.db.begin_write().map_err(unavailable)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
                 for id in &victims {
                     jobs.remove(id.0).map_err(unavailable)?;
                 }
+                let mut deliveries = txn.open_table(DELIVERIES).map_err(unavailable)?;
+                deliveries
+                    .retain(|_, at| at >= delivery_cutoff)
+                    .map_err(unavailable)?;
             }
             txn.commit().map_err(unavailable)?;
             let _guard = inner.log_lock.lock().map_err(unavailable)?;

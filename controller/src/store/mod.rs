@@ -44,6 +44,10 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// How long webhook delivery ids are remembered (GitHub redelivers within
+/// days at most).
+pub const DELIVERY_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// What a new job is made of; the store assigns its id and queues it.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -136,6 +140,8 @@ pub enum StoreEvent {
     AgentTokenRevoked { token_id: String },
     /// Events may have been missed (the event feed reconnected): re-read.
     Resync,
+    /// Access to a repository is gone: agents delete their clones of it.
+    RepoDisabled { git_url: String },
 }
 
 #[async_trait]
@@ -144,12 +150,24 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// Subscribe to change events.
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+    /// Tells every subscriber (on every controller) about an event the
+    /// store did not make itself.
+    async fn announce(&self, event: StoreEvent);
 
     async fn create_repo(&self, repo: Repo) -> StoreResult<()>;
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>>;
     async fn list_repos(&self) -> StoreResult<Vec<Repo>>;
     /// Removes the repository (its jobs stay, for history).
     async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()>;
+    /// Replaces a registered repository's record (e.g. to disable it).
+    async fn update_repo(&self, repo: Repo) -> StoreResult<()>;
+    /// The GitHub repository whose webhook URL has `hook_id`.
+    async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>>;
+    /// Records a webhook delivery id; `false` when it was seen before (a
+    /// redelivery). Ids are kept for [`DELIVERY_RETENTION`].
+    async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// Forgets a delivery id (its job could not be created after all).
+    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()>;
 
     /// Assigns an id, stores the job as `queued` and publishes `JobQueued`.
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job>;

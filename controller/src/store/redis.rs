@@ -144,6 +144,12 @@ impl Keys {
     fn repos(&self) -> String {
         self.key("repos")
     }
+    fn hook(&self, hook_id: &str) -> String {
+        self.key(format_args!("hook:{hook_id}"))
+    }
+    fn delivery(&self, delivery_id: &str) -> String {
+        self.key(format_args!("delivery:{delivery_id}"))
+    }
     /// Every repository that has jobs (registered or not any more).
     fn repos_with_jobs(&self) -> String {
         self.key("repos_with_jobs")
@@ -733,6 +739,10 @@ impl Store for RedisStore {
         self.events.subscribe()
     }
 
+    async fn announce(&self, event: StoreEvent) {
+        self.publish(event).await;
+    }
+
     async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
         let full_name = repo.full_name();
         let created: bool = self
@@ -751,6 +761,59 @@ impl Store for RedisStore {
         let _: i64 = self
             .query(redis::cmd("SADD").arg(self.keys.repos()).arg(&full_name))
             .await?;
+        if let Some(github) = &repo.github {
+            let () = self
+                .query(
+                    redis::cmd("SET")
+                        .arg(self.keys.hook(&github.hook_id))
+                        .arg(&full_name),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn update_repo(&self, repo: Repo) -> StoreResult<()> {
+        let full_name = repo.full_name();
+        let updated: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.repo(&full_name))
+                    .arg(encode(&repo)?)
+                    .arg("XX"),
+            )
+            .await?;
+        if updated.is_none() {
+            return Err(StoreError::NotFound(format!("repository {full_name}")));
+        }
+        Ok(())
+    }
+
+    async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
+        match self.get_raw(&self.keys.hook(hook_id)).await? {
+            Some(full_name) => self.get_json(&self.keys.repo(&full_name)).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn remember_delivery(&self, delivery_id: &str, _now: DateTime<Utc>) -> StoreResult<bool> {
+        let first: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.delivery(delivery_id))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(super::DELIVERY_RETENTION.as_secs()),
+            )
+            .await?;
+        Ok(first.is_some())
+    }
+
+    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
+        let _: i64 = self
+            .query(redis::cmd("DEL").arg(self.keys.delivery(delivery_id)))
+            .await?;
         Ok(())
     }
 
@@ -766,6 +829,15 @@ impl Store for RedisStore {
 
     async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()> {
         let full_name = format!("{owner}/{name}");
+        if let Some(Repo {
+            github: Some(github),
+            ..
+        }) = self.get_json::<Repo>(&self.keys.repo(&full_name)).await?
+        {
+            let _: i64 = self
+                .query(redis::cmd("DEL").arg(self.keys.hook(&github.hook_id)))
+                .await?;
+        }
         let (deleted, _): (i64, i64) = redis::pipe()
             .atomic()
             .cmd("DEL")

@@ -1,0 +1,268 @@
+//! PORT: GitHub, through octocrab — the only module that names it. Checks
+//! credentials (GraphQL `viewer`), reads a repository and the caller's
+//! permission on it, resolves branches, posts commit statuses and creates
+//! webhooks. The base URLs are configurable (GitHub Enterprise, and the fake
+//! GitHub of the tests).
+
+use std::fmt;
+
+use hobotnica_common::ids::CommitSha;
+use octocrab::Octocrab;
+use serde::Deserialize;
+use serde_json::json;
+
+/// A GitHub token. `Debug` and `Display` never print it.
+#[derive(Clone)]
+pub struct GitHubToken(String);
+
+impl GitHubToken {
+    pub fn new(token: impl Into<String>) -> GitHubToken {
+        GitHubToken(token.into())
+    }
+    /// The token itself, for the few places that must hand it on.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for GitHubToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GitHubToken([REDACTED])")
+    }
+}
+
+/// Why a GitHub call failed, as callers act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum GitHubError {
+    /// 401: the token is wrong, expired or revoked.
+    #[error("GitHub rejected the token (bad credentials)")]
+    BadCredentials,
+    /// 404: no such repository, or not visible with this token.
+    #[error("not found on GitHub, or not visible with this token")]
+    NotFound,
+    /// 403 other than rate limiting: the token lacks a scope or permission.
+    #[error("GitHub refused: {0}")]
+    Forbidden(String),
+    /// GitHub's rate limit: retry after `reset` (unix seconds), if known.
+    #[error("GitHub's rate limit is exhausted")]
+    RateLimited { reset: Option<u64> },
+    /// GitHub could not be reached or answered something unexpected.
+    #[error("GitHub did not answer as expected: {0}")]
+    Unavailable(String),
+}
+
+/// The caller's permissions on a repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Permissions {
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub push: bool,
+    #[serde(default)]
+    pub pull: bool,
+}
+
+/// What the controller needs to know of a repository.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RepositoryInfo {
+    pub default_branch: Option<String>,
+    #[serde(default)]
+    pub private: bool,
+    #[serde(default)]
+    pub permissions: Permissions,
+}
+
+/// A commit status's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusState {
+    Pending,
+    Success,
+    Failure,
+    Error,
+}
+
+impl StatusState {
+    fn as_str(self) -> &'static str {
+        match self {
+            StatusState::Pending => "pending",
+            StatusState::Success => "success",
+            StatusState::Failure => "failure",
+            StatusState::Error => "error",
+        }
+    }
+}
+
+/// A commit status to post.
+#[derive(Debug, Clone)]
+pub struct CommitStatus {
+    pub state: StatusState,
+    pub context: String,
+    pub description: String,
+    pub target_url: String,
+}
+
+/// GitHub's web and API base URLs.
+#[derive(Debug, Clone)]
+pub struct GitHub {
+    web_url: String,
+    api_url: String,
+}
+
+fn map_error(err: octocrab::Error) -> GitHubError {
+    match err {
+        octocrab::Error::GitHub { source, .. } => match source.status_code.as_u16() {
+            401 => GitHubError::BadCredentials,
+            404 => GitHubError::NotFound,
+            403 | 429
+                if source.status_code.as_u16() == 429
+                    || source.message.to_ascii_lowercase().contains("rate limit") =>
+            {
+                GitHubError::RateLimited {
+                    reset: source.rate_limit_reset,
+                }
+            }
+            403 => GitHubError::Forbidden(source.message),
+            status => GitHubError::Unavailable(format!("HTTP {status}: {}", source.message)),
+        },
+        other => GitHubError::Unavailable(other.to_string()),
+    }
+}
+
+impl GitHub {
+    pub fn new(web_url: &str, api_url: &str) -> GitHub {
+        GitHub {
+            web_url: web_url.trim_end_matches('/').to_owned(),
+            api_url: api_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The URL git clones a repository from.
+    pub fn clone_url(&self, owner: &str, name: &str) -> String {
+        format!("{}/{owner}/{name}.git", self.web_url)
+    }
+
+    fn client(&self, token: &GitHubToken) -> Result<Octocrab, GitHubError> {
+        Octocrab::builder()
+            .base_uri(self.api_url.as_str())
+            .map_err(|err| GitHubError::Unavailable(format!("invalid GitHub API URL: {err}")))?
+            .personal_token(token.expose().to_owned())
+            .build()
+            .map_err(|err| GitHubError::Unavailable(err.to_string()))
+    }
+
+    /// The login of the token's owner (GraphQL `viewer`).
+    pub async fn viewer_login(&self, token: &GitHubToken) -> Result<String, GitHubError> {
+        #[derive(Deserialize)]
+        struct Data {
+            viewer: Viewer,
+        }
+        #[derive(Deserialize)]
+        struct Viewer {
+            login: String,
+        }
+        let data: Data = self
+            .client(token)?
+            .graphql(&json!({ "query": "query { viewer { login } }" }))
+            .await
+            .map_err(map_error)?;
+        Ok(data.viewer.login)
+    }
+
+    /// The repository as the token sees it.
+    pub async fn repository(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+    ) -> Result<RepositoryInfo, GitHubError> {
+        self.client(token)?
+            .get(format!("/repos/{owner}/{name}"), None::<&()>)
+            .await
+            .map_err(map_error)
+    }
+
+    /// The commit a branch points at.
+    pub async fn branch_head(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        branch: &str,
+    ) -> Result<CommitSha, GitHubError> {
+        #[derive(Deserialize)]
+        struct Ref {
+            object: Object,
+        }
+        #[derive(Deserialize)]
+        struct Object {
+            sha: String,
+        }
+        let reference: Ref = self
+            .client(token)?
+            .get(
+                format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
+                None::<&()>,
+            )
+            .await
+            .map_err(map_error)?;
+        reference
+            .object
+            .sha
+            .parse()
+            .map_err(|_| GitHubError::Unavailable("GitHub answered an invalid sha".to_owned()))
+    }
+
+    pub async fn create_status(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        sha: &CommitSha,
+        status: &CommitStatus,
+    ) -> Result<(), GitHubError> {
+        let _: serde_json::Value = self
+            .client(token)?
+            .post(
+                format!("/repos/{owner}/{name}/statuses/{sha}"),
+                Some(&json!({
+                    "state": status.state.as_str(),
+                    "target_url": status.target_url,
+                    "description": status.description,
+                    "context": status.context,
+                })),
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
+    /// Creates the push + pull_request webhook pointing at `url`.
+    pub async fn create_hook(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        url: &str,
+        secret: &str,
+    ) -> Result<(), GitHubError> {
+        let _: serde_json::Value = self
+            .client(token)?
+            .post(
+                format!("/repos/{owner}/{name}/hooks"),
+                Some(&json!({
+                    "name": "web",
+                    "active": true,
+                    "events": ["push", "pull_request"],
+                    "config": {
+                        "url": url,
+                        "content_type": "json",
+                        "secret": secret,
+                        "insecure_ssl": "0",
+                    },
+                })),
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+}
