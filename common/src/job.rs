@@ -173,6 +173,42 @@ pub struct Repo {
     /// Why the repository is disabled (access revoked); `None` while it works.
     #[serde(default)]
     pub disabled: Option<String>,
+    /// The repository's variables (scope `all`, `test` or `deploy`).
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+}
+
+/// Which jobs a repository variable applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvScope {
+    All,
+    Test,
+    Deploy,
+}
+
+impl EnvScope {
+    /// Whether a variable of this scope applies to a job of `kind`.
+    pub fn applies_to(self, kind: JobKind) -> bool {
+        match self {
+            EnvScope::All => true,
+            EnvScope::Test => kind == JobKind::Test,
+            EnvScope::Deploy => kind == JobKind::Deploy,
+        }
+    }
+}
+
+/// A repository variable. A secret's value is kept sealed
+/// (`secrets::SecretKey::seal`, context `env:<owner>/<name>:<key>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub key: String,
+    pub scope: EnvScope,
+    pub secret: bool,
+    /// The value, for a variable that is not secret.
+    pub value: Option<String>,
+    /// The sealed value, for a secret.
+    pub sealed: Option<String>,
 }
 
 /// What ties a repository to GitHub. Secrets are kept sealed
@@ -207,8 +243,12 @@ pub struct Job {
     pub target: String,
     pub commit: CommitSha,
     pub branch: Option<String>,
-    /// Variables given with the trigger (already merged with the repository's).
+    /// One-time variables given with the trigger. Repository variables are
+    /// added when the job is assigned, so secrets never sit in a job record.
     pub env: BTreeMap<String, String>,
+    /// A pull request from a fork: the job gets no secret variables.
+    #[serde(default)]
+    pub from_fork: bool,
     /// Labels an agent must carry to take the job.
     pub labels: BTreeMap<String, String>,
     pub trigger: Trigger,

@@ -125,6 +125,7 @@ impl Services {
                     labels: BTreeMap::new(),
                     trigger: request.trigger,
                     timeout_secs: repo.timeout_secs,
+                    from_fork: false,
                 },
                 Utc::now(),
             )
@@ -155,6 +156,7 @@ impl Services {
                     labels: BTreeMap::new(),
                     trigger: Trigger::Webhook,
                     timeout_secs: repo.timeout_secs,
+                    from_fork,
                 },
                 Utc::now(),
             )
@@ -311,6 +313,55 @@ pub async fn maintenance(services: Services, shutdown: CancellationToken) {
                     Ok(count) => tracing::info!(count, "old jobs deleted (retention)"),
                     Err(err) => tracing::warn!(error = %err, "applying the retention policy failed"),
                 }
+            }
+        }
+    }
+}
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+impl Services {
+    /// Queues `make deploy` at a commit or a branch's tip (resolved now). A
+    /// repeated `idempotency_key` answers with the job the first request
+    /// created (`false`: not new).
+    pub async fn deploy(
+        &self,
+        owner: &str,
+        name: &str,
+        request: TriggerJob,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Job, bool), CoreError> {
+        let Some(key) = idempotency_key else {
+            return Ok((self.trigger_job(owner, name, request).await?, true));
+        };
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+            || !key.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(CoreError::invalid(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            ));
+        }
+        let scoped = format!("idempotency:{owner}/{name}:{key}");
+        if !self.store.remember_delivery(&scoped, Utc::now()).await? {
+            return match self.store.key_job(&scoped).await? {
+                Some(id) => Ok((self.job(id).await?, false)),
+                None => Err(CoreError::Conflict(
+                    "a request with this Idempotency-Key is still being handled; retry shortly"
+                        .to_owned(),
+                )),
+            };
+        }
+        match self.trigger_job(owner, name, request).await {
+            Ok(job) => {
+                self.store.set_key_job(&scoped, job.id).await?;
+                Ok((job, true))
+            }
+            Err(err) => {
+                let _ = self.store.forget_delivery(&scoped).await;
+                Err(err)
             }
         }
     }

@@ -1,7 +1,7 @@
 //! CORE: registering, showing and removing repositories.
 
 use chrono::Utc;
-use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, JobState, Repo};
+use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, EnvVar, GitHubLink, JobState, Repo};
 use hobotnica_common::token::random_hex;
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,7 @@ impl Services {
             created_at: Utc::now(),
             github: None,
             disabled: None,
+            env: Vec::new(),
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
@@ -159,6 +160,7 @@ impl Services {
                 ),
             }),
             disabled: None,
+            env: Vec::new(),
         };
         let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
         if create_webhook {
@@ -272,5 +274,186 @@ pub async fn recheck_github_access(services: Services, shutdown: CancellationTok
                 }
             }
         }
+    }
+}
+
+/// Most variables a repository may have.
+pub const MAX_REPO_VARS: usize = 200;
+
+fn env_context(full_name: &str, key: &str) -> String {
+    format!("env:{full_name}:{key}")
+}
+
+/// The forms of a secret value the agent masks: the value, each of its
+/// lines of 4 characters or more (a multi-line secret printed line by line),
+/// and its base64 encoding.
+pub fn mask_forms(value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let mut forms = vec![value.to_owned()];
+    if value.contains('\n') {
+        forms.extend(
+            value
+                .lines()
+                .map(str::trim_end)
+                .filter(|line| line.len() >= 4)
+                .map(str::to_owned),
+        );
+    }
+    forms.push(base64::engine::general_purpose::STANDARD.encode(value));
+    forms.retain(|form| form.len() >= 4);
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// A variable to set on a repository.
+#[derive(Debug, Clone)]
+pub struct SetEnv {
+    pub key: String,
+    pub value: String,
+    pub secret: bool,
+    pub scope: hobotnica_common::job::EnvScope,
+}
+
+/// What a job gets at assignment: its variables (repository, kind, one-time;
+/// secrets opened) and the values the agent must mask.
+#[derive(Debug, Default)]
+pub struct JobEnvironment {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub secrets: Vec<String>,
+}
+
+impl Services {
+    /// Adds or replaces a repository variable.
+    pub async fn set_env(&self, repo: &Repo, set: SetEnv) -> Result<EnvVar, CoreError> {
+        let field = format!("env.{}", set.key);
+        validate::env_name(&field, &set.key)?;
+        if hobotnica_common::env::is_reserved(&set.key) {
+            return Err(CoreError::invalid(
+                &field,
+                "PATH, HOME, CI and HOBOTNICA_* are set by Hobotnica and cannot be overridden",
+            ));
+        }
+        validate::env_value(&field, &set.value)?;
+        let mut updated = repo.clone();
+        updated
+            .env
+            .retain(|var| !(var.key == set.key && var.scope == set.scope));
+        if updated.env.len() >= MAX_REPO_VARS {
+            return Err(CoreError::invalid(
+                "env",
+                format!("a repository has at most {MAX_REPO_VARS} variables"),
+            ));
+        }
+        let var = if set.secret {
+            EnvVar {
+                key: set.key.clone(),
+                scope: set.scope,
+                secret: true,
+                value: None,
+                sealed: Some(self.secret_key.seal(
+                    set.value.as_bytes(),
+                    &env_context(&repo.full_name(), &set.key),
+                )),
+            }
+        } else {
+            EnvVar {
+                key: set.key.clone(),
+                scope: set.scope,
+                secret: false,
+                value: Some(set.value),
+                sealed: None,
+            }
+        };
+        updated.env.push(var.clone());
+        updated
+            .env
+            .sort_by(|a, b| (&a.key, a.scope as u8).cmp(&(&b.key, b.scope as u8)));
+        self.store.update_repo(updated).await?;
+        tracing::info!(repo = %repo.full_name(), key = %var.key, secret = var.secret, "variable set");
+        Ok(var)
+    }
+
+    /// Removes a repository variable (of every scope, or of one).
+    pub async fn delete_env(
+        &self,
+        repo: &Repo,
+        key: &str,
+        scope: Option<hobotnica_common::job::EnvScope>,
+    ) -> Result<(), CoreError> {
+        let mut updated = repo.clone();
+        updated
+            .env
+            .retain(|var| !(var.key == key && scope.is_none_or(|scope| var.scope == scope)));
+        if updated.env.len() == repo.env.len() {
+            return Err(CoreError::NotFound(format!("variable {key}")));
+        }
+        self.store.update_repo(updated).await?;
+        Ok(())
+    }
+
+    /// The variables of `job`: the repository's (scope `all`, then the job's
+    /// kind), then the job's one-time ones; secrets opened (none for a pull
+    /// request from a fork), with their mask forms.
+    pub fn job_environment(&self, repo: &Repo, job: &hobotnica_common::job::Job) -> JobEnvironment {
+        use hobotnica_common::job::EnvScope;
+        let mut out = JobEnvironment::default();
+        let layers = [
+            |scope: EnvScope| scope == EnvScope::All,
+            |scope: EnvScope| scope != EnvScope::All,
+        ];
+        for in_layer in layers {
+            for var in repo
+                .env
+                .iter()
+                .filter(|var| in_layer(var.scope) && var.scope.applies_to(job.kind))
+            {
+                let value = match (&var.value, &var.sealed) {
+                    (Some(value), _) => value.clone(),
+                    (None, Some(_)) if job.from_fork => continue,
+                    (None, Some(sealed)) => {
+                        match self
+                            .secret_key
+                            .open(sealed, &env_context(&repo.full_name(), &var.key))
+                        {
+                            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                            Err(err) => {
+                                tracing::error!(repo = %repo.full_name(), key = %var.key, error = %err, "cannot open a secret variable");
+                                continue;
+                            }
+                        }
+                    }
+                    (None, None) => continue,
+                };
+                if var.secret {
+                    out.secrets.extend(mask_forms(&value));
+                }
+                out.env.insert(var.key.clone(), value);
+            }
+        }
+        out.env
+            .extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::mask_forms;
+
+    #[test]
+    fn mask_forms_cover_lines_and_base64() {
+        let forms = mask_forms("-----BEGIN KEY-----\nabcdefgh\nxy\n-----END KEY-----");
+        assert!(forms.contains(&"abcdefgh".to_owned()));
+        assert!(forms.contains(&"-----BEGIN KEY-----".to_owned()));
+        assert!(
+            !forms.contains(&"xy".to_owned()),
+            "short lines are not masked"
+        );
+        assert!(forms.iter().any(|f| f.starts_with("LS0tLS1CRUdJTi")));
+        assert_eq!(
+            mask_forms("hunter2"),
+            vec!["aHVudGVyMg==".to_owned(), "hunter2".to_owned()]
+        );
     }
 }

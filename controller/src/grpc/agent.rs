@@ -148,19 +148,42 @@ fn validate_registration(request: &RegisterRequest) -> Result<(), Status> {
     Ok(())
 }
 
-/// The git credentials of a job's repository: an `Authorization` header for
-/// GitHub (basic auth with the token as password, as GitHub expects), and
-/// the values the agent must mask.
-async fn git_auth(services: &Services, job: &Job) -> Option<(String, Vec<String>)> {
-    let (owner, name) = job.repo.split_once('/')?;
-    let repo = services.store.get_repo(owner, name).await.ok()??;
-    let token = services.repo_token(&repo)?;
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("x-access-token:{}", token.expose()));
-    Some((
-        format!("Authorization: Basic {basic}"),
-        vec![token.expose().to_owned(), basic],
-    ))
+/// What an assignment carries beyond the job record: the job's variables
+/// (repository and one-time; secrets opened), the values to mask, and the
+/// git credentials header of a GitHub repository (basic auth with the token
+/// as password, as GitHub expects).
+#[derive(Default)]
+struct Extras {
+    env: std::collections::BTreeMap<String, String>,
+    secrets: Vec<String>,
+    git_http_header: String,
+}
+
+async fn extras(services: &Services, job: &Job) -> Extras {
+    let repo = match job.repo.split_once('/') {
+        Some((owner, name)) => services.store.get_repo(owner, name).await.ok().flatten(),
+        None => None,
+    };
+    let Some(repo) = repo else {
+        return Extras {
+            env: job.env.clone(),
+            ..Extras::default()
+        };
+    };
+    let environment = services.job_environment(&repo, job);
+    let mut extras = Extras {
+        env: environment.env,
+        secrets: environment.secrets,
+        git_http_header: String::new(),
+    };
+    if let Some(token) = services.repo_token(&repo) {
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("x-access-token:{}", token.expose()));
+        extras.git_http_header = format!("Authorization: Basic {basic}");
+        extras.secrets.push(token.expose().to_owned());
+        extras.secrets.push(basic);
+    }
+    extras
 }
 
 fn forget(git_url: String) -> ControllerMessage {
@@ -171,8 +194,7 @@ fn forget(git_url: String) -> ControllerMessage {
     }
 }
 
-fn assignment(job: &Job, git_auth: Option<(String, Vec<String>)>) -> ControllerMessage {
-    let (git_http_header, secrets) = git_auth.unwrap_or_default();
+fn assignment(job: &Job, extras: Extras) -> ControllerMessage {
     ControllerMessage {
         kind: Some(controller_message::Kind::Assignment(Assignment {
             job_id: job.id.0,
@@ -183,10 +205,10 @@ fn assignment(job: &Job, git_auth: Option<(String, Vec<String>)>) -> ControllerM
             branch: job.branch.clone().unwrap_or_default(),
             target: job.target.clone(),
             kind: job.kind.as_str().to_owned(),
-            env: job.env.clone().into_iter().collect(),
+            env: extras.env.into_iter().collect(),
             timeout_ms: job.timeout_secs.saturating_mul(1000),
-            secrets,
-            git_http_header,
+            secrets: extras.secrets,
+            git_http_header: extras.git_http_header,
         })),
     }
 }
@@ -487,7 +509,7 @@ async fn run_session(
                 Ok(Some(job)) => {
                     tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
                     services.statuses.job_changed(&job);
-                    let message = assignment(&job, git_auth(&services, &job).await);
+                    let message = assignment(&job, extras(&services, &job).await);
                     if outbound.send(Ok(message)).await.is_err() {
                         // The agent is gone: the lease will expire and the
                         // job becomes lost.

@@ -4,6 +4,7 @@
 
 mod agents;
 mod auth;
+mod env;
 mod jobs;
 pub use jobs::accepted;
 pub mod problem;
@@ -35,6 +36,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
         (name = "repos", description = "Registered repositories"),
         (name = "jobs", description = "Jobs: make targets run at a commit"),
         (name = "agents", description = "Build agents and their tokens"),
+        (name = "env", description = "Repository variables; secrets are encrypted at rest and write-only"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -81,6 +83,7 @@ fn api_router() -> OpenApiRouter<Services> {
         .merge(repos::router())
         .merge(jobs::router())
         .merge(agents::router())
+        .merge(env::router())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use hobotnica_common::job::{Repo, Trigger};
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<Services> {
         .routes(routes!(register_repo, list_repos))
         .routes(routes!(show_repo, delete_repo))
         .routes(routes!(run_job))
+        .routes(routes!(deploy))
 }
 
 /// Register a repository by git URL.
@@ -297,4 +298,77 @@ async fn run_job(
         )
         .await?;
     Ok(super::jobs::accepted(job))
+}
+
+/// Deploy the tip of a branch (resolved now) or a chosen commit.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"commit": "2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9"}))]
+pub struct DeployRequest {
+    /// A 40-hex commit sha. Give commit or branch, not both.
+    pub commit: Option<String>,
+    /// A branch whose current commit is deployed. Default: the repository's branch.
+    pub branch: Option<String>,
+    /// One-time environment variables for this deploy.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+#[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/deploy", tag = "jobs",
+    params(("owner" = String, Path), ("name" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key returns the first request's job instead of deploying twice")),
+    request_body = DeployRequest,
+    responses(
+        (status = 202, description = "Queued `make deploy`; `Location` names the job", body = JobView,
+            headers(("Location" = String, description = "/api/v1/jobs/{id}"))),
+        (status = 200, description = "A repeated Idempotency-Key: the first request's job", body = JobView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs push access on GitHub", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The first request with this Idempotency-Key is still being handled", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The repository is disabled (access lost)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The repository could not be read", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn deploy(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<DeployRequest>,
+) -> Result<Response, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Idempotency-Key",
+                "must be visible ASCII characters",
+            )
+        })?),
+        None => None,
+    };
+    let (job, new) = services
+        .deploy(
+            &owner,
+            &name,
+            TriggerJob {
+                target: "deploy".to_owned(),
+                commit: request.commit,
+                branch: request.branch,
+                env: request.env.unwrap_or_default(),
+                trigger: Trigger::Api,
+            },
+            idempotency_key,
+        )
+        .await?;
+    let mut response = super::jobs::accepted(job);
+    if !new {
+        *response.status_mut() = StatusCode::OK;
+    }
+    Ok(response)
 }

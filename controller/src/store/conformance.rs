@@ -24,6 +24,7 @@ fn repo(name: &str) -> Repo {
         created_at: Utc::now(),
         github: None,
         disabled: None,
+        env: Vec::new(),
     }
 }
 
@@ -39,6 +40,7 @@ fn new_job(target: &str) -> NewJob {
         labels: BTreeMap::new(),
         trigger: Trigger::Api,
         timeout_secs: 60,
+        from_fork: false,
     }
 }
 
@@ -597,6 +599,63 @@ pub async fn retention_deletes_only_old_finished_jobs(store: Arc<dyn Store>) {
     );
 }
 
+pub async fn deploys_of_one_repository_run_one_at_a_time(store: Arc<dyn Store>) {
+    let first = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    let second = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    let test = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let mut other_repo = new_job("deploy");
+    other_repo.repo = "local/other".into();
+    let other = store.create_job(other_repo, Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let claim = || {
+        let store = Arc::clone(&store);
+        let worker = worker.clone();
+        async move {
+            let now = Utc::now();
+            store
+                .claim_job(&worker, now, now + Duration::seconds(2))
+                .await
+                .unwrap()
+                .map(|job| job.id)
+        }
+    };
+    assert_eq!(claim().await, Some(first.id));
+    assert_eq!(claim().await, Some(test.id), "the second deploy waits");
+    assert_eq!(
+        claim().await,
+        Some(other.id),
+        "another repository's deploy does not"
+    );
+    assert_eq!(claim().await, None);
+    store
+        .finish_job(first.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(claim().await, Some(second.id));
+    // A lost deploy frees the repository too, and is not run again.
+    let third = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(claim().await, None);
+    let lost = store
+        .expire_leases(Utc::now() + Duration::seconds(10))
+        .await
+        .unwrap();
+    assert!(lost.iter().any(|job| job.id == second.id));
+    assert_eq!(claim().await, Some(third.id));
+    assert_eq!(
+        store.get_job(second.id).await.unwrap().unwrap().state,
+        JobState::Lost
+    );
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -614,6 +673,7 @@ macro_rules! conformance_suite {
             logs_read_back_from_any_offset,
             archived_logs_read_the_same,
             retention_deletes_only_old_finished_jobs,
+            deploys_of_one_repository_run_one_at_a_time,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {

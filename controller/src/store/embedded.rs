@@ -35,8 +35,10 @@ const RUNNING: TableDefinition<'_, u64, ()> = TableDefinition::new("running");
 const AGENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agents");
 const AGENT_TOKENS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_tokens");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
-/// Webhook delivery ids → when they arrived (unix ms).
+/// Webhook delivery ids and idempotency keys → when they arrived (unix ms).
 const DELIVERIES: TableDefinition<'_, &str, i64> = TableDefinition::new("deliveries");
+/// Idempotency keys → the job they created.
+const KEY_JOBS: TableDefinition<'_, &str, u64> = TableDefinition::new("key_jobs");
 const NEXT_JOB_ID: &str = "next_job_id";
 
 /// Capacity of the event channel; a receiver further behind misses events.
@@ -86,6 +88,7 @@ impl EmbeddedStore {
         txn.open_table(AGENT_TOKENS)?;
         txn.open_table(META)?;
         txn.open_table(DELIVERIES)?;
+        txn.open_table(KEY_JOBS)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(EmbeddedStore {
@@ -169,16 +172,8 @@ impl Inner {
         let txn = self.db.begin_read().map_err(unavailable)?;
         let queue = txn.open_table(QUEUE).map_err(unavailable)?;
         let jobs = txn.open_table(JOBS).map_err(unavailable)?;
-        for entry in queue.iter().map_err(unavailable)? {
-            let (id, _) = entry.map_err(unavailable)?;
-            if let Some(value) = jobs.get(id.value()).map_err(unavailable)? {
-                let job: Job = decode(value.value())?;
-                if job.labels_match(&agent.labels) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        let running = txn.open_table(RUNNING).map_err(unavailable)?;
+        Ok(first_claimable(&queue, &jobs, &running, agent)?.is_some())
     }
 
     fn log_len(&self, id: JobId) -> StoreResult<u64> {
@@ -204,6 +199,51 @@ impl Inner {
             let _ = file.sync_all();
         }
     }
+}
+
+/// The oldest queued job `agent` may take now: its labels match, and it is
+/// not a deploy of a repository whose previous deploy still runs (deploys of
+/// one repository run one at a time).
+fn first_claimable(
+    queue: &impl ReadableTable<u64, ()>,
+    jobs: &impl ReadableTable<u64, &'static [u8]>,
+    running: &impl ReadableTable<u64, ()>,
+    agent: &AgentRecord,
+) -> StoreResult<Option<Job>> {
+    let mut deploying: Option<std::collections::HashSet<String>> = None;
+    for entry in queue.iter().map_err(unavailable)? {
+        let (id, _) = entry.map_err(unavailable)?;
+        let Some(value) = jobs.get(id.value()).map_err(unavailable)? else {
+            continue;
+        };
+        let job: Job = decode(value.value())?;
+        if !job.labels_match(&agent.labels) {
+            continue;
+        }
+        if job.kind == hobotnica_common::job::JobKind::Deploy {
+            if deploying.is_none() {
+                let mut repos = std::collections::HashSet::new();
+                for entry in running.iter().map_err(unavailable)? {
+                    let (id, _) = entry.map_err(unavailable)?;
+                    if let Some(value) = jobs.get(id.value()).map_err(unavailable)? {
+                        let other: Job = decode(value.value())?;
+                        if other.kind == hobotnica_common::job::JobKind::Deploy {
+                            repos.insert(other.repo);
+                        }
+                    }
+                }
+                deploying = Some(repos);
+            }
+            if deploying
+                .as_ref()
+                .is_some_and(|repos| repos.contains(&job.repo))
+            {
+                continue;
+            }
+        }
+        return Ok(Some(job));
+    }
+    Ok(None)
 }
 
 fn get_json<T: DeserializeOwned>(
@@ -385,6 +425,30 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {
+        let key = key.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            txn.open_table(KEY_JOBS)
+                .map_err(unavailable)?
+                .insert(key.as_str(), job.0)
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
+        let key = key.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(KEY_JOBS).map_err(unavailable)?;
+            let value = table.get(key.as_str()).map_err(unavailable)?;
+            Ok(value.map(|v| JobId(v.value())))
+        })
+        .await
+    }
+
     async fn create_job(&self, new: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
         let job = self
             .blocking(move |inner| {
@@ -455,19 +519,10 @@ impl Store for EmbeddedStore {
             let claimed = {
                 let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
                 let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
-                let mut found = None;
-                for entry in queue.iter().map_err(unavailable)? {
-                    let (id, _) = entry.map_err(unavailable)?;
-                    let id = id.value();
-                    let Some(value) = jobs.get(id).map_err(unavailable)? else {
-                        continue;
-                    };
-                    let job: Job = decode(value.value())?;
-                    if job.labels_match(&agent.labels) {
-                        found = Some(job);
-                        break;
-                    }
-                }
+                let found = {
+                    let running = txn.open_table(RUNNING).map_err(unavailable)?;
+                    first_claimable(&queue, &jobs, &running, &agent)?
+                };
                 match found {
                     None => None,
                     Some(mut job) => {

@@ -61,6 +61,8 @@ pub struct NewJob {
     pub labels: BTreeMap<String, String>,
     pub trigger: Trigger,
     pub timeout_secs: u64,
+    /// A pull request from a fork: no secret variables.
+    pub from_fork: bool,
 }
 
 /// A filter for listing jobs, newest first.
@@ -168,6 +170,10 @@ pub trait Store: Send + Sync + 'static {
     async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
     /// Forgets a delivery id (its job could not be created after all).
     async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()>;
+    /// Records which job a remembered key (an `Idempotency-Key`) created.
+    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()>;
+    /// The job a remembered key created, if it is known yet.
+    async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>>;
 
     /// Assigns an id, stores the job as `queued` and publishes `JobQueued`.
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job>;

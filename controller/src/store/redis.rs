@@ -48,10 +48,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Sets a job's JSON only if it is still `old`, and keeps the indexes and the
 /// fence in step. A job that has just finished enters the `finished` and
 /// `unarchived` indexes (scored by its finish time in ms).
-/// KEYS: job, fence, queue, running, finished, unarchived.
-/// ARGV: old, new, id, fence, index, finished_ms ('' unless it just finished).
+/// A deploy takes its repository's deploy lock when claimed (or the CAS
+/// fails) and releases it when it ends: deploys of one repository run one at
+/// a time.
+/// KEYS: job, fence, queue, running, finished, unarchived, deploy lock.
+/// ARGV: old, new, id, fence, index, finished_ms ('' unless it just finished),
+/// lock ('acquire', 'release' or '').
 const CAS_JOB: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[7] == 'acquire' and not redis.call('SET', KEYS[7], ARGV[3], 'NX') then return 0 end
+if ARGV[7] == 'release' and redis.call('GET', KEYS[7]) == ARGV[3] then
+  redis.call('DEL', KEYS[7])
+end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -150,6 +158,9 @@ impl Keys {
     fn delivery(&self, delivery_id: &str) -> String {
         self.key(format_args!("delivery:{delivery_id}"))
     }
+    fn key_job(&self, key: &str) -> String {
+        self.key(format_args!("key_job:{key}"))
+    }
     /// Every repository that has jobs (registered or not any more).
     fn repos_with_jobs(&self) -> String {
         self.key("repos_with_jobs")
@@ -186,6 +197,9 @@ impl Keys {
     }
     fn archive_lock(&self, id: JobId) -> String {
         self.key(format_args!("archive_lock:{id}"))
+    }
+    fn deploy_lock(&self, repo: &str) -> String {
+        self.key(format_args!("deploy_lock:{repo}"))
     }
     fn finished(&self) -> String {
         self.key("finished")
@@ -399,7 +413,13 @@ impl RedisStore {
 
     /// Writes `job` if the stored JSON is still `old`; `just_finished` says
     /// the change made it terminal.
-    async fn cas(&self, old: &str, job: &Job, just_finished: bool) -> StoreResult<bool> {
+    async fn cas(
+        &self,
+        old: &str,
+        job: &Job,
+        claiming: bool,
+        just_finished: bool,
+    ) -> StoreResult<bool> {
         let finished_ms = job
             .finished_at
             .filter(|_| just_finished)
@@ -410,6 +430,12 @@ impl RedisStore {
             JobState::Running => "running",
             _ => "none",
         };
+        let is_deploy = job.kind == hobotnica_common::job::JobKind::Deploy;
+        let lock = match (is_deploy, claiming, just_finished) {
+            (true, true, _) => "acquire",
+            (true, false, true) => "release",
+            _ => "",
+        };
         let written: i64 = self
             .cas_job
             .key(self.keys.job(job.id))
@@ -418,12 +444,14 @@ impl RedisStore {
             .key(self.keys.running())
             .key(self.keys.finished())
             .key(self.keys.unarchived())
+            .key(self.keys.deploy_lock(&job.repo))
             .arg(old)
             .arg(encode(job)?)
             .arg(job.id.0)
             .arg(fence(job))
             .arg(index)
             .arg(finished_ms)
+            .arg(lock)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -445,7 +473,7 @@ impl RedisStore {
             let was_terminal = job.state.is_terminal();
             let result = change(&mut job)?;
             let just_finished = !was_terminal && job.state.is_terminal();
-            if self.cas(&raw, &job, just_finished).await? {
+            if self.cas(&raw, &job, false, just_finished).await? {
                 return Ok((job, result));
             }
         }
@@ -810,6 +838,26 @@ impl Store for RedisStore {
         Ok(first.is_some())
     }
 
+    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {
+        let () = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.key_job(key))
+                    .arg(job.0)
+                    .arg("EX")
+                    .arg(super::DELIVERY_RETENTION.as_secs()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
+        let id: Option<u64> = self
+            .query(redis::cmd("GET").arg(self.keys.key_job(key)))
+            .await?;
+        Ok(id.map(JobId))
+    }
+
     async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
         let _: i64 = self
             .query(redis::cmd("DEL").arg(self.keys.delivery(delivery_id)))
@@ -971,15 +1019,38 @@ impl Store for RedisStore {
                         .arg(CLAIM_SCAN - 1),
                 )
                 .await?;
-            let candidate =
-                self.jobs_by_id(&ids).await?.into_iter().find(|(_, job)| {
-                    job.state == JobState::Queued && job.labels_match(&agent.labels)
-                });
+            let queued: Vec<(String, Job)> = self
+                .jobs_by_id(&ids)
+                .await?
+                .into_iter()
+                .filter(|(_, job)| job.state == JobState::Queued && job.labels_match(&agent.labels))
+                .collect();
+            // Deploys of a repository whose previous deploy runs must wait.
+            let lock_keys: Vec<String> = queued
+                .iter()
+                .filter(|(_, job)| job.kind == hobotnica_common::job::JobKind::Deploy)
+                .map(|(_, job)| self.keys.deploy_lock(&job.repo))
+                .collect();
+            let holders: Vec<Option<String>> = if lock_keys.is_empty() {
+                Vec::new()
+            } else {
+                self.query(redis::cmd("MGET").arg(&lock_keys)).await?
+            };
+            let locked: std::collections::HashSet<&String> = lock_keys
+                .iter()
+                .zip(&holders)
+                .filter(|(_, holder)| holder.is_some())
+                .map(|(key, _)| key)
+                .collect();
+            let candidate = queued.into_iter().find(|(_, job)| {
+                job.kind != hobotnica_common::job::JobKind::Deploy
+                    || !locked.contains(&self.keys.deploy_lock(&job.repo))
+            });
             let Some((raw, mut job)) = candidate else {
                 return Ok(None);
             };
             transitions::claim(&mut job, agent, now, lease_until)?;
-            if self.cas(&raw, &job, false).await? {
+            if self.cas(&raw, &job, true, false).await? {
                 if job.attempt > 1 {
                     // A new attempt starts its log afresh.
                     let _: i64 = self

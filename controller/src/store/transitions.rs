@@ -19,6 +19,7 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         commit: new.commit,
         branch: new.branch,
         env: new.env,
+        from_fork: new.from_fork,
         labels: new.labels,
         trigger: new.trigger,
         state: JobState::Queued,

@@ -1,0 +1,152 @@
+//! EDGE: `/api/v1/repos/{owner}/{name}/env` — repository variables. A
+//! secret's value is write-only: it is never shown again.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use hobotnica_common::job::{EnvScope, EnvVar};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
+use crate::auth::{Access, Caller};
+use crate::projects::SetEnv;
+use crate::services::Services;
+
+pub fn router() -> OpenApiRouter<Services> {
+    OpenApiRouter::new()
+        .routes(routes!(list_env))
+        .routes(routes!(set_env, delete_env))
+}
+
+/// A repository variable; `value` is null for a secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvVarView {
+    pub key: String,
+    pub scope: EnvScope,
+    pub secret: bool,
+    /// The value (null for a secret: it is write-only).
+    pub value: Option<String>,
+}
+
+impl From<EnvVar> for EnvVarView {
+    fn from(var: EnvVar) -> EnvVarView {
+        EnvVarView {
+            key: var.key,
+            scope: var.scope,
+            secret: var.secret,
+            value: if var.secret { None } else { var.value },
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvList {
+    pub items: Vec<EnvVarView>,
+}
+
+/// Set a variable.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"value": "s3cr3t", "secret": true, "scope": "deploy"}))]
+pub struct SetEnvRequest {
+    /// At most 64 KiB.
+    pub value: String,
+    /// Encrypted at rest, write-only, masked in logs (default false).
+    pub secret: Option<bool>,
+    /// `all` (default), `test` or `deploy`.
+    pub scope: Option<EnvScope>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ScopeQuery {
+    /// Only this scope (default: every scope of the key).
+    pub scope: Option<EnvScope>,
+}
+
+#[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}/env", tag = "env",
+    params(("owner" = String, Path), ("name" = String, Path)),
+    responses(
+        (status = 200, body = EnvList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn list_env(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name)): Path<(String, String)>,
+) -> Result<Json<EnvList>, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Read)
+        .await?;
+    Ok(Json(EnvList {
+        items: repo.env.into_iter().map(EnvVarView::from).collect(),
+    }))
+}
+
+#[utoipa::path(put, path = "/api/v1/repos/{owner}/{name}/env/{key}", tag = "env",
+    params(("owner" = String, Path), ("name" = String, Path), ("key" = String, Path, description = "[A-Za-z_][A-Za-z0-9_]*; not PATH, HOME, CI or HOBOTNICA_*")),
+    request_body = SetEnvRequest,
+    responses(
+        (status = 200, body = EnvVarView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name or value", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn set_env(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name, key)): Path<(String, String, String)>,
+    ApiJson(request): ApiJson<SetEnvRequest>,
+) -> Result<Json<EnvVarView>, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
+    let var = services
+        .set_env(
+            &repo,
+            SetEnv {
+                key,
+                value: request.value,
+                secret: request.secret.unwrap_or(false),
+                scope: request.scope.unwrap_or(EnvScope::All),
+            },
+        )
+        .await?;
+    Ok(Json(var.into()))
+}
+
+#[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}/env/{key}", tag = "env",
+    params(("owner" = String, Path), ("name" = String, Path), ("key" = String, Path), ScopeQuery),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn delete_env(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name, key)): Path<(String, String, String)>,
+    ApiQuery(query): ApiQuery<ScopeQuery>,
+) -> Result<StatusCode, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
+    services.delete_env(&repo, &key, query.scope).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
