@@ -144,3 +144,32 @@ mod tests {
         assert_eq!(format!("{:?}", key()), "SecretKey([REDACTED])");
     }
 }
+
+/// Overwrites every occurrence of each secret (4 bytes or longer) in `data`
+/// with `*`, keeping the length: the controller's second masking pass, which
+/// must not move log offsets. (The agent's streaming masker is the first.)
+pub fn mask_in_place(data: &mut [u8], secrets: &[Vec<u8>]) {
+    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
+        let mut start = 0;
+        while start + secret.len() <= data.len() {
+            if data[start..start + secret.len()] == secret[..] {
+                data[start..start + secret.len()].fill(b'*');
+                start += secret.len();
+            } else {
+                start += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::mask_in_place;
+
+    #[test]
+    fn masking_in_place_keeps_the_length() {
+        let mut data = b"token=hunter22; again hunter22; abc".to_vec();
+        mask_in_place(&mut data, &[b"hunter22".to_vec(), b"abc".to_vec()]);
+        assert_eq!(&data, b"token=********; again ********; abc");
+    }
+}

@@ -366,3 +366,49 @@ impl Services {
         }
     }
 }
+
+impl Services {
+    /// Runs a finished job again as a new job: same repository, commit,
+    /// branch, target and one-time variables.
+    pub async fn retry_job(&self, id: JobId) -> Result<Job, CoreError> {
+        let old = self.job(id).await?;
+        if !old.state.is_terminal() {
+            return Err(CoreError::Conflict(format!(
+                "job {id} is {}: only a finished job can be retried",
+                old.state
+            )));
+        }
+        let (owner, name) = old
+            .repo
+            .split_once('/')
+            .ok_or_else(|| CoreError::NotFound(format!("repository {}", old.repo)))?;
+        let repo = self.repo(owner, name).await?;
+        if let Some(reason) = &repo.disabled {
+            return Err(CoreError::Gone(format!(
+                "repository {} is disabled: {reason}",
+                repo.full_name()
+            )));
+        }
+        let job = self
+            .store
+            .create_job(
+                NewJob {
+                    repo: old.repo,
+                    git_url: repo.git_url.clone(),
+                    kind: old.kind,
+                    target: old.target,
+                    commit: old.commit,
+                    branch: old.branch,
+                    env: old.env,
+                    labels: old.labels,
+                    trigger: Trigger::Retry,
+                    timeout_secs: repo.timeout_secs,
+                    from_fork: old.from_fork,
+                },
+                Utc::now(),
+            )
+            .await?;
+        tracing::info!(job.id = %job.id, retry_of = %id, "job retried");
+        Ok(job)
+    }
+}

@@ -323,7 +323,7 @@ impl AgentService for AgentGrpc {
         let services = self.services.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
-            let mut verified: Option<(u64, u32)> = None;
+            let mut verified: Option<VerifiedJob> = None;
             loop {
                 let chunk = tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -400,18 +400,26 @@ fn millis(duration: Duration) -> u64 {
 
 /// Appends one chunk; the answer is the ack (or the status that ends the
 /// stream).
+/// The job a log stream last wrote to, checked once: its key and the
+/// secrets to mask again.
+struct VerifiedJob {
+    key: (u64, u32),
+    secrets: Vec<Vec<u8>>,
+}
+
 async fn intake_chunk(
     services: &Services,
     agent: &AgentRecord,
-    verified: &mut Option<(u64, u32)>,
-    chunk: LogChunk,
+    verified: &mut Option<VerifiedJob>,
+    mut chunk: LogChunk,
 ) -> Result<LogAck, Status> {
     if chunk.data.len() > 2 * MAX_CHUNK_BYTES {
         return Err(Status::invalid_argument(format!(
             "log chunks are at most {MAX_CHUNK_BYTES} bytes"
         )));
     }
-    if *verified != Some((chunk.job_id, chunk.attempt)) {
+    let key = (chunk.job_id, chunk.attempt);
+    if verified.as_ref().is_none_or(|verified| verified.key != key) {
         let job = services
             .store
             .get_job(JobId(chunk.job_id))
@@ -426,7 +434,17 @@ async fn intake_chunk(
                 chunk.job_id, chunk.attempt
             )));
         }
-        *verified = Some((chunk.job_id, chunk.attempt));
+        let secrets = extras(services, &job)
+            .await
+            .secrets
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        *verified = Some(VerifiedJob { key, secrets });
+    }
+    // The agent masked already; mask again without moving offsets.
+    if let Some(verified) = verified.as_ref() {
+        hobotnica_common::secrets::mask_in_place(&mut chunk.data, &verified.secrets);
     }
     let committed = match services
         .store

@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<Services> {
         .routes(routes!(list_jobs))
         .routes(routes!(show_job))
         .routes(routes!(cancel_job))
+        .routes(routes!(retry_job))
         .routes(routes!(job_log))
 }
 
@@ -239,6 +240,32 @@ async fn cancel_job(
         .await?;
     let job = services.cancel_job(id).await?;
     Ok(accepted(job))
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = u64, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "A new job: same repository, commit, target and one-time variables", body = JobView,
+            headers(("Location" = String, description = "/api/v1/jobs/{id} of the new job"))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job has not finished", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The repository is disabled", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn retry_job(
+    caller: Caller,
+    State(services): State<Services>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let job = services.job(id).await?;
+    services
+        .require_job_access(&caller, &job, Access::Push)
+        .await?;
+    Ok(accepted(services.retry_job(id).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",
