@@ -112,8 +112,23 @@ async fn post(services: &Services, job: &Job) {
                 tracing::info!(job.id = %job.id, state = ?status.state, "commit status posted");
                 return;
             }
-            Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
+            Err(err @ GitHubError::BadCredentials) => {
                 services.access_lost(&repo, &err).await;
+                return;
+            }
+            Err(GitHubError::NotFound) => {
+                // GitHub answers 404 to a write the token may not make:
+                // read access alone is not lost access.
+                match services.github.repository(&token, owner, name).await {
+                    Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
+                        services.access_lost(&repo, &err).await;
+                    }
+                    _ => tracing::warn!(
+                        job.id = %job.id,
+                        repo = %job.repo,
+                        "cannot post commit statuses: the stored token needs push access (commit statuses: write)"
+                    ),
+                }
                 return;
             }
             Err(GitHubError::RateLimited { reset }) => {

@@ -70,6 +70,27 @@ count:
 	@echo "counted $$HOBOTNICA_JOB_ID"
 "#;
 
+/// The `test` rule of [`MAKEFILE`], whole.
+const TEST_RULE: &str = "test:\n\t@echo \"hello from stdout\"\n\t@echo \"hello from stderr\" >&2\n\t@echo \"tests passed\"\n";
+
+/// [`MAKEFILE`] with the recipe of `test` replaced by `lines` (each run
+/// silently, `@`; `$$` is a shell `$`), for commits whose `make test` does
+/// something else: fail, print the commit it runs at, take a while.
+///
+/// # Panics
+/// When [`MAKEFILE`] no longer has the expected `test` rule.
+pub fn makefile_with_test_recipe(lines: &[&str]) -> String {
+    assert!(
+        MAKEFILE.contains(TEST_RULE),
+        "the fixture's test rule changed"
+    );
+    let mut rule = "test:\n".to_owned();
+    for line in lines {
+        rule.push_str(&format!("\t@{line}\n"));
+    }
+    MAKEFILE.replacen(TEST_RULE, &rule, 1)
+}
+
 /// What `make interleave` prints, in order, stdout and stderr alternating.
 pub const INTERLEAVED_OUTPUT: &str =
     "out 1\nerr 1\nout 2\nerr 2\nout 3\nerr 3\nout 4\nerr 4\nout 5\nerr 5\n";

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod controller;
 pub mod daemon;
 pub mod git;
+pub mod github;
 pub mod net;
 pub mod output;
 pub mod procs;
@@ -31,6 +32,7 @@ pub use agent::{Agent, AgentOpts};
 pub use api::{Api, Job, RawResponse};
 pub use controller::{Controller, ControllerOpts};
 pub use git::GitRepo;
+pub use github::{FakeGitHub, Permission};
 pub use hobotnica_common::job::JobState;
 pub use wait::{wait_for, wait_until};
 

@@ -1,5 +1,5 @@
 //! Free TCP ports on 127.0.0.1 that no other fixture of this test process
-//! was handed.
+//! was handed, and counting the connections a listener has accepted.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
@@ -25,4 +25,31 @@ pub fn free_addr() -> SocketAddr {
 /// An address nothing listens on (for "cannot reach" tests).
 pub fn closed_addr() -> SocketAddr {
     free_addr()
+}
+
+/// TCP connections in state ESTABLISHED whose local port is `port` (the
+/// server's side of the connections a listener on `port` accepted), from
+/// `/proc/net/tcp` and `/proc/net/tcp6` of this network namespace.
+pub fn established_connections(port: u16) -> usize {
+    /// `st` of an established connection in `/proc/net/tcp`.
+    const ESTABLISHED: &str = "01";
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let mut fields = line.split_whitespace().skip(1);
+                    let local_port = fields
+                        .next()
+                        .and_then(|local| local.rsplit_once(':'))
+                        .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+                    let state = fields.nth(1);
+                    local_port == Some(port) && state == Some(ESTABLISHED)
+                })
+                .count()
+        })
+        .sum()
 }

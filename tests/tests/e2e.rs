@@ -1428,3 +1428,6 @@ async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate
 
 #[path = "e2e/redis_mode.rs"]
 mod redis_mode;
+
+#[path = "e2e/github.rs"]
+mod github;

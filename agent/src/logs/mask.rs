@@ -9,14 +9,15 @@
 //! [`MASK`]; occurrences that overlap are masked as one region, so no tail of
 //! a secret survives next to the marker.
 //!
-//! [`Masker`] does it on a stream: it holds back the last `max_len - 1`
-//! bytes of what it was given (`max_len` = the longest secret), so a secret
-//! split across reads is still caught, and flushes them at the end.
+//! [`Masker`] does it on a stream: it holds back only a tail that is the
+//! start of some secret (fewer than `max_len` bytes, `max_len` = the longest
+//! secret), so a secret split across reads is still caught while a quiet
+//! job's last line is not kept waiting, and flushes it at the end.
 //!
-//! Not yet: secrets spanning several lines are matched only as the exact
-//! bytes given, and base64 (or other encoded) forms of job secrets are not
-//! derived here; that is a later issue. (The git HTTP header's base64 forms
-//! are derived by `workspace::GitHttpHeader::secret_parts`.)
+//! The controller sends, for each secret, the forms to mask: the value, each
+//! line of a multi-line value (4 characters or more) and its base64 form.
+//! (The git HTTP header's forms are derived by
+//! `workspace::GitHttpHeader::secret_parts`.)
 
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ pub struct Secrets {
     values: Arc<[Vec<u8>]>,
     /// `first_byte[b]`: some value starts with byte `b`.
     first_byte: Arc<[bool; 256]>,
+    /// The longest value: the bound on what is held back (checked in tests).
+    #[cfg_attr(not(test), allow(dead_code))]
     max_len: usize,
 }
 
@@ -101,6 +104,19 @@ impl Secrets {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Whether some value starts with all of `data[at..]` and is longer: it
+    /// may be completed by bytes not given yet. Only such bytes are held
+    /// back, so a quiet job's last line is not kept waiting.
+    fn could_continue(&self, data: &[u8], at: usize) -> bool {
+        if !self.first_byte[usize::from(data[at])] {
+            return false;
+        }
+        let rest = &data[at..];
+        self.values
+            .iter()
+            .any(|value| value.len() > rest.len() && value.starts_with(rest))
+    }
+
     /// The length of the longest value that starts at `data[at..]` and fits
     /// in `data`.
     fn longest_match_at(&self, data: &[u8], at: usize) -> Option<usize> {
@@ -148,13 +164,12 @@ impl Masker {
     /// Decides on every pending byte from which no secret can still begin
     /// beyond the pending bytes (all of them when `at_end`).
     fn process(&mut self, at_end: bool, out: &mut Vec<u8>) {
-        let max_len = self.secrets.max_len;
         let data = &self.pending;
         let mut at = 0;
         // Start of the run of plain bytes not yet copied to `out`.
         let mut plain_from = 0;
         while at < data.len() {
-            if !at_end && at + max_len > data.len() {
+            if !at_end && self.secrets.could_continue(data, at) {
                 // A secret starting here might end in the next input.
                 break;
             }
@@ -301,15 +316,19 @@ mod tests {
 
     #[test]
     fn a_secret_at_the_very_end_is_caught_by_finish() {
-        // The shorter secret ends the output while the longer one keeps it
-        // held back: only finish can decide.
+        // A possible start of a secret is held back until finish decides.
         let secrets = Secrets::new(["tail-secret", "a-much-longer-secret-value"]);
         let mut masker = secrets.masker();
         let mut out = Vec::new();
         masker.push(b"line\ntail-secret", &mut out);
-        assert_eq!(out, b"");
+        masker.push(b"a-much", &mut out);
+        // "a-much" may begin the longer secret: only it is held back.
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            format!("line\n{M}")
+        );
         masker.finish(&mut out);
-        assert_eq!(String::from_utf8(out).unwrap(), format!("line\n{M}"));
+        assert_eq!(String::from_utf8(out).unwrap(), format!("line\n{M}a-much"));
         // A prefix of a secret at the end is flushed as it is.
         assert_eq!(stream(&secrets, &[b"x tail-secre"]), "x tail-secre");
         assert_eq!(
