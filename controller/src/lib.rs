@@ -141,18 +141,7 @@ impl Controller {
             Some(token) => token.clone(),
             None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
         };
-        let store: Arc<dyn store::Store> = match &config.redis_url {
-            Some(url) => {
-                let ca = match &config.redis_ca_cert {
-                    Some(path) => Some(std::fs::read(path).with_context(|| {
-                        format!("cannot read the Redis CA certificate {}", path.display())
-                    })?),
-                    None => None,
-                };
-                Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX, ca).await?)
-            }
-            None => Arc::new(EmbeddedStore::open(&config.data_dir)?),
-        };
+        let store = open_store(&config).await?;
         // Agents of jobs that ran before a restart get a full lease to
         // re-attach.
         store
@@ -367,4 +356,42 @@ pub async fn shutdown_on_signal(shutdown: CancellationToken) {
     // Cancel first: logging may fail (a closed stderr) and must not stop it.
     shutdown.cancel();
     tracing::info!("shutting down");
+}
+
+/// `hobot admin rotate-key`: re-encrypts every secret at rest in the store
+/// that `config` names (embedded: stop the controller first; Redis: restart
+/// every controller with the new key afterwards) from the key in `old_key`
+/// to the key in `new_key`. Returns how many repositories were rewritten.
+pub async fn rotate_secret_key(
+    config: &ControllerConfig,
+    old_key: &Path,
+    new_key: &Path,
+) -> anyhow::Result<usize> {
+    let read = |path: &Path| -> anyhow::Result<SecretKey> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the key {}", path.display()))?;
+        SecretKey::from_hex(&text).with_context(|| format!("invalid key in {}", path.display()))
+    };
+    let (old, new) = (read(old_key)?, read(new_key)?);
+    let store = open_store(config).await?;
+    projects::rotate_secret_key(store.as_ref(), &old, &new).await
+}
+
+/// The store `config` names: Redis with `--redis`, else the embedded store
+/// in the data directory.
+async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
+    Ok(match &config.redis_url {
+        Some(url) => {
+            let ca = match &config.redis_ca_cert {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("cannot read the Redis CA certificate {}", path.display())
+                })?),
+                None => None,
+            };
+            Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX, ca).await?)
+        }
+        None => Arc::new(EmbeddedStore::open(&config.data_dir).context(
+            "cannot open the embedded store (is a controller using this data directory?)",
+        )?),
+    })
 }

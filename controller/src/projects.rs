@@ -457,3 +457,104 @@ mod env_tests {
         );
     }
 }
+
+/// Re-seals one value from `old` to `new`; a value already sealed with `new`
+/// (a rotation that was interrupted and run again) is kept.
+fn reseal(
+    sealed: &str,
+    context: &str,
+    old: &hobotnica_common::secrets::SecretKey,
+    new: &hobotnica_common::secrets::SecretKey,
+) -> anyhow::Result<String> {
+    if new.open(sealed, context).is_ok() {
+        return Ok(sealed.to_owned());
+    }
+    let plain = old.open(sealed, context).map_err(|_| {
+        anyhow::anyhow!("a secret ({context}) opens with neither the old nor the new key")
+    })?;
+    Ok(new.seal(&plain, context))
+}
+
+/// Re-encrypts every secret at rest (GitHub tokens, webhook secrets, secret
+/// variables) from `old` to `new`. Safe to run again after an interruption.
+/// Returns how many repositories were rewritten.
+pub async fn rotate_secret_key(
+    store: &dyn crate::store::Store,
+    old: &hobotnica_common::secrets::SecretKey,
+    new: &hobotnica_common::secrets::SecretKey,
+) -> anyhow::Result<usize> {
+    let mut rewritten = 0;
+    for mut repo in store.list_repos().await? {
+        let full_name = repo.full_name();
+        if let Some(github) = repo.github.as_mut() {
+            github.token_sealed =
+                reseal(&github.token_sealed, &token_context(&full_name), old, new)?;
+            github.webhook_secret_sealed = reseal(
+                &github.webhook_secret_sealed,
+                &webhook_secret_context(&full_name),
+                old,
+                new,
+            )?;
+        }
+        for var in &mut repo.env {
+            if let Some(sealed) = &var.sealed {
+                var.sealed = Some(reseal(
+                    sealed,
+                    &env_context(&full_name, &var.key),
+                    old,
+                    new,
+                )?);
+            }
+        }
+        store.update_repo(repo).await?;
+        rewritten += 1;
+    }
+    Ok(rewritten)
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use chrono::Utc;
+    use hobotnica_common::job::{EnvScope, EnvVar, Repo};
+    use hobotnica_common::secrets::SecretKey;
+
+    use super::{env_context, rotate_secret_key};
+    use crate::store::Store as _;
+    use crate::store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn rotation_reseals_every_secret_and_can_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let old = SecretKey::from_hex(&SecretKey::generate_hex()).unwrap();
+        let new = SecretKey::from_hex(&SecretKey::generate_hex()).unwrap();
+        let context = env_context("local/demo", "TOKEN");
+        store
+            .create_repo(Repo {
+                owner: "local".into(),
+                name: "demo".into(),
+                git_url: "file:///srv/demo.git".into(),
+                default_branch: "main".into(),
+                timeout_secs: 60,
+                created_at: Utc::now(),
+                github: None,
+                disabled: None,
+                env: vec![EnvVar {
+                    key: "TOKEN".into(),
+                    scope: EnvScope::All,
+                    secret: true,
+                    value: None,
+                    sealed: Some(old.seal(b"s3cret-value", &context)),
+                }],
+            })
+            .await
+            .unwrap();
+        assert_eq!(rotate_secret_key(&store, &old, &new).await.unwrap(), 1);
+        // Again (an interrupted rotation is finished by running it again).
+        assert_eq!(rotate_secret_key(&store, &old, &new).await.unwrap(), 1);
+        let repo = store.get_repo("local", "demo").await.unwrap().unwrap();
+        let sealed = repo.env[0].sealed.as_deref().unwrap();
+        assert_eq!(new.open(sealed, &context).unwrap(), b"s3cret-value");
+        assert!(old.open(sealed, &context).is_err());
+    }
+}
