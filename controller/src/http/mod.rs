@@ -61,7 +61,8 @@ impl Modify for SecuritySchemes {
 
 /// The REST router with its OpenAPI document.
 pub fn router(services: Services) -> axum::Router {
-    let (router, api) = api_router().split_for_parts();
+    let (router, mut api) = api_router().split_for_parts();
+    describe_responses(&mut api);
     let webhooks = crate::webhook::router().with_state(services.clone());
     let router = router.with_state(services);
     let api_json = api.clone();
@@ -90,7 +91,38 @@ fn api_router() -> OpenApiRouter<Services> {
 
 /// The OpenAPI document (for the committed `openapi/openapi.yaml`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+    let mut api = api_router().split_for_parts().1;
+    describe_responses(&mut api);
+    api
+}
+
+/// Gives every response without a description (OpenAPI requires one) the
+/// reason phrase of its status.
+fn describe_responses(api: &mut utoipa::openapi::OpenApi) {
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in &mut operation.responses.responses {
+                if let utoipa::openapi::RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = status
+                        .parse::<u16>()
+                        .ok()
+                        .and_then(|code| StatusCode::from_u16(code).ok())
+                        .and_then(|code| code.canonical_reason())
+                        .unwrap_or("Response")
+                        .to_owned();
+                }
+            }
+        }
+    }
 }
 
 async fn not_found() -> problem::ApiError {
