@@ -123,6 +123,7 @@ fn read_token_file(path: &PathBuf) -> anyhow::Result<Option<String>> {
 /// An error answer of the API (problem+json, RFC 9457).
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    pub status: StatusCode,
     pub title: String,
     pub detail: Option<String>,
     pub field_errors: Vec<(String, String)>,
@@ -177,6 +178,7 @@ impl ApiError {
             })
             .unwrap_or_default();
         ApiError {
+            status,
             title,
             detail,
             field_errors,
@@ -254,10 +256,25 @@ impl Client {
         path_and_query: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<reqwest::Response> {
+        self.send_with_headers(method, path_and_query, body, &[])
+            .await
+    }
+
+    /// [`Client::send`] with extra request headers.
+    pub async fn send_with_headers(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<reqwest::Response> {
         let url = format!("{}{path_and_query}", self.connection.url);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.connection.token {
             request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         if let Some(body) = body {
             request = request.json(body);

@@ -1,17 +1,34 @@
-//! The REST subcommands: `repos`, `run`, `jobs` and `agents`. Each one is a
-//! request, then a table (or the API's JSON with `--json`).
+//! The REST subcommands: `repos`, `run`, `deploy`, `deploys`, `env`, `jobs`
+//! and `agents`. Each one is a request, then a table (or the API's JSON with
+//! `--json`); `run --follow` and `deploy --follow` then tail the log.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use reqwest::Method;
+use anyhow::Context as _;
+use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::client::{Client, encode_query, repo_path, typed};
-use crate::config::{AgentsCommand, JobsCommand, ReposCommand, RunArgs};
+use crate::client::{ApiError, Client, Unreachable, encode_query, repo_path, typed};
+use crate::config::{
+    AgentsCommand, DeployArgs, DeploysArgs, EnvCommand, JobsCommand, ReposCommand, RunArgs,
+};
 use crate::logs;
 use crate::output::{Table, duration, or_dash, print_fields, print_json, short_sha, time};
+
+/// Attempts at sending one deploy request. Every attempt carries the same
+/// `Idempotency-Key`, so however many reach the controller, one job results.
+const DEPLOY_ATTEMPTS: u32 = 4;
+/// Pause before the first retry of a deploy request; doubles after each.
+const DEPLOY_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often `deploy --follow` asks whether its queued job has started.
+const START_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Random bytes in a generated `Idempotency-Key` (hex-encoded: twice as many
+/// characters).
+const IDEMPOTENCY_KEY_BYTES: usize = 16;
 
 /// A repository as the API returns it.
 #[derive(Deserialize)]
@@ -51,6 +68,20 @@ pub struct JobView {
     pub started_at: Option<String>,
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// Names of the job's one-time variables.
+    #[serde(default)]
+    pub env_keys: Vec<String>,
+}
+
+/// A repository variable as the API returns it (`value` is `None` for a
+/// secret).
+#[derive(Deserialize)]
+pub struct EnvVarView {
+    pub key: String,
+    pub scope: String,
+    pub secret: bool,
+    #[serde(default)]
+    pub value: Option<String>,
 }
 
 /// An agent as the API returns it.
@@ -166,12 +197,7 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
         body["branch"] = Value::String(branch);
     }
     if !args.env.is_empty() {
-        let env: serde_json::Map<String, Value> = args
-            .env
-            .into_iter()
-            .map(|(key, value)| (key, Value::String(value)))
-            .collect();
-        body["env"] = Value::Object(env);
+        body["env"] = env_object(args.env);
     }
     let job = client
         .json(
@@ -198,6 +224,366 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
         println!("{}", view.id);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One-time variables as the API's `env` object.
+fn env_object(env: Vec<(String, String)>) -> Value {
+    Value::Object(
+        env.into_iter()
+            .map(|(key, value)| (key, Value::String(value)))
+            .collect(),
+    )
+}
+
+/// The body of `POST /repos/{owner}/{name}/deploy`.
+fn deploy_body(
+    commit: Option<String>,
+    branch: Option<String>,
+    env: Vec<(String, String)>,
+) -> Value {
+    let mut body = json!({});
+    if let Some(commit) = commit {
+        body["commit"] = Value::String(commit);
+    }
+    if let Some(branch) = branch {
+        body["branch"] = Value::String(branch);
+    }
+    if !env.is_empty() {
+        body["env"] = env_object(env);
+    }
+    body
+}
+
+/// `deploy of <sha> on <branch>`, for progress lines.
+fn describe_deploy(job: &JobView) -> String {
+    match &job.branch {
+        Some(branch) => format!("deploy of {} on {branch}", job.commit),
+        None => format!("deploy of {}", job.commit),
+    }
+}
+
+pub async fn deploy(client: &Client, args: DeployArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let (owner, name) = repo_path(&args.repo)?;
+    let body = deploy_body(args.commit, args.branch, args.env);
+    let idempotency_key = args
+        .idempotency_key
+        .unwrap_or_else(|| hobotnica_common::token::random_hex(IDEMPOTENCY_KEY_BYTES));
+    let path = format!("/api/v1/repos/{owner}/{name}/deploy");
+    let (status, job) = send_deploy(client, &path, &body, &idempotency_key).await?;
+    let view: JobView = typed(&job)?;
+    // Progress goes to stderr: stdout is the id, the JSON or the log.
+    if status == StatusCode::OK {
+        eprintln!(
+            "job {} was already requested with this idempotency key ({}, {})",
+            view.id,
+            describe_deploy(&view),
+            view.state
+        );
+    } else {
+        eprintln!("queued job {} ({})", view.id, describe_deploy(&view));
+    }
+    if args.follow {
+        wait_until_started(client, &view).await?;
+        return logs::tail(client, view.id, 0, true).await;
+    }
+    if json {
+        print_json(&job);
+    } else {
+        println!("{}", view.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a deploy request, retrying when the answer may not have arrived or
+/// the controller asks to retry; returns the status (202 new job, 200 the
+/// job an earlier request with this key created) and the job.
+async fn send_deploy(
+    client: &Client,
+    path: &str,
+    body: &Value,
+    idempotency_key: &str,
+) -> anyhow::Result<(StatusCode, Value)> {
+    let mut pause = DEPLOY_RETRY_INTERVAL;
+    let mut attempt = 1;
+    loop {
+        let result = async {
+            let response = client
+                .send_with_headers(
+                    Method::POST,
+                    path,
+                    Some(body),
+                    &[("Idempotency-Key", idempotency_key)],
+                )
+                .await?;
+            let status = response.status();
+            let bytes = response
+                .bytes()
+                .await
+                .context("the controller's answer was cut off")?;
+            let job: Value =
+                serde_json::from_slice(&bytes).context("the controller's answer is not JSON")?;
+            anyhow::Ok((status, job))
+        }
+        .await;
+        match result {
+            Err(err) if attempt < DEPLOY_ATTEMPTS && worth_retrying(&err) => {
+                let first_line = format!("{err:#}");
+                let first_line = first_line.lines().next().unwrap_or_default();
+                eprintln!(
+                    "deploy request failed ({first_line}); retrying with the same idempotency key"
+                );
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether a request may succeed when sent again: the controller was not
+/// reached, the answer was lost, or the controller said "later".
+fn worth_retrying(err: &anyhow::Error) -> bool {
+    if let Some(api) = err.downcast_ref::<ApiError>() {
+        return matches!(
+            api.status,
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+    err.downcast_ref::<Unreachable>().is_some() || err.downcast_ref::<reqwest::Error>().is_some()
+}
+
+/// Polls a queued job until an agent takes it (or it ends), printing on
+/// stderr why it waits and where it runs.
+async fn wait_until_started(client: &Client, job: &JobView) -> anyhow::Result<()> {
+    let path = format!("/api/v1/jobs/{}", job.id);
+    let mut state = job.state.clone();
+    let mut agent = job.agent.clone();
+    let mut said = None;
+    let mut failing_since: Option<Instant> = None;
+    while state == "queued" {
+        tokio::time::sleep(START_POLL_INTERVAL).await;
+        let current: JobView = match client.get(&path).await {
+            Ok(value) => {
+                failing_since = None;
+                typed(&value)?
+            }
+            Err(err) if worth_retrying(&err) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > logs::RECONNECT_TIMEOUT {
+                    return Err(err);
+                }
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        if current.state == "queued" && current.message.is_some() && current.message != said {
+            eprintln!(
+                "job {}: {}",
+                current.id,
+                current.message.as_deref().unwrap_or_default()
+            );
+            said = current.message;
+        }
+        state = current.state;
+        agent = current.agent;
+    }
+    if let Some(agent) = agent {
+        if state == "running" {
+            eprintln!("running on {agent}");
+        } else {
+            eprintln!("ran on {agent}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn deploys(client: &Client, args: DeploysArgs, json: bool) -> anyhow::Result<()> {
+    let (owner, name) = repo_path(&args.repo)?;
+    let mut path = format!("/api/v1/jobs?repo={owner}%2F{name}&kind=deploy");
+    if let Some(limit) = args.limit {
+        path.push_str(&format!("&limit={limit}"));
+    }
+    if let Some(cursor) = &args.cursor {
+        path.push_str(&format!("&cursor={}", encode_query(cursor)));
+    }
+    let list = client.get(&path).await?;
+    if json {
+        print_json(&list);
+        return Ok(());
+    }
+    let next_cursor = list
+        .get("next_cursor")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let list: Items<JobView> = typed(&list)?;
+    deploys_table(list.items).print();
+    if let Some(cursor) = next_cursor {
+        eprintln!(
+            "more deploys: hobot deploys {} --cursor {cursor}",
+            args.repo
+        );
+    }
+    Ok(())
+}
+
+fn deploys_table(jobs: Vec<JobView>) -> Table {
+    let mut table = Table::new(vec!["ID", "STATE", "COMMIT", "BRANCH", "AGENT", "FINISHED"]);
+    for job in jobs {
+        table.row(vec![
+            job.id.to_string(),
+            job.state,
+            short_sha(&job.commit),
+            or_dash(job.branch),
+            or_dash(job.agent),
+            time(job.finished_at.as_deref()),
+        ]);
+    }
+    table
+}
+
+pub async fn env(client: &Client, command: EnvCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        EnvCommand::Ls { repo } => {
+            let (owner, name) = repo_path(&repo)?;
+            let list = client
+                .get(&format!("/api/v1/repos/{owner}/{name}/env"))
+                .await?;
+            if json {
+                print_json(&list);
+                return Ok(());
+            }
+            let list: Items<EnvVarView> = typed(&list)?;
+            env_table(list.items).print();
+        }
+        EnvCommand::Set {
+            repo,
+            key,
+            secret,
+            scope,
+        } => {
+            let (owner, name) = repo_path(&repo)?;
+            let value = read_value(&key)?;
+            let mut body = json!({ "value": value, "secret": secret });
+            if let Some(scope) = scope {
+                body["scope"] = Value::String(scope.as_str().to_owned());
+            }
+            let variable = client
+                .json(
+                    Method::PUT,
+                    &format!("/api/v1/repos/{owner}/{name}/env/{}", encode_query(&key)),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                print_json(&variable);
+            } else {
+                let view: EnvVarView = typed(&variable)?;
+                let kind = if view.secret { "secret" } else { "variable" };
+                println!(
+                    "set {kind} {} (scope {}) on {owner}/{name}",
+                    view.key, view.scope
+                );
+            }
+        }
+        EnvCommand::Rm { repo, key, scope } => {
+            let (owner, name) = repo_path(&repo)?;
+            let mut path = format!("/api/v1/repos/{owner}/{name}/env/{}", encode_query(&key));
+            if let Some(scope) = scope {
+                path.push_str(&format!("?scope={}", scope.as_str()));
+            }
+            client.json(Method::DELETE, &path, None).await?;
+            if !json {
+                match scope {
+                    Some(scope) => {
+                        println!(
+                            "removed {key} (scope {}) from {owner}/{name}",
+                            scope.as_str()
+                        );
+                    }
+                    None => println!("removed {key} from {owner}/{name}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn env_table(variables: Vec<EnvVarView>) -> Table {
+    let mut table = Table::new(vec!["KEY", "SCOPE", "SECRET", "VALUE"]);
+    for variable in variables {
+        let value = match (variable.secret, variable.value) {
+            (true, _) => "(secret)".to_owned(),
+            (false, Some(value)) => escape_controls(&value),
+            (false, None) => "-".to_owned(),
+        };
+        table.row(vec![
+            variable.key,
+            variable.scope,
+            if variable.secret { "yes" } else { "no" }.to_owned(),
+            value,
+        ]);
+    }
+    table
+}
+
+/// A value on one table line: control characters (newlines, tabs, escape
+/// sequences) written as escapes.
+fn escape_controls(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Reads a variable's value from stdin: all of it when piped, one line after
+/// a prompt on a terminal. Never from the command line, where other users
+/// and shell history would see it.
+fn read_value(key: &str) -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let input = if stdin.is_terminal() {
+        eprint!(
+            "value of {key} (one line; what you type IS shown, pipe the value in to keep it \
+             off the screen): "
+        );
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the value from the terminal")?;
+        line
+    } else {
+        let mut bytes = Vec::new();
+        stdin
+            .lock()
+            .read_to_end(&mut bytes)
+            .context("cannot read the value from stdin")?;
+        String::from_utf8(bytes).context("the value on stdin is not UTF-8")?
+    };
+    value_from_input(key, input)
+}
+
+/// Drops one trailing newline (`\n` or `\r\n`); refuses an empty value.
+fn value_from_input(key: &str, mut input: String) -> anyhow::Result<String> {
+    if input.ends_with('\n') {
+        input.pop();
+        if input.ends_with('\r') {
+            input.pop();
+        }
+    }
+    anyhow::ensure!(
+        !input.is_empty(),
+        "the value of {key} is empty; give it on stdin, e.g. `hobot env set REPO {key} < file`"
+    );
+    hobotnica_common::validate::env_value(key, &input).map_err(|err| anyhow::anyhow!("{err}"))?;
+    Ok(input)
 }
 
 pub async fn jobs(client: &Client, command: JobsCommand, json: bool) -> anyhow::Result<()> {
@@ -283,6 +669,22 @@ pub async fn jobs(client: &Client, command: JobsCommand, json: bool) -> anyhow::
                 println!("job {}: cancel requested (state {})", view.id, view.state);
             }
         }
+        JobsCommand::Retry { id } => {
+            let job = client
+                .json(Method::POST, &format!("/api/v1/jobs/{id}/retry"), None)
+                .await?;
+            if json {
+                print_json(&job);
+            } else {
+                let view: JobView = typed(&job)?;
+                println!(
+                    "job {} queued: retry of job {id} (make {} at {})",
+                    view.id,
+                    view.target,
+                    short_sha(&view.commit)
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -299,6 +701,14 @@ fn print_job(job: &JobView) {
         ("commit", job.commit.clone()),
         ("branch", or_dash(job.branch.as_ref())),
         ("trigger", or_dash(job.trigger.as_ref())),
+        (
+            "one-time env",
+            if job.env_keys.is_empty() {
+                "-".to_owned()
+            } else {
+                job.env_keys.join(", ")
+            },
+        ),
         ("attempt", or_dash(job.attempt)),
         ("agent", or_dash(job.agent.as_ref())),
         ("created", time(job.created_at.as_deref())),
@@ -361,4 +771,125 @@ pub async fn agents(client: &Client, command: AgentsCommand, json: bool) -> anyh
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(value: Value) -> JobView {
+        serde_json::from_value(value).expect("a job")
+    }
+
+    #[test]
+    fn deploys_are_a_table() {
+        let finished = "2026-01-01T10:00:00Z";
+        let jobs = vec![
+            job(json!({
+                "id": 12, "repo": "octo/app", "kind": "deploy", "target": "deploy",
+                "state": "running", "commit": "2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                "branch": "main", "agent": "build-1", "env_keys": ["A"],
+            })),
+            job(json!({
+                "id": 9, "repo": "octo/app", "kind": "deploy", "target": "deploy",
+                "state": "succeeded", "commit": "0123456789abcdef0123456789abcdef01234567",
+                "branch": null, "agent": "build-22", "finished_at": finished,
+            })),
+        ];
+        let expected = format!(
+            "ID  STATE      COMMIT        BRANCH  AGENT     FINISHED\n\
+             12  running    2f6f3c1f0a1b  main    build-1   -\n\
+             9   succeeded  0123456789ab  -       build-22  {}\n",
+            time(Some(finished))
+        );
+        assert_eq!(deploys_table(jobs).render(), expected);
+    }
+
+    #[test]
+    fn env_table_never_shows_a_secret() {
+        let variables: Items<EnvVarView> = serde_json::from_value(json!({ "items": [
+            { "key": "API_TOKEN", "scope": "deploy", "secret": true, "value": null },
+            { "key": "GREETING", "scope": "all", "secret": false, "value": "two\nlines" },
+            { "key": "ODD", "scope": "test", "secret": true, "value": "leaked?" },
+        ]}))
+        .expect("a list");
+        assert_eq!(
+            env_table(variables.items).render(),
+            "KEY        SCOPE   SECRET  VALUE\n\
+             API_TOKEN  deploy  yes     (secret)\n\
+             GREETING   all     no      two\\nlines\n\
+             ODD        test    yes     (secret)\n"
+        );
+    }
+
+    #[test]
+    fn values_from_stdin() {
+        let value =
+            |input: &str| value_from_input("K", input.to_owned()).map_err(|e| e.to_string());
+        assert_eq!(value("s3cr3t\n"), Ok("s3cr3t".to_owned()));
+        assert_eq!(value("s3cr3t\r\n"), Ok("s3cr3t".to_owned()));
+        assert_eq!(value("s3cr3t"), Ok("s3cr3t".to_owned()));
+        assert_eq!(
+            value("-----BEGIN\nkey\n\n"),
+            Ok("-----BEGIN\nkey\n".to_owned())
+        );
+        assert_eq!(value(" padded \n"), Ok(" padded ".to_owned()));
+        assert!(value("").unwrap_err().contains("empty"));
+        assert!(value("\n").unwrap_err().contains("empty"));
+        assert!(value("a\0b").is_err());
+    }
+
+    #[test]
+    fn deploy_requests() {
+        assert_eq!(deploy_body(None, None, Vec::new()), json!({}));
+        assert_eq!(
+            deploy_body(
+                None,
+                Some("main".to_owned()),
+                vec![("A".to_owned(), "1".to_owned())]
+            ),
+            json!({ "branch": "main", "env": { "A": "1" } })
+        );
+        assert_eq!(
+            deploy_body(Some("abc".to_owned()), None, Vec::new()),
+            json!({ "commit": "abc" })
+        );
+        let mut view = job(json!({
+            "id": 1, "repo": "a/b", "target": "deploy", "state": "queued",
+            "commit": "2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9", "branch": "main",
+        }));
+        assert_eq!(
+            describe_deploy(&view),
+            "deploy of 2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9 on main"
+        );
+        view.branch = None;
+        assert_eq!(
+            describe_deploy(&view),
+            "deploy of 2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+        );
+    }
+
+    #[test]
+    fn which_deploy_failures_are_retried() {
+        let api = |status: StatusCode| {
+            anyhow::Error::new(ApiError {
+                status,
+                title: "t".to_owned(),
+                detail: None,
+                field_errors: Vec::new(),
+            })
+        };
+        assert!(worth_retrying(&api(StatusCode::CONFLICT)));
+        assert!(worth_retrying(&api(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(!worth_retrying(&api(StatusCode::UNPROCESSABLE_ENTITY)));
+        assert!(!worth_retrying(&api(StatusCode::NOT_FOUND)));
+        assert!(!worth_retrying(&api(StatusCode::INTERNAL_SERVER_ERROR)));
+        let unreachable = anyhow::Error::new(Unreachable {
+            url: "http://127.0.0.1:1".to_owned(),
+            source_hint: "test".to_owned(),
+            cause: "Connection refused".to_owned(),
+        });
+        assert!(worth_retrying(&unreachable));
+        assert!(!worth_retrying(&anyhow::anyhow!("not JSON")));
+    }
 }

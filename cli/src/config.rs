@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The Hobotnica operator CLI.
 ///
@@ -72,7 +72,14 @@ pub enum Command {
     Repos(ReposCommand),
     /// Run a make target of a repository.
     Run(RunArgs),
-    /// List, show and cancel jobs.
+    /// Deploy a commit: `make deploy`, one deploy at a time per repository.
+    Deploy(DeployArgs),
+    /// Recent deploys of a repository, newest first.
+    Deploys(DeploysArgs),
+    /// A repository's environment variables and secrets.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// List, show, cancel and retry jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Print a job's log (`-f` follows it until the job ends).
@@ -80,6 +87,32 @@ pub enum Command {
     /// Agents known to the controller.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Maintenance that works on the store directly.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `hobot admin ...`
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Re-encrypt every secret at rest with a new key. Stop the controller
+    /// first (embedded store), or restart every controller with the new key
+    /// afterwards (Redis). Safe to run again if interrupted.
+    RotateKey(Box<RotateKeyArgs>),
+}
+
+#[derive(Args)]
+pub struct RotateKeyArgs {
+    /// The store to rewrite: the controller's options (`--data-dir`, or
+    /// `--redis` and `--redis-ca-cert`).
+    #[command(flatten)]
+    pub controller: hobotnica_controller::ControllerConfig,
+    /// The key the secrets are sealed with now.
+    #[arg(long)]
+    pub old_key_file: PathBuf,
+    /// The key to seal them with (64 hex characters; e.g. `openssl rand -hex 32`).
+    #[arg(long)]
+    pub new_key_file: PathBuf,
 }
 
 /// Options of `hobot up`: the controller's own plus the local agents'.
@@ -157,6 +190,98 @@ pub struct RunArgs {
     pub follow: bool,
 }
 
+#[derive(Args)]
+pub struct DeployArgs {
+    /// `OWNER/NAME` or `NAME` (owner `local`).
+    pub repo: String,
+    /// Deploy this commit (40 hex characters).
+    #[arg(long, conflicts_with = "branch")]
+    pub commit: Option<String>,
+    /// Deploy the latest commit of this branch, resolved now (default: the
+    /// repository's branch).
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// One-time environment variable for this deploy, `KEY=VALUE`
+    /// (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+    /// Show progress, follow the log and exit with the job's exit code.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Sent as `Idempotency-Key`: a request repeated with the same key (and
+    /// the same body) returns the first request's job instead of deploying
+    /// again. Default: a fresh random key per invocation.
+    #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DeploysArgs {
+    /// `OWNER/NAME` or `NAME` (owner `local`).
+    pub repo: String,
+    /// At most this many deploys.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Continue a previous listing (its `next_cursor`).
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+/// Which jobs a repository variable applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EnvScope {
+    /// Every job.
+    All,
+    /// `test` jobs.
+    Test,
+    /// `deploy` jobs.
+    Deploy,
+}
+
+impl EnvScope {
+    /// The API's name of the scope.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvScope::All => "all",
+            EnvScope::Test => "test",
+            EnvScope::Deploy => "deploy",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum EnvCommand {
+    /// List a repository's variables (a secret's value is never shown).
+    Ls {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+    },
+    /// Set a variable; its value is read from stdin (one trailing newline is
+    /// dropped), never from the command line.
+    Set {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+        /// The variable's name (`[A-Za-z_][A-Za-z0-9_]*`).
+        key: String,
+        /// Encrypt it at rest, never show it, mask it in logs.
+        #[arg(long)]
+        secret: bool,
+        /// Which jobs see it (default: all).
+        #[arg(long, value_enum)]
+        scope: Option<EnvScope>,
+    },
+    /// Remove a variable.
+    Rm {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+        /// The variable's name.
+        key: String,
+        /// Only this scope (default: every scope of the key).
+        #[arg(long, value_enum)]
+        scope: Option<EnvScope>,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum JobsCommand {
     /// List jobs, newest first.
@@ -188,6 +313,12 @@ pub enum JobsCommand {
         /// The job's id.
         id: u64,
     },
+    /// Run a finished job again as a new job (same repository, commit,
+    /// target and one-time variables).
+    Retry {
+        /// The job's id.
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -215,6 +346,15 @@ fn parse_env_pair(input: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{input:?} must be KEY=VALUE"))?;
     hobotnica_common::validate::env_name("env", key).map_err(|err| err.to_string())?;
     Ok((key.to_owned(), value.to_owned()))
+}
+
+/// An `Idempotency-Key`: visible ASCII, so that it fits in a header (the
+/// controller checks the rest).
+fn parse_idempotency_key(input: &str) -> Result<String, String> {
+    if input.is_empty() || !input.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err("must be visible ASCII characters (no spaces)".to_owned());
+    }
+    Ok(input.to_owned())
 }
 
 #[cfg(test)]
@@ -274,5 +414,111 @@ mod tests {
         );
         assert!(parse_env_pair("A").is_err());
         assert!(parse_env_pair("1A=b").is_err());
+    }
+
+    #[test]
+    fn deploy_arguments() {
+        let cli = Cli::try_parse_from([
+            "hobot", "deploy", "octo/app", "--branch", "main", "-e", "A=1", "--env", "B=x=y",
+            "--follow",
+        ])
+        .expect("parses");
+        let Command::Deploy(deploy) = cli.command else {
+            panic!("not deploy")
+        };
+        assert_eq!(deploy.repo, "octo/app");
+        assert_eq!(deploy.branch.as_deref(), Some("main"));
+        assert_eq!(deploy.commit, None);
+        assert_eq!(
+            deploy.env,
+            vec![
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "x=y".to_owned())
+            ]
+        );
+        assert!(deploy.follow);
+        assert_eq!(deploy.idempotency_key, None);
+
+        let cli =
+            Cli::try_parse_from(["hobot", "deploy", "app", "--idempotency-key", "release-42"])
+                .expect("parses");
+        let Command::Deploy(deploy) = cli.command else {
+            panic!("not deploy")
+        };
+        assert_eq!(deploy.idempotency_key.as_deref(), Some("release-42"));
+        assert!(!deploy.follow);
+
+        for bad in [
+            &[
+                "hobot", "deploy", "app", "--commit", "abc", "--branch", "main",
+            ][..],
+            &["hobot", "deploy", "app", "--idempotency-key", "has space"],
+            &["hobot", "deploy", "app", "--idempotency-key", ""],
+            &["hobot", "deploy", "app", "--env", "NOEQUALS"],
+            &["hobot", "deploy"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_arguments_never_take_a_value() {
+        let cli = Cli::try_parse_from([
+            "hobot", "env", "set", "app", "TOKEN", "--secret", "--scope", "deploy",
+        ])
+        .expect("parses");
+        let Command::Env(EnvCommand::Set {
+            repo,
+            key,
+            secret,
+            scope,
+        }) = cli.command
+        else {
+            panic!("not env set")
+        };
+        assert_eq!((repo.as_str(), key.as_str()), ("app", "TOKEN"));
+        assert!(secret);
+        assert_eq!(scope, Some(EnvScope::Deploy));
+
+        for bad in [
+            &["hobot", "env", "set", "app", "TOKEN", "s3cr3t"][..],
+            &["hobot", "env", "set", "app", "TOKEN", "--value", "s3cr3t"],
+            &["hobot", "env", "set", "app", "TOKEN=s3cr3t", "extra"],
+            &["hobot", "env", "set", "app", "TOKEN", "--scope", "prod"],
+            &["hobot", "env", "ls", "app", "TOKEN"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+
+        let cli = Cli::try_parse_from(["hobot", "env", "rm", "app", "TOKEN", "--scope", "test"])
+            .expect("parses");
+        let Command::Env(EnvCommand::Rm { scope, .. }) = cli.command else {
+            panic!("not env rm")
+        };
+        assert_eq!(scope.map(EnvScope::as_str), Some("test"));
+        let cli = Cli::try_parse_from(["hobot", "--json", "env", "ls", "app"]).expect("parses");
+        assert!(cli.global.json);
+        assert!(matches!(cli.command, Command::Env(EnvCommand::Ls { .. })));
+    }
+
+    #[test]
+    fn retry_and_deploys_arguments() {
+        let cli = Cli::try_parse_from(["hobot", "jobs", "retry", "12"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Jobs(JobsCommand::Retry { id: 12 })
+        ));
+        assert!(Cli::try_parse_from(["hobot", "jobs", "retry", "twelve"]).is_err());
+
+        let cli = Cli::try_parse_from(["hobot", "deploys", "octo/app", "--json", "--limit", "5"])
+            .expect("parses");
+        assert!(cli.global.json);
+        let Command::Deploys(deploys) = cli.command else {
+            panic!("not deploys")
+        };
+        assert_eq!(
+            (deploys.repo.as_str(), deploys.limit),
+            ("octo/app", Some(5))
+        );
     }
 }

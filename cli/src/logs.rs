@@ -19,7 +19,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use crate::client::{Client, Unreachable};
 
 /// How long a followed tail keeps trying to reconnect before giving up.
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// First pause between reconnection attempts; doubles up to
 /// [`MAX_RECONNECT_INTERVAL`].
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,9 +1,11 @@
-//! `hobot`, the Hobotnica operator CLI: repositories, runs, jobs, logs and
-//! agents over the controller's REST API and gRPC log tailing, and `hobot up`,
-//! which runs a controller with local agents in one process.
+//! `hobot`, the Hobotnica operator CLI: repositories, runs, deploys,
+//! environment variables, jobs, logs and agents over the controller's REST
+//! API and gRPC log tailing, and `hobot up`, which runs a controller with
+//! local agents in one process.
 //!
 //! Exit codes: 0 on success; 1 on an error (printed as `error: ...` on
-//! stderr); with `run --follow` and `logs -f`, the job's own exit code.
+//! stderr); with `run --follow`, `deploy --follow` and `logs -f`, the job's
+//! own exit code.
 
 mod client;
 mod commands;
@@ -45,16 +47,36 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli { global, command } = cli;
-    if let Command::Up(args) = command {
-        init_tracing();
-        return up::up(*args).await;
-    }
+    let command = match command {
+        Command::Up(args) => {
+            init_tracing();
+            return up::up(*args).await;
+        }
+        Command::Admin(config::AdminCommand::RotateKey(args)) => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let rewritten = hobotnica_controller::rotate_secret_key(
+                &args.controller,
+                &args.old_key_file,
+                &args.new_key_file,
+            )
+            .await?;
+            eprintln!(
+                "re-encrypted the secrets of {rewritten} repositories; start the controllers with --secret-key-file {}",
+                args.new_key_file.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        command => command,
+    };
     let client = Client::new(Connection::discover(&global)?)?;
     let json = global.json;
     match command {
-        Command::Up(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Admin(_) => unreachable!("handled above"),
         Command::Repos(command) => commands::repos(&client, command, json).await?,
         Command::Run(args) => return commands::run(&client, args, json).await,
+        Command::Deploy(args) => return commands::deploy(&client, args, json).await,
+        Command::Deploys(args) => commands::deploys(&client, args, json).await?,
+        Command::Env(command) => commands::env(&client, command, json).await?,
         Command::Jobs(command) => commands::jobs(&client, command, json).await?,
         Command::Logs(args) => return logs::tail(&client, args.id, args.offset, args.follow).await,
         Command::Agents(command) => commands::agents(&client, command, json).await?,

@@ -345,7 +345,25 @@ impl Services {
             ));
         }
         let scoped = format!("idempotency:{owner}/{name}:{key}");
+        // What the request asked for: the same key with another request is
+        // a client's mistake, not a retry.
+        let fingerprint = hobotnica_common::token::hash_token(&format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            request.target, request.commit, request.branch, request.env
+        ));
+        let scoped_request = format!("{scoped}#{}", &fingerprint[..32]);
         if !self.store.remember_delivery(&scoped, Utc::now()).await? {
+            if self
+                .store
+                .remember_delivery(&scoped_request, Utc::now())
+                .await?
+            {
+                let _ = self.store.forget_delivery(&scoped_request).await;
+                return Err(CoreError::invalid(
+                    "Idempotency-Key",
+                    "this key was already used with a different request",
+                ));
+            }
             return match self.store.key_job(&scoped).await? {
                 Some(id) => Ok((self.job(id).await?, false)),
                 None => Err(CoreError::Conflict(
@@ -354,12 +372,16 @@ impl Services {
                 )),
             };
         }
+        self.store
+            .remember_delivery(&scoped_request, Utc::now())
+            .await?;
         match self.trigger_job(owner, name, request).await {
             Ok(job) => {
                 self.store.set_key_job(&scoped, job.id).await?;
                 Ok((job, true))
             }
             Err(err) => {
+                let _ = self.store.forget_delivery(&scoped_request).await;
                 let _ = self.store.forget_delivery(&scoped).await;
                 Err(err)
             }

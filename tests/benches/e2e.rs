@@ -1,23 +1,130 @@
-//! End-to-end measurements over real processes (no assertions on speed):
-//! dispatch latency of 100 sequential jobs (REST POST → make starts, and
-//! POST → `started_at`), and a 50 MiB log (end-to-end time, read-back time,
-//! peak RSS of the controller and the agent).
+//! End-to-end measurements over real processes (no assertions on speed;
+//! one printed line per figure):
+//!
+//! - dispatch latency of 100 sequential jobs (REST POST → make runs the
+//!   recipe, and POST → `started_at`): embedded; Redis with one controller;
+//!   Redis with two controllers, the job POSTed to one and the agent
+//!   connected to the other;
+//! - throughput: 300 jobs POSTed as fast as two clients can, run by 4
+//!   agents: Redis with two controllers (one client and two agents on each),
+//!   and embedded for comparison;
+//! - controller memory (`VmRSS`, `VmHWM`) with 200 agent processes
+//!   connected: Redis and embedded;
+//! - a 50 MiB log (end-to-end time, read-back time, peak RSS of the
+//!   controller and the agent).
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p hobotnica-tests`
-//! (or point `HOBOTNICA_BIN_DIR` at other binaries).
+//! (or point `HOBOTNICA_BIN_DIR` at other binaries). Redis figures need
+//! `redis-server` on the `PATH` (the harness starts its own, AOF with
+//! `appendfsync always`).
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+#[path = "e2e/agents_rss.rs"]
+mod agents_rss;
+#[path = "e2e/big_log.rs"]
+mod big_log;
+#[path = "e2e/dispatch.rs"]
+mod dispatch;
+#[path = "e2e/throughput.rs"]
+mod throughput;
+#[path = "e2e/webhooks.rs"]
+mod webhooks;
 
-use hobotnica_tests::git::{BIG_OUTPUT_BYTES, big_output_sha256};
-use hobotnica_tests::procs::peak_rss_kib;
-use hobotnica_tests::{Agent, AgentOpts, Controller, GitRepo};
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Jobs in the dispatch latency run.
-const DISPATCH_JOBS: usize = 100;
+use hobotnica_tests::redis::RedisServer;
+use hobotnica_tests::{Controller, ControllerOpts, GitRepo};
+
 /// Deadline for one job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+/// The repository every measurement registers.
+const REPO: &str = "local/demo";
+/// Lease of the benches' controllers: the controller's default, not the
+/// harness's short one, so that renewals cost what they cost in production.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which store the controllers keep their state in, and how many of them
+/// run side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// One controller with its own redb.
+    Embedded,
+    /// `controllers` controllers sharing one Redis.
+    Redis { controllers: usize },
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::Embedded => f.write_str("embedded"),
+            Mode::Redis { controllers: 1 } => f.write_str("redis, 1 controller"),
+            Mode::Redis { controllers } => write!(f, "redis, {controllers} controllers"),
+        }
+    }
+}
+
+/// Controllers in one [`Mode`] with `local/demo` registered.
+struct Topology {
+    /// Dropped after the controllers (fields drop in order).
+    controllers: Vec<Controller>,
+    repo: GitRepo,
+    _redis: Option<RedisServer>,
+}
+
+impl Topology {
+    async fn start(mode: Mode) -> Topology {
+        let opts = ControllerOpts {
+            lease_timeout: LEASE_TIMEOUT,
+            ..ControllerOpts::default()
+        };
+        let (redis, controllers) = match mode {
+            Mode::Embedded => (None, vec![Controller::start(opts).await]),
+            Mode::Redis { controllers: count } => {
+                let redis = RedisServer::start().await;
+                let first = Controller::start(ControllerOpts {
+                    redis_url: Some(redis.url()),
+                    ..opts
+                })
+                .await;
+                let mut controllers = vec![first];
+                for _ in 1..count {
+                    let peer = controllers[0].peer_opts();
+                    controllers.push(Controller::start(peer).await);
+                }
+                (Some(redis), controllers)
+            }
+        };
+        let repo = GitRepo::new();
+        controllers[0]
+            .api()
+            .register_repo("demo", &repo.url())
+            .await;
+        Topology {
+            controllers,
+            repo,
+            _redis: redis,
+        }
+    }
+
+    /// Controller `n`, counting round the controllers.
+    fn controller(&self, n: usize) -> &Controller {
+        &self.controllers[n % self.controllers.len()]
+    }
+
+    /// The gRPC URLs of the controllers other than `n`'s (an agent's
+    /// fail-over list).
+    fn other_grpc_urls(&self, n: usize) -> Vec<String> {
+        let own = n % self.controllers.len();
+        self.controllers
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != own)
+            .map(|(_, controller)| controller.grpc_url())
+            .collect()
+    }
+}
 
 fn now_ns() -> i128 {
     SystemTime::now()
@@ -50,75 +157,26 @@ fn report(name: &str, mut samples_ms: Vec<f64>) {
     );
 }
 
-async fn dispatch_latency() {
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start(
-        &controller,
-        AgentOpts {
-            concurrency: 1,
-            ..AgentOpts::default()
-        },
+/// KiB as `12.3 MiB`, or `?` when unknown.
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(
+        || "?".to_owned(),
+        |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
     )
-    .await;
-    let repo = GitRepo::new();
-    let api = controller.api();
-    api.register_repo("demo", &repo.url()).await;
-    // Warm the agent's clone so the samples measure dispatch, not cloning.
-    let warm = api.run_target("local/demo", "now").await;
-    api.wait_for_success(warm.id, JOB_TIMEOUT).await;
-
-    let mut to_make = Vec::with_capacity(DISPATCH_JOBS);
-    let mut to_started = Vec::with_capacity(DISPATCH_JOBS);
-    for _ in 0..DISPATCH_JOBS {
-        let posted = now_ns();
-        let job = api.run_target("local/demo", "now").await;
-        let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
-        let log = api.output(job.id).await;
-        if let Ok(make_ns) = log.trim().parse::<i128>() {
-            to_make.push((make_ns - posted) as f64 / 1e6);
-        }
-        if let Some(started) = done.started_at.as_deref().and_then(rfc3339_ns) {
-            to_started.push((started - posted) as f64 / 1e6);
-        }
-    }
-    report("dispatch: REST POST -> make runs the recipe", to_make);
-    report("dispatch: REST POST -> started_at", to_started);
 }
 
-async fn big_log() {
-    let controller = Controller::start_default().await;
-    let agent = Agent::start_default(&controller).await;
-    let repo = GitRepo::new();
-    let api = controller.api();
-    api.register_repo("demo", &repo.url()).await;
-    let expected = tokio::task::spawn_blocking(big_output_sha256);
-
-    let started = Instant::now();
-    let job = api.run_target("local/demo", "big").await;
-    api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    let job_time = started.elapsed();
-    let read = Instant::now();
-    let (len, sha) = api.output_digest(job.id).await;
-    let read_time = read.elapsed();
-    let exact = len == BIG_OUTPUT_BYTES && sha == expected.await.unwrap();
-    let mib = BIG_OUTPUT_BYTES as f64 / (1024.0 * 1024.0);
-    println!(
-        "50 MiB log: POST -> succeeded {:.2}s ({:.1} MiB/s), read back {:.2}s, byte-exact: {exact}",
-        job_time.as_secs_f64(),
-        mib / job_time.as_secs_f64(),
-        read_time.as_secs_f64(),
-    );
-    let rss = |pid: Option<u32>| {
-        pid.and_then(peak_rss_kib).map_or_else(
-            || "?".to_owned(),
-            |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
-        )
-    };
-    println!(
-        "peak RSS (VmHWM): controller {}, agent {}",
-        rss(controller.pid()),
-        rss(agent.pid())
-    );
+/// `/proc/loadavg`'s three load averages: other work on the machine skews
+/// every figure here.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "?".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
 }
 
 fn main() {
@@ -132,8 +190,45 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    println!(
+        "load average before: {} ({} CPUs)",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    // `cargo bench -p hobotnica-tests -- NAME` runs only the benches whose
+    // name contains NAME (dispatch, throughput, agents, log, webhooks).
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    let selected =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     runtime.block_on(async {
-        dispatch_latency().await;
-        big_log().await;
+        if selected("dispatch") {
+            for mode in [
+                Mode::Embedded,
+                Mode::Redis { controllers: 1 },
+                Mode::Redis { controllers: 2 },
+            ] {
+                dispatch::dispatch_latency(mode).await;
+            }
+        }
+        if selected("throughput") {
+            for mode in [Mode::Redis { controllers: 2 }, Mode::Embedded] {
+                throughput::throughput(mode).await;
+            }
+        }
+        if selected("agents") {
+            for mode in [Mode::Redis { controllers: 1 }, Mode::Embedded] {
+                agents_rss::controller_rss_with_many_agents(mode).await;
+            }
+        }
+        if selected("log") {
+            big_log::big_log().await;
+        }
+        if selected("webhooks") {
+            webhooks::webhook_intake().await;
+        }
     });
+    println!("load average after: {}", load_average());
 }

@@ -1,0 +1,40 @@
+//! A 50 MiB log through one embedded controller: end-to-end time, read-back
+//! time, byte-exactness, and the peak memory of the controller and agent.
+
+use std::time::Instant;
+
+use hobotnica_tests::git::{BIG_OUTPUT_BYTES, big_output_sha256};
+use hobotnica_tests::procs::peak_rss_kib;
+use hobotnica_tests::{Agent, Controller, GitRepo};
+
+use super::{JOB_TIMEOUT, REPO, mib};
+
+pub async fn big_log() {
+    let controller = Controller::start_default().await;
+    let agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let expected = tokio::task::spawn_blocking(big_output_sha256);
+
+    let started = Instant::now();
+    let job = api.run_target(REPO, "big").await;
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let job_time = started.elapsed();
+    let read = Instant::now();
+    let (len, sha) = api.output_digest(job.id).await;
+    let read_time = read.elapsed();
+    let exact = len == BIG_OUTPUT_BYTES && sha == expected.await.unwrap();
+    let log_mib = BIG_OUTPUT_BYTES as f64 / (1024.0 * 1024.0);
+    println!(
+        "50 MiB log: POST -> succeeded {:.2}s ({:.1} MiB/s), read back {:.2}s, byte-exact: {exact}",
+        job_time.as_secs_f64(),
+        log_mib / job_time.as_secs_f64(),
+        read_time.as_secs_f64(),
+    );
+    println!(
+        "50 MiB log: peak RSS (VmHWM): controller {}, agent {}",
+        mib(controller.pid().and_then(peak_rss_kib)),
+        mib(agent.pid().and_then(peak_rss_kib)),
+    );
+}

@@ -1,0 +1,51 @@
+//! Dispatch latency: 100 sequential `now` jobs, each POSTed once the one
+//! before it has succeeded, on one idle agent (concurrency 1). The job goes
+//! to the first controller and the agent is connected to the last, so with
+//! two controllers every job crosses from one to the other through Redis.
+
+use hobotnica_tests::{Agent, AgentOpts};
+
+use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, report, rfc3339_ns};
+
+/// Jobs in one dispatch latency run.
+const DISPATCH_JOBS: usize = 100;
+
+pub async fn dispatch_latency(mode: Mode) {
+    let topology = Topology::start(mode).await;
+    let agent_controller = topology.controllers.last().unwrap();
+    let _agent = Agent::start(
+        agent_controller,
+        AgentOpts {
+            concurrency: 1,
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let api = topology.controller(0).api();
+    // Warm the agent's clone so the samples measure dispatch, not cloning.
+    let warm = api.run_target(REPO, "now").await;
+    api.wait_for_success(warm.id, JOB_TIMEOUT).await;
+
+    let mut to_make = Vec::with_capacity(DISPATCH_JOBS);
+    let mut to_started = Vec::with_capacity(DISPATCH_JOBS);
+    for _ in 0..DISPATCH_JOBS {
+        let posted = now_ns();
+        let job = api.run_target(REPO, "now").await;
+        let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let log = api.output(job.id).await;
+        if let Ok(make_ns) = log.trim().parse::<i128>() {
+            to_make.push((make_ns - posted) as f64 / 1e6);
+        }
+        if let Some(started) = done.started_at.as_deref().and_then(rfc3339_ns) {
+            to_started.push((started - posted) as f64 / 1e6);
+        }
+    }
+    report(
+        &format!("dispatch ({mode}): REST POST -> make runs the recipe"),
+        to_make,
+    );
+    report(
+        &format!("dispatch ({mode}): REST POST -> started_at"),
+        to_started,
+    );
+}

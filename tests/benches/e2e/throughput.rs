@@ -1,0 +1,118 @@
+//! Throughput: [`THROUGHPUT_JOBS`] `id` jobs POSTed as fast as
+//! [`SUBMITTERS`] clients can (client `k` talks to controller `k`, round the
+//! controllers), run by [`AGENTS`] agents (agent `n` connected to controller
+//! `n`, the others as its fail-over list). Jobs name the commit, so a POST
+//! costs no `git ls-remote` and the figure is about queueing and running.
+//! Time runs from the first POST to the last `finished_at`.
+
+use std::time::{Duration, Instant};
+
+use hobotnica_tests::{Agent, AgentOpts, Api, JobState};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, rfc3339_ns};
+
+/// Jobs in one throughput run.
+const THROUGHPUT_JOBS: usize = 300;
+/// Clients POSTing jobs at once, each one request after another.
+const SUBMITTERS: usize = 2;
+/// Agents running the jobs.
+const AGENTS: usize = 4;
+/// `--concurrency` of each agent.
+const AGENT_SLOTS: u32 = 2;
+/// Deadline for the whole run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+
+pub async fn throughput(mode: Mode) {
+    let topology = Topology::start(mode).await;
+    let mut agents = Vec::with_capacity(AGENTS);
+    for n in 0..AGENTS {
+        let agent = Agent::start(
+            topology.controller(n),
+            AgentOpts {
+                concurrency: AGENT_SLOTS,
+                more_controllers: topology.other_grpc_urls(n),
+                ..AgentOpts::default()
+            },
+        )
+        .await;
+        agents.push(agent);
+    }
+    warm_up(&topology).await;
+
+    let body = json!({ "target": "id", "commit": topology.repo.head() });
+    let started_ns = now_ns();
+    let started = Instant::now();
+    let mut submitters = JoinSet::new();
+    for k in 0..SUBMITTERS {
+        let count = (k..THROUGHPUT_JOBS).step_by(SUBMITTERS).count();
+        submitters.spawn(submit(topology.controller(k).api(), body.clone(), count));
+    }
+    let mut last_ids = Vec::new();
+    let mut ids = Vec::with_capacity(THROUGHPUT_JOBS);
+    while let Some(submitted) = submitters.join_next().await {
+        let submitted = submitted.unwrap();
+        last_ids.extend(submitted.last().copied());
+        ids.extend(submitted);
+    }
+    let enqueue_time = started.elapsed();
+
+    // Each client's last job first (one cheap request per poll), then the
+    // rest, most of which have ended by then. The polling does not count:
+    // the end is the latest `finished_at`.
+    let api = topology.controller(0).api();
+    for id in last_ids {
+        api.wait_for_end(id, RUN_TIMEOUT).await;
+    }
+    let mut last_finished_ns = started_ns;
+    for id in &ids {
+        let job = api.wait_for_end(*id, RUN_TIMEOUT).await;
+        assert_eq!(
+            job.state,
+            JobState::Succeeded,
+            "job {id} of the throughput run: {job:#?}"
+        );
+        let finished = job.finished_at.as_deref().and_then(rfc3339_ns).unwrap();
+        last_finished_ns = last_finished_ns.max(finished);
+    }
+    let secs = (last_finished_ns - started_ns) as f64 / 1e9;
+    println!(
+        "throughput ({mode}): {} jobs on {AGENTS} agents x {AGENT_SLOTS} slots, \
+         {SUBMITTERS} clients: {:.1} jobs/s ({secs:.2}s from the first POST to the \
+         last finished_at; POSTs done after {:.2}s)",
+        ids.len(),
+        ids.len() as f64 / secs,
+        enqueue_time.as_secs_f64(),
+    );
+}
+
+/// POSTs `count` jobs one after another; returns their ids in order.
+async fn submit(api: Api, body: Value, count: usize) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(api.run_job(REPO, body.clone()).await.id);
+    }
+    ids
+}
+
+/// Fills every slot of every agent with a `gate` job, waits until all of
+/// them run make (so each agent has its clone of the repository), then
+/// opens the gate and waits for them to succeed.
+async fn warm_up(topology: &Topology) {
+    let gate = topology.controllers[0].scratch_dir("warm-up").join("open");
+    let body = json!({ "target": "gate", "env": { "E2E_GATE": gate.to_str().unwrap() } });
+    let api = topology.controller(0).api();
+    let mut ids = Vec::new();
+    for _ in 0..AGENTS * AGENT_SLOTS as usize {
+        ids.push(api.run_job(REPO, body.clone()).await.id);
+    }
+    for id in &ids {
+        api.wait_for_log(*id, "waiting for the gate", JOB_TIMEOUT)
+            .await;
+    }
+    std::fs::write(&gate, b"").unwrap();
+    for id in &ids {
+        api.wait_for_success(*id, JOB_TIMEOUT).await;
+    }
+}
