@@ -249,6 +249,9 @@ pub struct Job {
     /// A pull request from a fork: the job gets no secret variables.
     #[serde(default)]
     pub from_fork: bool,
+    /// Who asked for the job: `admin`, a GitHub login, or `webhook`.
+    #[serde(default)]
+    pub requested_by: Option<String>,
     /// Labels an agent must carry to take the job.
     pub labels: BTreeMap<String, String>,
     pub trigger: Trigger,

@@ -27,6 +27,16 @@ pub enum Caller {
     GitHub { login: String, token: GitHubToken },
 }
 
+impl Caller {
+    /// How the caller is named in a job's `requested_by`.
+    pub fn name(&self) -> String {
+        match self {
+            Caller::Admin => "admin".to_owned(),
+            Caller::GitHub { login, .. } => login.clone(),
+        }
+    }
+}
+
 /// What a call needs on a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

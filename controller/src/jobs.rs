@@ -30,6 +30,8 @@ pub struct TriggerJob {
     pub branch: Option<String>,
     pub env: BTreeMap<String, String>,
     pub trigger: Trigger,
+    /// Who asked (`admin` or a GitHub login).
+    pub requested_by: String,
 }
 
 /// Checks one-time (or any job-level) variables.
@@ -126,6 +128,7 @@ impl Services {
                     trigger: request.trigger,
                     timeout_secs: repo.timeout_secs,
                     from_fork: false,
+                    requested_by: Some(request.requested_by),
                 },
                 Utc::now(),
             )
@@ -157,6 +160,7 @@ impl Services {
                     trigger: Trigger::Webhook,
                     timeout_secs: repo.timeout_secs,
                     from_fork,
+                    requested_by: Some("webhook".to_owned()),
                 },
                 Utc::now(),
             )
@@ -188,6 +192,25 @@ impl Services {
             .iter()
             .filter(|agent| agent_connected(agent.last_seen, now))
             .collect();
+        if job.kind == JobKind::Deploy
+            && let Ok(running) = self
+                .store
+                .list_jobs(&JobFilter {
+                    repo: Some(job.repo.clone()),
+                    state: Some(JobState::Running),
+                    kind: Some(JobKind::Deploy),
+                    limit: 1,
+                    ..JobFilter::default()
+                })
+                .await
+            && let Some(current) = running.first()
+        {
+            job.message = Some(format!(
+                "waiting: deploy {} of this repository is running (one deploy at a time)",
+                current.id
+            ));
+            return;
+        }
         let reason = if connected.is_empty() {
             "waiting: no agent is connected".to_owned()
         } else if !connected
@@ -349,39 +372,35 @@ impl Services {
         // a client's mistake, not a retry.
         let fingerprint = hobotnica_common::token::hash_token(&format!(
             "{:?}|{:?}|{:?}|{:?}",
-            request.target, request.commit, request.branch, request.env
+            request.target, request.commit, request.branch, request.env,
         ));
         let scoped_request = format!("{scoped}#{}", &fingerprint[..32]);
         if !self.store.remember_delivery(&scoped, Utc::now()).await? {
-            if self
-                .store
-                .remember_delivery(&scoped_request, Utc::now())
-                .await?
-            {
-                let _ = self.store.forget_delivery(&scoped_request).await;
+            // A repeat: only the first request writes anything, so repeats
+            // cannot race each other or it.
+            let Some(id) = self.store.key_job(&scoped).await? else {
+                return Err(CoreError::Conflict(
+                    "a request with this Idempotency-Key is still being handled; retry shortly"
+                        .to_owned(),
+                ));
+            };
+            if self.store.key_job(&scoped_request).await? != Some(id) {
                 return Err(CoreError::invalid(
                     "Idempotency-Key",
                     "this key was already used with a different request",
                 ));
             }
-            return match self.store.key_job(&scoped).await? {
-                Some(id) => Ok((self.job(id).await?, false)),
-                None => Err(CoreError::Conflict(
-                    "a request with this Idempotency-Key is still being handled; retry shortly"
-                        .to_owned(),
-                )),
-            };
+            return Ok((self.job(id).await?, false));
         }
-        self.store
-            .remember_delivery(&scoped_request, Utc::now())
-            .await?;
         match self.trigger_job(owner, name, request).await {
             Ok(job) => {
+                // The request's fingerprint first: once the key names the
+                // job, a repeat can compare.
+                self.store.set_key_job(&scoped_request, job.id).await?;
                 self.store.set_key_job(&scoped, job.id).await?;
                 Ok((job, true))
             }
             Err(err) => {
-                let _ = self.store.forget_delivery(&scoped_request).await;
                 let _ = self.store.forget_delivery(&scoped).await;
                 Err(err)
             }
@@ -392,7 +411,7 @@ impl Services {
 impl Services {
     /// Runs a finished job again as a new job: same repository, commit,
     /// branch, target and one-time variables.
-    pub async fn retry_job(&self, id: JobId) -> Result<Job, CoreError> {
+    pub async fn retry_job(&self, id: JobId, requested_by: String) -> Result<Job, CoreError> {
         let old = self.job(id).await?;
         if !old.state.is_terminal() {
             return Err(CoreError::Conflict(format!(
@@ -426,11 +445,30 @@ impl Services {
                     trigger: Trigger::Retry,
                     timeout_secs: repo.timeout_secs,
                     from_fork: old.from_fork,
+                    requested_by: Some(requested_by),
                 },
                 Utc::now(),
             )
             .await?;
         tracing::info!(job.id = %job.id, retry_of = %id, "job retried");
         Ok(job)
+    }
+}
+
+impl Services {
+    /// The latest successful deploy of a repository.
+    pub async fn last_deploy(&self, repo: &str) -> Result<Option<Job>, CoreError> {
+        Ok(self
+            .store
+            .list_jobs(&JobFilter {
+                repo: Some(repo.to_owned()),
+                kind: Some(JobKind::Deploy),
+                state: Some(JobState::Succeeded),
+                limit: 1,
+                ..JobFilter::default()
+            })
+            .await?
+            .into_iter()
+            .next())
     }
 }

@@ -145,11 +145,25 @@ impl Api {
     /// Sends a request with an optional raw body (sent as
     /// `application/json`), returning whatever comes back.
     pub async fn raw(&self, method: Method, path: &str, body: Option<&[u8]>) -> RawResponse {
+        self.raw_with_headers(method, path, body, &[]).await
+    }
+
+    /// Like [`Api::raw`], with more request headers.
+    pub async fn raw_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> RawResponse {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         if let Some(body) = body {
             request = request
@@ -239,6 +253,92 @@ impl Api {
             job.id
         );
         job
+    }
+
+    /// `POST /api/v1/repos/{repo}/deploy` with `body` and, when given, an
+    /// `Idempotency-Key`; the raw answer.
+    pub async fn deploy_raw(&self, repo: &str, body: &Value, key: Option<&str>) -> RawResponse {
+        let headers: Vec<(&str, &str)> = key
+            .map(|key| ("idempotency-key", key))
+            .into_iter()
+            .collect();
+        self.raw_with_headers(
+            Method::POST,
+            &format!("/api/v1/repos/{repo}/deploy"),
+            Some(body.to_string().as_bytes()),
+            &headers,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/repos/{repo}/deploy` with `body`, asserting 202 and a
+    /// `Location` naming the job.
+    pub async fn deploy(&self, repo: &str, body: Value) -> Job {
+        let response = self.deploy_raw(repo, &body, None).await;
+        assert_eq!(
+            response.status,
+            202,
+            "deploying {body} on {repo}: {}",
+            response.text()
+        );
+        let job: Job = serde_json::from_value(response.json()).expect("a job");
+        assert_eq!(
+            response.location.as_deref(),
+            Some(format!("/api/v1/jobs/{}", job.id).as_str()),
+            "Location of deploy {}",
+            job.id
+        );
+        job
+    }
+
+    /// `POST /api/v1/jobs/{id}/retry`, asserting 202; the new job.
+    pub async fn retry(&self, id: u64) -> Job {
+        let response = self
+            .raw(Method::POST, &format!("/api/v1/jobs/{id}/retry"), None)
+            .await;
+        assert_eq!(
+            response.status,
+            202,
+            "retrying job {id}: {}",
+            response.text()
+        );
+        let job: Job = serde_json::from_value(response.json()).expect("a job");
+        assert_eq!(
+            response.location.as_deref(),
+            Some(format!("/api/v1/jobs/{}", job.id).as_str()),
+            "Location of retry {}",
+            job.id
+        );
+        job
+    }
+
+    /// `PUT /api/v1/repos/{repo}/env/{key}` with `body`; the raw answer
+    /// (`key` is put in the path as given).
+    pub async fn put_env(&self, repo: &str, key: &str, body: &Value) -> RawResponse {
+        self.send_json(
+            Method::PUT,
+            &format!("/api/v1/repos/{repo}/env/{key}"),
+            body,
+        )
+        .await
+    }
+
+    /// Sets a repository variable, asserting 200.
+    pub async fn set_env(&self, repo: &str, key: &str, value: &str, scope: &str, secret: bool) {
+        let body = json!({ "value": value, "scope": scope, "secret": secret });
+        let response = self.put_env(repo, key, &body).await;
+        assert_eq!(
+            response.status,
+            200,
+            "setting {key} ({scope}) on {repo}: {}",
+            response.text()
+        );
+    }
+
+    /// `GET /api/v1/repos/{repo}/env` items.
+    pub async fn env(&self, repo: &str) -> Vec<Value> {
+        let list = self.get_json(&format!("/api/v1/repos/{repo}/env")).await;
+        list["items"].as_array().cloned().unwrap_or_default()
     }
 
     /// Runs `target` at the repository's default branch.

@@ -19,9 +19,18 @@ use tempfile::TempDir;
 /// - `gate`: waits until the file `$E2E_GATE` exists;
 /// - `id`: `job <HOBOTNICA_JOB_ID>`;
 /// - `now`: nanoseconds since the epoch when make ran the recipe;
-/// - `count`: appends `$HOBOTNICA_JOB_ID` to the file `$E2E_COUNT_FILE`.
+/// - `count`: appends `$HOBOTNICA_JOB_ID` to the file `$E2E_COUNT_FILE`;
+/// - `deploy`: `deploying <git rev-parse HEAD>`; with `$E2E_DEPLOY_LOG`,
+///   appends `start <job> <attempt> <ns>` and, at the end, `end ...` lines to
+///   it; waits for `$E2E_GATE` when set, sleeps `$E2E_DEPLOY_SECONDS` when
+///   set, prints the `P_*` variables when `$E2E_SHOW_ENV` is set; `deployed`;
+/// - `penv`: the `P_*` variables, sorted (a `custom` job);
+/// - `secrets`: `gate` (when `$E2E_GATE` is set), then `$E2E_SECRET` printed
+///   whole (`secret-whole`), one byte per write (`secret-bytes`), in base64
+///   (`secret-base64`), and each line of `$E2E_SECRET_LINES` behind a prefix
+///   (`secret-lines`); `secrets done`.
 pub const MAKEFILE: &str = r#"# Targets used by Hobotnica's end-to-end tests.
-.PHONY: test fail sleep big env interleave version concurrent gate id now count
+.PHONY: test fail sleep big env interleave version concurrent gate id now count deploy penv secrets secret-whole secret-bytes secret-lines secret-base64
 
 test:
 	@echo "hello from stdout"
@@ -68,6 +77,33 @@ now:
 count:
 	@echo "$$HOBOTNICA_JOB_ID" >> "$$E2E_COUNT_FILE"
 	@echo "counted $$HOBOTNICA_JOB_ID"
+
+deploy:
+	@echo "deploying $$(git rev-parse HEAD)"
+	@if [ -n "$$E2E_DEPLOY_LOG" ]; then echo "start $$HOBOTNICA_JOB_ID $$HOBOTNICA_ATTEMPT $$(date +%s%N)" >> "$$E2E_DEPLOY_LOG"; fi
+	@if [ -n "$$E2E_GATE" ]; then echo "waiting for the gate"; n=0; while [ ! -e "$$E2E_GATE" ]; do n=$$((n+1)); if [ $$n -gt 2400 ]; then echo "the gate never opened" >&2; exit 9; fi; sleep 0.05; done; echo "gate opened"; fi
+	@if [ -n "$$E2E_DEPLOY_SECONDS" ]; then sleep "$$E2E_DEPLOY_SECONDS"; fi
+	@if [ -n "$$E2E_SHOW_ENV" ]; then env | grep '^P_' | sort; fi
+	@if [ -n "$$E2E_DEPLOY_LOG" ]; then echo "end $$HOBOTNICA_JOB_ID $$HOBOTNICA_ATTEMPT $$(date +%s%N)" >> "$$E2E_DEPLOY_LOG"; fi
+	@echo "deployed"
+
+penv:
+	@env | grep '^P_' | sort
+
+secrets: $(if $(E2E_GATE),gate) secret-whole secret-bytes secret-base64 secret-lines
+	@echo "secrets done"
+
+secret-whole:
+	@echo "whole: $$E2E_SECRET"
+
+secret-bytes:
+	@printf 'bytes: '; printf '%s\n' "$$E2E_SECRET" | fold -w1 | while read -r c; do printf '%s' "$$c"; sleep 0.01; done; echo
+
+secret-base64:
+	@printf 'base64: '; printf '%s' "$$E2E_SECRET" | base64
+
+secret-lines:
+	@printf '%s\n' "$$E2E_SECRET_LINES" | while read -r l; do echo "line: $$l"; done
 "#;
 
 /// The `test` rule of [`MAKEFILE`], whole.

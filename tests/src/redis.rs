@@ -20,7 +20,7 @@ pub struct RedisServer {
     pub addr: SocketAddr,
     tls: bool,
     daemon: Daemon,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl RedisServer {
@@ -88,7 +88,7 @@ impl RedisServer {
             addr,
             tls: tls.is_some(),
             daemon,
-            _dir: dir,
+            dir,
         };
         server.wait_accepting().await;
         server
@@ -108,6 +108,11 @@ impl RedisServer {
             || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
         )
         .await;
+    }
+
+    /// Its `--dir`: the append-only files.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// SIGKILL: Redis is gone at once (what it had fsynced to the AOF stays).

@@ -1431,3 +1431,6 @@ mod redis_mode;
 
 #[path = "e2e/github.rs"]
 mod github;
+
+#[path = "e2e/deploy.rs"]
+mod deploy;

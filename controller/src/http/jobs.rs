@@ -55,6 +55,10 @@ pub struct JobView {
     /// Names of the one-time variables (values are not shown).
     pub env_keys: Vec<String>,
     pub cancel_requested: bool,
+    /// Who asked for the job: `admin`, a GitHub login, or `webhook`.
+    pub requested_by: Option<String>,
+    /// How long it ran (so far, while running), in milliseconds.
+    pub duration_ms: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -84,6 +88,10 @@ impl From<Job> for JobView {
             message: job.message,
             env_keys: job.env.into_keys().collect(),
             cancel_requested: job.cancel_requested,
+            duration_ms: job.started_at.map(|started| {
+                (job.finished_at.unwrap_or_else(Utc::now) - started).num_milliseconds()
+            }),
+            requested_by: job.requested_by,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -265,7 +273,7 @@ async fn retry_job(
     services
         .require_job_access(&caller, &job, Access::Push)
         .await?;
-    Ok(accepted(services.retry_job(id).await?))
+    Ok(accepted(services.retry_job(id, caller.name()).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",

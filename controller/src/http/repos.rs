@@ -10,12 +10,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use hobotnica_common::job::{Repo, Trigger};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::jobs::JobView;
-use super::problem::{ApiError, ApiJson, Problem};
+use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
 use crate::auth::{Access, Caller};
 use crate::jobs::TriggerJob;
 use crate::projects::NewRepo;
@@ -27,6 +27,7 @@ pub fn router() -> OpenApiRouter<Services> {
         .routes(routes!(show_repo, delete_repo))
         .routes(routes!(run_job))
         .routes(routes!(deploy))
+        .routes(routes!(list_deploys))
 }
 
 /// Register a repository by git URL.
@@ -63,6 +64,10 @@ pub struct RepoView {
     pub created_at: DateTime<Utc>,
     /// `github` or `git`.
     pub source: String,
+    /// The commit of the latest successful deploy, if any.
+    pub deployed_commit: Option<String>,
+    /// When that deploy finished.
+    pub deployed_at: Option<DateTime<Utc>>,
     /// Why the repository is disabled, if it is.
     pub disabled: Option<String>,
     /// GitHub repositories: where GitHub must send webhooks (only in the
@@ -91,6 +96,8 @@ impl From<Repo> for RepoView {
                 "git"
             }
             .to_owned(),
+            deployed_commit: None,
+            deployed_at: None,
             disabled: repo.disabled,
             webhook_url: None,
             webhook_secret: None,
@@ -210,9 +217,11 @@ async fn list_repos(
         }
     }
     repos.sort_by_key(Repo::full_name);
-    Ok(Json(RepoList {
-        items: repos.into_iter().map(RepoView::from).collect(),
-    }))
+    let mut items = Vec::with_capacity(repos.len());
+    for repo in repos {
+        items.push(repo_view(&services, repo).await?);
+    }
+    Ok(Json(RepoList { items }))
 }
 
 #[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
@@ -233,7 +242,7 @@ async fn show_repo(
     services
         .require_access(&caller, &repo, Access::Read)
         .await?;
-    Ok(Json(repo.into()))
+    Ok(Json(repo_view(&services, repo).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
@@ -294,6 +303,7 @@ async fn run_job(
                 branch: request.branch,
                 env: request.env.unwrap_or_default(),
                 trigger: Trigger::Api,
+                requested_by: caller.name(),
             },
         )
         .await?;
@@ -362,6 +372,7 @@ async fn deploy(
                 branch: request.branch,
                 env: request.env.unwrap_or_default(),
                 trigger: Trigger::Api,
+                requested_by: caller.name(),
             },
             idempotency_key,
         )
@@ -371,4 +382,80 @@ async fn deploy(
         *response.status_mut() = StatusCode::OK;
     }
     Ok(response)
+}
+
+/// A repository with its currently deployed commit.
+async fn repo_view(services: &Services, repo: Repo) -> Result<RepoView, ApiError> {
+    let deployed = services.last_deploy(&repo.full_name()).await?;
+    let mut view = RepoView::from(repo);
+    if let Some(job) = deployed {
+        view.deployed_commit = Some(job.commit.to_string());
+        view.deployed_at = job.finished_at;
+    }
+    Ok(view)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeploysQuery {
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}/deploys", tag = "jobs",
+    params(("owner" = String, Path), ("name" = String, Path), DeploysQuery),
+    responses(
+        (status = 200, description = "The repository's deploys, newest first", body = super::jobs::JobList),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = [])))]
+async fn list_deploys(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<DeploysQuery>,
+) -> Result<Json<super::jobs::JobList>, ApiError> {
+    let repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Read)
+        .await?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            cursor.parse().map_err(|_| {
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    "cursor",
+                    "not a cursor from a previous page",
+                )
+            })
+        })
+        .transpose()?;
+    let limit = query
+        .limit
+        .unwrap_or(50)
+        .clamp(1, crate::jobs::MAX_PAGE_SIZE);
+    let jobs = services
+        .list_jobs(crate::store::JobFilter {
+            repo: Some(repo.full_name()),
+            kind: Some(hobotnica_common::job::JobKind::Deploy),
+            before,
+            limit,
+            ..Default::default()
+        })
+        .await?;
+    let next_cursor = (jobs.len() >= limit)
+        .then(|| jobs.last().map(|job| job.id.to_string()))
+        .flatten();
+    Ok(Json(super::jobs::JobList {
+        items: jobs.into_iter().map(JobView::from).collect(),
+        next_cursor,
+    }))
 }

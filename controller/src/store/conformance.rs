@@ -41,6 +41,7 @@ fn new_job(target: &str) -> NewJob {
         trigger: Trigger::Api,
         timeout_secs: 60,
         from_fork: false,
+        requested_by: None,
     }
 }
 

@@ -63,6 +63,8 @@ pub struct NewJob {
     pub timeout_secs: u64,
     /// A pull request from a fork: no secret variables.
     pub from_fork: bool,
+    /// Who asked for it.
+    pub requested_by: Option<String>,
 }
 
 /// A filter for listing jobs, newest first.

@@ -20,6 +20,7 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         branch: new.branch,
         env: new.env,
         from_fork: new.from_fork,
+        requested_by: new.requested_by,
         labels: new.labels,
         trigger: new.trigger,
         state: JobState::Queued,
