@@ -225,6 +225,7 @@ fn main() {
         }
         if selected("log") {
             big_log::big_log().await;
+            big_log::log_throughput_with_secrets().await;
         }
         if selected("webhooks") {
             webhooks::webhook_intake().await;

@@ -58,6 +58,28 @@ fn agent(name: &str) -> AgentRecord {
     }
 }
 
+/// Waits (up to 5 s) for `wanted` among the events; others are skipped
+/// (events from earlier calls may still be on their way, e.g. over Redis
+/// pub/sub).
+async fn expect_event(
+    events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+    wanted: StoreEvent,
+) {
+    let found = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match events.recv().await {
+                Ok(event) if event == wanted => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    panic!("the event channel closed")
+                }
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no {wanted:?} within 5 s");
+}
+
 fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
     Finish {
         outcome,
@@ -88,10 +110,7 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
     let second = store.create_job(new_job("test"), Utc::now()).await.unwrap();
     assert!(second.id > first.id);
     assert_eq!(first.state, JobState::Queued);
-    assert_eq!(
-        events.recv().await.unwrap(),
-        StoreEvent::JobQueued { job: first.id }
-    );
+    expect_event(&mut events, StoreEvent::JobQueued { job: first.id }).await;
 
     let worker = store.register_agent(agent("a1")).await.unwrap();
     let lease = Utc::now() + Duration::seconds(30);
@@ -261,14 +280,15 @@ pub async fn cancel_depends_on_state(store: Arc<dyn Store>) {
     let asked = store.request_cancel(running.id, Utc::now()).await.unwrap();
     assert_eq!(asked.state, JobState::Running);
     assert!(asked.cancel_requested);
-    assert_eq!(
-        events.recv().await.unwrap(),
+    expect_event(
+        &mut events,
         StoreEvent::CancelRequested {
             job: running.id,
             attempt: 1,
-            agent: worker.id.clone()
-        }
-    );
+            agent: worker.id.clone(),
+        },
+    )
+    .await;
     let renewed = store
         .renew_lease(running.id, 1, now + Duration::seconds(30))
         .await
@@ -339,12 +359,13 @@ pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store
     assert_eq!(found, Some(token));
     let mut events = store.subscribe();
     store.delete_agent_token("t1").await.unwrap();
-    assert_eq!(
-        events.recv().await.unwrap(),
+    expect_event(
+        &mut events,
         StoreEvent::AgentTokenRevoked {
-            token_id: "t1".into()
-        }
-    );
+            token_id: "t1".into(),
+        },
+    )
+    .await;
     assert!(
         store
             .find_agent_token(&hobotnica_common::token::hash_token("secret-token"))

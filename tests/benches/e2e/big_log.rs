@@ -38,3 +38,36 @@ pub async fn big_log() {
         mib(agent.pid().and_then(peak_rss_kib)),
     );
 }
+
+/// Secret variables in the "with secrets" log throughput run.
+const SECRETS: usize = 50;
+
+/// Log throughput of the 50 MiB job with no secret to mask and with
+/// [`SECRETS`] secret variables (each masked in three forms: value, base64,
+/// and the controller's second pass), on one embedded controller.
+pub async fn log_throughput_with_secrets() {
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    for secrets in [0, SECRETS] {
+        for n in 0..secrets {
+            let value = format!(
+                "secret-value-{n:03}-{}",
+                hobotnica_common::token::random_hex(8)
+            );
+            api.set_env(REPO, &format!("SECRET_{n}"), &value, "all", true)
+                .await;
+        }
+        let started = Instant::now();
+        let job = api.run_target(REPO, "big").await;
+        api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let elapsed = started.elapsed();
+        let rate = BIG_OUTPUT_BYTES as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64();
+        println!(
+            "log throughput with {secrets} secrets to mask: 50 MiB in {:.2}s = {rate:.1} MiB/s (POST -> succeeded)",
+            elapsed.as_secs_f64()
+        );
+    }
+}
