@@ -176,7 +176,18 @@ pub struct Repo {
     /// The repository's variables (scope `all`, `test` or `deploy`).
     #[serde(default)]
     pub env: Vec<EnvVar>,
+    /// Whether a `test` job whose agent was lost is queued again once,
+    /// automatically (deploys never are).
+    #[serde(default = "default_requeue_lost_tests")]
+    pub requeue_lost_tests: bool,
 }
+
+fn default_requeue_lost_tests() -> bool {
+    true
+}
+
+/// `requested_by` of a job queued again because its agent was lost.
+pub const AUTOMATIC_RETRY: &str = "automatic retry (agent lost)";
 
 /// Which jobs a repository variable applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -284,6 +284,7 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
             Ok(lost) => {
                 for job in lost {
                     services.statuses.job_changed(&job);
+                    services.requeue_if_allowed(&job).await;
                     tracing::warn!(job.id = %job.id, agent = job.agent_name.as_deref().unwrap_or("?"), "lease expired: job lost");
                     let line = format!(
                         "job lost: {}",
@@ -470,5 +471,38 @@ impl Services {
             .await?
             .into_iter()
             .next())
+    }
+}
+
+impl Services {
+    /// A lost `test` job is queued again, once, when its repository allows
+    /// it. Deploys never are: they are not idempotent; a person retries them.
+    async fn requeue_if_allowed(&self, lost: &Job) {
+        if lost.kind != JobKind::Test
+            || lost.requested_by.as_deref() == Some(hobotnica_common::job::AUTOMATIC_RETRY)
+        {
+            return;
+        }
+        let allowed = match lost.repo.split_once('/') {
+            Some((owner, name)) => matches!(
+                self.store.get_repo(owner, name).await,
+                Ok(Some(repo)) if repo.requeue_lost_tests && repo.disabled.is_none()
+            ),
+            None => false,
+        };
+        if !allowed {
+            return;
+        }
+        match self
+            .retry_job(lost.id, hobotnica_common::job::AUTOMATIC_RETRY.to_owned())
+            .await
+        {
+            Ok(job) => {
+                tracing::info!(job.id = %job.id, lost = %lost.id, "lost test job queued again")
+            }
+            Err(err) => {
+                tracing::warn!(job.id = %lost.id, error = %err, "cannot queue a lost test job again")
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ pub struct NewRepo {
     pub git_url: String,
     pub branch: Option<String>,
     pub timeout_secs: Option<u64>,
+    pub requeue_lost_tests: Option<bool>,
 }
 
 impl Services {
@@ -53,6 +54,7 @@ impl Services {
             github: None,
             disabled: None,
             env: Vec::new(),
+            requeue_lost_tests: new.requeue_lost_tests.unwrap_or(true),
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
@@ -161,6 +163,7 @@ impl Services {
             }),
             disabled: None,
             env: Vec::new(),
+            requeue_lost_tests: true,
         };
         let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
         if create_webhook {
@@ -539,6 +542,7 @@ mod rotation_tests {
                 created_at: Utc::now(),
                 github: None,
                 disabled: None,
+                requeue_lost_tests: true,
                 env: vec![EnvVar {
                     key: "TOKEN".into(),
                     scope: EnvScope::All,

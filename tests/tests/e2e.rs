@@ -1434,3 +1434,65 @@ mod github;
 
 #[path = "e2e/deploy.rs"]
 mod deploy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_test_job_is_queued_again_once() {
+    let controller = Controller::start_default().await;
+    let mut agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let gate = controller.scratch_dir("gate").join("open");
+    // A `make test` that waits for the gate (a `test` kind job).
+    repo.commit(
+        &[(
+            "Makefile",
+            &hobotnica_tests::git::makefile_with_test_recipe(&[
+                "echo waiting for the gate",
+                "n=0; while [ ! -e \"$$E2E_GATE\" ]; do n=$$((n+1)); if [ $$n -gt 2400 ]; then exit 9; fi; sleep 0.05; done",
+                "echo gate opened",
+            ]),
+        )],
+        "a slow test",
+    );
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let job = api
+        .run_job(
+            REPO,
+            json!({ "target": "test", "env": { "E2E_GATE": gate.to_str().unwrap() } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    agent.kill9();
+    api.wait_for_state(job.id, &[JobState::Lost], JOB_TIMEOUT)
+        .await;
+
+    // Queued again as a new job: same commit, one-time env, trigger retry.
+    let api_ref = &api;
+    let again = hobotnica_tests::wait_for(
+        JOB_TIMEOUT,
+        "the lost test to be queued again",
+        || async move {
+            api_ref
+                .jobs(&format!("repo={REPO}&limit=10"))
+                .await
+                .into_iter()
+                .find(|other| other.id > job.id)
+        },
+    )
+    .await;
+    assert_eq!(again.commit, job.commit);
+    let view = api.get_json(&format!("/api/v1/jobs/{}", again.id)).await;
+    assert_eq!(view["trigger"], "retry");
+    assert_eq!(view["requested_by"], "automatic retry (agent lost)");
+    assert_eq!(view["env_keys"], json!(["E2E_GATE"]));
+
+    std::fs::write(&gate, b"").unwrap();
+    let _other = Agent::start_default(&controller).await;
+    api.wait_for_success(again.id, JOB_TIMEOUT).await;
+    assert_eq!(
+        api.job(job.id).await.state,
+        JobState::Lost,
+        "the lost job stays lost"
+    );
+}

@@ -50,6 +50,9 @@ pub struct RegisterRepoRequest {
     pub branch: Option<String>,
     /// Wall-clock limit of each job in seconds (default 3600).
     pub timeout_secs: Option<u64>,
+    /// Queue a `test` job again, once, when its agent is lost (default
+    /// true). Deploys are never queued again automatically.
+    pub requeue_lost_tests: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -64,6 +67,8 @@ pub struct RepoView {
     pub created_at: DateTime<Utc>,
     /// `github` or `git`.
     pub source: String,
+    /// Whether a lost `test` job is queued again once, automatically.
+    pub requeue_lost_tests: bool,
     /// The commit of the latest successful deploy, if any.
     pub deployed_commit: Option<String>,
     /// When that deploy finished.
@@ -98,6 +103,7 @@ impl From<Repo> for RepoView {
             .to_owned(),
             deployed_commit: None,
             deployed_at: None,
+            requeue_lost_tests: repo.requeue_lost_tests,
             disabled: repo.disabled,
             webhook_url: None,
             webhook_secret: None,
@@ -160,6 +166,7 @@ async fn register_repo(
                         git_url,
                         branch: request.branch,
                         timeout_secs: request.timeout_secs,
+                        requeue_lost_tests: request.requeue_lost_tests,
                     })
                     .await?,
             )

@@ -25,6 +25,7 @@ fn repo(name: &str) -> Repo {
         github: None,
         disabled: None,
         env: Vec::new(),
+        requeue_lost_tests: true,
     }
 }
 
