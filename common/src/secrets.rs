@@ -145,26 +145,62 @@ mod tests {
     }
 }
 
-/// Overwrites every occurrence of each secret (4 bytes or longer) in `data`
-/// with `*`, keeping the length: the controller's second masking pass, which
-/// must not move log offsets. (The agent's streaming masker is the first.)
-pub fn mask_in_place(data: &mut [u8], secrets: &[Vec<u8>]) {
-    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
-        let mut start = 0;
-        while start + secret.len() <= data.len() {
-            if data[start..start + secret.len()] == secret[..] {
-                data[start..start + secret.len()].fill(b'*');
-                start += secret.len();
-            } else {
-                start += 1;
-            }
+/// Overwrites every occurrence of each secret (4 bytes or longer) with `*`,
+/// keeping the length: the controller's second masking pass, which must not
+/// move log offsets. (The agent's streaming masker is the first.) Built once
+/// per job; all secrets are found in one pass (Aho-Corasick).
+pub struct InPlaceMasker {
+    automaton: Option<aho_corasick::AhoCorasick>,
+}
+
+impl InPlaceMasker {
+    pub fn new(secrets: &[Vec<u8>]) -> InPlaceMasker {
+        let patterns: Vec<&Vec<u8>> = secrets.iter().filter(|secret| secret.len() >= 4).collect();
+        let automaton = if patterns.is_empty() {
+            None
+        } else {
+            // A contiguous NFA builds in linear time even for 64 KiB values
+            // (a DFA could take far longer).
+            aho_corasick::AhoCorasick::builder()
+                .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
+                .build(patterns)
+                .ok()
+        };
+        InPlaceMasker { automaton }
+    }
+
+    pub fn mask(&self, data: &mut [u8]) {
+        let Some(automaton) = &self.automaton else {
+            return;
+        };
+        let found: Vec<std::ops::Range<usize>> = automaton
+            .find_overlapping_iter(&*data)
+            .map(|found| found.range())
+            .collect();
+        for range in found {
+            data[range].fill(b'*');
         }
     }
+}
+
+/// [`InPlaceMasker`] for one use.
+pub fn mask_in_place(data: &mut [u8], secrets: &[Vec<u8>]) {
+    InPlaceMasker::new(secrets).mask(data);
 }
 
 #[cfg(test)]
 mod mask_tests {
     use super::mask_in_place;
+
+    #[test]
+    fn large_secrets_are_masked_whole() {
+        let big = vec![b'v'; 64 * 1024];
+        let masker = super::InPlaceMasker::new(&[big.clone(), b"other-secret".to_vec()]);
+        let mut data = [b"x".as_slice(), &big, b"y"].concat();
+        masker.mask(&mut data);
+        assert_eq!(data[0], b'x');
+        assert!(data[1..=big.len()].iter().all(|b| *b == b'*'));
+    }
 
     #[test]
     fn masking_in_place_keeps_the_length() {

@@ -404,7 +404,7 @@ fn millis(duration: Duration) -> u64 {
 /// secrets to mask again.
 struct VerifiedJob {
     key: (u64, u32),
-    secrets: Vec<Vec<u8>>,
+    masker: hobotnica_common::secrets::InPlaceMasker,
 }
 
 async fn intake_chunk(
@@ -434,17 +434,20 @@ async fn intake_chunk(
                 chunk.job_id, chunk.attempt
             )));
         }
-        let secrets = extras(services, &job)
+        let secrets: Vec<Vec<u8>> = extras(services, &job)
             .await
             .secrets
             .into_iter()
             .map(String::into_bytes)
             .collect();
-        *verified = Some(VerifiedJob { key, secrets });
+        *verified = Some(VerifiedJob {
+            key,
+            masker: hobotnica_common::secrets::InPlaceMasker::new(&secrets),
+        });
     }
     // The agent masked already; mask again without moving offsets.
     if let Some(verified) = verified.as_ref() {
-        hobotnica_common::secrets::mask_in_place(&mut chunk.data, &verified.secrets);
+        verified.masker.mask(&mut chunk.data);
     }
     let committed = match services
         .store

@@ -24,20 +24,17 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 impl FromRequestParts<Services> for Admin {
     type Rejection = ApiError;
 
+    /// The admin token only (agents and their tokens are the admin's).
     async fn from_request_parts(
         parts: &mut Parts,
         services: &Services,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized("missing credentials: send Authorization: Bearer <token>")
-        })?;
-        if constant_time_eq(
-            hash_token(token).as_bytes(),
-            services.admin_token_hash.as_bytes(),
-        ) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::unauthorized("the token is not valid"))
+        match crate::auth::Caller::from_request_parts(parts, services).await? {
+            crate::auth::Caller::Admin => Ok(Admin),
+            crate::auth::Caller::GitHub { .. } => Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "this needs the admin token",
+            )),
         }
     }
 }

@@ -161,9 +161,33 @@ async fn list_jobs(
     State(services): State<Services>,
     ApiQuery(query): ApiQuery<JobsQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    let before = query
-        .cursor
-        .as_deref()
+    let filter = JobFilter {
+        repo: query.repo,
+        state: query.state,
+        kind: query.kind,
+        ..JobFilter::default()
+    };
+    Ok(Json(
+        job_page(
+            &services,
+            &caller,
+            filter,
+            query.cursor.as_deref(),
+            query.limit,
+        )
+        .await?,
+    ))
+}
+
+/// One page of jobs matching `filter` that `caller` may read, newest first.
+pub async fn job_page(
+    services: &Services,
+    caller: &Caller,
+    mut filter: JobFilter,
+    cursor: Option<&str>,
+    limit: Option<usize>,
+) -> Result<JobList, ApiError> {
+    filter.before = cursor
         .map(|cursor| {
             cursor.parse::<JobId>().map_err(|_| {
                 ApiError::field(
@@ -174,35 +198,29 @@ async fn list_jobs(
             })
         })
         .transpose()?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE_SIZE);
-    let jobs = services
-        .list_jobs(JobFilter {
-            repo: query.repo,
-            state: query.state,
-            kind: query.kind,
-            agent: None,
-            before,
-            limit,
-        })
-        .await?;
-    let next_cursor = (jobs.len() >= limit.clamp(1, crate::jobs::MAX_PAGE_SIZE))
+    filter.limit = limit
+        .unwrap_or(DEFAULT_PAGE_SIZE)
+        .clamp(1, crate::jobs::MAX_PAGE_SIZE);
+    let limit = filter.limit;
+    let jobs = services.list_jobs(filter).await?;
+    let next_cursor = (jobs.len() >= limit)
         .then(|| jobs.last().map(|job| job.id.to_string()))
         .flatten();
     // A GitHub user sees the jobs of repositories they can read.
     let mut visible = Vec::with_capacity(jobs.len());
     for job in jobs {
         if services
-            .require_job_access(&caller, &job, Access::Read)
+            .require_job_access(caller, &job, Access::Read)
             .await
             .is_ok()
         {
             visible.push(job);
         }
     }
-    Ok(Json(JobList {
+    Ok(JobList {
         items: visible.into_iter().map(JobView::from).collect(),
         next_cursor,
-    }))
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",

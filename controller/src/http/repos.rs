@@ -432,37 +432,19 @@ async fn list_deploys(
     services
         .require_access(&caller, &repo, Access::Read)
         .await?;
-    let before = query
-        .cursor
-        .as_deref()
-        .map(|cursor| {
-            cursor.parse().map_err(|_| {
-                ApiError::field(
-                    StatusCode::BAD_REQUEST,
-                    "cursor",
-                    "not a cursor from a previous page",
-                )
-            })
-        })
-        .transpose()?;
-    let limit = query
-        .limit
-        .unwrap_or(50)
-        .clamp(1, crate::jobs::MAX_PAGE_SIZE);
-    let jobs = services
-        .list_jobs(crate::store::JobFilter {
-            repo: Some(repo.full_name()),
-            kind: Some(hobotnica_common::job::JobKind::Deploy),
-            before,
-            limit,
-            ..Default::default()
-        })
-        .await?;
-    let next_cursor = (jobs.len() >= limit)
-        .then(|| jobs.last().map(|job| job.id.to_string()))
-        .flatten();
-    Ok(Json(super::jobs::JobList {
-        items: jobs.into_iter().map(JobView::from).collect(),
-        next_cursor,
-    }))
+    let filter = crate::store::JobFilter {
+        repo: Some(repo.full_name()),
+        kind: Some(hobotnica_common::job::JobKind::Deploy),
+        ..Default::default()
+    };
+    Ok(Json(
+        super::jobs::job_page(
+            &services,
+            &caller,
+            filter,
+            query.cursor.as_deref(),
+            query.limit,
+        )
+        .await?,
+    ))
 }
