@@ -166,7 +166,25 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-async fn receive(
+/// GitHub delivers `push`, `pull_request` and `ping` events here.
+#[utoipa::path(post, path = "/webhooks/github/{hook_id}", tag = "webhooks",
+    params(
+        ("hook_id" = String, Path, description = "The unguessable id from the registration's webhook_url"),
+        ("X-Hub-Signature-256" = String, Header, description = "sha256=<hex HMAC-SHA256 of the raw body with the webhook secret>"),
+        ("X-GitHub-Event" = String, Header, description = "push, pull_request, ping, ..."),
+        ("X-GitHub-Delivery" = String, Header, description = "The delivery's GUID; a redelivery with the same id queues nothing new"),
+    ),
+    request_body(content = serde_json::Value, description = "GitHub's event payload (at most 25 MB)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "ping answered, or a redelivery (nothing queued)", body = serde_json::Value),
+        (status = 202, description = "A test job was queued (the job), or the event was ignored (`{\"ignored\": reason}`)", body = serde_json::Value),
+        (status = 400, description = "Malformed JSON or a missing header", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong signature", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No webhook with this id", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The repository is disabled (access lost)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over 25 MB", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn receive(
     State(services): State<Services>,
     Path(hook_id): Path<String>,
     headers: HeaderMap,

@@ -894,7 +894,18 @@ async fn hobot_registers_runs_follows_and_lists() {
     let shown = hobot(&["jobs", "show", &failed_id.to_string()])
         .await
         .success();
-    assert!(shown.contains("failed") && shown.contains('3'), "{shown}");
+    let field = |name: &str| {
+        shown
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_owned())
+    };
+    assert_eq!(field("state:").as_deref(), Some("failed"), "{shown}");
+    assert_eq!(
+        field("exit code:").as_deref(),
+        Some(MAKE_FAILED.to_string().as_str()),
+        "{shown}"
+    );
     let agents = hobot(&["agents", "ls"]).await.success();
     assert!(agents.contains(&agent.name), "{agents}");
 

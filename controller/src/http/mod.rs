@@ -32,12 +32,14 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
         description = "CI/CD for repositories whose recipes live in a Makefile: register repositories, run make targets on agents, follow their logs.\n\nAuthenticate with `Authorization: Bearer <token>` (the admin token printed by `hobot up`, or kept in `<data-dir>/admin-token`). Errors are `application/problem+json` (RFC 9457)."
     ),
     modifiers(&SecuritySchemes),
+    paths(crate::webhook::receive),
     tags(
         (name = "repos", description = "Registered repositories"),
         (name = "jobs", description = "Jobs: make targets run at a commit"),
         (name = "agents", description = "Build agents and their tokens"),
         (name = "env", description = "Repository variables; secrets are encrypted at rest and write-only"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "webhooks", description = "GitHub webhook deliveries (signed with the repository's webhook secret; no token)"),
     )
 )]
 pub struct ApiDoc;
