@@ -51,6 +51,34 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// Reads a whole answer (`what` names the request in panics).
+    ///
+    /// # Panics
+    /// When the body cannot be read.
+    pub async fn read(response: reqwest::Response, what: &str) -> RawResponse {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = response.status().as_u16();
+        let content_type = header("content-type");
+        let location = header("location");
+        let body = response
+            .bytes()
+            .await
+            .unwrap_or_else(|err| panic!("{what}: reading the answer: {err}"))
+            .to_vec();
+        RawResponse {
+            status,
+            content_type,
+            location,
+            body,
+        }
+    }
+
     /// The body as JSON.
     ///
     /// # Panics
@@ -174,27 +202,7 @@ impl Api {
             .send()
             .await
             .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned)
-        };
-        let status = response.status().as_u16();
-        let content_type = header("content-type");
-        let location = header("location");
-        let body = response
-            .bytes()
-            .await
-            .unwrap_or_else(|err| panic!("{method} {path}: reading the body: {err}"))
-            .to_vec();
-        RawResponse {
-            status,
-            content_type,
-            location,
-            body,
-        }
+        RawResponse::read(response, &format!("{method} {path}")).await
     }
 
     /// Sends JSON and returns the raw answer.

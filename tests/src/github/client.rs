@@ -62,7 +62,7 @@ impl GitHubUser {
             .send()
             .await
             .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
-        raw_response(response, &format!("{method} {path}")).await
+        RawResponse::read(response, &format!("{method} {path}")).await
     }
 
     /// `POST /api/v1/repos {"owner", "name", "branch": "main", ...extra}`.
@@ -73,33 +73,5 @@ impl GitHubUser {
             body.extend(extra);
         }
         self.raw(Method::POST, "/api/v1/repos", Some(&body)).await
-    }
-}
-
-/// Reads a whole answer.
-///
-/// # Panics
-/// When the body cannot be read.
-pub(crate) async fn raw_response(response: reqwest::Response, what: &str) -> RawResponse {
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-    };
-    let status = response.status().as_u16();
-    let content_type = header("content-type");
-    let location = header("location");
-    let body = response
-        .bytes()
-        .await
-        .unwrap_or_else(|err| panic!("{what}: reading the answer: {err}"))
-        .to_vec();
-    RawResponse {
-        status,
-        content_type,
-        location,
-        body,
     }
 }

@@ -125,7 +125,7 @@ async fn deliver_raw(
         .send()
         .await
         .unwrap_or_else(|err| panic!("delivering {event} {delivery_id} to {url}: {err}"));
-    super::client::raw_response(response, &format!("delivery {delivery_id}")).await
+    crate::api::RawResponse::read(response, &format!("delivery {delivery_id}")).await
 }
 
 /// What a commit payload says about a commit of a repository.
