@@ -212,9 +212,14 @@ impl Services {
     /// clones of it.
     pub async fn access_lost(&self, repo: &Repo, cause: &GitHubError) {
         let full_name = repo.full_name();
-        let mut disabled = repo.clone();
-        disabled.disabled = Some(format!("access to GitHub lost: {cause}"));
-        if let Err(err) = self.store.update_repo(disabled).await {
+        let reason = format!("access to GitHub lost: {cause}");
+        let disabled = self
+            .change_repo(&repo.owner, &repo.name, |repo| {
+                repo.disabled = Some(reason.clone());
+                Ok(())
+            })
+            .await;
+        if let Err(err) = disabled {
             tracing::warn!(repo = %full_name, error = %err, "cannot disable a repository");
             return;
         }
@@ -282,6 +287,8 @@ pub async fn recheck_github_access(services: Services, shutdown: CancellationTok
 
 /// Most variables a repository may have.
 pub const MAX_REPO_VARS: usize = 200;
+/// How many times a repository change is retried while others change it.
+const MAX_REPO_CHANGE_ATTEMPTS: usize = 32;
 
 fn env_context(full_name: &str, key: &str) -> String {
     format!("env:{full_name}:{key}")
@@ -327,6 +334,27 @@ pub struct JobEnvironment {
 }
 
 impl Services {
+    /// Reads a repository, applies `change` and writes it back if nobody
+    /// changed it meanwhile; retried otherwise.
+    pub async fn change_repo<T>(
+        &self,
+        owner: &str,
+        name: &str,
+        mut change: impl FnMut(&mut Repo) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        for _ in 0..MAX_REPO_CHANGE_ATTEMPTS {
+            let old = self.repo(owner, name).await?;
+            let mut new = old.clone();
+            let result = change(&mut new)?;
+            if self.store.update_repo(&old, new).await? {
+                return Ok(result);
+            }
+        }
+        Err(CoreError::Conflict(format!(
+            "repository {owner}/{name} kept changing; retry"
+        )))
+    }
+
     /// Adds or replaces a repository variable.
     pub async fn set_env(&self, repo: &Repo, set: SetEnv) -> Result<EnvVar, CoreError> {
         let field = format!("env.{}", set.key);
@@ -338,16 +366,6 @@ impl Services {
             ));
         }
         validate::env_value(&field, &set.value)?;
-        let mut updated = repo.clone();
-        updated
-            .env
-            .retain(|var| !(var.key == set.key && var.scope == set.scope));
-        if updated.env.len() >= MAX_REPO_VARS {
-            return Err(CoreError::invalid(
-                "env",
-                format!("a repository has at most {MAX_REPO_VARS} variables"),
-            ));
-        }
         let var = if set.secret {
             EnvVar {
                 key: set.key.clone(),
@@ -368,11 +386,23 @@ impl Services {
                 sealed: None,
             }
         };
-        updated.env.push(var.clone());
-        updated
-            .env
-            .sort_by(|a, b| (&a.key, a.scope as u8).cmp(&(&b.key, b.scope as u8)));
-        self.store.update_repo(updated).await?;
+        self.change_repo(&repo.owner, &repo.name, |updated| {
+            updated
+                .env
+                .retain(|other| !(other.key == var.key && other.scope == var.scope));
+            if updated.env.len() >= MAX_REPO_VARS {
+                return Err(CoreError::invalid(
+                    "env",
+                    format!("a repository has at most {MAX_REPO_VARS} variables"),
+                ));
+            }
+            updated.env.push(var.clone());
+            updated
+                .env
+                .sort_by(|a, b| (&a.key, a.scope as u8).cmp(&(&b.key, b.scope as u8)));
+            Ok(())
+        })
+        .await?;
         tracing::info!(repo = %repo.full_name(), key = %var.key, secret = var.secret, "variable set");
         Ok(var)
     }
@@ -384,15 +414,17 @@ impl Services {
         key: &str,
         scope: Option<hobotnica_common::job::EnvScope>,
     ) -> Result<(), CoreError> {
-        let mut updated = repo.clone();
-        updated
-            .env
-            .retain(|var| !(var.key == key && scope.is_none_or(|scope| var.scope == scope)));
-        if updated.env.len() == repo.env.len() {
-            return Err(CoreError::NotFound(format!("variable {key}")));
-        }
-        self.store.update_repo(updated).await?;
-        Ok(())
+        self.change_repo(&repo.owner, &repo.name, |updated| {
+            let before = updated.env.len();
+            updated
+                .env
+                .retain(|var| !(var.key == key && scope.is_none_or(|scope| var.scope == scope)));
+            if updated.env.len() == before {
+                return Err(CoreError::NotFound(format!("variable {key}")));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The variables of `job`: the repository's (scope `all`, then the job's
@@ -487,7 +519,8 @@ pub async fn rotate_secret_key(
     new: &hobotnica_common::secrets::SecretKey,
 ) -> anyhow::Result<usize> {
     let mut rewritten = 0;
-    for mut repo in store.list_repos().await? {
+    for old_repo in store.list_repos().await? {
+        let mut repo = old_repo.clone();
         let full_name = repo.full_name();
         if let Some(github) = repo.github.as_mut() {
             github.token_sealed =
@@ -509,7 +542,10 @@ pub async fn rotate_secret_key(
                 )?);
             }
         }
-        store.update_repo(repo).await?;
+        anyhow::ensure!(
+            store.update_repo(&old_repo, repo).await?,
+            "repository {full_name} changed during the rotation; stop the controllers and run it again"
+        );
         rewritten += 1;
     }
     Ok(rewritten)

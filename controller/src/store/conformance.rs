@@ -679,6 +679,35 @@ pub async fn deploys_of_one_repository_run_one_at_a_time(store: Arc<dyn Store>) 
     );
 }
 
+pub async fn repository_updates_are_compare_and_set(store: Arc<dyn Store>) {
+    let original = repo("demo");
+    store.create_repo(original.clone()).await.unwrap();
+    let mut first = original.clone();
+    first.default_branch = "first".into();
+    let mut second = original.clone();
+    second.default_branch = "second".into();
+    assert!(store.update_repo(&original, first.clone()).await.unwrap());
+    assert!(
+        !store.update_repo(&original, second).await.unwrap(),
+        "a change made from a stale read is refused"
+    );
+    assert_eq!(
+        store
+            .get_repo("local", "demo")
+            .await
+            .unwrap()
+            .unwrap()
+            .default_branch,
+        "first"
+    );
+    let mut gone = repo("gone");
+    gone.default_branch = "x".into();
+    assert!(matches!(
+        store.update_repo(&repo("gone"), gone).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -697,6 +726,7 @@ macro_rules! conformance_suite {
             archived_logs_read_the_same,
             retention_deletes_only_old_finished_jobs,
             deploys_of_one_repository_run_one_at_a_time,
+            repository_updates_are_compare_and_set,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {

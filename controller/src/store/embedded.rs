@@ -355,20 +355,28 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn update_repo(&self, repo: Repo) -> StoreResult<()> {
+    async fn update_repo(&self, old: &Repo, new: Repo) -> StoreResult<bool> {
+        let old = old.clone();
         self.blocking(move |inner| {
-            let key = repo.full_name();
+            let key = new.full_name();
             let txn = inner.db.begin_write().map_err(unavailable)?;
-            {
+            let written = {
                 let mut table = txn.open_table(REPOS).map_err(unavailable)?;
-                if table.get(key.as_str()).map_err(unavailable)?.is_none() {
-                    return Err(StoreError::NotFound(format!("repository {key}")));
+                let stored: Repo = match table.get(key.as_str()).map_err(unavailable)? {
+                    Some(value) => decode(value.value())?,
+                    None => return Err(StoreError::NotFound(format!("repository {key}"))),
+                };
+                if stored != old {
+                    false
+                } else {
+                    table
+                        .insert(key.as_str(), encode(&new)?.as_slice())
+                        .map_err(unavailable)?;
+                    true
                 }
-                table
-                    .insert(key.as_str(), encode(&repo)?.as_slice())
-                    .map_err(unavailable)?;
-            }
-            txn.commit().map_err(unavailable)
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(written)
         })
         .await
     }

@@ -163,8 +163,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_repos(&self) -> StoreResult<Vec<Repo>>;
     /// Removes the repository (its jobs stay, for history).
     async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()>;
-    /// Replaces a registered repository's record (e.g. to disable it).
-    async fn update_repo(&self, repo: Repo) -> StoreResult<()>;
+    /// Replaces a registered repository's record with `new` if it is still
+    /// `old` (compare-and-set); `false` when someone changed it meanwhile.
+    async fn update_repo(&self, old: &Repo, new: Repo) -> StoreResult<bool>;
     /// The GitHub repository whose webhook URL has `hook_id`.
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>>;
     /// Records a webhook delivery id; `false` when it was seen before (a

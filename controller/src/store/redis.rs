@@ -96,6 +96,16 @@ redis.call('ZREM', KEYS[6], ARGV[2])
 return 1
 ";
 
+/// Sets a repository's JSON only if it is still `old`.
+/// KEYS: repo. ARGV: old, new. Returns 1, 0 (changed meanwhile) or -1 (gone).
+const CAS_REPO: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
 /// Bytes of log per compressed archive segment.
 const ARCHIVE_SEGMENT_BYTES: usize = 1024 * 1024;
 /// How long one controller may hold a log's archiving lock.
@@ -258,6 +268,7 @@ pub struct RedisStore {
     cas_job: Arc<Script>,
     append_log: Arc<Script>,
     finish_archive: Arc<Script>,
+    cas_repo: Arc<Script>,
     /// Stops the pub/sub task when the store is dropped.
     stop_subscriber: CancellationToken,
 }
@@ -321,6 +332,7 @@ impl RedisStore {
             cas_job: Arc::new(Script::new(CAS_JOB)),
             append_log: Arc::new(Script::new(APPEND_LOG)),
             finish_archive: Arc::new(Script::new(FINISH_ARCHIVE)),
+            cas_repo: Arc::new(Script::new(CAS_REPO)),
             stop_subscriber,
         };
         store.check_settings().await;
@@ -801,20 +813,22 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn update_repo(&self, repo: Repo) -> StoreResult<()> {
-        let full_name = repo.full_name();
-        let updated: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(self.keys.repo(&full_name))
-                    .arg(encode(&repo)?)
-                    .arg("XX"),
-            )
-            .await?;
-        if updated.is_none() {
-            return Err(StoreError::NotFound(format!("repository {full_name}")));
+    async fn update_repo(&self, old: &Repo, new: Repo) -> StoreResult<bool> {
+        let full_name = new.full_name();
+        // Records are written only by `encode`, which is deterministic: the
+        // stored text of `old` is its encoding.
+        let written: i64 = self
+            .cas_repo
+            .key(self.keys.repo(&full_name))
+            .arg(encode(old)?)
+            .arg(encode(&new)?)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        match written {
+            -1 => Err(StoreError::NotFound(format!("repository {full_name}"))),
+            written => Ok(written == 1),
         }
-        Ok(())
     }
 
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
