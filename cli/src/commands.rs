@@ -407,17 +407,10 @@ pub async fn deploys(client: &Client, args: DeploysArgs, json: bool) -> anyhow::
     if let Some(cursor) = &args.cursor {
         path.push_str(&format!("&cursor={}", encode_query(cursor)));
     }
-    let list = client.get(&path).await?;
-    if json {
-        print_json(&list);
+    let Some((jobs, next_cursor)) = job_page(client, &path, json).await? else {
         return Ok(());
-    }
-    let next_cursor = list
-        .get("next_cursor")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let list: Items<JobView> = typed(&list)?;
-    deploys_table(list.items).print();
+    };
+    deploys_table(jobs).print();
     if let Some(cursor) = next_cursor {
         eprintln!(
             "more deploys: hobot deploys {} --cursor {cursor}",
@@ -425,6 +418,26 @@ pub async fn deploys(client: &Client, args: DeploysArgs, json: bool) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// One page of jobs from `path` and the cursor of the next; with `json`, the
+/// page is printed as it came and `None` returned.
+async fn job_page(
+    client: &Client,
+    path: &str,
+    json: bool,
+) -> anyhow::Result<Option<(Vec<JobView>, Option<String>)>> {
+    let page = client.get(path).await?;
+    if json {
+        print_json(&page);
+        return Ok(None);
+    }
+    let next_cursor = page
+        .get("next_cursor")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let items: Items<JobView> = typed(&page)?;
+    Ok(Some((items.items, next_cursor)))
 }
 
 fn deploys_table(jobs: Vec<JobView>) -> Table {
@@ -617,21 +630,14 @@ pub async fn jobs(client: &Client, command: JobsCommand, json: bool) -> anyhow::
             } else {
                 format!("/api/v1/jobs?{}", query.join("&"))
             };
-            let list = client.get(&path).await?;
-            if json {
-                print_json(&list);
+            let Some((jobs, next_cursor)) = job_page(client, &path, json).await? else {
                 return Ok(());
-            }
-            let next_cursor = list
-                .get("next_cursor")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let list: Items<JobView> = typed(&list)?;
+            };
             let mut table = Table::new(vec![
                 "ID", "REPO", "TARGET", "STATE", "EXIT", "COMMIT", "BRANCH", "AGENT", "CREATED",
                 "DURATION",
             ]);
-            for job in list.items {
+            for job in jobs {
                 table.row(vec![
                     job.id.to_string(),
                     job.repo,

@@ -24,8 +24,9 @@ impl fmt::Display for JobKey {
     }
 }
 
-/// A job the controller assigned to this agent.
-#[derive(Debug, Clone)]
+/// A job the controller assigned to this agent. `Debug` shows variable
+/// names only, never values, secrets or the git header.
+#[derive(Clone)]
 pub struct JobSpec {
     pub key: JobKey,
     /// owner/name, for display.
@@ -47,6 +48,59 @@ pub struct JobSpec {
     /// Sent by git to the repository's host (private repositories); given
     /// to git only, never to make, and masked like the secrets.
     pub git_http_header: Option<GitHttpHeader>,
+}
+
+impl std::fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("key", &self.key)
+            .field("repo", &self.repo)
+            .field("commit", &self.commit)
+            .field("branch", &self.branch)
+            .field("target", &self.target)
+            .field("kind", &self.kind)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field(
+                "secrets",
+                &format_args!("[{} REDACTED]", self.secrets.len()),
+            )
+            .field(
+                "git_http_header",
+                &self.git_http_header.as_ref().map(|_| "[REDACTED]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_values_or_secrets() {
+        let spec = JobSpec {
+            key: JobKey {
+                id: hobotnica_common::ids::JobId(1),
+                attempt: 1,
+            },
+            repo: "local/demo".into(),
+            git_url: "https://x-access-token:url-secret@example.invalid/r.git".into(),
+            commit: "0".repeat(40),
+            branch: "main".into(),
+            target: "test".into(),
+            kind: "test".into(),
+            env: [("API_TOKEN".to_owned(), "env-secret-value".to_owned())].into(),
+            timeout: None,
+            secrets: vec!["listed-secret".into()],
+            git_http_header: None,
+        };
+        let printed = format!("{spec:?}");
+        assert!(printed.contains("API_TOKEN"), "{printed}");
+        for secret in ["env-secret-value", "listed-secret", "url-secret"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+    }
 }
 
 /// Timings the controller gave at registration.

@@ -140,6 +140,18 @@ pub struct LogQuery {
     pub offset: Option<u64>,
 }
 
+/// The job `raw_id` names, if `caller` may do `access` on it.
+async fn accessible_job(
+    services: &Services,
+    caller: &Caller,
+    raw_id: &str,
+    access: Access,
+) -> Result<Job, ApiError> {
+    let job = services.job(parse_job_id(raw_id)?).await?;
+    services.require_job_access(caller, &job, access).await?;
+    Ok(job)
+}
+
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse()
         .map_err(|err: hobotnica_common::ids::InvalidId| {
@@ -237,10 +249,7 @@ async fn show_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = services.job(parse_job_id(&id)?).await?;
-    services
-        .require_job_access(&caller, &job, Access::Read)
-        .await?;
+    let job = accessible_job(&services, &caller, &id, Access::Read).await?;
     Ok(Json(job.into()))
 }
 
@@ -259,12 +268,8 @@ async fn cancel_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
-    let job = services.job(id).await?;
-    services
-        .require_job_access(&caller, &job, Access::Push)
-        .await?;
-    let job = services.cancel_job(id).await?;
+    let job = accessible_job(&services, &caller, &id, Access::Push).await?;
+    let job = services.cancel_job(job.id).await?;
     Ok(accepted(job))
 }
 
@@ -286,12 +291,8 @@ async fn retry_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
-    let job = services.job(id).await?;
-    services
-        .require_job_access(&caller, &job, Access::Push)
-        .await?;
-    Ok(accepted(services.retry_job(id, caller.name()).await?))
+    let job = accessible_job(&services, &caller, &id, Access::Push).await?;
+    Ok(accepted(services.retry_job(job.id, caller.name()).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",
@@ -311,10 +312,7 @@ async fn job_log(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let job = services.job(parse_job_id(&id)?).await?;
-    services
-        .require_job_access(&caller, &job, Access::Read)
-        .await?;
+    let job = accessible_job(&services, &caller, &id, Access::Read).await?;
     let length = services.store.log_len(job.id).await?;
     let start = query.offset.unwrap_or(0).min(length);
     let store = services.store.clone();
