@@ -219,8 +219,8 @@ pub struct DeployArgs {
 pub struct DeploysArgs {
     /// `OWNER/NAME` or `NAME` (owner `local`).
     pub repo: String,
-    /// At most this many deploys.
-    #[arg(long)]
+    /// At most this many deploys (1 to 200).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200))]
     pub limit: Option<u32>,
     /// Continue a previous listing (its `next_cursor`).
     #[arg(long)]
@@ -296,8 +296,8 @@ pub enum JobsCommand {
         /// Only jobs of this kind (test, deploy, custom).
         #[arg(long)]
         kind: Option<String>,
-        /// At most this many jobs.
-        #[arg(long)]
+        /// At most this many jobs (1 to 200).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200))]
         limit: Option<u32>,
         /// Continue a previous listing (its `next_cursor`).
         #[arg(long)]
@@ -520,5 +520,13 @@ mod tests {
             (deploys.repo.as_str(), deploys.limit),
             ("octo/app", Some(5))
         );
+        // A page holds 1 to 200: refused before asking the controller.
+        assert!(Cli::try_parse_from(["hobot", "jobs", "ls", "--limit", "200"]).is_ok());
+        for limit in ["0", "201"] {
+            assert!(
+                Cli::try_parse_from(["hobot", "deploys", "octo/app", "--limit", limit]).is_err()
+            );
+            assert!(Cli::try_parse_from(["hobot", "jobs", "ls", "--limit", limit]).is_err());
+        }
     }
 }

@@ -32,8 +32,23 @@ pub const MAX_BRANCH_LEN: usize = 255;
 pub const MAX_TARGET_LEN: usize = 100;
 /// Longest accepted environment variable name.
 pub const MAX_ENV_NAME_LEN: usize = 256;
-/// Largest accepted environment variable value, in bytes.
+/// Largest accepted environment variable value, in characters.
 pub const MAX_ENV_VALUE_LEN: usize = 64 * 1024;
+
+// The same rules as ECMA-262 regular expressions, for the OpenAPI schema
+// (`pattern`). A unit test checks that each pattern and its function agree.
+
+/// [`repo_component`] as a pattern.
+pub const REPO_COMPONENT_PATTERN: &str = r"^(?![.-])(?!.*\.\.)[A-Za-z0-9._-]{1,100}$";
+/// [`branch`] as a pattern.
+pub const BRANCH_PATTERN: &str =
+    r"^(?![./-])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*/$)(?!.*\.$)(?!.*\.lock$)[A-Za-z0-9._/-]{1,255}$";
+/// [`target`] as a pattern.
+pub const TARGET_PATTERN: &str = r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]{1,100}$";
+/// [`env_name`] minus the reserved names ([`crate::env::is_reserved`]): the
+/// names a job's variables may have.
+pub const ENV_NAME_PATTERN: &str =
+    r"^(?!(?:PATH|HOME|CI)$)(?!HOBOTNICA_)[A-Za-z_][A-Za-z0-9_]{0,255}$";
 
 fn common_checks(field: &str, value: &str, max_len: usize) -> Result<(), ValidationError> {
     if value.is_empty() {
@@ -87,6 +102,9 @@ pub fn repo_component(field: &str, value: &str) -> Result<(), ValidationError> {
 /// letters, digits and `._/-`.
 pub fn branch(field: &str, value: &str) -> Result<(), ValidationError> {
     common_checks(field, value, MAX_BRANCH_LEN)?;
+    if value.starts_with('.') {
+        return Err(ValidationError::new(field, "must not start with '.'"));
+    }
     only_chars(
         field,
         value,
@@ -141,12 +159,13 @@ pub fn env_name(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// An environment variable value: at most [`MAX_ENV_VALUE_LEN`] bytes, no NUL.
+/// An environment variable value: at most [`MAX_ENV_VALUE_LEN`] characters,
+/// no NUL.
 pub fn env_value(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.len() > MAX_ENV_VALUE_LEN {
+    if value.chars().count() > MAX_ENV_VALUE_LEN {
         return Err(ValidationError::new(
             field,
-            format!("value must be at most {MAX_ENV_VALUE_LEN} bytes"),
+            format!("value must be at most {MAX_ENV_VALUE_LEN} characters"),
         ));
     }
     if value.contains('\0') {
@@ -183,8 +202,8 @@ mod tests {
             assert_eq!(branch("branch", ok), Ok(()), "{ok}");
         }
         for bad in [
-            "", "-x", "a..b", "a;b", "a b", "$(id)", "`id`", "a|b", "/a", "a/", "a//b", "a.lock",
-            "a/.b", "x\n", "a@{b", "a~1", "a^", "a:b",
+            "", "-x", ".x", "a..b", "a;b", "a b", "$(id)", "`id`", "a|b", "/a", "a/", "a//b",
+            "a.lock", "a/.b", "x\n", "a@{b", "a~1", "a^", "a:b",
         ] {
             assert!(branch("branch", bad).is_err(), "{bad:?}");
         }
@@ -229,6 +248,61 @@ mod tests {
         assert!(label("o s=linux").is_err());
         assert!(label("=x").is_err());
         assert!(label("novalue").is_err());
+    }
+
+    /// Every pattern accepts exactly what its function accepts, over all
+    /// short strings of an alphabet that hits each rule.
+    #[test]
+    fn patterns_agree_with_functions() {
+        type Accepts = fn(&str) -> bool;
+        let checks: [(&str, Accepts); 4] = [
+            (REPO_COMPONENT_PATTERN, |v| repo_component("f", v).is_ok()),
+            (BRANCH_PATTERN, |v| branch("f", v).is_ok()),
+            (TARGET_PATTERN, |v| target("f", v).is_ok()),
+            (ENV_NAME_PATTERN, |v| {
+                env_name("f", v).is_ok() && !crate::env::is_reserved(v)
+            }),
+        ];
+        let alphabet = ['a', 'Z', '0', '_', '-', '.', '/', ';', ' ', '\n', 'é'];
+        let mut corpus: Vec<String> = vec![String::new()];
+        let mut layer = corpus.clone();
+        for _ in 0..5 {
+            layer = layer
+                .iter()
+                .flat_map(|prefix| alphabet.iter().map(move |c| format!("{prefix}{c}")))
+                .collect();
+            corpus.extend(layer.iter().cloned());
+        }
+        corpus.extend(
+            [
+                "a.lock",
+                "a.lockb",
+                "PATH",
+                "PATHS",
+                "HOME",
+                "CI",
+                "CIA",
+                "HOBOTNICA_X",
+                "HOBOTNICA",
+                "_PATH",
+            ]
+            .map(str::to_owned),
+        );
+        corpus.push("a".repeat(100));
+        corpus.push("a".repeat(101));
+        corpus.push("a".repeat(255));
+        corpus.push("a".repeat(256));
+        corpus.push("A".repeat(257));
+        for (pattern, function) in checks {
+            let regex = fancy_regex::Regex::new(pattern).unwrap();
+            for value in &corpus {
+                assert_eq!(
+                    regex.is_match(value).unwrap(),
+                    function(value),
+                    "{pattern} and its function disagree on {value:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -97,7 +97,9 @@ pub fn caller_error(err: GitHubError) -> CoreError {
         GitHubError::RateLimited { .. } => CoreError::RateLimited(
             "GitHub's rate limit for this token is exhausted; retry later".to_owned(),
         ),
-        GitHubError::Unavailable(detail) => CoreError::Upstream(format!("GitHub: {detail}")),
+        GitHubError::Unavailable(detail) => CoreError::Upstream(format!(
+            "GitHub could not be reached; retry later ({detail})"
+        )),
     }
 }
 

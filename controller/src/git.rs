@@ -57,11 +57,20 @@ pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, Gi
         })
 }
 
+/// [`check_git_url`] as an ECMA-262 pattern, for the OpenAPI schema.
+/// Whitespace and control characters are listed as Rust's `char` methods see
+/// them, since regex engines disagree on `\s`.
+pub const GIT_URL_PATTERN: &str = concat!(
+    r"^(?!-)",
+    r"(?=[^\u0000-\u0020\u007f-\u009f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{1,2048}$)",
+    r"(?:https://|http://|ssh://|git://|file://|/|(?!.*://)(?!.*::)[^:]*@[^:]*:)",
+);
+
 /// Whether `url` is a git URL the controller accepts: http(s), ssh, git,
 /// file, scp-like `user@host:path`, or an absolute path. Transports that run
 /// commands (`ext::`) and anything that looks like an option are refused.
 pub fn check_git_url(url: &str) -> Result<(), &'static str> {
-    if url.is_empty() || url.len() > 2048 {
+    if url.is_empty() || url.chars().count() > 2048 {
         return Err("must be 1 to 2048 characters");
     }
     if url.starts_with('-') {
@@ -113,6 +122,34 @@ mod tests {
             "ftp://host/r",
         ] {
             assert!(check_git_url(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_agrees_with_check() {
+        let regex = fancy_regex::Regex::new(GIT_URL_PATTERN).unwrap();
+        let pieces = [
+            "https://", "http://", "ssh://", "git://", "file://", "ftp://", "ext::", "::", "/",
+            "@", ":", "-", "h", "x y", "\t", "\u{85}", "\u{a0}", "\u{3000}", "\u{feff}", "é",
+        ];
+        let mut corpus = vec![String::new()];
+        let mut layer = corpus.clone();
+        for _ in 0..4 {
+            layer = layer
+                .iter()
+                .flat_map(|prefix| pieces.iter().map(move |p| format!("{prefix}{p}")))
+                .collect();
+            corpus.extend(layer.iter().cloned());
+        }
+        corpus.push(format!("https://{}", "a".repeat(2040)));
+        corpus.push(format!("https://{}", "a".repeat(2041)));
+        corpus.push(format!("https://{}", "é".repeat(2040)));
+        for url in &corpus {
+            assert_eq!(
+                regex.is_match(url).unwrap(),
+                check_git_url(url).is_ok(),
+                "pattern and check disagree on {url:?}"
+            );
         }
     }
 }

@@ -73,17 +73,16 @@ impl Services {
         validate::target("target", &request.target)?;
         validate_env(&request.env)?;
         let (commit, branch) = match (request.commit, request.branch) {
-            (Some(_), Some(_)) => {
-                return Err(CoreError::invalid(
-                    "commit",
-                    "give either commit or branch, not both",
-                ));
-            }
-            (Some(commit), None) => {
+            // A commit runs as given; a branch beside it is only recorded
+            // (where the commit came from), not resolved.
+            (Some(commit), branch) => {
                 let sha: CommitSha = commit.parse().map_err(|_| {
                     CoreError::invalid("commit", "must be 40 hexadecimal characters")
                 })?;
-                (sha, None)
+                if let Some(branch) = &branch {
+                    validate::branch("branch", branch)?;
+                }
+                (sha, branch)
             }
             (None, branch) => {
                 let branch = branch.unwrap_or_else(|| repo.default_branch.clone());

@@ -100,18 +100,19 @@ impl Services {
     pub async fn register_github_repo(
         &self,
         caller: &Caller,
-        owner: &str,
+        owner: Option<&str>,
         name: &str,
         branch: Option<String>,
         timeout_secs: Option<u64>,
         create_webhook: bool,
     ) -> Result<RegisteredGitHubRepo, CoreError> {
         let Caller::GitHub { login, token } = caller else {
-            return Err(CoreError::invalid(
-                "owner",
-                "registering a GitHub repository needs GitHub credentials: send Authorization: Bearer <github token> and X-GitHub-Username (or give git_url to register by URL)",
+            return Err(CoreError::Forbidden(
+                "registering a GitHub repository needs GitHub credentials: send Authorization: Bearer <github token> and X-GitHub-Username (or give git_url to register by URL)".to_owned(),
             ));
         };
+        // Without an owner: the caller's own repository.
+        let owner = owner.unwrap_or(login);
         validate::repo_component("owner", owner)?;
         validate::repo_component("name", name)?;
         let info = self

@@ -47,6 +47,8 @@ pub struct RawResponse {
     pub status: u16,
     pub content_type: Option<String>,
     pub location: Option<String>,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
@@ -66,6 +68,16 @@ impl RawResponse {
         let status = response.status().as_u16();
         let content_type = header("content-type");
         let location = header("location");
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let body = response
             .bytes()
             .await
@@ -75,8 +87,17 @@ impl RawResponse {
             status,
             content_type,
             location,
+            headers,
             body,
         }
+    }
+
+    /// A header's value (`name` in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value.as_str())
     }
 
     /// The body as JSON.
@@ -477,4 +498,37 @@ impl Api {
         let list = self.get_json(&format!("/api/v1/jobs?{query}")).await;
         serde_json::from_value(list["items"].clone()).expect("a list of jobs")
     }
+}
+
+/// Sends one whole HTTP/1.1 request to `addr` and returns the connection
+/// without reading the answer: drop it to hang up.
+pub async fn send_without_reading(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        request.push_str("content-type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the head");
+    stream.write_all(body).await.expect("send the body");
+    stream.flush().await.expect("flush");
+    stream
 }

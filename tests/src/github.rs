@@ -152,6 +152,8 @@ struct State {
     /// `git http-backend`'s stderr, for failure messages.
     git_errors: Vec<String>,
     next_id: u64,
+    /// How long every answer waits (a slow GitHub).
+    latency: std::time::Duration,
 }
 
 struct RepoEntry {
@@ -403,6 +405,11 @@ impl FakeGitHub {
 
     /// Makes every API call with `token` answer GitHub's 403 "API rate limit
     /// exceeded" (with `X-RateLimit-Remaining: 0`), or stops doing so.
+    /// Makes every answer (API, GraphQL and git) wait `latency` first.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.shared.lock().latency = latency;
+    }
+
     pub fn set_rate_limited(&self, token: &str, limited: bool) {
         let mut state = self.shared.lock();
         if limited {
@@ -475,7 +482,14 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, request: Request) -> 
             })
             .collect(),
     };
-    shared.lock().requests.push(recorded);
+    let latency = {
+        let mut state = shared.lock();
+        state.requests.push(recorded);
+        state.latency
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
 
     let path = request.uri().path().to_owned();
     if path == "/api/graphql" {

@@ -1507,3 +1507,6 @@ async fn a_lost_test_job_is_queued_again_once() {
         "the lost job stays lost"
     );
 }
+
+#[path = "e2e/contract.rs"]
+mod contract;

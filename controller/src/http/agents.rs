@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::problem::{ApiError, ApiJson, Problem};
+use super::schemas::TokenName;
 use crate::services::Services;
 use crate::store::{AgentTokenRecord, JobFilter};
 
@@ -49,6 +50,7 @@ pub struct AgentList {
 #[serde(deny_unknown_fields)]
 pub struct CreateAgentTokenRequest {
     /// What the token is for, e.g. the build host's name.
+    #[schema(value_type = TokenName)]
     pub name: String,
 }
 
@@ -173,7 +175,7 @@ async fn list_agent_tokens(
 }
 
 #[utoipa::path(delete, path = "/api/v1/agent-tokens/{id}", tag = "agents",
-    params(("id" = String, Path)),
+    params(("id" = String, Path, description = "The token's id", pattern = "^[0-9a-f]{16}$")),
     responses(
         (status = 204, description = "Revoked: agents using it are disconnected"),
         (status = 401, body = Problem, content_type = "application/problem+json"),

@@ -11,6 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
+use super::schemas::{EnvName, Owner, RepoName};
 use crate::auth::{Access, Caller};
 use crate::projects::SetEnv;
 use crate::services::Services;
@@ -52,7 +53,8 @@ pub struct EnvList {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"value": "s3cr3t", "secret": true, "scope": "deploy"}))]
 pub struct SetEnvRequest {
-    /// At most 64 KiB.
+    /// At most 65536 characters, no NUL.
+    #[schema(max_length = 65536, pattern = "^[^\\u0000]*$")]
     pub value: String,
     /// Encrypted at rest, write-only, masked in logs (default false).
     pub secret: Option<bool>,
@@ -69,14 +71,14 @@ pub struct ScopeQuery {
 }
 
 #[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}/env", tag = "env",
-    params(("owner" = String, Path), ("name" = String, Path)),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 200, body = EnvList),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn list_env(
     caller: Caller,
     State(services): State<Services>,
@@ -92,7 +94,7 @@ async fn list_env(
 }
 
 #[utoipa::path(put, path = "/api/v1/repos/{owner}/{name}/env/{key}", tag = "env",
-    params(("owner" = String, Path), ("name" = String, Path), ("key" = String, Path, description = "[A-Za-z_][A-Za-z0-9_]*; not PATH, HOME, CI or HOBOTNICA_*")),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path), ("key" = EnvName, Path)),
     request_body = SetEnvRequest,
     responses(
         (status = 200, body = EnvVarView),
@@ -102,7 +104,7 @@ async fn list_env(
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid name or value", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn set_env(
     caller: Caller,
     State(services): State<Services>,
@@ -128,7 +130,7 @@ async fn set_env(
 }
 
 #[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}/env/{key}", tag = "env",
-    params(("owner" = String, Path), ("name" = String, Path), ("key" = String, Path), ScopeQuery),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path), ("key" = EnvName, Path), ScopeQuery),
     responses(
         (status = 204, description = "Removed"),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -136,7 +138,7 @@ async fn set_env(
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn delete_env(
     caller: Caller,
     State(services): State<Services>,

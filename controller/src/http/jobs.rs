@@ -14,6 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::problem::{ApiError, ApiQuery, Problem};
+use super::schemas::{self, Cursor, FullRepoName, PageSize};
 use crate::auth::{Access, Caller};
 use crate::services::Services;
 use crate::store::JobFilter;
@@ -32,6 +33,15 @@ pub fn router() -> OpenApiRouter<Services> {
 
 /// A job and its status.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": 42, "repo": "local/demo", "kind": "deploy", "target": "deploy", "state": "running",
+    "commit": "2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9", "branch": "main", "trigger": "api",
+    "attempt": 1, "agent": "build-1", "agent_id": "5f0c7d2a9b1e4c3d8a6f2e1b0c9d8e7f",
+    "exit_code": null, "message": null, "env_keys": ["RELEASE_NOTE"], "cancel_requested": false,
+    "requested_by": "admin", "duration_ms": 5120, "created_at": "2026-11-28T12:00:00Z",
+    "started_at": "2026-11-28T12:00:01Z", "finished_at": null,
+    "url": "/api/v1/jobs/42", "log_url": "/api/v1/jobs/42/log"
+}))]
 pub struct JobView {
     pub id: u64,
     /// `owner/name`
@@ -121,14 +131,15 @@ pub struct JobList {
 #[into_params(parameter_in = Query)]
 pub struct JobsQuery {
     /// Only jobs of this repository (`owner/name`).
+    #[param(value_type = Option<FullRepoName>)]
     pub repo: Option<String>,
     /// Only jobs in this state.
     pub state: Option<JobState>,
     /// Only jobs of this kind.
     pub kind: Option<JobKind>,
-    /// Page size, 1 to 200 (default 50).
+    #[param(value_type = Option<PageSize>)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -136,7 +147,9 @@ pub struct JobsQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LogQuery {
-    /// Byte offset to start from (default 0).
+    /// Byte offset to start from (default 0); past the end gives an empty
+    /// body.
+    #[param(minimum = 0, maximum = 9223372036854775807_u64, format = Int64)]
     pub offset: Option<u64>,
 }
 
@@ -153,10 +166,14 @@ async fn accessible_job(
 }
 
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
-    raw.parse()
-        .map_err(|err: hobotnica_common::ids::InvalidId| {
-            ApiError::field(StatusCode::BAD_REQUEST, "id", err.to_string())
-        })
+    parse_positive(raw)
+        .ok_or_else(|| ApiError::field(StatusCode::BAD_REQUEST, "id", "must be a positive integer"))
+}
+
+/// A job id written plainly: digits only, no sign, no leading zero.
+fn parse_positive(raw: &str) -> Option<JobId> {
+    let plain = !raw.starts_with('0') && !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
+    plain.then(|| raw.parse().ok()).flatten()
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
@@ -167,7 +184,7 @@ fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn list_jobs(
     caller: Caller,
     State(services): State<Services>,
@@ -201,18 +218,29 @@ pub async fn job_page(
 ) -> Result<JobList, ApiError> {
     filter.before = cursor
         .map(|cursor| {
-            cursor.parse::<JobId>().map_err(|_| {
-                ApiError::field(
-                    StatusCode::BAD_REQUEST,
-                    "cursor",
-                    "not a cursor from a previous page",
-                )
-            })
+            parse_positive(cursor)
+                .filter(|_| cursor.len() <= 19)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        StatusCode::BAD_REQUEST,
+                        "cursor",
+                        "not a cursor from a previous page",
+                    )
+                })
         })
         .transpose()?;
-    filter.limit = limit
-        .unwrap_or(DEFAULT_PAGE_SIZE)
-        .clamp(1, crate::jobs::MAX_PAGE_SIZE);
+    let max = crate::jobs::MAX_PAGE_SIZE;
+    filter.limit = match limit {
+        None => DEFAULT_PAGE_SIZE,
+        Some(limit) if (1..=max).contains(&limit) => limit,
+        Some(_) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "limit",
+                format!("must be 1 to {max}"),
+            ));
+        }
+    };
     let limit = filter.limit;
     let jobs = services.list_jobs(filter).await?;
     let next_cursor = (jobs.len() >= limit)
@@ -236,14 +264,14 @@ pub async fn job_page(
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
-    params(("id" = u64, Path, description = "Job id")),
+    params(("id" = schemas::JobId, Path)),
     responses(
         (status = 200, body = JobView),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn show_job(
     caller: Caller,
     State(services): State<Services>,
@@ -254,7 +282,7 @@ async fn show_job(
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
-    params(("id" = u64, Path, description = "Job id")),
+    params(("id" = schemas::JobId, Path)),
     responses(
         (status = 202, description = "Cancelled (queued job) or cancel sent to the agent (running job)", body = JobView),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -262,7 +290,7 @@ async fn show_job(
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job has already finished", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn cancel_job(
     caller: Caller,
     State(services): State<Services>,
@@ -274,7 +302,7 @@ async fn cancel_job(
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
-    params(("id" = u64, Path, description = "Job id")),
+    params(("id" = schemas::JobId, Path)),
     responses(
         (status = 202, description = "A new job: same repository, commit, target and one-time variables", body = JobView,
             headers(("Location" = String, description = "/api/v1/jobs/{id} of the new job"))),
@@ -285,7 +313,7 @@ async fn cancel_job(
         (status = 409, description = "The job has not finished", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The repository is disabled", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn retry_job(
     caller: Caller,
     State(services): State<Services>,
@@ -296,7 +324,7 @@ async fn retry_job(
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",
-    params(("id" = u64, Path, description = "Job id"), LogQuery),
+    params(("id" = schemas::JobId, Path), LogQuery),
     responses(
         (status = 200, description = "The log's bytes from `offset` (stdout and stderr interleaved as produced)", body = String, content_type = "text/plain",
             headers(("X-Log-Length" = u64, description = "The log's length when the response started"),
@@ -305,7 +333,7 @@ async fn retry_job(
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn job_log(
     caller: Caller,
     State(services): State<Services>,
@@ -314,7 +342,15 @@ async fn job_log(
 ) -> Result<Response, ApiError> {
     let job = accessible_job(&services, &caller, &id, Access::Read).await?;
     let length = services.store.log_len(job.id).await?;
-    let start = query.offset.unwrap_or(0).min(length);
+    let offset = query.offset.unwrap_or(0);
+    if offset > i64::MAX as u64 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "offset",
+            "must be 0 to 9223372036854775807",
+        ));
+    }
+    let start = offset.min(length);
     let store = services.store.clone();
     let job_id = job.id;
     let body = crate::logs::read_range(store, job_id, start, length);

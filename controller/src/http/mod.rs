@@ -9,13 +9,14 @@ mod jobs;
 pub use jobs::accepted;
 pub mod problem;
 mod repos;
+mod schemas;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Serialize;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -33,6 +34,16 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
     ),
     modifiers(&SecuritySchemes),
     paths(crate::webhook::receive),
+    components(schemas(
+        schemas::Owner,
+        schemas::RepoName,
+        schemas::FullRepoName,
+        schemas::EnvName,
+        schemas::JobId,
+        schemas::PageSize,
+        schemas::Cursor,
+        schemas::IdempotencyKey,
+    )),
     tags(
         (name = "repos", description = "Registered repositories"),
         (name = "jobs", description = "Jobs: make targets run at a commit"),
@@ -54,9 +65,29 @@ impl Modify for SecuritySchemes {
             SecurityScheme::Http(
                 Http::builder()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("The admin token"))
+                    .description(Some(
+                        "The admin token: printed by `hobot up` and kept in `<data-dir>/admin-token` (or the controller's `--admin-token`). It may do everything.",
+                    ))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "github_token",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A GitHub user's token (a personal access token, or an OAuth or GitHub App user token), sent with `X-GitHub-Username`. The caller may read what the token can read on GitHub and run jobs where it can push; the answers are cached for 60 seconds.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "github_login",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-GitHub-Username",
+                "The GitHub login the bearer token belongs to (`github_token`).",
+            ))),
         );
     }
 }
@@ -64,7 +95,7 @@ impl Modify for SecuritySchemes {
 /// The REST router with its OpenAPI document.
 pub fn router(services: Services) -> axum::Router {
     let (router, mut api) = api_router().split_for_parts();
-    describe_responses(&mut api);
+    finish_document(&mut api);
     let webhooks = crate::webhook::router().with_state(services.clone());
     let router = router.with_state(services);
     let api_json = api.clone();
@@ -78,7 +109,33 @@ pub fn router(services: Services) -> axum::Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .merge(webhooks)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(shield))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Carries every request that may change something (any method but GET,
+/// HEAD, OPTIONS) through to its end in a task of its own. A client that
+/// disconnects drops only the wait for the answer: the change is made whole
+/// or, if the body never arrived complete, not at all.
+async fn shield(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.method().is_safe() {
+        return next.run(request).await;
+    }
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(err) => {
+            tracing::error!(error = %err, "request handler failed");
+            problem::ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request failed; see the controller's log",
+            )
+            .into_response()
+        }
+    }
 }
 
 fn api_router() -> OpenApiRouter<Services> {
@@ -94,14 +151,16 @@ fn api_router() -> OpenApiRouter<Services> {
 /// The OpenAPI document (for the committed `openapi/openapi.yaml`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut api = api_router().split_for_parts().1;
-    describe_responses(&mut api);
+    finish_document(&mut api);
     api
 }
 
-/// Gives every response without a description (OpenAPI requires one) the
-/// reason phrase of its status.
-fn describe_responses(api: &mut utoipa::openapi::OpenApi) {
-    for item in api.paths.paths.values_mut() {
+/// Completes every operation with the responses that come from the edge
+/// rather than the handler (credentials, body parsing, the store), each a
+/// problem document, and gives every response without a description its
+/// reason phrase (OpenAPI requires one).
+fn finish_document(api: &mut utoipa::openapi::OpenApi) {
+    for (path, item) in &mut api.paths.paths {
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -110,6 +169,64 @@ fn describe_responses(api: &mut utoipa::openapi::OpenApi) {
             &mut item.patch,
         ];
         for operation in operations.into_iter().flatten() {
+            let mut edge = Vec::new();
+            if let Some(security) = &operation.security {
+                let value = serde_json::to_value(security).unwrap_or_default();
+                let github = value.to_string().contains("github_token");
+                edge.push((401, "Missing or wrong credentials"));
+                if github {
+                    edge.push((429, "GitHub's rate limit for this token is exhausted"));
+                    edge.push((502, "GitHub could not be reached to check the token"));
+                } else {
+                    edge.push((403, "This needs the admin token"));
+                }
+            }
+            if operation.request_body.is_some() {
+                edge.push((400, "Malformed JSON"));
+                edge.push((413, "The body is too large"));
+                edge.push((
+                    415,
+                    "The body is not JSON (send Content-Type: application/json)",
+                ));
+                edge.push((422, "A field is invalid: `errors` names it"));
+            }
+            if operation
+                .parameters
+                .as_ref()
+                .is_some_and(|parameters| !parameters.is_empty())
+            {
+                edge.push((400, "A parameter is malformed: `errors` names it"));
+            }
+            if path.as_str() != "/healthz" {
+                edge.push((503, "The store is unavailable; retry later"));
+            }
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let utoipa::openapi::RefOr::T(parameter) = parameter {
+                    not_nullable(parameter);
+                }
+            }
+            for (status, description) in edge {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| problem_response(description).into());
+            }
+            if let Some(utoipa::openapi::RefOr::T(unauthorized)) =
+                operation.responses.responses.get_mut("401")
+            {
+                unauthorized.headers.insert(
+                    "WWW-Authenticate".to_owned(),
+                    utoipa::openapi::header::HeaderBuilder::new()
+                        .schema(Some(
+                            utoipa::openapi::schema::ObjectBuilder::new()
+                                .schema_type(utoipa::openapi::schema::Type::String),
+                        ))
+                        .description(Some("`Bearer`"))
+                        .build()
+                        .into(),
+                );
+            }
             for (status, response) in &mut operation.responses.responses {
                 if let utoipa::openapi::RefOr::T(response) = response
                     && response.description.is_empty()
@@ -127,8 +244,43 @@ fn describe_responses(api: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// An optional parameter is absent or a value, never `null` (a header or
+/// query string cannot carry one): `oneOf: [T, null]` becomes `T`.
+fn not_nullable(parameter: &mut utoipa::openapi::path::Parameter) {
+    use utoipa::openapi::schema::{Schema, Type};
+    use utoipa::openapi::{RefOr, schema::SchemaType};
+    let Some(RefOr::T(Schema::OneOf(one_of))) = &parameter.schema else {
+        return;
+    };
+    let is_null = |item: &RefOr<Schema>| matches!(item, RefOr::T(Schema::Object(object)) if object.schema_type == SchemaType::Type(Type::Null));
+    let mut values = one_of.items.iter().filter(|item| !is_null(item));
+    if let (Some(value), None) = (values.next(), values.next()) {
+        parameter.schema = Some(value.clone());
+    }
+}
+
+/// A response whose body is a problem document.
+fn problem_response(description: &str) -> utoipa::openapi::Response {
+    utoipa::openapi::ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/problem+json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build()
+}
+
 async fn not_found() -> problem::ApiError {
     problem::ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed(method: axum::http::Method) -> problem::ApiError {
+    problem::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here (the Allow header lists what is)"),
+    )
 }
 
 #[derive(Serialize, ToSchema)]

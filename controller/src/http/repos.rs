@@ -16,6 +16,9 @@ use utoipa_axum::routes;
 
 use super::jobs::JobView;
 use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
+use super::schemas::{
+    Branch, CommitSha, Cursor, GitUrl, IdempotencyKey, JobEnv, Owner, PageSize, RepoName, Target,
+};
 use crate::auth::{Access, Caller};
 use crate::jobs::TriggerJob;
 use crate::projects::NewRepo;
@@ -36,19 +39,24 @@ pub fn router() -> OpenApiRouter<Services> {
 #[schema(example = json!({"name": "demo", "git_url": "https://git.example.com/demo.git", "branch": "main"}))]
 pub struct RegisterRepoRequest {
     /// Repository name: letters, digits, `.`, `_`, `-`.
+    #[schema(value_type = RepoName)]
     pub name: String,
-    /// Anything git can clone: https://, ssh://, git://, file://, user@host:path.
-    /// Leave it out to register the GitHub repository `owner/name` (with
-    /// GitHub credentials: `Authorization: Bearer <github token>` and
-    /// `X-GitHub-Username`).
+    /// Anything git can clone (admin token only). Leave it out to register
+    /// the GitHub repository `owner/name`, with GitHub credentials
+    /// (`Authorization: Bearer <github token>` and `X-GitHub-Username`).
+    #[schema(value_type = Option<GitUrl>)]
     pub git_url: Option<String>,
-    /// Owner: the GitHub owner, or `local` when registering by URL.
+    /// With `git_url`: the owner to file it under (default `local`).
+    /// Without: the GitHub owner (default: the caller's own login).
+    #[schema(value_type = Option<Owner>)]
     pub owner: Option<String>,
     /// Create the GitHub webhook (needs admin rights on the repository).
     pub create_webhook: Option<bool>,
     /// Default branch for jobs that name neither commit nor branch (`main`).
+    #[schema(value_type = Option<Branch>)]
     pub branch: Option<String>,
-    /// Wall-clock limit of each job in seconds (default 3600).
+    /// Wall-clock limit of each job in seconds (default 3600, at most 7 days).
+    #[schema(minimum = 1, maximum = 604800)]
     pub timeout_secs: Option<u64>,
     /// Queue a `test` job again, once, when its agent is lost (default
     /// true). Deploys are never queued again automatically.
@@ -122,19 +130,25 @@ pub struct RepoList {
 #[schema(example = json!({"target": "test", "branch": "main", "env": {"GREETING": "hello"}}))]
 pub struct RunJobRequest {
     /// The make target.
+    #[schema(value_type = Target)]
     pub target: String,
-    /// A 40-hex commit sha. Give commit or branch, not both.
+    /// The commit to run at. With `branch` too, the branch is only recorded.
+    #[schema(value_type = Option<CommitSha>)]
     pub commit: Option<String>,
-    /// A branch, resolved to its current commit now. Default: the repository's branch.
+    /// Without `commit`: a branch, resolved to its current commit now.
+    /// Default: the repository's branch.
+    #[schema(value_type = Option<Branch>)]
     pub branch: Option<String>,
     /// One-time environment variables for this job.
+    #[schema(value_type = Option<JobEnv>)]
     pub env: Option<BTreeMap<String, String>>,
 }
 
 #[utoipa::path(post, path = "/api/v1/repos", tag = "repos",
     request_body = RegisterRepoRequest,
     responses(
-        (status = 201, description = "Registered", body = RepoView),
+        (status = 201, description = "Registered; `Location` names the repository", body = RepoView,
+            headers(("Location" = String, description = "/api/v1/repos/{owner}/{name}"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The GitHub token cannot read the repository, or lacks admin rights for create_webhook", body = Problem, content_type = "application/problem+json"),
@@ -144,7 +158,7 @@ pub struct RunJobRequest {
         (status = 502, description = "GitHub could not be reached", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn register_repo(
     caller: Caller,
     State(services): State<Services>,
@@ -172,17 +186,10 @@ async fn register_repo(
             )
         }
         None => {
-            let owner = request.owner.ok_or_else(|| {
-                ApiError::field(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "owner",
-                    "give owner (a GitHub repository) or git_url",
-                )
-            })?;
             let registered = services
                 .register_github_repo(
                     &caller,
-                    &owner,
+                    request.owner.as_deref(),
                     &request.name,
                     request.branch,
                     request.timeout_secs,
@@ -208,7 +215,7 @@ async fn register_repo(
         (status = 200, body = RepoList),
         (status = 401, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn list_repos(
     caller: Caller,
     State(services): State<Services>,
@@ -232,14 +239,14 @@ async fn list_repos(
 }
 
 #[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
-    params(("owner" = String, Path), ("name" = String, Path)),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 200, body = RepoView),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn show_repo(
     caller: Caller,
     State(services): State<Services>,
@@ -253,14 +260,14 @@ async fn show_repo(
 }
 
 #[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
-    params(("owner" = String, Path), ("name" = String, Path)),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 204, description = "Removed"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn delete_repo(
     caller: Caller,
     State(services): State<Services>,
@@ -275,7 +282,7 @@ async fn delete_repo(
 }
 
 #[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/jobs", tag = "jobs",
-    params(("owner" = String, Path), ("name" = String, Path)),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     request_body = RunJobRequest,
     responses(
         (status = 202, description = "Queued; `Location` names the job", body = JobView,
@@ -289,7 +296,7 @@ async fn delete_repo(
         (status = 429, description = "GitHub's rate limit is exhausted", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The repository could not be read", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn run_job(
     caller: Caller,
     State(services): State<Services>,
@@ -322,17 +329,21 @@ async fn run_job(
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"commit": "2f6f3c1f0a1b2c3d4e5f60718293a4b5c6d7e8f9"}))]
 pub struct DeployRequest {
-    /// A 40-hex commit sha. Give commit or branch, not both.
+    /// The commit to deploy. With `branch` too, the branch is only recorded.
+    #[schema(value_type = Option<CommitSha>)]
     pub commit: Option<String>,
-    /// A branch whose current commit is deployed. Default: the repository's branch.
+    /// Without `commit`: a branch whose current commit is deployed.
+    /// Default: the repository's branch.
+    #[schema(value_type = Option<Branch>)]
     pub branch: Option<String>,
     /// One-time environment variables for this deploy.
+    #[schema(value_type = Option<JobEnv>)]
     pub env: Option<BTreeMap<String, String>>,
 }
 
 #[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/deploy", tag = "jobs",
-    params(("owner" = String, Path), ("name" = String, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key returns the first request's job instead of deploying twice")),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path),
+        ("Idempotency-Key" = Option<IdempotencyKey>, Header, description = "Makes the request safe to retry: the same key with the same body returns the first request's job (200) instead of deploying twice")),
     request_body = DeployRequest,
     responses(
         (status = 202, description = "Queued `make deploy`; `Location` names the job", body = JobView,
@@ -347,7 +358,7 @@ pub struct DeployRequest {
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The repository could not be read", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn deploy(
     caller: Caller,
     State(services): State<Services>,
@@ -406,14 +417,14 @@ async fn repo_view(services: &Services, repo: Repo) -> Result<RepoView, ApiError
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DeploysQuery {
-    /// Page size, 1 to 200 (default 50).
+    #[param(value_type = Option<PageSize>)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/repos/{owner}/{name}/deploys", tag = "jobs",
-    params(("owner" = String, Path), ("name" = String, Path), DeploysQuery),
+    params(("owner" = Owner, Path), ("name" = RepoName, Path), DeploysQuery),
     responses(
         (status = 200, description = "The repository's deploys, newest first", body = super::jobs::JobList),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -421,7 +432,7 @@ pub struct DeploysQuery {
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
-    security(("token" = [])))]
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn list_deploys(
     caller: Caller,
     State(services): State<Services>,

@@ -151,13 +151,22 @@ async fn a_deploy_runs_make_deploy_at_the_branch_tip_or_at_a_chosen_commit() {
     s.api.wait_for_success(now.id, JOB_TIMEOUT).await;
     assert_eq!(s.api.output(now.id).await, deploy_output(&third));
 
-    // Commit and branch together are refused.
+    // Commit and branch together: the commit is deployed, the branch only
+    // recorded (and still checked).
+    let pinned = s
+        .api
+        .deploy(REPO, json!({ "commit": first, "branch": "main" }))
+        .await;
+    assert_eq!(
+        (pinned.commit.as_str(), pinned.branch.as_deref()),
+        (first.as_str(), Some("main"))
+    );
     let response = s
         .api
-        .deploy_raw(REPO, &json!({ "commit": first, "branch": "main" }), None)
+        .deploy_raw(REPO, &json!({ "commit": first, "branch": "-main" }), None)
         .await;
     let problem = response.assert_problem(422);
-    assert_eq!(problem["errors"][0]["field"], "commit", "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "branch", "{problem}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,12 +19,12 @@ use hobotnica_tests::github::{
 
 use super::*;
 
-const OWNER: &str = "octo-org";
-const NAME: &str = "widget";
+pub(super) const OWNER: &str = "octo-org";
+pub(super) const NAME: &str = "widget";
 /// The GitHub repository every test registers.
-const GH_REPO: &str = "octo-org/widget";
+pub(super) const GH_REPO: &str = "octo-org/widget";
 /// The user whose token registers it.
-const LOGIN: &str = "octocat";
+pub(super) const LOGIN: &str = "octocat";
 /// How long the controller may take to notice revoked access (it re-checks
 /// every second in these tests).
 const REVOCATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,18 +41,18 @@ fn github_token() -> String {
 
 /// A fake GitHub with `octo-org/widget` and user `octocat` (with `token`
 /// and `permission` on it), and a controller pointed at it.
-struct GitHubSetup {
-    github: FakeGitHub,
-    repo: Arc<GitRepo>,
-    token: String,
-    controller: Controller,
+pub(super) struct GitHubSetup {
+    pub(super) github: FakeGitHub,
+    pub(super) repo: Arc<GitRepo>,
+    pub(super) token: String,
+    pub(super) controller: Controller,
     /// The admin token's client.
-    api: Api,
+    pub(super) api: Api,
     /// `octocat`'s client.
-    user: GitHubUser,
+    pub(super) user: GitHubUser,
 }
 
-async fn github_setup(permission: Permission, controller_args: &[&str]) -> GitHubSetup {
+pub(super) async fn github_setup(permission: Permission, controller_args: &[&str]) -> GitHubSetup {
     let github = FakeGitHub::start().await;
     let token = github_token();
     github.add_user(LOGIN, &token);
