@@ -171,10 +171,8 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
         for operation in operations.into_iter().flatten() {
             let mut edge = Vec::new();
             if let Some(security) = &operation.security {
-                let value = serde_json::to_value(security).unwrap_or_default();
-                let github = value.to_string().contains("github_token");
                 edge.push((401, "Missing or wrong credentials"));
-                if github {
+                if accepts_github_credentials(security) {
                     edge.push((429, "GitHub's rate limit for this token is exhausted"));
                     edge.push((502, "GitHub could not be reached to check the token"));
                 } else {
@@ -242,6 +240,17 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
             }
         }
     }
+}
+
+/// Whether one of the alternatives is the `github_token` scheme (utoipa keeps
+/// a requirement's schemes private; its JSON form names them).
+fn accepts_github_credentials(security: &[utoipa::openapi::security::SecurityRequirement]) -> bool {
+    security.iter().any(|requirement| {
+        serde_json::to_value(requirement)
+            .ok()
+            .and_then(|value| value.get("github_token").cloned())
+            .is_some()
+    })
 }
 
 /// An optional parameter is absent or a value, never `null` (a header or

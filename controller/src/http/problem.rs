@@ -68,6 +68,12 @@ impl ApiError {
     pub fn unauthorized(detail: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, detail)
     }
+
+    /// Adds the field a serde message is about to `errors`, when it names one.
+    fn naming_field(mut self, serde_message: &str) -> ApiError {
+        self.errors = named_field(serde_message).map(|field| vec![field]);
+        self
+    }
 }
 
 impl From<CoreError> for ApiError {
@@ -165,7 +171,8 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(_) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("invalid request body: {cause}"),
-        ),
+        )
+        .naming_field(&cause),
         JsonRejection::JsonSyntaxError(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {cause}"))
         }
@@ -207,4 +214,57 @@ fn query_rejection(rejection: &QueryRejection) -> ApiError {
         StatusCode::BAD_REQUEST,
         format!("invalid query string: {cause}"),
     )
+    .naming_field(cause)
+}
+
+/// The field serde's message is about: it starts with the field's path
+/// (`env.FOO: invalid type ...`) or says "missing field `name`".
+fn named_field(cause: &str) -> Option<FieldError> {
+    let cause = cause.split(" at line ").next().unwrap_or(cause);
+    if let Some((path, message)) = cause.split_once(": ")
+        && !path.is_empty()
+        && path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'))
+    {
+        return Some(FieldError {
+            field: path.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+    let (field, _) = cause.strip_prefix("missing field `")?.split_once('`')?;
+    Some(FieldError {
+        field: field.to_owned(),
+        message: "is required".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::named_field;
+
+    #[test]
+    fn serde_messages_name_their_field() {
+        for (message, field) in [
+            (
+                "brnach: unknown field `brnach`, expected one of `name` at line 1 column 42",
+                Some("brnach"),
+            ),
+            (
+                "env.FOO: invalid type: integer `1`, expected a string at line 1 column 9",
+                Some("env.FOO"),
+            ),
+            ("missing field `name` at line 1 column 20", Some("name")),
+            ("limit: invalid digit found in string", Some("limit")),
+            ("expected value at line 1 column 1", None),
+        ] {
+            assert_eq!(
+                named_field(message).map(|f| f.field),
+                field.map(str::to_owned),
+                "{message}"
+            );
+        }
+        let missing = named_field("missing field `name` at line 1 column 20").unwrap();
+        assert_eq!(missing.message, "is required");
+    }
 }

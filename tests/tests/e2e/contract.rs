@@ -166,6 +166,8 @@ async fn unknown_fields_are_refused_naming_the_field() {
     ] {
         let answer = api.send_json(Method::POST, path, &body).await;
         let problem = answer.assert_problem(422);
+        let field = &problem["errors"][0]["field"];
+        assert!(field == "brnach" || field == "comit", "{path}: {problem}");
         let detail = problem["detail"].as_str().unwrap();
         assert!(
             detail.contains("unknown field")
@@ -187,12 +189,16 @@ async fn unknown_fields_are_refused_naming_the_field() {
             .contains("secrte")
     );
     let answer = api.raw(Method::GET, "/api/v1/jobs?limt=5", None).await;
-    assert!(
-        answer.assert_problem(400)["detail"]
-            .as_str()
-            .unwrap()
-            .contains("limt")
-    );
+    assert_eq!(answer.assert_problem(400)["errors"][0]["field"], "limt");
+    let answer = api
+        .send_json(
+            Method::POST,
+            "/api/v1/repos",
+            &json!({"git_url": repo.url()}),
+        )
+        .await;
+    let problem = answer.assert_problem(422);
+    assert_eq!(problem["errors"][0]["field"], "name", "{problem}");
     // Nothing was registered or queued by the refused requests.
     assert_eq!(
         api.get_json("/api/v1/repos").await["items"]
