@@ -751,6 +751,45 @@ mod embedded_suite {
     }
 
     conformance_suite!(make());
+
+    /// Idempotency records go with their key once it is older than
+    /// `DELIVERY_RETENTION` (Redis expires the same keys by TTL).
+    #[tokio::test]
+    async fn idempotency_records_are_pruned_with_their_key() {
+        use chrono::{Duration, Utc};
+        use hobotnica_common::ids::JobId;
+        let (store, _dir) = make();
+        let old = Utc::now() - Duration::days(8);
+        let key = "idempotency:local/demo:a#b";
+        assert!(store.remember_delivery(key, old).await.unwrap());
+        store.set_key_job(key, JobId(1)).await.unwrap();
+        store
+            .set_key_job(&format!("{key}#f00d"), JobId(1))
+            .await
+            .unwrap();
+        let fresh = "idempotency:local/demo:fresh";
+        assert!(store.remember_delivery(fresh, Utc::now()).await.unwrap());
+        store.set_key_job(fresh, JobId(2)).await.unwrap();
+        store
+            .set_key_job(&format!("{fresh}#beef"), JobId(2))
+            .await
+            .unwrap();
+
+        let retention = super::super::Retention {
+            max_age: std::time::Duration::from_secs(3600),
+            max_jobs_per_repo: 1000,
+        };
+        store.prune(&retention, Utc::now()).await.unwrap();
+        assert_eq!(store.key_job(key).await.unwrap(), None);
+        assert_eq!(store.key_job(&format!("{key}#f00d")).await.unwrap(), None);
+        assert_eq!(store.key_job(fresh).await.unwrap(), Some(JobId(2)));
+        assert_eq!(
+            store.key_job(&format!("{fresh}#beef")).await.unwrap(),
+            Some(JobId(2))
+        );
+        // The key can be used again: it is new.
+        assert!(store.remember_delivery(key, Utc::now()).await.unwrap());
+    }
 }
 
 /// A `redis-server` of its own on a free port, killed on drop.

@@ -870,6 +870,28 @@ impl Store for EmbeddedStore {
                 deliveries
                     .retain(|_, at| at >= delivery_cutoff)
                     .map_err(unavailable)?;
+                // A key's job (and its request's fingerprint, `<key>#<hash>`)
+                // is kept as long as the key is remembered, as in Redis.
+                let mut key_jobs = txn.open_table(KEY_JOBS).map_err(unavailable)?;
+                let mut forgotten = Vec::new();
+                for entry in key_jobs.iter().map_err(unavailable)? {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    let key = key.value().to_owned();
+                    let remembered = |k: &str| -> StoreResult<bool> {
+                        Ok(deliveries.get(k).map_err(unavailable)?.is_some())
+                    };
+                    let kept = remembered(&key)?
+                        || match key.rsplit_once('#') {
+                            Some((base, _)) => remembered(base)?,
+                            None => false,
+                        };
+                    if !kept {
+                        forgotten.push(key);
+                    }
+                }
+                for key in &forgotten {
+                    key_jobs.remove(key.as_str()).map_err(unavailable)?;
+                }
             }
             txn.commit().map_err(unavailable)?;
             let _guard = inner.log_lock.lock().map_err(unavailable)?;

@@ -44,6 +44,44 @@ const LOG_ENTRIES_PER_READ: usize = 16;
 /// A Redis command that takes longer fails (the API answers 503).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a starting controller waits for an unreachable Redis to come up
+/// (start order does not matter) before it gives up.
+const STARTUP_WAIT: Duration = Duration::from_secs(120);
+
+/// The first connection, retried with backoff while Redis cannot be reached
+/// (refused, reset, timed out) for up to [`STARTUP_WAIT`]. Other errors (a
+/// wrong password, a TLS failure) end at once.
+async fn connect_when_up(
+    client: &redis::Client,
+    config: ConnectionManagerConfig,
+) -> anyhow::Result<ConnectionManager> {
+    use anyhow::Context as _;
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(conn) => return Ok(conn),
+            Err(err)
+                if (err.is_connection_refusal()
+                    || err.is_io_error()
+                    || err.is_timeout()
+                    || err.is_connection_dropped())
+                    && started.elapsed() + delay < STARTUP_WAIT =>
+            {
+                // The address only: the URL may hold a password.
+                tracing::warn!(
+                    redis = %client.get_connection_info().addr(),
+                    error = %err,
+                    retry_in = ?delay,
+                    "Redis is not reachable yet; waiting for it"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err).context("cannot connect to Redis"),
+        }
+    }
+}
 
 /// Sets a job's JSON only if it is still `old`, and keeps the indexes and the
 /// fence in step. A job that has just finished enters the `finished` and
@@ -305,9 +343,7 @@ impl RedisStore {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .context("cannot connect to Redis")?;
+        let conn = connect_when_up(&client, config).await?;
         let keys = Keys {
             prefix: prefix.to_owned(),
         };

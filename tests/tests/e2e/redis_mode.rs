@@ -302,3 +302,37 @@ async fn controllers_reach_redis_over_tls_with_a_private_ca() {
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
     assert!(api.output(job.id).await.contains("hello from stdout"));
 }
+
+/// A controller started before its Redis waits for it (start order does not
+/// matter): it keeps trying, and serves once Redis is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_started_before_redis_waits_for_it() {
+    let mut redis = RedisServer::start().await;
+    redis.stop().await;
+    // A plain listener on Redis' port shows the controller trying it; the
+    // connection is closed at once, as a Redis that is not up yet would.
+    let listener = tokio::net::TcpListener::bind(redis.addr).await.unwrap();
+    let starting = tokio::spawn(Controller::start(ControllerOpts {
+        redis_url: Some(redis.url()),
+        ..ControllerOpts::default()
+    }));
+    let (attempt, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the controller tries to reach Redis")
+        .unwrap();
+    drop(attempt);
+    drop(listener);
+    assert!(!starting.is_finished(), "the controller is waiting");
+
+    redis.restart().await;
+    let controller = starting
+        .await
+        .expect("the controller starts once Redis is up");
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    assert_eq!(
+        api.get_json("/api/v1/repos/local/demo").await["name"],
+        "demo"
+    );
+}
