@@ -6,7 +6,7 @@
 //!
 //! The repository URL, and the HTTP header of a private repository, reach
 //! git through the environment (`GIT_CONFIG_*` = `remote.origin.url`,
-//! `http.extraHeader`), never through argv or the cache's config file, so
+//! `http.<url>.extraHeader`), never through argv or the cache's config file, so
 //! credentials are not visible in `ps` or on disk. Git's output is scrubbed
 //! of them before it becomes an error message.
 //!
@@ -588,21 +588,26 @@ impl Workspaces {
     {
         let mut env = self.base_env.clone();
         env.insert("GIT_DIR".to_owned(), cache.display().to_string());
-        let mut config: Vec<(&str, &str)> = vec![
+        let mut config: Vec<(String, &str)> = vec![
             // Housekeeping runs inside the command (under the cache lock),
             // not in a background process racing the next job.
-            ("gc.autoDetach", "false"),
-            ("maintenance.autoDetach", "false"),
+            ("gc.autoDetach".to_owned(), "false"),
+            ("maintenance.autoDetach".to_owned(), "false"),
         ];
         if let Some(origin) = origin {
-            config.push(("remote.origin.url", origin.url));
+            config.push(("remote.origin.url".to_owned(), origin.url));
             if let Some(header) = origin.http_header {
-                config.push(("http.extraHeader", header.as_config_value()));
+                // Scoped to the repository's URL: a redirect or a submodule
+                // on another host or path never receives the credentials.
+                config.push((
+                    format!("http.{}.extraHeader", origin.url),
+                    header.as_config_value(),
+                ));
             }
         }
         env.insert("GIT_CONFIG_COUNT".to_owned(), config.len().to_string());
         for (i, (key, value)) in config.into_iter().enumerate() {
-            env.insert(format!("GIT_CONFIG_KEY_{i}"), key.to_owned());
+            env.insert(format!("GIT_CONFIG_KEY_{i}"), key);
             env.insert(format!("GIT_CONFIG_VALUE_{i}"), value.to_owned());
         }
         CommandSpec {

@@ -410,7 +410,12 @@ async fn a_private_repository_is_fetched_with_the_header_in_the_environment_only
         })
         .collect();
     assert!(config.contains(&("remote.origin.url", url.as_str())));
-    assert!(config.contains(&("http.extraHeader", header.as_config_value())));
+    let scoped = format!("http.{url}.extraHeader");
+    assert!(config.contains(&(scoped.as_str(), header.as_config_value())));
+    assert!(
+        config.iter().all(|(key, _)| *key != "http.extraHeader"),
+        "the header is scoped to the repository's URL: {config:?}"
+    );
     assert!(!spec.env.contains_key(&format!("GIT_CONFIG_KEY_{count}")));
     // Commands that do not talk to the remote do not get it.
     let local = workspaces.git_spec(&cache, None, ["worktree", "prune"]);

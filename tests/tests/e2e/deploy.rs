@@ -1070,3 +1070,78 @@ async fn invalid_variable_names_and_values_are_refused_with_422_naming_the_varia
         .await;
     api.wait_for_success(deploy.id, JOB_TIMEOUT).await;
 }
+
+/// `hobot admin rotate-key` re-encrypts the secrets at rest: afterwards a
+/// controller that has only the new key hands jobs the same secret, and
+/// running the rotation again (as after an interruption) is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_secret_key_keeps_every_secret_usable() {
+    use sha2::{Digest, Sha256};
+    let mut controller = Controller::start_default().await;
+    let repo = GitRepo::new();
+    // The job proves it got the secret without printing it.
+    repo.commit(
+        &[(
+            "Makefile",
+            &makefile_with_test_recipe(&[
+                r#"test "$$(printf '%s' "$$E2E_SECRET" | sha256sum | cut -c1-64)" = "$$E2E_SECRET_SHA""#,
+                "echo secret intact",
+            ]),
+        )],
+        "check the secret",
+    );
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let secret = "rotate-me-8f1c2d9e";
+    let digest = hex::encode(Sha256::digest(secret.as_bytes()));
+    api.set_env(REPO, "E2E_SECRET", secret, "all", true).await;
+    api.set_env(REPO, "E2E_SECRET_SHA", &digest, "all", false)
+        .await;
+    let _agent = Agent::start_default(&controller).await;
+    let before = api.run_target(REPO, "test").await;
+    api.wait_for_success(before.id, JOB_TIMEOUT).await;
+
+    controller.stop().await;
+    let data_dir = controller.data_dir();
+    let key_file = data_dir.join("secret-key");
+    let old_key = controller.scratch_dir("keys").join("old-key");
+    let new_key = controller.scratch_dir("keys").join("new-key");
+    std::fs::copy(&key_file, &old_key).unwrap();
+    std::fs::write(
+        &new_key,
+        hobotnica_common::secrets::SecretKey::generate_hex(),
+    )
+    .unwrap();
+    let rotate = [
+        "admin",
+        "rotate-key",
+        "--data-dir",
+        path_str(&data_dir),
+        "--old-key-file",
+        path_str(&old_key),
+        "--new-key-file",
+        path_str(&new_key),
+    ];
+    let cwd = controller.scratch_dir("cwd");
+    let first = cli::run(None, &cwd, &rotate).await;
+    assert!(first.status.success(), "{first:?}");
+    assert!(
+        first
+            .stderr
+            .contains("re-encrypted the secrets of 1 repositories"),
+        "{first:?}"
+    );
+    let again = cli::run(None, &cwd, &rotate).await;
+    assert!(
+        again.status.success(),
+        "running it again is safe: {again:?}"
+    );
+
+    // The controller now has the new key only.
+    std::fs::copy(&new_key, &key_file).unwrap();
+    controller.restart().await;
+    let after = api.run_target(REPO, "test").await;
+    api.wait_for_success(after.id, JOB_TIMEOUT).await;
+    assert!(api.output(after.id).await.contains("secret intact"));
+    assert!(!api.output(after.id).await.contains(secret));
+}
