@@ -212,6 +212,34 @@ impl GitHub {
             .map_err(|_| GitHubError::Unavailable("GitHub answered an invalid sha".to_owned()))
     }
 
+    /// Whether the repository has commit `sha` (the Git database API, whose
+    /// answer is small). The caller has just been checked for access, so a
+    /// 404 means the commit.
+    pub async fn commit_exists(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        sha: &CommitSha,
+    ) -> Result<bool, GitHubError> {
+        #[derive(Deserialize)]
+        struct Commit {
+            sha: String,
+        }
+        let answer: Result<Commit, _> = self
+            .client(token)?
+            .get(
+                format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
+                None::<&()>,
+            )
+            .await;
+        match answer.map_err(map_error) {
+            Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
+            Err(GitHubError::NotFound) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     pub async fn create_status(
         &self,
         token: &GitHubToken,

@@ -82,6 +82,21 @@ impl Services {
                 if let Some(branch) = &branch {
                     validate::branch("branch", branch)?;
                 }
+                // GitHub can tell at once whether the commit exists; a plain
+                // git remote cannot (the agent's fetch finds out).
+                if let Some(token) = self.repo_token(&repo) {
+                    let exists = self
+                        .github
+                        .commit_exists(&token, &repo.owner, &repo.name, &sha)
+                        .await
+                        .map_err(crate::auth::caller_error)?;
+                    if !exists {
+                        return Err(CoreError::invalid(
+                            "commit",
+                            format!("commit {sha} does not exist in {}", repo.full_name()),
+                        ));
+                    }
+                }
                 (sha, branch)
             }
             (None, branch) => {

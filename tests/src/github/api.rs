@@ -293,6 +293,12 @@ async fn route(
             Ok((repo, _)) => git_ref(shared, &repo, &branch.join("/")).await,
             Err(answer) => answer,
         },
+        ("GET", ["repos", owner, name, "git", "commits", sha]) => {
+            match visible(shared, caller, owner, name, Permission::Pull) {
+                Ok((repo, _)) => git_commit(shared, &repo, sha).await,
+                Err(answer) => answer,
+            }
+        }
         ("GET", ["repos", owner, name, "branches", branch @ ..]) if !branch.is_empty() => {
             match visible(shared, caller, owner, name, Permission::Pull) {
                 Ok((repo, _)) => branch_json(shared, &repo, &branch.join("/")).await,
@@ -415,6 +421,55 @@ async fn git_ref(shared: &Shared, repo: &RepoInfo, branch: &str) -> Answer {
             "type": "commit",
             "url": format!("{api}/repos/{full_name}/git/commits/{sha}"),
         },
+    }))
+}
+
+/// `GET /repos/{owner}/{repo}/git/commits/{sha}`: the commit object, or 404
+/// when the repository has no such commit.
+async fn git_commit(shared: &Shared, repo: &RepoInfo, sha: &str) -> Answer {
+    let full = sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    let object = format!("{sha}^{{commit}}");
+    let found = if full {
+        git_in(
+            &repo.git_dir,
+            &["rev-parse", "--verify", "--quiet", &object],
+        )
+        .await
+    } else {
+        None
+    };
+    let Some(sha) = found else {
+        return Answer::not_found();
+    };
+    let show = |format: &str| {
+        let format = format!("--format={format}");
+        let sha = sha.clone();
+        async move {
+            git_in(&repo.git_dir, &["show", "--no-patch", &format, &sha])
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let (tree, parents, message) = (show("%T").await, show("%P").await, show("%B").await);
+    let (author, email, date) = (show("%an").await, show("%ae").await, show("%aI").await);
+    let api = &shared.api_url;
+    let full_name = repo.full_name();
+    let person = json!({"name": author, "email": email, "date": date});
+    Answer::ok(json!({
+        "sha": sha,
+        "node_id": node_id("C_", &sha),
+        "url": format!("{api}/repos/{full_name}/git/commits/{sha}"),
+        "html_url": format!("{}/{full_name}/commit/{sha}", shared.web_url),
+        "author": person,
+        "committer": person,
+        "tree": {"sha": tree, "url": format!("{api}/repos/{full_name}/git/trees/{tree}")},
+        "message": message,
+        "parents": parents.split_whitespace().map(|parent| json!({
+            "sha": parent,
+            "url": format!("{api}/repos/{full_name}/git/commits/{parent}"),
+            "html_url": format!("{}/{full_name}/commit/{parent}", shared.web_url),
+        })).collect::<Vec<_>>(),
+        "verification": {"verified": false, "reason": "unsigned", "signature": null, "payload": null, "verified_at": null},
     }))
 }
 

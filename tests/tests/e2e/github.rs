@@ -1083,3 +1083,45 @@ async fn the_github_token_never_leaks() {
         );
     }
 }
+
+/// A GitHub repository's commit is checked when a job names it: one GitHub
+/// does not have is refused at once with 422 naming `commit`, instead of
+/// failing later on the agent; an older commit it has runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_github_does_not_have_is_refused_with_422() {
+    let s = github_setup(Permission::Push, &[]).await;
+    let _agent = Agent::start_default(&s.controller).await;
+    let older = s.repo.head();
+    s.repo.commit_version("newer");
+    s.register(json!({})).await;
+    let deploy = format!("/api/v1/repos/{GH_REPO}/deploy");
+    let run = format!("/api/v1/repos/{GH_REPO}/jobs");
+
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    for (path, body) in [
+        (&deploy, json!({ "commit": missing })),
+        (&run, json!({ "target": "test", "commit": missing })),
+    ] {
+        let answer = s.user.raw(Method::POST, path, Some(&body)).await;
+        let problem = answer.assert_problem(422);
+        assert_eq!(problem["errors"][0]["field"], "commit", "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(missing),
+            "{problem}"
+        );
+    }
+    assert!(s.jobs().await.is_empty(), "nothing was queued");
+
+    let answer = s
+        .user
+        .raw(
+            Method::POST,
+            &run,
+            Some(&json!({ "target": "test", "commit": older })),
+        )
+        .await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    let job: hobotnica_tests::Job = serde_json::from_value(answer.json()).unwrap();
+    assert_eq!(job.commit, older);
+    s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+}
