@@ -250,6 +250,12 @@ impl Controller {
             services.clone(),
             shutdown.clone(),
         ));
+        if let Some(tls) = &tls {
+            tasks.spawn(reload_certificate_on_sighup(
+                tls.certs.clone(),
+                shutdown.clone(),
+            ));
+        }
 
         // One router per listener; `require_agent_cert` is mutual TLS for
         // AgentService (`--client-ca`).
@@ -337,6 +343,36 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Reads the TLS certificate and key again on each SIGHUP (after a renewal),
+/// until `shutdown`. A certificate that cannot be read leaves the previous
+/// one in use.
+async fn reload_certificate_on_sighup(certs: Arc<tls::CertFiles>, shutdown: CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP: the TLS certificate is read at start-up only");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                match certs.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(err) => tracing::error!(
+                        error = %format!("{err:#}"),
+                        "SIGHUP: the TLS certificate could not be read; the previous one stays in use"
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.

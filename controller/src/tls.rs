@@ -7,6 +7,10 @@
 //! handshake completed; handshakes run concurrently, each with a deadline, so
 //! a failed or stalled one costs its own task and never the listener.
 //!
+//! The certificate and key are read again on SIGHUP ([`CertFiles::reload`]):
+//! a renewed certificate needs no restart, and one that cannot be read (a
+//! renewal half-written) leaves the previous one in use.
+//!
 //! Mutual TLS is enforced per service: the handshake verifies any
 //! certificate a client presents, and [`RequireClientCert`] refuses
 //! `AgentService` calls made without one. `LogService` (operators, admin
@@ -14,17 +18,19 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::Stream;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -51,6 +57,68 @@ pub struct ServerTls {
     pub grpc: Arc<ServerConfig>,
     /// Whether `AgentService` requires a client certificate (`--client-ca`).
     pub require_agent_cert: bool,
+    /// The certificate both listeners present (reloadable).
+    pub certs: Arc<CertFiles>,
+}
+
+/// The certificate and key of `--tls-cert`/`--tls-key`, as the listeners
+/// present them, and where to read them again.
+#[derive(Debug)]
+pub struct CertFiles {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertFiles {
+    fn open(
+        cert_path: &Path,
+        key_path: &Path,
+        provider: Arc<CryptoProvider>,
+    ) -> anyhow::Result<CertFiles> {
+        let current = read_certified_key(cert_path, key_path, &provider)?;
+        Ok(CertFiles {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            provider,
+            current: RwLock::new(current),
+        })
+    }
+
+    /// Reads the files again; new handshakes present what they hold. On an
+    /// error the previous certificate stays in use.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let fresh = read_certified_key(&self.cert_path, &self.key_path, &self.provider)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertFiles {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+/// The chain in `cert_path` with the key in `key_path`, checked to fit.
+fn read_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain = load_certs(cert_path, "--tls-cert")?;
+    let key = load_key(key_path)?;
+    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|_| {
+        anyhow::anyhow!(
+            "the key in {} does not fit the certificate in {}",
+            key_path.display(),
+            cert_path.display()
+        )
+    })?;
+    Ok(Arc::new(certified))
 }
 
 impl ServerTls {
@@ -60,22 +128,14 @@ impl ServerTls {
         let (Some(cert_path), Some(key_path)) = (&config.tls_cert, &config.tls_key) else {
             return Ok(None);
         };
-        let chain = load_certs(cert_path, "--tls-cert")?;
-        let key = load_key(key_path)?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certs = Arc::new(CertFiles::open(cert_path, key_path, provider.clone())?);
 
         let mut rest = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
             .with_no_client_auth()
-            .with_single_cert(chain.clone(), key.clone_key())
-            .with_context(|| {
-                format!(
-                    "the key in {} does not fit the certificate in {}",
-                    key_path.display(),
-                    cert_path.display()
-                )
-            })?;
+            .with_cert_resolver(certs.clone());
         rest.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
         let grpc_builder = ServerConfig::builder_with_provider(provider.clone())
@@ -101,15 +161,14 @@ impl ServerTls {
                 grpc_builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut grpc = grpc_builder
-            .with_single_cert(chain, key)
-            .context("the TLS key does not fit the certificate")?;
+        let mut grpc = grpc_builder.with_cert_resolver(certs.clone());
         grpc.alpn_protocols = vec![b"h2".to_vec()];
 
         Ok(Some(ServerTls {
             rest: Arc::new(rest),
             grpc: Arc::new(grpc),
             require_agent_cert: config.client_ca.is_some(),
+            certs,
         }))
     }
 }

@@ -1132,6 +1132,96 @@ async fn tls_controller(client_ca: bool) -> (Controller, GitRepo, Api) {
     (controller, repo, api)
 }
 
+/// A renewed certificate is picked up on SIGHUP by both listeners, without a
+/// restart; a renewal that cannot be read leaves the previous certificate in
+/// use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tls_certificate() {
+    use hobotnica_tests::tls::TestPki;
+    let (controller, _repo, api) = tls_controller(false).await;
+    let live = controller.pki.as_ref().expect("a TLS controller").clone();
+    let renewed_dir = tempfile::tempdir().unwrap();
+    let renewed = TestPki::create(renewed_dir.path());
+    let job = api.run_target(REPO, "test").await;
+    api.cancel(job.id).await;
+    let trusting = |pki: &TestPki| Api::with_ca(controller.url(), None, Some(&pki.ca_pem()));
+    let hangup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(controller.pid().unwrap() as i32),
+            Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+
+    // A half-written renewal: refused, the old certificate stays.
+    std::fs::write(&live.server_key, b"not a key").unwrap();
+    hangup();
+    wait_until(
+        JOB_TIMEOUT,
+        "the controller to report the unreadable key",
+        || async {
+            controller
+                .output()
+                .contains("the previous one stays in use")
+        },
+    )
+    .await;
+    assert_eq!(
+        trusting(&live)
+            .raw(Method::GET, "/readyz", None)
+            .await
+            .status,
+        200
+    );
+
+    // The renewal lands whole: new handshakes present the new certificate.
+    std::fs::copy(&renewed.server_cert, &live.server_cert).unwrap();
+    std::fs::copy(&renewed.server_key, &live.server_key).unwrap();
+    hangup();
+    wait_until(
+        JOB_TIMEOUT,
+        "the renewed certificate to be presented",
+        || async {
+            let client = reqwest::Client::builder()
+                .tls_certs_only([reqwest::Certificate::from_pem(&renewed.ca_pem()).unwrap()])
+                .build()
+                .unwrap();
+            client
+                .get(format!("{}/readyz", controller.url()))
+                .send()
+                .await
+                .is_ok_and(|answer| answer.status().is_success())
+        },
+    )
+    .await;
+    let old_trust = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&live.ca_pem()).unwrap()])
+        .build()
+        .unwrap();
+    assert!(
+        old_trust
+            .get(format!("{}/readyz", controller.url()))
+            .send()
+            .await
+            .is_err(),
+        "the old certificate is no longer presented"
+    );
+    // gRPC too: `hobot logs -f` trusting only the renewed CA.
+    std::fs::copy(&renewed.ca_cert, &live.ca_cert).unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["logs", "-f", &job.id.to_string()],
+    )
+    .await;
+    // The job's end came over the gRPC stream (a cancelled job exits 1).
+    assert!(
+        out.stderr.contains("cancelled before it started"),
+        "{out:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_end_to_end_over_tls() {
     let (controller, _repo, api) = tls_controller(false).await;
