@@ -125,7 +125,9 @@ async fn shield(
     if request.method().is_safe() {
         return next.run(request).await;
     }
-    match tokio::spawn(next.run(request)).await {
+    // The request's span goes along, so the handler's logs keep it.
+    let handled = tracing::Instrument::in_current_span(next.run(request));
+    match tokio::spawn(handled).await {
         Ok(response) => response,
         Err(err) => {
             tracing::error!(error = %err, "request handler failed");

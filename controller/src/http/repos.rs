@@ -459,3 +459,27 @@ async fn list_deploys(
         .await?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Limits the schema states as literals (utoipa takes no constants in
+    /// its attributes) are the ones the controller enforces.
+    #[test]
+    fn literal_limits_in_the_schema_are_the_enforced_ones() {
+        let document = serde_json::to_value(crate::http::openapi()).unwrap();
+        let schemas = &document["components"]["schemas"];
+        let timeout = &schemas["RegisterRepoRequest"]["properties"]["timeout_secs"];
+        assert_eq!(
+            timeout["maximum"],
+            crate::projects::MAX_TIMEOUT_SECS,
+            "{timeout}"
+        );
+        assert_eq!(timeout["minimum"], 1, "{timeout}");
+        let value = &schemas["SetEnvRequest"]["properties"]["value"];
+        assert_eq!(
+            value["maxLength"],
+            hobotnica_common::validate::MAX_ENV_VALUE_LEN,
+            "{value}"
+        );
+    }
+}
