@@ -1,7 +1,7 @@
 //! The HTTP header git sends to a private repository's host
 //! (`Assignment.git_http_header`), e.g. `Authorization: Basic
 //! <base64(x-access-token:TOKEN)>`. It is a secret: git gets it only through
-//! `GIT_CONFIG_*` (`http.extraHeader`), never argv, a URL or a config file,
+//! `GIT_CONFIG_*` (`http.<clone url>.extraHeader`), never argv, a URL or a config file,
 //! and everything the agent prints or ships is masked with its
 //! [`GitHttpHeader::secret_parts`].
 
