@@ -18,9 +18,12 @@ impl fmt::Display for JobId {
 
 impl FromStr for JobId {
     type Err = InvalidId;
+    /// Written plainly, as `Display` writes it: digits only, no sign, no
+    /// leading zero.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let plain = !s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit());
         match s.parse::<u64>() {
-            Ok(n) if n > 0 => Ok(JobId(n)),
+            Ok(n) if plain && n > 0 => Ok(JobId(n)),
             _ => Err(InvalidId {
                 what: "job id",
                 expected: "a positive integer",
@@ -108,6 +111,9 @@ mod tests {
         assert!("0".parse::<JobId>().is_err());
         assert!("-1".parse::<JobId>().is_err());
         assert!("abc".parse::<JobId>().is_err());
+        for unplain in ["+1", "01", "00", " 1", ""] {
+            assert!(unplain.parse::<JobId>().is_err(), "{unplain:?}");
+        }
     }
 
     #[test]

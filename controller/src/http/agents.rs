@@ -78,7 +78,6 @@ pub struct AgentTokenList {
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents",
     responses(
         (status = 200, body = AgentList),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
 async fn list_agents(
@@ -120,8 +119,6 @@ async fn list_agents(
     request_body = CreateAgentTokenRequest,
     responses(
         (status = 201, body = AgentTokenCreated),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
@@ -154,7 +151,6 @@ async fn create_agent_token(
 #[utoipa::path(get, path = "/api/v1/agent-tokens", tag = "agents",
     responses(
         (status = 200, body = AgentTokenList),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
 async fn list_agent_tokens(
@@ -178,7 +174,6 @@ async fn list_agent_tokens(
     params(("id" = String, Path, description = "The token's id", pattern = "^[0-9a-f]{16}$")),
     responses(
         (status = 204, description = "Revoked: agents using it are disconnected"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]

@@ -74,7 +74,6 @@ pub struct ScopeQuery {
     params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 200, body = EnvList),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
@@ -98,8 +97,6 @@ async fn list_env(
     request_body = SetEnvRequest,
     responses(
         (status = 200, body = EnvVarView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid name or value", body = Problem, content_type = "application/problem+json"),
@@ -133,8 +130,6 @@ async fn set_env(
     params(("owner" = Owner, Path), ("name" = RepoName, Path), ("key" = EnvName, Path), ScopeQuery),
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),

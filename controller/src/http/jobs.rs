@@ -166,22 +166,16 @@ async fn accessible_job(
 }
 
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
-    parse_positive(raw)
-        .ok_or_else(|| ApiError::field(StatusCode::BAD_REQUEST, "id", "must be a positive integer"))
-}
-
-/// A job id written plainly: digits only, no sign, no leading zero.
-fn parse_positive(raw: &str) -> Option<JobId> {
-    let plain = !raw.starts_with('0') && !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
-    plain.then(|| raw.parse().ok()).flatten()
+    raw.parse()
+        .map_err(|err: hobotnica_common::ids::InvalidId| {
+            ApiError::field(StatusCode::BAD_REQUEST, "id", err.to_string())
+        })
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
     params(JobsQuery),
     responses(
         (status = 200, body = JobList),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = []), ("github_token" = [], "github_login" = [])))]
@@ -218,7 +212,10 @@ pub async fn job_page(
 ) -> Result<JobList, ApiError> {
     filter.before = cursor
         .map(|cursor| {
-            parse_positive(cursor)
+            // At most 19 digits, as the schema's `Cursor` says.
+            cursor
+                .parse::<JobId>()
+                .ok()
                 .filter(|_| cursor.len() <= 19)
                 .ok_or_else(|| {
                     ApiError::field(
@@ -267,8 +264,6 @@ pub async fn job_page(
     params(("id" = schemas::JobId, Path)),
     responses(
         (status = 200, body = JobView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = []), ("github_token" = [], "github_login" = [])))]
@@ -285,8 +280,6 @@ async fn show_job(
     params(("id" = schemas::JobId, Path)),
     responses(
         (status = 202, description = "Cancelled (queued job) or cancel sent to the agent (running job)", body = JobView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job has already finished", body = Problem, content_type = "application/problem+json"),
     ),
@@ -306,8 +299,6 @@ async fn cancel_job(
     responses(
         (status = 202, description = "A new job: same repository, commit, target and one-time variables", body = JobView,
             headers(("Location" = String, description = "/api/v1/jobs/{id} of the new job"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job has not finished", body = Problem, content_type = "application/problem+json"),
@@ -329,8 +320,6 @@ async fn retry_job(
         (status = 200, description = "The log's bytes from `offset` (stdout and stderr interleaved as produced)", body = String, content_type = "text/plain",
             headers(("X-Log-Length" = u64, description = "The log's length when the response started"),
                     ("X-Job-State" = String, description = "The job's state when the response started"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = []), ("github_token" = [], "github_login" = [])))]

@@ -213,7 +213,6 @@ async fn register_repo(
 #[utoipa::path(get, path = "/api/v1/repos", tag = "repos",
     responses(
         (status = 200, body = RepoList),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = []), ("github_token" = [], "github_login" = [])))]
 async fn list_repos(
@@ -242,7 +241,6 @@ async fn list_repos(
     params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 200, body = RepoView),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
@@ -263,7 +261,6 @@ async fn show_repo(
     params(("owner" = Owner, Path), ("name" = RepoName, Path)),
     responses(
         (status = 204, description = "Removed"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
@@ -287,8 +284,6 @@ async fn delete_repo(
     responses(
         (status = 202, description = "Queued; `Location` names the job", body = JobView,
             headers(("Location" = String, description = "/api/v1/jobs/{id}"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs push access on GitHub", body = Problem, content_type = "application/problem+json"),
@@ -349,8 +344,6 @@ pub struct DeployRequest {
         (status = 202, description = "Queued `make deploy`; `Location` names the job", body = JobView,
             headers(("Location" = String, description = "/api/v1/jobs/{id}"))),
         (status = 200, description = "A repeated Idempotency-Key: the first request's job", body = JobView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs push access on GitHub", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The first request with this Idempotency-Key is still being handled", body = Problem, content_type = "application/problem+json"),
@@ -427,8 +420,6 @@ pub struct DeploysQuery {
     params(("owner" = Owner, Path), ("name" = RepoName, Path), DeploysQuery),
     responses(
         (status = 200, description = "The repository's deploys, newest first", body = super::jobs::JobList),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),

@@ -109,21 +109,18 @@ class LiveHobotnica:
             "--data-dir", self.root / "controller",
             "--listen", self.url.removeprefix("http://"),
             "--grpc-listen", f"127.0.0.1:{self._grpc_port}",
-            "--admin-token", self.admin_token,
-            "--agent-token", self._agent_token,
             "--github-api-url", self.github_api_url,
-        ])
+        ], tokens={"HOBOTNICA_ADMIN_TOKEN": self.admin_token, "HOBOTNICA_AGENT_TOKEN": self._agent_token})
         self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"})
         self._wait_until("the controller's /healthz", self._healthy)
         self._spawn("agent", [
             AGENT,
             "--controller", f"http://127.0.0.1:{self._grpc_port}",
-            "--token", self._agent_token,
             "--work-dir", self.root / "agent",
             "--name", "deployer-tests",
             "--concurrency", "4",
             "--drain-timeout", "5s",
-        ])
+        ], tokens={"HOBOTNICA_AGENT_TOKEN": self._agent_token})
         self._wait_until("the agent to connect", self._agent_connected)
 
     def stop(self):
@@ -184,19 +181,22 @@ class LiveHobotnica:
     def api(self, method, path, **kwargs) -> httpx.Response:
         return self._http.request(method, path, **kwargs)
 
-    def _spawn(self, name, argv):
+    def _spawn(self, name, argv, tokens):
+        """Starts a binary; tokens go in its environment (`tokens`), never
+        its argv, where any process on the host could read them."""
         with open(self.root / f"{name}.log", "wb") as log:
             self._processes[name] = subprocess.Popen(
                 [str(arg) for arg in argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._environment(),
+                env=self._environment() | tokens,
             )
 
     @staticmethod
     def _environment():
-        # The binaries read HOBOTNICA_* variables too: only the flags count here.
+        # The binaries read HOBOTNICA_* variables too: only the flags and the
+        # given tokens count here.
         return {key: value for key, value in os.environ.items() if not key.startswith("HOBOTNICA_")}
 
     def _wait_until(self, what, check):
