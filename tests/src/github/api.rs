@@ -441,17 +441,23 @@ async fn git_commit(shared: &Shared, repo: &RepoInfo, sha: &str) -> Answer {
     let Some(sha) = found else {
         return Answer::not_found();
     };
-    let show = |format: &str| {
-        let format = format!("--format={format}");
-        let sha = sha.clone();
-        async move {
-            git_in(&repo.git_dir, &["show", "--no-patch", &format, &sha])
-                .await
-                .unwrap_or_default()
-        }
-    };
-    let (tree, parents, message) = (show("%T").await, show("%P").await, show("%B").await);
-    let (author, email, date) = (show("%an").await, show("%ae").await, show("%aI").await);
+    // One `git show` for every field; the message (which may hold newlines)
+    // comes last.
+    let shown = git_in(
+        &repo.git_dir,
+        &[
+            "show",
+            "--no-patch",
+            "--format=%T%n%P%n%an%n%ae%n%aI%n%B",
+            &sha,
+        ],
+    )
+    .await
+    .unwrap_or_default();
+    let mut fields = shown.splitn(6, '\n');
+    let mut field = || fields.next().unwrap_or_default().to_owned();
+    let (tree, parents, author, email, date, message) =
+        (field(), field(), field(), field(), field(), field());
     let api = &shared.api_url;
     let full_name = repo.full_name();
     let person = json!({"name": author, "email": email, "date": date});

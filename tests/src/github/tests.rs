@@ -146,6 +146,35 @@ async fn octocrab_reads_users_repositories_and_refs() {
         .await
         .unwrap();
     assert_eq!(branch.commit.sha, repo.rev_parse("main"));
+    // The Git database's commit: its fields as GitHub names them; 404 for
+    // a commit the repository does not have.
+    let commit: Value = client
+        .get(format!("/repos/{REPO}/git/commits/{second}"), None::<&()>)
+        .await
+        .unwrap();
+    assert_eq!(commit["sha"], second, "{commit}");
+    assert_eq!(
+        commit["parents"][0]["sha"],
+        repo.rev_parse("main"),
+        "{commit}"
+    );
+    assert_eq!(
+        commit["tree"]["sha"].as_str().map(str::len),
+        Some(40),
+        "{commit}"
+    );
+    assert!(
+        commit["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{commit}"
+    );
+    let missing = client
+        .get::<Value, _, _>(
+            format!("/repos/{REPO}/git/commits/{}", "0".repeat(40)),
+            None::<&()>,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(github_error(missing).status_code, 404);
 
     // Requests carry the token as octocrab sends it, and answers GitHub's
     // headers.
