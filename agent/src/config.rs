@@ -11,6 +11,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::connection::{ClientIdentity, TlsOptions};
+pub use crate::sandbox::Isolation;
 
 /// Options of `hobotnica-agent` (also embedded in `hobot up`).
 #[derive(Clone, clap::Args)]
@@ -68,6 +69,55 @@ pub struct AgentConfig {
     /// PEM private key of --client-cert (keep it mode 0600).
     #[arg(long, env = "HOBOTNICA_CLIENT_KEY", value_name = "FILE")]
     pub client_key: Option<PathBuf>,
+
+    /// How jobs are isolated: `sandbox` runs every job in a bubblewrap
+    /// sandbox (own PID, mount, IPC and UTS namespaces; no access to the
+    /// agent's files or other jobs); `none` runs jobs as the agent's user,
+    /// for agents whose every job is trusted.
+    #[arg(long, env = "HOBOTNICA_ISOLATION", value_enum, default_value_t = Isolation::Sandbox)]
+    pub isolation: Isolation,
+
+    /// The bubblewrap program the sandbox uses.
+    #[arg(
+        long,
+        env = "HOBOTNICA_BWRAP",
+        value_name = "PROGRAM",
+        default_value = "bwrap"
+    )]
+    pub bwrap: PathBuf,
+
+    /// Host paths sandboxed jobs may read besides the system directories
+    /// (/usr, /bin, /lib*, /etc), e.g. a toolchain in /opt; comma-separated.
+    #[arg(
+        long,
+        env = "HOBOTNICA_SANDBOX_RO_BIND",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub sandbox_ro_bind: Vec<PathBuf>,
+
+    /// Host directories sandboxed jobs may WRITE to, at the same path;
+    /// comma-separated. Whatever one job leaves there, the next reads: never
+    /// share one between untrusted and trusted (deploy) jobs.
+    #[arg(
+        long,
+        env = "HOBOTNICA_SANDBOX_RW_BIND",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub sandbox_rw_bind: Vec<PathBuf>,
+
+    /// Host paths sandboxed jobs must never see even where a visible
+    /// directory holds them (a directory shows empty, a file empty);
+    /// comma-separated. The work dir and the agent's key files are always
+    /// hidden.
+    #[arg(
+        long,
+        env = "HOBOTNICA_SANDBOX_HIDE",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub sandbox_hide: Vec<PathBuf>,
 
     /// Allow plaintext `http://` controller URLs on hosts other than
     /// loopback: the token and the logs then cross the network unencrypted.

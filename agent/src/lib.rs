@@ -21,6 +21,7 @@ mod job;
 mod logs;
 mod pool;
 mod process;
+mod sandbox;
 mod workspace;
 
 use std::sync::Arc;
@@ -71,6 +72,7 @@ pub async fn run_with_stop_now(
     let workspaces = Workspaces::new(&work_dir, &inherited_env, config.git_timeout)
         .with_context(|| format!("preparing {}", work_dir.display()))?;
     workspaces.remove_leftovers().await;
+    let sandbox = job_sandbox(&config, &work_dir).await?;
 
     let name = config.agent_name();
     let identity = AgentIdentity {
@@ -98,6 +100,7 @@ pub async fn run_with_stop_now(
         workspaces: Arc::new(workspaces),
         spool_dir,
         inherited_env,
+        sandbox,
         abandon: CancellationToken::new(),
     });
     pool::Pool::new(
@@ -108,6 +111,35 @@ pub async fn run_with_stop_now(
     )
     .run(shutdown, stop_now)
     .await
+}
+
+/// The sandbox jobs run in, checked by creating one; `None` with
+/// `--isolation none` (and a warning).
+async fn job_sandbox(
+    config: &AgentConfig,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<Option<sandbox::Sandbox>> {
+    if config.isolation == config::Isolation::None {
+        tracing::warn!(
+            "--isolation none: jobs run unsandboxed as the agent's user and can read its \
+             files, its token and other jobs' work; use it only where every job is trusted"
+        );
+        return Ok(None);
+    }
+    let mut hidden = vec![work_dir.to_owned()];
+    hidden.extend(config.client_key.iter().cloned());
+    hidden.extend(config.sandbox_hide.iter().cloned());
+    let sandbox = sandbox::Sandbox::new(
+        config.bwrap.clone(),
+        nix::unistd::geteuid().is_root(),
+        &config.sandbox_ro_bind,
+        &config.sandbox_rw_bind,
+        hidden,
+    );
+    sandbox
+        .check(&work_dir.join("scratch").join(".sandbox-check"))
+        .await?;
+    Ok(Some(sandbox))
 }
 
 /// Spools of jobs an earlier run did not finish: those jobs are lost (their

@@ -27,6 +27,9 @@ pub struct CommandSpec {
     /// The whole environment of the process; nothing else is inherited.
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
+    /// The program is bubblewrap running the job (see `sandbox`): a graceful
+    /// stop signals the processes inside, not bwrap.
+    pub sandboxed: bool,
 }
 
 impl CommandSpec {
@@ -36,6 +39,7 @@ impl CommandSpec {
             args: Vec::new(),
             env: BTreeMap::new(),
             cwd: cwd.into(),
+            sandboxed: false,
         }
     }
 
@@ -58,6 +62,7 @@ impl CommandSpec {
 pub struct ProcessGroup {
     child: tokio::process::Child,
     pgid: Pid,
+    sandboxed: bool,
     status: Option<ExitStatus>,
 }
 
@@ -104,6 +109,7 @@ pub fn spawn(spec: &CommandSpec) -> io::Result<(ProcessGroup, OutputPipe)> {
         ProcessGroup {
             child,
             pgid,
+            sandboxed: spec.sandboxed,
             status: None,
         },
         OutputPipe(output),
@@ -129,10 +135,15 @@ impl ProcessGroup {
         Ok(status)
     }
 
-    /// Asks every process of the group to stop (SIGTERM).
+    /// Asks every process of the group to stop (SIGTERM); in a sandbox,
+    /// every process inside it.
     pub fn terminate(&self) {
         if self.status.is_none() {
-            self.signal(Signal::SIGTERM);
+            if self.sandboxed {
+                crate::sandbox::terminate_inside(self.pgid);
+            } else {
+                self.signal(Signal::SIGTERM);
+            }
         }
     }
 

@@ -59,6 +59,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     config.agent_token = Some(agent_token.clone());
     let agent_work_dir = agent_work_dir.unwrap_or_else(|| config.data_dir.join("agent"));
+    // Jobs of the local agents never see the controller's files: its data
+    // dir (tokens, store, logs) and keys, wherever they are.
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
+    let hidden: Vec<PathBuf> = std::iter::once(data_dir)
+        .chain(config.secret_key_file.iter().cloned())
+        .chain(config.tls_key.iter().cloned())
+        .filter_map(|path| std::fs::canonicalize(path).ok())
+        .collect();
 
     let controller = Controller::open(config.clone()).await?;
     let admin_token = controller.admin_token().to_owned();
@@ -90,6 +99,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             labels: agent_labels.clone(),
             concurrency: agent_concurrency,
             work_dir: agent_work_dir.join(i.to_string()),
+            hidden: hidden.clone(),
         })?;
         agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
     }
@@ -190,6 +200,8 @@ struct LocalAgent {
     labels: Vec<(String, String)>,
     concurrency: u32,
     work_dir: PathBuf,
+    /// Paths its jobs must not see (added to `--sandbox-hide`).
+    hidden: Vec<PathBuf>,
 }
 
 /// The configuration of a local agent: the agent's defaults (options this
@@ -208,6 +220,7 @@ fn local_agent_config(agent: LocalAgent) -> anyhow::Result<AgentConfig> {
     config.labels = agent.labels;
     config.concurrency = agent.concurrency;
     config.work_dir = agent.work_dir;
+    config.sandbox_hide.extend(agent.hidden);
     config.drain_timeout = AGENT_DRAIN_TIMEOUT;
     Ok(config)
 }
@@ -257,8 +270,10 @@ mod tests {
             labels: vec![("os".to_owned(), "linux".to_owned())],
             concurrency: 3,
             work_dir: PathBuf::from("/tmp/agent/1"),
+            hidden: vec![PathBuf::from("/srv/ci/.hobotnica")],
         })
         .expect("valid");
+        assert_eq!(config.sandbox_hide, [PathBuf::from("/srv/ci/.hobotnica")]);
         assert_eq!(config.controllers, ["http://127.0.0.1:8081"]);
         assert_eq!(config.name.as_deref(), Some("local-1"));
         assert_eq!(config.concurrency, 3);

@@ -43,6 +43,11 @@ pub struct AgentOpts {
     /// More controllers' gRPC URLs, after the one the agent is started with:
     /// it fails over between them.
     pub more_controllers: Vec<String>,
+    /// More command-line options (`--isolation none`, ...).
+    pub args: Vec<String>,
+    /// Run as an unprivileged user (`nobody`, through `setpriv`) when the
+    /// tests run as root; as the test's own user otherwise.
+    pub unprivileged: bool,
 }
 
 impl Default for AgentOpts {
@@ -56,9 +61,14 @@ impl Default for AgentOpts {
             trust_controller_ca: true,
             client_cert: false,
             more_controllers: Vec::new(),
+            args: Vec::new(),
+            unprivileged: false,
         }
     }
 }
+
+/// The uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
 
 /// A running agent.
 pub struct Agent {
@@ -106,6 +116,8 @@ impl Agent {
             work_dir.into(),
             "--drain-timeout".into(),
             format!("{}ms", opts.drain_timeout.as_millis()).into(),
+            "--sandbox-rw-bind".into(),
+            crate::shared_dir().into(),
         ];
         if let Some(pki) = &controller.pki {
             if opts.trust_controller_ca {
@@ -143,9 +155,34 @@ impl Agent {
                 .iter()
                 .map(|(key, value)| (key.into(), value.into())),
         );
+        args.extend(opts.args.iter().map(OsString::from));
+        let mut program = bins::bin(bins::AGENT);
+        if opts.unprivileged && nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::PermissionsExt as _;
+            // nobody owns the agent's directory; HOME is there too.
+            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            env.push(("HOME".into(), dir.path().into()));
+            // The test's repositories belong to root: let nobody's git read
+            // them.
+            let gitconfig = dir.path().join(".gitconfig");
+            std::fs::write(&gitconfig, "[safe]\n\tdirectory = *\n").expect("write .gitconfig");
+            std::os::unix::fs::chown(&gitconfig, Some(NOBODY), Some(NOBODY)).expect("chown");
+            let mut wrapped: Vec<OsString> = vec![
+                format!("--reuid={NOBODY}").into(),
+                format!("--regid={NOBODY}").into(),
+                "--clear-groups".into(),
+                "--".into(),
+                program.into(),
+            ];
+            wrapped.append(&mut args);
+            args = wrapped;
+            program = "setpriv".into();
+        }
         let spec = Spec {
             name: format!("agent-{name}"),
-            program: bins::bin(bins::AGENT),
+            program,
             args,
             env,
             cwd: Some(dir.path().to_path_buf()),

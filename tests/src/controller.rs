@@ -222,9 +222,11 @@ impl Controller {
         self.dir.path().join("data")
     }
 
-    /// A scratch directory that lives as long as the controller.
+    /// A scratch directory that jobs can write to too (under
+    /// [`crate::shared_dir`]), for this controller's tests.
     pub fn scratch_dir(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join("scratch").join(name);
+        let controller = self.dir.path().file_name().unwrap_or_default();
+        let path = crate::shared_dir().join(controller).join(name);
         std::fs::create_dir_all(&path).expect("scratch dir");
         path
     }

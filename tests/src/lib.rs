@@ -47,6 +47,18 @@ pub fn init() {
     });
 }
 
+/// The one host directory jobs of test agents may write to
+/// (`--sandbox-rw-bind`): tests and jobs meet there (gates, sync files,
+/// counters). Nothing else of the host is writable inside a job's sandbox.
+pub fn shared_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("hobotnica-e2e-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the shared test directory");
+        dir
+    })
+}
+
 /// A string unique within this test run, for names and markers.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 pub use spec::{Completion, JobKey, JobSpec, LeaseTimings};
 
 use crate::connection::Connection;
+use crate::sandbox::Sandbox;
 use crate::workspace::Workspaces;
 
 /// Everything that can make a job's supervisor act.
@@ -50,6 +51,8 @@ pub struct JobContext {
     pub spool_dir: PathBuf,
     /// The agent's environment, the base of every job's environment.
     pub inherited_env: Arc<[(String, String)]>,
+    /// Where make runs; `None` with `--isolation none`.
+    pub sandbox: Option<Sandbox>,
     /// Cancelled when the agent stops waiting for jobs to report (shutdown
     /// deadline passed or fatal error): supervisors give up shipping and
     /// completing, clean up and return.

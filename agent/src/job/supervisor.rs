@@ -22,6 +22,7 @@ use super::{Completion, JobContext, JobEvent, JobSpec, LeaseTimings, lease};
 use crate::connection::{Backoff, RpcError, retry};
 use crate::logs::{self, Secrets, Shipper, ShipperEnd, ShipperHandle, Spool};
 use crate::process::{self, CommandSpec, OUTPUT_CLOSE_TIMEOUT};
+use crate::sandbox::JobPaths;
 use crate::workspace::{Remote, WorkTree, WorkspaceError};
 
 /// Why the job is being stopped before make finished on its own.
@@ -315,7 +316,24 @@ impl Supervisor {
 
     async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
         let spec = &self.spec;
-        let command = make_command(spec, &self.context.inherited_env, &tree.path);
+        let mut command = make_command(spec, &self.context.inherited_env, &tree.path);
+        match &self.context.sandbox {
+            Some(sandbox) => {
+                let paths = JobPaths {
+                    tree: tree.path.clone(),
+                    tmp: tree.scratch.join("tmp"),
+                    home: tree.scratch.join("home"),
+                    shared_read_only: vec![tree.shared_objects()],
+                };
+                command = sandbox.wrap(command, &paths);
+            }
+            None => self.line(
+                spool,
+                "WARNING: this agent runs jobs without a sandbox (--isolation none): this job can \
+                 read the agent's files and token and other jobs' work",
+            ),
+        }
+        let spec = &self.spec;
         let (mut group, pipe) = match process::spawn(&command) {
             Ok(spawned) => spawned,
             Err(error) => return self.failed(spool, format!("could not start make: {error}")),

@@ -1,8 +1,20 @@
 //! Git on the agent: one bare cache clone per repository under
-//! `<work_dir>/cache`, and one detached work tree per job attempt under
+//! `<work_dir>/cache`, and one work tree per job attempt under
 //! `<work_dir>/jobs`, so concurrent jobs of one repository never share a
-//! work tree. Git operations on one cache are serialised by a per-repository
-//! async mutex.
+//! work tree, with the job's private `/tmp` and `HOME` under
+//! `<work_dir>/scratch`. Git operations on one cache are serialised by a
+//! per-repository async mutex.
+//!
+//! The cache is the agent's alone. A job's tree is a repository of its own
+//! (`.git` is a directory, not a link into the cache) that borrows the
+//! cache's objects through `objects/info/alternates`; the sandbox shows the
+//! job that object store read-only and nothing else of the cache. A ref
+//! `refs/hobotnica/trees/<name>` in the cache keeps the job's commit from
+//! being pruned while the tree exists. The agent's own git never runs hooks
+//! (`core.hooksPath=/dev/null`) or an fsmonitor, and the cache's `config` is
+//! rewritten and its `hooks/` removed before every use, so a tree (or, with
+//! `--isolation none`, a job) that wrote into them cannot make the next
+//! job's git run anything.
 //!
 //! The repository URL, and the HTTP header of a private repository, reach
 //! git through the environment (`GIT_CONFIG_*` = `remote.origin.url`,
@@ -69,7 +81,18 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> WorkspaceEr
 #[derive(Debug)]
 pub struct WorkTree {
     pub path: PathBuf,
+    /// The job's private directories (`tmp/`, `home/`).
+    pub scratch: PathBuf,
     cache: PathBuf,
+    name: String,
+}
+
+impl WorkTree {
+    /// The cache's object store, which the tree's `.git` borrows from
+    /// (read-only in the sandbox).
+    pub fn shared_objects(&self) -> PathBuf {
+        self.cache.join("objects")
+    }
 }
 
 /// Receives progress lines meant for the job's log.
@@ -152,6 +175,7 @@ struct Trees {
 pub struct Workspaces {
     cache_dir: PathBuf,
     jobs_dir: PathBuf,
+    scratch_dir: PathBuf,
     /// PATH, HOME, LANG from the agent, and git settings.
     base_env: BTreeMap<String, String>,
     git_timeout: Duration,
@@ -159,12 +183,16 @@ pub struct Workspaces {
     trees: Mutex<Trees>,
 }
 
+/// Settings every git command of the agent runs with, above any
+/// repository's configuration: no hooks, no fsmonitor (both run programs).
+const HARDENING: &[(&str, &str)] = &[("core.hooksPath", "/dev/null"), ("core.fsmonitor", "false")];
+
 /// Variables git gets from the agent's environment.
 const GIT_INHERITED_VARS: &[&str] = &["PATH", "HOME", "LANG"];
 
 impl Workspaces {
-    /// Uses (and creates) `<work_dir>/cache` and `<work_dir>/jobs`.
-    /// `work_dir` must be absolute.
+    /// Uses (and creates) `<work_dir>/cache`, `<work_dir>/jobs` and
+    /// `<work_dir>/scratch`. `work_dir` must be absolute.
     pub fn new(
         work_dir: &Path,
         inherited_env: &[(String, String)],
@@ -172,8 +200,10 @@ impl Workspaces {
     ) -> io::Result<Workspaces> {
         let cache_dir = work_dir.join("cache");
         let jobs_dir = work_dir.join("jobs");
-        std::fs::create_dir_all(&cache_dir)?;
-        std::fs::create_dir_all(&jobs_dir)?;
+        let scratch_dir = work_dir.join("scratch");
+        for dir in [&cache_dir, &jobs_dir, &scratch_dir] {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut base_env: BTreeMap<String, String> = inherited_env
             .iter()
             .filter(|(name, _)| GIT_INHERITED_VARS.contains(&name.as_str()))
@@ -192,6 +222,7 @@ impl Workspaces {
         Ok(Workspaces {
             cache_dir,
             jobs_dir,
+            scratch_dir,
             base_env,
             git_timeout,
             locks: Mutex::new(HashMap::new()),
@@ -222,7 +253,10 @@ impl Workspaces {
     /// Removes work trees left by an earlier run of the agent (killed
     /// mid-job) and forgets them in every cache.
     pub async fn remove_leftovers(&self) {
-        if let Ok(entries) = std::fs::read_dir(&self.jobs_dir) {
+        for dir in [&self.jobs_dir, &self.scratch_dir] {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 tracing::info!(path = %path.display(), "removing a work tree left by an earlier run");
@@ -244,17 +278,8 @@ impl Workspaces {
                 let lock = self.lock_for(&cache);
                 let _guard = lock.lock().await;
                 let never = CancellationToken::new();
-                if let Err(error) = self
-                    .git(
-                        &cache,
-                        None,
-                        "git worktree prune",
-                        &never,
-                        ["worktree", "prune"],
-                    )
-                    .await
-                {
-                    tracing::warn!(%error, cache = %cache.display(), "could not prune work trees");
+                if let Err(error) = self.delete_tree_refs(&cache, &never).await {
+                    tracing::warn!(%error, cache = %cache.display(), "could not delete the refs of old work trees");
                 }
             }
         }
@@ -348,85 +373,137 @@ impl Workspaces {
         }
 
         let path = self.tree_path(name);
-        if path.exists() {
-            // A previous attempt with this name did not clean up.
-            std::fs::remove_dir_all(&path).map_err(io_error(format!(
-                "removing the old work tree {}",
-                path.display()
-            )))?;
-            let _ = self
-                .git(
-                    &cache,
-                    None,
-                    "git worktree prune",
-                    cancel,
-                    ["worktree", "prune"],
-                )
-                .await;
+        let scratch = self.scratch_dir.join(name);
+        for old in [&path, &scratch] {
+            if old.exists() {
+                // A previous attempt with this name did not clean up.
+                std::fs::remove_dir_all(old).map_err(io_error(format!(
+                    "removing the old work tree {}",
+                    old.display()
+                )))?;
+            }
+        }
+        for dir in [scratch.join("tmp"), scratch.join("home")] {
+            std::fs::create_dir_all(&dir)
+                .map_err(io_error(format!("creating {}", dir.display())))?;
         }
         self.git(
             &cache,
             None,
-            "git worktree add",
+            "git update-ref",
             cancel,
-            [
-                "worktree".as_ref(),
-                "add".as_ref(),
-                "--detach".as_ref(),
-                "--force".as_ref(),
-                "--".as_ref(),
-                path.as_os_str(),
-                commit.as_str().as_ref(),
-            ],
+            ["update-ref", &tree_ref(name), commit.as_str()],
         )
         .await?;
+        self.check_out(&cache, &path, commit, cancel).await?;
         self.trees()
             .in_use
             .entry(cache.clone())
             .or_default()
             .insert(path.clone());
-        Ok(WorkTree { path, cache })
+        Ok(WorkTree {
+            path,
+            scratch,
+            cache,
+            name: name.to_owned(),
+        })
     }
 
-    /// Removes a work tree (never fails; problems are logged).
+    /// Makes `tree` a repository of its own at `commit`, borrowing the
+    /// cache's objects: nothing in it points back into the cache but the
+    /// path of its object store.
+    async fn check_out(
+        &self,
+        cache: &Path,
+        tree: &Path,
+        commit: &CommitSha,
+        cancel: &CancellationToken,
+    ) -> Result<(), WorkspaceError> {
+        let init = CommandSpec {
+            env: self.hardened_env(),
+            ..CommandSpec::new("git", &self.jobs_dir)
+                .arg("init")
+                .arg("--quiet")
+                .arg("--template=")
+                .arg("--")
+                .arg(tree)
+        };
+        let captured = self.run(&init, "git init", cancel).await?;
+        check_success("git init", &captured)?;
+        let alternates = tree.join(".git/objects/info/alternates");
+        let mut objects = cache.join("objects").into_os_string();
+        objects.push("\n");
+        std::fs::create_dir_all(tree.join(".git/objects/info"))
+            .and_then(|()| std::fs::write(&alternates, objects.as_encoded_bytes()))
+            .map_err(io_error(format!("writing {}", alternates.display())))?;
+        let mut checkout = self.git_spec(
+            &tree.join(".git"),
+            None,
+            ["checkout", "--quiet", "--detach", commit.as_str()],
+        );
+        checkout
+            .env
+            .insert("GIT_WORK_TREE".to_owned(), tree.display().to_string());
+        checkout.cwd = tree.to_owned();
+        let captured = self.run(&checkout, "git checkout", cancel).await?;
+        check_success("git checkout", &captured)
+    }
+
+    /// Deletes the refs that keep work trees' commits (of an earlier run).
+    async fn delete_tree_refs(
+        &self,
+        cache: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(), WorkspaceError> {
+        self.harden(cache)
+            .map_err(io_error(format!("resetting {}", cache.display())))?;
+        let listed = self
+            .git(
+                cache,
+                None,
+                "git for-each-ref",
+                cancel,
+                ["for-each-ref", "--format=%(refname)", TREE_REFS],
+            )
+            .await?;
+        for name in listed.output_text().lines().filter(|l| !l.is_empty()) {
+            self.git(
+                cache,
+                None,
+                "git update-ref -d",
+                cancel,
+                ["update-ref", "-d", name],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a work tree and its scratch directories (never fails;
+    /// problems are logged).
     pub async fn remove(&self, tree: WorkTree) {
         let lock = self.lock_for(&tree.cache);
         let _guard = lock.lock().await;
         let never = CancellationToken::new();
-        let removed = self
-            .git(
-                &tree.cache,
-                None,
-                "git worktree remove",
-                &never,
-                [
-                    "worktree".as_ref(),
-                    "remove".as_ref(),
-                    "--force".as_ref(),
-                    "--".as_ref(),
-                    tree.path.as_os_str(),
-                ],
-            )
-            .await;
-        if let Err(error) = removed {
-            tracing::debug!(%error, "git worktree remove failed; removing the directory");
-            if let Err(error) = std::fs::remove_dir_all(&tree.path)
+        for dir in [&tree.path, &tree.scratch] {
+            if let Err(error) = std::fs::remove_dir_all(dir)
                 && error.kind() != io::ErrorKind::NotFound
             {
-                tracing::warn!(%error, path = %tree.path.display(), "could not remove a work tree");
+                tracing::warn!(%error, path = %dir.display(), "could not remove a work tree");
             }
-            if let Err(error) = self
+        }
+        if tree.cache.exists()
+            && let Err(error) = self
                 .git(
                     &tree.cache,
                     None,
-                    "git worktree prune",
+                    "git update-ref -d",
                     &never,
-                    ["worktree", "prune"],
+                    ["update-ref", "-d", &tree_ref(&tree.name)],
                 )
                 .await
-            {
-                tracing::warn!(%error, "git worktree prune failed");
-            }
+        {
+            tracing::warn!(%error, "could not delete a work tree's ref");
         }
         let forgotten = {
             let mut trees = self.trees();
@@ -477,6 +554,9 @@ impl Workspaces {
                     forgotten.trees_kept.push(tree);
                     continue;
                 }
+                if let Some(name) = tree.file_name() {
+                    let _ = std::fs::remove_dir_all(self.scratch_dir.join(name));
+                }
                 match std::fs::remove_dir_all(&tree) {
                     Ok(()) => forgotten.trees_removed.push(tree),
                     Err(error) => {
@@ -495,19 +575,6 @@ impl Workspaces {
             }
         } else {
             self.trees().forgotten.insert(cache.clone(), repo.clone());
-            if !forgotten.trees_removed.is_empty()
-                && let Err(error) = self
-                    .git(
-                        &cache,
-                        None,
-                        "git worktree prune",
-                        &CancellationToken::new(),
-                        ["worktree", "prune"],
-                    )
-                    .await
-            {
-                tracing::warn!(%error, "git worktree prune failed");
-            }
         }
         if forgotten == Forgotten::default() {
             tracing::debug!(repo, "forgetting a repository: nothing to remove");
@@ -547,7 +614,9 @@ impl Workspaces {
         cancel: &CancellationToken,
     ) -> Result<(), WorkspaceError> {
         if cache.join("HEAD").is_file() {
-            return Ok(());
+            return self
+                .harden(cache)
+                .map_err(io_error(format!("resetting {}", cache.display())));
         }
         if cache.exists() {
             // A clone interrupted by a crash.
@@ -557,16 +626,54 @@ impl Workspaces {
             )))?;
         }
         let spec = CommandSpec {
-            env: self.base_env.clone(),
+            env: self.hardened_env(),
             ..CommandSpec::new("git", &self.cache_dir)
                 .arg("init")
                 .arg("--bare")
                 .arg("--quiet")
+                .arg("--template=")
                 .arg("--")
                 .arg(cache)
         };
         let captured = self.run(&spec, "git init", cancel).await?;
-        check_success("git init", &captured)
+        check_success("git init", &captured)?;
+        self.harden(cache)
+            .map_err(io_error(format!("resetting {}", cache.display())))
+    }
+
+    /// Puts back the cache's own `config` and removes `hooks/` and any
+    /// `objects/info/alternates`: nothing a tree or a job wrote there
+    /// survives into the agent's next git command.
+    fn harden(&self, cache: &Path) -> io::Result<()> {
+        let config = cache.join("config");
+        if std::fs::read(&config).ok().as_deref() != Some(CACHE_CONFIG.as_bytes()) {
+            if config.exists() {
+                tracing::warn!(cache = %cache.display(), "the cache's git config was changed; restoring it");
+            }
+            let temporary = cache.join("config.hobotnica-new");
+            std::fs::write(&temporary, CACHE_CONFIG)?;
+            std::fs::rename(&temporary, &config)?;
+        }
+        for planted in [cache.join("hooks"), cache.join("objects/info/alternates")] {
+            match std::fs::symlink_metadata(&planted) {
+                Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&planted)?,
+                Ok(_) => std::fs::remove_file(&planted)?,
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The base environment, with git told to run no hooks and no
+    /// fsmonitor whatever a repository's configuration says.
+    fn hardened_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.base_env.clone();
+        for (i, (key, value)) in HARDENING.iter().enumerate() {
+            env.insert(format!("GIT_CONFIG_KEY_{i}"), (*key).to_owned());
+            env.insert(format!("GIT_CONFIG_VALUE_{i}"), (*value).to_owned());
+        }
+        env.insert("GIT_CONFIG_COUNT".to_owned(), HARDENING.len().to_string());
+        env
     }
 
     async fn has_commit(
@@ -588,12 +695,14 @@ impl Workspaces {
     {
         let mut env = self.base_env.clone();
         env.insert("GIT_DIR".to_owned(), cache.display().to_string());
-        let mut config: Vec<(String, &str)> = vec![
-            // Housekeeping runs inside the command (under the cache lock),
-            // not in a background process racing the next job.
-            ("gc.autoDetach".to_owned(), "false"),
-            ("maintenance.autoDetach".to_owned(), "false"),
-        ];
+        let mut config: Vec<(String, &str)> = HARDENING
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), *value))
+            .collect();
+        // Housekeeping runs inside the command (under the cache lock), not
+        // in a background process racing the next job.
+        config.push(("gc.autoDetach".to_owned(), "false"));
+        config.push(("maintenance.autoDetach".to_owned(), "false"));
         if let Some(origin) = origin {
             config.push(("remote.origin.url".to_owned(), origin.url));
             if let Some(header) = origin.http_header {
@@ -615,6 +724,7 @@ impl Workspaces {
             args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
             env,
             cwd: cache.to_owned(),
+            sandboxed: false,
         }
     }
 
@@ -669,21 +779,26 @@ impl Workspaces {
 const FORGOTTEN_EXTENSION: &str = "forgotten";
 
 /// Whether the work tree at `tree` belongs to the cache clone `cache` (its
-/// `.git` file points into the cache).
+/// `.git` borrows the cache's objects).
 fn is_tree_of(tree: &Path, cache: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(tree.join(".git")) else {
+    let Ok(text) = std::fs::read_to_string(tree.join(".git/objects/info/alternates")) else {
         return false;
     };
-    let Some(gitdir) = text.trim_end().strip_prefix("gitdir: ") else {
-        return false;
-    };
-    let gitdir = tree.join(gitdir);
-    if gitdir.starts_with(cache) {
-        return true;
-    }
-    let real = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    real(&gitdir).starts_with(real(cache))
+    let objects = cache.join("objects");
+    text.lines().any(|line| Path::new(line) == objects)
 }
+
+/// Where the refs that keep work trees' commits live in a cache.
+const TREE_REFS: &str = "refs/hobotnica/trees/";
+
+fn tree_ref(name: &str) -> String {
+    format!("{TREE_REFS}{name}")
+}
+
+/// A cache's `config`, rewritten before every use: whatever a job or a tree
+/// may have written there is gone before the agent's git reads it.
+const CACHE_CONFIG: &str =
+    "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n";
 
 /// Lines of git's output kept in an error message.
 const ERROR_LINES: usize = 5;

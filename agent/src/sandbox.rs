@@ -1,0 +1,356 @@
+//! The job sandbox: every `make` runs under bubblewrap (`bwrap`), in PID,
+//! mount, IPC, UTS and cgroup namespaces of its own (and a user namespace
+//! when the agent is not root), with a new session (no controlling terminal).
+//!
+//! What a job sees:
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` | the host's, read-only (symlinks kept as symlinks) |
+//! | `--sandbox-ro-bind` paths | the host's, read-only (toolchains outside `/usr`) |
+//! | `--sandbox-rw-bind` paths | the host's, read-write (shared between jobs: only for trusted ones) |
+//! | its work tree | read-write, at the same path as on the host (the job's working directory) |
+//! | the cache's object store | read-only, only its own repository's (the tree's `.git` borrows objects from it) |
+//! | `/tmp`, `HOME` (`/home/job`) | private directories of this job, removed with its tree |
+//! | `/proc` | of its own PID namespace: only its own processes |
+//! | `/dev` | a minimal one (`null`, `zero`, `random`, `urandom`, `tty`, `pts`, `shm`) |
+//! | the network | the host's (jobs download and deploy) |
+//!
+//! It does not see the agent's work dir (caches, spools, other jobs' trees),
+//! its token or key files, any path given to `--sandbox-hide` (`hobot up`
+//! hides the controller's data dir), or any other process.
+//!
+//! When the job's command exits, the sandbox's init exits and the kernel kills
+//! every process left in its PID namespace, `setsid` and double forks
+//! included. A SIGKILL to the process group kills bwrap and its init, and
+//! with them the namespace. A graceful stop (SIGTERM) is sent to the
+//! processes inside the sandbox, not to bwrap, which would otherwise die at
+//! once and take the namespace with it ([`terminate_inside`]).
+//!
+//! As root, bwrap would keep every capability inside the sandbox: the agent
+//! passes `--cap-drop ALL`, and bwrap sets `no_new_privs`, so setuid programs
+//! cannot give them back.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{self, CommandSpec};
+
+/// How jobs are isolated from the host and from each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Every job in a bubblewrap sandbox (the default).
+    Sandbox,
+    /// Jobs run as the agent's user, unisolated: only for agents whose every
+    /// job is trusted.
+    None,
+}
+
+/// The `HOME` a sandboxed job sees.
+pub const SANDBOX_HOME: &str = "/home/job";
+
+/// Host directories every job sees read-only, when they exist.
+const SYSTEM_PATHS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// How long the start-up check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the sandbox cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "the job sandbox needs bubblewrap, and {bwrap} could not be run ({error}): install it \
+         (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), point \
+         --bwrap at it, or run jobs unisolated with --isolation none"
+    )]
+    Missing { bwrap: String, error: String },
+    #[error(
+        "the job sandbox cannot be created: bubblewrap says {output:?}. {hint}Or run jobs \
+         unisolated with --isolation none (only if every job is trusted)."
+    )]
+    Refused { output: String, hint: &'static str },
+}
+
+/// A job's own paths, bound into its sandbox.
+#[derive(Debug, Clone)]
+pub struct JobPaths {
+    /// The work tree: read-write, the working directory.
+    pub tree: PathBuf,
+    /// Becomes `/tmp`.
+    pub tmp: PathBuf,
+    /// Becomes [`SANDBOX_HOME`].
+    pub home: PathBuf,
+    /// Read-only (the cache's object store the tree borrows from).
+    pub shared_read_only: Vec<PathBuf>,
+}
+
+/// The sandbox every job of this agent runs in.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    /// The agent runs as root: drop every capability inside.
+    as_root: bool,
+    /// Bound read-only (system paths and `--sandbox-ro-bind`), or symlinks.
+    host_paths: Vec<HostPath>,
+    /// Bound read-write (`--sandbox-rw-bind`), after `/tmp`.
+    read_write: Vec<PathBuf>,
+    /// Masked inside: the agent's work dir, its token and key files,
+    /// `--sandbox-hide`.
+    hidden: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+enum HostPath {
+    ReadOnly(PathBuf),
+    Symlink { target: PathBuf, at: PathBuf },
+}
+
+impl Sandbox {
+    /// A sandbox that shows jobs the system paths and `extra_read_only`, and
+    /// hides `hidden` (directories become empty, files become empty files)
+    /// wherever those are visible.
+    pub fn new(
+        bwrap: PathBuf,
+        as_root: bool,
+        extra_read_only: &[PathBuf],
+        read_write: &[PathBuf],
+        hidden: Vec<PathBuf>,
+    ) -> Sandbox {
+        let mut host_paths = Vec::new();
+        for path in SYSTEM_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .chain(extra_read_only.iter().cloned())
+        {
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(&path) {
+                        host_paths.push(HostPath::Symlink { target, at: path });
+                    }
+                }
+                Ok(_) => host_paths.push(HostPath::ReadOnly(path)),
+                Err(_) => {}
+            }
+        }
+        // /etc/resolv.conf is often a link into /run (systemd-resolved):
+        // bind what it points at, or name resolution breaks.
+        if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf")
+            && !host_paths.iter().any(|p| match p {
+                HostPath::ReadOnly(bound) => resolv.starts_with(bound),
+                HostPath::Symlink { .. } => false,
+            })
+        {
+            host_paths.push(HostPath::ReadOnly(resolv));
+        }
+        Sandbox {
+            bwrap,
+            as_root,
+            host_paths,
+            read_write: read_write.to_vec(),
+            hidden,
+        }
+    }
+
+    /// `command` wrapped to run inside the sandbox with `paths`; `HOME` is
+    /// [`SANDBOX_HOME`].
+    pub fn wrap(&self, command: CommandSpec, paths: &JobPaths) -> CommandSpec {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&std::ffi::OsStr]| args.extend(items.iter().map(|s| s.into()));
+        push(&[
+            "--die-with-parent".as_ref(),
+            "--new-session".as_ref(),
+            "--unshare-pid".as_ref(),
+            "--unshare-ipc".as_ref(),
+            "--unshare-uts".as_ref(),
+            "--unshare-cgroup-try".as_ref(),
+            "--hostname".as_ref(),
+            "hobotnica-job".as_ref(),
+        ]);
+        if self.as_root {
+            push(&["--cap-drop".as_ref(), "ALL".as_ref()]);
+        } else {
+            push(&["--unshare-user".as_ref()]);
+        }
+        for host in &self.host_paths {
+            match host {
+                HostPath::ReadOnly(path) => {
+                    push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]);
+                }
+                HostPath::Symlink { target, at } => {
+                    push(&["--symlink".as_ref(), target.as_os_str(), at.as_os_str()]);
+                }
+            }
+        }
+        push(&[
+            "--proc".as_ref(),
+            "/proc".as_ref(),
+            "--dev".as_ref(),
+            "/dev".as_ref(),
+            "--bind".as_ref(),
+            paths.tmp.as_os_str(),
+            "/tmp".as_ref(),
+            "--bind".as_ref(),
+            paths.home.as_os_str(),
+            SANDBOX_HOME.as_ref(),
+        ]);
+        for shared in &self.read_write {
+            push(&["--bind".as_ref(), shared.as_os_str(), shared.as_os_str()]);
+        }
+        // After /tmp, so that a work dir under /tmp is hidden too; before
+        // the tree, which lies in the work dir.
+        for hidden in &self.hidden {
+            match std::fs::metadata(hidden) {
+                Ok(meta) if meta.is_dir() => push(&["--tmpfs".as_ref(), hidden.as_os_str()]),
+                Ok(_) => push(&[
+                    "--ro-bind".as_ref(),
+                    "/dev/null".as_ref(),
+                    hidden.as_os_str(),
+                ]),
+                Err(_) => {}
+            }
+        }
+        push(&[
+            "--bind".as_ref(),
+            paths.tree.as_os_str(),
+            paths.tree.as_os_str(),
+        ]);
+        for shared in &paths.shared_read_only {
+            push(&["--ro-bind".as_ref(), shared.as_os_str(), shared.as_os_str()]);
+        }
+        push(&[
+            "--chdir".as_ref(),
+            paths.tree.as_os_str(),
+            "--".as_ref(),
+            command.program.as_os_str(),
+        ]);
+        args.extend(command.args);
+        let mut env = command.env;
+        env.insert("HOME".to_owned(), SANDBOX_HOME.to_owned());
+        CommandSpec {
+            program: self.bwrap.clone().into_os_string(),
+            args,
+            env,
+            cwd: command.cwd,
+            sandboxed: true,
+        }
+    }
+
+    /// Creates a sandbox like a job's under `scratch` and runs `true` in it:
+    /// the agent refuses to start when this fails.
+    pub async fn check(&self, scratch: &Path) -> Result<(), SandboxError> {
+        let paths = JobPaths {
+            tree: scratch.join("tree"),
+            tmp: scratch.join("tmp"),
+            home: scratch.join("home"),
+            shared_read_only: Vec::new(),
+        };
+        for dir in [&paths.tree, &paths.tmp, &paths.home] {
+            std::fs::create_dir_all(dir).map_err(|error| SandboxError::Refused {
+                output: format!("cannot create {}: {error}", dir.display()),
+                hint: "",
+            })?;
+        }
+        let probe = CommandSpec::new("true", &paths.tree);
+        let mut probe = self.wrap(probe, &paths);
+        probe
+            .env
+            .insert("PATH".to_owned(), "/usr/bin:/bin".to_owned());
+        let result = process::run_captured(&probe, CHECK_TIMEOUT, &CancellationToken::new()).await;
+        let _ = std::fs::remove_dir_all(scratch);
+        let captured = match result {
+            Ok(captured) => captured,
+            Err(process::RunError::Spawn(error)) => {
+                return Err(SandboxError::Missing {
+                    bwrap: self.bwrap.display().to_string(),
+                    error: error.to_string(),
+                });
+            }
+            Err(error) => {
+                return Err(SandboxError::Refused {
+                    output: error.to_string(),
+                    hint: "",
+                });
+            }
+        };
+        if captured.status.success() {
+            return Ok(());
+        }
+        let output = captured.output_text().trim().to_owned();
+        let hint = if self.as_root {
+            ""
+        } else {
+            "Jobs of an agent that is not root are sandboxed in a user namespace: allow \
+             unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 on older \
+             Debian kernels; kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor \
+             profile for bwrap on Ubuntu 23.10+; user.max_user_namespaces > 0), or run the \
+             agent as root (the sandbox then drops every capability). "
+        };
+        Err(SandboxError::Refused { output, hint })
+    }
+}
+
+/// Sends SIGTERM to every process inside the sandbox whose bwrap is
+/// `leader`: the descendants of bwrap's init, but not bwrap itself nor its
+/// init (bwrap dies of SIGTERM and would kill the namespace at once; its init
+/// ignores it). Processes that start meanwhile are caught by the SIGKILL
+/// after the grace period, or die with the namespace when the command exits.
+pub fn terminate_inside(leader: Pid) {
+    let parents = process_parents();
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for (&pid, &parent) in &parents {
+        children.entry(parent).or_default().push(pid);
+    }
+    let inits = children.get(&leader.as_raw()).cloned().unwrap_or_default();
+    let mut stack: Vec<i32> = inits
+        .iter()
+        .flat_map(|init| children.get(init).cloned().unwrap_or_default())
+        .collect();
+    while let Some(pid) = stack.pop() {
+        match kill(Pid::from_raw(pid), Signal::SIGTERM) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(error) => tracing::debug!(pid, %error, "could not signal a sandboxed process"),
+        }
+        if let Some(grandchildren) = children.get(&pid) {
+            stack.extend(grandchildren);
+        }
+    }
+}
+
+/// Every process's parent, from `/proc/<pid>/stat`.
+fn process_parents() -> HashMap<i32, i32> {
+    let mut parents = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return parents;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let Some(parent) = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|ppid| ppid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        parents.insert(pid, parent);
+    }
+    parents
+}
