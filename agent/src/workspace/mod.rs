@@ -172,8 +172,8 @@ impl Workspaces {
     ) -> io::Result<Workspaces> {
         let cache_dir = work_dir.join("cache");
         let jobs_dir = work_dir.join("jobs");
-        std::fs::create_dir_all(&cache_dir)?;
-        std::fs::create_dir_all(&jobs_dir)?;
+        crate::create_private_dir(&cache_dir)?;
+        crate::create_private_dir(&jobs_dir)?;
         let mut base_env: BTreeMap<String, String> = inherited_env
             .iter()
             .filter(|(name, _)| GIT_INHERITED_VARS.contains(&name.as_str()))
@@ -299,6 +299,7 @@ impl Workspaces {
                     cancel,
                     [
                         "fetch",
+                        "--no-write-fetch-head",
                         "--prune",
                         "--no-tags",
                         "origin",
@@ -325,7 +326,13 @@ impl Workspaces {
                         Some(&origin),
                         "git fetch <commit>",
                         cancel,
-                        ["fetch", "--no-tags", "origin", commit.as_str()],
+                        [
+                            "fetch",
+                            "--no-write-fetch-head",
+                            "--no-tags",
+                            "origin",
+                            commit.as_str(),
+                        ],
                     )
                     .await
                 {
@@ -561,6 +568,8 @@ impl Workspaces {
             ..CommandSpec::new("git", &self.cache_dir)
                 .arg("init")
                 .arg("--bare")
+                // Objects, refs and config only the agent's user may read.
+                .arg("--shared=0600")
                 .arg("--quiet")
                 .arg("--")
                 .arg(cache)
