@@ -376,6 +376,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_token_file_must_be_private() {
+        use clap::Parser as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "hbad_fromfile\n").expect("write");
+        let path = file.to_str().expect("utf-8");
+        let discover = |args: &[&str]| {
+            let mut all = vec!["hobot", "--data-dir", dir.path().to_str().expect("utf-8")];
+            all.extend_from_slice(args);
+            let cli = crate::config::Cli::try_parse_from(all).expect("parses");
+            Connection::discover(&cli.global).map_err(|error| format!("{error:#}"))
+        };
+        let chmod = |mode| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+
+        chmod(0o600);
+        let connection = discover(&["--token-file", path, "jobs", "ls"]).expect("read");
+        assert_eq!(
+            connection.token.as_ref().map(Secret::expose),
+            Some("hbad_fromfile")
+        );
+        let message =
+            discover(&["--token-file", path, "--token", "hbad_x", "jobs", "ls"]).expect_err("both");
+        assert!(message.contains("not both"), "{message}");
+
+        chmod(0o644);
+        let message = discover(&["--token-file", path, "jobs", "ls"]).expect_err("refused");
+        assert!(
+            message.contains("0644") && message.contains(&format!("chmod 600 {path}")),
+            "{message}"
+        );
+        assert!(!message.contains("hbad_fromfile"), "{message}");
+    }
+
+    #[test]
     fn repo_names() {
         assert_eq!(
             repo_path("demo").ok(),
