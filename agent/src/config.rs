@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hobotnica_common::duration::parse_duration;
+use hobotnica_common::private_fs::{Secret, read_secret_file};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -26,9 +27,21 @@ pub struct AgentConfig {
     )]
     pub controllers: Vec<String>,
 
-    /// Agent token (the controller's pool token or a per-agent token).
-    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// Agent token (the controller's pool token or a per-agent token). On
+    /// the command line every process on the host can read it: prefer
+    /// --token-file or HOBOTNICA_AGENT_TOKEN.
+    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
+    pub token: Option<Secret>,
+
+    /// File holding the agent token (mode 0600 or stricter), instead of
+    /// --token.
+    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Whether --token was given on the command line
+    /// ([`AgentConfig::note_command_line`]).
+    #[arg(skip)]
+    pub token_on_command_line: bool,
 
     /// Name shown in the controller; re-registering under the same name keeps
     /// the agent's id. Defaults to the host name.
@@ -164,11 +177,16 @@ impl AgentConfig {
             (None, Some(_)) => anyhow::bail!("--client-key needs --client-cert"),
             _ => {}
         }
-        anyhow::ensure!(!self.token.trim().is_empty(), "--token must not be empty");
-        anyhow::ensure!(
-            self.token.bytes().all(|b| b.is_ascii_graphic()),
-            "--token must be printable ASCII without spaces"
-        );
+        match (&self.token, &self.token_file) {
+            (Some(token), None) => check_token("--token", token)?,
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => anyhow::bail!(
+                "give the agent token once: --token-file (HOBOTNICA_AGENT_TOKEN_FILE) or --token (HOBOTNICA_AGENT_TOKEN), not both"
+            ),
+            (None, None) => anyhow::bail!(
+                "the agent token is missing: give --token-file FILE (HOBOTNICA_AGENT_TOKEN_FILE) or HOBOTNICA_AGENT_TOKEN"
+            ),
+        }
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(
             !self.git_timeout.is_zero(),
@@ -176,6 +194,55 @@ impl AgentConfig {
         );
         Ok(())
     }
+}
+
+/// Where the agent token comes from, and the rules it must follow.
+impl AgentConfig {
+    /// Notes whether the token was given on the command line; `matches` are
+    /// those of the command that flattens this configuration.
+    pub fn note_command_line(&mut self, matches: &clap::ArgMatches) {
+        self.token_on_command_line =
+            matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
+    }
+
+    /// The agent token, from --token-file or --token / HOBOTNICA_AGENT_TOKEN
+    /// (run [`AgentConfig::validate`] first). Warns when it was on the
+    /// command line. Errors never contain the token.
+    pub fn agent_token(&self) -> anyhow::Result<Secret> {
+        if self.token_on_command_line {
+            tracing::warn!(
+                "the agent token was given with --token on the command line, where every \
+                 process on this host (jobs too) can read it in /proc/<pid>/cmdline; use \
+                 --token-file FILE (mode 0600) or HOBOTNICA_AGENT_TOKEN instead"
+            );
+        }
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(path)) => read_secret_file("--token-file", path)?,
+            (None, None) => anyhow::bail!("the agent token is missing"),
+        };
+        let option = if self.token.is_some() {
+            "--token"
+        } else {
+            "--token-file"
+        };
+        check_token(option, &token)?;
+        Ok(token)
+    }
+}
+
+/// The form of an agent token: printable ASCII without spaces (it goes into
+/// a header).
+fn check_token(option: &str, token: &Secret) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !token.expose().trim().is_empty(),
+        "{option}: the agent token must not be empty"
+    );
+    anyhow::ensure!(
+        token.expose().bytes().all(|b| b.is_ascii_graphic()),
+        "{option}: the agent token must be printable ASCII without spaces"
+    );
+    Ok(())
 }
 
 impl AgentConfig {
@@ -247,11 +314,86 @@ mod tests {
         let mut all = vec!["--token", "hbag_0123456789abcdef"];
         all.extend_from_slice(args);
         let matches = command.try_get_matches_from(all).expect("parses");
-        AgentConfig::from_arg_matches(&matches).expect("parses")
+        let mut config = AgentConfig::from_arg_matches(&matches).expect("parses");
+        config.note_command_line(&matches);
+        config
     }
 
     fn error(args: &[&str]) -> String {
         format!("{:#}", parse(args).validate().expect_err("must be refused"))
+    }
+
+    fn parse_without_token(args: &[&str]) -> Result<AgentConfig, String> {
+        let command = AgentConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(args)
+            .map_err(|e| e.to_string())?;
+        let mut config = AgentConfig::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        config.note_command_line(&matches);
+        Ok(config)
+    }
+
+    #[test]
+    fn the_token_comes_from_a_private_file_or_the_command_line() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("agent-token");
+        std::fs::write(&file, "hbag_fromfile0123456789\n").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let path = file.to_str().expect("utf-8");
+        let base = ["--controller", "http://127.0.0.1:8081"];
+
+        let config =
+            parse_without_token(&[&base[..], &["--token-file", path]].concat()).expect("parses");
+        config.validate().expect("valid");
+        assert!(!config.token_on_command_line);
+        let token = config.agent_token().expect("read");
+        assert_eq!(token.expose(), "hbag_fromfile0123456789");
+
+        let config = parse(&base);
+        assert!(
+            config.token_on_command_line,
+            "--token is on the command line"
+        );
+        assert_eq!(
+            config.agent_token().expect("given").expose(),
+            "hbag_0123456789abcdef"
+        );
+
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let config =
+            parse_without_token(&[&base[..], &["--token-file", path]].concat()).expect("parses");
+        let message = format!("{:#}", config.agent_token().expect_err("refused"));
+        assert!(
+            message.contains(path) && message.contains("0644") && message.contains("chmod 600"),
+            "{message}"
+        );
+        assert!(!message.contains("fromfile"), "{message}");
+
+        std::fs::write(&file, "hbag with spaces\n").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let config =
+            parse_without_token(&[&base[..], &["--token-file", path]].concat()).expect("parses");
+        let message = format!("{:#}", config.agent_token().expect_err("refused"));
+        assert!(message.contains("printable ASCII"), "{message}");
+        assert!(
+            !message.contains("spaces\n") && !message.contains("hbag "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_token_source_is_required() {
+        let base = ["--controller", "http://127.0.0.1:8081"];
+        let config = parse_without_token(&base).expect("parses");
+        let message = format!("{:#}", config.validate().expect_err("no token"));
+        assert!(
+            message.contains("--token-file") && message.contains("HOBOTNICA_AGENT_TOKEN"),
+            "{message}"
+        );
+        let message = error(&[&base[..], &["--token-file", "/nonexistent"]].concat());
+        assert!(message.contains("not both"), "{message}");
+        assert!(!message.contains("hbag_0123456789abcdef"), "{message}");
     }
 
     #[test]

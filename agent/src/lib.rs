@@ -50,6 +50,7 @@ pub async fn run_with_stop_now(
     stop_now: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    let token = config.agent_token()?;
     for url in &config.controllers {
         if hobotnica_common::transport::check_url("--controller", url, false).is_err() {
             tracing::warn!(
@@ -59,13 +60,12 @@ pub async fn run_with_stop_now(
             );
         }
     }
-    std::fs::create_dir_all(&config.work_dir)
+    create_private_dir(&config.work_dir)
         .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
     let work_dir = std::fs::canonicalize(&config.work_dir)
         .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))?;
     let spool_dir = work_dir.join("spool");
-    std::fs::create_dir_all(&spool_dir)
-        .with_context(|| format!("creating {}", spool_dir.display()))?;
+    create_private_dir(&spool_dir).with_context(|| format!("creating {}", spool_dir.display()))?;
     remove_old_spools(&spool_dir);
 
     let inherited_env: Arc<[(String, String)]> = config::inherited_environment().into();
@@ -82,7 +82,7 @@ pub async fn run_with_stop_now(
     };
     let connection = Connection::new(
         &config.controllers,
-        &config.token,
+        &token,
         identity,
         &config.tls_options()?,
     )?;
@@ -127,6 +127,7 @@ async fn job_sandbox(
         return Ok(None);
     }
     let mut hidden = vec![work_dir.to_owned()];
+    hidden.extend(config.token_file.iter().cloned());
     hidden.extend(config.client_key.iter().cloned());
     hidden.extend(config.sandbox_hide.iter().cloned());
     let sandbox = sandbox::Sandbox::new(
@@ -140,6 +141,15 @@ async fn job_sandbox(
         .check(&work_dir.join("scratch").join(".sandbox-check"))
         .await?;
     Ok(Some(sandbox))
+}
+
+/// Creates `dir` with mode 0700, or takes the group and other bits off it
+/// (and says so): jobs' code, logs and secrets are the agent's alone.
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    if let Some(change) = hobotnica_common::private_fs::create_private_dir(dir)? {
+        tracing::warn!(%change, "other users could reach this directory; made it private");
+    }
+    Ok(())
 }
 
 /// Spools of jobs an earlier run did not finish: those jobs are lost (their

@@ -1,6 +1,6 @@
 //! Finding the controller and talking to its REST API.
 //!
-//! The URLs and the token come from flags or `HOBOTNICA_*` variables, else
+//! The URLs and the token come from flags, files or `HOBOTNICA_*` variables, else
 //! from the data directory of a local `hobot up` (`controller.json` and
 //! `admin-token`). Every non-2xx answer becomes an [`ApiError`] built from
 //! the problem+json body; a connection failure becomes an [`Unreachable`]
@@ -14,6 +14,8 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use hobotnica_common::private_fs::{Secret, read_secret_file};
 
 use crate::config::GlobalArgs;
 
@@ -31,7 +33,7 @@ const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub struct Connection {
     pub url: String,
     pub grpc_url: String,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Where `url` came from, for error messages.
     pub source: String,
     /// Where `grpc_url` came from, for error messages.
@@ -87,9 +89,15 @@ impl Connection {
                 })?),
                 None => None,
             };
-        let token = match &global.token {
-            Some(token) => Some(token.clone()),
-            None => read_token_file(&global.data_dir.join(ADMIN_TOKEN_FILE))?,
+        let token = match (&global.token, &global.token_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "give --token-file (HOBOTNICA_TOKEN_FILE) or --token (HOBOTNICA_TOKEN), not both"
+            ),
+            (Some(token), None) => Some(token.clone()),
+            (None, Some(path)) => Some(read_secret_file("--token-file", path)?),
+            (None, None) => {
+                read_token_file(&global.data_dir.join(ADMIN_TOKEN_FILE))?.map(Secret::new)
+            }
         };
         Ok(Connection {
             url: url.trim_end_matches('/').to_owned(),
@@ -271,7 +279,7 @@ impl Client {
         let url = format!("{}{path_and_query}", self.connection.url);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.connection.token {
-            request = request.bearer_auth(token);
+            request = request.bearer_auth(token.expose());
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -366,6 +374,43 @@ pub fn repo_path(repo: &str) -> anyhow::Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_file_must_be_private() {
+        use clap::Parser as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "hbad_fromfile\n").expect("write");
+        let path = file.to_str().expect("utf-8");
+        let discover = |args: &[&str]| {
+            let mut all = vec!["hobot", "--data-dir", dir.path().to_str().expect("utf-8")];
+            all.extend_from_slice(args);
+            let cli = crate::config::Cli::try_parse_from(all).expect("parses");
+            Connection::discover(&cli.global).map_err(|error| format!("{error:#}"))
+        };
+        let chmod = |mode| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+
+        chmod(0o600);
+        let connection = discover(&["--token-file", path, "jobs", "ls"]).expect("read");
+        assert_eq!(
+            connection.token.as_ref().map(Secret::expose),
+            Some("hbad_fromfile")
+        );
+        let message =
+            discover(&["--token-file", path, "--token", "hbad_x", "jobs", "ls"]).expect_err("both");
+        assert!(message.contains("not both"), "{message}");
+
+        chmod(0o644);
+        let message = discover(&["--token-file", path, "jobs", "ls"]).expect_err("refused");
+        assert!(
+            message.contains("0644") && message.contains(&format!("chmod 600 {path}")),
+            "{message}"
+        );
+        assert!(!message.contains("hbad_fromfile"), "{message}");
+    }
 
     #[test]
     fn repo_names() {

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hobotnica_common::private_fs::Secret;
 
 /// The Hobotnica operator CLI.
 ///
@@ -33,9 +34,16 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "HOBOTNICA_GRPC_URL")]
     pub grpc_url: Option<String>,
 
-    /// API token (default: `<data-dir>/admin-token`).
-    #[arg(long, global = true, env = "HOBOTNICA_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// API token (default: `<data-dir>/admin-token`). On the command line
+    /// every process on the host can read it: prefer --token-file or
+    /// HOBOTNICA_TOKEN.
+    #[arg(long, global = true, env = "HOBOTNICA_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
+    pub token: Option<Secret>,
+
+    /// File holding the API token (mode 0600 or stricter), instead of
+    /// --token.
+    #[arg(long, global = true, env = "HOBOTNICA_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// Data directory of a local `hobot up`, where its URLs and admin token
     /// are found.
@@ -61,6 +69,18 @@ pub struct GlobalArgs {
     /// plaintext on a non-loopback address.)
     #[arg(long, global = true, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+}
+
+impl Cli {
+    /// Notes which secrets `hobot up`'s controller was given on the command
+    /// line (it warns about them when it starts).
+    pub fn note_command_line(&mut self, matches: &clap::ArgMatches) {
+        if let (Command::Up(up), Some(("up", up_matches))) =
+            (&mut self.command, matches.subcommand())
+        {
+            up.controller.note_command_line(up_matches);
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -404,6 +424,28 @@ mod tests {
             Cli::try_parse_from(["hobot", "repos", "ls", "--ca-cert", "ca.pem"]).expect("parses");
         assert_eq!(cli.global.ca_cert, Some(PathBuf::from("ca.pem")));
         assert!(!cli.global.insecure);
+    }
+
+    #[test]
+    fn secrets_on_the_command_line_are_noted() {
+        use clap::FromArgMatches as _;
+        let parse = |args: &[&str]| {
+            let matches = Cli::command().try_get_matches_from(args).expect("parses");
+            let mut cli = Cli::from_arg_matches(&matches).expect("parses");
+            cli.note_command_line(&matches);
+            cli
+        };
+        let cli = parse(&["hobot", "repos", "ls", "--token-file", "/run/token"]);
+        assert_eq!(cli.global.token_file, Some(PathBuf::from("/run/token")));
+
+        let cli = parse(&["hobot", "up", "--admin-token", "hbad_0123456789abcdef"]);
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert_eq!(
+            up.controller.secrets_on_command_line,
+            [hobotnica_controller::CommandLineSecret::AdminToken]
+        );
     }
 
     #[test]

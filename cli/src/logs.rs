@@ -143,11 +143,12 @@ async fn tail_once(
         follow,
     });
     if let Some(token) = &client.connection.token {
-        let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-            Interrupted::Fatal(anyhow::anyhow!(
-                "the token holds characters not allowed in a header"
-            ))
-        })?;
+        let value =
+            MetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
+                Interrupted::Fatal(anyhow::anyhow!(
+                    "the token holds characters not allowed in a header"
+                ))
+            })?;
         request.metadata_mut().insert("authorization", value);
     }
     let mut stream = service

@@ -17,7 +17,7 @@ mod up;
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::client::{Client, Connection};
 use crate::config::{Cli, Command};
@@ -25,7 +25,9 @@ use crate::config::{Cli, Command};
 fn main() -> ExitCode {
     // One TLS provider for reqwest and tonic, installed before either runs.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    cli.note_command_line(&matches);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hobotnica_agent::AgentConfig;
+use hobotnica_common::private_fs::Secret;
 use hobotnica_controller::{Controller, Listeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -48,14 +49,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         "--agent-concurrency must be at least 1"
     );
 
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    config.read_secret_files()?;
+    hobotnica_controller::prepare_data_dir(&config.data_dir)?;
     let agent_token = match &config.agent_token {
         Some(token) => token.clone(),
-        None => hobotnica_controller::load_or_create_token(
+        None => Secret::new(hobotnica_controller::load_or_create_token(
             &config.data_dir.join(AGENT_TOKEN_FILE),
             "hbag",
-        )?,
+        )?),
     };
     config.agent_token = Some(agent_token.clone());
     let agent_work_dir = agent_work_dir.unwrap_or_else(|| config.data_dir.join("agent"));
@@ -195,7 +196,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 /// What differs between local agents.
 struct LocalAgent {
     controller: String,
-    token: String,
+    token: Secret,
     name: String,
     labels: Vec<(String, String)>,
     concurrency: u32,
@@ -211,11 +212,12 @@ fn local_agent_config(agent: LocalAgent) -> anyhow::Result<AgentConfig> {
     use clap::{Args as _, FromArgMatches as _};
     let command = AgentConfig::augment_args(clap::Command::new("local-agent").no_binary_name(true));
     let matches = command
-        .try_get_matches_from(["--controller", &agent.controller, "--token", &agent.token])
+        .try_get_matches_from(["--controller", &agent.controller])
         .context("local agent options")?;
     let mut config = AgentConfig::from_arg_matches(&matches).context("local agent options")?;
     config.controllers = vec![agent.controller];
-    config.token = agent.token;
+    config.token = Some(agent.token);
+    config.token_file = None;
     config.name = Some(agent.name);
     config.labels = agent.labels;
     config.concurrency = agent.concurrency;
@@ -265,7 +267,7 @@ mod tests {
     fn local_agents_get_the_given_options() {
         let config = local_agent_config(LocalAgent {
             controller: "http://127.0.0.1:8081".to_owned(),
-            token: "hbag_0123456789abcdef".to_owned(),
+            token: Secret::new("hbag_0123456789abcdef"),
             name: "local-1".to_owned(),
             labels: vec![("os".to_owned(), "linux".to_owned())],
             concurrency: 3,

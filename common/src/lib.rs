@@ -1,14 +1,17 @@
 //! Pieces shared by the controller, the agent and the CLI: the generated gRPC
 //! code, domain types (ids, job states, repositories), input validation, job
-//! environment composition, log offset arithmetic and token helpers.
+//! environment composition, log offset arithmetic, token helpers, and the
+//! rules for private files and secret files.
 //!
-//! Architecture invariant: nothing here does I/O. It is pure code that every
-//! other crate may depend on.
+//! Architecture invariant: nothing here does I/O but `private_fs` (reading a
+//! secret file, making files and directories private). The rest is pure code
+//! that every other crate may depend on.
 
 pub mod env;
 pub mod ids;
 pub mod job;
 pub mod logs;
+pub mod private_fs;
 pub mod proto;
 pub mod secrets;
 pub mod token;

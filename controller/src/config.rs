@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hobotnica_common::duration::parse_duration;
+use hobotnica_common::private_fs::{Secret, read_secret_file};
 
 /// Options of `hobotnica-controller` (also embedded in `hobot up`).
 #[derive(Clone, clap::Args)]
@@ -23,14 +24,26 @@ pub struct ControllerConfig {
     pub grpc_listen: SocketAddr,
 
     /// The admin API token. Without it, one is generated once and kept in
-    /// `<data-dir>/admin-token`.
-    #[arg(long, env = "HOBOTNICA_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    /// `<data-dir>/admin-token`. On the command line every process on the
+    /// host can read it: prefer --admin-token-file or the environment.
+    #[arg(long, env = "HOBOTNICA_ADMIN_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
+    pub admin_token: Option<Secret>,
+
+    /// File holding the admin API token (mode 0600 or stricter), instead of
+    /// --admin-token.
+    #[arg(long, env = "HOBOTNICA_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// A pool token agents may register with (per-agent tokens can also be
-    /// created through the API).
-    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN", hide_env_values = true)]
-    pub agent_token: Option<String>,
+    /// created through the API). Prefer --agent-token-file or the
+    /// environment to the command line.
+    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN", hide_env_values = true, value_parser = Secret::parse)]
+    pub agent_token: Option<Secret>,
+
+    /// File holding the pool agent token (mode 0600 or stricter), instead of
+    /// --agent-token.
+    #[arg(long, env = "HOBOTNICA_AGENT_TOKEN_FILE", value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
 
     /// A running job whose lease is not renewed within this time is lost.
     #[arg(long, env = "HOBOTNICA_LEASE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -42,9 +55,15 @@ pub struct ControllerConfig {
 
     /// Keep everything in Redis instead of the embedded store
     /// (`redis://host:6379/0`, or `rediss://` for TLS). Any number of
-    /// controllers may share one Redis.
-    #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    /// controllers may share one Redis. A URL with a password belongs in
+    /// HOBOTNICA_REDIS_URL or --redis-url-file, not on the command line.
+    #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true, value_parser = Secret::parse)]
+    pub redis_url: Option<Secret>,
+
+    /// File holding the Redis URL (mode 0600 or stricter), instead of
+    /// --redis.
+    #[arg(long, env = "HOBOTNICA_REDIS_URL_FILE", value_name = "FILE")]
+    pub redis_url_file: Option<PathBuf>,
 
     /// The CA certificate (PEM) that signed Redis' certificate, for
     /// `rediss://` with a private CA (default: the system's roots).
@@ -113,10 +132,137 @@ pub struct ControllerConfig {
     /// and logs then cross the network unencrypted.
     #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+
+    /// Secret options given on the command line
+    /// ([`ControllerConfig::note_command_line`]).
+    #[arg(skip)]
+    pub secrets_on_command_line: Vec<CommandLineSecret>,
+}
+
+/// A secret option that can also come from a file or the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandLineSecret {
+    AdminToken,
+    AgentToken,
+    /// `--redis` with a password in the URL.
+    RedisPassword,
+}
+
+impl CommandLineSecret {
+    /// The warning logged at start-up.
+    fn warning(self) -> &'static str {
+        match self {
+            CommandLineSecret::AdminToken => {
+                "the admin token was given with --admin-token on the command line, where every \
+                 process on this host can read it in /proc/<pid>/cmdline; use \
+                 --admin-token-file FILE (mode 0600) or HOBOTNICA_ADMIN_TOKEN instead"
+            }
+            CommandLineSecret::AgentToken => {
+                "the agent token was given with --agent-token on the command line, where every \
+                 process on this host can read it in /proc/<pid>/cmdline; use \
+                 --agent-token-file FILE (mode 0600) or HOBOTNICA_AGENT_TOKEN instead"
+            }
+            CommandLineSecret::RedisPassword => {
+                "the Redis password was given in --redis on the command line, where every \
+                 process on this host can read it in /proc/<pid>/cmdline; use \
+                 --redis-url-file FILE (mode 0600) or HOBOTNICA_REDIS_URL instead"
+            }
+        }
+    }
+}
+
+/// Secrets from files, and warnings about secrets on the command line.
+impl ControllerConfig {
+    /// Notes which secrets were given on the command line; `matches` are
+    /// those of the command that flattens this configuration.
+    pub fn note_command_line(&mut self, matches: &clap::ArgMatches) {
+        let on_command_line =
+            |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        self.secrets_on_command_line = [
+            (
+                on_command_line("admin_token"),
+                CommandLineSecret::AdminToken,
+            ),
+            (
+                on_command_line("agent_token"),
+                CommandLineSecret::AgentToken,
+            ),
+            (
+                on_command_line("redis_url")
+                    && self
+                        .redis_url
+                        .as_ref()
+                        .is_some_and(|url| url_has_password(url.expose())),
+                CommandLineSecret::RedisPassword,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(given, secret)| given.then_some(secret))
+        .collect();
+    }
+
+    /// Logs a warning for each secret given on the command line.
+    pub fn warn_about_command_line_secrets(&self) {
+        for secret in &self.secrets_on_command_line {
+            tracing::warn!("{}", secret.warning());
+        }
+    }
+
+    /// Reads `--admin-token-file`, `--agent-token-file` and
+    /// `--redis-url-file` into the values they stand for (each file must be
+    /// mode 0600 or stricter). A value given both ways is refused. Reading
+    /// twice is harmless: a file read is forgotten.
+    pub fn read_secret_files(&mut self) -> anyhow::Result<()> {
+        fn read(
+            value: &mut Option<Secret>,
+            file: &mut Option<PathBuf>,
+            file_option: &'static str,
+            value_options: &str,
+        ) -> anyhow::Result<()> {
+            if let Some(path) = file.take() {
+                anyhow::ensure!(
+                    value.is_none(),
+                    "give {file_option} or {value_options}, not both"
+                );
+                *value = Some(read_secret_file(file_option, &path)?);
+            }
+            Ok(())
+        }
+        read(
+            &mut self.admin_token,
+            &mut self.admin_token_file,
+            "--admin-token-file",
+            "--admin-token (HOBOTNICA_ADMIN_TOKEN)",
+        )?;
+        read(
+            &mut self.agent_token,
+            &mut self.agent_token_file,
+            "--agent-token-file",
+            "--agent-token (HOBOTNICA_AGENT_TOKEN)",
+        )?;
+        read(
+            &mut self.redis_url,
+            &mut self.redis_url_file,
+            "--redis-url-file",
+            "--redis (HOBOTNICA_REDIS_URL)",
+        )
+    }
+}
+
+/// Whether a URL carries a password (`scheme://user:password@host`).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .is_some_and(|(_, password)| !password.is_empty())
 }
 
 impl ControllerConfig {
-    /// Cross-field checks, run before anything starts.
+    /// Cross-field checks, run before anything starts (after
+    /// [`ControllerConfig::read_secret_files`], or a token given as a file
+    /// counts as missing).
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.lease_timeout >= Duration::from_millis(300),
@@ -124,7 +270,7 @@ impl ControllerConfig {
         );
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(
-                token.len() >= 16,
+                token.expose().len() >= 16,
                 "--admin-token must be at least 16 characters"
             );
         }
@@ -135,12 +281,12 @@ impl ControllerConfig {
             );
             anyhow::ensure!(
                 self.admin_token.is_some(),
-                "with --redis, give the admin token (--admin-token or HOBOTNICA_ADMIN_TOKEN): controllers sharing one Redis must share it"
+                "with --redis, give the admin token (--admin-token-file or HOBOTNICA_ADMIN_TOKEN): controllers sharing one Redis must share it"
             );
         }
         if let Some(token) = &self.agent_token {
             anyhow::ensure!(
-                token.len() >= 16,
+                token.expose().len() >= 16,
                 "--agent-token must be at least 16 characters"
             );
         }
@@ -295,6 +441,130 @@ mod tls_tests {
             let mut tls = args.to_vec();
             tls.extend(["--tls-cert", "c.pem", "--tls-key", "k.pem"]);
             parse(&tls).validate_tls().expect("allowed with TLS");
+        }
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::{CommandLineSecret, ControllerConfig, url_has_password};
+
+    fn parse(args: &[&str]) -> ControllerConfig {
+        let command = ControllerConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let matches = command.try_get_matches_from(args).expect("parses");
+        let mut config = ControllerConfig::from_arg_matches(&matches).expect("parses");
+        config.note_command_line(&matches);
+        config
+    }
+
+    fn private_file(dir: &std::path::Path, name: &str, contents: &str, mode: u32) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.to_str().expect("utf-8").to_owned()
+    }
+
+    #[test]
+    fn tokens_and_the_redis_url_are_read_from_private_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin = private_file(dir.path(), "admin", "hbad_0123456789abcdef\n", 0o600);
+        let agent = private_file(dir.path(), "agent", "hbag_0123456789abcdef\n", 0o400);
+        let redis = private_file(dir.path(), "redis", "redis://:pw@127.0.0.1:6379/0\n", 0o600);
+        let mut config = parse(&[
+            "--admin-token-file",
+            &admin,
+            "--agent-token-file",
+            &agent,
+            "--redis-url-file",
+            &redis,
+        ]);
+        assert!(config.secrets_on_command_line.is_empty());
+        config.read_secret_files().expect("read");
+        let expose = |secret: &Option<hobotnica_common::private_fs::Secret>| {
+            secret.as_ref().map(|s| s.expose().to_owned())
+        };
+        assert_eq!(
+            expose(&config.admin_token).as_deref(),
+            Some("hbad_0123456789abcdef")
+        );
+        assert_eq!(
+            expose(&config.agent_token).as_deref(),
+            Some("hbag_0123456789abcdef")
+        );
+        assert_eq!(
+            expose(&config.redis_url).as_deref(),
+            Some("redis://:pw@127.0.0.1:6379/0")
+        );
+        config
+            .read_secret_files()
+            .expect("a second read changes nothing");
+
+        let loose = private_file(dir.path(), "loose", "hbad_0123456789abcdef\n", 0o640);
+        let message = format!(
+            "{:#}",
+            parse(&["--admin-token-file", &loose])
+                .read_secret_files()
+                .expect_err("refused")
+        );
+        assert!(
+            message.contains("0640") && message.contains(&format!("chmod 600 {loose}")),
+            "{message}"
+        );
+        assert!(!message.contains("0123456789abcdef"), "{message}");
+
+        let message = format!(
+            "{:#}",
+            parse(&[
+                "--agent-token-file",
+                &agent,
+                "--agent-token",
+                "hbag_fedcba9876543210"
+            ])
+            .read_secret_files()
+            .expect_err("both")
+        );
+        assert!(message.contains("not both"), "{message}");
+        assert!(!message.contains("fedcba"), "{message}");
+    }
+
+    #[test]
+    fn secrets_on_the_command_line_are_noted() {
+        let config = parse(&[
+            "--admin-token",
+            "hbad_0123456789abcdef",
+            "--agent-token",
+            "hbag_0123456789abcdef",
+            "--redis",
+            "redis://:pw@127.0.0.1/0",
+        ]);
+        assert_eq!(
+            config.secrets_on_command_line,
+            [
+                CommandLineSecret::AdminToken,
+                CommandLineSecret::AgentToken,
+                CommandLineSecret::RedisPassword
+            ]
+        );
+        let config = parse(&["--redis", "redis://127.0.0.1:6379/0"]);
+        assert!(config.secrets_on_command_line.is_empty());
+    }
+
+    #[test]
+    fn passwords_in_urls_are_found() {
+        for (url, has) in [
+            ("redis://:pw@host:6379/0", true),
+            ("rediss://user:pw@host", true),
+            ("redis://user@host", false),
+            ("redis://user:@host", false),
+            ("redis://host:6379/0", false),
+            ("redis://host/0?x=a:b@c", false),
+            ("redis://u:p@ss@host", true),
+        ] {
+            assert_eq!(url_has_password(url), has, "{url}");
         }
     }
 }

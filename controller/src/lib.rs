@@ -22,13 +22,14 @@ pub mod store;
 mod tls;
 mod webhook;
 
-pub use config::ControllerConfig;
+pub use config::{CommandLineSecret, ControllerConfig};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::Utc;
+use hobotnica_common::private_fs;
 use hobotnica_common::proto::agent_service_server::AgentServiceServer;
 use hobotnica_common::proto::log_service_server::LogServiceServer;
 use hobotnica_common::token::{hash_token, new_token};
@@ -96,19 +97,49 @@ fn load_secret_key(config: &ControllerConfig) -> anyhow::Result<SecretKey> {
     SecretKey::from_hex(&text).with_context(|| format!("invalid secret key in {}", path.display()))
 }
 
-/// Writes `contents` to `path` readable by the owner only.
+/// Writes `contents` to `path` readable by the owner only (mode 0600).
 pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    private_fs::write_private_file(path, contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// How many permission changes in the data directory are logged one by one.
+const LOGGED_MODE_CHANGES: usize = 20;
+
+/// Creates the data directory (0700), or takes the group and other bits off
+/// it, off everything directly in it and off every log file, and logs what
+/// was changed. Files the controller creates there are 0600 from the start;
+/// this tightens what an older version or another umask left.
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let context = || format!("cannot make the data directory {} private", dir.display());
+    let mut changes: Vec<_> = private_fs::create_private_dir(dir)
+        .with_context(context)?
+        .into_iter()
+        .collect();
+    for entry in std::fs::read_dir(dir).with_context(context)? {
+        let path = entry.with_context(context)?.path();
+        let changed = if path.file_name().is_some_and(|name| name == "logs") {
+            private_fs::make_tree_private(&path)
+        } else {
+            private_fs::make_private(&path).map(|change| change.into_iter().collect())
+        };
+        changes.extend(changed.with_context(|| format!("cannot make {} private", path.display()))?);
+    }
+    for change in changes.iter().take(LOGGED_MODE_CHANGES) {
+        tracing::warn!(
+            path = %change.path.display(),
+            old_mode = %format!("{:04o}", change.old_mode),
+            new_mode = %format!("{:04o}", change.new_mode),
+            "other users could reach this file in the data directory; made it private"
+        );
+    }
+    if let Some(more) = changes
+        .len()
+        .checked_sub(LOGGED_MODE_CHANGES)
+        .filter(|n| *n > 0)
+    {
+        tracing::warn!(more, "made more files in the data directory private");
+    }
     Ok(())
 }
 
@@ -129,16 +160,13 @@ pub fn load_or_create_token(path: &Path, prefix: &str) -> anyhow::Result<String>
 impl Controller {
     /// Opens the store under the data directory and loads (or creates) the
     /// admin token.
-    pub async fn open(config: ControllerConfig) -> anyhow::Result<Controller> {
+    pub async fn open(mut config: ControllerConfig) -> anyhow::Result<Controller> {
+        config.read_secret_files()?;
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!(
-                "cannot create the data directory {}",
-                config.data_dir.display()
-            )
-        })?;
+        config.warn_about_command_line_secrets();
+        prepare_data_dir(&config.data_dir)?;
         let admin_token = match &config.admin_token {
-            Some(token) => token.clone(),
+            Some(token) => token.expose().to_owned(),
             None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
         };
         let store = open_store(&config).await?;
@@ -153,7 +181,10 @@ impl Controller {
         let services = Services {
             store,
             admin_token_hash: hash_token(&admin_token).into(),
-            agent_pool_token_hash: config.agent_token.as_deref().map(|t| hash_token(t).into()),
+            agent_pool_token_hash: config
+                .agent_token
+                .as_ref()
+                .map(|token| hash_token(token.expose()).into()),
             secret_key,
             github: github::GitHub::new(&config.github_url, &config.github_api_url),
             credentials: Arc::new(auth::CredentialCache::default()),
@@ -409,7 +440,9 @@ pub async fn rotate_secret_key(
         SecretKey::from_hex(&text).with_context(|| format!("invalid key in {}", path.display()))
     };
     let (old, new) = (read(old_key)?, read(new_key)?);
-    let store = open_store(config).await?;
+    let mut config = config.clone();
+    config.read_secret_files()?;
+    let store = open_store(&config).await?;
     projects::rotate_secret_key(store.as_ref(), &old, &new).await
 }
 
@@ -424,7 +457,7 @@ async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::
                 })?),
                 None => None,
             };
-            Arc::new(RedisStore::connect(url, REDIS_KEY_PREFIX, ca).await?)
+            Arc::new(RedisStore::connect(url.expose(), REDIS_KEY_PREFIX, ca).await?)
         }
         None => Arc::new(EmbeddedStore::open(&config.data_dir).context(
             "cannot open the embedded store (is a controller using this data directory?)",

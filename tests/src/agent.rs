@@ -21,9 +21,23 @@ use crate::wait::wait_for;
 /// How long an agent may take to show up as connected.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a test agent is given its token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenPassing {
+    /// `HOBOTNICA_AGENT_TOKEN` in its environment.
+    #[default]
+    Environment,
+    /// `--token-file` naming a file of this mode, outside the work directory.
+    File { mode: u32 },
+    /// `--token <token>` in argv (visible in /proc/<pid>/cmdline).
+    CommandLine,
+}
+
 /// Options of a test agent.
 #[derive(Clone, Debug)]
 pub struct AgentOpts {
+    /// How the agent gets the controller's pool token.
+    pub token: TokenPassing,
     /// `--name` (default: a unique `e2e-agent-...`).
     pub name: Option<String>,
     /// `--concurrency`.
@@ -53,6 +67,7 @@ pub struct AgentOpts {
 impl Default for AgentOpts {
     fn default() -> Self {
         AgentOpts {
+            token: TokenPassing::default(),
             name: None,
             concurrency: 2,
             labels: Vec::new(),
@@ -141,15 +156,24 @@ impl Agent {
             args.push("--labels".into());
             args.push(labels.join(",").into());
         }
-        // The token goes through the environment: never in argv. The job
-        // environment test checks it does not leak into jobs.
-        let mut env: Vec<(OsString, OsString)> = vec![
-            (
+        // The token goes through the environment by default: never in
+        // argv. The job environment test checks it does not leak into jobs.
+        let mut env: Vec<(OsString, OsString)> =
+            vec![("HOBOTNICA_LOG".into(), log_filter().into())];
+        match opts.token {
+            TokenPassing::Environment => env.push((
                 "HOBOTNICA_AGENT_TOKEN".into(),
                 controller.agent_token.clone().into(),
-            ),
-            ("HOBOTNICA_LOG".into(), log_filter().into()),
-        ];
+            )),
+            TokenPassing::File { mode } => {
+                let path = dir.path().join("agent-token");
+                write_file_with_mode(&path, &format!("{}\n", controller.agent_token), mode);
+                args.extend(["--token-file".into(), path.into()]);
+            }
+            TokenPassing::CommandLine => {
+                args.extend(["--token".into(), controller.agent_token.clone().into()]);
+            }
+        }
         env.extend(
             opts.env
                 .iter()
@@ -256,6 +280,15 @@ impl Agent {
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.daemon.try_exit()
     }
+}
+
+/// Writes `contents` to `path` and gives it `mode`.
+pub fn write_file_with_mode(path: &std::path::Path, contents: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, contents)
+        .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|err| panic!("cannot chmod {}: {err}", path.display()));
 }
 
 impl Drop for Agent {

@@ -39,6 +39,9 @@ pub struct ControllerOpts {
     /// `--secret-key-file` contents (64 hex characters). With Redis, one is
     /// generated when not given, and peers share it.
     pub secret_key_hex: Option<String>,
+    /// Pass the tokens as `--admin-token-file` and `--agent-token-file`
+    /// (mode 0600, outside the data directory) instead of the environment.
+    pub token_files: bool,
 }
 
 impl Default for ControllerOpts {
@@ -52,6 +55,7 @@ impl Default for ControllerOpts {
             redis_url: None,
             tokens: None,
             secret_key_hex: None,
+            token_files: false,
         }
     }
 }
@@ -130,16 +134,27 @@ impl Controller {
             args.extend(["--secret-key-file".into(), key_file.into()]);
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
+        // Tokens through files or the environment: never in argv.
+        let mut env: Vec<(OsString, OsString)> =
+            vec![("HOBOTNICA_LOG".into(), log_filter().into())];
+        for (name, token, option) in [
+            ("admin", &admin_token, "--admin-token-file"),
+            ("agent", &agent_token, "--agent-token-file"),
+        ] {
+            if opts.token_files {
+                let path = dir.path().join(format!("{name}-token"));
+                crate::agent::write_file_with_mode(&path, &format!("{token}\n"), 0o600);
+                args.extend([option.into(), path.into()]);
+            } else {
+                let variable = format!("HOBOTNICA_{}_TOKEN", name.to_uppercase());
+                env.push((variable.into(), token.into()));
+            }
+        }
         let spec = Spec {
             name: "controller".to_owned(),
             program: bins::bin(bins::CONTROLLER),
             args,
-            // Tokens through the environment: never in argv.
-            env: vec![
-                ("HOBOTNICA_ADMIN_TOKEN".into(), admin_token.clone().into()),
-                ("HOBOTNICA_AGENT_TOKEN".into(), agent_token.clone().into()),
-                ("HOBOTNICA_LOG".into(), log_filter().into()),
-            ],
+            env,
             cwd: Some(dir.path().to_path_buf()),
             log_dir: dir.path().to_path_buf(),
         };

@@ -28,7 +28,7 @@ pub mod redis;
 pub mod tls;
 pub mod wait;
 
-pub use agent::{Agent, AgentOpts};
+pub use agent::{Agent, AgentOpts, TokenPassing};
 pub use api::{Api, Job, RawResponse};
 pub use controller::{Controller, ControllerOpts};
 pub use git::GitRepo;

@@ -1594,3 +1594,6 @@ async fn a_lost_test_job_is_queued_again_once() {
 
 #[path = "e2e/contract.rs"]
 mod contract;
+
+#[path = "e2e/privacy.rs"]
+mod privacy;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hobotnica_common::ids::AgentId;
+use hobotnica_common::private_fs::Secret;
 use hobotnica_common::proto::agent_service_client::AgentServiceClient;
 use hobotnica_common::proto::{self, AGENT_ID_METADATA, PROTOCOL_VERSION};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -240,7 +241,7 @@ impl Connection {
     /// Channels to `urls` (connected lazily, reconnecting on their own).
     pub fn new(
         urls: &[String],
-        token: &str,
+        token: &Secret,
         identity: AgentIdentity,
         tls: &TlsOptions,
     ) -> anyhow::Result<Self> {
@@ -255,7 +256,7 @@ impl Connection {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut authorization: MetadataValue<Ascii> =
-            format!("Bearer {token}").parse().map_err(|_| {
+            format!("Bearer {}", token.expose()).parse().map_err(|_| {
                 anyhow::anyhow!("the agent token contains characters not allowed in a header")
             })?;
         authorization.set_sensitive(true);
@@ -504,7 +505,7 @@ mod tests {
     async fn the_token_is_sent_but_never_printed() -> anyhow::Result<()> {
         let connection = Connection::new(
             &["http://127.0.0.1:1".to_owned()],
-            "hbt_supersecret",
+            &Secret::new("hbt_supersecret"),
             AgentIdentity {
                 name: "a".to_owned(),
                 labels: Default::default(),
@@ -532,7 +533,7 @@ mod tests {
                 "http://127.0.0.1:1".to_owned(),
                 "http://127.0.0.1:2".to_owned(),
             ],
-            "t",
+            &Secret::new("t"),
             AgentIdentity {
                 name: "a".to_owned(),
                 labels: Default::default(),

@@ -30,7 +30,7 @@ pub struct Spool {
 impl Spool {
     /// Creates (or truncates) the spool file at `path`.
     pub fn create(path: PathBuf) -> io::Result<Spool> {
-        let file = File::options()
+        let file = hobotnica_common::private_fs::private_open_options()
             .create(true)
             .truncate(true)
             .read(true)

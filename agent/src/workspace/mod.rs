@@ -202,7 +202,7 @@ impl Workspaces {
         let jobs_dir = work_dir.join("jobs");
         let scratch_dir = work_dir.join("scratch");
         for dir in [&cache_dir, &jobs_dir, &scratch_dir] {
-            std::fs::create_dir_all(dir)?;
+            crate::create_private_dir(dir)?;
         }
         let mut base_env: BTreeMap<String, String> = inherited_env
             .iter()
@@ -324,6 +324,7 @@ impl Workspaces {
                     cancel,
                     [
                         "fetch",
+                        "--no-write-fetch-head",
                         "--prune",
                         "--no-tags",
                         "origin",
@@ -350,7 +351,13 @@ impl Workspaces {
                         Some(&origin),
                         "git fetch <commit>",
                         cancel,
-                        ["fetch", "--no-tags", "origin", commit.as_str()],
+                        [
+                            "fetch",
+                            "--no-write-fetch-head",
+                            "--no-tags",
+                            "origin",
+                            commit.as_str(),
+                        ],
                     )
                     .await
                 {
@@ -383,8 +390,8 @@ impl Workspaces {
                 )))?;
             }
         }
-        for dir in [scratch.join("tmp"), scratch.join("home")] {
-            std::fs::create_dir_all(&dir)
+        for dir in [scratch.clone(), scratch.join("tmp"), scratch.join("home")] {
+            crate::create_private_dir(&dir)
                 .map_err(io_error(format!("creating {}", dir.display())))?;
         }
         self.git(
@@ -455,7 +462,7 @@ impl Workspaces {
         cache: &Path,
         cancel: &CancellationToken,
     ) -> Result<(), WorkspaceError> {
-        self.harden(cache)
+        self.harden(cache, true)
             .map_err(io_error(format!("resetting {}", cache.display())))?;
         let listed = self
             .git(
@@ -615,7 +622,7 @@ impl Workspaces {
     ) -> Result<(), WorkspaceError> {
         if cache.join("HEAD").is_file() {
             return self
-                .harden(cache)
+                .harden(cache, true)
                 .map_err(io_error(format!("resetting {}", cache.display())));
         }
         if cache.exists() {
@@ -630,6 +637,8 @@ impl Workspaces {
             ..CommandSpec::new("git", &self.cache_dir)
                 .arg("init")
                 .arg("--bare")
+                // Objects, refs and config only the agent's user may read.
+                .arg("--shared=0600")
                 .arg("--quiet")
                 .arg("--template=")
                 .arg("--")
@@ -637,21 +646,24 @@ impl Workspaces {
         };
         let captured = self.run(&spec, "git init", cancel).await?;
         check_success("git init", &captured)?;
-        self.harden(cache)
+        self.harden(cache, false)
             .map_err(io_error(format!("resetting {}", cache.display())))
     }
 
     /// Puts back the cache's own `config` and removes `hooks/` and any
     /// `objects/info/alternates`: nothing a tree or a job wrote there
     /// survives into the agent's next git command.
-    fn harden(&self, cache: &Path) -> io::Result<()> {
+    /// `warn`: say so when the config had been changed (not right after
+    /// `git init`, whose own config may differ between git versions).
+    fn harden(&self, cache: &Path, warn: bool) -> io::Result<()> {
         let config = cache.join("config");
         if std::fs::read(&config).ok().as_deref() != Some(CACHE_CONFIG.as_bytes()) {
-            if config.exists() {
+            if warn {
                 tracing::warn!(cache = %cache.display(), "the cache's git config was changed; restoring it");
             }
             let temporary = cache.join("config.hobotnica-new");
-            std::fs::write(&temporary, CACHE_CONFIG)?;
+            let _ = std::fs::remove_file(&temporary);
+            hobotnica_common::private_fs::write_private_file(&temporary, CACHE_CONFIG.as_bytes())?;
             std::fs::rename(&temporary, &config)?;
         }
         for planted in [cache.join("hooks"), cache.join("objects/info/alternates")] {
@@ -797,8 +809,7 @@ fn tree_ref(name: &str) -> String {
 
 /// A cache's `config`, rewritten before every use: whatever a job or a tree
 /// may have written there is gone before the agent's git reads it.
-const CACHE_CONFIG: &str =
-    "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n";
+const CACHE_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n\tsharedrepository = 0600\n[receive]\n\tdenyNonFastforwards = true\n";
 
 /// Lines of git's output kept in an error message.
 const ERROR_LINES: usize = 5;

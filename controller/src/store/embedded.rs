@@ -4,7 +4,7 @@
 //! Log files are written before a chunk is acknowledged (a controller crash
 //! loses no acknowledged byte) and synced to disk when the job finishes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobState, Repo};
 use hobotnica_common::logs::{AppendPlan, plan_append};
+use hobotnica_common::private_fs;
 
 use super::{
     AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
@@ -74,9 +75,16 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> anyhow::Result<EmbeddedStore> {
         use anyhow::Context as _;
         let logs_dir = dir.join("logs");
-        fs::create_dir_all(&logs_dir)
+        private_fs::create_private_dir(&logs_dir)
             .with_context(|| format!("cannot create {}", logs_dir.display()))?;
         let path = dir.join("hobotnica.redb");
+        // Created 0600 before redb opens it: it holds one-time variables.
+        private_fs::private_open_options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot create the store at {}", path.display()))?;
         let db = Database::create(&path)
             .with_context(|| format!("cannot open the store at {}", path.display()))?;
         let txn = db.begin_write()?;
@@ -185,7 +193,7 @@ impl Inner {
     }
 
     fn append_file(&self, id: JobId, data: &[u8]) -> StoreResult<u64> {
-        let mut file = OpenOptions::new()
+        let mut file = private_fs::private_open_options()
             .create(true)
             .append(true)
             .open(self.log_path(id))
