@@ -22,13 +22,16 @@ use crate::wait::wait_for;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a test agent is given its token.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum TokenPassing {
     /// `HOBOTNICA_AGENT_TOKEN` in its environment.
     #[default]
     Environment,
     /// `--token-file` naming a file of this mode, outside the work directory.
     File { mode: u32 },
+    /// `--token-file` naming a 0600 file at this path (one a job could
+    /// otherwise see).
+    FileAt(PathBuf),
     /// `--token <token>` in argv (visible in /proc/<pid>/cmdline).
     CommandLine,
 }
@@ -168,6 +171,10 @@ impl Agent {
             TokenPassing::File { mode } => {
                 let path = dir.path().join("agent-token");
                 write_file_with_mode(&path, &format!("{}\n", controller.agent_token), mode);
+                args.extend(["--token-file".into(), path.into()]);
+            }
+            TokenPassing::FileAt(path) => {
+                write_file_with_mode(&path, &format!("{}\n", controller.agent_token), 0o600);
                 args.extend(["--token-file".into(), path.into()]);
             }
             TokenPassing::CommandLine => {

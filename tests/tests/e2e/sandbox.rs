@@ -10,6 +10,8 @@
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
 
+use hobotnica_tests::agent::TokenPassing;
+
 use super::*;
 
 /// The fixture's Makefile plus targets that run the committed scripts.
@@ -147,19 +149,21 @@ if [ -r "/proc/$AGENT_PID/environ" ]; then echo "VISIBLE: the agent's environmen
 if [ -r "/proc/$AGENT_PID/cmdline" ]; then echo "VISIBLE: the agent's arguments"; tr '\0' ' ' < "/proc/$AGENT_PID/cmdline"; echo; fi
 if [ -e "$WORK_DIR/spool" ]; then echo "VISIBLE: the spool"; ls -la "$WORK_DIR/spool"; fi
 if [ -e "$WORK_DIR/cache" ] && ls "$WORK_DIR"/cache/*.git/HEAD >/dev/null 2>&1; then echo "VISIBLE: a cache"; fi
-if ls "$CLIENT_KEY" >/dev/null 2>&1 && [ -s "$CLIENT_KEY" ]; then echo "VISIBLE: the client key"; fi
+if [ -s "$TOKEN_FILE" ]; then echo "VISIBLE: the token file"; cat "$TOKEN_FILE"; fi
 echo "snooping done"
 "#;
 
-#[tokio::test]
-async fn a_job_sees_none_of_the_agents_processes_files_or_token() {
+async fn a_job_cannot_snoop(token: fn(&Controller) -> TokenPassing) {
     let controller = Controller::start_default().await;
-    // The old README's form: the token on the agent's command line (and in
-    // its environment, as the harness passes it).
+    let token = token(&controller);
+    let token_file = match &token {
+        TokenPassing::FileAt(path) => path.clone(),
+        _ => controller.scratch_dir("none").join("agent-token"),
+    };
     let agent = Agent::start(
         &controller,
         AgentOpts {
-            args: vec!["--token".to_owned(), controller.agent_token.clone()],
+            token,
             ..AgentOpts::default()
         },
     )
@@ -168,8 +172,6 @@ async fn a_job_sees_none_of_the_agents_processes_files_or_token() {
     let api = controller.api();
     api.register_repo("demo", &repo.url()).await;
     let snoop = commit_attack(&repo, SNOOP);
-    let client_key = controller.scratch_dir("keys").join("client-key.pem");
-    std::fs::write(&client_key, "not a real key").unwrap();
     let job = api
         .run_job(
             REPO,
@@ -179,7 +181,7 @@ async fn a_job_sees_none_of_the_agents_processes_files_or_token() {
                 "env": {
                     "AGENT_PID": agent.pid().unwrap().to_string(),
                     "WORK_DIR": path_str(&agent.work_dir()),
-                    "CLIENT_KEY": path_str(&client_key),
+                    "TOKEN_FILE": path_str(&token_file),
                 },
             }),
         )
@@ -192,15 +194,27 @@ async fn a_job_sees_none_of_the_agents_processes_files_or_token() {
         "the token leaked:\n{log}"
     );
     assert!(!log.contains(&controller.admin_token), "{log}");
-    assert!(!log.contains("VISIBLE: the agent"), "{log}");
-    assert!(!log.contains("VISIBLE: the spool"), "{log}");
-    assert!(!log.contains("VISIBLE: a cache"), "{log}");
+    assert!(!log.contains("VISIBLE: "), "{log}");
     let processes: usize = log
         .lines()
         .find_map(|line| line.strip_prefix("processes: "))
         .and_then(|n| n.trim().parse().ok())
         .expect("the count of processes");
     assert!(processes < 10, "the job sees {processes} processes:\n{log}");
+}
+
+#[tokio::test]
+async fn a_job_cannot_read_the_agents_token_from_its_command_line_or_environment() {
+    // The old README's form: the token on the agent's command line.
+    a_job_cannot_snoop(|_| TokenPassing::CommandLine).await;
+}
+
+#[tokio::test]
+async fn a_job_cannot_read_the_agents_token_file_even_where_it_could_see_it() {
+    // The token file lies in a directory jobs may write to: the sandbox
+    // hides it all the same.
+    a_job_cannot_snoop(|c| TokenPassing::FileAt(c.scratch_dir("visible").join("agent-token")))
+        .await;
 }
 
 #[tokio::test]
