@@ -1527,6 +1527,9 @@ mod github;
 #[path = "e2e/deploy.rs"]
 mod deploy;
 
+#[path = "e2e/identity.rs"]
+mod identity;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_test_job_is_queued_again_once() {
     let controller = Controller::start_default().await;

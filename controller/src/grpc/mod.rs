@@ -47,6 +47,9 @@ fn status(err: StoreError) -> Status {
         StoreError::Conflict(detail) => Status::failed_precondition(detail),
         StoreError::LeaseLost { .. } => Status::failed_precondition(err.to_string()),
         StoreError::LogGap { .. } => Status::out_of_range(err.to_string()),
+        StoreError::AgentNameTaken { name } => Status::permission_denied(format!(
+            "agent name {name:?} is registered with another agent token: start this agent under another name (--name), or revoke the token that registered it (which frees the name) and register again"
+        )),
         StoreError::Unavailable(cause) => {
             tracing::error!(error = %cause, "store unavailable");
             Status::unavailable("the store is unavailable; retry later")

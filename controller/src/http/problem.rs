@@ -105,7 +105,9 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
             }
             StoreError::Conflict(detail) => ApiError::new(StatusCode::CONFLICT, detail),
-            StoreError::LeaseLost { .. } | StoreError::LogGap { .. } => {
+            StoreError::LeaseLost { .. }
+            | StoreError::LogGap { .. }
+            | StoreError::AgentNameTaken { .. } => {
                 ApiError::new(StatusCode::CONFLICT, err.to_string())
             }
             StoreError::Unavailable(cause) => {

@@ -708,6 +708,66 @@ pub async fn repository_updates_are_compare_and_set(store: Arc<dyn Store>) {
     ));
 }
 
+pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dyn Store>) {
+    let mut owner = agent("builder");
+    owner.token_id = "t-owner".into();
+    let owner = store.register_agent(owner).await.unwrap();
+
+    // Another token cannot take the name over; the record stays as it was.
+    let mut impostor = agent("builder");
+    impostor.token_id = "t-other".into();
+    impostor.labels.insert("pool".into(), "deploy".into());
+    match store.register_agent(impostor).await {
+        Err(StoreError::AgentNameTaken { name }) => assert_eq!(name, "builder"),
+        other => panic!("expected AgentNameTaken, got {other:?}"),
+    }
+    let mut pool = agent("builder");
+    pool.token_id = "pool".into();
+    assert!(matches!(
+        store.register_agent(pool).await,
+        Err(StoreError::AgentNameTaken { .. })
+    ));
+    assert_eq!(
+        store.get_agent(&owner.id).await.unwrap(),
+        Some(owner.clone())
+    );
+    assert_eq!(store.list_agents().await.unwrap(), vec![owner.clone()]);
+
+    // The same token (an agent restart) keeps the id.
+    let mut restarted = agent("builder");
+    restarted.token_id = "t-owner".into();
+    restarted.concurrency = 4;
+    let restarted = store.register_agent(restarted).await.unwrap();
+    assert_eq!(restarted.id, owner.id);
+    assert_eq!(restarted.concurrency, 4);
+
+    // Revoking the owner's token forgets its agents: the name is free.
+    store
+        .create_agent_token(super::AgentTokenRecord {
+            id: "t-owner".into(),
+            name: "box".into(),
+            token_hash: hobotnica_common::token::hash_token("owner-token"),
+            created_at: Utc::now(),
+        })
+        .await
+        .unwrap();
+    let mut bystander = agent("bystander");
+    bystander.token_id = "t-other".into();
+    let bystander = store.register_agent(bystander).await.unwrap();
+    store.delete_agent_token("t-owner").await.unwrap();
+    assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
+    assert!(matches!(
+        store.touch_agent(&owner.id, Utc::now()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
+    assert_eq!(store.list_agents().await.unwrap(), vec![bystander]);
+    let mut successor = agent("builder");
+    successor.token_id = "t-other".into();
+    let successor = store.register_agent(successor).await.unwrap();
+    assert_ne!(successor.id, owner.id, "a new owner is a new agent");
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -720,6 +780,7 @@ macro_rules! conformance_suite {
             cancel_depends_on_state,
             log_appends_are_idempotent,
             agents_keep_their_id_by_name_and_tokens_revoke,
+            an_agent_name_belongs_to_the_token_that_registered_it,
             job_lists_filter_and_page_newest_first,
             racing_claimers_take_each_job_exactly_once,
             logs_read_back_from_any_offset,

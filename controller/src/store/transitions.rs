@@ -38,6 +38,24 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
     }
 }
 
+/// An agent's registration against the record already holding its name:
+/// the same token keeps the agent's id and first registration time;
+/// another token is refused, so that no token can take over an agent it
+/// did not register (its leases, log streams and completions).
+pub fn register_agent(
+    previous: Option<&AgentRecord>,
+    mut agent: AgentRecord,
+) -> StoreResult<AgentRecord> {
+    if let Some(previous) = previous {
+        if previous.token_id != agent.token_id {
+            return Err(StoreError::AgentNameTaken { name: agent.name });
+        }
+        agent.id = previous.id.clone();
+        agent.registered_at = previous.registered_at;
+    }
+    Ok(agent)
+}
+
 /// `agent` takes a queued job under a new attempt.
 pub fn claim(
     job: &mut Job,

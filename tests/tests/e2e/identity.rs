@@ -1,0 +1,209 @@
+//! Untrusted code never reaches a secret: an agent's name belongs to the
+//! token that registered it. The attacker is a hand-written gRPC client
+//! holding a valid (stolen) agent token.
+
+use hobotnica_common::proto::agent_service_client::AgentServiceClient;
+use hobotnica_common::proto::{
+    AGENT_ID_METADATA, CompleteJobRequest, LogAck, LogChunk, Outcome, PROTOCOL_VERSION,
+    RegisterRequest, RenewLeaseRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use super::*;
+
+/// A per-agent token created through the API: `(id, token)`.
+async fn create_token(api: &Api, name: &str) -> (String, String) {
+    let created = api
+        .send_json(
+            Method::POST,
+            "/api/v1/agent-tokens",
+            &json!({ "name": name }),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let created = created.json();
+    (
+        created["id"].as_str().unwrap().to_owned(),
+        created["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A hand-written agent: the generated client, a token, and (once
+/// registered) an agent id sent as metadata.
+struct RawAgent {
+    client: AgentServiceClient<Channel>,
+    token: String,
+    agent_id: Option<String>,
+}
+
+impl RawAgent {
+    async fn connect(grpc_url: &str, token: &str) -> RawAgent {
+        let channel = Channel::from_shared(grpc_url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        RawAgent {
+            client: AgentServiceClient::new(channel),
+            token: token.to_owned(),
+            agent_id: None,
+        }
+    }
+
+    /// As a different agent: another token, maybe someone else's agent id.
+    fn with(&self, token: &str, agent_id: Option<&str>) -> RawAgent {
+        RawAgent {
+            client: self.client.clone(),
+            token: token.to_owned(),
+            agent_id: agent_id.map(str::to_owned),
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        if let Some(id) = &self.agent_id {
+            metadata.insert(AGENT_ID_METADATA, id.parse().unwrap());
+        }
+        request
+    }
+
+    async fn register(&mut self, name: &str, labels: &[(&str, &str)]) -> Result<String, Status> {
+        let request = self.request(RegisterRequest {
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            concurrency: 1,
+            version: "raw-agent".to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+        });
+        let id = self.client.register(request).await?.into_inner().agent_id;
+        self.agent_id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Opens PushLogs.
+    async fn push_logs(&mut self) -> Result<(mpsc::Sender<LogChunk>, Streaming<LogAck>), Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let request = self.request(ReceiverStream::new(rx));
+        let acks = self.client.push_logs(request).await?.into_inner();
+        Ok((tx, acks))
+    }
+
+    async fn renew(&mut self, job_id: u64, attempt: u32) -> Result<(), Status> {
+        let request = self.request(RenewLeaseRequest { job_id, attempt });
+        self.client.renew_lease(request).await.map(|_| ())
+    }
+
+    async fn complete(&mut self, job_id: u64, attempt: u32) -> Result<(), Status> {
+        let request = self.request(CompleteJobRequest {
+            job_id,
+            attempt,
+            outcome: Outcome::Succeeded as i32,
+            exit_code: Some(0),
+            message: String::new(),
+            log_length: 0,
+            duration_ms: 1,
+        });
+        self.client.complete_job(request).await.map(|_| ())
+    }
+}
+
+/// What the API shows of agents, without the times that heartbeats move.
+async fn agent_identities(api: &Api) -> Vec<Value> {
+    api.agents()
+        .await
+        .into_iter()
+        .map(|agent| {
+            json!({
+                "id": agent["id"],
+                "name": agent["name"],
+                "labels": agent["labels"],
+                "version": agent["version"],
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_token_cannot_take_over_a_registered_agent() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let (_, owner_token) = create_token(&api, "owner-box").await;
+    let (_, stolen_token) = create_token(&api, "other-box").await;
+
+    let name = hobotnica_tests::unique("builder");
+    let agent = Agent::start(
+        &controller,
+        AgentOpts {
+            name: Some(name.clone()),
+            env: vec![("HOBOTNICA_AGENT_TOKEN".to_owned(), owner_token.clone())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let job = api.run_target(REPO, "sleep").await;
+    api.wait_for_log(job.id, "sleeping", JOB_TIMEOUT).await;
+    let running = api.job(job.id).await;
+    assert_eq!(running.state, JobState::Running);
+    let real_id = running.agent_id.clone().unwrap();
+    let listed_before = agent_identities(&api).await;
+
+    // Registering the agent's name with another valid token is refused,
+    // with the pool token too.
+    for token in [&stolen_token, &controller.agent_token] {
+        let mut impostor = RawAgent::connect(&controller.grpc_url(), token).await;
+        let refused = impostor
+            .register(&name, &[("pool", "deploy")])
+            .await
+            .expect_err("another token registered an existing agent's name");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("another agent token"),
+            "{refused:?}"
+        );
+        assert!(!refused.message().contains(token.as_str()));
+    }
+    assert_eq!(
+        agent_identities(&api).await,
+        listed_before,
+        "the agent is untouched"
+    );
+
+    // Nor may that token act as the agent: no renewal, no log line, no
+    // completion.
+    let mut impostor = RawAgent::connect(&controller.grpc_url(), &stolen_token)
+        .await
+        .with(&stolen_token, Some(&real_id));
+    let renewed = impostor.renew(job.id, running.attempt).await.unwrap_err();
+    assert_eq!(renewed.code(), Code::Unauthenticated, "{renewed:?}");
+    let pushed = impostor.push_logs().await.map(|_| ()).unwrap_err();
+    assert_eq!(pushed.code(), Code::Unauthenticated, "{pushed:?}");
+    let completed = impostor
+        .complete(job.id, running.attempt)
+        .await
+        .unwrap_err();
+    assert_eq!(completed.code(), Code::Unauthenticated, "{completed:?}");
+
+    let still = api.job(job.id).await;
+    assert_eq!(still.state, JobState::Running, "{still:?}");
+    assert_eq!(still.agent_id.as_deref(), Some(real_id.as_str()));
+    assert!(!text(&api.log(job.id).await).contains("impostor"));
+
+    // The owner's own token re-registers the name and keeps the id.
+    let mut owner = RawAgent::connect(&controller.grpc_url(), &owner_token).await;
+    assert_eq!(owner.register(&name, &[]).await.unwrap(), real_id);
+    api.cancel(job.id).await;
+    drop(agent);
+}
