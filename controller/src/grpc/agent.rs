@@ -268,6 +268,9 @@ impl AgentService for AgentGrpc {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        // Subscribed before the token is checked: a revocation after the
+        // check is seen.
+        let events = self.services.store.subscribe();
         let agent = self.caller(request.metadata()).await?;
         let mut inbound = request.into_inner();
         match inbound.message().await? {
@@ -286,7 +289,7 @@ impl AgentService for AgentGrpc {
         self.tasks.spawn(async move {
             let agent_id = agent.id.clone();
             tracing::info!(agent.id = %agent_id, "session opened");
-            run_session(services, agent, inbound, outbound, shutdown).await;
+            run_session(services, agent, inbound, events, outbound, shutdown).await;
             tracing::info!(agent.id = %agent_id, "session closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -317,6 +320,9 @@ impl AgentService for AgentGrpc {
         &self,
         request: Request<Streaming<LogChunk>>,
     ) -> Result<Response<Self::PushLogsStream>, Status> {
+        // Subscribed before the token is checked: a revocation after the
+        // check is seen.
+        let mut events = self.services.store.subscribe();
         let agent = self.caller(request.metadata()).await?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
@@ -327,6 +333,11 @@ impl AgentService for AgentGrpc {
             loop {
                 let chunk = tokio::select! {
                     () = shutdown.cancelled() => break,
+                    () = token_revoked(&services, &agent, &mut events) => {
+                        tracing::info!(agent.id = %agent.id, "log stream closed: the agent token was revoked");
+                        let _ = tx.send(Err(Status::unauthenticated("the agent token was revoked"))).await;
+                        break;
+                    }
                     chunk = inbound.message() => chunk,
                 };
                 let chunk = match chunk {
@@ -470,6 +481,28 @@ async fn intake_chunk(
     })
 }
 
+/// Returns once `agent`'s token is revoked (never, if the event feed ends).
+/// After missed events it asks the store whether the agent is still
+/// registered (revoking a token forgets its agents).
+async fn token_revoked(
+    services: &Services,
+    agent: &AgentRecord,
+    events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => return,
+            Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                if matches!(services.store.get_agent(&agent.id).await, Ok(None)) {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// What a session does: push assignments while the agent has free slots,
 /// forward cancellations, send heartbeats; ends when the agent goes away,
 /// its token is revoked, or the controller shuts down.
@@ -477,10 +510,10 @@ async fn run_session(
     services: Services,
     agent: AgentRecord,
     mut inbound: Streaming<AgentMessage>,
+    mut events: tokio::sync::broadcast::Receiver<StoreEvent>,
     outbound: Outbound,
     shutdown: CancellationToken,
 ) {
-    let mut events = services.store.subscribe();
     let mut free_slots: u64 = 0;
     let mut received: u64 = 0;
     let mut sent: u64 = 0;
@@ -572,8 +605,17 @@ async fn run_session(
                     let _ = outbound.send(Err(Status::unauthenticated("the agent token was revoked"))).await;
                     return;
                 }
-                // A new job, or missed events: try to claim again.
-                Ok(StoreEvent::JobQueued { .. } | StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                // Missed events: was the token revoked meanwhile? (Revoking
+                // forgets the token's agents.) Then claim again.
+                Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                    if matches!(services.store.get_agent(&agent.id).await, Ok(None)) {
+                        let _ = outbound.send(Err(Status::unauthenticated("the agent token was revoked"))).await;
+                        return;
+                    }
+                    try_claim = true;
+                }
+                // A new job: try to claim it.
+                Ok(StoreEvent::JobQueued { .. }) => {
                     try_claim = true;
                 }
                 Ok(_) => {}

@@ -1,18 +1,24 @@
 //! Untrusted code never reaches a secret: an agent's name belongs to the
-//! token that registered it. The attacker is a hand-written gRPC client
-//! holding a valid (stolen) agent token.
+//! token that registered it, and a revoked token's streams close at once.
+//! The attacker is a hand-written gRPC client holding a valid (stolen) agent
+//! token.
 
 use hobotnica_common::proto::agent_service_client::AgentServiceClient;
 use hobotnica_common::proto::{
-    AGENT_ID_METADATA, CompleteJobRequest, LogAck, LogChunk, Outcome, PROTOCOL_VERSION,
-    RegisterRequest, RenewLeaseRequest,
+    AGENT_ID_METADATA, AgentMessage, Assignment, Capacity, CompleteJobRequest, ControllerMessage,
+    Hello, LogAck, LogChunk, Outcome, PROTOCOL_VERSION, RegisterRequest, RenewLeaseRequest,
+    agent_message, controller_message,
 };
+use hobotnica_tests::redis::RedisServer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use super::*;
+
+/// How long a refused or closed stream may take to show it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A per-agent token created through the API: `(id, token)`.
 async fn create_token(api: &Api, name: &str) -> (String, String) {
@@ -29,6 +35,13 @@ async fn create_token(api: &Api, name: &str) -> (String, String) {
         created["id"].as_str().unwrap().to_owned(),
         created["token"].as_str().unwrap().to_owned(),
     )
+}
+
+async fn revoke_token(api: &Api, id: &str) {
+    let revoked = api
+        .raw(Method::DELETE, &format!("/api/v1/agent-tokens/{id}"), None)
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
 }
 
 /// A hand-written agent: the generated client, a token, and (once
@@ -91,6 +104,28 @@ impl RawAgent {
         Ok(id)
     }
 
+    /// Opens a Session with one free slot.
+    async fn session(&mut self) -> (mpsc::Sender<AgentMessage>, Streaming<ControllerMessage>) {
+        let (tx, rx) = mpsc::channel(8);
+        let agent_id = self.agent_id.clone().unwrap();
+        tx.send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello { agent_id })),
+        })
+        .await
+        .unwrap();
+        tx.send(AgentMessage {
+            kind: Some(agent_message::Kind::Capacity(Capacity {
+                free_slots: 1,
+                assignments_received: 0,
+            })),
+        })
+        .await
+        .unwrap();
+        let request = self.request(ReceiverStream::new(rx));
+        let stream = self.client.session(request).await.unwrap().into_inner();
+        (tx, stream)
+    }
+
     /// Opens PushLogs.
     async fn push_logs(&mut self) -> Result<(mpsc::Sender<LogChunk>, Streaming<LogAck>), Status> {
         let (tx, rx) = mpsc::channel(8);
@@ -116,6 +151,59 @@ impl RawAgent {
         });
         self.client.complete_job(request).await.map(|_| ())
     }
+}
+
+/// The next assignment on a session (heartbeats skipped).
+async fn next_assignment(session: &mut Streaming<ControllerMessage>) -> Assignment {
+    tokio::time::timeout(JOB_TIMEOUT, async {
+        loop {
+            let message = session.message().await.unwrap().expect("the session ended");
+            if let Some(controller_message::Kind::Assignment(assignment)) = message.kind {
+                return assignment;
+            }
+        }
+    })
+    .await
+    .expect("no assignment in time")
+}
+
+fn chunk(assignment: &Assignment, seq: u64, offset: u64, data: &[u8]) -> LogChunk {
+    LogChunk {
+        job_id: assignment.job_id,
+        attempt: assignment.attempt,
+        seq,
+        offset,
+        data: data.to_vec(),
+    }
+}
+
+/// Waits until the acknowledgement stream is refused (UNAUTHENTICATED) or
+/// ends; acks of chunks sent before that are allowed.
+async fn expect_closed(acks: &mut Streaming<LogAck>, what: &str) {
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        loop {
+            match acks.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: the log stream stayed open");
+}
+
+/// Waits until the session is refused or ends (messages before that are
+/// skipped).
+async fn expect_session_closed(session: &mut Streaming<ControllerMessage>, what: &str) {
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(Some(_)) = session.message().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: the session stayed open");
 }
 
 /// What the API shows of agents, without the times that heartbeats move.
@@ -206,4 +294,79 @@ async fn another_token_cannot_take_over_a_registered_agent() {
     assert_eq!(owner.register(&name, &[]).await.unwrap(), real_id);
     api.cancel(job.id).await;
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_tokens_open_log_stream_is_closed() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let (token_id, token) = create_token(&api, "box").await;
+
+    let mut agent = RawAgent::connect(&controller.grpc_url(), &token).await;
+    agent
+        .register(&hobotnica_tests::unique("raw"), &[])
+        .await
+        .unwrap();
+    let (_session_tx, mut session) = agent.session().await;
+    let job = api.run_target(REPO, "sleep").await;
+    let assignment = next_assignment(&mut session).await;
+    assert_eq!(assignment.job_id, job.id);
+
+    let (chunks, mut acks) = agent.push_logs().await.unwrap();
+    chunks
+        .send(chunk(&assignment, 1, 0, b"line one\n"))
+        .await
+        .unwrap();
+    let ack = acks.message().await.unwrap().unwrap();
+    assert_eq!(ack.committed, 9);
+
+    revoke_token(&api, &token_id).await;
+    expect_closed(&mut acks, "after the revocation").await;
+    // A chunk sent now is not written.
+    let _ = chunks.send(chunk(&assignment, 2, 9, b"line two\n")).await;
+    expect_session_closed(&mut session, "after the revocation").await;
+    assert_eq!(api.log(job.id).await, b"line one\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_closed_on_every_controller_of_one_redis() {
+    let redis = RedisServer::start().await;
+    let a = Controller::start(ControllerOpts {
+        redis_url: Some(redis.url()),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let b = Controller::start(a.peer_opts()).await;
+    let repo = GitRepo::new();
+    a.api().register_repo("demo", &repo.url()).await;
+    let (token_id, token) = create_token(&a.api(), "box").await;
+
+    // Session on controller A, log stream on controller B.
+    let mut on_a = RawAgent::connect(&a.grpc_url(), &token).await;
+    let agent_id = on_a
+        .register(&hobotnica_tests::unique("raw"), &[])
+        .await
+        .unwrap();
+    let (_session_tx, mut session) = on_a.session().await;
+    let job = a.api().run_target(REPO, "sleep").await;
+    let assignment = next_assignment(&mut session).await;
+    assert_eq!(assignment.job_id, job.id);
+    let mut on_b = RawAgent::connect(&b.grpc_url(), &token)
+        .await
+        .with(&token, Some(&agent_id));
+    let (chunks, mut acks) = on_b.push_logs().await.unwrap();
+    chunks
+        .send(chunk(&assignment, 1, 0, b"line one\n"))
+        .await
+        .unwrap();
+    assert_eq!(acks.message().await.unwrap().unwrap().committed, 9);
+
+    // Revoked through A: B closes its log stream, A its session.
+    revoke_token(&a.api(), &token_id).await;
+    expect_closed(&mut acks, "on the other controller").await;
+    expect_session_closed(&mut session, "on the controller that revoked").await;
+    let _ = chunks.send(chunk(&assignment, 2, 9, b"line two\n")).await;
+    assert_eq!(b.api().log(job.id).await, b"line one\n");
 }
