@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hobotnica_common::env::is_reserved;
 use hobotnica_common::ids::{CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger, format_labels, missing_label};
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
 
@@ -134,6 +134,7 @@ impl Services {
                     repo: repo.full_name(),
                     git_url: repo.git_url.clone(),
                     kind: JobKind::for_target(&request.target),
+                    trusted_labels: trusted_labels(&repo, JobKind::for_target(&request.target)),
                     target: request.target,
                     commit,
                     branch,
@@ -171,6 +172,7 @@ impl Services {
                     branch,
                     env: BTreeMap::new(),
                     labels: BTreeMap::new(),
+                    trusted_labels: trusted_labels(repo, JobKind::Test),
                     trigger: Trigger::Webhook,
                     timeout_secs: repo.timeout_secs,
                     from_fork,
@@ -229,12 +231,19 @@ impl Services {
             "waiting: no agent is connected".to_owned()
         } else if !connected
             .iter()
-            .any(|agent| job.labels_match(&agent.labels))
+            .any(|agent| missing_label(&job.labels, &agent.labels).is_none())
         {
-            let labels: Vec<String> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!(
                 "waiting: no connected agent has labels {}",
-                labels.join(",")
+                format_labels(&job.labels)
+            )
+        } else if !connected
+            .iter()
+            .any(|agent| job.claimable_by(&agent.labels, &agent.vouched_labels))
+        {
+            format!(
+                "waiting: no connected agent's token vouches for {} (the repository's deploy_labels)",
+                format_labels(&job.trusted_labels)
             )
         } else {
             "waiting for a free agent".to_owned()
@@ -423,6 +432,17 @@ impl Services {
     }
 }
 
+/// The labels the token of an agent taking a job of `kind` must vouch for: a
+/// deploy's are its repository's `deploy_labels`, recorded in the job when
+/// it is queued.
+pub fn trusted_labels(repo: &Repo, kind: JobKind) -> BTreeMap<String, String> {
+    if kind == JobKind::Deploy {
+        repo.deploy_labels.clone()
+    } else {
+        BTreeMap::new()
+    }
+}
+
 impl Services {
     /// Runs a finished job again as a new job: same repository, commit,
     /// branch, target and one-time variables.
@@ -457,6 +477,7 @@ impl Services {
                     branch: old.branch,
                     env: old.env,
                     labels: old.labels,
+                    trusted_labels: trusted_labels(&repo, old.kind),
                     trigger: Trigger::Retry,
                     timeout_secs: repo.timeout_secs,
                     from_fork: old.from_fork,

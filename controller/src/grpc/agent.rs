@@ -11,7 +11,9 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::Stream;
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::{Job, JobState, Outcome as DomainOutcome};
+use hobotnica_common::job::{
+    Job, JobState, Outcome as DomainOutcome, format_labels, missing_label,
+};
 use hobotnica_common::logs::MAX_CHUNK_BYTES;
 use hobotnica_common::proto::agent_service_server::AgentService;
 use hobotnica_common::proto::{
@@ -56,13 +58,17 @@ impl AgentGrpc {
         }
     }
 
-    /// Which token the caller holds: `pool` or a per-agent token's id.
-    async fn token_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    /// Which token the caller holds: `pool` or a per-agent token's id, and
+    /// the labels it allows (none for the pool token).
+    async fn token(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<(String, BTreeMap<String, String>), Status> {
         let hash = hash_token(bearer(metadata)?);
         if let Some(pool) = &self.services.agent_pool_token_hash
             && constant_time_eq(hash.as_bytes(), pool.as_bytes())
         {
-            return Ok("pool".to_owned());
+            return Ok(("pool".to_owned(), BTreeMap::new()));
         }
         match self
             .services
@@ -71,11 +77,15 @@ impl AgentGrpc {
             .await
             .map_err(status)?
         {
-            Some(token) => Ok(token.id),
+            Some(token) => Ok((token.id, token.labels)),
             None => Err(Status::unauthenticated(
                 "the agent token is not valid or was revoked",
             )),
         }
+    }
+
+    async fn token_id(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        Ok(self.token(metadata).await?.0)
     }
 
     /// The registered agent making the call.
@@ -235,9 +245,23 @@ impl AgentService for AgentGrpc {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let token_id = self.token_id(request.metadata()).await?;
+        let (token_id, token_labels) = self.token(request.metadata()).await?;
         let request = request.into_inner();
         validate_registration(&request)?;
+        let labels = request.labels.into_iter().collect::<BTreeMap<_, _>>();
+        // A token with labels registers agents with those labels only, and
+        // vouches for them; other tokens vouch for none.
+        let vouched_labels = if token_labels.is_empty() {
+            BTreeMap::new()
+        } else {
+            if let Some((key, value)) = missing_label(&labels, &token_labels) {
+                return Err(Status::permission_denied(format!(
+                    "label {key}={value} is not allowed by this agent token (it allows {}): register with those labels only, or use a token created with this one",
+                    format_labels(&token_labels)
+                )));
+            }
+            labels.clone()
+        };
         let now = Utc::now();
         let agent = self
             .services
@@ -245,10 +269,11 @@ impl AgentService for AgentGrpc {
             .register_agent(AgentRecord {
                 id: AgentId::generate(),
                 name: request.name,
-                labels: request.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                labels,
                 concurrency: request.concurrency,
                 version: request.version,
                 token_id,
+                vouched_labels,
                 registered_at: now,
                 last_seen: now,
             })

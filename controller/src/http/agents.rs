@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::problem::{ApiError, ApiJson, Problem};
-use super::schemas::TokenName;
+use super::schemas::{Labels, TokenName};
 use crate::services::Services;
 use crate::store::{AgentTokenRecord, JobFilter};
 
@@ -52,6 +52,13 @@ pub struct CreateAgentTokenRequest {
     /// What the token is for, e.g. the build host's name.
     #[schema(value_type = TokenName)]
     pub name: String,
+    /// The labels agents registering with this token may carry, e.g.
+    /// `{"pool": "deploy"}`: an agent may register with these or some of
+    /// them, never others, and the token vouches for them (a repository's
+    /// `deploy_labels` are met only by a token that vouches for them).
+    /// Default: none — any labels, vouching for none.
+    #[schema(value_type = Option<Labels>)]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// A new agent token. `token` is shown only in this response.
@@ -61,6 +68,8 @@ pub struct AgentTokenCreated {
     pub name: String,
     pub token: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and it vouches for).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,6 +77,8 @@ pub struct AgentTokenView {
     pub id: String,
     pub name: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and it vouches for).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -129,12 +140,15 @@ async fn create_agent_token(
 ) -> Result<(StatusCode, Json<AgentTokenCreated>), ApiError> {
     hobotnica_common::validate::repo_component("name", &request.name)
         .map_err(crate::error::CoreError::from)?;
+    let labels = request.labels.unwrap_or_default();
+    hobotnica_common::validate::labels("labels", &labels).map_err(crate::error::CoreError::from)?;
     let token = new_token("hbag");
     let record = AgentTokenRecord {
         id: random_hex(8),
         name: request.name,
         token_hash: hash_token(&token),
         created_at: Utc::now(),
+        labels,
     };
     services.store.create_agent_token(record.clone()).await?;
     Ok((
@@ -144,6 +158,7 @@ async fn create_agent_token(
             name: record.name,
             token,
             created_at: record.created_at,
+            labels: record.labels,
         }),
     ))
 }
@@ -165,6 +180,7 @@ async fn list_agent_tokens(
                 id: t.id,
                 name: t.name,
                 created_at: t.created_at,
+                labels: t.labels,
             })
             .collect(),
     }))

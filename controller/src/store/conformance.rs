@@ -26,6 +26,7 @@ fn repo(name: &str) -> Repo {
         disabled: None,
         env: Vec::new(),
         requeue_lost_tests: true,
+        deploy_labels: BTreeMap::new(),
     }
 }
 
@@ -39,6 +40,7 @@ fn new_job(target: &str) -> NewJob {
         branch: Some("main".into()),
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
+        trusted_labels: BTreeMap::new(),
         trigger: Trigger::Api,
         timeout_secs: 60,
         from_fork: false,
@@ -54,6 +56,7 @@ fn agent(name: &str) -> AgentRecord {
         concurrency: 1,
         version: "test".into(),
         token_id: "pool".into(),
+        vouched_labels: BTreeMap::new(),
         registered_at: Utc::now(),
         last_seen: Utc::now(),
     }
@@ -351,6 +354,7 @@ pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store
         name: "box".into(),
         token_hash: hobotnica_common::token::hash_token("secret-token"),
         created_at: Utc::now(),
+        labels: BTreeMap::from([("pool".into(), "test".into())]),
     };
     store.create_agent_token(token.clone()).await.unwrap();
     let found = store
@@ -748,6 +752,7 @@ pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dy
             name: "box".into(),
             token_hash: hobotnica_common::token::hash_token("owner-token"),
             created_at: Utc::now(),
+            labels: BTreeMap::new(),
         })
         .await
         .unwrap();
@@ -768,6 +773,51 @@ pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dy
     assert_ne!(successor.id, owner.id, "a new owner is a new agent");
 }
 
+pub async fn deploys_go_only_to_agents_whose_token_vouches(store: Arc<dyn Store>) {
+    let mut deploy = new_job("deploy");
+    deploy.trusted_labels.insert("pool".into(), "deploy".into());
+    let deploy = store.create_job(deploy, Utc::now()).await.unwrap();
+    let test = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let lease = Utc::now() + Duration::seconds(30);
+
+    // Carrying the label is not enough: the token must vouch for it.
+    let mut claims_it = agent("claims-it");
+    claims_it.labels.insert("pool".into(), "deploy".into());
+    let claims_it = store.register_agent(claims_it).await.unwrap();
+    let mut test_pool = agent("test-pool");
+    test_pool.token_id = "t-test".into();
+    test_pool.labels.insert("pool".into(), "test".into());
+    test_pool.vouched_labels = test_pool.labels.clone();
+    let test_pool = store.register_agent(test_pool).await.unwrap();
+    let taken = store
+        .claim_job(&claims_it, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.id, test.id, "the deploy waits; the test runs");
+    for agent in [&claims_it, &test_pool] {
+        assert!(
+            store
+                .claim_job(agent, Utc::now(), lease)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    let mut trusted = agent("deployer");
+    trusted.token_id = "t-deploy".into();
+    trusted.labels.insert("pool".into(), "deploy".into());
+    trusted.vouched_labels = trusted.labels.clone();
+    let trusted = store.register_agent(trusted).await.unwrap();
+    let taken = store
+        .claim_job(&trusted, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.id, deploy.id);
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -781,6 +831,7 @@ macro_rules! conformance_suite {
             log_appends_are_idempotent,
             agents_keep_their_id_by_name_and_tokens_revoke,
             an_agent_name_belongs_to_the_token_that_registered_it,
+            deploys_go_only_to_agents_whose_token_vouches,
             job_lists_filter_and_page_newest_first,
             racing_claimers_take_each_job_exactly_once,
             logs_read_back_from_any_offset,

@@ -217,7 +217,7 @@ fn first_claimable(
             continue;
         };
         let job: Job = decode(value.value())?;
-        if !job.labels_match(&agent.labels) {
+        if !transitions::may_claim(&job, agent) {
             continue;
         }
         if job.kind == hobotnica_common::job::JobKind::Deploy {

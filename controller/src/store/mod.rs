@@ -63,6 +63,9 @@ pub struct NewJob {
     pub branch: Option<String>,
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// Labels the claiming agent's token must vouch for (a deploy's
+    /// repository's `deploy_labels`).
+    pub trusted_labels: BTreeMap<String, String>,
     pub trigger: Trigger,
     pub timeout_secs: u64,
     /// A pull request from a fork: no secret variables.
@@ -115,6 +118,11 @@ pub struct AgentRecord {
     /// The agent token it registered with (id of the token, or `pool`): the
     /// name and id belong to that token.
     pub token_id: String,
+    /// The labels its token vouches for: its own labels when the token
+    /// carries labels (they are a subset of the token's), none for the pool
+    /// token or a token without labels.
+    #[serde(default)]
+    pub vouched_labels: BTreeMap<String, String>,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
 }
@@ -126,6 +134,10 @@ pub struct AgentTokenRecord {
     pub name: String,
     pub token_hash: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and that it vouches
+    /// for); empty: any labels, vouching for none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Changes other parts of the controller react to. Delivery is best effort

@@ -1108,7 +1108,7 @@ impl Store for RedisStore {
                 .jobs_by_id(&ids)
                 .await?
                 .into_iter()
-                .filter(|(_, job)| job.state == JobState::Queued && job.labels_match(&agent.labels))
+                .filter(|(_, job)| transitions::may_claim(job, agent))
                 .collect();
             // Deploys of a repository whose previous deploy runs must wait.
             let lock_keys: Vec<String> = queued

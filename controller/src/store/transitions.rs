@@ -22,6 +22,7 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         from_fork: new.from_fork,
         requested_by: new.requested_by,
         labels: new.labels,
+        trusted_labels: new.trusted_labels,
         trigger: new.trigger,
         state: JobState::Queued,
         attempt: 0,
@@ -36,6 +37,12 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         finished_at: None,
         lease_expires_at: None,
     }
+}
+
+/// Whether `agent` may take `job`: it carries the job's labels and its
+/// token vouches for the job's trusted labels. Both stores' claims use it.
+pub fn may_claim(job: &Job, agent: &AgentRecord) -> bool {
+    job.state == JobState::Queued && job.claimable_by(&agent.labels, &agent.vouched_labels)
 }
 
 /// An agent's registration against the record already holding its name:

@@ -1,7 +1,8 @@
 //! Untrusted code never reaches a secret: an agent's name belongs to the
-//! token that registered it, and a revoked token's streams close at once.
-//! The attacker is a hand-written gRPC client holding a valid (stolen) agent
-//! token.
+//! token that registered it, a revoked token's streams close at once, and a
+//! deploy (with its secrets) goes only to an agent whose token vouches for
+//! the repository's `deploy_labels`. The attacker is a hand-written gRPC
+//! client holding a valid (stolen) agent token.
 
 use hobotnica_common::proto::agent_service_client::AgentServiceClient;
 use hobotnica_common::proto::{
@@ -20,17 +21,21 @@ use super::*;
 /// How long a refused or closed stream may take to show it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A per-agent token created through the API: `(id, token)`.
-async fn create_token(api: &Api, name: &str) -> (String, String) {
+/// A per-agent token created through the API (with `labels` unless they are
+/// empty): `(id, token)`.
+async fn create_token(api: &Api, name: &str, labels: Value) -> (String, String) {
+    let mut body = json!({ "name": name });
+    if labels != json!({}) {
+        body["labels"] = labels.clone();
+    }
     let created = api
-        .send_json(
-            Method::POST,
-            "/api/v1/agent-tokens",
-            &json!({ "name": name }),
-        )
+        .send_json(Method::POST, "/api/v1/agent-tokens", &body)
         .await;
     assert_eq!(created.status, 201, "{}", created.text());
     let created = created.json();
+    if labels != json!({}) {
+        assert_eq!(created["labels"], labels, "{created}");
+    }
     (
         created["id"].as_str().unwrap().to_owned(),
         created["token"].as_str().unwrap().to_owned(),
@@ -228,8 +233,8 @@ async fn another_token_cannot_take_over_a_registered_agent() {
     let api = controller.api();
     let repo = GitRepo::new();
     api.register_repo("demo", &repo.url()).await;
-    let (_, owner_token) = create_token(&api, "owner-box").await;
-    let (_, stolen_token) = create_token(&api, "other-box").await;
+    let (_, owner_token) = create_token(&api, "owner-box", json!({})).await;
+    let (_, stolen_token) = create_token(&api, "other-box", json!({})).await;
 
     let name = hobotnica_tests::unique("builder");
     let agent = Agent::start(
@@ -302,7 +307,7 @@ async fn a_revoked_tokens_open_log_stream_is_closed() {
     let api = controller.api();
     let repo = GitRepo::new();
     api.register_repo("demo", &repo.url()).await;
-    let (token_id, token) = create_token(&api, "box").await;
+    let (token_id, token) = create_token(&api, "box", json!({})).await;
 
     let mut agent = RawAgent::connect(&controller.grpc_url(), &token).await;
     agent
@@ -341,7 +346,7 @@ async fn a_revoked_token_is_closed_on_every_controller_of_one_redis() {
     let b = Controller::start(a.peer_opts()).await;
     let repo = GitRepo::new();
     a.api().register_repo("demo", &repo.url()).await;
-    let (token_id, token) = create_token(&a.api(), "box").await;
+    let (token_id, token) = create_token(&a.api(), "box", json!({})).await;
 
     // Session on controller A, log stream on controller B.
     let mut on_a = RawAgent::connect(&a.grpc_url(), &token).await;
@@ -369,4 +374,149 @@ async fn a_revoked_token_is_closed_on_every_controller_of_one_redis() {
     expect_session_closed(&mut session, "on the controller that revoked").await;
     let _ = chunks.send(chunk(&assignment, 2, 9, b"line two\n")).await;
     assert_eq!(b.api().log(job.id).await, b"line one\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_registers_only_the_labels_it_carries() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let (_, test_token) = create_token(&api, "test-box", json!({"pool": "test"})).await;
+    let listed = api.get_json("/api/v1/agent-tokens").await;
+    assert_eq!(listed["items"][0]["labels"], json!({"pool": "test"}));
+
+    let mut agent = RawAgent::connect(&controller.grpc_url(), &test_token).await;
+    for labels in [
+        &[("pool", "deploy")][..],
+        &[("pool", "test"), ("gpu", "yes")][..],
+    ] {
+        let refused = agent
+            .register(&hobotnica_tests::unique("raw"), labels)
+            .await
+            .expect_err("a label the token does not carry");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let (key, value) = labels.last().unwrap();
+        assert!(
+            refused.message().contains(&format!("{key}={value}")),
+            "the error names the label: {refused:?}"
+        );
+    }
+    agent
+        .register(&hobotnica_tests::unique("raw"), &[("pool", "test")])
+        .await
+        .unwrap();
+    agent
+        .register(&hobotnica_tests::unique("raw"), &[])
+        .await
+        .unwrap();
+
+    let invalid = api
+        .send_json(
+            Method::POST,
+            "/api/v1/agent-tokens",
+            &json!({ "name": "bad", "labels": {"pool": "a b"} }),
+        )
+        .await;
+    invalid.assert_problem(422);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_and_their_secrets_go_only_to_agents_whose_token_vouches() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    let registered = api
+        .register_repo_with(json!({
+            "name": "demo",
+            "git_url": repo.url(),
+            "deploy_labels": {"pool": "deploy"},
+        }))
+        .await;
+    assert_eq!(registered["deploy_labels"], json!({"pool": "deploy"}));
+    let secret = hobotnica_tests::unique("deploy-secret");
+    api.set_env(REPO, "P_DEPLOY_TOKEN", &secret, "deploy", true)
+        .await;
+    let (_, test_token) = create_token(&api, "test-pool", json!({"pool": "test"})).await;
+    let (_, deploy_token) = create_token(&api, "deploy-pool", json!({"pool": "deploy"})).await;
+
+    // The stolen test-pool token cannot claim the deploy pool's label...
+    let mut thief = RawAgent::connect(&controller.grpc_url(), &test_token).await;
+    let refused = thief
+        .register(&hobotnica_tests::unique("thief"), &[("pool", "deploy")])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("pool=deploy"), "{refused:?}");
+    // ...and as a test-pool agent it is given tests, never the deploy,
+    // though the deploy was queued first.
+    thief
+        .register(&hobotnica_tests::unique("thief"), &[("pool", "test")])
+        .await
+        .unwrap();
+    let (thief_tx, mut thief_session) = thief.session().await;
+    let deploy = api
+        .deploy(REPO, json!({"env": {"E2E_SHOW_ENV": "1"}}))
+        .await;
+    let test = api.run_target(REPO, "test").await;
+    let assignment = next_assignment(&mut thief_session).await;
+    assert_eq!(assignment.job_id, test.id, "{assignment:?}");
+    assert!(!assignment.secrets.contains(&secret));
+    assert!(!assignment.env.values().any(|value| value == &secret));
+    thief
+        .complete(assignment.job_id, assignment.attempt)
+        .await
+        .unwrap();
+    thief_tx
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Capacity(Capacity {
+                free_slots: 1,
+                assignments_received: 1,
+            })),
+        })
+        .await
+        .unwrap();
+    assert_eq!(api.job(test.id).await.state, JobState::Succeeded);
+    let waiting = api.job(deploy.id).await;
+    assert_eq!(waiting.state, JobState::Queued, "{waiting:?}");
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("pool=deploy")),
+        "{waiting:?}"
+    );
+
+    // An agent whose token vouches for pool=deploy runs it, with its secret.
+    let deploy_agent = Agent::start(
+        &controller,
+        AgentOpts {
+            labels: vec![("pool".to_owned(), "deploy".to_owned())],
+            env: vec![("HOBOTNICA_AGENT_TOKEN".to_owned(), deploy_token.clone())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let done = api.wait_for_success(deploy.id, JOB_TIMEOUT).await;
+    assert_eq!(done.agent.as_deref(), Some(deploy_agent.name.as_str()));
+    let output = api.output(deploy.id).await;
+    assert!(output.contains("P_DEPLOY_TOKEN="), "{output}");
+    assert!(!output.contains(&secret), "{output}");
+
+    // A repository's deploy labels change where its settings do.
+    let changed = api
+        .send_json(
+            Method::PATCH,
+            "/api/v1/repos/local/demo",
+            &json!({"deploy_labels": {}}),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert_eq!(changed.json()["deploy_labels"], json!({}));
+    let invalid = api
+        .send_json(
+            Method::PATCH,
+            "/api/v1/repos/local/demo",
+            &json!({"deploy_labels": {"pool;": "x"}}),
+        )
+        .await;
+    invalid.assert_problem(422);
 }
