@@ -1,5 +1,5 @@
-//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents lives
-//! in the gRPC edge (it is a stream), built on `Store::claim_job`.
+//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents is in
+//! `agents` (the session), built on `Store::claim_job`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,7 +15,8 @@ use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
 use crate::github::GitHubError;
 use crate::services::{Services, agent_connected};
-use crate::store::{JobFilter, NewJob, Retention};
+pub use crate::store::JobFilter;
+use crate::store::{NewJob, Retention};
 
 /// Most one-time variables a trigger may carry.
 pub const MAX_ENV_VARS: usize = 200;
@@ -150,6 +151,31 @@ impl Services {
             .await?;
         tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
         Ok(job)
+    }
+
+    /// Queues `make test` for a webhook delivery, once: `None` when the
+    /// delivery was seen before (a redelivery).
+    pub async fn queue_webhook_delivery(
+        &self,
+        repo: &Repo,
+        delivery: &str,
+        commit: CommitSha,
+        branch: Option<String>,
+        from_fork: bool,
+    ) -> Result<Option<Job>, CoreError> {
+        if !self.store.remember_delivery(delivery, Utc::now()).await? {
+            return Ok(None);
+        }
+        match self
+            .queue_webhook_job(repo, commit, branch, from_fork)
+            .await
+        {
+            Ok(job) => Ok(Some(job)),
+            Err(err) => {
+                let _ = self.store.forget_delivery(delivery).await;
+                Err(err)
+            }
+        }
     }
 
     /// Queues `make test` for a webhook delivery.

@@ -76,6 +76,16 @@ impl Services {
             .ok_or_else(|| CoreError::NotFound(format!("repository {owner}/{name}")))
     }
 
+    /// The GitHub repository whose webhook URL has `hook_id`.
+    pub async fn repo_by_hook(&self, hook_id: &str) -> Result<Option<Repo>, CoreError> {
+        Ok(self.store.find_repo_by_hook(hook_id).await?)
+    }
+
+    /// Every registered repository (callers filter by access).
+    pub async fn list_repos(&self) -> Result<Vec<Repo>, CoreError> {
+        Ok(self.store.list_repos().await?)
+    }
+
     pub async fn delete_repo(&self, owner: &str, name: &str) -> Result<(), CoreError> {
         self.repo(owner, name).await?;
         self.store.delete_repo(owner, name).await?;

@@ -7,8 +7,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use hobotnica_common::job::JobState;
-use hobotnica_common::token::{hash_token, new_token, random_hex};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -18,7 +16,6 @@ use super::auth::Admin;
 use super::problem::{ApiError, ApiJson, Problem};
 use super::schemas::{Labels, TokenName};
 use crate::services::Services;
-use crate::store::{AgentTokenRecord, JobFilter};
 
 pub fn router() -> OpenApiRouter<Services> {
     OpenApiRouter::new()
@@ -95,31 +92,23 @@ async fn list_agents(
     _: Admin,
     State(services): State<Services>,
 ) -> Result<Json<AgentList>, ApiError> {
-    let agents = services.store.list_agents().await?;
-    let running = services
-        .store
-        .list_jobs(&JobFilter {
-            state: Some(JobState::Running),
-            limit: usize::MAX,
-            ..JobFilter::default()
-        })
-        .await?;
     let now = Utc::now();
-    let mut items: Vec<AgentView> = agents
+    let mut items: Vec<AgentView> = services
+        .agents_overview()
+        .await?
         .into_iter()
-        .map(|agent| AgentView {
-            running_jobs: running
-                .iter()
-                .filter(|job| job.agent.as_ref() == Some(&agent.id))
-                .map(|job| job.id.0)
-                .collect(),
-            connected: crate::services::agent_connected(agent.last_seen, now),
-            id: agent.id.0,
-            name: agent.name,
-            labels: agent.labels,
-            concurrency: agent.concurrency,
-            version: agent.version,
-            last_seen: agent.last_seen,
+        .map(|overview| {
+            let agent = overview.agent;
+            AgentView {
+                running_jobs: overview.running_jobs.into_iter().map(|id| id.0).collect(),
+                connected: crate::services::agent_connected(agent.last_seen, now),
+                id: agent.id.0,
+                name: agent.name,
+                labels: agent.labels,
+                concurrency: agent.concurrency,
+                version: agent.version,
+                last_seen: agent.last_seen,
+            }
         })
         .collect();
     items.sort_by(|a, b| a.name.cmp(&b.name));
@@ -138,19 +127,9 @@ async fn create_agent_token(
     State(services): State<Services>,
     ApiJson(request): ApiJson<CreateAgentTokenRequest>,
 ) -> Result<(StatusCode, Json<AgentTokenCreated>), ApiError> {
-    hobotnica_common::validate::repo_component("name", &request.name)
-        .map_err(crate::error::CoreError::from)?;
-    let labels = request.labels.unwrap_or_default();
-    hobotnica_common::validate::labels("labels", &labels).map_err(crate::error::CoreError::from)?;
-    let token = new_token("hbag");
-    let record = AgentTokenRecord {
-        id: random_hex(8),
-        name: request.name,
-        token_hash: hash_token(&token),
-        created_at: Utc::now(),
-        labels,
-    };
-    services.store.create_agent_token(record.clone()).await?;
+    let (record, token) = services
+        .create_agent_token(request.name, request.labels.unwrap_or_default())
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(AgentTokenCreated {
@@ -172,7 +151,7 @@ async fn list_agent_tokens(
     _: Admin,
     State(services): State<Services>,
 ) -> Result<Json<AgentTokenList>, ApiError> {
-    let tokens = services.store.list_agent_tokens().await?;
+    let tokens = services.list_agent_tokens().await?;
     Ok(Json(AgentTokenList {
         items: tokens
             .into_iter()
@@ -198,6 +177,6 @@ async fn revoke_agent_token(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    services.store.delete_agent_token(&id).await?;
+    services.revoke_agent_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

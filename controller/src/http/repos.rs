@@ -244,7 +244,7 @@ async fn list_repos(
     State(services): State<Services>,
 ) -> Result<Json<RepoList>, ApiError> {
     let mut repos = Vec::new();
-    for repo in services.store.list_repos().await? {
+    for repo in services.list_repos().await? {
         if services
             .require_access(&caller, &repo, Access::Read)
             .await
@@ -485,7 +485,7 @@ async fn list_deploys(
     services
         .require_access(&caller, &repo, Access::Read)
         .await?;
-    let filter = crate::store::JobFilter {
+    let filter = crate::jobs::JobFilter {
         repo: Some(repo.full_name()),
         kind: Some(hobotnica_common::job::JobKind::Deploy),
         ..Default::default()
