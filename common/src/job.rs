@@ -180,6 +180,10 @@ pub struct Repo {
     /// automatically (deploys never are).
     #[serde(default = "default_requeue_lost_tests")]
     pub requeue_lost_tests: bool,
+    /// Labels the token of an agent must vouch for before it may take a
+    /// deploy of this repository (and with it the deploy's secrets).
+    #[serde(default)]
+    pub deploy_labels: BTreeMap<String, String>,
 }
 
 fn default_requeue_lost_tests() -> bool {
@@ -265,6 +269,10 @@ pub struct Job {
     pub requested_by: Option<String>,
     /// Labels an agent must carry to take the job.
     pub labels: BTreeMap<String, String>,
+    /// Labels the agent's *token* must vouch for to take the job: a deploy's
+    /// copy of its repository's `deploy_labels`, made when it is queued.
+    #[serde(default)]
+    pub trusted_labels: BTreeMap<String, String>,
     pub trigger: Trigger,
     pub state: JobState,
     /// 0 while queued; each time an agent takes the job it is incremented
@@ -283,12 +291,38 @@ pub struct Job {
     pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
+/// The first label of `required` that `have` does not carry with the same
+/// value, if any: the one rule for "these labels cover those" (an agent for a
+/// job, a token for an agent's labels, a token for a deploy).
+pub fn missing_label<'a>(
+    required: &'a BTreeMap<String, String>,
+    have: &BTreeMap<String, String>,
+) -> Option<(&'a str, &'a str)> {
+    required
+        .iter()
+        .find(|(key, value)| have.get(key.as_str()) != Some(value))
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+}
+
+/// `key=value,...`, for messages.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Job {
-    /// Whether an agent with `agent_labels` may take this job.
-    pub fn labels_match(&self, agent_labels: &BTreeMap<String, String>) -> bool {
-        self.labels
-            .iter()
-            .all(|(key, value)| agent_labels.get(key) == Some(value))
+    /// Whether an agent carrying `agent_labels`, whose token vouches for
+    /// `vouched_labels`, may take this job.
+    pub fn claimable_by(
+        &self,
+        agent_labels: &BTreeMap<String, String>,
+        vouched_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        missing_label(&self.labels, agent_labels).is_none()
+            && missing_label(&self.trusted_labels, vouched_labels).is_none()
     }
 }
 
@@ -321,6 +355,31 @@ mod tests {
             assert_eq!(state.is_terminal(), !matches!(state, Queued | Running));
             assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
         }
+    }
+
+    #[test]
+    fn missing_label_finds_the_first_uncovered_label() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let have = labels(&[("os", "linux"), ("pool", "test")]);
+        assert_eq!(missing_label(&labels(&[]), &have), None);
+        assert_eq!(missing_label(&labels(&[("os", "linux")]), &have), None);
+        assert_eq!(
+            missing_label(&labels(&[("pool", "deploy")]), &have),
+            Some(("pool", "deploy"))
+        );
+        assert_eq!(
+            missing_label(&labels(&[("gpu", "yes")]), &have),
+            Some(("gpu", "yes"))
+        );
+        assert_eq!(
+            missing_label(&labels(&[("pool", "test")]), &labels(&[])),
+            Some(("pool", "test"))
+        );
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub const MAX_TARGET_LEN: usize = 100;
 pub const MAX_ENV_NAME_LEN: usize = 256;
 /// Largest accepted environment variable value, in characters.
 pub const MAX_ENV_VALUE_LEN: usize = 64 * 1024;
+/// Most labels an agent, an agent token or a repository's deploy may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest accepted label key.
+pub const MAX_LABEL_KEY_LEN: usize = 64;
+/// Longest accepted label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
 
 // The same rules as ECMA-262 regular expressions, for the OpenAPI schema
 // (`pattern`). A unit test checks that each pattern and its function agree.
@@ -45,6 +51,10 @@ pub const BRANCH_PATTERN: &str =
     r"^(?![./-])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*/$)(?!.*\.$)(?!.*\.lock$)[A-Za-z0-9._/-]{1,255}$";
 /// [`target`] as a pattern.
 pub const TARGET_PATTERN: &str = r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]{1,100}$";
+/// [`label_key`] as a pattern.
+pub const LABEL_KEY_PATTERN: &str = r"^[A-Za-z0-9._-]{1,64}$";
+/// [`label_value`] as a pattern.
+pub const LABEL_VALUE_PATTERN: &str = r"^[A-Za-z0-9._/:@+-]{1,256}$";
 /// [`env_name`] minus the reserved names ([`crate::env::is_reserved`]): the
 /// names a job's variables may have.
 pub const ENV_NAME_PATTERN: &str =
@@ -192,6 +202,61 @@ pub fn label(input: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// A label key given to the controller (a token's or a repository's labels):
+/// 1 to 64 letters, digits, `_`, `-`, `.`.
+pub fn label_key(field: &str, key: &str) -> Result<(), ValidationError> {
+    if key.is_empty() || key.len() > MAX_LABEL_KEY_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("label keys are 1 to {MAX_LABEL_KEY_LEN} characters"),
+        ));
+    }
+    only_chars(
+        field,
+        key,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'),
+        "letters, digits, '_', '-' and '.' in a label key",
+    )
+}
+
+/// A label value given to the controller: 1 to 256 letters, digits and
+/// `._/:@+-`.
+pub fn label_value(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() || value.len() > MAX_LABEL_VALUE_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("label values are 1 to {MAX_LABEL_VALUE_LEN} characters"),
+        ));
+    }
+    only_chars(
+        field,
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | ':' | '@' | '+' | '-'),
+        "letters, digits, '.', '_', '/', ':', '@', '+' and '-' in a label value",
+    )
+}
+
+/// A set of labels given to the controller (an agent token's, a
+/// repository's `deploy_labels`): at most [`MAX_LABELS`], each key as
+/// [`label_key`] and each value as [`label_value`]. Errors name
+/// `field.key`.
+pub fn labels(
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ValidationError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            field,
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (key, value) in labels {
+        label_key(field, key)?;
+        label_value(&format!("{field}.{key}"), value)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,15 +320,19 @@ mod tests {
     #[test]
     fn patterns_agree_with_functions() {
         type Accepts = fn(&str) -> bool;
-        let checks: [(&str, Accepts); 4] = [
+        let checks: [(&str, Accepts); 6] = [
             (REPO_COMPONENT_PATTERN, |v| repo_component("f", v).is_ok()),
             (BRANCH_PATTERN, |v| branch("f", v).is_ok()),
             (TARGET_PATTERN, |v| target("f", v).is_ok()),
             (ENV_NAME_PATTERN, |v| {
                 env_name("f", v).is_ok() && !crate::env::is_reserved(v)
             }),
+            (LABEL_KEY_PATTERN, |v| label_key("f", v).is_ok()),
+            (LABEL_VALUE_PATTERN, |v| label_value("f", v).is_ok()),
         ];
-        let alphabet = ['a', 'Z', '0', '_', '-', '.', '/', ';', ' ', '\n', 'é'];
+        let alphabet = [
+            'a', 'Z', '0', '_', '-', '.', '/', ';', ' ', '\n', 'é', ':', '=',
+        ];
         let mut corpus: Vec<String> = vec![String::new()];
         let mut layer = corpus.clone();
         for _ in 0..5 {
@@ -293,6 +362,8 @@ mod tests {
         corpus.push("a".repeat(255));
         corpus.push("a".repeat(256));
         corpus.push("A".repeat(257));
+        corpus.push("a".repeat(64));
+        corpus.push("a".repeat(65));
         for (pattern, function) in checks {
             let regex = fancy_regex::Regex::new(pattern).unwrap();
             for value in &corpus {

@@ -28,8 +28,25 @@ pub enum CoreError {
     /// A repository or other upstream could not be asked (git, GitHub).
     #[error("{0}")]
     Upstream(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// The store cannot be reached or failed; the request may be retried.
+    /// The cause is for the log, never for the caller.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Store errors in the core's terms: a missing record, a conflict (a lease
+/// or log race included), or an unavailable store.
+impl From<StoreError> for CoreError {
+    fn from(err: StoreError) -> CoreError {
+        match err {
+            StoreError::NotFound(what) => CoreError::NotFound(what),
+            StoreError::Conflict(detail) => CoreError::Conflict(detail),
+            StoreError::LeaseLost { .. }
+            | StoreError::LogGap { .. }
+            | StoreError::AgentNameTaken { .. } => CoreError::Conflict(err.to_string()),
+            StoreError::Unavailable(cause) => CoreError::Unavailable(cause),
+        }
+    }
 }
 
 impl CoreError {

@@ -1,5 +1,5 @@
-//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents lives
-//! in the gRPC edge (it is a stream), built on `Store::claim_job`.
+//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents is in
+//! `agents` (the session), built on `Store::claim_job`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hobotnica_common::env::is_reserved;
 use hobotnica_common::ids::{CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger, format_labels, missing_label};
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +15,8 @@ use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
 use crate::github::GitHubError;
 use crate::services::{Services, agent_connected};
-use crate::store::{JobFilter, NewJob, Retention};
+pub use crate::store::JobFilter;
+use crate::store::{NewJob, Retention};
 
 /// Most one-time variables a trigger may carry.
 pub const MAX_ENV_VARS: usize = 200;
@@ -134,6 +135,7 @@ impl Services {
                     repo: repo.full_name(),
                     git_url: repo.git_url.clone(),
                     kind: JobKind::for_target(&request.target),
+                    trusted_labels: trusted_labels(&repo, JobKind::for_target(&request.target)),
                     target: request.target,
                     commit,
                     branch,
@@ -149,6 +151,31 @@ impl Services {
             .await?;
         tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
         Ok(job)
+    }
+
+    /// Queues `make test` for a webhook delivery, once: `None` when the
+    /// delivery was seen before (a redelivery).
+    pub async fn queue_webhook_delivery(
+        &self,
+        repo: &Repo,
+        delivery: &str,
+        commit: CommitSha,
+        branch: Option<String>,
+        from_fork: bool,
+    ) -> Result<Option<Job>, CoreError> {
+        if !self.store.remember_delivery(delivery, Utc::now()).await? {
+            return Ok(None);
+        }
+        match self
+            .queue_webhook_job(repo, commit, branch, from_fork)
+            .await
+        {
+            Ok(job) => Ok(Some(job)),
+            Err(err) => {
+                let _ = self.store.forget_delivery(delivery).await;
+                Err(err)
+            }
+        }
     }
 
     /// Queues `make test` for a webhook delivery.
@@ -171,6 +198,7 @@ impl Services {
                     branch,
                     env: BTreeMap::new(),
                     labels: BTreeMap::new(),
+                    trusted_labels: trusted_labels(repo, JobKind::Test),
                     trigger: Trigger::Webhook,
                     timeout_secs: repo.timeout_secs,
                     from_fork,
@@ -229,12 +257,19 @@ impl Services {
             "waiting: no agent is connected".to_owned()
         } else if !connected
             .iter()
-            .any(|agent| job.labels_match(&agent.labels))
+            .any(|agent| missing_label(&job.labels, &agent.labels).is_none())
         {
-            let labels: Vec<String> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!(
                 "waiting: no connected agent has labels {}",
-                labels.join(",")
+                format_labels(&job.labels)
+            )
+        } else if !connected
+            .iter()
+            .any(|agent| job.claimable_by(&agent.labels, &agent.vouched_labels))
+        {
+            format!(
+                "waiting: no connected agent's token vouches for {} (the repository's deploy_labels)",
+                format_labels(&job.trusted_labels)
             )
         } else {
             "waiting for a free agent".to_owned()
@@ -423,6 +458,17 @@ impl Services {
     }
 }
 
+/// The labels the token of an agent taking a job of `kind` must vouch for: a
+/// deploy's are its repository's `deploy_labels`, recorded in the job when
+/// it is queued.
+pub fn trusted_labels(repo: &Repo, kind: JobKind) -> BTreeMap<String, String> {
+    if kind == JobKind::Deploy {
+        repo.deploy_labels.clone()
+    } else {
+        BTreeMap::new()
+    }
+}
+
 impl Services {
     /// Runs a finished job again as a new job: same repository, commit,
     /// branch, target and one-time variables.
@@ -457,6 +503,7 @@ impl Services {
                     branch: old.branch,
                     env: old.env,
                     labels: old.labels,
+                    trusted_labels: trusted_labels(&repo, old.kind),
                     trigger: Trigger::Retry,
                     timeout_secs: repo.timeout_secs,
                     from_fork: old.from_fork,

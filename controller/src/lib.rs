@@ -6,6 +6,7 @@
 //! background tasks until the shutdown token is cancelled. The binary and
 //! `hobot up` compose the two.
 
+mod agents;
 mod auth;
 mod config;
 mod error;

@@ -10,6 +10,8 @@ use hobotnica_common::ids::JobId;
 use hobotnica_common::job::Job;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::error::CoreError;
+use crate::services::Services;
 use crate::store::{Store, StoreError, StoreEvent};
 
 /// Largest piece of log read from the store at once.
@@ -133,4 +135,36 @@ pub fn tail(
             }
         }
     })
+}
+
+impl Services {
+    /// How many bytes of a job's log the controller holds.
+    pub async fn log_length(&self, job: JobId) -> Result<u64, CoreError> {
+        Ok(self.store.log_len(job).await?)
+    }
+
+    /// The log bytes `[start, end)` of a job as a stream of pieces.
+    pub fn log_range(
+        &self,
+        job: JobId,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        read_range(Arc::clone(&self.store), job, start, end)
+    }
+
+    /// [`tail`] of a job that exists (`NotFound` otherwise).
+    pub async fn tail_log(
+        &self,
+        job: JobId,
+        offset: u64,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<TailItem, CoreError>> + Send + 'static, CoreError> {
+        use futures_util::StreamExt as _;
+        if self.store.get_job(job).await?.is_none() {
+            return Err(CoreError::NotFound(format!("job {job}")));
+        }
+        Ok(tail(Arc::clone(&self.store), job, offset, follow)
+            .map(|item| item.map_err(CoreError::from)))
+    }
 }

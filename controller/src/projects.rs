@@ -1,5 +1,7 @@
 //! CORE: registering, showing and removing repositories.
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, EnvVar, GitHubLink, JobState, Repo};
 use hobotnica_common::token::random_hex;
@@ -27,6 +29,8 @@ pub struct NewRepo {
     pub branch: Option<String>,
     pub timeout_secs: Option<u64>,
     pub requeue_lost_tests: Option<bool>,
+    /// Labels an agent's token must vouch for to take a deploy.
+    pub deploy_labels: BTreeMap<String, String>,
 }
 
 impl Services {
@@ -37,6 +41,7 @@ impl Services {
         check_git_url(&new.git_url).map_err(|reason| CoreError::invalid("git_url", reason))?;
         let branch = new.branch.unwrap_or_else(|| "main".to_owned());
         validate::branch("branch", &branch)?;
+        validate::labels("deploy_labels", &new.deploy_labels)?;
         let timeout_secs = new.timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
         if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
             return Err(CoreError::invalid(
@@ -55,6 +60,7 @@ impl Services {
             disabled: None,
             env: Vec::new(),
             requeue_lost_tests: new.requeue_lost_tests.unwrap_or(true),
+            deploy_labels: new.deploy_labels,
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
@@ -68,6 +74,16 @@ impl Services {
             .get_repo(owner, name)
             .await?
             .ok_or_else(|| CoreError::NotFound(format!("repository {owner}/{name}")))
+    }
+
+    /// The GitHub repository whose webhook URL has `hook_id`.
+    pub async fn repo_by_hook(&self, hook_id: &str) -> Result<Option<Repo>, CoreError> {
+        Ok(self.store.find_repo_by_hook(hook_id).await?)
+    }
+
+    /// Every registered repository (callers filter by access).
+    pub async fn list_repos(&self) -> Result<Vec<Repo>, CoreError> {
+        Ok(self.store.list_repos().await?)
     }
 
     pub async fn delete_repo(&self, owner: &str, name: &str) -> Result<(), CoreError> {
@@ -86,6 +102,18 @@ fn webhook_secret_context(full_name: &str) -> String {
     format!("webhook-secret:{full_name}")
 }
 
+/// What registering a GitHub repository takes (with the caller's token).
+#[derive(Debug, Clone)]
+pub struct NewGitHubRepo {
+    /// Default: the caller's own login.
+    pub owner: Option<String>,
+    pub name: String,
+    pub branch: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub create_webhook: bool,
+    pub deploy_labels: BTreeMap<String, String>,
+}
+
 /// A GitHub repository just registered, with what is shown only now.
 pub struct RegisteredGitHubRepo {
     pub repo: Repo,
@@ -100,21 +128,27 @@ impl Services {
     pub async fn register_github_repo(
         &self,
         caller: &Caller,
-        owner: Option<&str>,
-        name: &str,
-        branch: Option<String>,
-        timeout_secs: Option<u64>,
-        create_webhook: bool,
+        new: NewGitHubRepo,
     ) -> Result<RegisteredGitHubRepo, CoreError> {
+        let NewGitHubRepo {
+            owner,
+            name,
+            branch,
+            timeout_secs,
+            create_webhook,
+            deploy_labels,
+        } = new;
+        let name = name.as_str();
         let Caller::GitHub { login, token } = caller else {
             return Err(CoreError::Forbidden(
                 "registering a GitHub repository needs GitHub credentials: send Authorization: Bearer <github token> and X-GitHub-Username (or give git_url to register by URL)".to_owned(),
             ));
         };
         // Without an owner: the caller's own repository.
-        let owner = owner.unwrap_or(login);
+        let owner = owner.as_deref().unwrap_or(login);
         validate::repo_component("owner", owner)?;
         validate::repo_component("name", name)?;
+        validate::labels("deploy_labels", &deploy_labels)?;
         let info = self
             .github
             .repository(token, owner, name)
@@ -165,6 +199,7 @@ impl Services {
             disabled: None,
             env: Vec::new(),
             requeue_lost_tests: true,
+            deploy_labels,
         };
         let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
         if create_webhook {
@@ -408,6 +443,21 @@ impl Services {
         Ok(var)
     }
 
+    /// Replaces the labels an agent's token must vouch for to take a deploy
+    /// of `repo`. Deploys queued from now on require them.
+    pub async fn set_deploy_labels(
+        &self,
+        repo: &Repo,
+        deploy_labels: BTreeMap<String, String>,
+    ) -> Result<Repo, CoreError> {
+        validate::labels("deploy_labels", &deploy_labels)?;
+        self.change_repo(&repo.owner, &repo.name, |updated| {
+            updated.deploy_labels = deploy_labels.clone();
+            Ok(updated.clone())
+        })
+        .await
+    }
+
     /// Removes a repository variable (of every scope, or of one).
     pub async fn delete_env(
         &self,
@@ -580,6 +630,7 @@ mod rotation_tests {
                 github: None,
                 disabled: None,
                 requeue_lost_tests: true,
+                deploy_labels: std::collections::BTreeMap::new(),
                 env: vec![EnvVar {
                     key: "TOKEN".into(),
                     scope: EnvScope::All,

@@ -40,6 +40,11 @@ impl Services {
         self.public_url.get().map_or("", String::as_str)
     }
 
+    /// Whether the store answers (readiness).
+    pub async fn ready(&self) -> Result<(), crate::error::CoreError> {
+        Ok(self.store.ping().await?)
+    }
+
     /// When a lease taken or renewed now ends.
     pub fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now + self.config.lease_timeout

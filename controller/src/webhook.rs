@@ -201,8 +201,7 @@ pub(crate) async fn receive(
         return Err(not_found());
     }
     let repo = services
-        .store
-        .find_repo_by_hook(&hook_id)
+        .repo_by_hook(&hook_id)
         .await?
         .ok_or_else(not_found)?;
     if let Some(reason) = &repo.disabled {
@@ -254,26 +253,16 @@ pub(crate) async fn receive(
             branch,
             from_fork,
         } => {
-            if !services
-                .store
-                .remember_delivery(delivery, chrono::Utc::now())
+            match services
+                .queue_webhook_delivery(&repo, delivery, commit, branch, from_fork)
                 .await?
             {
-                return Ok((
+                Some(job) => Ok(crate::http::accepted(job)),
+                None => Ok((
                     StatusCode::OK,
                     Json(serde_json::json!({ "duplicate_delivery": delivery })),
                 )
-                    .into_response());
-            }
-            match services
-                .queue_webhook_job(&repo, commit, branch, from_fork)
-                .await
-            {
-                Ok(job) => Ok(crate::http::accepted(job)),
-                Err(err) => {
-                    let _ = services.store.forget_delivery(delivery).await;
-                    Err(err.into())
-                }
+                    .into_response()),
             }
         }
     }

@@ -1,10 +1,13 @@
-//! The dependency rules of ARCHITECTURE.md, checked over `cargo metadata`:
-//! `common` links no other Hobotnica crate, the agent never links the
-//! controller and the controller never links the agent.
+//! The dependency rules of ARCHITECTURE.md: over `cargo metadata`, `common`
+//! links no other Hobotnica crate, the agent never links the controller and
+//! the controller never links the agent; over the sources, the controller's
+//! edges (`http/`, `grpc/`, `webhook.rs`) never name the store — they call
+//! the core, and the core calls the store.
 
 #![allow(clippy::disallowed_methods)] // runs `cargo metadata`
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every workspace crate's Hobotnica dependencies, transitively.
@@ -83,4 +86,89 @@ fn crates_depend_only_in_the_allowed_direction() {
     assert!(
         deps("hobot").contains("hobotnica-controller") && deps("hobot").contains("hobotnica-agent")
     );
+}
+
+/// The controller's edge modules: `src/http/**`, `src/grpc/**`,
+/// `src/webhook.rs`.
+fn edge_files(src: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap_or_else(|err| panic!("cannot read {}: {err}", dir.display()))
+            .map(|entry| entry.expect("a directory entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&src.join("http"), &mut files);
+    walk(&src.join("grpc"), &mut files);
+    files.push(src.join("webhook.rs"));
+    files
+}
+
+/// Where a line of code names the store: a path through `store::`, the
+/// `Store` trait or its types (`StoreError`, ...), or the `store` field of
+/// `Services` (`.store.`, or `.store` ending a line of a split chain).
+/// Comments do not count.
+fn names_the_store(line: &str) -> bool {
+    let code = line.split("//").next().unwrap_or("");
+    code.contains("store::")
+        || code.contains("Store")
+        || code.contains(".store.")
+        || code.trim_end().ends_with(".store")
+}
+
+#[test]
+fn edges_never_name_the_store() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut offences = Vec::new();
+    for file in edge_files(&src) {
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|err| panic!("cannot read {}: {err}", file.display()));
+        let relative = file
+            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+            .unwrap_or(&file);
+        for (number, line) in text.lines().enumerate() {
+            if names_the_store(line) {
+                offences.push(format!(
+                    "{}:{}: {}",
+                    relative.display(),
+                    number + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "edges call the core, never the store (move the call into a core module: agents, jobs, projects, logs, services):\n{}",
+        offences.join("\n")
+    );
+}
+
+#[test]
+fn the_store_check_sees_every_form() {
+    for named in [
+        "use crate::store::JobFilter;",
+        "    let x = services.store.get_job(id).await?;",
+        "            .store",
+        "fn status(err: StoreError) -> Status {",
+        "    let store: Arc<dyn Store> = todo!();",
+    ] {
+        assert!(names_the_store(named), "{named}");
+    }
+    for clean in [
+        "// the store answers",
+        "    let length = services.log_length(job.id).await?; // not the store::",
+        "    restore(x);",
+        "    let stored = 1;",
+    ] {
+        assert!(!names_the_store(clean), "{clean}");
+    }
 }

@@ -1530,6 +1530,9 @@ mod deploy;
 #[path = "e2e/sandbox.rs"]
 mod sandbox;
 
+#[path = "e2e/identity.rs"]
+mod identity;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_test_job_is_queued_again_once() {
     let controller = Controller::start_default().await;

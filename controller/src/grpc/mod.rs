@@ -1,6 +1,6 @@
 //! EDGE: the gRPC services — `AgentService` for agents, `LogService` for
 //! operators — with authentication from metadata and the one mapping of
-//! store errors to `tonic::Status`.
+//! core errors to `tonic::Status`.
 
 mod agent;
 mod logs;
@@ -12,8 +12,9 @@ use hobotnica_common::token::{constant_time_eq, hash_token};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use crate::agents::AgentError;
+use crate::error::CoreError;
 use crate::services::Services;
-use crate::store::StoreError;
 
 /// The bearer token in `authorization` metadata.
 fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
@@ -40,16 +41,42 @@ fn require_admin(services: &Services, metadata: &MetadataMap) -> Result<(), Stat
     }
 }
 
-/// The one mapping from store errors to gRPC statuses.
-fn status(err: StoreError) -> Status {
+/// The one mapping from the agent protocol's errors to gRPC statuses (see
+/// the status codes in `agent.proto`).
+fn status(err: AgentError) -> Status {
     match err {
-        StoreError::NotFound(what) => Status::not_found(format!("{what} not found")),
-        StoreError::Conflict(detail) => Status::failed_precondition(detail),
-        StoreError::LeaseLost { .. } => Status::failed_precondition(err.to_string()),
-        StoreError::LogGap { .. } => Status::out_of_range(err.to_string()),
-        StoreError::Unavailable(cause) => {
-            tracing::error!(error = %cause, "store unavailable");
-            Status::unavailable("the store is unavailable; retry later")
+        AgentError::Unauthenticated(detail) => Status::unauthenticated(detail),
+        AgentError::UnknownAgent(_) | AgentError::NotFound(_) => Status::not_found(err.to_string()),
+        AgentError::Invalid(detail) => Status::invalid_argument(detail),
+        AgentError::UnsupportedProtocol { .. } => Status::failed_precondition(err.to_string()),
+        AgentError::NotHeld(detail) => Status::failed_precondition(detail),
+        AgentError::NameTaken { .. } | AgentError::LabelNotAllowed { .. } => {
+            Status::permission_denied(err.to_string())
         }
+        AgentError::LogIncomplete { .. } => Status::aborted(err.to_string()),
+        AgentError::OutOfRange(detail) => Status::out_of_range(detail),
+        AgentError::Unavailable(cause) => unavailable(&cause),
     }
+}
+
+/// The one mapping from core errors (operators' calls: `LogService`) to gRPC
+/// statuses.
+fn core_status(err: CoreError) -> Status {
+    match err {
+        CoreError::NotFound(_) => Status::not_found(err.to_string()),
+        CoreError::Conflict(detail) => Status::failed_precondition(detail),
+        CoreError::Unauthorized(detail) => Status::unauthenticated(detail),
+        CoreError::Forbidden(detail) => Status::permission_denied(detail),
+        CoreError::Gone(detail) => Status::failed_precondition(detail),
+        CoreError::RateLimited(detail) => Status::resource_exhausted(detail),
+        CoreError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+        CoreError::Upstream(detail) => Status::unavailable(detail),
+        CoreError::Unavailable(cause) => unavailable(&cause),
+    }
+}
+
+/// A 5xx-like status never carries the cause; it is logged once, here.
+fn unavailable(cause: &str) -> Status {
+    tracing::error!(error = %cause, "store unavailable");
+    Status::unavailable("the store is unavailable; retry later")
 }

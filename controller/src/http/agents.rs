@@ -7,8 +7,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use hobotnica_common::job::JobState;
-use hobotnica_common::token::{hash_token, new_token, random_hex};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -16,9 +14,8 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::problem::{ApiError, ApiJson, Problem};
-use super::schemas::TokenName;
+use super::schemas::{Labels, TokenName};
 use crate::services::Services;
-use crate::store::{AgentTokenRecord, JobFilter};
 
 pub fn router() -> OpenApiRouter<Services> {
     OpenApiRouter::new()
@@ -52,6 +49,13 @@ pub struct CreateAgentTokenRequest {
     /// What the token is for, e.g. the build host's name.
     #[schema(value_type = TokenName)]
     pub name: String,
+    /// The labels agents registering with this token may carry, e.g.
+    /// `{"pool": "deploy"}`: an agent may register with these or some of
+    /// them, never others, and the token vouches for them (a repository's
+    /// `deploy_labels` are met only by a token that vouches for them).
+    /// Default: none — any labels, vouching for none.
+    #[schema(value_type = Option<Labels>)]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// A new agent token. `token` is shown only in this response.
@@ -61,6 +65,8 @@ pub struct AgentTokenCreated {
     pub name: String,
     pub token: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and it vouches for).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,6 +74,8 @@ pub struct AgentTokenView {
     pub id: String,
     pub name: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and it vouches for).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -84,31 +92,23 @@ async fn list_agents(
     _: Admin,
     State(services): State<Services>,
 ) -> Result<Json<AgentList>, ApiError> {
-    let agents = services.store.list_agents().await?;
-    let running = services
-        .store
-        .list_jobs(&JobFilter {
-            state: Some(JobState::Running),
-            limit: usize::MAX,
-            ..JobFilter::default()
-        })
-        .await?;
     let now = Utc::now();
-    let mut items: Vec<AgentView> = agents
+    let mut items: Vec<AgentView> = services
+        .agents_overview()
+        .await?
         .into_iter()
-        .map(|agent| AgentView {
-            running_jobs: running
-                .iter()
-                .filter(|job| job.agent.as_ref() == Some(&agent.id))
-                .map(|job| job.id.0)
-                .collect(),
-            connected: crate::services::agent_connected(agent.last_seen, now),
-            id: agent.id.0,
-            name: agent.name,
-            labels: agent.labels,
-            concurrency: agent.concurrency,
-            version: agent.version,
-            last_seen: agent.last_seen,
+        .map(|overview| {
+            let agent = overview.agent;
+            AgentView {
+                running_jobs: overview.running_jobs.into_iter().map(|id| id.0).collect(),
+                connected: crate::services::agent_connected(agent.last_seen, now),
+                id: agent.id.0,
+                name: agent.name,
+                labels: agent.labels,
+                concurrency: agent.concurrency,
+                version: agent.version,
+                last_seen: agent.last_seen,
+            }
         })
         .collect();
     items.sort_by(|a, b| a.name.cmp(&b.name));
@@ -127,16 +127,9 @@ async fn create_agent_token(
     State(services): State<Services>,
     ApiJson(request): ApiJson<CreateAgentTokenRequest>,
 ) -> Result<(StatusCode, Json<AgentTokenCreated>), ApiError> {
-    hobotnica_common::validate::repo_component("name", &request.name)
-        .map_err(crate::error::CoreError::from)?;
-    let token = new_token("hbag");
-    let record = AgentTokenRecord {
-        id: random_hex(8),
-        name: request.name,
-        token_hash: hash_token(&token),
-        created_at: Utc::now(),
-    };
-    services.store.create_agent_token(record.clone()).await?;
+    let (record, token) = services
+        .create_agent_token(request.name, request.labels.unwrap_or_default())
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(AgentTokenCreated {
@@ -144,6 +137,7 @@ async fn create_agent_token(
             name: record.name,
             token,
             created_at: record.created_at,
+            labels: record.labels,
         }),
     ))
 }
@@ -157,7 +151,7 @@ async fn list_agent_tokens(
     _: Admin,
     State(services): State<Services>,
 ) -> Result<Json<AgentTokenList>, ApiError> {
-    let tokens = services.store.list_agent_tokens().await?;
+    let tokens = services.list_agent_tokens().await?;
     Ok(Json(AgentTokenList {
         items: tokens
             .into_iter()
@@ -165,6 +159,7 @@ async fn list_agent_tokens(
                 id: t.id,
                 name: t.name,
                 created_at: t.created_at,
+                labels: t.labels,
             })
             .collect(),
     }))
@@ -182,6 +177,6 @@ async fn revoke_agent_token(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    services.store.delete_agent_token(&id).await?;
+    services.revoke_agent_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

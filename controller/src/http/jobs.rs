@@ -16,8 +16,8 @@ use utoipa_axum::routes;
 use super::problem::{ApiError, ApiQuery, Problem};
 use super::schemas::{self, Cursor, FullRepoName, PageSize};
 use crate::auth::{Access, Caller};
+use crate::jobs::JobFilter;
 use crate::services::Services;
-use crate::store::JobFilter;
 
 /// Jobs per page when `limit` is not given.
 const DEFAULT_PAGE_SIZE: usize = 50;
@@ -330,7 +330,7 @@ async fn job_log(
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let job = accessible_job(&services, &caller, &id, Access::Read).await?;
-    let length = services.store.log_len(job.id).await?;
+    let length = services.log_length(job.id).await?;
     let offset = query.offset.unwrap_or(0);
     if offset > i64::MAX as u64 {
         return Err(ApiError::field(
@@ -340,9 +340,7 @@ async fn job_log(
         ));
     }
     let start = offset.min(length);
-    let store = services.store.clone();
-    let job_id = job.id;
-    let body = crate::logs::read_range(store, job_id, start, length);
+    let body = services.log_range(job.id, start, length);
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

@@ -311,7 +311,7 @@ async fn healthz() -> Json<Health> {
         (status = 503, description = "The store does not answer", body = problem::Problem, content_type = "application/problem+json"),
     ))]
 async fn readyz(State(services): State<Services>) -> impl IntoResponse {
-    match services.store.ping().await {
+    match services.ready().await {
         Ok(()) => Json(Health { status: "ready" }).into_response(),
         Err(err) => problem::ApiError::from(err).into_response(),
     }

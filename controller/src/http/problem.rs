@@ -11,7 +11,6 @@ use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
 use crate::error::CoreError;
-use crate::store::StoreError;
 
 /// An RFC 9457 problem document.
 #[derive(Debug, Serialize, ToSchema)]
@@ -93,22 +92,7 @@ impl From<CoreError> for ApiError {
                 invalid.reason,
             ),
             CoreError::Upstream(detail) => ApiError::new(StatusCode::BAD_GATEWAY, detail),
-            CoreError::Store(err) => ApiError::from(err),
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(err: StoreError) -> ApiError {
-        match err {
-            StoreError::NotFound(what) => {
-                ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
-            }
-            StoreError::Conflict(detail) => ApiError::new(StatusCode::CONFLICT, detail),
-            StoreError::LeaseLost { .. } | StoreError::LogGap { .. } => {
-                ApiError::new(StatusCode::CONFLICT, err.to_string())
-            }
-            StoreError::Unavailable(cause) => {
+            CoreError::Unavailable(cause) => {
                 tracing::error!(error = %cause, "store unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

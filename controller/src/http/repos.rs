@@ -17,17 +17,18 @@ use utoipa_axum::routes;
 use super::jobs::JobView;
 use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
 use super::schemas::{
-    Branch, CommitSha, Cursor, GitUrl, IdempotencyKey, JobEnv, Owner, PageSize, RepoName, Target,
+    Branch, CommitSha, Cursor, GitUrl, IdempotencyKey, JobEnv, Labels, Owner, PageSize, RepoName,
+    Target,
 };
 use crate::auth::{Access, Caller};
 use crate::jobs::TriggerJob;
-use crate::projects::NewRepo;
+use crate::projects::{NewGitHubRepo, NewRepo};
 use crate::services::Services;
 
 pub fn router() -> OpenApiRouter<Services> {
     OpenApiRouter::new()
         .routes(routes!(register_repo, list_repos))
-        .routes(routes!(show_repo, delete_repo))
+        .routes(routes!(show_repo, delete_repo, update_repo))
         .routes(routes!(run_job))
         .routes(routes!(deploy))
         .routes(routes!(list_deploys))
@@ -61,6 +62,22 @@ pub struct RegisterRepoRequest {
     /// Queue a `test` job again, once, when its agent is lost (default
     /// true). Deploys are never queued again automatically.
     pub requeue_lost_tests: Option<bool>,
+    /// Labels the token of an agent must vouch for to take a deploy of this
+    /// repository (and its deploy secrets), e.g. `{"pool": "deploy"}`.
+    /// Default: none, any agent.
+    #[schema(value_type = Option<Labels>)]
+    pub deploy_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Change a repository's settings; fields left out stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"deploy_labels": {"pool": "deploy"}}))]
+pub struct UpdateRepoRequest {
+    /// Labels the token of an agent must vouch for to take a deploy queued
+    /// from now on; `{}` lets any agent deploy.
+    #[schema(value_type = Option<Labels>)]
+    pub deploy_labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -77,6 +94,8 @@ pub struct RepoView {
     pub source: String,
     /// Whether a lost `test` job is queued again once, automatically.
     pub requeue_lost_tests: bool,
+    /// Labels the token of an agent must vouch for to take a deploy.
+    pub deploy_labels: BTreeMap<String, String>,
     /// The commit of the latest successful deploy, if any.
     pub deployed_commit: Option<String>,
     /// When that deploy finished.
@@ -112,6 +131,7 @@ impl From<Repo> for RepoView {
             deployed_commit: None,
             deployed_at: None,
             requeue_lost_tests: repo.requeue_lost_tests,
+            deploy_labels: repo.deploy_labels,
             disabled: repo.disabled,
             webhook_url: None,
             webhook_secret: None,
@@ -181,6 +201,7 @@ async fn register_repo(
                         branch: request.branch,
                         timeout_secs: request.timeout_secs,
                         requeue_lost_tests: request.requeue_lost_tests,
+                        deploy_labels: request.deploy_labels.unwrap_or_default(),
                     })
                     .await?,
             )
@@ -189,11 +210,14 @@ async fn register_repo(
             let registered = services
                 .register_github_repo(
                     &caller,
-                    request.owner.as_deref(),
-                    &request.name,
-                    request.branch,
-                    request.timeout_secs,
-                    request.create_webhook.unwrap_or(false),
+                    NewGitHubRepo {
+                        owner: request.owner,
+                        name: request.name,
+                        branch: request.branch,
+                        timeout_secs: request.timeout_secs,
+                        create_webhook: request.create_webhook.unwrap_or(false),
+                        deploy_labels: request.deploy_labels.unwrap_or_default(),
+                    },
                 )
                 .await?;
             let mut view = RepoView::from(registered.repo);
@@ -220,7 +244,7 @@ async fn list_repos(
     State(services): State<Services>,
 ) -> Result<Json<RepoList>, ApiError> {
     let mut repos = Vec::new();
-    for repo in services.store.list_repos().await? {
+    for repo in services.list_repos().await? {
         if services
             .require_access(&caller, &repo, Access::Read)
             .await
@@ -276,6 +300,33 @@ async fn delete_repo(
         .await?;
     services.delete_repo(&owner, &name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(patch, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
+    request_body = UpdateRepoRequest,
+    responses(
+        (status = 200, description = "Changed", body = RepoView),
+        (status = 403, description = "Needs push access on GitHub", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The repository kept changing; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
+async fn update_repo(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name)): Path<(String, String)>,
+    ApiJson(request): ApiJson<UpdateRepoRequest>,
+) -> Result<Json<RepoView>, ApiError> {
+    let mut repo = services.repo(&owner, &name).await?;
+    services
+        .require_access(&caller, &repo, Access::Push)
+        .await?;
+    if let Some(deploy_labels) = request.deploy_labels {
+        repo = services.set_deploy_labels(&repo, deploy_labels).await?;
+    }
+    Ok(Json(repo_view(&services, repo).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/jobs", tag = "jobs",
@@ -434,7 +485,7 @@ async fn list_deploys(
     services
         .require_access(&caller, &repo, Access::Read)
         .await?;
-    let filter = crate::store::JobFilter {
+    let filter = crate::jobs::JobFilter {
         repo: Some(repo.full_name()),
         kind: Some(hobotnica_common::job::JobKind::Deploy),
         ..Default::default()

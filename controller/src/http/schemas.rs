@@ -6,7 +6,8 @@
 use std::borrow::Cow;
 
 use hobotnica_common::validate::{
-    BRANCH_PATTERN, ENV_NAME_PATTERN, MAX_BRANCH_LEN, MAX_ENV_VALUE_LEN, MAX_REPO_NAME_LEN,
+    BRANCH_PATTERN, ENV_NAME_PATTERN, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_BRANCH_LEN,
+    MAX_ENV_VALUE_LEN, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_REPO_NAME_LEN,
     MAX_TARGET_LEN, REPO_COMPONENT_PATTERN, TARGET_PATTERN,
 };
 use serde_json::json;
@@ -182,6 +183,32 @@ named_schema!(
         ))
         .max_properties(Some(MAX_ENV_VARS))
         .examples([json!({"GREETING": "hello"})])
+);
+
+named_schema!(
+    /// Labels given to the controller: an agent token's, a repository's
+    /// `deploy_labels` (`validate::labels`).
+    Labels = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Labels as `{key: value}`: keys of letters, digits, `.`, `_`, `-`; values of letters, digits and `._/:@+-`.",
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_LABEL_VALUE_LEN))
+                .pattern(Some(LABEL_VALUE_PATTERN)),
+        ))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_LABEL_KEY_LEN))
+                .pattern(Some(LABEL_KEY_PATTERN)),
+        ))
+        .max_properties(Some(MAX_LABELS))
+        .examples([json!({"pool": "deploy"})])
 );
 
 named_schema!(

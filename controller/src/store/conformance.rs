@@ -26,6 +26,7 @@ fn repo(name: &str) -> Repo {
         disabled: None,
         env: Vec::new(),
         requeue_lost_tests: true,
+        deploy_labels: BTreeMap::new(),
     }
 }
 
@@ -39,6 +40,7 @@ fn new_job(target: &str) -> NewJob {
         branch: Some("main".into()),
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
+        trusted_labels: BTreeMap::new(),
         trigger: Trigger::Api,
         timeout_secs: 60,
         from_fork: false,
@@ -54,6 +56,7 @@ fn agent(name: &str) -> AgentRecord {
         concurrency: 1,
         version: "test".into(),
         token_id: "pool".into(),
+        vouched_labels: BTreeMap::new(),
         registered_at: Utc::now(),
         last_seen: Utc::now(),
     }
@@ -351,6 +354,7 @@ pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store
         name: "box".into(),
         token_hash: hobotnica_common::token::hash_token("secret-token"),
         created_at: Utc::now(),
+        labels: BTreeMap::from([("pool".into(), "test".into())]),
     };
     store.create_agent_token(token.clone()).await.unwrap();
     let found = store
@@ -708,6 +712,112 @@ pub async fn repository_updates_are_compare_and_set(store: Arc<dyn Store>) {
     ));
 }
 
+pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dyn Store>) {
+    let mut owner = agent("builder");
+    owner.token_id = "t-owner".into();
+    let owner = store.register_agent(owner).await.unwrap();
+
+    // Another token cannot take the name over; the record stays as it was.
+    let mut impostor = agent("builder");
+    impostor.token_id = "t-other".into();
+    impostor.labels.insert("pool".into(), "deploy".into());
+    match store.register_agent(impostor).await {
+        Err(StoreError::AgentNameTaken { name }) => assert_eq!(name, "builder"),
+        other => panic!("expected AgentNameTaken, got {other:?}"),
+    }
+    let mut pool = agent("builder");
+    pool.token_id = "pool".into();
+    assert!(matches!(
+        store.register_agent(pool).await,
+        Err(StoreError::AgentNameTaken { .. })
+    ));
+    assert_eq!(
+        store.get_agent(&owner.id).await.unwrap(),
+        Some(owner.clone())
+    );
+    assert_eq!(store.list_agents().await.unwrap(), vec![owner.clone()]);
+
+    // The same token (an agent restart) keeps the id.
+    let mut restarted = agent("builder");
+    restarted.token_id = "t-owner".into();
+    restarted.concurrency = 4;
+    let restarted = store.register_agent(restarted).await.unwrap();
+    assert_eq!(restarted.id, owner.id);
+    assert_eq!(restarted.concurrency, 4);
+
+    // Revoking the owner's token forgets its agents: the name is free.
+    store
+        .create_agent_token(super::AgentTokenRecord {
+            id: "t-owner".into(),
+            name: "box".into(),
+            token_hash: hobotnica_common::token::hash_token("owner-token"),
+            created_at: Utc::now(),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let mut bystander = agent("bystander");
+    bystander.token_id = "t-other".into();
+    let bystander = store.register_agent(bystander).await.unwrap();
+    store.delete_agent_token("t-owner").await.unwrap();
+    assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
+    assert!(matches!(
+        store.touch_agent(&owner.id, Utc::now()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
+    assert_eq!(store.list_agents().await.unwrap(), vec![bystander]);
+    let mut successor = agent("builder");
+    successor.token_id = "t-other".into();
+    let successor = store.register_agent(successor).await.unwrap();
+    assert_ne!(successor.id, owner.id, "a new owner is a new agent");
+}
+
+pub async fn deploys_go_only_to_agents_whose_token_vouches(store: Arc<dyn Store>) {
+    let mut deploy = new_job("deploy");
+    deploy.trusted_labels.insert("pool".into(), "deploy".into());
+    let deploy = store.create_job(deploy, Utc::now()).await.unwrap();
+    let test = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let lease = Utc::now() + Duration::seconds(30);
+
+    // Carrying the label is not enough: the token must vouch for it.
+    let mut claims_it = agent("claims-it");
+    claims_it.labels.insert("pool".into(), "deploy".into());
+    let claims_it = store.register_agent(claims_it).await.unwrap();
+    let mut test_pool = agent("test-pool");
+    test_pool.token_id = "t-test".into();
+    test_pool.labels.insert("pool".into(), "test".into());
+    test_pool.vouched_labels = test_pool.labels.clone();
+    let test_pool = store.register_agent(test_pool).await.unwrap();
+    let taken = store
+        .claim_job(&claims_it, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.id, test.id, "the deploy waits; the test runs");
+    for agent in [&claims_it, &test_pool] {
+        assert!(
+            store
+                .claim_job(agent, Utc::now(), lease)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    let mut trusted = agent("deployer");
+    trusted.token_id = "t-deploy".into();
+    trusted.labels.insert("pool".into(), "deploy".into());
+    trusted.vouched_labels = trusted.labels.clone();
+    let trusted = store.register_agent(trusted).await.unwrap();
+    let taken = store
+        .claim_job(&trusted, Utc::now(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.id, deploy.id);
+}
+
 /// Runs every conformance test against fresh stores made by `make`.
 macro_rules! conformance_suite {
     ($make:expr) => {
@@ -720,6 +830,8 @@ macro_rules! conformance_suite {
             cancel_depends_on_state,
             log_appends_are_idempotent,
             agents_keep_their_id_by_name_and_tokens_revoke,
+            an_agent_name_belongs_to_the_token_that_registered_it,
+            deploys_go_only_to_agents_whose_token_vouches,
             job_lists_filter_and_page_newest_first,
             racing_claimers_take_each_job_exactly_once,
             logs_read_back_from_any_offset,

@@ -225,7 +225,7 @@ fn first_claimable(
             continue;
         };
         let job: Job = decode(value.value())?;
-        if !job.labels_match(&agent.labels) {
+        if !transitions::may_claim(&job, agent) {
             continue;
         }
         if job.kind == hobotnica_common::job::JobKind::Deploy {
@@ -743,19 +743,27 @@ impl Store for EmbeddedStore {
 
     async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord> {
         self.blocking(move |inner| {
-            let existing: Vec<AgentRecord> = all_json(&inner.db, AGENTS)?;
-            let mut agent = agent;
-            if let Some(previous) = existing.into_iter().find(|a| a.name == agent.name) {
-                agent.id = previous.id;
-                agent.registered_at = previous.registered_at;
-            }
-            put_json(
-                &inner.db,
-                AGENTS,
-                &agent.id.0,
-                &agent,
-                Durability::Immediate,
-            )?;
+            // One write transaction: the name's owner cannot change between
+            // the check and the write.
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let agent = {
+                let mut agents = txn.open_table(AGENTS).map_err(unavailable)?;
+                let mut previous: Option<AgentRecord> = None;
+                for entry in agents.iter().map_err(unavailable)? {
+                    let (_, value) = entry.map_err(unavailable)?;
+                    let record: AgentRecord = decode(value.value())?;
+                    if record.name == agent.name {
+                        previous = Some(record);
+                        break;
+                    }
+                }
+                let agent = transitions::register_agent(previous.as_ref(), agent)?;
+                agents
+                    .insert(agent.id.0.as_str(), encode(&agent)?.as_slice())
+                    .map_err(unavailable)?;
+                agent
+            };
+            txn.commit().map_err(unavailable)?;
             Ok(agent)
         })
         .await
@@ -774,12 +782,21 @@ impl Store for EmbeddedStore {
     async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
         let id = id.clone();
         self.blocking(move |inner| {
-            let Some(mut agent) = get_json::<AgentRecord>(&inner.db, AGENTS, &id.0)? else {
-                return Err(StoreError::NotFound(format!("agent {id}")));
-            };
-            agent.last_seen = now;
+            let mut txn = inner.db.begin_write().map_err(unavailable)?;
             // Losing a last-seen time in a crash is harmless: skip the fsync.
-            put_json(&inner.db, AGENTS, &id.0, &agent, Durability::None)
+            txn.set_durability(Durability::None).map_err(unavailable)?;
+            {
+                let mut agents = txn.open_table(AGENTS).map_err(unavailable)?;
+                let mut agent: AgentRecord = match agents.get(id.0.as_str()).map_err(unavailable)? {
+                    Some(value) => decode(value.value())?,
+                    None => return Err(StoreError::NotFound(format!("agent {id}"))),
+                };
+                agent.last_seen = now;
+                agents
+                    .insert(id.0.as_str(), encode(&agent)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
         })
         .await
     }
@@ -824,6 +841,15 @@ impl Store for EmbeddedStore {
                 let mut table = txn.open_table(AGENT_TOKENS).map_err(unavailable)?;
                 table.remove(key.as_str()).map_err(unavailable)?.is_some()
             };
+            if existed {
+                // Its agents go with it: their names are free again.
+                let mut agents = txn.open_table(AGENTS).map_err(unavailable)?;
+                agents
+                    .retain(|_, value| {
+                        decode::<AgentRecord>(value).map_or(true, |agent| agent.token_id != key)
+                    })
+                    .map_err(unavailable)?;
+            }
             txn.commit().map_err(unavailable)?;
             if existed {
                 Ok(())

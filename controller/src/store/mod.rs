@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The log has a gap before the chunk's offset; resend from `committed`.
     #[error("log chunk leaves a gap: committed {committed}")]
     LogGap { committed: u64 },
+    /// The agent name was registered with another agent token; the existing
+    /// agent was left as it is.
+    #[error("agent name {name:?} belongs to another agent token")]
+    AgentNameTaken { name: String },
     /// The backend cannot be reached or failed; the request may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -59,6 +63,9 @@ pub struct NewJob {
     pub branch: Option<String>,
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// Labels the claiming agent's token must vouch for (a deploy's
+    /// repository's `deploy_labels`).
+    pub trusted_labels: BTreeMap<String, String>,
     pub trigger: Trigger,
     pub timeout_secs: u64,
     /// A pull request from a fork: no secret variables.
@@ -108,8 +115,14 @@ pub struct AgentRecord {
     pub labels: BTreeMap<String, String>,
     pub concurrency: u32,
     pub version: String,
-    /// The agent token it registered with (id of the token, or `pool`).
+    /// The agent token it registered with (id of the token, or `pool`): the
+    /// name and id belong to that token.
     pub token_id: String,
+    /// The labels its token vouches for: its own labels when the token
+    /// carries labels (they are a subset of the token's), none for the pool
+    /// token or a token without labels.
+    #[serde(default)]
+    pub vouched_labels: BTreeMap<String, String>,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
 }
@@ -121,6 +134,10 @@ pub struct AgentTokenRecord {
     pub name: String,
     pub token_hash: String,
     pub created_at: DateTime<Utc>,
+    /// The labels agents registering with it may carry (and that it vouches
+    /// for); empty: any labels, vouching for none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Changes other parts of the controller react to. Delivery is best effort
@@ -231,7 +248,10 @@ pub trait Store: Send + Sync + 'static {
     async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes>;
     async fn log_len(&self, id: JobId) -> StoreResult<u64>;
 
-    /// Registers an agent; an agent with the same name keeps its id.
+    /// Registers an agent; an agent with the same name registered with the
+    /// same token keeps its id (`transitions::register_agent`). A name
+    /// registered with another token is refused (`AgentNameTaken`) and that
+    /// agent's record is left untouched.
     async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord>;
     async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>>;
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
@@ -240,7 +260,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()>;
     async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>>;
     async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>>;
-    /// Revokes a token and publishes `AgentTokenRevoked`.
+    /// Revokes a token, forgets the agents registered with it (their names
+    /// are free again) and publishes `AgentTokenRevoked`.
     async fn delete_agent_token(&self, id: &str) -> StoreResult<()>;
 
     /// Moves the logs of jobs that finished before `finished_before` into

@@ -144,6 +144,37 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 ";
 
+/// Registers an agent if its name still names the agent that was read (or
+/// nobody, with ARGV[1] = '') and that agent's record is still the one read.
+/// KEYS: agent name, agent, agents. ARGV: name's old id, agent's old JSON,
+/// new JSON, id. Returns 1, or 0 when someone registered meanwhile.
+const REGISTER_AGENT: &str = r"
+local owner = redis.call('GET', KEYS[1]) or ''
+if owner ~= ARGV[1] then return 0 end
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1
+";
+
+/// Revokes a token and forgets its agents (freeing their names).
+/// KEYS: token, tokens by hash, agents, then per agent: agent, agent name.
+/// ARGV: token hash, then the agents' ids.
+const REVOKE_TOKEN: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+for i = 1, #ARGV - 1 do
+  local id = ARGV[i + 1]
+  redis.call('DEL', KEYS[2 + 2 * i])
+  redis.call('SREM', KEYS[3], id)
+  if redis.call('GET', KEYS[3 + 2 * i]) == id then
+    redis.call('DEL', KEYS[3 + 2 * i])
+  end
+end
+return 1
+";
+
 /// Bytes of log per compressed archive segment.
 const ARCHIVE_SEGMENT_BYTES: usize = 1024 * 1024;
 /// How long one controller may hold a log's archiving lock.
@@ -307,6 +338,8 @@ pub struct RedisStore {
     append_log: Arc<Script>,
     finish_archive: Arc<Script>,
     cas_repo: Arc<Script>,
+    register_agent: Arc<Script>,
+    revoke_token: Arc<Script>,
     /// Stops the pub/sub task when the store is dropped.
     stop_subscriber: CancellationToken,
 }
@@ -369,6 +402,8 @@ impl RedisStore {
             append_log: Arc::new(Script::new(APPEND_LOG)),
             finish_archive: Arc::new(Script::new(FINISH_ARCHIVE)),
             cas_repo: Arc::new(Script::new(CAS_REPO)),
+            register_agent: Arc::new(Script::new(REGISTER_AGENT)),
+            revoke_token: Arc::new(Script::new(REVOKE_TOKEN)),
             stop_subscriber,
         };
         store.check_settings().await;
@@ -1073,7 +1108,7 @@ impl Store for RedisStore {
                 .jobs_by_id(&ids)
                 .await?
                 .into_iter()
-                .filter(|(_, job)| job.state == JobState::Queued && job.labels_match(&agent.labels))
+                .filter(|(_, job)| transitions::may_claim(job, agent))
                 .collect();
             // Deploys of a repository whose previous deploy runs must wait.
             let lock_keys: Vec<String> = queued
@@ -1281,34 +1316,36 @@ impl Store for RedisStore {
     }
 
     async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord> {
-        let mut agent = agent;
-        let existing: Option<String> = self.get_raw(&self.keys.agent_name(&agent.name)).await?;
-        if let Some(id) = existing
-            && let Some(previous) = self
-                .get_json::<AgentRecord>(&self.keys.agent(&AgentId(id)))
-                .await?
-        {
-            agent.id = previous.id;
-            agent.registered_at = previous.registered_at;
+        let name_key = self.keys.agent_name(&agent.name);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let owner: Option<String> = self.get_raw(&name_key).await?;
+            let previous_raw = match &owner {
+                Some(id) => self.get_raw(&self.keys.agent(&AgentId(id.clone()))).await?,
+                None => None,
+            };
+            let previous: Option<AgentRecord> = previous_raw.as_deref().map(decode).transpose()?;
+            let record = transitions::register_agent(previous.as_ref(), agent.clone())?;
+            let written: i64 = self
+                .register_agent
+                .key(&name_key)
+                .key(self.keys.agent(&record.id))
+                .key(self.keys.agents())
+                .arg(owner.unwrap_or_default())
+                .arg(previous_raw.unwrap_or_default())
+                .arg(encode(&record)?)
+                .arg(&record.id.0)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            if written == 1 {
+                return Ok(record);
+            }
+            // Registered or touched meanwhile: read again.
         }
-        let () = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(self.keys.agent(&agent.id))
-            .arg(encode(&agent)?)
-            .ignore()
-            .cmd("SET")
-            .arg(self.keys.agent_name(&agent.name))
-            .arg(&agent.id.0)
-            .ignore()
-            .cmd("SADD")
-            .arg(self.keys.agents())
-            .arg(&agent.id.0)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(agent)
+        Err(StoreError::Conflict(format!(
+            "agent {} kept changing; retry",
+            agent.name
+        )))
     }
 
     async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>> {
@@ -1328,11 +1365,13 @@ impl Store for RedisStore {
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
         agent.last_seen = now;
-        let () = self
+        // XX: an agent forgotten meanwhile (its token revoked) stays gone.
+        let _: Option<String> = self
             .query(
                 redis::cmd("SET")
                     .arg(self.keys.agent(id))
-                    .arg(encode(&agent)?),
+                    .arg(encode(&agent)?)
+                    .arg("XX"),
             )
             .await?;
         Ok(())
@@ -1391,16 +1430,26 @@ impl Store for RedisStore {
             .get_json(&self.keys.agent_token(id))
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("agent token {id}")))?;
-        let () = redis::pipe()
-            .atomic()
-            .cmd("DEL")
-            .arg(self.keys.agent_token(id))
-            .ignore()
-            .cmd("HDEL")
-            .arg(self.keys.agent_tokens())
-            .arg(&token.token_hash)
-            .ignore()
-            .query_async(&mut self.conn.clone())
+        let agents: Vec<AgentRecord> = self
+            .list_agents()
+            .await?
+            .into_iter()
+            .filter(|agent| agent.token_id == id)
+            .collect();
+        let mut revoke = self.revoke_token.prepare_invoke();
+        revoke
+            .key(self.keys.agent_token(id))
+            .key(self.keys.agent_tokens())
+            .key(self.keys.agents())
+            .arg(&token.token_hash);
+        for agent in &agents {
+            revoke
+                .key(self.keys.agent(&agent.id))
+                .key(self.keys.agent_name(&agent.name))
+                .arg(&agent.id.0);
+        }
+        let _: i64 = revoke
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
         self.publish(StoreEvent::AgentTokenRevoked {

@@ -22,6 +22,7 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         from_fork: new.from_fork,
         requested_by: new.requested_by,
         labels: new.labels,
+        trusted_labels: new.trusted_labels,
         trigger: new.trigger,
         state: JobState::Queued,
         attempt: 0,
@@ -36,6 +37,30 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         finished_at: None,
         lease_expires_at: None,
     }
+}
+
+/// Whether `agent` may take `job`: it carries the job's labels and its
+/// token vouches for the job's trusted labels. Both stores' claims use it.
+pub fn may_claim(job: &Job, agent: &AgentRecord) -> bool {
+    job.state == JobState::Queued && job.claimable_by(&agent.labels, &agent.vouched_labels)
+}
+
+/// An agent's registration against the record already holding its name:
+/// the same token keeps the agent's id and first registration time;
+/// another token is refused, so that no token can take over an agent it
+/// did not register (its leases, log streams and completions).
+pub fn register_agent(
+    previous: Option<&AgentRecord>,
+    mut agent: AgentRecord,
+) -> StoreResult<AgentRecord> {
+    if let Some(previous) = previous {
+        if previous.token_id != agent.token_id {
+            return Err(StoreError::AgentNameTaken { name: agent.name });
+        }
+        agent.id = previous.id.clone();
+        agent.registered_at = previous.registered_at;
+    }
+    Ok(agent)
 }
 
 /// `agent` takes a queued job under a new attempt.

@@ -1,0 +1,825 @@
+//! CORE: the agent protocol's rules. Who a caller is (its token, and the
+//! agent that token registered), what it may register as (its name belongs
+//! to its token; a token with labels allows only those), which jobs it is
+//! given (the dispatch session), and what it may do with a job it holds
+//! (renew the lease, ship log chunks, complete it) — plus the agent tokens
+//! operators manage. `grpc/agent.rs` only turns proto messages into these
+//! calls and their answers (or [`AgentError`]s) back into proto.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::{Stream, StreamExt};
+use hobotnica_common::ids::{AgentId, JobId};
+use hobotnica_common::job::{Job, JobState, Outcome, format_labels, missing_label};
+use hobotnica_common::logs::MAX_CHUNK_BYTES;
+use hobotnica_common::secrets::InPlaceMasker;
+use hobotnica_common::token::{constant_time_eq, hash_token, new_token, random_hex};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CoreError;
+use crate::services::Services;
+pub use crate::store::{AgentRecord, AgentTokenRecord};
+use crate::store::{Finish, JobFilter, StoreError, StoreEvent};
+
+/// How often the controller sends a heartbeat on a session (keeps proxies
+/// from closing an idle stream) and refreshes the agent's last-seen time.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Most concurrent jobs an agent may announce.
+pub const MAX_CONCURRENCY: u32 = 256;
+/// Longest completion message kept, in characters.
+const MAX_COMPLETION_MESSAGE_CHARS: usize = 1000;
+/// The token id of the shared pool token.
+pub const POOL_TOKEN_ID: &str = "pool";
+
+/// Why the controller refuses an agent's call, in the terms of the agent
+/// protocol (`agent.proto` lists the status each becomes).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The token is wrong or revoked, or is not the one the agent
+    /// registered with: the agent stops.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The agent id is unknown: the agent registers again.
+    #[error("agent {0} is not registered")]
+    UnknownAgent(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The agent speaks another protocol version.
+    #[error(
+        "protocol version {agent} is not supported: this controller speaks {controller}; upgrade the agent or the controller"
+    )]
+    UnsupportedProtocol { agent: u32, controller: u32 },
+    /// The name was registered with another agent token.
+    #[error(
+        "agent name {name:?} is registered with another agent token: start this agent under another name (--name), or revoke the token that registered it (which frees the name) and register again"
+    )]
+    NameTaken { name: String },
+    /// The agent asked for a label its token does not carry.
+    #[error(
+        "label {key}={value} is not allowed by this agent token (it allows {allowed}): register with those labels only, or use a token created with this one"
+    )]
+    LabelNotAllowed {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+    /// The job is not running under this attempt for this agent (fencing).
+    #[error("{0}")]
+    NotHeld(String),
+    /// The controller holds fewer log bytes than the agent says it sent.
+    #[error("the log has {stored} of {expected} bytes: ship the rest first")]
+    LogIncomplete { stored: u64, expected: u64 },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The store cannot be reached; the agent retries.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for AgentError {
+    fn from(err: StoreError) -> AgentError {
+        match err {
+            StoreError::NotFound(what) => AgentError::NotFound(what),
+            StoreError::Conflict(detail) => AgentError::NotHeld(detail),
+            StoreError::LeaseLost { .. } => AgentError::NotHeld(err.to_string()),
+            StoreError::LogGap { .. } => AgentError::OutOfRange(err.to_string()),
+            StoreError::AgentNameTaken { name } => AgentError::NameTaken { name },
+            StoreError::Unavailable(cause) => AgentError::Unavailable(cause),
+        }
+    }
+}
+
+/// A valid agent token: `pool` or a per-agent token's id, and the labels it
+/// allows (none for the pool token).
+#[derive(Debug, Clone)]
+pub struct AgentToken {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What an agent registers with.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub concurrency: u32,
+    pub version: String,
+    pub protocol_version: u32,
+}
+
+/// A registered agent and the timings it is to keep.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub agent: AgentRecord,
+    pub lease_timeout: Duration,
+    pub renew_interval: Duration,
+    pub kill_grace: Duration,
+}
+
+/// The answer to a lease renewal.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewed {
+    pub cancel_requested: bool,
+    pub lease_timeout: Duration,
+}
+
+/// How an agent says a job attempt ended.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub job: JobId,
+    pub attempt: u32,
+    /// `None`: missing or unknown on the wire.
+    pub outcome: Option<Outcome>,
+    pub exit_code: Option<i32>,
+    pub message: String,
+    pub log_length: u64,
+    pub duration_ms: u64,
+}
+
+/// A job as it is handed to an agent: the record plus its variables
+/// (repository and one-time; secrets opened), the values to mask, and the
+/// git credentials header of a GitHub repository. No `Debug`: it holds
+/// secrets.
+pub struct JobAssignment {
+    pub job: Job,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<String>,
+    pub git_http_header: String,
+}
+
+/// What an agent says on its session.
+#[derive(Debug, Clone, Copy)]
+pub enum SessionInput {
+    /// Free slots, and how many assignments it has received so far.
+    Capacity {
+        free_slots: u32,
+        assignments_received: u64,
+    },
+    /// Anything else (heartbeats): ignored.
+    Other,
+}
+
+/// What a session tells an agent.
+pub enum SessionOutput {
+    Assign(Box<JobAssignment>),
+    Cancel {
+        job: JobId,
+        attempt: u32,
+    },
+    /// Delete clones of a repository whose access is gone.
+    Forget {
+        git_url: String,
+    },
+    Heartbeat,
+}
+
+/// One piece of a job's log, as an agent ships it.
+#[derive(Debug, Clone)]
+pub struct LogPiece {
+    pub job: JobId,
+    pub attempt: u32,
+    pub seq: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// The answer to a log piece: the job's committed length.
+#[derive(Debug, Clone, Copy)]
+pub struct LogAcked {
+    pub job: JobId,
+    pub seq: u64,
+    pub committed: u64,
+}
+
+/// A registered agent on an open stream, subscribed to events before its
+/// token was checked, so that a revocation after the check is seen.
+pub struct Attached {
+    pub agent: AgentRecord,
+    events: broadcast::Receiver<StoreEvent>,
+}
+
+impl Services {
+    /// Checks an agent token: the pool token or a per-agent token that has
+    /// not been revoked.
+    pub async fn authenticate_agent(&self, token: &str) -> Result<AgentToken, AgentError> {
+        let hash = hash_token(token);
+        if let Some(pool) = &self.agent_pool_token_hash
+            && constant_time_eq(hash.as_bytes(), pool.as_bytes())
+        {
+            return Ok(AgentToken {
+                id: POOL_TOKEN_ID.to_owned(),
+                labels: BTreeMap::new(),
+            });
+        }
+        match self.store.find_agent_token(&hash).await? {
+            Some(token) => Ok(AgentToken {
+                id: token.id,
+                labels: token.labels,
+            }),
+            None => Err(AgentError::Unauthenticated(
+                "the agent token is not valid or was revoked".to_owned(),
+            )),
+        }
+    }
+
+    /// The registered agent `agent_id`, if `token` is the one it registered
+    /// with.
+    pub async fn agent_caller(
+        &self,
+        token: &str,
+        agent_id: &str,
+    ) -> Result<AgentRecord, AgentError> {
+        let token = self.authenticate_agent(token).await?;
+        let agent = self
+            .store
+            .get_agent(&AgentId(agent_id.to_owned()))
+            .await?
+            .ok_or_else(|| AgentError::UnknownAgent(agent_id.to_owned()))?;
+        if agent.token_id != token.id {
+            return Err(AgentError::Unauthenticated(
+                "the token does not belong to this agent".to_owned(),
+            ));
+        }
+        Ok(agent)
+    }
+
+    /// [`Services::agent_caller`] for a stream that must end when the token
+    /// is revoked.
+    pub async fn attach_agent(&self, token: &str, agent_id: &str) -> Result<Attached, AgentError> {
+        let events = self.store.subscribe();
+        let agent = self.agent_caller(token, agent_id).await?;
+        Ok(Attached { agent, events })
+    }
+
+    /// Registers (or re-registers) an agent. Its name belongs to the token
+    /// that registered it first; a token with labels allows only those
+    /// labels and vouches for them.
+    pub async fn register_agent(
+        &self,
+        token: &str,
+        registration: Registration,
+    ) -> Result<Registered, AgentError> {
+        let token = self.authenticate_agent(token).await?;
+        validate_registration(&registration)?;
+        let vouched_labels = vouched_labels(&token, &registration.labels)?;
+        let now = Utc::now();
+        let agent = self
+            .store
+            .register_agent(AgentRecord {
+                id: AgentId::generate(),
+                name: registration.name,
+                labels: registration.labels,
+                concurrency: registration.concurrency,
+                version: registration.version,
+                token_id: token.id,
+                vouched_labels,
+                registered_at: now,
+                last_seen: now,
+            })
+            .await?;
+        tracing::info!(agent.id = %agent.id, agent.name = %agent.name, "agent registered");
+        Ok(Registered {
+            agent,
+            lease_timeout: self.config.lease_timeout,
+            renew_interval: self.config.renew_interval(),
+            kill_grace: self.config.kill_grace,
+        })
+    }
+
+    /// The job, if `agent` holds it under `attempt`.
+    async fn held_job(
+        &self,
+        agent: &AgentRecord,
+        id: JobId,
+        attempt: u32,
+    ) -> Result<Job, AgentError> {
+        let job = self
+            .store
+            .get_job(id)
+            .await?
+            // NOT_FOUND is reserved for an unknown agent (see agent.proto).
+            .ok_or_else(|| AgentError::NotHeld(format!("job {id} does not exist")))?;
+        if job.agent.as_ref() != Some(&agent.id) || job.attempt != attempt {
+            return Err(AgentError::NotHeld(format!(
+                "job {id} attempt {attempt} is not held by this agent"
+            )));
+        }
+        Ok(job)
+    }
+
+    /// Extends the lease of a job `agent` holds.
+    pub async fn renew_agent_lease(
+        &self,
+        agent: &AgentRecord,
+        job: JobId,
+        attempt: u32,
+    ) -> Result<Renewed, AgentError> {
+        self.held_job(agent, job, attempt).await?;
+        let until = self.lease_until(Utc::now());
+        let job = self.store.renew_lease(job, attempt, until).await?;
+        Ok(Renewed {
+            cancel_requested: job.cancel_requested,
+            lease_timeout: self.config.lease_timeout,
+        })
+    }
+
+    /// Records how a job `agent` holds ended, once the controller has every
+    /// log byte.
+    pub async fn complete_agent_job(
+        &self,
+        agent: &AgentRecord,
+        completion: Completion,
+    ) -> Result<(), AgentError> {
+        let job = self
+            .held_job(agent, completion.job, completion.attempt)
+            .await?;
+        let outcome = completion
+            .outcome
+            .ok_or_else(|| AgentError::Invalid("outcome is missing or unknown".to_owned()))?;
+        if job.state == JobState::Running {
+            let stored = self.store.log_len(job.id).await?;
+            if stored < completion.log_length {
+                return Err(AgentError::LogIncomplete {
+                    stored,
+                    expected: completion.log_length,
+                });
+            }
+        }
+        let message = Some(completion.message)
+            .filter(|m| !m.is_empty())
+            .map(|m| m.chars().take(MAX_COMPLETION_MESSAGE_CHARS).collect());
+        let job = self
+            .store
+            .finish_job(
+                job.id,
+                completion.attempt,
+                Finish {
+                    outcome,
+                    exit_code: completion.exit_code,
+                    message,
+                },
+                Utc::now(),
+            )
+            .await?;
+        tracing::info!(job.id = %job.id, state = %job.state, exit_code = ?job.exit_code, duration_ms = completion.duration_ms, "job finished");
+        self.statuses.job_changed(&job);
+        Ok(())
+    }
+
+    /// A job with what its agent needs beyond the record (see
+    /// [`JobAssignment`]).
+    async fn job_assignment(&self, job: Job) -> JobAssignment {
+        let repo = match job.repo.split_once('/') {
+            Some((owner, name)) => self.store.get_repo(owner, name).await.ok().flatten(),
+            None => None,
+        };
+        let Some(repo) = repo else {
+            return JobAssignment {
+                env: job.env.clone(),
+                job,
+                secrets: Vec::new(),
+                git_http_header: String::new(),
+            };
+        };
+        let environment = self.job_environment(&repo, &job);
+        let mut assignment = JobAssignment {
+            job,
+            env: environment.env,
+            secrets: environment.secrets,
+            git_http_header: String::new(),
+        };
+        if let Some(token) = self.repo_token(&repo) {
+            // Basic auth with the token as password, as GitHub expects.
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("x-access-token:{}", token.expose()));
+            assignment.git_http_header = format!("Authorization: Basic {basic}");
+            assignment.secrets.push(token.expose().to_owned());
+            assignment.secrets.push(basic);
+        }
+        assignment
+    }
+}
+
+fn validate_registration(registration: &Registration) -> Result<(), AgentError> {
+    let controller = hobotnica_common::proto::PROTOCOL_VERSION;
+    if registration.protocol_version != controller {
+        return Err(AgentError::UnsupportedProtocol {
+            agent: registration.protocol_version,
+            controller,
+        });
+    }
+    hobotnica_common::validate::repo_component("name", &registration.name)
+        .map_err(|err| AgentError::Invalid(err.to_string()))?;
+    if registration.concurrency == 0 || registration.concurrency > MAX_CONCURRENCY {
+        return Err(AgentError::Invalid(format!(
+            "concurrency must be 1 to {MAX_CONCURRENCY}"
+        )));
+    }
+    if registration.labels.len() > 64 {
+        return Err(AgentError::Invalid("at most 64 labels".to_owned()));
+    }
+    for (key, value) in &registration.labels {
+        if key.is_empty() || key.len() > 64 || value.len() > 256 {
+            return Err(AgentError::Invalid(format!(
+                "label {key:?}: keys are 1 to 64 characters, values at most 256"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The labels `token` vouches for on an agent registering with `labels`: a
+/// token with labels allows only (some of) those and vouches for them; the
+/// pool token and tokens without labels allow any and vouch for none.
+fn vouched_labels(
+    token: &AgentToken,
+    labels: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, AgentError> {
+    if token.labels.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    if let Some((key, value)) = missing_label(labels, &token.labels) {
+        return Err(AgentError::LabelNotAllowed {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            allowed: format_labels(&token.labels),
+        });
+    }
+    Ok(labels.clone())
+}
+
+/// Returns once `agent`'s token is revoked (never, if the event feed ends).
+/// After missed events it asks the store whether the agent is still
+/// registered (revoking a token forgets its agents).
+async fn token_revoked(
+    services: &Services,
+    agent: &AgentRecord,
+    events: &mut broadcast::Receiver<StoreEvent>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => return,
+            Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                if !still_registered(services, agent).await {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Whether the agent is still registered (its token was not revoked); a
+/// store that cannot answer is given the benefit of the doubt.
+async fn still_registered(services: &Services, agent: &AgentRecord) -> bool {
+    !matches!(services.store.get_agent(&agent.id).await, Ok(None))
+}
+
+fn revoked() -> AgentError {
+    AgentError::Unauthenticated("the agent token was revoked".to_owned())
+}
+
+/// The job a log stream last wrote to, checked once: its key and the
+/// secrets to mask again.
+struct VerifiedJob {
+    key: (JobId, u32),
+    masker: InPlaceMasker,
+}
+
+/// Takes log pieces from an agent until the stream ends, the token is
+/// revoked (answered with UNAUTHENTICATED) or the controller shuts down;
+/// each piece is answered with an ack or the error that ends the stream.
+pub async fn run_log_intake(
+    services: Services,
+    attached: Attached,
+    inbound: impl Stream<Item = LogPiece> + Send + Unpin,
+    outbound: mpsc::Sender<Result<LogAcked, AgentError>>,
+    shutdown: CancellationToken,
+) {
+    let Attached { agent, mut events } = attached;
+    let mut inbound = inbound;
+    let mut verified: Option<VerifiedJob> = None;
+    loop {
+        let piece = tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = token_revoked(&services, &agent, &mut events) => {
+                tracing::info!(agent.id = %agent.id, "log stream closed: the agent token was revoked");
+                let _ = outbound.send(Err(revoked())).await;
+                break;
+            }
+            piece = inbound.next() => piece,
+        };
+        let Some(piece) = piece else { break };
+        let ack = intake_piece(&services, &agent, &mut verified, piece).await;
+        let stop = ack.is_err();
+        if outbound.send(ack).await.is_err() || stop {
+            break;
+        }
+    }
+}
+
+/// Appends one piece of a held job's log (masked again, offsets unmoved).
+async fn intake_piece(
+    services: &Services,
+    agent: &AgentRecord,
+    verified: &mut Option<VerifiedJob>,
+    mut piece: LogPiece,
+) -> Result<LogAcked, AgentError> {
+    if piece.data.len() > 2 * MAX_CHUNK_BYTES {
+        return Err(AgentError::Invalid(format!(
+            "log chunks are at most {MAX_CHUNK_BYTES} bytes"
+        )));
+    }
+    let key = (piece.job, piece.attempt);
+    if verified.as_ref().is_none_or(|verified| verified.key != key) {
+        let job = services.held_job(agent, piece.job, piece.attempt).await?;
+        let secrets: Vec<Vec<u8>> = services
+            .job_assignment(job)
+            .await
+            .secrets
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        *verified = Some(VerifiedJob {
+            key,
+            masker: InPlaceMasker::new(&secrets),
+        });
+    }
+    // The agent masked already; mask again without moving offsets.
+    if let Some(verified) = verified.as_ref() {
+        verified.masker.mask(&mut piece.data);
+    }
+    let committed = match services
+        .store
+        .append_log(
+            piece.job,
+            piece.attempt,
+            piece.offset,
+            Bytes::from(piece.data),
+        )
+        .await
+    {
+        Ok(len) => len,
+        Err(StoreError::LogGap { committed }) => committed,
+        Err(err) => return Err(err.into()),
+    };
+    Ok(LogAcked {
+        job: piece.job,
+        seq: piece.seq,
+        committed,
+    })
+}
+
+/// What a session does: push assignments while the agent has free slots,
+/// forward cancellations, send heartbeats; ends when the agent goes away,
+/// its token is revoked (answered with UNAUTHENTICATED), or the controller
+/// shuts down.
+pub async fn run_session(
+    services: Services,
+    attached: Attached,
+    inbound: impl Stream<Item = SessionInput> + Send + Unpin,
+    outbound: mpsc::Sender<Result<SessionOutput, AgentError>>,
+    shutdown: CancellationToken,
+) {
+    let Attached { agent, mut events } = attached;
+    let mut inbound = inbound;
+    let mut free_slots: u64 = 0;
+    let mut received: u64 = 0;
+    let mut sent: u64 = 0;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Cancellations asked for while the agent was away.
+    let running = services
+        .store
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Running),
+            agent: Some(agent.id.clone()),
+            limit: usize::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    for job in running.iter().filter(|job| job.cancel_requested) {
+        let cancel = SessionOutput::Cancel {
+            job: job.id,
+            attempt: job.attempt,
+        };
+        if outbound.send(Ok(cancel)).await.is_err() {
+            return;
+        }
+    }
+    // Repositories whose access is gone: the agent deletes its clones.
+    let disabled = services.store.list_repos().await.unwrap_or_default();
+    for repo in disabled.into_iter().filter(|repo| repo.disabled.is_some()) {
+        let forget = SessionOutput::Forget {
+            git_url: repo.git_url,
+        };
+        if outbound.send(Ok(forget)).await.is_err() {
+            return;
+        }
+    }
+
+    // Claiming costs a write transaction: try only when something changed.
+    let mut try_claim = true;
+    loop {
+        // Assign while the agent has room; `sent - received` assignments are
+        // on their way and not yet counted in `free_slots`.
+        while try_claim && free_slots > sent.saturating_sub(received) {
+            let now = Utc::now();
+            match services
+                .store
+                .claim_job(&agent, now, services.lease_until(now))
+                .await
+            {
+                Ok(Some(job)) => {
+                    tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
+                    services.statuses.job_changed(&job);
+                    let assignment = services.job_assignment(job).await;
+                    let message = SessionOutput::Assign(Box::new(assignment));
+                    if outbound.send(Ok(message)).await.is_err() {
+                        // The agent is gone: the lease will expire and the
+                        // job becomes lost.
+                        return;
+                    }
+                    sent += 1;
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(agent.id = %agent.id, error = %err, "cannot claim a job");
+                    break;
+                }
+            }
+        }
+        try_claim = false;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            input = inbound.next() => match input {
+                Some(SessionInput::Capacity { free_slots: free, assignments_received }) => {
+                    free_slots = u64::from(free.min(agent.concurrency));
+                    received = assignments_received;
+                    try_claim = true;
+                }
+                Some(SessionInput::Other) => {}
+                None => return,
+            },
+            event = events.recv() => match event {
+                Ok(StoreEvent::CancelRequested { job, attempt, agent: holder }) if holder == agent.id => {
+                    if outbound.send(Ok(SessionOutput::Cancel { job, attempt })).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(StoreEvent::RepoDisabled { git_url }) => {
+                    if outbound.send(Ok(SessionOutput::Forget { git_url })).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => {
+                    let _ = outbound.send(Err(revoked())).await;
+                    return;
+                }
+                // Missed events: was the token revoked meanwhile? (Revoking
+                // forgets the token's agents.) Then claim again.
+                Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                    if !still_registered(&services, &agent).await {
+                        let _ = outbound.send(Err(revoked())).await;
+                        return;
+                    }
+                    try_claim = true;
+                }
+                // A new job: try to claim it.
+                Ok(StoreEvent::JobQueued { .. }) => {
+                    try_claim = true;
+                }
+                Ok(_) => {}
+                Err(RecvError::Closed) => return,
+            },
+            _ = heartbeat.tick() => {
+                try_claim = true;
+                if outbound.send(Ok(SessionOutput::Heartbeat)).await.is_err() {
+                    return;
+                }
+                if let Err(err) = services.store.touch_agent(&agent.id, Utc::now()).await {
+                    tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat");
+                }
+            }
+        }
+    }
+}
+
+/// An agent as operators see it: its record and the jobs it runs.
+pub struct AgentOverview {
+    pub agent: AgentRecord,
+    pub running_jobs: Vec<JobId>,
+}
+
+impl Services {
+    /// Every registered agent with its running jobs.
+    pub async fn agents_overview(&self) -> Result<Vec<AgentOverview>, CoreError> {
+        let agents = self.store.list_agents().await?;
+        let running = self
+            .store
+            .list_jobs(&JobFilter {
+                state: Some(JobState::Running),
+                limit: usize::MAX,
+                ..JobFilter::default()
+            })
+            .await?;
+        Ok(agents
+            .into_iter()
+            .map(|agent| AgentOverview {
+                running_jobs: running
+                    .iter()
+                    .filter(|job| job.agent.as_ref() == Some(&agent.id))
+                    .map(|job| job.id)
+                    .collect(),
+                agent,
+            })
+            .collect())
+    }
+
+    /// Creates a per-agent token that allows `labels` (none: any); returns
+    /// its record and its value, which is shown only now.
+    pub async fn create_agent_token(
+        &self,
+        name: String,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(AgentTokenRecord, String), CoreError> {
+        hobotnica_common::validate::repo_component("name", &name)?;
+        hobotnica_common::validate::labels("labels", &labels)?;
+        let token = new_token("hbag");
+        let record = AgentTokenRecord {
+            id: random_hex(8),
+            name,
+            token_hash: hash_token(&token),
+            created_at: Utc::now(),
+            labels,
+        };
+        self.store.create_agent_token(record.clone()).await?;
+        tracing::info!(agent_token.id = %record.id, "agent token created");
+        Ok((record, token))
+    }
+
+    pub async fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, CoreError> {
+        Ok(self.store.list_agent_tokens().await?)
+    }
+
+    /// Revokes a token: its agents are forgotten and their sessions and log
+    /// streams closed.
+    pub async fn revoke_agent_token(&self, id: &str) -> Result<(), CoreError> {
+        self.store.delete_agent_token(id).await?;
+        tracing::info!(agent_token.id = %id, "agent token revoked");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(labels: &[(&str, &str)]) -> AgentToken {
+        AgentToken {
+            id: "t".to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        token(pairs).labels
+    }
+
+    #[test]
+    fn a_token_with_labels_allows_and_vouches_for_those_only() {
+        let deploy = token(&[("pool", "deploy"), ("os", "linux")]);
+        assert_eq!(
+            vouched_labels(&deploy, &labels(&[("pool", "deploy")])).unwrap(),
+            labels(&[("pool", "deploy")])
+        );
+        assert_eq!(vouched_labels(&deploy, &labels(&[])).unwrap(), labels(&[]));
+        match vouched_labels(&deploy, &labels(&[("pool", "test")])) {
+            Err(err @ AgentError::LabelNotAllowed { .. }) => {
+                let message = err.to_string();
+                assert!(message.contains("pool=test"), "{message}");
+                assert!(message.contains("os=linux,pool=deploy"), "{message}");
+            }
+            other => panic!("expected LabelNotAllowed, got {other:?}"),
+        }
+        // The pool token and tokens without labels allow any, vouch for none.
+        assert_eq!(
+            vouched_labels(&token(&[]), &labels(&[("pool", "deploy")])).unwrap(),
+            labels(&[])
+        );
+    }
+}
