@@ -26,6 +26,8 @@ mod agents_rss;
 mod big_log;
 #[path = "e2e/dispatch.rs"]
 mod dispatch;
+#[path = "e2e/sandbox.rs"]
+mod sandbox;
 #[path = "e2e/throughput.rs"]
 mod throughput;
 #[path = "e2e/webhooks.rs"]
@@ -196,7 +198,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     // `cargo bench -p hobotnica-tests -- NAME` runs only the benches whose
-    // name contains NAME (dispatch, throughput, agents, log, webhooks).
+    // name contains NAME (dispatch, throughput, agents, log, sandbox, webhooks).
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with('-'))
@@ -226,6 +228,9 @@ fn main() {
         if selected("log") {
             big_log::big_log().await;
             big_log::log_throughput_with_secrets().await;
+        }
+        if selected("sandbox") {
+            sandbox::sandbox_cost().await;
         }
         if selected("webhooks") {
             webhooks::webhook_intake().await;

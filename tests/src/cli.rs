@@ -2,12 +2,31 @@
 //! `HOBOTNICA_URL`, `HOBOTNICA_GRPC_URL`, `HOBOTNICA_TOKEN` and, with TLS,
 //! `HOBOTNICA_CA_CERT`) or in a directory where `hobot up` runs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::bins;
 use crate::controller::Controller;
+
+/// Starts `hobot up ARGS` in `<dir>/project` (its data dir is then
+/// `<dir>/project/.hobotnica`), logging into `dir`; returns the process and
+/// the project directory.
+pub fn spawn_up(dir: &Path, name: &str, args: &[String]) -> (crate::daemon::Daemon, PathBuf) {
+    let cwd = dir.join("project");
+    std::fs::create_dir_all(&cwd).expect("the project directory");
+    let up = crate::daemon::Daemon::spawn(crate::daemon::Spec {
+        name: name.to_owned(),
+        program: bins::bin(bins::HOBOT),
+        args: std::iter::once("up".into())
+            .chain(args.iter().map(Into::into))
+            .collect(),
+        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
+        cwd: Some(cwd.clone()),
+        log_dir: dir.to_path_buf(),
+    });
+    (up, cwd)
+}
 
 /// How long one `hobot` command may take.
 pub const HOBOT_TIMEOUT: Duration = Duration::from_secs(120);

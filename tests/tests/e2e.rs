@@ -972,35 +972,22 @@ async fn hobot_reports_api_errors_and_unreachable_controllers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hobot_up_serves_and_hobot_works_from_the_same_directory() {
-    use hobotnica_tests::daemon::{Daemon, Spec};
     use std::os::unix::fs::PermissionsExt as _;
 
     hobotnica_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path().join("project");
-    std::fs::create_dir(&cwd).unwrap();
     let repo = GitRepo::new();
     let http = net::free_addr();
     let grpc = net::free_addr();
-    let mut up = Daemon::spawn(Spec {
-        name: "hobot-up".to_owned(),
-        program: hobotnica_tests::bins::bin(hobotnica_tests::bins::HOBOT),
-        args: [
-            "up",
-            "--listen",
-            &http.to_string(),
-            "--grpc-listen",
-            &grpc.to_string(),
-            "--lease-timeout",
-            "2s",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect(),
-        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
-        cwd: Some(cwd.clone()),
-        log_dir: dir.path().to_path_buf(),
-    });
+    let args = [
+        "--listen",
+        &http.to_string(),
+        "--grpc-listen",
+        &grpc.to_string(),
+        "--lease-timeout",
+        "2s",
+    ];
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned));
     let data_dir = cwd.join(".hobotnica");
     let controller_file = data_dir.join("controller.json");
     wait_until(
@@ -1424,13 +1411,10 @@ async fn a_controller_refuses_plaintext_on_a_non_loopback_address_unless_insecur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate() {
-    use hobotnica_tests::daemon::{Daemon, Spec};
     use hobotnica_tests::tls::TestPki;
 
     hobotnica_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path().join("project");
-    std::fs::create_dir(&cwd).unwrap();
     let pki = TestPki::create(&dir.path().join("pki"));
     let repo = GitRepo::new();
     let http = net::free_addr();
@@ -1450,14 +1434,7 @@ async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate
         "--client-ca".to_owned(),
         path(&pki.ca_cert),
     ];
-    let mut up = Daemon::spawn(Spec {
-        name: "hobot-up-tls".to_owned(),
-        program: hobotnica_tests::bins::bin(hobotnica_tests::bins::HOBOT),
-        args: args.iter().map(Into::into).collect(),
-        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
-        cwd: Some(cwd.clone()),
-        log_dir: dir.path().to_path_buf(),
-    });
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up-tls", &args[1..]);
     let data_dir = cwd.join(".hobotnica");
     let controller_file = data_dir.join("controller.json");
     wait_until(

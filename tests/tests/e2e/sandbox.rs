@@ -219,32 +219,18 @@ async fn a_job_cannot_read_the_agents_token_file_even_where_it_could_see_it() {
 
 #[tokio::test]
 async fn a_job_under_hobot_up_cannot_read_the_controllers_data_dir() {
-    use hobotnica_tests::daemon::{Daemon, Spec};
-
     hobotnica_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let cwd = dir.path().join("project");
-    std::fs::create_dir(&cwd).unwrap();
     let repo = GitRepo::new();
     let http = net::free_addr();
     let grpc = net::free_addr();
-    let mut up = Daemon::spawn(Spec {
-        name: "hobot-up".to_owned(),
-        program: hobotnica_tests::bins::bin(hobotnica_tests::bins::HOBOT),
-        args: [
-            "up",
-            "--listen",
-            &http.to_string(),
-            "--grpc-listen",
-            &grpc.to_string(),
-        ]
-        .iter()
-        .map(Into::into)
-        .collect(),
-        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
-        cwd: Some(cwd.clone()),
-        log_dir: dir.path().to_path_buf(),
-    });
+    let args = [
+        "--listen",
+        &http.to_string(),
+        "--grpc-listen",
+        &grpc.to_string(),
+    ];
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned));
     let data_dir = cwd.join(".hobotnica");
     let admin_file = data_dir.join("admin-token");
     wait_until(
