@@ -113,6 +113,21 @@ pub async fn run_with_stop_now(
     .await
 }
 
+/// Checks, before anything else starts, that this agent can run jobs as
+/// configured: with `--isolation sandbox`, that a sandbox can be created.
+/// `hobot up` calls it before it starts its controller, so that a missing
+/// bubblewrap is one clear line instead of jobs that never start.
+pub async fn preflight(config: &AgentConfig) -> anyhow::Result<()> {
+    if config.isolation == config::Isolation::None {
+        return Ok(());
+    }
+    create_private_dir(&config.work_dir)
+        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
+    let work_dir = std::fs::canonicalize(&config.work_dir)
+        .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))?;
+    job_sandbox(config, &work_dir).await.map(drop)
+}
+
 /// The sandbox jobs run in, checked by creating one; `None` with
 /// `--isolation none` (and a warning).
 async fn job_sandbox(

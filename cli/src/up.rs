@@ -70,11 +70,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .filter_map(|path| std::fs::canonicalize(path).ok())
         .collect();
 
-    let controller = Controller::open(config.clone()).await?;
-    let admin_token = controller.admin_token().to_owned();
-    let listeners = Listeners::bind(&config).await?;
-    let http_addr = reachable(listeners.http.local_addr()?);
-    let grpc_addr = reachable(listeners.grpc.local_addr()?);
     // The local agents get a plaintext gRPC listener of their own on
     // loopback: they need neither the CA nor a client certificate when the
     // public listeners speak TLS, and their traffic never leaves the host.
@@ -82,6 +77,29 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot listen on 127.0.0.1 for the local agents")?;
     let local_grpc_addr = local_grpc.local_addr()?;
+    let agent_configs = (1..=agents)
+        .map(|i| {
+            local_agent_config(LocalAgent {
+                controller: format!("http://{local_grpc_addr}"),
+                token: agent_token.clone(),
+                name: format!("local-{i}"),
+                labels: agent_labels.clone(),
+                concurrency: agent_concurrency,
+                work_dir: agent_work_dir.join(i.to_string()),
+                hidden: hidden.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Jobs run sandboxed: say now, in one line, when they cannot be.
+    if let Some(first) = agent_configs.first() {
+        hobotnica_agent::preflight(first).await?;
+    }
+
+    let controller = Controller::open(config.clone()).await?;
+    let admin_token = controller.admin_token().to_owned();
+    let listeners = Listeners::bind(&config).await?;
+    let http_addr = reachable(listeners.http.local_addr()?);
+    let grpc_addr = reachable(listeners.grpc.local_addr()?);
 
     let shutdown = CancellationToken::new();
     let controller_shutdown = CancellationToken::new();
@@ -92,16 +110,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let mut agent_tasks = JoinSet::new();
-    for i in 1..=agents {
-        let agent_config = local_agent_config(LocalAgent {
-            controller: format!("http://{local_grpc_addr}"),
-            token: agent_token.clone(),
-            name: format!("local-{i}"),
-            labels: agent_labels.clone(),
-            concurrency: agent_concurrency,
-            work_dir: agent_work_dir.join(i.to_string()),
-            hidden: hidden.clone(),
-        })?;
+    for agent_config in agent_configs {
         agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
     }
 
@@ -134,6 +143,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = sigterm.recv() => tracing::info!("SIGTERM; stopping"),
+        Some(result) = agent_tasks.join_next() => {
+            // A local agent that cannot work (its token refused, say) must
+            // not leave a controller whose jobs never start.
+            let error = match result {
+                Ok(Ok(())) => "it stopped".to_owned(),
+                Ok(Err(err)) => format!("{err:#}"),
+                Err(err) => err.to_string(),
+            };
+            tracing::error!(error, "a local agent failed; stopping");
+            failed = true;
+        }
         result = &mut controller_task => {
             match result {
                 Ok(Ok(())) => tracing::error!("the controller stopped unexpectedly"),

@@ -267,8 +267,9 @@ impl Agent {
         self.daemon.signal(Signal::SIGTERM);
     }
 
-    /// SIGKILL (its jobs' processes survive: they have their own process
-    /// group; they are killed when the fixture is dropped).
+    /// SIGKILL (sandboxed jobs die with it, bwrap's `--die-with-parent`;
+    /// unsandboxed ones survive in their own process group and are killed
+    /// when the fixture is dropped).
     pub fn kill9(&mut self) {
         self.daemon.kill9();
     }

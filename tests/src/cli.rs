@@ -10,9 +10,14 @@ use crate::bins;
 use crate::controller::Controller;
 
 /// Starts `hobot up ARGS` in `<dir>/project` (its data dir is then
-/// `<dir>/project/.hobotnica`), logging into `dir`; returns the process and
-/// the project directory.
-pub fn spawn_up(dir: &Path, name: &str, args: &[String]) -> (crate::daemon::Daemon, PathBuf) {
+/// `<dir>/project/.hobotnica`), logging into `dir`, with `env` added to its
+/// environment; returns the process and the project directory.
+pub fn spawn_up(
+    dir: &Path,
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> (crate::daemon::Daemon, PathBuf) {
     let cwd = dir.join("project");
     std::fs::create_dir_all(&cwd).expect("the project directory");
     let up = crate::daemon::Daemon::spawn(crate::daemon::Spec {
@@ -21,7 +26,10 @@ pub fn spawn_up(dir: &Path, name: &str, args: &[String]) -> (crate::daemon::Daem
         args: std::iter::once("up".into())
             .chain(args.iter().map(Into::into))
             .collect(),
-        env: vec![("HOBOTNICA_LOG".into(), "info".into())],
+        env: std::iter::once(("HOBOTNICA_LOG", "info"))
+            .chain(env.iter().copied())
+            .map(|(key, value)| (key.into(), value.into()))
+            .collect(),
         cwd: Some(cwd.clone()),
         log_dir: dir.to_path_buf(),
     });

@@ -987,7 +987,7 @@ async fn hobot_up_serves_and_hobot_works_from_the_same_directory() {
         "--lease-timeout",
         "2s",
     ];
-    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned));
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned), &[]);
     let data_dir = cwd.join(".hobotnica");
     let controller_file = data_dir.join("controller.json");
     wait_until(
@@ -1434,7 +1434,7 @@ async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate
         "--client-ca".to_owned(),
         path(&pki.ca_cert),
     ];
-    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up-tls", &args[1..]);
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up-tls", &args[1..], &[]);
     let data_dir = cwd.join(".hobotnica");
     let controller_file = data_dir.join("controller.json");
     wait_until(

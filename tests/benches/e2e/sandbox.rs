@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use hobotnica_tests::{Agent, AgentOpts};
 
-use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, report};
+use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, report, rfc3339_ns};
 
 /// Dispatch samples per isolation.
 const JOBS: usize = 50;
@@ -32,10 +32,11 @@ pub async fn sandbox_cost() {
         let mut to_done = Vec::with_capacity(JOBS);
         for _ in 0..JOBS {
             let posted = now_ns();
-            let started = Instant::now();
             let job = api.run_target(REPO, "now").await;
-            api.wait_for_success(job.id, JOB_TIMEOUT).await;
-            to_done.push(started.elapsed().as_secs_f64() * 1e3);
+            let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+            if let Some(finished) = done.finished_at.as_deref().and_then(rfc3339_ns) {
+                to_done.push((finished - posted) as f64 / 1e6);
+            }
             let log = api.output(job.id).await;
             if let Ok(make_ns) = log.trim().parse::<i128>() {
                 to_make.push((make_ns - posted) as f64 / 1e6);
@@ -46,7 +47,7 @@ pub async fn sandbox_cost() {
             to_make,
         );
         report(
-            &format!("isolation {isolation}: REST POST -> succeeded (seen by polling)"),
+            &format!("isolation {isolation}: REST POST -> finished_at"),
             to_done,
         );
 

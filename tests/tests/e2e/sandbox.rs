@@ -230,7 +230,7 @@ async fn a_job_under_hobot_up_cannot_read_the_controllers_data_dir() {
         "--grpc-listen",
         &grpc.to_string(),
     ];
-    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned));
+    let (mut up, cwd) = cli::spawn_up(dir.path(), "hobot-up", &args.map(str::to_owned), &[]);
     let data_dir = cwd.join(".hobotnica");
     let admin_file = data_dir.join("admin-token");
     wait_until(
@@ -270,6 +270,28 @@ echo "reading done"
     assert!(!log.contains(agent_token.trim()), "{log}");
     up.signal(Signal::SIGTERM);
     up.wait(Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn hobot_up_without_a_sandbox_refuses_to_start_in_one_line() {
+    hobotnica_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"].map(str::to_owned);
+    let (mut up, _) = cli::spawn_up(
+        dir.path(),
+        "hobot-up-no-sandbox",
+        &args,
+        &[("HOBOTNICA_BWRAP", "/nonexistent/bwrap")],
+    );
+    let status = up.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let output = up.output();
+    let line = output
+        .lines()
+        .find(|line| line.contains("bubblewrap"))
+        .unwrap_or_else(|| panic!("no line about bubblewrap in:\n{output}"));
+    assert!(line.contains("--isolation none"), "{line}");
+    assert!(!output.contains("Hobotnica is up"), "{output}");
 }
 
 /// No process carrying `marker` remains on the host.
