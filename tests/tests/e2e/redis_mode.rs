@@ -169,6 +169,13 @@ async fn a_redis_restart_loses_no_queued_or_running_job() {
 
     c.redis.kill9();
     c.redis.restart().await;
+    // The controller answers 503 until it has reconnected (a loaded
+    // machine makes that visible): ask only once it is ready again.
+    wait_until(JOB_TIMEOUT, "the controller to reach Redis again", || {
+        let api = api.clone();
+        async move { api.raw(Method::GET, "/readyz", None).await.status == 200 }
+    })
+    .await;
     std::fs::write(&gate, b"").unwrap();
 
     for id in [running.id, blocker.id] {
