@@ -669,8 +669,8 @@ impl Workspaces {
             .map_err(io_error(format!("resetting {}", cache.display())))
     }
 
-    /// Puts back the cache's own `config` and removes `hooks/` and any
-    /// `objects/info/alternates`: nothing a tree or a job wrote there
+    /// Puts back the cache's own `config` and removes `hooks/`, any
+    /// `objects/info/alternates` and `worktrees/`: nothing a tree or a job wrote there
     /// survives into the agent's next git command.
     /// `warn`: say so when the config had been changed (not right after
     /// `git init`, whose own config may differ between git versions).
@@ -685,7 +685,12 @@ impl Workspaces {
             hobotnica_common::private_fs::write_private_file(&temporary, CACHE_CONFIG.as_bytes())?;
             std::fs::rename(&temporary, &config)?;
         }
-        for planted in [cache.join("hooks"), cache.join("objects/info/alternates")] {
+        // `worktrees/`: what an older agent's `git worktree add` left.
+        for planted in [
+            cache.join("hooks"),
+            cache.join("objects/info/alternates"),
+            cache.join("worktrees"),
+        ] {
             match std::fs::symlink_metadata(&planted) {
                 Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&planted)?,
                 Ok(_) => std::fs::remove_file(&planted)?,
