@@ -99,8 +99,11 @@ pub struct Sandbox {
     bwrap: PathBuf,
     /// The agent runs as root: drop every capability inside.
     as_root: bool,
-    /// Bound read-only (system paths and `--sandbox-ro-bind`), or symlinks.
+    /// The system paths, bound read-only (or symlinks).
     host_paths: Vec<HostPath>,
+    /// `--sandbox-ro-bind`: after `/tmp` and `HOME`, so that a path below
+    /// `/tmp` shows too.
+    extra_read_only: Vec<HostPath>,
     /// Bound read-write (`--sandbox-rw-bind`), after `/tmp`.
     read_write: Vec<PathBuf>,
     /// Masked inside: the agent's work dir, its token and key files,
@@ -125,22 +128,7 @@ impl Sandbox {
         read_write: &[PathBuf],
         hidden: Vec<PathBuf>,
     ) -> Sandbox {
-        let mut host_paths = Vec::new();
-        for path in SYSTEM_PATHS
-            .iter()
-            .map(PathBuf::from)
-            .chain(extra_read_only.iter().cloned())
-        {
-            match std::fs::symlink_metadata(&path) {
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(&path) {
-                        host_paths.push(HostPath::Symlink { target, at: path });
-                    }
-                }
-                Ok(_) => host_paths.push(HostPath::ReadOnly(path)),
-                Err(_) => {}
-            }
-        }
+        let mut host_paths = host_paths(SYSTEM_PATHS.iter().map(PathBuf::from));
         // /etc/resolv.conf is often a link into /run (systemd-resolved):
         // bind what it points at, or name resolution breaks.
         if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf")
@@ -155,6 +143,21 @@ impl Sandbox {
             bwrap,
             as_root,
             host_paths,
+            extra_read_only: extra_read_only
+                .iter()
+                .filter_map(|path| {
+                    // Bound where it really is; a link to it stays a link.
+                    let real = std::fs::canonicalize(path).ok()?;
+                    let link = (&real != path
+                        && !SYSTEM_PATHS.iter().any(|system| path.starts_with(system)))
+                    .then(|| HostPath::Symlink {
+                        target: real.clone(),
+                        at: path.clone(),
+                    });
+                    Some(std::iter::once(HostPath::ReadOnly(real)).chain(link))
+                })
+                .flatten()
+                .collect(),
             read_write: read_write.to_vec(),
             hidden,
         }
@@ -181,14 +184,7 @@ impl Sandbox {
             push(&["--unshare-user".as_ref()]);
         }
         for host in &self.host_paths {
-            match host {
-                HostPath::ReadOnly(path) => {
-                    push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]);
-                }
-                HostPath::Symlink { target, at } => {
-                    push(&["--symlink".as_ref(), target.as_os_str(), at.as_os_str()]);
-                }
-            }
+            push(&host.args());
         }
         push(&[
             "--proc".as_ref(),
@@ -202,6 +198,9 @@ impl Sandbox {
             paths.home.as_os_str(),
             SANDBOX_HOME.as_ref(),
         ]);
+        for host in &self.extra_read_only {
+            push(&host.args());
+        }
         for shared in &self.read_write {
             push(&["--bind".as_ref(), shared.as_os_str(), shared.as_os_str()]);
         }
@@ -296,6 +295,32 @@ impl Sandbox {
         };
         Err(SandboxError::Refused { output, hint })
     }
+}
+
+impl HostPath {
+    /// bwrap's arguments for it.
+    fn args(&self) -> [&std::ffi::OsStr; 3] {
+        match self {
+            HostPath::ReadOnly(path) => ["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()],
+            HostPath::Symlink { target, at } => {
+                ["--symlink".as_ref(), target.as_os_str(), at.as_os_str()]
+            }
+        }
+    }
+}
+
+/// The existing ones of `paths`: symlinks stay symlinks, the rest is bound
+/// read-only.
+fn host_paths(paths: impl Iterator<Item = PathBuf>) -> Vec<HostPath> {
+    paths
+        .filter_map(|path| match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => std::fs::read_link(&path)
+                .ok()
+                .map(|target| HostPath::Symlink { target, at: path }),
+            Ok(_) => Some(HostPath::ReadOnly(path)),
+            Err(_) => None,
+        })
+        .collect()
 }
 
 /// Sends SIGTERM to every process inside the sandbox whose bwrap is

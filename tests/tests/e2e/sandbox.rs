@@ -471,6 +471,50 @@ async fn an_unprivileged_agent_sandboxes_its_jobs_too() {
 }
 
 #[tokio::test]
+async fn a_toolchain_outside_usr_is_shown_read_only_when_asked() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    // A "toolchain" in a directory of its own: invisible to jobs unless the
+    // agent shows it with --sandbox-ro-bind, and then read-only.
+    let toolchain = tempfile::tempdir().unwrap();
+    let tool = toolchain.path().join("hello-tool");
+    std::fs::write(&tool, "#!/bin/sh\necho \"the toolchain ran\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = setup_with(AgentOpts {
+        args: vec![
+            "--sandbox-ro-bind".to_owned(),
+            path_str(toolchain.path()).to_owned(),
+        ],
+        ..AgentOpts::default()
+    })
+    .await;
+    let attack = commit_attack(
+        &s.repo,
+        r#"#!/bin/sh
+"$TOOL"
+if echo pwned > "$TOOL" 2>/dev/null; then echo "rewrote the toolchain"; fi
+echo "done"
+"#,
+    );
+    let job = s
+        .api
+        .run_job(
+            REPO,
+            json!({ "target": "attack", "commit": attack, "env": { "TOOL": path_str(&tool) } }),
+        )
+        .await;
+    s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let log = s.api.output(job.id).await;
+    assert!(log.contains("the toolchain ran"), "{log}");
+    assert!(!log.contains("rewrote the toolchain"), "{log}");
+    assert!(
+        std::fs::read_to_string(&tool)
+            .unwrap()
+            .contains("the toolchain ran")
+    );
+}
+
+#[tokio::test]
 async fn an_agent_that_cannot_sandbox_refuses_to_start_and_says_how_to_fix_it() {
     let controller = Controller::start_default().await;
     let mut agent = Agent::spawn(
