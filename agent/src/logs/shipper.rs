@@ -20,6 +20,47 @@ use crate::connection::{
 };
 use crate::job::JobKey;
 
+/// Where the shipper opens log streams: the controller, through
+/// [`Connection`] (tests put an in-memory peer here to script exactly when a
+/// stream closes).
+pub trait LogTransport: Send + Sync + 'static {
+    type Stream: LogChannel;
+
+    /// Opens a stream whose first chunk (seq 0) is `data` at `offset`.
+    fn open(
+        &self,
+        key: JobKey,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Self::Stream, RpcError>> + Send;
+}
+
+/// One open log stream.
+pub trait LogChannel: Send {
+    /// Queues a chunk without waiting; returns its sequence number.
+    fn try_send(&mut self, offset: u64, data: Vec<u8>) -> Result<u64, SendError>;
+    /// The next acknowledgement; the stream's end is an error. Cancel-safe.
+    fn next_ack(&mut self) -> impl std::future::Future<Output = Result<LogAck, RpcError>> + Send;
+}
+
+impl LogTransport for Connection {
+    type Stream = LogStream;
+
+    async fn open(&self, key: JobKey, offset: u64, data: Vec<u8>) -> Result<LogStream, RpcError> {
+        self.open_log_stream(key, offset, data).await
+    }
+}
+
+impl LogChannel for LogStream {
+    fn try_send(&mut self, offset: u64, data: Vec<u8>) -> Result<u64, SendError> {
+        LogStream::try_send(self, offset, data)
+    }
+
+    async fn next_ack(&mut self) -> Result<LogAck, RpcError> {
+        LogStream::next_ack(self).await
+    }
+}
+
 /// Most log bytes sent and not yet acknowledged, per job.
 pub const WINDOW_BYTES: u64 = 1024 * 1024;
 
@@ -81,8 +122,8 @@ pub enum ShipperEnd {
 }
 
 /// One job's shipper. Run it with [`Shipper::run`].
-pub struct Shipper {
-    connection: Connection,
+pub struct Shipper<T: LogTransport = Connection> {
+    transport: T,
     key: JobKey,
     spool: Arc<Spool>,
     acked_tx: watch::Sender<u64>,
@@ -94,21 +135,21 @@ struct InFlight {
     end: u64,
 }
 
-struct OpenStream {
-    stream: LogStream,
+struct OpenStream<S> {
+    stream: S,
     in_flight: VecDeque<InFlight>,
     /// Acknowledgements of chunks up to this seq predate a rewind.
     stale_through: Option<u64>,
     last_seq: u64,
 }
 
-impl Shipper {
-    pub fn new(connection: Connection, key: JobKey, spool: Arc<Spool>) -> (Shipper, ShipperHandle) {
+impl<T: LogTransport> Shipper<T> {
+    pub fn new(transport: T, key: JobKey, spool: Arc<Spool>) -> (Shipper<T>, ShipperHandle) {
         let (acked_tx, acked) = watch::channel(0);
         let resync = Arc::new(Notify::new());
         (
             Shipper {
-                connection,
+                transport,
                 key,
                 spool,
                 acked_tx,
@@ -159,7 +200,7 @@ impl Shipper {
     async fn ship(&self, reader: &SpoolReader) -> ShipperEnd {
         let mut progress_rx = self.spool.subscribe();
         let mut backoff = Backoff::default();
-        let mut open: Option<OpenStream> = None;
+        let mut open: Option<OpenStream<T::Stream>> = None;
         let mut acked = 0u64;
         let mut sent = 0u64;
         loop {
@@ -172,11 +213,7 @@ impl Shipper {
                         tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     };
-                    match self
-                        .connection
-                        .open_log_stream(self.key, offset, data)
-                        .await
-                    {
+                    match self.transport.open(self.key, offset, data).await {
                         Ok(stream) => {
                             tracing::debug!(offset, "log stream open");
                             sent = offset + len as u64;
@@ -204,6 +241,7 @@ impl Shipper {
                 }
             }
 
+            let mut closed_on_send = false;
             if let Some(state) = open.as_mut() {
                 while let Some((offset, len)) =
                     next_chunk(sent, progress.len, acked, state.in_flight.len())
@@ -219,11 +257,26 @@ impl Shipper {
                         }
                         Err(SendError::Full) => break,
                         Err(SendError::Closed) => {
-                            open = None;
+                            closed_on_send = true;
                             break;
                         }
                     }
                 }
+            }
+            if closed_on_send {
+                // Open a new stream now: waiting below would wait for spool
+                // progress (none comes once make has exited) or for an
+                // acknowledgement on no stream at all — a job stuck
+                // `running` forever.
+                open = None;
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    acked,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "log stream closed; resending from the acknowledged offset"
+                );
+                tokio::time::sleep(delay).await;
+                continue;
             }
 
             tokio::select! {
@@ -278,7 +331,7 @@ impl Shipper {
     }
 }
 
-async fn next_ack(open: &mut Option<OpenStream>) -> Result<LogAck, RpcError> {
+async fn next_ack<S: LogChannel>(open: &mut Option<OpenStream<S>>) -> Result<LogAck, RpcError> {
     match open {
         Some(state) => state.stream.next_ack().await,
         None => std::future::pending().await,
@@ -287,7 +340,7 @@ async fn next_ack(open: &mut Option<OpenStream>) -> Result<LogAck, RpcError> {
 
 /// Applies an acknowledgement; returns the controller's committed length and
 /// moves `sent` back when the controller has less than what was sent.
-fn on_ack(state: &mut OpenStream, ack: LogAck, sent: &mut u64) -> u64 {
+fn on_ack<S>(state: &mut OpenStream<S>, ack: LogAck, sent: &mut u64) -> u64 {
     let mut acknowledged = None;
     while state.in_flight.front().is_some_and(|c| c.seq <= ack.seq) {
         acknowledged = state.in_flight.pop_front();
@@ -376,5 +429,171 @@ mod tests {
             acked = end;
         }
         assert_eq!(received, total);
+    }
+}
+
+/// The shipper against an in-memory peer whose streams the test closes at
+/// exactly the moment it wants: no timing to hope for.
+#[cfg(test)]
+mod stream_tests {
+    use std::time::Duration;
+
+    use hobotnica_common::ids::JobId;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const MAX: u64 = MAX_CHUNK_BYTES as u64;
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// The controller's side of one stream.
+    struct Peer {
+        first_offset: u64,
+        chunks: mpsc::Receiver<(u64, u64, usize)>,
+        acks: mpsc::UnboundedSender<Result<LogAck, RpcError>>,
+    }
+
+    struct Memory {
+        opened: mpsc::UnboundedSender<Peer>,
+    }
+
+    struct MemoryStream {
+        chunks: mpsc::Sender<(u64, u64, usize)>,
+        acks: mpsc::UnboundedReceiver<Result<LogAck, RpcError>>,
+        next_seq: u64,
+    }
+
+    impl LogTransport for Memory {
+        type Stream = MemoryStream;
+
+        async fn open(
+            &self,
+            _key: JobKey,
+            offset: u64,
+            _data: Vec<u8>,
+        ) -> Result<MemoryStream, RpcError> {
+            let (chunks_tx, chunks) = mpsc::channel(LOG_QUEUE_CHUNKS);
+            let (acks, acks_rx) = mpsc::unbounded_channel();
+            self.opened
+                .send(Peer {
+                    first_offset: offset,
+                    chunks,
+                    acks,
+                })
+                .map_err(|_| RpcError::Unavailable("the test ended".to_owned()))?;
+            Ok(MemoryStream {
+                chunks: chunks_tx,
+                acks: acks_rx,
+                next_seq: 1,
+            })
+        }
+    }
+
+    impl LogChannel for MemoryStream {
+        fn try_send(&mut self, offset: u64, data: Vec<u8>) -> Result<u64, SendError> {
+            let seq = self.next_seq;
+            match self.chunks.try_send((seq, offset, data.len())) {
+                Ok(()) => {
+                    self.next_seq += 1;
+                    Ok(seq)
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+            }
+        }
+
+        async fn next_ack(&mut self) -> Result<LogAck, RpcError> {
+            self.acks
+                .recv()
+                .await
+                .unwrap_or_else(|| Err(RpcError::Unavailable("closed".to_owned())))
+        }
+    }
+
+    async fn next_peer(opened: &mut mpsc::UnboundedReceiver<Peer>) -> Peer {
+        tokio::time::timeout(DEADLINE, opened.recv())
+            .await
+            .expect("the shipper opens a stream")
+            .expect("a stream")
+    }
+
+    /// The job's output is all spooled (make exited) and more than a window
+    /// long. The controller acknowledges the first chunk, but its stream's
+    /// send side is already closed (the controller died, or shut down with
+    /// acknowledgements still in flight): the shipper's next send finds it
+    /// closed. It must open a new stream and ship the rest — before the fix
+    /// it waited for spool progress that never came, and the job stayed
+    /// `running` forever.
+    #[tokio::test]
+    async fn a_stream_found_closed_on_send_is_reopened_after_make_exited() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Arc::new(Spool::create(dir.path().join("spool")).expect("spool"));
+        let total = WINDOW_BYTES + 3 * MAX;
+        spool
+            .append(&vec![b'x'; usize::try_from(total).expect("size")])
+            .expect("append");
+        spool.close();
+
+        let (opened_tx, mut opened) = mpsc::unbounded_channel();
+        let key = JobKey {
+            id: JobId(1),
+            attempt: 1,
+        };
+        let (shipper, handle) = Shipper::new(Memory { opened: opened_tx }, key, spool.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(shipper.run(stop.clone()));
+
+        // The first stream: a full window is sent (seq 0 with the opening,
+        // then the rest), and the shipper waits for acknowledgements.
+        let mut first = next_peer(&mut opened).await;
+        assert_eq!(first.first_offset, 0);
+        let mut window = MAX;
+        while window < WINDOW_BYTES {
+            let (_, offset, len) = tokio::time::timeout(DEADLINE, first.chunks.recv())
+                .await
+                .expect("a window's worth of chunks")
+                .expect("a chunk");
+            assert_eq!(offset, window);
+            window += len as u64;
+        }
+        // The send side closes, then the first chunk's acknowledgement comes.
+        drop(first.chunks);
+        first
+            .acks
+            .send(Ok(LogAck {
+                seq: 0,
+                committed: MAX,
+            }))
+            .expect("ack");
+
+        // A new stream resends from what was acknowledged, and the rest
+        // arrives.
+        let mut second = next_peer(&mut opened).await;
+        assert_eq!(second.first_offset, MAX);
+        let mut committed = MAX + MAX; // its first chunk
+        second
+            .acks
+            .send(Ok(LogAck { seq: 0, committed }))
+            .expect("ack");
+        while committed < total {
+            let (seq, offset, len) = tokio::time::timeout(DEADLINE, second.chunks.recv())
+                .await
+                .expect("the rest of the log")
+                .expect("a chunk");
+            assert_eq!(offset, committed);
+            committed += len as u64;
+            second
+                .acks
+                .send(Ok(LogAck { seq, committed }))
+                .expect("ack");
+        }
+        let mut acked = handle.acked();
+        tokio::time::timeout(DEADLINE, acked.wait_for(|acked| *acked == total))
+            .await
+            .expect("every byte acknowledged")
+            .expect("the shipper runs");
+        stop.cancel();
+        task.await.expect("the shipper ends");
+        drop(first.acks);
     }
 }
