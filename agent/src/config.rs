@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hobotnica_common::duration::parse_duration;
-use hobotnica_common::private_fs::{Secret, read_secret_file};
+use hobotnica_common::private_fs::{Secret, command_line_warning, read_secret_file};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -211,9 +211,13 @@ impl AgentConfig {
     pub fn agent_token(&self) -> anyhow::Result<Secret> {
         if self.token_on_command_line {
             tracing::warn!(
-                "the agent token was given with --token on the command line, where every \
-                 process on this host (jobs too) can read it in /proc/<pid>/cmdline; use \
-                 --token-file FILE (mode 0600) or HOBOTNICA_AGENT_TOKEN instead"
+                "{}",
+                command_line_warning(
+                    "the agent token",
+                    "--token",
+                    "--token-file",
+                    "HOBOTNICA_AGENT_TOKEN"
+                )
             );
         }
         let token = match (&self.token, &self.token_file) {

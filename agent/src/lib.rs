@@ -60,10 +60,7 @@ pub async fn run_with_stop_now(
             );
         }
     }
-    create_private_dir(&config.work_dir)
-        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
-    let work_dir = std::fs::canonicalize(&config.work_dir)
-        .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))?;
+    let work_dir = private_work_dir(&config)?;
     let spool_dir = work_dir.join("spool");
     create_private_dir(&spool_dir).with_context(|| format!("creating {}", spool_dir.display()))?;
     remove_old_spools(&spool_dir);
@@ -121,10 +118,7 @@ pub async fn preflight(config: &AgentConfig) -> anyhow::Result<()> {
     if config.isolation == config::Isolation::None {
         return Ok(());
     }
-    create_private_dir(&config.work_dir)
-        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
-    let work_dir = std::fs::canonicalize(&config.work_dir)
-        .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))?;
+    let work_dir = private_work_dir(config)?;
     job_sandbox(config, &work_dir).await.map(drop)
 }
 
@@ -156,6 +150,14 @@ async fn job_sandbox(
         .check(&work_dir.join("scratch").join(".sandbox-check"))
         .await?;
     Ok(Some(sandbox))
+}
+
+/// The work dir, created (or tightened to) 0700, as an absolute path.
+fn private_work_dir(config: &AgentConfig) -> anyhow::Result<std::path::PathBuf> {
+    create_private_dir(&config.work_dir)
+        .with_context(|| format!("creating the work directory {}", config.work_dir.display()))?;
+    std::fs::canonicalize(&config.work_dir)
+        .with_context(|| format!("resolving the work directory {}", config.work_dir.display()))
 }
 
 /// Creates `dir` with mode 0700, or takes the group and other bits off it

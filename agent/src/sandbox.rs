@@ -107,8 +107,17 @@ pub struct Sandbox {
     /// Bound read-write (`--sandbox-rw-bind`), after `/tmp`.
     read_write: Vec<PathBuf>,
     /// Masked inside: the agent's work dir, its token and key files,
-    /// `--sandbox-hide`.
-    hidden: Vec<PathBuf>,
+    /// `--sandbox-hide`; resolved once, at start-up.
+    hidden: Vec<Hidden>,
+}
+
+/// A host path jobs must not see, as it was at start-up.
+#[derive(Debug, Clone)]
+enum Hidden {
+    /// Shows as an empty directory.
+    Dir(PathBuf),
+    /// Shows as an empty file.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -158,8 +167,23 @@ impl Sandbox {
                 })
                 .flatten()
                 .collect(),
-            read_write: read_write.to_vec(),
-            hidden,
+            // bwrap wants absolute paths; a relative option is resolved
+            // against the agent's working directory once, here.
+            read_write: read_write
+                .iter()
+                .filter_map(|path| std::fs::canonicalize(path).ok())
+                .collect(),
+            hidden: hidden
+                .iter()
+                .filter_map(|path| {
+                    let real = std::fs::canonicalize(path).ok()?;
+                    Some(if real.is_dir() {
+                        Hidden::Dir(real)
+                    } else {
+                        Hidden::File(real)
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -207,14 +231,11 @@ impl Sandbox {
         // After /tmp, so that a work dir under /tmp is hidden too; before
         // the tree, which lies in the work dir.
         for hidden in &self.hidden {
-            match std::fs::metadata(hidden) {
-                Ok(meta) if meta.is_dir() => push(&["--tmpfs".as_ref(), hidden.as_os_str()]),
-                Ok(_) => push(&[
-                    "--ro-bind".as_ref(),
-                    "/dev/null".as_ref(),
-                    hidden.as_os_str(),
-                ]),
-                Err(_) => {}
+            match hidden {
+                Hidden::Dir(dir) => push(&["--tmpfs".as_ref(), dir.as_os_str()]),
+                Hidden::File(file) => {
+                    push(&["--ro-bind".as_ref(), "/dev/null".as_ref(), file.as_os_str()]);
+                }
             }
         }
         push(&[
@@ -378,4 +399,103 @@ fn process_parents() -> HashMap<i32, i32> {
         parents.insert(pid, parent);
     }
     parents
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> JobPaths {
+        JobPaths {
+            tree: PathBuf::from("/w/jobs/1-1"),
+            tmp: PathBuf::from("/w/scratch/1-1/tmp"),
+            home: PathBuf::from("/w/scratch/1-1/home"),
+            shared_read_only: vec![PathBuf::from("/w/cache/a.git/objects")],
+        }
+    }
+
+    fn args(sandbox: &Sandbox) -> Vec<String> {
+        sandbox
+            .wrap(
+                CommandSpec::new("make", "/w/jobs/1-1").arg("test"),
+                &paths(),
+            )
+            .args
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn position(args: &[String], window: &[&str]) -> usize {
+        args.windows(window.len())
+            .position(|w| w == window)
+            .unwrap_or_else(|| panic!("{window:?} not in {args:?}"))
+    }
+
+    #[test]
+    fn paths_are_absolute_and_bound_in_an_order_that_keeps_them_visible() {
+        // Relative options (the test runs in the crate's directory) are
+        // resolved once: bwrap needs absolute paths.
+        let manifest = std::fs::canonicalize("Cargo.toml").expect("the crate's manifest");
+        let src = std::fs::canonicalize("src").expect("the crate's sources");
+        let sandbox = Sandbox::new(
+            PathBuf::from("bwrap"),
+            false,
+            &[PathBuf::from("src")],
+            &[],
+            vec![
+                PathBuf::from("Cargo.toml"),
+                PathBuf::from("/nonexistent/key"),
+            ],
+        );
+        let args = args(&sandbox);
+        let manifest = manifest.to_string_lossy();
+        let src = src.to_string_lossy();
+        let hidden = position(&args, &["--ro-bind", "/dev/null", &manifest]);
+        let shown = position(&args, &["--ro-bind", &src, &src]);
+        let tmp = position(&args, &["--bind", "/w/scratch/1-1/tmp", "/tmp"]);
+        let tree = position(&args, &["--bind", "/w/jobs/1-1", "/w/jobs/1-1"]);
+        let objects = position(
+            &args,
+            &[
+                "--ro-bind",
+                "/w/cache/a.git/objects",
+                "/w/cache/a.git/objects",
+            ],
+        );
+        // /tmp first (a path below it would vanish under it), then what is
+        // shown and hidden, then the tree and its objects (which lie in the
+        // hidden work dir).
+        assert!(
+            tmp < shown && shown < hidden && hidden < tree && tree < objects,
+            "{args:?}"
+        );
+        assert!(
+            !args
+                .iter()
+                .any(|arg| arg == "Cargo.toml" || arg.contains("nonexistent")),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--unshare-user".to_owned()),
+            "not root: a user namespace"
+        );
+        assert!(!args.contains(&"--cap-drop".to_owned()));
+        assert_eq!(args[args.len() - 3..], ["--", "make", "test"]);
+    }
+
+    #[test]
+    fn as_root_every_capability_is_dropped() {
+        let sandbox = Sandbox::new(PathBuf::from("bwrap"), true, &[], &[], Vec::new());
+        let args = args(&sandbox);
+        position(&args, &["--cap-drop", "ALL"]);
+        for flag in [
+            "--unshare-pid",
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-ipc",
+        ] {
+            assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
+        }
+    }
 }

@@ -79,6 +79,16 @@ pub enum SecretFileError {
     Empty { option: &'static str, path: PathBuf },
 }
 
+/// The start-up warning for a secret given on the command line as `option`
+/// (what it is, and the file option and variable to use instead).
+pub fn command_line_warning(what: &str, option: &str, file_option: &str, env: &str) -> String {
+    format!(
+        "{what} was given with {option} on the command line, where every process on this \
+         host (jobs too) can read it in /proc/<pid>/cmdline; use {file_option} FILE (mode \
+         0600) or {env} instead"
+    )
+}
+
 /// Reads the secret in `path`, given by `option` (for messages): the file
 /// must be a regular file of mode 0600 or stricter (no group or other
 /// bits), UTF-8 and not empty; trailing line breaks are dropped. The mode is

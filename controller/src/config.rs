@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hobotnica_common::duration::parse_duration;
-use hobotnica_common::private_fs::{Secret, read_secret_file};
+use hobotnica_common::private_fs::{Secret, command_line_warning, read_secret_file};
 
 /// Options of `hobotnica-controller` (also embedded in `hobot up`).
 #[derive(Clone, clap::Args)]
@@ -150,24 +150,28 @@ pub enum CommandLineSecret {
 
 impl CommandLineSecret {
     /// The warning logged at start-up.
-    fn warning(self) -> &'static str {
-        match self {
-            CommandLineSecret::AdminToken => {
-                "the admin token was given with --admin-token on the command line, where every \
-                 process on this host can read it in /proc/<pid>/cmdline; use \
-                 --admin-token-file FILE (mode 0600) or HOBOTNICA_ADMIN_TOKEN instead"
-            }
-            CommandLineSecret::AgentToken => {
-                "the agent token was given with --agent-token on the command line, where every \
-                 process on this host can read it in /proc/<pid>/cmdline; use \
-                 --agent-token-file FILE (mode 0600) or HOBOTNICA_AGENT_TOKEN instead"
-            }
-            CommandLineSecret::RedisPassword => {
-                "the Redis password was given in --redis on the command line, where every \
-                 process on this host can read it in /proc/<pid>/cmdline; use \
-                 --redis-url-file FILE (mode 0600) or HOBOTNICA_REDIS_URL instead"
-            }
-        }
+    fn warning(self) -> String {
+        let (what, option, file_option, env) = match self {
+            CommandLineSecret::AdminToken => (
+                "the admin token",
+                "--admin-token",
+                "--admin-token-file",
+                "HOBOTNICA_ADMIN_TOKEN",
+            ),
+            CommandLineSecret::AgentToken => (
+                "the agent token",
+                "--agent-token",
+                "--agent-token-file",
+                "HOBOTNICA_AGENT_TOKEN",
+            ),
+            CommandLineSecret::RedisPassword => (
+                "the Redis password",
+                "--redis",
+                "--redis-url-file",
+                "HOBOTNICA_REDIS_URL",
+            ),
+        };
+        command_line_warning(what, option, file_option, env)
     }
 }
 

@@ -568,16 +568,24 @@ impl Workspaces {
         let repo = redact_url(git_url);
         let lock = self.lock_for(&cache);
         let _guard = lock.lock().await;
-        let in_use = self.trees().in_use.get(&cache).cloned().unwrap_or_default();
-        let mut forgotten = Forgotten::default();
+        // Trees of running jobs are known without reading them: a running
+        // job may have made any file of its tree a FIFO or a link.
+        let (in_use, busy_anywhere): (HashSet<PathBuf>, HashSet<PathBuf>) = {
+            let trees = self.trees();
+            (
+                trees.in_use.get(&cache).cloned().unwrap_or_default(),
+                trees.in_use.values().flatten().cloned().collect(),
+            )
+        };
+        let mut forgotten = Forgotten {
+            trees_kept: in_use.iter().cloned().collect(),
+            ..Forgotten::default()
+        };
+        forgotten.trees_kept.sort();
         if let Ok(entries) = std::fs::read_dir(&self.jobs_dir) {
             for entry in entries.flatten() {
                 let tree = entry.path();
-                if !is_tree_of(&tree, &cache) {
-                    continue;
-                }
-                if in_use.contains(&tree) {
-                    forgotten.trees_kept.push(tree);
+                if busy_anywhere.contains(&tree) || !is_tree_of(&tree, &cache) {
                     continue;
                 }
                 if let Some(name) = tree.file_name() {
@@ -676,13 +684,22 @@ impl Workspaces {
     /// `git init`, whose own config may differ between git versions).
     fn harden(&self, cache: &Path, warn: bool) -> io::Result<()> {
         let config = cache.join("config");
-        if std::fs::read(&config).ok().as_deref() != Some(CACHE_CONFIG.as_bytes()) {
+        // Read only a small regular file: an unsandboxed job may have left a
+        // FIFO or a link there.
+        let current = std::fs::symlink_metadata(&config)
+            .is_ok_and(|meta| meta.is_file() && meta.len() <= CACHE_CONFIG.len() as u64)
+            .then(|| std::fs::read(&config).ok())
+            .flatten();
+        if current.as_deref() != Some(CACHE_CONFIG.as_bytes()) {
             if warn {
                 tracing::warn!(cache = %cache.display(), "the cache's git config was changed; restoring it");
             }
             let temporary = cache.join("config.hobotnica-new");
             let _ = std::fs::remove_file(&temporary);
             hobotnica_common::private_fs::write_private_file(&temporary, CACHE_CONFIG.as_bytes())?;
+            if std::fs::symlink_metadata(&config).is_ok_and(|meta| meta.is_dir()) {
+                std::fs::remove_dir_all(&config)?;
+            }
             std::fs::rename(&temporary, &config)?;
         }
         // `worktrees/`: what an older agent's `git worktree add` left.
@@ -704,11 +721,10 @@ impl Workspaces {
     /// fsmonitor whatever a repository's configuration says.
     fn hardened_env(&self) -> BTreeMap<String, String> {
         let mut env = self.base_env.clone();
-        for (i, (key, value)) in HARDENING.iter().enumerate() {
-            env.insert(format!("GIT_CONFIG_KEY_{i}"), (*key).to_owned());
-            env.insert(format!("GIT_CONFIG_VALUE_{i}"), (*value).to_owned());
-        }
-        env.insert("GIT_CONFIG_COUNT".to_owned(), HARDENING.len().to_string());
+        set_git_config(
+            &mut env,
+            HARDENING.iter().map(|(k, v)| ((*k).to_owned(), *v)),
+        );
         env
     }
 
@@ -750,11 +766,7 @@ impl Workspaces {
                 ));
             }
         }
-        env.insert("GIT_CONFIG_COUNT".to_owned(), config.len().to_string());
-        for (i, (key, value)) in config.into_iter().enumerate() {
-            env.insert(format!("GIT_CONFIG_KEY_{i}"), key);
-            env.insert(format!("GIT_CONFIG_VALUE_{i}"), value.to_owned());
-        }
+        set_git_config(&mut env, config);
         CommandSpec {
             program: "git".into(),
             args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
@@ -814,10 +826,17 @@ impl Workspaces {
 /// Added to a cache's name while it is being deleted.
 const FORGOTTEN_EXTENSION: &str = "forgotten";
 
-/// Whether the work tree at `tree` belongs to the cache clone `cache` (its
-/// `.git` borrows the cache's objects).
+/// Whether the idle work tree at `tree` belongs to the cache clone `cache`
+/// (its `.git` borrows the cache's objects). Reads only a small regular file:
+/// a job may have left anything there.
 fn is_tree_of(tree: &Path, cache: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(tree.join(".git/objects/info/alternates")) else {
+    let alternates = tree.join(".git/objects/info/alternates");
+    let small_file = std::fs::symlink_metadata(&alternates)
+        .is_ok_and(|meta| meta.is_file() && meta.len() <= ALTERNATES_MAX_BYTES);
+    let Some(text) = small_file
+        .then(|| std::fs::read_to_string(&alternates).ok())
+        .flatten()
+    else {
         return false;
     };
     let objects = cache.join("objects");
@@ -827,6 +846,24 @@ fn is_tree_of(tree: &Path, cache: &Path) -> bool {
 /// A job tree's own `.git/config`.
 const TREE_CONFIG: &str =
     "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n";
+
+/// Puts `config` into git's environment (`GIT_CONFIG_COUNT`, `_KEY_n`,
+/// `_VALUE_n`): above every configuration file, never in argv.
+fn set_git_config<'a>(
+    env: &mut BTreeMap<String, String>,
+    config: impl IntoIterator<Item = (String, &'a str)>,
+) {
+    let mut count = 0;
+    for (i, (key, value)) in config.into_iter().enumerate() {
+        env.insert(format!("GIT_CONFIG_KEY_{i}"), key);
+        env.insert(format!("GIT_CONFIG_VALUE_{i}"), value.to_owned());
+        count = i + 1;
+    }
+    env.insert("GIT_CONFIG_COUNT".to_owned(), count.to_string());
+}
+
+/// The most of a tree's `objects/info/alternates` [`is_tree_of`] reads.
+const ALTERNATES_MAX_BYTES: u64 = 64 * 1024;
 
 /// Where the refs that keep work trees' commits live in a cache.
 const TREE_REFS: &str = "refs/hobotnica/trees/";

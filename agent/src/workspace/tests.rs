@@ -577,3 +577,44 @@ async fn forgetting_an_idle_repository_removes_its_cache_at_once() {
     assert!(forgotten.trees_removed.is_empty());
     workspaces.remove(tree).await;
 }
+
+/// A running job owns its tree, `.git` included: it can turn any file there
+/// into a FIFO. Forgetting its repository must not read from it (a blocking
+/// read would hang the agent under the cache lock).
+#[test]
+fn forgetting_never_reads_a_running_jobs_tree() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let root = tempfile::tempdir().unwrap();
+            let (repo, first, _) = source_repo(root.path()).await;
+            let url = repo.display().to_string();
+            let workspaces = workspaces(root.path());
+            let busy = workspaces
+                .prepare(
+                    Remote::plain(&url),
+                    &first,
+                    "1-1",
+                    &|_: &str| {},
+                    &CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+            let alternates = busy.path.join(".git/objects/info/alternates");
+            std::fs::remove_file(&alternates).unwrap();
+            nix::unistd::mkfifo(&alternates, nix::sys::stat::Mode::S_IRWXU).unwrap();
+            let forgotten = workspaces.forget(&url).await;
+            let _ = done_tx.send(forgotten.trees_kept == [busy.path.clone()]);
+            // Unblock a reader that may still hang, then clean up.
+            std::fs::remove_file(&alternates).unwrap();
+        });
+    });
+    let kept = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("forget returns although the tree holds a FIFO");
+    assert!(kept, "the running job's tree is kept");
+}

@@ -10,7 +10,6 @@ use hobotnica_common::proto::{
     Hello, LogAck, LogChunk, Outcome, PROTOCOL_VERSION, RegisterRequest, RenewLeaseRequest,
     agent_message, controller_message,
 };
-use hobotnica_tests::redis::RedisServer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -337,15 +336,7 @@ async fn a_revoked_tokens_open_log_stream_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_closed_on_every_controller_of_one_redis() {
-    let redis = RedisServer::start().await;
-    let a = Controller::start(ControllerOpts {
-        redis_url: Some(redis.url()),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let b = Controller::start(a.peer_opts()).await;
-    let repo = GitRepo::new();
-    a.api().register_repo("demo", &repo.url()).await;
+    let super::redis_mode::Cluster { a, b, .. } = &super::redis_mode::cluster().await;
     let (token_id, token) = create_token(&a.api(), "box", json!({})).await;
 
     // Session on controller A, log stream on controller B.

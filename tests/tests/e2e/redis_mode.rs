@@ -7,14 +7,14 @@ use hobotnica_tests::ControllerOpts;
 use hobotnica_tests::redis::RedisServer;
 
 /// Two controllers on one Redis, with `local/demo` registered.
-struct Cluster {
-    redis: RedisServer,
-    a: Controller,
-    b: Controller,
+pub(super) struct Cluster {
+    pub(super) redis: RedisServer,
+    pub(super) a: Controller,
+    pub(super) b: Controller,
     _repo: GitRepo,
 }
 
-async fn cluster() -> Cluster {
+pub(super) async fn cluster() -> Cluster {
     let redis = RedisServer::start().await;
     let a = Controller::start(ControllerOpts {
         redis_url: Some(redis.url()),
