@@ -65,6 +65,13 @@ pub struct AgentConfig {
     #[arg(long, env = "HOBOTNICA_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How often an idle connection to a controller is pinged (HTTP/2). A
+    /// controller that vanished without closing the connection (its host
+    /// died, the route went away) is noticed within about twice this; the
+    /// agent then fails over to the next controller.
+    #[arg(long, env = "HOBOTNICA_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+
     /// Longest a single git command (fetch, work tree checkout) may take.
     #[arg(long, env = "HOBOTNICA_GIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub git_timeout: Duration,
@@ -189,12 +196,19 @@ impl AgentConfig {
         }
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(
+            self.keepalive >= MIN_KEEPALIVE,
+            "--keepalive must be at least {MIN_KEEPALIVE:?} (controllers would take more frequent pings for abuse)"
+        );
+        anyhow::ensure!(
             !self.git_timeout.is_zero(),
             "--git-timeout must be longer than zero"
         );
         Ok(())
     }
 }
+
+/// The shortest `--keepalive`.
+pub const MIN_KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Where the agent token comes from, and the rules it must follow.
 impl AgentConfig {

@@ -82,6 +82,7 @@ pub async fn run_with_stop_now(
         &token,
         identity,
         &config.tls_options()?,
+        config.keepalive,
     )?;
     tracing::info!(
         agent.name = %name,

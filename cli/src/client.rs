@@ -40,6 +40,8 @@ pub struct Connection {
     pub grpc_source: String,
     /// PEM CA certificate(s) from `--ca-cert`; `None`: the system's roots.
     pub ca_cert: Option<Vec<u8>>,
+    /// HTTP/2 ping interval of log tails (`--keepalive`).
+    pub keepalive: std::time::Duration,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +108,7 @@ impl Connection {
             source,
             grpc_source,
             ca_cert,
+            keepalive: global.keepalive,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! `HOBOTNICA_*` environment variable; `std::env` is read nowhere else.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hobotnica_common::private_fs::Secret;
@@ -64,11 +65,27 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "HOBOTNICA_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
 
+    /// How often `logs -f` and `run -f`/`deploy -f` ping an idle gRPC
+    /// connection: a controller that vanished without closing it (its host
+    /// died) is noticed within about twice this, and the tail reconnects.
+    #[arg(long, global = true, env = "HOBOTNICA_KEEPALIVE", default_value = "15s", value_parser = parse_keepalive)]
+    pub keepalive: Duration,
+
     /// Allow plaintext `http://` URLs on hosts other than loopback: the
     /// token then crosses the network unencrypted. (`hobot up`: serve
     /// plaintext on a non-loopback address.)
     #[arg(long, global = true, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+}
+
+/// A `--keepalive` of at least a second (a controller may take more frequent
+/// pings for abuse and close the connection).
+fn parse_keepalive(input: &str) -> Result<Duration, String> {
+    let keepalive = hobotnica_common::duration::parse_duration(input)?;
+    if keepalive < Duration::from_secs(1) {
+        return Err("must be at least 1s".to_owned());
+    }
+    Ok(keepalive)
 }
 
 impl Cli {

@@ -117,7 +117,13 @@ async fn tail_once(
     };
     let mut endpoint = Endpoint::from_shared(grpc_url.clone())
         .map_err(|err| Interrupted::Fatal(anyhow::anyhow!("invalid gRPC URL {grpc_url}: {err}")))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        // A followed job may print nothing for a long time: ping the idle
+        // connection, so a controller that vanished is noticed (and the
+        // tail resumes elsewhere) instead of waiting forever.
+        .http2_keep_alive_interval(client.connection.keepalive)
+        .keep_alive_timeout(client.connection.keepalive)
+        .keep_alive_while_idle(true);
     if endpoint.uri().scheme_str() == Some("https") {
         // The given CA, else the system's roots: verification is never off.
         let tls = ClientTlsConfig::new();

@@ -62,6 +62,9 @@ pub struct AgentOpts {
     pub more_controllers: Vec<String>,
     /// More command-line options (`--isolation none`, ...).
     pub args: Vec<String>,
+    /// The gRPC URLs to connect to instead of the controller's own and
+    /// `more_controllers` (proxies in front of them, say).
+    pub controller_urls: Option<Vec<String>>,
     /// Run as an unprivileged user (`nobody`, through `setpriv`) when the
     /// tests run as root; as the test's own user otherwise.
     pub unprivileged: bool,
@@ -80,6 +83,7 @@ impl Default for AgentOpts {
             client_cert: false,
             more_controllers: Vec::new(),
             args: Vec::new(),
+            controller_urls: None,
             unprivileged: false,
         }
     }
@@ -120,9 +124,12 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| crate::unique("e2e-agent"));
         let work_dir = dir.path().join("work");
-        let controllers: Vec<String> = std::iter::once(controller.grpc_url())
-            .chain(opts.more_controllers.iter().cloned())
-            .collect();
+        let controllers: Vec<String> = match &opts.controller_urls {
+            Some(urls) => urls.clone(),
+            None => std::iter::once(controller.grpc_url())
+                .chain(opts.more_controllers.iter().cloned())
+                .collect(),
+        };
         let mut args: Vec<OsString> = vec![
             "--controller".into(),
             controllers.join(",").into(),
@@ -224,6 +231,12 @@ impl Agent {
             daemon: Daemon::spawn(spec),
             dir,
         }
+    }
+
+    /// Starts the agent again (after it exited or was killed), with the same
+    /// options, name and work directory.
+    pub fn restart(&mut self) {
+        self.daemon.start();
     }
 
     /// Waits until the controller lists this agent as connected, and

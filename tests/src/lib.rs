@@ -24,6 +24,7 @@ pub mod github;
 pub mod net;
 pub mod output;
 pub mod procs;
+pub mod proxy;
 pub mod redis;
 pub mod tls;
 pub mod wait;
@@ -34,6 +35,7 @@ pub use controller::{Controller, ControllerOpts};
 pub use git::GitRepo;
 pub use github::{FakeGitHub, Permission};
 pub use hobotnica_common::job::JobState;
+pub use proxy::{Link, Proxy};
 pub use wait::{wait_for, wait_until};
 
 use std::sync::Once;

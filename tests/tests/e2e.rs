@@ -1510,6 +1510,9 @@ mod sandbox;
 #[path = "e2e/identity.rs"]
 mod identity;
 
+#[path = "e2e/half_open.rs"]
+mod half_open;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_test_job_is_queued_again_once() {
     let controller = Controller::start_default().await;

@@ -31,8 +31,6 @@ pub use wire::{LOG_QUEUE_CHUNKS, LogAck, LogStream, SendError, SessionCommand, S
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest wait for a TCP connection to a controller.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 ping interval; a dead connection is noticed within about twice this.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// First delay before retrying a failed call.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Longest delay between retries.
@@ -216,14 +214,15 @@ impl TlsOptions {
 }
 
 /// The one place where a controller endpoint is configured: timeouts,
-/// keep-alive, and TLS for `https://` URLs.
-fn endpoint(url: &str, tls: &TlsOptions) -> anyhow::Result<Endpoint> {
+/// keep-alive, and TLS for `https://` URLs. An unanswered ping (`keepalive`
+/// after it was sent) closes the connection, failing every call on it.
+fn endpoint(url: &str, tls: &TlsOptions, keepalive: Duration) -> anyhow::Result<Endpoint> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid controller URL {url:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_INTERVAL)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
         .keep_alive_while_idle(true);
     if endpoint.uri().scheme_str() == Some("https") {
         let roots = match tls.ca_cert {
@@ -238,12 +237,14 @@ fn endpoint(url: &str, tls: &TlsOptions) -> anyhow::Result<Endpoint> {
 }
 
 impl Connection {
-    /// Channels to `urls` (connected lazily, reconnecting on their own).
+    /// Channels to `urls` (connected lazily, reconnecting on their own),
+    /// pinged every `keepalive`.
     pub fn new(
         urls: &[String],
         token: &Secret,
         identity: AgentIdentity,
         tls: &TlsOptions,
+        keepalive: Duration,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "no controller URL given");
         let controllers = urls
@@ -251,7 +252,7 @@ impl Connection {
             .map(|url| {
                 Ok(Controller {
                     url: url.clone(),
-                    channel: endpoint(url, tls)?.connect_lazy(),
+                    channel: endpoint(url, tls, keepalive)?.connect_lazy(),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -512,6 +513,7 @@ mod tests {
                 concurrency: 1,
             },
             &TlsOptions::default(),
+            Duration::from_secs(15),
         )?;
         let mut auth = connection.inner.auth.clone();
         let request = auth.call(tonic::Request::new(()))?;
@@ -540,6 +542,7 @@ mod tests {
                 concurrency: 1,
             },
             &TlsOptions::default(),
+            Duration::from_secs(15),
         )?;
         let error = connection.register().await.err().context("must fail")?;
         assert!(error.is_transient(), "{error:?}");
