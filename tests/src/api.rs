@@ -58,6 +58,13 @@ impl RawResponse {
     /// # Panics
     /// When the body cannot be read.
     pub async fn read(response: reqwest::Response, what: &str) -> RawResponse {
+        RawResponse::try_read(response)
+            .await
+            .unwrap_or_else(|err| panic!("{what}: reading the answer: {err}"))
+    }
+
+    /// Reads a whole answer; a body cut short is an `Err`.
+    pub async fn try_read(response: reqwest::Response) -> Result<RawResponse, reqwest::Error> {
         let header = |name: &str| {
             response
                 .headers()
@@ -78,18 +85,14 @@ impl RawResponse {
                 )
             })
             .collect();
-        let body = response
-            .bytes()
-            .await
-            .unwrap_or_else(|err| panic!("{what}: reading the answer: {err}"))
-            .to_vec();
-        RawResponse {
+        let body = response.bytes().await?.to_vec();
+        Ok(RawResponse {
             status,
             content_type,
             location,
             headers,
             body,
-        }
+        })
     }
 
     /// A header's value (`name` in lower case).
@@ -159,6 +162,8 @@ pub struct Api {
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one [`Api::try_raw`] may take before it counts as unanswered.
+const TRY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Api {
     /// A client sending `Authorization: Bearer <token>`.
@@ -205,9 +210,39 @@ impl Api {
         body: Option<&[u8]>,
         headers: &[(&str, &str)],
     ) -> RawResponse {
-        let mut request = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base));
+        let response = self
+            .request(method.clone(), path, body, headers)
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
+        RawResponse::read(response, &format!("{method} {path}")).await
+    }
+
+    /// Like [`Api::raw_with_headers`], but a controller that cannot be
+    /// reached, or dies before it has answered, is an `Err`, not a panic.
+    pub async fn try_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<RawResponse, reqwest::Error> {
+        let response = self
+            .request(method, path, body, headers)
+            .timeout(TRY_TIMEOUT)
+            .send()
+            .await?;
+        RawResponse::try_read(response).await
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -219,11 +254,7 @@ impl Api {
                 .header("content-type", "application/json")
                 .body(body.to_vec());
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
-        RawResponse::read(response, &format!("{method} {path}")).await
+        request
     }
 
     /// Sends JSON and returns the raw answer.

@@ -256,6 +256,11 @@ impl Controller {
         self.daemon.kill9();
     }
 
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.is_running()
+    }
+
     /// SIGTERM and wait for it to exit (SIGKILL after 30 s).
     pub async fn stop(&mut self) {
         self.daemon.stop(Duration::from_secs(30)).await;

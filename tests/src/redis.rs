@@ -115,6 +115,11 @@ impl RedisServer {
         self.dir.path()
     }
 
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.is_running()
+    }
+
     /// SIGKILL: Redis is gone at once (what it had fsynced to the AOF stays).
     pub fn kill9(&mut self) {
         self.daemon.kill9();
