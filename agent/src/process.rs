@@ -222,6 +222,9 @@ pub async fn run_captured(
         let mut buf = vec![0u8; 16 * 1024];
         let mut status = None;
         let mut eof = false;
+        // Fixed when the leader exits: a timer made anew on each turn would
+        // restart with every byte a detached writer sends, and never fire.
+        let mut close_by: Option<tokio::time::Instant> = None;
         while !(eof && status.is_some()) {
             tokio::select! {
                 read = output.read(&mut buf), if !eof => match read.map_err(RunError::Io)? {
@@ -235,8 +238,9 @@ pub async fn run_captured(
                 },
                 exited = group.wait(), if status.is_none() => {
                     status = Some(exited.map_err(RunError::Io)?);
+                    close_by = Some(tokio::time::Instant::now() + OUTPUT_CLOSE_TIMEOUT);
                 }
-                () = tokio::time::sleep(OUTPUT_CLOSE_TIMEOUT), if status.is_some() => break,
+                () = sleep_until(close_by) => break,
             }
         }
         if captured.len() > CAPTURED_OUTPUT_BYTES {
@@ -257,6 +261,13 @@ pub async fn run_captured(
         () = cancel.cancelled() => Err(RunError::Cancelled),
     }
     // `group` is dropped here: a process still running is killed.
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -446,5 +457,43 @@ mod tests {
         assert!(done.status.success());
         assert_eq!(done.output_text(), "started\n");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A descendant that left the process group (setsid: the group's kill
+    /// does not reach it) keeps the output open and writes to it every
+    /// 100 ms. The run must end [`OUTPUT_CLOSE_TIMEOUT`] after the leader
+    /// exited. Before the fix every byte read restarted that grace, so the
+    /// run lasted until the git timeout and failed as timed out (a fetch
+    /// that succeeded failed the job ten minutes later).
+    #[tokio::test]
+    async fn a_detached_writer_does_not_keep_a_captured_run_going() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pid_file = dir.path().join("writer.pid");
+        // The leader exits only once the writer has left the group.
+        let script = format!(
+            "setsid sh -c 'echo $$ > {pid}; i=0; while [ $i -lt 400 ]; do echo tick; sleep 0.1; i=$((i+1)); done' & \
+             while [ ! -s {pid} ]; do sleep 0.01; done; echo started",
+            pid = pid_file.display()
+        );
+        let limit = OUTPUT_CLOSE_TIMEOUT * 4;
+        let started = Instant::now();
+        let done = run_captured(&sh(&script), limit, &CancellationToken::new()).await;
+        let elapsed = started.elapsed();
+
+        // The writer is in a session of its own: stop it whatever happened.
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+
+        let done = done.expect("the run ends with make's status, not a timeout");
+        assert!(done.status.success());
+        assert!(done.output_text().contains("started\n"));
+        assert!(
+            elapsed < OUTPUT_CLOSE_TIMEOUT * 3,
+            "took {elapsed:?}; the output grace is {OUTPUT_CLOSE_TIMEOUT:?}"
+        );
     }
 }

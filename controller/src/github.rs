@@ -128,6 +128,11 @@ fn map_error(err: octocrab::Error) -> GitHubError {
     }
 }
 
+/// Longest wait for a connection to GitHub's API.
+pub const GITHUB_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest wait for GitHub's API to send anything on an open connection.
+pub const GITHUB_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl GitHub {
     pub fn new(web_url: &str, api_url: &str) -> GitHub {
         GitHub {
@@ -146,6 +151,11 @@ impl GitHub {
             .base_uri(self.api_url.as_str())
             .map_err(|err| GitHubError::Unavailable(format!("invalid GitHub API URL: {err}")))?
             .personal_token(token.expose().to_owned())
+            // octocrab waits forever by default: a GitHub (or proxy) that
+            // never answers would hang the access re-check, requests that
+            // ask GitHub, and with them the controller's graceful stop.
+            .set_connect_timeout(Some(GITHUB_CONNECT_TIMEOUT))
+            .set_read_timeout(Some(GITHUB_READ_TIMEOUT))
             .build()
             .map_err(|err| GitHubError::Unavailable(err.to_string()))
     }
@@ -292,5 +302,48 @@ impl GitHub {
             .await
             .map_err(map_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GitHub API that accepts connections and never answers (a hung
+    /// proxy, a half-open connection). Every call must fail in bounded
+    /// time: before the fix it waited forever, and with it the access
+    /// re-check (never again re-checking any repository), a webhook or API
+    /// request that asked GitHub, and the controller's graceful stop, which
+    /// waits for both.
+    #[tokio::test(start_paused = true)]
+    async fn a_github_that_never_answers_fails_the_call() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        // Holds every connection open without reading or writing.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+
+        let github = GitHub::new(&url, &url);
+        // Paused time: the runtime jumps to the next timer whenever it waits
+        // for the network only, so this checks that some timer ends the
+        // call, without waiting for it in real time. octocrab tries a call
+        // up to four times.
+        let answer = tokio::time::timeout(
+            5 * (GITHUB_CONNECT_TIMEOUT + GITHUB_READ_TIMEOUT),
+            github.repository(&GitHubToken::new("ghp_test"), "o", "r"),
+        )
+        .await;
+        silent.abort();
+        let answer = answer.expect("the call ends although GitHub never answers");
+        assert!(
+            matches!(answer, Err(GitHubError::Unavailable(_))),
+            "{answer:?}"
+        );
     }
 }

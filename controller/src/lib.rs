@@ -298,7 +298,8 @@ impl Controller {
                     required: require_agent_cert,
                 },
             );
-            let log_service = LogServiceServer::new(grpc::LogGrpc::new(services.clone()));
+            let log_service =
+                LogServiceServer::new(grpc::LogGrpc::new(services.clone(), shutdown.clone()));
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
                 .add_service(agent_service)

@@ -6,6 +6,7 @@ use futures_util::{Stream, StreamExt};
 use hobotnica_common::ids::JobId;
 use hobotnica_common::proto::log_service_server::LogService;
 use hobotnica_common::proto::{JobEnd, TailChunk, TailRequest, TailResponse, tail_response};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{core_status, require_admin};
@@ -14,12 +15,35 @@ use crate::services::Services;
 
 pub struct LogGrpc {
     services: Services,
+    /// Ends every tail: a following tail waits for log events only, and the
+    /// server's graceful stop waits for every open stream.
+    shutdown: CancellationToken,
 }
 
 impl LogGrpc {
-    pub fn new(services: Services) -> LogGrpc {
-        LogGrpc { services }
+    pub fn new(services: Services, shutdown: CancellationToken) -> LogGrpc {
+        LogGrpc { services, shutdown }
     }
+}
+
+/// `stream` until `shutdown`, then UNAVAILABLE: a follower resumes from its
+/// offset (on another controller, or this one restarted), and a reader of
+/// the stored log learns that it did not get all of it.
+fn until_shutdown<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+    futures_util::stream::unfold(Some((Box::pin(stream), shutdown)), |state| async move {
+        let (mut stream, shutdown) = state?;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Some((
+                Err(Status::unavailable("the controller is shutting down")),
+                None,
+            )),
+            item = stream.next() => item.map(|item| (item, Some((stream, shutdown)))),
+        }
+    })
 }
 
 type TailStream = Pin<Box<dyn Stream<Item = Result<TailResponse, Status>> + Send>>;
@@ -51,6 +75,9 @@ impl LogService for LogGrpc {
                     }),
                 })
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(until_shutdown(
+            stream,
+            self.shutdown.clone(),
+        ))))
     }
 }
