@@ -69,9 +69,9 @@ impl Settings {
             Ok(seeds) => seeds
                 .split(',')
                 .map(|seed| {
-                    seed.trim()
-                        .parse()
-                        .unwrap_or_else(|_| panic!("HOBOTNICA_CHAOS_SEEDS: {seed:?} is not a number"))
+                    seed.trim().parse().unwrap_or_else(|_| {
+                        panic!("HOBOTNICA_CHAOS_SEEDS: {seed:?} is not a number")
+                    })
                 })
                 .collect(),
             Err(_) => vec![default_seed],
@@ -217,7 +217,12 @@ impl Rest {
             let api = &self.apis[attempt % self.apis.len()];
             attempt += 1;
             match api
-                .try_raw(method.clone(), path, body.as_deref().map(str::as_bytes), headers)
+                .try_raw(
+                    method.clone(),
+                    path,
+                    body.as_deref().map(str::as_bytes),
+                    headers,
+                )
                 .await
             {
                 Ok(response) if response.status < 500 => return Some(response),
@@ -291,7 +296,10 @@ impl Cluster {
         };
         let repo = GitRepo::new();
         repo.commit(&[("Makefile", MAKEFILE)], "chaos workload");
-        controllers[0].api().register_repo("chaos", &repo.url()).await;
+        controllers[0]
+            .api()
+            .register_repo("chaos", &repo.url())
+            .await;
         let mut agents = Vec::new();
         let mut links = Vec::new();
         for index in 0..AGENTS {
@@ -459,11 +467,19 @@ pub async fn run(settings: &Settings) -> Report {
     let faults = faults(settings, &run, &mut cluster, &rest, started, &mut report);
     let ((), ()) = tokio::join!(workload, faults);
 
-    note(&mut report, &run, started, "faults stop: everything restarted, every link open".into());
+    note(
+        &mut report,
+        &run,
+        started,
+        "faults stop: everything restarted, every link open".into(),
+    );
     cluster.repair().await;
     let submissions = submissions.lock().expect("submissions").clone();
     for submission in &submissions {
-        *report.submitted.entry(format!("{:?}", submission.work)).or_default() += 1;
+        *report
+            .submitted
+            .entry(format!("{:?}", submission.work))
+            .or_default() += 1;
     }
     check(&run, &cluster, &rest, &submissions, &mut report).await;
 
@@ -505,7 +521,7 @@ async fn workload(
     rest: Rest,
     submissions: Arc<Mutex<Vec<Submission>>>,
 ) {
-    let mut rng = Rng::new(settings.seed ^ 0x5eed_0f_3015);
+    let mut rng = Rng::new(settings.seed ^ 0x5eed_0f30);
     let gap = settings.fault_phase / u32::try_from(settings.jobs.max(1)).unwrap_or(u32::MAX);
     let large_at = rng.below(settings.jobs.max(1) / 2 + 1);
     let mut cancels = tokio::task::JoinSet::new();
@@ -584,7 +600,12 @@ async fn workload(
             cancels.spawn(async move {
                 tokio::time::sleep(delay).await;
                 let answer = rest
-                    .send(Method::POST, &format!("/api/v1/jobs/{job}/cancel"), None, &[])
+                    .send(
+                        Method::POST,
+                        &format!("/api/v1/jobs/{job}/cancel"),
+                        None,
+                        &[],
+                    )
                     .await;
                 let accepted = answer.is_some_and(|answer| answer.status == 202);
                 submissions.lock().expect("submissions")[index_in_list].cancel_accepted = accepted;
@@ -674,7 +695,10 @@ async fn inject(
                 let c = rng.below(controllers);
                 cluster.controllers[c].kill9();
                 tokio::time::sleep(hold).await;
-                format!("SIGKILL controller {c} while job {} streams its log", job.id)
+                format!(
+                    "SIGKILL controller {c} while job {} streams its log",
+                    job.id
+                )
             }
         }
         Fault::KillAgentAfterMake => {
@@ -828,7 +852,11 @@ async fn check(
     let finished = std::fs::read_to_string(run.dir.join("finished")).unwrap_or_default();
     let mut ran_to_end: BTreeMap<u64, usize> = BTreeMap::new();
     for line in finished.lines() {
-        match line.split_whitespace().nth(1).and_then(|id| id.parse().ok()) {
+        match line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|id| id.parse().ok())
+        {
             Some(id) => *ran_to_end.entry(id).or_default() += 1,
             None => violations.push(format!("a torn line in finished: {line:?}")),
         }
@@ -852,10 +880,16 @@ async fn check(
         match job.state {
             JobState::Succeeded => {
                 if cancelled {
-                    violations.push(format!("job {} succeeded after its cancel was accepted", job.id));
+                    violations.push(format!(
+                        "job {} succeeded after its cancel was accepted",
+                        job.id
+                    ));
                 }
                 if ran_to_end.get(&job.id).copied().unwrap_or(0) != 1 {
-                    violations.push(format!("job {} succeeded but make never ran to the end", job.id));
+                    violations.push(format!(
+                        "job {} succeeded but make never ran to the end",
+                        job.id
+                    ));
                 }
                 match check_log(rest, job.id, &by_id).await {
                     Ok(bytes) => report.log_bytes_checked += bytes,
@@ -872,7 +906,10 @@ async fn check(
             JobState::Queued | JobState::Running => {}
         }
         if cancelled && ran_to_end.contains_key(&job.id) {
-            violations.push(format!("job {} ran make to the end after its cancel was accepted", job.id));
+            violations.push(format!(
+                "job {} ran make to the end after its cancel was accepted",
+                job.id
+            ));
         }
     }
 
@@ -888,7 +925,10 @@ async fn check(
             .iter()
             .map(|pid| {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                format!("{pid}: {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
+                format!(
+                    "{pid}: {}",
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                )
             })
             .collect();
         violations.push(format!(
@@ -928,7 +968,10 @@ async fn check_log(
     // from make's first line on, the log is what make printed.
     let mut log = answer.body.as_slice();
     while log.starts_with(b"[hobotnica] ") {
-        let end = log.iter().position(|byte| *byte == b'\n').map_or(log.len(), |end| end + 1);
+        let end = log
+            .iter()
+            .position(|byte| *byte == b'\n')
+            .map_or(log.len(), |end| end + 1);
         log = &log[end..];
     }
     let header = log.split(|byte| *byte == b'\n').next().unwrap_or_default();
