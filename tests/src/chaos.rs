@@ -96,6 +96,17 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The seed of the run's random choices: one seed gives each topology a
+    /// schedule of its own.
+    fn rng_seed(&self) -> u64 {
+        match self.topology {
+            Topology::Embedded => self.seed,
+            Topology::Redis => self.seed ^ 0x7ed1_5000_0000_0000,
+        }
+    }
+}
+
 /// SplitMix64: small, seedable, good enough to pick faults.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -521,7 +532,7 @@ async fn workload(
     rest: Rest,
     submissions: Arc<Mutex<Vec<Submission>>>,
 ) {
-    let mut rng = Rng::new(settings.seed ^ 0x5eed_0f30);
+    let mut rng = Rng::new(settings.rng_seed() ^ 0x5eed_0f30);
     let gap = settings.fault_phase / u32::try_from(settings.jobs.max(1)).unwrap_or(u32::MAX);
     let large_at = rng.below(settings.jobs.max(1) / 2 + 1);
     let mut cancels = tokio::task::JoinSet::new();
@@ -624,7 +635,7 @@ async fn faults(
     started: Instant,
     report: &mut Report,
 ) {
-    let mut rng = Rng::new(settings.seed);
+    let mut rng = Rng::new(settings.rng_seed());
     while started.elapsed() < settings.fault_phase {
         tokio::time::sleep(rng.between(Duration::from_millis(200), Duration::from_millis(1500)))
             .await;
