@@ -238,6 +238,10 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// Longest silence of a controller in the middle of an answer (or before
+/// it).
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A REST client bound to one controller.
 pub struct Client {
     http: reqwest::Client,
@@ -248,7 +252,10 @@ impl Client {
     pub fn new(connection: Connection) -> anyhow::Result<Client> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("hobot/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(10));
+            .connect_timeout(std::time::Duration::from_secs(10))
+            // A controller that accepted the connection and then says
+            // nothing (hung, or its host vanished) must not hang hobot.
+            .read_timeout(READ_TIMEOUT);
         if let Some(pem) = &connection.ca_cert {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
                 .ok()
@@ -292,10 +299,15 @@ impl Client {
         }
         let response = request.send().await.map_err(|err| {
             if err.is_connect() || err.is_timeout() {
+                let cause = if err.is_timeout() && !err.is_connect() {
+                    format!("no answer within {}s", READ_TIMEOUT.as_secs())
+                } else {
+                    root_cause(&err)
+                };
                 anyhow::Error::new(Unreachable {
                     url: self.connection.url.clone(),
                     source_hint: self.connection.source.clone(),
-                    cause: root_cause(&err),
+                    cause,
                 })
             } else {
                 anyhow::Error::new(err).context(format!("request to {url} failed"))

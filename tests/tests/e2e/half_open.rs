@@ -197,3 +197,31 @@ async fn a_log_tail_notices_a_vanished_controller_and_resumes_without_losing_a_b
         "`hobot logs -f` printed every byte once: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_gives_up_on_a_controller_that_accepts_and_never_answers() {
+    let controller = Controller::start_default().await;
+    let rest = Proxy::start(controller.http_addr).await;
+    rest.set_link(Link::Blackhole);
+    let cwd = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let child = cli::command(Some(&controller), cwd.path())
+        .env("HOBOTNICA_URL", rest.url())
+        .args(["jobs", "ls"])
+        .spawn()
+        .unwrap();
+    let output = cli::finish(child, &["jobs", "ls"]).await;
+    let took = started.elapsed();
+    assert_eq!(output.code(), Some(1), "{output:?}");
+    assert!(
+        output
+            .stderr
+            .contains(&format!("cannot reach the controller at {}", rest.url())),
+        "{output:?}"
+    );
+    assert!(output.stderr.contains("no answer within 30s"), "{output:?}");
+    assert!(
+        took < Duration::from_secs(60),
+        "hobot gave up after {took:?}"
+    );
+}
