@@ -472,25 +472,34 @@ impl<C: JobController> Supervisor<C> {
                 }
                 Err(RpcError::LogIncomplete(message)) => {
                     let delay = backoff.next_delay();
+                    let ask_again_at = Instant::now() + delay;
                     tracing::warn!(
                         message,
+                        retry_in_ms = delay.as_millis() as u64,
                         "the controller's log is incomplete; shipping the rest"
                     );
-                    match (shipper, acked.as_mut()) {
-                        (Some(shipper), Some(acked)) if self.log_lost.is_none() => {
-                            acked.borrow_and_update();
-                            shipper.resync();
-                            // The shipper announces the resync with a (lower)
-                            // acknowledged length; wait for it.
-                            if self.listening(acked.changed()).await.is_none() {
-                                return;
-                            }
+                    if self.log_lost.is_none()
+                        && let (Some(shipper), Some(acked)) = (shipper, acked.as_mut())
+                    {
+                        acked.borrow_and_update();
+                        shipper.resync();
+                        // The shipper announces the resync with a (lower)
+                        // acknowledged length; wait for it. A shipper that
+                        // ended returns at once; how it ended comes as an
+                        // event.
+                        if self.listening(acked.changed()).await.is_none() {
+                            return;
                         }
-                        _ => {
-                            if self.listening(tokio::time::sleep(delay)).await.is_none() {
-                                return;
-                            }
-                        }
+                    }
+                    // Never ask again at once: a controller that keeps
+                    // answering ABORTED, or a shipper that ended, made this a
+                    // tight loop of CompleteJob calls.
+                    if self
+                        .listening(tokio::time::sleep_until(ask_again_at))
+                        .await
+                        .is_none()
+                    {
+                        return;
                     }
                 }
                 Err(error) => {
@@ -949,5 +958,66 @@ mod report_tests {
             sent.message
         );
         supervisor.stop_children().await;
+    }
+
+    fn aborted() -> Result<(), RpcError> {
+        Err(RpcError::LogIncomplete("stored 0, expected 6".to_owned()))
+    }
+
+    /// The gaps between CompleteJob calls, each at least the back-off
+    /// (100 ms, doubling).
+    fn assert_spaced(completions: &[(Instant, Completion)]) {
+        let mut expected = crate::connection::BACKOFF_INITIAL;
+        for pair in completions.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(gap >= expected, "CompleteJob again after {gap:?}");
+            expected = (expected * 2).min(crate::connection::BACKOFF_MAX);
+        }
+    }
+
+    /// A controller keeps answering ABORTED (its log stays shorter than
+    /// what it acknowledged). Before the fix each resync was followed by
+    /// another CompleteJob at once, a tight loop against the controller; now
+    /// the calls back off.
+    #[tokio::test(start_paused = true)]
+    async fn completing_again_after_aborted_backs_off() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::AckAll, (0..6).map(|_| aborted()));
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"hello\n");
+        let handle = supervisor.spawn_shipper(&spool);
+        let completion = supervisor.completion(succeeded(), 6);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 7);
+        assert_spaced(&completions);
+        assert_eq!(completions[6].1.outcome, Outcome::Succeeded);
+        supervisor.stop_children().await;
+    }
+
+    /// The same with the shipper already gone: its dropped sender made the
+    /// wait for the resync return at once, and CompleteJob was called again
+    /// in a tight loop.
+    #[tokio::test(start_paused = true)]
+    async fn completing_again_after_aborted_backs_off_without_a_shipper() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::AckAll, (0..6).map(|_| aborted()));
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"");
+        let (shipper, handle) = Shipper::new(controller.clone(), supervisor.spec.key, spool);
+        drop(shipper);
+        let completion = supervisor.completion(succeeded(), 0);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 7);
+        assert_spaced(&completions);
     }
 }
