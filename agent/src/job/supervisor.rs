@@ -164,7 +164,11 @@ impl<C: JobController> Supervisor<C> {
 
     async fn stop_children(&mut self) {
         self.children_stop.cancel();
-        while self.children.join_next().await.is_some() {}
+        while let Some(joined) = self.children.join_next().await {
+            if let Err(error) = joined {
+                tracing::error!(%error, "a task of the job failed");
+            }
+        }
     }
 
     fn completion(&self, end: WorkEnd, log_length: u64) -> Completion {
@@ -605,14 +609,17 @@ impl<C: JobController> Supervisor<C> {
 }
 
 /// Runs the job's shipper; when it ends before it was told to stop, tells
-/// the supervisor how: otherwise the supervisor would wait for
-/// acknowledgements that never come, with the lease renewed all along,
-/// until the agent stops.
+/// the supervisor how — even when it panics: otherwise the supervisor would
+/// wait for acknowledgements that never come, with the lease renewed all
+/// along, until the agent stops.
 async fn ship_log<T: LogTransport>(
     shipper: Shipper<T>,
     stop: CancellationToken,
     events: mpsc::UnboundedSender<JobEvent>,
 ) {
+    let _crash = CrashReport {
+        events: events.clone(),
+    };
     let event = match shipper.run(stop.clone()).await {
         ShipperEnd::Stopped if stop.is_cancelled() => return,
         ShipperEnd::Stopped => JobEvent::LogLost {
@@ -629,6 +636,22 @@ async fn ship_log<T: LogTransport>(
         },
     };
     let _ = events.send(event);
+}
+
+/// Sends `LogLost` when dropped while the shipper's task unwinds from a
+/// panic (not when the task is merely dropped: the supervisor is gone then).
+struct CrashReport {
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+impl Drop for CrashReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.events.send(JobEvent::LogLost {
+                reason: "the agent's log shipper crashed; the log is incomplete".to_owned(),
+            });
+        }
+    }
 }
 
 /// `make <target>` in the work tree, with the job's environment: the agent's
@@ -767,6 +790,8 @@ mod report_tests {
     enum Logs {
         /// Every chunk is acknowledged at once.
         AckAll,
+        /// Opening a stream panics (a bug in the shipper or below).
+        Panic,
     }
 
     #[derive(Clone)]
@@ -808,6 +833,7 @@ mod report_tests {
         ) -> Result<ScriptedStream, RpcError> {
             match self.logs {
                 Logs::AckAll => {}
+                Logs::Panic => panic!("the log transport crashed"),
             }
             Ok(ScriptedStream {
                 acks: VecDeque::from([LogAck {
@@ -1019,5 +1045,52 @@ mod report_tests {
         let completions = controller.completions();
         assert_eq!(completions.len(), 7);
         assert_spaced(&completions);
+    }
+
+    /// The shipper panics. Before the fix nothing told the supervisor: it
+    /// waited for acknowledgements that could never come, the lease renewed
+    /// all along, until the agent stopped. Now the job is reported failed,
+    /// saying why.
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_shipper_fails_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::Panic, []);
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"hello\n");
+        let handle = supervisor.spawn_shipper(&spool);
+        let completion = supervisor.completion(succeeded(), 6);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 1, "{completions:?}");
+        let sent = &completions[0].1;
+        assert_eq!(sent.outcome, Outcome::Failed);
+        assert_eq!(sent.log_length, 0);
+        assert_eq!(
+            sent.message,
+            "the agent's log shipper crashed; the log is incomplete"
+        );
+        supervisor.stop_children().await;
+    }
+
+    /// A lost log while make runs stops make; the job fails with the reason.
+    #[tokio::test]
+    async fn a_lost_log_stops_the_work_and_fails_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut supervisor = supervisor(Scripted::new(Logs::AckAll, []), dir.path());
+        let spool = spool(dir.path(), b"");
+        let reason = "the agent's log shipper crashed; the log is incomplete";
+        assert!(supervisor.on_event(
+            JobEvent::LogLost {
+                reason: reason.to_owned()
+            },
+            &spool
+        ));
+        let end = supervisor.stopped(Some(143));
+        assert_eq!(end.outcome, Outcome::Failed);
+        assert_eq!(end.message, reason);
     }
 }
