@@ -98,16 +98,7 @@ impl<C: JobController> Supervisor<C> {
     pub(super) async fn run(mut self) {
         let key = self.spec.key;
         tracing::info!(commit = %self.spec.commit, "job started");
-        self.children.spawn(
-            lease::renew_lease(
-                self.controller.clone(),
-                key,
-                self.timings.renew_interval,
-                self.events_tx.clone(),
-                self.children_stop.clone(),
-            )
-            .in_current_span(),
-        );
+        self.spawn_lease();
 
         let spool_path = self.context.spool_dir.join(format!("{key}.log"));
         let spool = match Spool::create(spool_path) {
@@ -151,6 +142,33 @@ impl<C: JobController> Supervisor<C> {
         if let Some(tree) = tree {
             self.context.workspaces.remove(tree).await;
         }
+    }
+
+    /// Starts renewing the job's lease as a child task. If that task
+    /// panics, nothing renews the lease any more: the controller will take
+    /// the job back, so the job is dropped as gone rather than run on
+    /// unnoticed (perhaps twice, once here and once elsewhere).
+    fn spawn_lease(&mut self) {
+        let crash = CrashReport {
+            events: self.events_tx.clone(),
+            event: || JobEvent::JobGone {
+                reason: "the agent's lease renewal crashed".to_owned(),
+            },
+        };
+        let renew = lease::renew_lease(
+            self.controller.clone(),
+            self.spec.key,
+            self.timings.renew_interval,
+            self.events_tx.clone(),
+            self.children_stop.clone(),
+        );
+        self.children.spawn(
+            async move {
+                let _crash = crash;
+                renew.await;
+            }
+            .in_current_span(),
+        );
     }
 
     /// Starts the job's log shipper as a child task.
@@ -619,6 +637,9 @@ async fn ship_log<T: LogTransport>(
 ) {
     let _crash = CrashReport {
         events: events.clone(),
+        event: || JobEvent::LogLost {
+            reason: "the agent's log shipper crashed; the log is incomplete".to_owned(),
+        },
     };
     let event = match shipper.run(stop.clone()).await {
         ShipperEnd::Stopped if stop.is_cancelled() => return,
@@ -638,18 +659,18 @@ async fn ship_log<T: LogTransport>(
     let _ = events.send(event);
 }
 
-/// Sends `LogLost` when dropped while the shipper's task unwinds from a
-/// panic (not when the task is merely dropped: the supervisor is gone then).
+/// Sends `event` to the supervisor when dropped while a child task unwinds
+/// from a panic (not when the task is merely dropped: the supervisor is gone
+/// then). Without it a child's panic went unnoticed until the job ended.
 struct CrashReport {
     events: mpsc::UnboundedSender<JobEvent>,
+    event: fn() -> JobEvent,
 }
 
 impl Drop for CrashReport {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let _ = self.events.send(JobEvent::LogLost {
-                reason: "the agent's log shipper crashed; the log is incomplete".to_owned(),
-            });
+            let _ = self.events.send((self.event)());
         }
     }
 }
@@ -797,6 +818,9 @@ mod report_tests {
     #[derive(Clone)]
     struct Scripted {
         logs: Logs,
+        /// RenewLease panics (a bug in the lease task or below) instead of
+        /// never answering.
+        renew_panics: bool,
         /// CompleteJob's answers, in order; `Ok` once they run out.
         answers: Arc<Mutex<VecDeque<Result<(), RpcError>>>>,
         /// Every CompleteJob, with the (paused) time it came.
@@ -807,6 +831,7 @@ mod report_tests {
         fn new(logs: Logs, answers: impl IntoIterator<Item = Result<(), RpcError>>) -> Scripted {
             Scripted {
                 logs,
+                renew_panics: false,
                 answers: Arc::new(Mutex::new(answers.into_iter().collect())),
                 completions: Arc::new(Mutex::new(Vec::new())),
             }
@@ -866,6 +891,9 @@ mod report_tests {
 
     impl JobController for Scripted {
         async fn renew(&self, _key: JobKey) -> Result<LeaseStatus, RpcError> {
+            if self.renew_panics {
+                panic!("the lease renewal crashed");
+            }
             std::future::pending().await
         }
 
@@ -1092,5 +1120,29 @@ mod report_tests {
         let end = supervisor.stopped(Some(143));
         assert_eq!(end.outcome, Outcome::Failed);
         assert_eq!(end.message, reason);
+    }
+
+    /// The lease task panics. Before the fix nothing told the supervisor:
+    /// the job ran on while its lease expired. Now the job is dropped as
+    /// gone (the controller takes it back when the lease expires).
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_lease_renewal_drops_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted {
+            renew_panics: true,
+            ..Scripted::new(Logs::AckAll, [])
+        };
+        let mut supervisor = supervisor(controller, dir.path());
+        supervisor.spawn_lease();
+
+        let event = tokio::time::timeout(DEADLINE, supervisor.events_rx.recv())
+            .await
+            .expect("the supervisor hears of the crash")
+            .expect("an event");
+        assert!(
+            matches!(&event, JobEvent::JobGone { reason } if reason.contains("lease renewal crashed")),
+            "{event:?}"
+        );
+        supervisor.stop_children().await;
     }
 }
