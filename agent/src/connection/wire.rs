@@ -7,8 +7,9 @@ use std::time::Duration;
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::Outcome;
 use hobotnica_common::proto::{self, agent_message, controller_message};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::{Stream, StreamExt as _};
 
 use super::{CALL_TIMEOUT, Client, Connection, RpcError};
 use crate::job::{Completion, JobKey, JobSpec};
@@ -37,7 +38,7 @@ pub enum SessionCommand {
 
 /// An open Session.
 pub struct SessionStream {
-    outbound: mpsc::Sender<proto::AgentMessage>,
+    outbound: Outbound,
     inbound: tonic::Streaming<proto::ControllerMessage>,
     connection: Connection,
     controller: usize,
@@ -50,23 +51,8 @@ pub(super) async fn open_session(
     agent_id: &AgentId,
     free_slots: u32,
 ) -> Result<SessionStream, RpcError> {
-    let (outbound, queue) = mpsc::channel(SESSION_QUEUE);
-    // Queued before the call: a controller may wait for Hello before it
-    // answers with headers.
-    for kind in [
-        agent_message::Kind::Hello(proto::Hello {
-            agent_id: agent_id.0.clone(),
-        }),
-        agent_message::Kind::Capacity(proto::Capacity {
-            free_slots,
-            assignments_received: 0,
-        }),
-    ] {
-        outbound
-            .try_send(proto::AgentMessage { kind: Some(kind) })
-            .map_err(|_| RpcError::Unavailable("session queue closed".to_owned()))?;
-    }
-    let response = tokio::time::timeout(CALL_TIMEOUT, client.session(ReceiverStream::new(queue)))
+    let (outbound, requests) = session_outbound(agent_id, free_slots);
+    let response = tokio::time::timeout(CALL_TIMEOUT, client.session(requests))
         .await
         .map_err(|_| RpcError::Unavailable(format!("no session within {CALL_TIMEOUT:?}")))??;
     Ok(SessionStream {
@@ -77,24 +63,74 @@ pub(super) async fn open_session(
     })
 }
 
-impl SessionStream {
-    fn send(&self, kind: agent_message::Kind) -> bool {
-        self.outbound
-            .try_send(proto::AgentMessage { kind: Some(kind) })
-            .is_ok()
-    }
+/// What the agent sends on a Session. Capacity is state, not an event: the
+/// latest value waits in a watch and goes out as soon as the stream takes a
+/// message, never dropped when the queue is full (a lost Capacity left the
+/// controller believing the agent had no free slot until some other job
+/// event). Only Heartbeats go through the bounded queue.
+struct Outbound {
+    queue: mpsc::Sender<proto::AgentMessage>,
+    capacity: watch::Sender<proto::Capacity>,
+}
 
-    /// Tells the controller how many jobs it may still assign; false when
-    /// the stream is closed or congested.
-    pub fn send_capacity(&self, free_slots: u32, assignments_received: u64) -> bool {
-        self.send(agent_message::Kind::Capacity(proto::Capacity {
+/// The Session's outbound side, and the stream of messages for tonic:
+/// Hello first (a controller may wait for it before it answers with
+/// headers), then the capacity and the queue, merged.
+fn session_outbound(
+    agent_id: &AgentId,
+    free_slots: u32,
+) -> (
+    Outbound,
+    impl Stream<Item = proto::AgentMessage> + Send + 'static,
+) {
+    let (queue, queued) = mpsc::channel(SESSION_QUEUE);
+    let (capacity, capacity_rx) = watch::channel(proto::Capacity {
+        free_slots,
+        assignments_received: 0,
+    });
+    let hello = proto::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(proto::Hello {
+            agent_id: agent_id.0.clone(),
+        })),
+    };
+    // `WatchStream::new` yields the current value first: the initial
+    // Capacity follows Hello.
+    let capacities = WatchStream::new(capacity_rx).map(|capacity| proto::AgentMessage {
+        kind: Some(agent_message::Kind::Capacity(capacity)),
+    });
+    let requests = tokio_stream::once(hello).chain(ReceiverStream::new(queued).merge(capacities));
+    (Outbound { queue, capacity }, requests)
+}
+
+impl Outbound {
+    fn send_capacity(&self, free_slots: u32, assignments_received: u64) -> bool {
+        self.capacity.send_replace(proto::Capacity {
             free_slots,
             assignments_received,
-        }))
+        });
+        !self.capacity.is_closed()
     }
 
+    fn send_heartbeat(&self) -> bool {
+        self.queue
+            .try_send(proto::AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {})),
+            })
+            .is_ok()
+    }
+}
+
+impl SessionStream {
+    /// Tells the controller how many jobs it may still assign (the latest
+    /// value always reaches it); false when the stream is closed.
+    pub fn send_capacity(&self, free_slots: u32, assignments_received: u64) -> bool {
+        self.outbound
+            .send_capacity(free_slots, assignments_received)
+    }
+
+    /// False when the stream is closed or congested (the next beat will do).
     pub fn send_heartbeat(&self) -> bool {
-        self.send(agent_message::Kind::Heartbeat(proto::Heartbeat {}))
+        self.outbound.send_heartbeat()
     }
 
     /// The next command; `Ok(None)` when the controller ended the stream.
@@ -275,5 +311,50 @@ impl LogStream {
             self.connection.note_failure(self.controller, error);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller reads nothing for a while (a slow network): the queue
+    /// fills with Heartbeats, and the agent's free slots change twice
+    /// meanwhile. The latest value reaches the controller once it reads
+    /// again. Before the fix a Capacity that found the queue full was
+    /// dropped, never sent again: the controller could believe the agent had
+    /// no free slot until some other job event.
+    #[tokio::test]
+    async fn the_latest_capacity_is_sent_even_when_the_queue_was_full() {
+        let (outbound, requests) = session_outbound(&AgentId("agent-1".to_owned()), 0);
+        let mut heartbeats = 0;
+        while outbound.send_heartbeat() {
+            heartbeats += 1;
+        }
+        outbound.send_capacity(1, 1);
+        outbound.send_capacity(2, 1);
+        drop(outbound);
+
+        let kinds: Vec<_> = requests.filter_map(|message| message.kind).collect().await;
+        assert!(
+            matches!(kinds.first(), Some(agent_message::Kind::Hello(_))),
+            "{kinds:?}"
+        );
+        let sent_heartbeats = kinds
+            .iter()
+            .filter(|kind| matches!(kind, agent_message::Kind::Heartbeat(_)))
+            .count();
+        assert_eq!(sent_heartbeats, heartbeats);
+        let last_capacity = kinds.iter().rev().find_map(|kind| match kind {
+            agent_message::Kind::Capacity(capacity) => Some(*capacity),
+            _ => None,
+        });
+        assert_eq!(
+            last_capacity,
+            Some(proto::Capacity {
+                free_slots: 2,
+                assignments_received: 1,
+            })
+        );
     }
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{JobEvent, JobKey};
-use crate::connection::{Connection, RpcError, retry};
+use super::{JobController, JobEvent, JobKey};
+use crate::connection::RpcError;
 
 /// Renews until `stop` is cancelled or the controller says the job is gone.
-pub async fn renew_lease(
-    connection: Connection,
+pub async fn renew_lease<C: JobController>(
+    controller: C,
     key: JobKey,
     interval: Duration,
     events: mpsc::UnboundedSender<JobEvent>,
@@ -24,7 +24,7 @@ pub async fn renew_lease(
             () = stop.cancelled() => return,
         }
         let renewed = tokio::select! {
-            renewed = retry(&connection, "renew lease", || connection.renew_lease(key)) => renewed,
+            renewed = controller.renew(key) => renewed,
             () = stop.cancelled() => return,
         };
         match renewed {

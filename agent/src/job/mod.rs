@@ -8,6 +8,7 @@ mod lease;
 mod spec;
 mod supervisor;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use tracing::Instrument as _;
 
 pub use spec::{Completion, JobKey, JobSpec, LeaseTimings};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, LeaseStatus, RpcError, retry};
+use crate::logs::LogTransport;
 use crate::sandbox::Sandbox;
 use crate::workspace::Workspaces;
 
@@ -41,6 +43,35 @@ pub enum JobEvent {
     KillGraceExpired,
     /// The agent's drain timeout passed: cancel with "agent shut down".
     Shutdown,
+    /// The log shipper ended before the controller had the whole log (the
+    /// spool stayed unreadable, or the shipper crashed): the rest can never
+    /// be shipped, so the job fails, reported with what the controller has.
+    LogLost { reason: String },
+}
+
+/// The calls a job makes to the controller: [`Connection`] in the agent;
+/// tests script a controller here.
+pub trait JobController: LogTransport + Clone {
+    /// RenewLease, retried (with fail-over) while the controller is
+    /// unavailable.
+    fn renew(&self, key: JobKey) -> impl Future<Output = Result<LeaseStatus, RpcError>> + Send;
+
+    /// CompleteJob, retried (with fail-over) while the controller is
+    /// unavailable.
+    fn complete(
+        &self,
+        completion: &Completion,
+    ) -> impl Future<Output = Result<(), RpcError>> + Send;
+}
+
+impl JobController for Connection {
+    async fn renew(&self, key: JobKey) -> Result<LeaseStatus, RpcError> {
+        retry(self, "renew lease", || self.renew_lease(key)).await
+    }
+
+    async fn complete(&self, completion: &Completion) -> Result<(), RpcError> {
+        retry(self, "complete job", || self.complete_job(completion)).await
+    }
 }
 
 /// What every job of this agent shares.
@@ -94,8 +125,15 @@ pub fn start(
         target = %spec.target,
     );
     let key = spec.key;
-    let supervisor =
-        supervisor::Supervisor::new(context, spec, timings, events_tx.clone(), events_rx);
+    let controller = context.connection.clone();
+    let supervisor = supervisor::Supervisor::new(
+        context,
+        controller,
+        spec,
+        timings,
+        events_tx.clone(),
+        events_rx,
+    );
     let task = tasks.spawn(
         async move {
             supervisor.run().await;

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{Completion, JobContext, JobEvent, JobSpec, LeaseTimings, lease};
-use crate::connection::{Backoff, RpcError, retry};
-use crate::logs::{self, Secrets, Shipper, ShipperEnd, ShipperHandle, Spool};
+use super::{Completion, JobContext, JobController, JobEvent, JobSpec, LeaseTimings, lease};
+use crate::connection::{Backoff, Connection, RpcError};
+use crate::logs::{self, LogTransport, Secrets, Shipper, ShipperEnd, ShipperHandle, Spool};
 use crate::process::{self, CommandSpec, OUTPUT_CLOSE_TIMEOUT};
 use crate::sandbox::JobPaths;
 use crate::workspace::{Remote, WorkTree, WorkspaceError};
@@ -33,6 +33,8 @@ enum Stop {
     ShutDown,
     /// The controller forgot the job: nothing is reported.
     Gone(String),
+    /// The log can no longer be shipped: the job fails.
+    LogLost(String),
 }
 
 /// How the work ended, before it is reported.
@@ -42,13 +44,17 @@ struct WorkEnd {
     message: String,
 }
 
-pub(super) struct Supervisor {
+pub(super) struct Supervisor<C: JobController = Connection> {
     context: Arc<JobContext>,
+    controller: C,
     spec: JobSpec,
     timings: LeaseTimings,
     events_tx: mpsc::UnboundedSender<JobEvent>,
     events_rx: mpsc::UnboundedReceiver<JobEvent>,
     stop: Option<Stop>,
+    /// Set when the shipper ended before the controller had the whole log:
+    /// the job is then reported failed, with this reason.
+    log_lost: Option<String>,
     /// The job's secrets and its git header's secret parts: masked in make's
     /// output and in every line and message the agent writes about the job.
     secrets: Secrets,
@@ -58,14 +64,15 @@ pub(super) struct Supervisor {
     children_stop: CancellationToken,
 }
 
-impl Supervisor {
+impl<C: JobController> Supervisor<C> {
     pub(super) fn new(
         context: Arc<JobContext>,
+        controller: C,
         spec: JobSpec,
         timings: LeaseTimings,
         events_tx: mpsc::UnboundedSender<JobEvent>,
         events_rx: mpsc::UnboundedReceiver<JobEvent>,
-    ) -> Supervisor {
+    ) -> Supervisor<C> {
         let header_parts = spec
             .git_http_header
             .as_ref()
@@ -74,12 +81,14 @@ impl Supervisor {
         let secrets = Secrets::new(spec.secrets.iter().chain(&header_parts));
         Supervisor {
             context,
+            controller,
             secrets,
             spec,
             timings,
             events_tx,
             events_rx,
             stop: None,
+            log_lost: None,
             started: Instant::now(),
             children: JoinSet::new(),
             children_stop: CancellationToken::new(),
@@ -89,16 +98,7 @@ impl Supervisor {
     pub(super) async fn run(mut self) {
         let key = self.spec.key;
         tracing::info!(commit = %self.spec.commit, "job started");
-        self.children.spawn(
-            lease::renew_lease(
-                self.context.connection.clone(),
-                key,
-                self.timings.renew_interval,
-                self.events_tx.clone(),
-                self.children_stop.clone(),
-            )
-            .in_current_span(),
-        );
+        self.spawn_lease();
 
         let spool_path = self.context.spool_dir.join(format!("{key}.log"));
         let spool = match Spool::create(spool_path) {
@@ -120,20 +120,7 @@ impl Supervisor {
             }
         };
 
-        let (shipper, shipper_handle) =
-            Shipper::new(self.context.connection.clone(), key, spool.clone());
-        let gone_tx = self.events_tx.clone();
-        let shipper_stop = self.children_stop.clone();
-        self.children.spawn(
-            async move {
-                if let ShipperEnd::JobGone(error) = shipper.run(shipper_stop).await {
-                    let _ = gone_tx.send(JobEvent::JobGone {
-                        reason: error.to_string(),
-                    });
-                }
-            }
-            .in_current_span(),
-        );
+        let shipper_handle = self.spawn_shipper(&spool);
 
         let (tree, end) = self.work(&spool).await;
         let log_length = spool.close();
@@ -157,9 +144,49 @@ impl Supervisor {
         }
     }
 
+    /// Starts renewing the job's lease as a child task. If that task
+    /// panics, nothing renews the lease any more: the controller will take
+    /// the job back, so the job is dropped as gone rather than run on
+    /// unnoticed (perhaps twice, once here and once elsewhere).
+    fn spawn_lease(&mut self) {
+        let crash = CrashReport {
+            events: self.events_tx.clone(),
+            event: || JobEvent::JobGone {
+                reason: "the agent's lease renewal crashed".to_owned(),
+            },
+        };
+        let renew = lease::renew_lease(
+            self.controller.clone(),
+            self.spec.key,
+            self.timings.renew_interval,
+            self.events_tx.clone(),
+            self.children_stop.clone(),
+        );
+        self.children.spawn(
+            async move {
+                let _crash = crash;
+                renew.await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Starts the job's log shipper as a child task.
+    fn spawn_shipper(&mut self, spool: &Arc<Spool>) -> ShipperHandle {
+        let (shipper, handle) = Shipper::new(self.controller.clone(), self.spec.key, spool.clone());
+        self.children.spawn(
+            ship_log(shipper, self.children_stop.clone(), self.events_tx.clone()).in_current_span(),
+        );
+        handle
+    }
+
     async fn stop_children(&mut self) {
         self.children_stop.cancel();
-        while self.children.join_next().await.is_some() {}
+        while let Some(joined) = self.children.join_next().await {
+            if let Err(error) = joined {
+                tracing::error!(%error, "a task of the job failed");
+            }
+        }
     }
 
     fn completion(&self, end: WorkEnd, log_length: u64) -> Completion {
@@ -185,6 +212,14 @@ impl Supervisor {
             JobEvent::DeadlineReached => Stop::TimedOut(self.spec.timeout.unwrap_or_default()),
             JobEvent::Shutdown => Stop::ShutDown,
             JobEvent::JobGone { reason } => Stop::Gone(reason),
+            JobEvent::LogLost { reason } => {
+                tracing::error!(
+                    reason,
+                    "the job's log can no longer be shipped; failing the job"
+                );
+                self.log_lost.get_or_insert_with(|| reason.clone());
+                Stop::LogLost(reason)
+            }
             JobEvent::LeaseRenewed {
                 cancel_requested: false,
             }
@@ -207,7 +242,8 @@ impl Supervisor {
                 self.line(spool, &format!("timed out after {}", human(*limit)));
             }
             Stop::ShutDown => self.line(spool, "agent shut down"),
-            Stop::Gone(_) => {}
+            // Nothing written now would reach the controller.
+            Stop::Gone(_) | Stop::LogLost(_) => {}
         }
         tracing::info!(?stop, "stopping the job");
         self.stop = Some(stop);
@@ -241,6 +277,7 @@ impl Supervisor {
             ),
             Some(Stop::ShutDown) => (Outcome::Cancelled, "agent shut down".to_owned()),
             Some(Stop::Gone(reason)) => (Outcome::Cancelled, reason.clone()),
+            Some(Stop::LogLost(reason)) => (Outcome::Failed, reason.clone()),
             None => (Outcome::Failed, "stopped".to_owned()),
         };
         WorkEnd {
@@ -428,10 +465,9 @@ impl Supervisor {
 
     /// Waits until the controller acknowledged `log_length` bytes, then
     /// completes the job; retries until the controller has the result,
-    /// unless the job is gone or the agent gives up (abandon).
+    /// unless the job is gone or the agent gives up (abandon). A job whose
+    /// log was lost on the way is reported failed.
     async fn report(&mut self, shipper: Option<&ShipperHandle>, completion: Completion) {
-        let connection = self.context.connection.clone();
-        let abandon = self.context.abandon.clone();
         let mut acked = shipper.map(ShipperHandle::acked);
         let mut backoff = Backoff::default();
         loop {
@@ -440,54 +476,52 @@ impl Supervisor {
             {
                 return;
             }
-            let call = retry(&connection, "complete job", || {
-                connection.complete_job(&completion)
-            });
-            tokio::pin!(call);
-            let result = loop {
-                tokio::select! {
-                    result = &mut call => break result,
-                    Some(event) = self.events_rx.recv() => {
-                        if let JobEvent::JobGone { reason } = event {
-                            tracing::warn!(reason, "the job is gone; not reporting it");
-                            return;
-                        }
-                    }
-                    () = abandon.cancelled() => {
-                        tracing::warn!("the agent stops; the job's result is not reported");
-                        return;
-                    }
-                }
+            let sent = self.with_lost_log(&completion);
+            let controller = self.controller.clone();
+            let Some(result) = self.listening(controller.complete(&sent)).await else {
+                return;
             };
             match result {
                 Ok(()) => {
                     tracing::info!(
-                        outcome = ?completion.outcome,
-                        exit_code = completion.exit_code,
-                        log_length = completion.log_length,
-                        duration_ms = completion.duration.as_millis() as u64,
+                        outcome = ?sent.outcome,
+                        exit_code = sent.exit_code,
+                        log_length = sent.log_length,
+                        duration_ms = sent.duration.as_millis() as u64,
                         "job completed"
                     );
                     return;
                 }
                 Err(RpcError::LogIncomplete(message)) => {
                     let delay = backoff.next_delay();
+                    let ask_again_at = Instant::now() + delay;
                     tracing::warn!(
                         message,
+                        retry_in_ms = delay.as_millis() as u64,
                         "the controller's log is incomplete; shipping the rest"
                     );
-                    match (shipper, acked.as_mut()) {
-                        (Some(shipper), Some(acked)) => {
-                            acked.borrow_and_update();
-                            shipper.resync();
-                            // The shipper announces the resync with a (lower)
-                            // acknowledged length; wait for it.
-                            tokio::select! {
-                                _ = acked.changed() => {}
-                                () = abandon.cancelled() => return,
-                            }
+                    if self.log_lost.is_none()
+                        && let (Some(shipper), Some(acked)) = (shipper, acked.as_mut())
+                    {
+                        acked.borrow_and_update();
+                        shipper.resync();
+                        // The shipper announces the resync with a (lower)
+                        // acknowledged length; wait for it. A shipper that
+                        // ended returns at once; how it ended comes as an
+                        // event.
+                        if self.listening(acked.changed()).await.is_none() {
+                            return;
                         }
-                        _ => tokio::time::sleep(delay).await,
+                    }
+                    // Never ask again at once: a controller that keeps
+                    // answering ABORTED, or a shipper that ended, made this a
+                    // tight loop of CompleteJob calls.
+                    if self
+                        .listening(tokio::time::sleep_until(ask_again_at))
+                        .await
+                        .is_none()
+                    {
+                        return;
                     }
                 }
                 Err(error) => {
@@ -498,13 +532,78 @@ impl Supervisor {
         }
     }
 
-    /// Whether every byte up to `len` was acknowledged (false: the job is
-    /// gone or the agent gave up).
+    /// The completion to send: as the work ended, or failed when the log was
+    /// lost on the way.
+    fn with_lost_log(&self, completion: &Completion) -> Completion {
+        let mut completion = completion.clone();
+        if let Some(reason) = &self.log_lost {
+            let reason = self.secrets.mask(reason);
+            completion.message = if completion.message.is_empty() || completion.message == reason {
+                reason
+            } else {
+                format!("{reason}; {}", completion.message)
+            };
+            completion.outcome = Outcome::Failed;
+            // What the controller has is all the log there will be: a
+            // length it may not have could only be answered ABORTED, again
+            // and again.
+            completion.log_length = 0;
+        }
+        completion
+    }
+
+    /// Takes in an event while the job is being reported; false when the
+    /// job is gone (nothing may be reported any more).
+    fn on_report_event(&mut self, event: JobEvent) -> bool {
+        match event {
+            JobEvent::JobGone { reason } => {
+                tracing::warn!(reason, "the job is gone; not reporting it");
+                self.stop = Some(Stop::Gone(reason));
+                false
+            }
+            JobEvent::LogLost { reason } => {
+                tracing::error!(
+                    reason,
+                    "the job's log can no longer be shipped; failing the job"
+                );
+                self.log_lost.get_or_insert(reason);
+                true
+            }
+            // The work is over: a cancel or a deadline changes nothing now.
+            _ => true,
+        }
+    }
+
+    /// Waits for `future` while taking in job events; `None` when the job
+    /// is gone or the agent gives up (abandon).
+    async fn listening<T>(&mut self, future: impl Future<Output = T>) -> Option<T> {
+        let abandon = self.context.abandon.clone();
+        tokio::pin!(future);
+        loop {
+            tokio::select! {
+                output = &mut future => return Some(output),
+                Some(event) = self.events_rx.recv() => {
+                    if !self.on_report_event(event) {
+                        return None;
+                    }
+                }
+                () = abandon.cancelled() => {
+                    tracing::warn!("the agent stops; the job's result is not reported");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Whether every byte up to `len` was acknowledged or the log was lost
+    /// (false: the job is gone or the agent gave up).
     async fn wait_shipped(&mut self, acked: &mut watch::Receiver<u64>, len: u64) -> bool {
         let abandon = self.context.abandon.clone();
+        // A shipper that ended dropped its sender; how it ended comes as an
+        // event (`JobGone`, `LogLost`).
         let mut shipper_alive = true;
         loop {
-            if *acked.borrow_and_update() >= len {
+            if self.log_lost.is_some() || *acked.borrow_and_update() >= len {
                 return true;
             }
             tokio::select! {
@@ -514,9 +613,7 @@ impl Supervisor {
                     }
                 }
                 Some(event) = self.events_rx.recv() => {
-                    if let JobEvent::JobGone { reason } = event {
-                        tracing::warn!(reason, "the job is gone; not shipping the rest");
-                        self.stop = Some(Stop::Gone(reason));
+                    if !self.on_report_event(event) {
                         return false;
                     }
                 }
@@ -525,6 +622,55 @@ impl Supervisor {
                     return false;
                 }
             }
+        }
+    }
+}
+
+/// Runs the job's shipper; when it ends before it was told to stop, tells
+/// the supervisor how — even when it panics: otherwise the supervisor would
+/// wait for acknowledgements that never come, with the lease renewed all
+/// along, until the agent stops.
+async fn ship_log<T: LogTransport>(
+    shipper: Shipper<T>,
+    stop: CancellationToken,
+    events: mpsc::UnboundedSender<JobEvent>,
+) {
+    let _crash = CrashReport {
+        events: events.clone(),
+        event: || JobEvent::LogLost {
+            reason: "the agent's log shipper crashed; the log is incomplete".to_owned(),
+        },
+    };
+    let event = match shipper.run(stop.clone()).await {
+        ShipperEnd::Stopped if stop.is_cancelled() => return,
+        ShipperEnd::Stopped => JobEvent::LogLost {
+            reason: "the agent's log shipper stopped early; the log is incomplete".to_owned(),
+        },
+        ShipperEnd::JobGone(error) => JobEvent::JobGone {
+            reason: error.to_string(),
+        },
+        ShipperEnd::SpoolUnreadable(error) => JobEvent::LogLost {
+            reason: format!(
+                "the job's log could not be read from the agent's spool ({error}); the log is \
+                 incomplete"
+            ),
+        },
+    };
+    let _ = events.send(event);
+}
+
+/// Sends `event` to the supervisor when dropped while a child task unwinds
+/// from a panic (not when the task is merely dropped: the supervisor is gone
+/// then). Without it a child's panic went unnoticed until the job ended.
+struct CrashReport {
+    events: mpsc::UnboundedSender<JobEvent>,
+    event: fn() -> JobEvent,
+}
+
+impl Drop for CrashReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.events.send((self.event)());
         }
     }
 }
@@ -637,5 +783,366 @@ mod tests {
         assert_eq!(human(Duration::from_secs(600)), "10m");
         assert_eq!(human(Duration::from_secs(7200)), "2h");
         assert_eq!(human(Duration::ZERO), "0s");
+    }
+}
+
+/// The report against a scripted controller: the test decides what
+/// CompleteJob answers and how log streams behave, and time is paused, so
+/// every wait is decided by the code under test, not by timing.
+#[cfg(test)]
+mod report_tests {
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::Mutex;
+
+    use hobotnica_common::ids::JobId;
+    use hobotnica_common::private_fs::Secret;
+
+    use super::*;
+    use crate::connection::{AgentIdentity, LeaseStatus, LogAck, SendError, TlsOptions};
+    use crate::job::JobKey;
+    use crate::logs::LogChannel;
+    use crate::workspace::Workspaces;
+
+    /// Long enough for any back-off; the clock is paused, so it costs
+    /// nothing, and a job that would hang fails the test when it passes.
+    const DEADLINE: Duration = Duration::from_secs(600);
+
+    #[derive(Clone, Copy)]
+    enum Logs {
+        /// Every chunk is acknowledged at once.
+        AckAll,
+        /// Opening a stream panics (a bug in the shipper or below).
+        Panic,
+    }
+
+    #[derive(Clone)]
+    struct Scripted {
+        logs: Logs,
+        /// RenewLease panics (a bug in the lease task or below) instead of
+        /// never answering.
+        renew_panics: bool,
+        /// CompleteJob's answers, in order; `Ok` once they run out.
+        answers: Arc<Mutex<VecDeque<Result<(), RpcError>>>>,
+        /// Every CompleteJob, with the (paused) time it came.
+        completions: Arc<Mutex<Vec<(Instant, Completion)>>>,
+    }
+
+    impl Scripted {
+        fn new(logs: Logs, answers: impl IntoIterator<Item = Result<(), RpcError>>) -> Scripted {
+            Scripted {
+                logs,
+                renew_panics: false,
+                answers: Arc::new(Mutex::new(answers.into_iter().collect())),
+                completions: Arc::new(Mutex::new(Vec::new())),
+            }
+        }
+
+        fn completions(&self) -> Vec<(Instant, Completion)> {
+            self.completions.lock().expect("lock").clone()
+        }
+    }
+
+    struct ScriptedStream {
+        acks: VecDeque<LogAck>,
+        next_seq: u64,
+    }
+
+    impl LogTransport for Scripted {
+        type Stream = ScriptedStream;
+
+        async fn open(
+            &self,
+            _key: JobKey,
+            offset: u64,
+            data: Vec<u8>,
+        ) -> Result<ScriptedStream, RpcError> {
+            match self.logs {
+                Logs::AckAll => {}
+                Logs::Panic => panic!("the log transport crashed"),
+            }
+            Ok(ScriptedStream {
+                acks: VecDeque::from([LogAck {
+                    seq: 0,
+                    committed: offset + data.len() as u64,
+                }]),
+                next_seq: 1,
+            })
+        }
+    }
+
+    impl LogChannel for ScriptedStream {
+        fn try_send(&mut self, offset: u64, data: Vec<u8>) -> Result<u64, SendError> {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.acks.push_back(LogAck {
+                seq,
+                committed: offset + data.len() as u64,
+            });
+            Ok(seq)
+        }
+
+        async fn next_ack(&mut self) -> Result<LogAck, RpcError> {
+            match self.acks.pop_front() {
+                Some(ack) => Ok(ack),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    impl JobController for Scripted {
+        async fn renew(&self, _key: JobKey) -> Result<LeaseStatus, RpcError> {
+            if self.renew_panics {
+                panic!("the lease renewal crashed");
+            }
+            std::future::pending().await
+        }
+
+        async fn complete(&self, completion: &Completion) -> Result<(), RpcError> {
+            self.completions
+                .lock()
+                .expect("lock")
+                .push((Instant::now(), completion.clone()));
+            self.answers
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .unwrap_or(Ok(()))
+        }
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            key: JobKey {
+                id: JobId(7),
+                attempt: 1,
+            },
+            repo: "o/r".to_owned(),
+            git_url: "https://github.com/o/r.git".to_owned(),
+            commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            branch: "main".to_owned(),
+            target: "test".to_owned(),
+            kind: "test".to_owned(),
+            env: BTreeMap::new(),
+            timeout: None,
+            secrets: Vec::new(),
+            git_http_header: None,
+        }
+    }
+
+    fn supervisor(controller: Scripted, dir: &std::path::Path) -> Supervisor<Scripted> {
+        // Never called: the scripted controller answers every call.
+        let connection = Connection::new(
+            &["http://127.0.0.1:1".to_owned()],
+            &Secret::new("t"),
+            AgentIdentity {
+                name: "a".to_owned(),
+                labels: BTreeMap::new(),
+                concurrency: 1,
+            },
+            &TlsOptions::default(),
+            Duration::from_secs(15),
+        )
+        .expect("connection");
+        let workspaces =
+            Workspaces::new(&dir.join("work"), &[], Duration::from_secs(60)).expect("workspaces");
+        let context = Arc::new(JobContext {
+            connection,
+            workspaces: Arc::new(workspaces),
+            spool_dir: dir.join("spool"),
+            inherited_env: Arc::from([]),
+            sandbox: None,
+            abandon: CancellationToken::new(),
+        });
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Supervisor::new(
+            context,
+            controller,
+            spec(),
+            LeaseTimings::from_millis(30_000, 10_000, 5_000),
+            events_tx,
+            events_rx,
+        )
+    }
+
+    /// A closed spool holding `output`.
+    fn spool(dir: &std::path::Path, output: &[u8]) -> Arc<Spool> {
+        let spool = Arc::new(Spool::create(dir.join("7-1.log")).expect("spool"));
+        spool.append(output).expect("append");
+        spool.close();
+        spool
+    }
+
+    fn succeeded() -> WorkEnd {
+        WorkEnd {
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            message: String::new(),
+        }
+    }
+
+    /// make succeeded, but its log cannot be read from the spool any more
+    /// (the file is gone). Before the fix the shipper retried forever and the
+    /// job stayed `running`, its lease renewed, until the agent stopped; now
+    /// the shipper gives up and the job is reported failed, with a message
+    /// that says why, and with the log the controller has.
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_unreadable_for_good_fails_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::AckAll, []);
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"hello\n");
+        spool.remove();
+        let handle = supervisor.spawn_shipper(&spool);
+        let completion = supervisor.completion(succeeded(), 6);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 1, "{completions:?}");
+        let sent = &completions[0].1;
+        assert_eq!(sent.outcome, Outcome::Failed);
+        assert_eq!(sent.exit_code, Some(0));
+        assert_eq!(sent.log_length, 0);
+        assert!(
+            sent.message
+                .starts_with("the job's log could not be read from the agent's spool"),
+            "{}",
+            sent.message
+        );
+        supervisor.stop_children().await;
+    }
+
+    fn aborted() -> Result<(), RpcError> {
+        Err(RpcError::LogIncomplete("stored 0, expected 6".to_owned()))
+    }
+
+    /// The gaps between CompleteJob calls, each at least the back-off
+    /// (100 ms, doubling).
+    fn assert_spaced(completions: &[(Instant, Completion)]) {
+        let mut expected = crate::connection::BACKOFF_INITIAL;
+        for pair in completions.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(gap >= expected, "CompleteJob again after {gap:?}");
+            expected = (expected * 2).min(crate::connection::BACKOFF_MAX);
+        }
+    }
+
+    /// A controller keeps answering ABORTED (its log stays shorter than
+    /// what it acknowledged). Before the fix each resync was followed by
+    /// another CompleteJob at once, a tight loop against the controller; now
+    /// the calls back off.
+    #[tokio::test(start_paused = true)]
+    async fn completing_again_after_aborted_backs_off() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::AckAll, (0..6).map(|_| aborted()));
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"hello\n");
+        let handle = supervisor.spawn_shipper(&spool);
+        let completion = supervisor.completion(succeeded(), 6);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 7);
+        assert_spaced(&completions);
+        assert_eq!(completions[6].1.outcome, Outcome::Succeeded);
+        supervisor.stop_children().await;
+    }
+
+    /// The same with the shipper already gone: its dropped sender made the
+    /// wait for the resync return at once, and CompleteJob was called again
+    /// in a tight loop.
+    #[tokio::test(start_paused = true)]
+    async fn completing_again_after_aborted_backs_off_without_a_shipper() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::AckAll, (0..6).map(|_| aborted()));
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"");
+        let (shipper, handle) = Shipper::new(controller.clone(), supervisor.spec.key, spool);
+        drop(shipper);
+        let completion = supervisor.completion(succeeded(), 0);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 7);
+        assert_spaced(&completions);
+    }
+
+    /// The shipper panics. Before the fix nothing told the supervisor: it
+    /// waited for acknowledgements that could never come, the lease renewed
+    /// all along, until the agent stopped. Now the job is reported failed,
+    /// saying why.
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_shipper_fails_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted::new(Logs::Panic, []);
+        let mut supervisor = supervisor(controller.clone(), dir.path());
+        let spool = spool(dir.path(), b"hello\n");
+        let handle = supervisor.spawn_shipper(&spool);
+        let completion = supervisor.completion(succeeded(), 6);
+
+        tokio::time::timeout(DEADLINE, supervisor.report(Some(&handle), completion))
+            .await
+            .expect("the job is reported");
+
+        let completions = controller.completions();
+        assert_eq!(completions.len(), 1, "{completions:?}");
+        let sent = &completions[0].1;
+        assert_eq!(sent.outcome, Outcome::Failed);
+        assert_eq!(sent.log_length, 0);
+        assert_eq!(
+            sent.message,
+            "the agent's log shipper crashed; the log is incomplete"
+        );
+        supervisor.stop_children().await;
+    }
+
+    /// A lost log while make runs stops make; the job fails with the reason.
+    #[tokio::test]
+    async fn a_lost_log_stops_the_work_and_fails_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut supervisor = supervisor(Scripted::new(Logs::AckAll, []), dir.path());
+        let spool = spool(dir.path(), b"");
+        let reason = "the agent's log shipper crashed; the log is incomplete";
+        assert!(supervisor.on_event(
+            JobEvent::LogLost {
+                reason: reason.to_owned()
+            },
+            &spool
+        ));
+        let end = supervisor.stopped(Some(143));
+        assert_eq!(end.outcome, Outcome::Failed);
+        assert_eq!(end.message, reason);
+    }
+
+    /// The lease task panics. Before the fix nothing told the supervisor:
+    /// the job ran on while its lease expired. Now the job is dropped as
+    /// gone (the controller takes it back when the lease expires).
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_lease_renewal_drops_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let controller = Scripted {
+            renew_panics: true,
+            ..Scripted::new(Logs::AckAll, [])
+        };
+        let mut supervisor = supervisor(controller, dir.path());
+        supervisor.spawn_lease();
+
+        let event = tokio::time::timeout(DEADLINE, supervisor.events_rx.recv())
+            .await
+            .expect("the supervisor hears of the crash")
+            .expect("an event");
+        assert!(
+            matches!(&event, JobEvent::JobGone { reason } if reason.contains("lease renewal crashed")),
+            "{event:?}"
+        );
+        supervisor.stop_children().await;
     }
 }

@@ -10,7 +10,9 @@ use std::io;
 use std::sync::Arc;
 
 pub use mask::{Masker, Secrets};
-pub use shipper::{Shipper, ShipperEnd, ShipperHandle};
+#[cfg(test)]
+pub use shipper::LogChannel;
+pub use shipper::{LogTransport, Shipper, ShipperEnd, ShipperHandle};
 pub use spool::Spool;
 
 use crate::process::OutputPipe;

@@ -6,11 +6,13 @@
 //! resending never duplicates a byte.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hobotnica_common::logs::MAX_CHUNK_BYTES;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::{Spool, SpoolReader};
@@ -69,6 +71,11 @@ pub const WINDOW_BYTES: u64 = 1024 * 1024;
 /// output.
 pub const COALESCE_DELAY: Duration = Duration::from_millis(10);
 
+/// How many times in a row the spool may fail to open or read (with
+/// back-off, about 25 s in all) before the shipper gives up on it: a job
+/// whose log can no longer be read must fail, not stay `running`.
+pub const SPOOL_READ_ATTEMPTS: u32 = 10;
+
 /// The next chunk to send, as `(offset, len)`, or `None` when there is
 /// nothing to send or the window is full.
 ///
@@ -119,6 +126,37 @@ pub enum ShipperEnd {
     Stopped,
     /// The controller no longer accepts logs for this attempt.
     JobGone(RpcError),
+    /// The spool could not be opened or read [`SPOOL_READ_ATTEMPTS`] times
+    /// in a row: the rest of the log cannot be shipped.
+    SpoolUnreadable(io::Error),
+}
+
+/// Consecutive failures to open or read the spool, and the back-off
+/// between attempts.
+#[derive(Default)]
+struct ReadFailures {
+    count: u32,
+    backoff: Backoff,
+}
+
+impl ReadFailures {
+    /// Counts a failure: the delay before trying again, or the shipper's end
+    /// when the spool stayed unreadable too long.
+    fn failed(&mut self, error: io::Error) -> Result<Duration, ShipperEnd> {
+        self.count += 1;
+        if self.count >= SPOOL_READ_ATTEMPTS {
+            tracing::error!(%error, attempts = self.count, "the log spool stays unreadable; giving up on the rest of the log");
+            return Err(ShipperEnd::SpoolUnreadable(error));
+        }
+        let delay = self.backoff.next_delay();
+        tracing::warn!(%error, attempts = self.count, retry_in_ms = delay.as_millis() as u64, "cannot read the log spool; retrying");
+        Ok(delay)
+    }
+
+    fn succeeded(&mut self) {
+        self.count = 0;
+        self.backoff.reset();
+    }
 }
 
 /// One job's shipper. Run it with [`Shipper::run`].
@@ -159,24 +197,27 @@ impl<T: LogTransport> Shipper<T> {
         )
     }
 
-    /// Ships until `stop` is cancelled or the job is gone.
+    /// Ships until `stop` is cancelled, the job is gone or the spool stays
+    /// unreadable.
     pub async fn run(self, stop: CancellationToken) -> ShipperEnd {
+        tokio::select! {
+            end = self.open_and_ship() => end,
+            () = stop.cancelled() => ShipperEnd::Stopped,
+        }
+    }
+
+    async fn open_and_ship(&self) -> ShipperEnd {
+        let mut failures = ReadFailures::default();
         let reader = loop {
             match self.spool.reader() {
                 Ok(reader) => break reader,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read the log spool; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = stop.cancelled() => return ShipperEnd::Stopped,
-                    }
-                }
+                Err(error) => match failures.failed(error) {
+                    Ok(delay) => tokio::time::sleep(delay).await,
+                    Err(end) => return end,
+                },
             }
         };
-        tokio::select! {
-            end = self.ship(&reader) => end,
-            () = stop.cancelled() => ShipperEnd::Stopped,
-        }
+        self.ship(&reader).await
     }
 
     fn publish_acked(&self, acked: u64) {
@@ -187,19 +228,12 @@ impl<T: LogTransport> Shipper<T> {
         });
     }
 
-    fn read(&self, reader: &SpoolReader, offset: u64, len: usize) -> Option<Vec<u8>> {
-        match reader.read_at(offset, len) {
-            Ok(data) => Some(data),
-            Err(error) => {
-                tracing::error!(%error, offset, len, "cannot read the log spool");
-                None
-            }
-        }
-    }
-
     async fn ship(&self, reader: &SpoolReader) -> ShipperEnd {
         let mut progress_rx = self.spool.subscribe();
         let mut backoff = Backoff::default();
+        let mut read_failures = ReadFailures::default();
+        // Set after a failed read with a stream open: no read before then.
+        let mut read_again_at: Option<Instant> = None;
         let mut open: Option<OpenStream<T::Stream>> = None;
         let mut acked = 0u64;
         let mut sent = 0u64;
@@ -208,10 +242,20 @@ impl<T: LogTransport> Shipper<T> {
 
             if open.is_none() {
                 sent = acked;
+                read_again_at = None;
                 if let Some((offset, len)) = next_chunk(sent, progress.len, acked, 0) {
-                    let Some(data) = self.read(reader, offset, len) else {
-                        tokio::time::sleep(backoff.next_delay()).await;
-                        continue;
+                    let data = match reader.read_at(offset, len) {
+                        Ok(data) => {
+                            read_failures.succeeded();
+                            data
+                        }
+                        Err(error) => match read_failures.failed(error) {
+                            Ok(delay) => {
+                                tokio::time::sleep(delay).await;
+                                continue;
+                            }
+                            Err(end) => return end,
+                        },
                     };
                     match self.transport.open(self.key, offset, data).await {
                         Ok(stream) => {
@@ -242,12 +286,29 @@ impl<T: LogTransport> Shipper<T> {
             }
 
             let mut closed_on_send = false;
-            if let Some(state) = open.as_mut() {
+            if let Some(state) = open.as_mut()
+                && read_again_at.is_none()
+            {
                 while let Some((offset, len)) =
                     next_chunk(sent, progress.len, acked, state.in_flight.len())
                 {
-                    let Some(data) = self.read(reader, offset, len) else {
-                        break;
+                    let data = match reader.read_at(offset, len) {
+                        Ok(data) => {
+                            read_failures.succeeded();
+                            data
+                        }
+                        Err(error) => {
+                            // Try again after a back-off, keeping the stream:
+                            // waiting below for spool progress or
+                            // acknowledgements alone would wait forever once
+                            // make has exited and the chunks in flight are
+                            // acknowledged — a job stuck `running`.
+                            match read_failures.failed(error) {
+                                Ok(delay) => read_again_at = Some(Instant::now() + delay),
+                                Err(end) => return end,
+                            }
+                            break;
+                        }
                     };
                     match state.stream.try_send(offset, data) {
                         Ok(seq) => {
@@ -280,6 +341,7 @@ impl<T: LogTransport> Shipper<T> {
             }
 
             tokio::select! {
+                () = sleep_until(read_again_at) => read_again_at = None,
                 changed = progress_rx.changed() => {
                     if changed.is_err() {
                         // The spool is gone: the job is over.
@@ -328,6 +390,13 @@ impl<T: LogTransport> Shipper<T> {
             }
             _ => None,
         }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -595,5 +664,125 @@ mod stream_tests {
         stop.cancel();
         task.await.expect("the shipper ends");
         drop(first.acks);
+    }
+
+    /// Truncates the spool file under the shipper: its reads past the new
+    /// end fail, as when the file is damaged or cut short.
+    fn truncate(spool: &Spool) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(spool.path())
+            .and_then(|file| file.set_len(0))
+            .expect("truncate the spool");
+    }
+
+    /// A stream is open with 10 bytes in flight; make then writes 20 more
+    /// and exits, but the spool cannot be read any more. Returns the
+    /// shipper's task, its handle, and the stream's peer after the first
+    /// chunk was acknowledged: nothing is in flight, no spool progress will
+    /// come.
+    async fn unreadable_after_the_first_chunk(
+        spool: &Arc<Spool>,
+    ) -> (tokio::task::JoinHandle<ShipperEnd>, ShipperHandle, Peer) {
+        spool.append(&[b'a'; 10]).expect("append");
+        let (opened_tx, mut opened) = mpsc::unbounded_channel();
+        let key = JobKey {
+            id: JobId(1),
+            attempt: 1,
+        };
+        let (shipper, handle) = Shipper::new(Memory { opened: opened_tx }, key, spool.clone());
+        let task = tokio::spawn(shipper.run(CancellationToken::new()));
+        let peer = next_peer(&mut opened).await;
+        assert_eq!(peer.first_offset, 0);
+        // No await between these: the shipper next runs with the spool
+        // closed at 30 bytes, none of which can be read.
+        spool.append(&[b'b'; 20]).expect("append");
+        spool.close();
+        truncate(spool);
+        peer.acks
+            .send(Ok(LogAck {
+                seq: 0,
+                committed: 10,
+            }))
+            .expect("ack");
+        // `opened` is dropped: a second stream would fail to open.
+        (task, handle, peer)
+    }
+
+    /// The spool cannot be read for a moment while a stream is open, after
+    /// make exited: the shipper reads again after a back-off and ships the
+    /// rest. Before the fix it gave up reading and waited for spool progress
+    /// or acknowledgements, neither of which could come: the job stayed
+    /// `running` forever while its lease was renewed.
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_read_error_with_a_stream_open_is_retried() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Arc::new(Spool::create(dir.path().join("spool")).expect("spool"));
+        let (task, handle, mut peer) = unreadable_after_the_first_chunk(&spool).await;
+
+        // The clock is paused and only moves when every task waits: 50 ms
+        // on, the shipper has failed its read and waits for its first
+        // back-off (100 ms) to end. Then the spool comes back.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.is_finished());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(spool.path())
+            .expect("open the spool");
+        std::os::unix::fs::FileExt::write_all_at(&file, &[b'a'; 10], 0).expect("write");
+        std::os::unix::fs::FileExt::write_all_at(&file, &[b'b'; 20], 10).expect("write");
+
+        let (seq, offset, len) = tokio::time::timeout(DEADLINE, peer.chunks.recv())
+            .await
+            .expect("the rest of the log is sent on the open stream")
+            .expect("a chunk");
+        assert_eq!((offset, len), (10, 20));
+        peer.acks
+            .send(Ok(LogAck { seq, committed: 30 }))
+            .expect("ack");
+        let mut acked = handle.acked();
+        tokio::time::timeout(DEADLINE, acked.wait_for(|acked| *acked == 30))
+            .await
+            .expect("every byte acknowledged")
+            .expect("the shipper runs");
+        task.abort();
+    }
+
+    /// The spool stays unreadable: the shipper ends with `SpoolUnreadable`
+    /// (which fails the job) instead of waiting forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_unreadable_for_good_ends_the_shipper() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Arc::new(Spool::create(dir.path().join("spool")).expect("spool"));
+        let (task, _handle, peer) = unreadable_after_the_first_chunk(&spool).await;
+
+        let end = tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("the shipper gives up within minutes")
+            .expect("the shipper does not panic");
+        assert!(matches!(end, ShipperEnd::SpoolUnreadable(_)), "{end:?}");
+        drop(peer);
+    }
+
+    /// The spool file is gone before the shipper opens it: same verdict.
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_that_cannot_be_opened_ends_the_shipper() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Arc::new(Spool::create(dir.path().join("spool")).expect("spool"));
+        spool.append(b"output").expect("append");
+        spool.remove();
+        let (opened_tx, _opened) = mpsc::unbounded_channel();
+        let key = JobKey {
+            id: JobId(1),
+            attempt: 1,
+        };
+        let (shipper, _handle) = Shipper::new(Memory { opened: opened_tx }, key, spool.clone());
+        let end = tokio::time::timeout(
+            Duration::from_secs(600),
+            shipper.run(CancellationToken::new()),
+        )
+        .await
+        .expect("the shipper gives up within minutes");
+        assert!(matches!(end, ShipperEnd::SpoolUnreadable(_)), "{end:?}");
     }
 }
