@@ -496,6 +496,21 @@ fn revoked() -> AgentError {
     AgentError::Unauthenticated("the agent token was revoked".to_owned())
 }
 
+/// Sends `message` towards the agent unless the controller stops first;
+/// `false` when the stream is over (the agent went away, or the controller
+/// is stopping). A full channel means the agent is connected but not
+/// reading: a plain `send` would wait for it for ever and hold up the stop.
+async fn send_or_stop<T>(
+    outbound: &mpsc::Sender<T>,
+    message: T,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        sent = outbound.send(message) => sent.is_ok(),
+    }
+}
+
 /// The job a log stream last wrote to, checked once: its key and the
 /// secrets to mask again.
 struct VerifiedJob {
@@ -528,7 +543,7 @@ pub async fn run_log_intake(
                     continue;
                 }
                 tracing::info!(agent.id = %agent.id, "log stream closed: the agent token was revoked");
-                let _ = outbound.send(Err(revoked())).await;
+                send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                 break;
             }
             piece = inbound.next() => piece,
@@ -536,7 +551,7 @@ pub async fn run_log_intake(
         let Some(piece) = piece else { break };
         let ack = intake_piece(&services, &agent, &mut verified, piece).await;
         let stop = ack.is_err();
-        if outbound.send(ack).await.is_err() || stop {
+        if !send_or_stop(&outbound, ack, &shutdown).await || stop {
             break;
         }
     }
@@ -629,7 +644,7 @@ pub async fn run_session(
             job: job.id,
             attempt: job.attempt,
         };
-        if outbound.send(Ok(cancel)).await.is_err() {
+        if !send_or_stop(&outbound, Ok(cancel), &shutdown).await {
             return;
         }
     }
@@ -639,7 +654,7 @@ pub async fn run_session(
         let forget = SessionOutput::Forget {
             git_url: repo.git_url,
         };
-        if outbound.send(Ok(forget)).await.is_err() {
+        if !send_or_stop(&outbound, Ok(forget), &shutdown).await {
             return;
         }
     }
@@ -661,7 +676,7 @@ pub async fn run_session(
                     services.statuses.job_changed(&job);
                     let assignment = services.job_assignment(job).await;
                     let message = SessionOutput::Assign(Box::new(assignment));
-                    if outbound.send(Ok(message)).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(message), &shutdown).await {
                         // The agent is gone: the lease will expire and the
                         // job becomes lost.
                         return;
@@ -689,24 +704,24 @@ pub async fn run_session(
             },
             event = events.recv() => match event {
                 Ok(StoreEvent::CancelRequested { job, attempt, agent: holder }) if holder == agent.id => {
-                    if outbound.send(Ok(SessionOutput::Cancel { job, attempt })).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(SessionOutput::Cancel { job, attempt }), &shutdown).await {
                         return;
                     }
                 }
                 Ok(StoreEvent::RepoDisabled { git_url }) => {
-                    if outbound.send(Ok(SessionOutput::Forget { git_url })).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(SessionOutput::Forget { git_url }), &shutdown).await {
                         return;
                     }
                 }
                 Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => {
-                    let _ = outbound.send(Err(revoked())).await;
+                    send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                     return;
                 }
                 // Missed events: was the token revoked meanwhile? (Revoking
                 // forgets the token's agents.) Then claim again.
                 Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
                     if !still_registered(&services, &agent).await {
-                        let _ = outbound.send(Err(revoked())).await;
+                        send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                         return;
                     }
                     try_claim = true;
@@ -720,7 +735,7 @@ pub async fn run_session(
             },
             _ = heartbeat.tick() => {
                 try_claim = true;
-                if outbound.send(Ok(SessionOutput::Heartbeat)).await.is_err() {
+                if !send_or_stop(&outbound, Ok(SessionOutput::Heartbeat), &shutdown).await {
                     return;
                 }
                 if let Err(err) = services.store.touch_agent(&agent.id, Utc::now()).await {
@@ -952,6 +967,78 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         token(pairs).labels
+    }
+
+    /// An agent that is connected but does not read its log acks: the acks
+    /// buffer is full when a piece arrives, and the controller is asked to
+    /// stop. Before the fix the intake waited to send the ack for ever, and
+    /// with it the controller's stop. The inbound channel holds one piece,
+    /// so the second `send` returns only once the intake has taken the
+    /// first: from then on only the ack's send is left for it to do.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_stream_whose_agent_does_not_read_ends_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _) = services(dir.path()).await;
+        let (token, agent, job) = agent_with_job(&services).await;
+        let attached = services.attach_agent(&token, &agent.id.0).await.unwrap();
+        let (pieces, inbound) = mpsc::channel(1);
+        let (outbound, _unread) = mpsc::channel(1);
+        outbound
+            .try_send(Ok(LogAcked {
+                job: job.id,
+                seq: 0,
+                committed: 0,
+            }))
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let intake = tokio::spawn(run_log_intake(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+        pieces.send(piece(&job, 0, b"hello\n")).await.unwrap();
+        pieces.send(piece(&job, 6, b"world\n")).await.unwrap();
+
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, intake)
+            .await
+            .expect("the log stream ends on shutdown though its agent does not read")
+            .unwrap();
+    }
+
+    /// The same for a session: the agent does not read, and the session
+    /// has a cancellation to pass on as it opens. Before the fix it waited
+    /// to send it for ever, whatever the shutdown token said.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_agent_does_not_read_ends_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _) = services(dir.path()).await;
+        let (token, agent, job) = agent_with_job(&services).await;
+        services
+            .store
+            .request_cancel(job.id, Utc::now())
+            .await
+            .unwrap();
+        let attached = services.attach_agent(&token, &agent.id.0).await.unwrap();
+        let (_agent_says, inbound) = mpsc::channel::<SessionInput>(1);
+        let (outbound, _unread) = mpsc::channel(1);
+        outbound.try_send(Ok(SessionOutput::Heartbeat)).unwrap();
+        let shutdown = CancellationToken::new();
+        let session = tokio::spawn(run_session(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ends on shutdown though its agent does not read")
+            .unwrap();
     }
 
     #[test]
