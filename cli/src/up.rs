@@ -12,7 +12,8 @@
 //!   [`AGENT_DRAIN_TIMEOUT`]).
 //!
 //! Ctrl-C or SIGTERM cancels the agents, waits for them, then stops the
-//! controller. A second signal stops everything at once.
+//! controller. A second signal, while the agents drain or while the
+//! controller stops, stops everything at once (the tasks are aborted).
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,8 +26,8 @@ use hobotnica_agent::AgentConfig;
 use hobotnica_common::private_fs::Secret;
 use hobotnica_controller::{Controller, Listeners};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::task::JoinSet;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UpArgs;
@@ -138,11 +139,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = stdout.flush();
     drop(stdout);
 
+    // Streams, not one-shot futures, kept from here to the end: a signal
+    // between two waits is still delivered to the next.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut failed = false;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM; stopping"),
+        signal = next_signal(&mut sigint, &mut sigterm) => tracing::info!("{signal}; stopping"),
         Some(result) = agent_tasks.join_next() => {
             // A local agent that cannot work (its token refused, say) must
             // not leave a controller whose jobs never start.
@@ -182,35 +185,83 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    let mut hurry = false;
     tokio::select! {
         () = drain => {}
-        _ = tokio::signal::ctrl_c() => {
-            tracing::warn!("interrupted again; not waiting for running jobs");
+        signal = next_signal(&mut sigint, &mut sigterm) => {
+            tracing::warn!("{signal} again; not waiting for running jobs or the controller's stop");
             agent_tasks.shutdown().await;
-        }
-        _ = sigterm.recv() => {
-            tracing::warn!("SIGTERM again; not waiting for running jobs");
-            agent_tasks.shutdown().await;
+            hurry = true;
         }
     }
 
-    controller_shutdown.cancel();
-    match controller_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            failed = true;
-            tracing::error!(error = %format!("{err:#}"), "the controller failed while stopping");
-        }
-        Err(err) => {
-            failed = true;
-            tracing::error!(error = %err, "the controller task failed");
-        }
+    let stop = if hurry {
+        controller_shutdown.cancel();
+        controller_task.abort();
+        ControllerStop::Abandoned
+    } else {
+        stop_controller(
+            &mut controller_task,
+            &controller_shutdown,
+            next_signal(&mut sigint, &mut sigterm),
+        )
+        .await
+    };
+    if stop != ControllerStop::Stopped {
+        failed = true;
     }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, naming it for the log.
+async fn next_signal(sigint: &mut Signal, sigterm: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = sigint.recv() => "interrupted",
+        _ = sigterm.recv() => "SIGTERM",
+    }
+}
+
+/// How the controller's stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ControllerStop {
+    Stopped,
+    Failed,
+    /// Not waited for: a further signal came first.
+    Abandoned,
+}
+
+/// Asks the controller to stop and waits for its graceful stop, unless
+/// `another_signal` comes first: then it is aborted at once. Without that
+/// escape a stop that hung left `hobot up` deaf to every further Ctrl-C or
+/// SIGTERM, and only SIGKILL ended it.
+async fn stop_controller(
+    controller_task: &mut JoinHandle<anyhow::Result<()>>,
+    controller_shutdown: &CancellationToken,
+    another_signal: impl Future<Output = &'static str>,
+) -> ControllerStop {
+    controller_shutdown.cancel();
+    tokio::select! {
+        result = &mut *controller_task => match result {
+            Ok(Ok(())) => ControllerStop::Stopped,
+            Ok(Err(err)) => {
+                tracing::error!(error = %format!("{err:#}"), "the controller failed while stopping");
+                ControllerStop::Failed
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the controller task failed");
+                ControllerStop::Failed
+            }
+        },
+        signal = another_signal => {
+            tracing::warn!("{signal} again; not waiting for the controller to stop");
+            controller_task.abort();
+            ControllerStop::Abandoned
+        }
+    }
 }
 
 /// What differs between local agents.
@@ -265,6 +316,65 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// Longer than anything here takes unless it hangs.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// The controller's stop hangs; a further signal must end the wait at
+    /// once and abort the controller. (Before the fix `hobot up` awaited
+    /// the controller's task with no signal listened to.)
+    #[tokio::test]
+    async fn another_signal_ends_a_controller_stop_that_hangs() {
+        let mut controller_task = tokio::spawn(std::future::pending::<anyhow::Result<()>>());
+        let controller_shutdown = CancellationToken::new();
+        let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+        let stop = {
+            let stopping = stop_controller(&mut controller_task, &controller_shutdown, async {
+                let _ = signalled.await;
+                "SIGTERM"
+            });
+            tokio::pin!(stopping);
+            // Without a signal it waits for the controller.
+            tokio::select! {
+                biased;
+                stop = &mut stopping => panic!("stopped without the controller or a signal: {stop:?}"),
+                () = std::future::ready(()) => {}
+            }
+            assert!(controller_shutdown.is_cancelled());
+
+            signal.send(()).expect("the stop is waiting");
+            tokio::time::timeout(DEADLINE, stopping)
+                .await
+                .expect("a further signal ends the wait at once")
+        };
+        assert_eq!(stop, ControllerStop::Abandoned);
+        let aborted = tokio::time::timeout(DEADLINE, controller_task)
+            .await
+            .expect("the aborted task ends");
+        assert!(aborted.expect_err("aborted").is_cancelled());
+    }
+
+    /// A controller that stops gracefully is waited for.
+    #[tokio::test]
+    async fn a_controller_that_stops_is_waited_for() {
+        let controller_shutdown = CancellationToken::new();
+        let token = controller_shutdown.clone();
+        let mut controller_task = tokio::spawn(async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        let stop = tokio::time::timeout(
+            DEADLINE,
+            stop_controller(
+                &mut controller_task,
+                &controller_shutdown,
+                std::future::pending(),
+            ),
+        )
+        .await
+        .expect("the controller stops");
+        assert_eq!(stop, ControllerStop::Stopped);
+    }
 
     #[test]
     fn agent_token_is_created_once_and_private() {

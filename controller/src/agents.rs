@@ -456,22 +456,30 @@ fn vouched_labels(
     Ok(labels.clone())
 }
 
-/// Returns once `agent`'s token is revoked (never, if the event feed ends).
-/// After missed events it asks the store whether the agent is still
-/// registered (revoking a token forgets its agents).
-async fn token_revoked(
-    services: &Services,
+/// What the event feed says about an agent's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenNews {
+    Revoked,
+    /// Events were missed (a lag, or the feed reconnected): only the store
+    /// can tell whether the token was revoked meanwhile.
+    MissedEvents,
+}
+
+/// Waits for news of `agent`'s token on the event feed (forever, if the
+/// feed ends). It only receives, so a `select!` may drop it at any point
+/// without losing anything: the store check that [`TokenNews::MissedEvents`]
+/// calls for is the caller's to run outside the `select!`, where no other
+/// branch can drop it half-way.
+async fn token_news(
     agent: &AgentRecord,
     events: &mut broadcast::Receiver<StoreEvent>,
-) {
+) -> TokenNews {
     loop {
         match events.recv().await {
-            Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => return,
-            Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
-                if !still_registered(services, agent).await {
-                    return;
-                }
+            Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => {
+                return TokenNews::Revoked;
             }
+            Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => return TokenNews::MissedEvents,
             Ok(_) => {}
             Err(RecvError::Closed) => std::future::pending::<()>().await,
         }
@@ -486,6 +494,21 @@ async fn still_registered(services: &Services, agent: &AgentRecord) -> bool {
 
 fn revoked() -> AgentError {
     AgentError::Unauthenticated("the agent token was revoked".to_owned())
+}
+
+/// Sends `message` towards the agent unless the controller stops first;
+/// `false` when the stream is over (the agent went away, or the controller
+/// is stopping). A full channel means the agent is connected but not
+/// reading: a plain `send` would wait for it for ever and hold up the stop.
+async fn send_or_stop<T>(
+    outbound: &mpsc::Sender<T>,
+    message: T,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        sent = outbound.send(message) => sent.is_ok(),
+    }
 }
 
 /// The job a log stream last wrote to, checked once: its key and the
@@ -511,9 +534,16 @@ pub async fn run_log_intake(
     loop {
         let piece = tokio::select! {
             () = shutdown.cancelled() => break,
-            () = token_revoked(&services, &agent, &mut events) => {
+            news = token_news(&agent, &mut events) => {
+                // The store is asked here, in the handler, which no other
+                // branch can cancel: inside the select a piece arriving
+                // during the check dropped it, and with it a revocation
+                // missed in the lag, for good.
+                if news == TokenNews::MissedEvents && still_registered(&services, &agent).await {
+                    continue;
+                }
                 tracing::info!(agent.id = %agent.id, "log stream closed: the agent token was revoked");
-                let _ = outbound.send(Err(revoked())).await;
+                send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                 break;
             }
             piece = inbound.next() => piece,
@@ -521,7 +551,7 @@ pub async fn run_log_intake(
         let Some(piece) = piece else { break };
         let ack = intake_piece(&services, &agent, &mut verified, piece).await;
         let stop = ack.is_err();
-        if outbound.send(ack).await.is_err() || stop {
+        if !send_or_stop(&outbound, ack, &shutdown).await || stop {
             break;
         }
     }
@@ -614,7 +644,7 @@ pub async fn run_session(
             job: job.id,
             attempt: job.attempt,
         };
-        if outbound.send(Ok(cancel)).await.is_err() {
+        if !send_or_stop(&outbound, Ok(cancel), &shutdown).await {
             return;
         }
     }
@@ -624,7 +654,7 @@ pub async fn run_session(
         let forget = SessionOutput::Forget {
             git_url: repo.git_url,
         };
-        if outbound.send(Ok(forget)).await.is_err() {
+        if !send_or_stop(&outbound, Ok(forget), &shutdown).await {
             return;
         }
     }
@@ -646,7 +676,7 @@ pub async fn run_session(
                     services.statuses.job_changed(&job);
                     let assignment = services.job_assignment(job).await;
                     let message = SessionOutput::Assign(Box::new(assignment));
-                    if outbound.send(Ok(message)).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(message), &shutdown).await {
                         // The agent is gone: the lease will expire and the
                         // job becomes lost.
                         return;
@@ -674,24 +704,24 @@ pub async fn run_session(
             },
             event = events.recv() => match event {
                 Ok(StoreEvent::CancelRequested { job, attempt, agent: holder }) if holder == agent.id => {
-                    if outbound.send(Ok(SessionOutput::Cancel { job, attempt })).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(SessionOutput::Cancel { job, attempt }), &shutdown).await {
                         return;
                     }
                 }
                 Ok(StoreEvent::RepoDisabled { git_url }) => {
-                    if outbound.send(Ok(SessionOutput::Forget { git_url })).await.is_err() {
+                    if !send_or_stop(&outbound, Ok(SessionOutput::Forget { git_url }), &shutdown).await {
                         return;
                     }
                 }
                 Ok(StoreEvent::AgentTokenRevoked { token_id }) if token_id == agent.token_id => {
-                    let _ = outbound.send(Err(revoked())).await;
+                    send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                     return;
                 }
                 // Missed events: was the token revoked meanwhile? (Revoking
                 // forgets the token's agents.) Then claim again.
                 Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
                     if !still_registered(&services, &agent).await {
-                        let _ = outbound.send(Err(revoked())).await;
+                        send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                         return;
                     }
                     try_claim = true;
@@ -705,7 +735,7 @@ pub async fn run_session(
             },
             _ = heartbeat.tick() => {
                 try_claim = true;
-                if outbound.send(Ok(SessionOutput::Heartbeat)).await.is_err() {
+                if !send_or_stop(&outbound, Ok(SessionOutput::Heartbeat), &shutdown).await {
                     return;
                 }
                 if let Err(err) = services.store.touch_agent(&agent.id, Utc::now()).await {
@@ -785,6 +815,145 @@ impl Services {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use clap::{Args as _, FromArgMatches as _};
+    use hobotnica_common::job::{JobKind, Trigger};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use crate::config::ControllerConfig;
+    use crate::store::NewJob;
+    use crate::store::gated::GatedStore;
+
+    /// Longer than anything here takes; the clock is paused, so waiting it
+    /// out costs nothing and means "nothing more will happen".
+    const DEADLINE: Duration = Duration::from_secs(60);
+
+    /// The services of a controller on an embedded store in `dir`, whose
+    /// store calls the test can hold.
+    async fn services(dir: &std::path::Path) -> (Services, Arc<GatedStore>) {
+        let command = ControllerConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let data_dir = dir.join("data");
+        let matches = command
+            .try_get_matches_from(["--data-dir", data_dir.to_str().unwrap()])
+            .unwrap();
+        let config = ControllerConfig::from_arg_matches(&matches).unwrap();
+        let mut services = crate::Controller::open(config).await.unwrap().services;
+        let gated = Arc::new(GatedStore::new(services.store.clone()));
+        services.store = gated.clone();
+        (services, gated)
+    }
+
+    /// An agent registered with a token of its own, holding a running job;
+    /// returns the token's value.
+    async fn agent_with_job(services: &Services) -> (String, AgentRecord, Job) {
+        let (_, token) = services
+            .create_agent_token("builders".to_owned(), BTreeMap::new())
+            .await
+            .unwrap();
+        let registered = services
+            .register_agent(
+                &token,
+                Registration {
+                    name: "builder".to_owned(),
+                    labels: BTreeMap::new(),
+                    concurrency: 1,
+                    version: "test".to_owned(),
+                    protocol_version: hobotnica_common::proto::PROTOCOL_VERSION,
+                },
+            )
+            .await
+            .unwrap();
+        services
+            .store
+            .create_job(
+                NewJob {
+                    repo: "local/demo".to_owned(),
+                    git_url: "/nonexistent/demo.git".to_owned(),
+                    kind: JobKind::Test,
+                    target: "test".to_owned(),
+                    commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
+                    branch: Some("main".to_owned()),
+                    env: BTreeMap::new(),
+                    labels: BTreeMap::new(),
+                    trusted_labels: BTreeMap::new(),
+                    trigger: Trigger::Api,
+                    timeout_secs: 0,
+                    from_fork: false,
+                    requested_by: None,
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let now = Utc::now();
+        let job = services
+            .store
+            .claim_job(&registered.agent, now, services.lease_until(now))
+            .await
+            .unwrap()
+            .unwrap();
+        (token, registered.agent, job)
+    }
+
+    fn piece(job: &Job, offset: u64, data: &[u8]) -> LogPiece {
+        LogPiece {
+            job: job.id,
+            attempt: job.attempt,
+            seq: offset,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    /// The token is revoked while the log stream's event feed lags, so the
+    /// stream learns only that events were missed and asks the store. A
+    /// piece arrives while the store is still answering. Before the fix the
+    /// check ran inside the `select!` and the piece's branch dropped it: the
+    /// revocation was never noticed and the stream went on taking pieces.
+    /// The store's answer is held until the intake has done all it does
+    /// without it (paused clock: the first wait ends only when every task
+    /// is idle), so the piece always arrives mid-check.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_missed_in_a_lag_is_noticed_while_pieces_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, gated) = services(dir.path()).await;
+        let (token, agent, job) = agent_with_job(&services).await;
+        let attached = services.attach_agent(&token, &agent.id.0).await.unwrap();
+        let (pieces, inbound) = mpsc::channel(4);
+        let (outbound, mut answers) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let intake = tokio::spawn(run_log_intake(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+
+        let (entered, answer) = gated.hold_get_agent();
+        services.store.announce(StoreEvent::Resync).await;
+        tokio::time::timeout(DEADLINE, entered)
+            .await
+            .expect("missed events make the stream ask the store")
+            .unwrap();
+        pieces.send(piece(&job, 0, b"hello\n")).await.unwrap();
+        let _ = tokio::time::timeout(DEADLINE, answers.recv()).await;
+        // The store answers: the agent is gone (revoking forgets agents).
+        let _ = answer.send(None);
+
+        loop {
+            match tokio::time::timeout(DEADLINE, answers.recv()).await {
+                Ok(Some(Ok(_ack))) => {}
+                Ok(Some(Err(AgentError::Unauthenticated(_)))) => break,
+                other => panic!("the revocation was not noticed: {other:?}"),
+            }
+        }
+        tokio::time::timeout(DEADLINE, intake)
+            .await
+            .expect("the stream ends")
+            .unwrap();
+    }
 
     fn token(labels: &[(&str, &str)]) -> AgentToken {
         AgentToken {
@@ -798,6 +967,78 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         token(pairs).labels
+    }
+
+    /// An agent that is connected but does not read its log acks: the acks
+    /// buffer is full when a piece arrives, and the controller is asked to
+    /// stop. Before the fix the intake waited to send the ack for ever, and
+    /// with it the controller's stop. The inbound channel holds one piece,
+    /// so the second `send` returns only once the intake has taken the
+    /// first: from then on only the ack's send is left for it to do.
+    #[tokio::test(start_paused = true)]
+    async fn a_log_stream_whose_agent_does_not_read_ends_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _) = services(dir.path()).await;
+        let (token, agent, job) = agent_with_job(&services).await;
+        let attached = services.attach_agent(&token, &agent.id.0).await.unwrap();
+        let (pieces, inbound) = mpsc::channel(1);
+        let (outbound, _unread) = mpsc::channel(1);
+        outbound
+            .try_send(Ok(LogAcked {
+                job: job.id,
+                seq: 0,
+                committed: 0,
+            }))
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let intake = tokio::spawn(run_log_intake(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+        pieces.send(piece(&job, 0, b"hello\n")).await.unwrap();
+        pieces.send(piece(&job, 6, b"world\n")).await.unwrap();
+
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, intake)
+            .await
+            .expect("the log stream ends on shutdown though its agent does not read")
+            .unwrap();
+    }
+
+    /// The same for a session: the agent does not read, and the session
+    /// has a cancellation to pass on as it opens. Before the fix it waited
+    /// to send it for ever, whatever the shutdown token said.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_agent_does_not_read_ends_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _) = services(dir.path()).await;
+        let (token, agent, job) = agent_with_job(&services).await;
+        services
+            .store
+            .request_cancel(job.id, Utc::now())
+            .await
+            .unwrap();
+        let attached = services.attach_agent(&token, &agent.id.0).await.unwrap();
+        let (_agent_says, inbound) = mpsc::channel::<SessionInput>(1);
+        let (outbound, _unread) = mpsc::channel(1);
+        outbound.try_send(Ok(SessionOutput::Heartbeat)).unwrap();
+        let shutdown = CancellationToken::new();
+        let session = tokio::spawn(run_session(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ends on shutdown though its agent does not read")
+            .unwrap();
     }
 
     #[test]

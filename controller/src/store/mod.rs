@@ -12,6 +12,8 @@ mod transitions;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+pub(crate) mod gated;
 
 use std::collections::BTreeMap;
 

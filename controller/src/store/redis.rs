@@ -359,6 +359,17 @@ impl RedisStore {
         prefix: &str,
         ca_pem: Option<Vec<u8>>,
     ) -> anyhow::Result<RedisStore> {
+        RedisStore::connect_with(url, prefix, ca_pem, SUBSCRIBER_LIVENESS).await
+    }
+
+    /// [`RedisStore::connect`] with the subscriber's liveness timings (tests
+    /// shorten them).
+    async fn connect_with(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+        liveness: SubscriberLiveness,
+    ) -> anyhow::Result<RedisStore> {
         use anyhow::Context as _;
         let client = match ca_pem {
             Some(root_cert) => redis::Client::build_with_tls(
@@ -389,6 +400,7 @@ impl RedisStore {
             events.clone(),
             ready_tx,
             stop_subscriber.clone(),
+            liveness,
         ));
         tokio::time::timeout(CONNECT_TIMEOUT, ready_rx)
             .await
@@ -770,14 +782,41 @@ fn inflate(data: &[u8]) -> StoreResult<Vec<u8>> {
     Ok(out)
 }
 
+/// How the subscriber tells that its pub/sub connection died without
+/// closing (the Redis host vanished, a NAT or proxy dropped the flow): such
+/// a connection carries no traffic while idle, so nothing else would ever
+/// notice, and the controller would hear no event again.
+#[derive(Debug, Clone, Copy)]
+struct SubscriberLiveness {
+    /// How often PING is sent on the pub/sub connection.
+    ping_interval: Duration,
+    /// A PING unanswered for this long ends the connection.
+    ping_timeout: Duration,
+    /// Connecting and subscribing must be done within this (a SYN to a
+    /// vanished host waits minutes for the kernel otherwise).
+    subscribe_timeout: Duration,
+}
+
+/// A dead pub/sub connection is noticed at most `ping_interval +
+/// ping_timeout` (15 s) after it died; the subscriber then sends `Resync`
+/// and reconnects, as after a connection that closed.
+const SUBSCRIBER_LIVENESS: SubscriberLiveness = SubscriberLiveness {
+    ping_interval: Duration::from_secs(10),
+    ping_timeout: RESPONSE_TIMEOUT,
+    subscribe_timeout: CONNECT_TIMEOUT.saturating_add(RESPONSE_TIMEOUT),
+};
+
 /// Forwards the Redis event channel to the local broadcast; after a
 /// reconnect it sends `Resync` (events may have been missed meanwhile).
+/// A connection that stops answering PING counts as lost (see
+/// [`SubscriberLiveness`]).
 async fn run_subscriber(
     client: redis::Client,
     channel: String,
     events: broadcast::Sender<StoreEvent>,
     ready: tokio::sync::oneshot::Sender<()>,
     stop: CancellationToken,
+    liveness: SubscriberLiveness,
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(100);
@@ -787,11 +826,12 @@ async fn run_subscriber(
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
+        let subscribed = tokio::time::timeout(liveness.subscribe_timeout, subscribed);
         match tokio::select! {
             () = stop.cancelled() => return,
             result = subscribed => result,
         } {
-            Ok(pubsub) => {
+            Ok(Ok(pubsub)) => {
                 match ready.take() {
                     Some(ready) => {
                         let _ = ready.send(());
@@ -802,10 +842,15 @@ async fn run_subscriber(
                     }
                 }
                 backoff = Duration::from_millis(100);
-                let mut messages = pubsub.into_on_message();
+                let (mut sink, mut messages) = pubsub.split();
+                // Pinned out here, not built in the select: its ticker must
+                // survive the messages that wake the loop.
+                let dead = connection_dead(&mut sink, liveness);
+                tokio::pin!(dead);
                 loop {
                     let message = tokio::select! {
                         () = stop.cancelled() => return,
+                        () = &mut dead => break,
                         message = messages.next() => message,
                     };
                     let Some(message) = message else { break };
@@ -821,7 +866,13 @@ async fn run_subscriber(
                 }
                 tracing::warn!("Redis event feed lost; reconnecting");
             }
-            Err(err) => tracing::warn!(error = %err, "cannot subscribe to Redis events; retrying"),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot subscribe to Redis events; retrying");
+            }
+            Err(_) => tracing::warn!(
+                timeout = ?liveness.subscribe_timeout,
+                "cannot subscribe to Redis events: no answer; retrying"
+            ),
         }
         let _ = events.send(StoreEvent::Resync);
         tokio::select! {
@@ -829,6 +880,33 @@ async fn run_subscriber(
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Returns once the pub/sub connection stops answering PING (or fails).
+async fn connection_dead(sink: &mut redis::aio::PubSubSink, liveness: SubscriberLiveness) {
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + liveness.ping_interval,
+        liveness.ping_interval,
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        // In subscribed mode Redis answers PING with ["pong", ""].
+        match tokio::time::timeout(liveness.ping_timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "Redis event feed: PING failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?liveness.ping_timeout,
+                    "Redis event feed: no answer to PING; the connection is dead"
+                );
+                return;
+            }
+        }
     }
 }
 
@@ -1519,5 +1597,183 @@ impl Store for RedisStore {
             }
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+    use tokio::task::JoinSet;
+
+    use super::*;
+    use crate::store::conformance::RedisServer;
+
+    /// Longer than anything here takes unless it hangs.
+    const DEADLINE: Duration = Duration::from_secs(20);
+    /// Scheduling slack on a busy machine, on top of a bound under test.
+    const SLACK: Duration = Duration::from_secs(5);
+
+    /// A TCP forwarder to Redis that can go silent: it then forwards
+    /// nothing and keeps every socket open, as a Redis host that vanished
+    /// looks from here. A connection made while it is silent is accepted
+    /// and never answered; connections that were silenced stay dead. Once
+    /// it speaks again, new connections are forwarded.
+    struct Forwarder {
+        addr: SocketAddr,
+        silent: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Forwarder {
+        async fn start(upstream: SocketAddr) -> Forwarder {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (silent, watching) = watch::channel(false);
+            let task = tokio::spawn(async move {
+                let mut connections = JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    connections.spawn(forward(client, upstream, watching.clone()));
+                }
+            });
+            Forwarder { addr, silent, task }
+        }
+
+        fn set_silent(&self, silent: bool) {
+            self.silent.send_replace(silent);
+        }
+    }
+
+    impl Drop for Forwarder {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn forward(client: TcpStream, upstream: SocketAddr, mut silent: watch::Receiver<bool>) {
+        if *silent.borrow_and_update() {
+            return hold(client, None).await;
+        }
+        let Ok(mut server) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        let mut client = client;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            _ = async { silent.wait_for(|silent| *silent).await.map(|_| ()) } => {
+                hold(client, Some(server)).await;
+            }
+        }
+    }
+
+    /// Keeps the sockets open and moves nothing, for good.
+    async fn hold(_client: TcpStream, _server: Option<TcpStream>) {
+        std::future::pending::<()>().await;
+    }
+
+    async fn next_event(
+        events: &mut broadcast::Receiver<StoreEvent>,
+        wanted: impl Fn(&StoreEvent) -> bool,
+    ) {
+        loop {
+            match events.recv().await {
+                Ok(event) if wanted(&event) => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("the event feed closed"),
+            }
+        }
+    }
+
+    /// The Redis host of the pub/sub connection vanishes without closing
+    /// it. Before the fix nothing noticed: that controller heard no event
+    /// again (sessions claimed only on heartbeats, follows stalled). Now the
+    /// subscriber notices within its bound (PING interval + PING timeout),
+    /// announces `Resync`, gives up attempts to subscribe that nothing
+    /// answers, and once Redis can be reached again events flow.
+    #[tokio::test]
+    async fn a_silently_dead_event_connection_is_noticed_and_replaced() {
+        let server = RedisServer::start();
+        let upstream: SocketAddr = server
+            .url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let forwarder = Forwarder::start(upstream).await;
+        let liveness = SubscriberLiveness {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(500),
+            subscribe_timeout: Duration::from_millis(500),
+        };
+        let store = RedisStore::connect_with(
+            &format!("redis://{}/", forwarder.addr),
+            "test:",
+            None,
+            liveness,
+        )
+        .await
+        .unwrap();
+        let mut events = store.subscribe();
+        // Published straight to Redis, as another controller would.
+        let mut publisher = redis::Client::open(server.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let channel = store.keys.events();
+        let publish = |job: u64| {
+            let payload =
+                serde_json::to_string(&StoreEvent::JobQueued { job: JobId(job) }).unwrap();
+            redis::cmd("PUBLISH").arg(&channel).arg(payload).clone()
+        };
+        let queued =
+            |id: u64| move |event: &StoreEvent| *event == StoreEvent::JobQueued { job: JobId(id) };
+
+        let _: i64 = publish(1).query_async(&mut publisher).await.unwrap();
+        tokio::time::timeout(DEADLINE, next_event(&mut events, queued(1)))
+            .await
+            .expect("events flow through the forwarder");
+
+        forwarder.set_silent(true);
+        let bound = liveness.ping_interval + liveness.ping_timeout;
+        tokio::time::timeout(
+            bound + SLACK,
+            next_event(&mut events, |event| *event == StoreEvent::Resync),
+        )
+        .await
+        .expect("the dead connection is noticed within its bound");
+
+        // An attempt to subscribe while the host is still gone gives up in
+        // time (it is answered by nothing), and says so with another
+        // `Resync`; it does not wait for the kernel.
+        tokio::time::timeout(
+            liveness.subscribe_timeout + Duration::from_secs(5) + SLACK,
+            next_event(&mut events, |event| *event == StoreEvent::Resync),
+        )
+        .await
+        .expect("a subscription answered by nothing is given up");
+
+        // Redis can be reached again: a new subscription is made. Events
+        // published before it is in place are missed (that is what the
+        // `Resync`s say), so publish until one arrives.
+        forwarder.set_silent(false);
+        let flowing = async {
+            for attempt in 2.. {
+                let _: i64 = publish(attempt).query_async(&mut publisher).await.unwrap();
+                let arrived = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    next_event(&mut events, queued(attempt)),
+                )
+                .await;
+                if arrived.is_ok() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, flowing)
+            .await
+            .expect("events flow again over a new connection");
     }
 }
