@@ -9,6 +9,7 @@
 mod agents;
 mod auth;
 mod config;
+mod connections;
 mod error;
 mod git;
 pub(crate) mod github;
@@ -24,6 +25,7 @@ mod tls;
 mod webhook;
 
 pub use config::{CommandLineSecret, ControllerConfig};
+pub use connections::STOP_GRACE;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use tokio_util::task::TaskTracker;
 
 use hobotnica_common::secrets::SecretKey;
 
+use crate::connections::{Connections, TrackedListener};
 use crate::services::Services;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -211,7 +214,8 @@ impl Controller {
     }
 
     /// Serves REST and gRPC until `shutdown` is cancelled, then lets
-    /// in-flight requests finish and returns. With `--tls-cert`, both
+    /// in-flight requests finish for up to [`STOP_GRACE`] (10 s), cuts the
+    /// connections still open, and returns. With `--tls-cert`, both
     /// listeners speak TLS only.
     pub async fn serve(
         self,
@@ -310,15 +314,20 @@ impl Controller {
             async move { token.cancelled().await }
         };
 
+        // Every accepted connection is tracked, so that the graceful stop
+        // can be bounded (see `connections`).
+        let connections = Connections::default();
         let grpc: BoxFuture<'_, Result<(), tonic::transport::Error>> = match &tls {
             Some(tls) => Box::pin(
                 grpc_router(tls.require_agent_cert).serve_with_incoming_shutdown(
-                    tls::TlsListener::new(listeners.grpc, tls.grpc.clone()).into_stream(),
+                    connections.track_incoming(
+                        tls::TlsListener::new(listeners.grpc, tls.grpc.clone()).into_stream(),
+                    ),
                     cancelled(&shutdown),
                 ),
             ),
             None => Box::pin(grpc_router(false).serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
+                connections.track_incoming(TcpListenerStream::new(listeners.grpc)),
                 cancelled(&shutdown),
             )),
         };
@@ -327,7 +336,7 @@ impl Controller {
                 Some(listener) => {
                     grpc_router(false)
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(listener),
+                            connections.track_incoming(TcpListenerStream::new(listener)),
                             cancelled(&shutdown),
                         )
                         .await
@@ -340,26 +349,59 @@ impl Controller {
         let http: BoxFuture<'_, std::io::Result<()>> = match &tls {
             Some(tls) => Box::pin(
                 axum::serve(
-                    tls::TlsListener::new(listeners.http, tls.rest.clone()),
+                    TrackedListener {
+                        inner: tls::TlsListener::new(listeners.http, tls.rest.clone()),
+                        connections: connections.clone(),
+                    },
                     router,
                 )
                 .with_graceful_shutdown(cancelled(&shutdown))
                 .into_future(),
             ),
             None => Box::pin(
-                axum::serve(listeners.http, router)
-                    .with_graceful_shutdown(cancelled(&shutdown))
-                    .into_future(),
+                axum::serve(
+                    TrackedListener {
+                        inner: listeners.http,
+                        connections: connections.clone(),
+                    },
+                    router,
+                )
+                .with_graceful_shutdown(cancelled(&shutdown))
+                .into_future(),
             ),
         };
 
         tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), "controller serving");
-        let (http_result, grpc_result, local_result) = tokio::join!(http, grpc, local_grpc);
-        tasks.close();
-        tasks.wait().await;
-        http_result.context("the REST server failed")?;
-        grpc_result.context("the gRPC server failed")?;
-        local_result.context("the local agents' gRPC server failed")?;
+        let servers = async { tokio::join!(http, grpc, local_grpc) };
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        let stopped = tokio::select! {
+            results = servers => Some(results),
+            () = grace_over => None,
+        };
+        match stopped {
+            Some((http_result, grpc_result, local_result)) => {
+                tasks.close();
+                tasks.wait().await;
+                http_result.context("the REST server failed")?;
+                grpc_result.context("the gRPC server failed")?;
+                local_result.context("the local agents' gRPC server failed")?;
+            }
+            None => {
+                // The servers (and their graceful stops) are dropped here;
+                // the connection tasks they spawned end on the cut.
+                let cut = connections.cut();
+                tracing::warn!(
+                    connections = cut,
+                    grace = ?STOP_GRACE,
+                    "connections still open when the stop's grace ran out were cut"
+                );
+                tasks.close();
+                tasks.wait().await;
+            }
+        }
         tracing::info!("controller stopped");
         Ok(())
     }

@@ -9,7 +9,8 @@
 //! same step. Log appends check the fence in a script too, so a stale
 //! attempt can never write. See ARCHITECTURE.md for the key layout.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,8 +20,8 @@ use futures_util::StreamExt;
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobState, Repo};
 use hobotnica_common::logs::{AppendPlan, plan_append};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisFuture, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
@@ -44,6 +45,16 @@ const LOG_ENTRIES_PER_READ: usize = 16;
 /// A Redis command that takes longer fails (the API answers 503).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP keepalive on every Redis connection: an idle connection whose peer
+/// vanished is closed by the kernel after `IDLE + RETRIES * INTERVAL`
+/// (25 s), and the connection manager (or the subscriber) reconnects.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// `TCP_USER_TIMEOUT`: a connection whose sent data stays unacknowledged
+/// this long is closed by the kernel (instead of retransmitting for ~15
+/// minutes). Keepalive does not cover a busy connection; this does.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a starting controller waits for an unreachable Redis to come up
 /// (start order does not matter) before it gives up.
 const STARTUP_WAIT: Duration = Duration::from_secs(120);
@@ -80,6 +91,219 @@ async fn connect_when_up(
             }
             Err(err) => return Err(err).context("cannot connect to Redis"),
         }
+    }
+}
+
+/// Adds keepalive and `TCP_USER_TIMEOUT` to the connection settings, so the
+/// kernel closes a connection whose peer went silent (plain and TLS alike:
+/// the TLS client keeps these settings; the runtime applies them to every
+/// socket it opens, for commands and pub/sub).
+fn with_tcp_settings(info: ConnectionInfo) -> ConnectionInfo {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    let settings = info.tcp_settings().clone().set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(TCP_USER_TIMEOUT);
+    info.set_tcp_settings(settings)
+}
+
+/// The client for `url`, with [`with_tcp_settings`]; `ca_pem` verifies a
+/// `rediss://` server (the system's roots otherwise).
+fn client(url: &str, ca_pem: Option<Vec<u8>>) -> anyhow::Result<redis::Client> {
+    use anyhow::Context as _;
+    let info = with_tcp_settings(url.into_connection_info().context("invalid Redis URL")?);
+    match ca_pem {
+        Some(root_cert) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+    .context("invalid Redis URL or CA certificate")
+}
+
+/// The main Redis connection, replaced when it stops answering.
+///
+/// The connection manager reconnects only when its connection is closed.
+/// One whose path died without closing (the Redis host vanished, a proxy
+/// went silent) stays: every command times out until the kernel gives up
+/// on the socket. Keepalive and `TCP_USER_TIMEOUT` bound that to about
+/// 25 s; this bounds it more tightly and where those options do not apply.
+///
+/// A command that times out while the connection answered nothing at all
+/// since it was sent marks the connection dead, and a fresh connection
+/// manager replaces it. Redis answers in order, so a response timeout with
+/// no answer to anything meanwhile means the path is dead, or Redis is
+/// stuck for a response timeout (a long script), where a new connection
+/// costs nothing. One timeout is enough: waiting for a second would double
+/// the outage for no better evidence. Commands in flight keep their
+/// connection; the replacement is made by a task of its own (at most one
+/// at a time), so no caller waits for it.
+///
+/// Bound: once Redis can be reached over a new connection, the first
+/// command on the dead one times out after the response timeout (5 s),
+/// and the replacement connects within [`CONNECT_TIMEOUT`] (3 s):
+/// commands succeed again at most 8 s after the first command sent then
+/// (the controller's own loops send some every few seconds). If the
+/// replacement cannot connect, the next such timeout tries again.
+#[derive(Clone)]
+struct LiveConnection {
+    shared: Arc<LiveShared>,
+}
+
+struct LiveShared {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<Link>,
+    /// A replacement is being connected.
+    replacing: AtomicBool,
+    stop: CancellationToken,
+}
+
+/// One connection manager and what it has answered.
+#[derive(Clone)]
+struct Link {
+    conn: ConnectionManager,
+    /// Counts replacements, so a late timeout on an old link does not
+    /// replace its successor.
+    generation: u64,
+    /// Answers received (values and Redis errors alike).
+    answers: Arc<AtomicU64>,
+}
+
+impl LiveConnection {
+    fn new(
+        conn: ConnectionManager,
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        stop: CancellationToken,
+    ) -> LiveConnection {
+        LiveConnection {
+            shared: Arc::new(LiveShared {
+                client,
+                config,
+                current: RwLock::new(Link {
+                    conn,
+                    generation: 0,
+                    answers: Arc::default(),
+                }),
+                replacing: AtomicBool::new(false),
+                stop,
+            }),
+        }
+    }
+
+    fn link(&self) -> Link {
+        // A poisoned lock still holds a whole `Link` (it is replaced in
+        // one assignment).
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs a request on the current link and watches the outcome.
+    async fn request<T>(
+        &self,
+        run: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let mut link = self.link();
+        let answered_before = link.answers.load(Ordering::Acquire);
+        let result = run(&mut link.conn).await;
+        match &result {
+            Ok(_) => {
+                link.answers.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(err) if err.is_timeout() => {
+                if link.answers.load(Ordering::Acquire) == answered_before {
+                    self.replace(link.generation);
+                }
+            }
+            // Closed or refused: the connection manager reconnects itself.
+            Err(err) if err.is_io_error() || err.is_connection_dropped() => {}
+            // Redis answered, with an error.
+            Err(_) => {
+                link.answers.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        result
+    }
+
+    /// Replaces link `generation` with a fresh connection, unless it has
+    /// been replaced already or a replacement is under way.
+    fn replace(&self, generation: u64) {
+        if self.link().generation != generation
+            || self.shared.replacing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        tracing::warn!(
+            redis = %self.shared.client.get_connection_info().addr(),
+            "the Redis connection answers nothing; replacing it"
+        );
+        let shared = Arc::clone(&self.shared);
+        // Ends within CONNECT_TIMEOUT, or when the store is dropped.
+        tokio::spawn(async move {
+            let connect = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                ConnectionManager::new_with_config(shared.client.clone(), shared.config.clone()),
+            );
+            let connected = tokio::select! {
+                () = shared.stop.cancelled() => None,
+                connected = connect => Some(connected),
+            };
+            match connected {
+                Some(Ok(Ok(conn))) => {
+                    let mut current = shared
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *current = Link {
+                        conn,
+                        generation: generation + 1,
+                        answers: Arc::default(),
+                    };
+                    tracing::info!("the Redis connection was replaced");
+                }
+                Some(Ok(Err(err))) => {
+                    tracing::warn!(error = %err, "cannot replace the Redis connection yet");
+                }
+                Some(Err(_)) => tracing::warn!(
+                    timeout = ?CONNECT_TIMEOUT,
+                    "cannot replace the Redis connection yet: no answer"
+                ),
+                None => {}
+            }
+            shared.replacing.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl ConnectionLike for LiveConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(self.request(async |conn| conn.req_packed_command(cmd).await))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(
+            self.request(async move |conn| conn.req_packed_commands(pipeline, offset, count).await),
+        )
+    }
+
+    fn get_db(&self) -> i64 {
+        self.link().conn.get_db()
     }
 }
 
@@ -331,7 +555,7 @@ fn decode<T: DeserializeOwned>(raw: &str) -> StoreResult<T> {
 }
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: LiveConnection,
     keys: Keys,
     events: broadcast::Sender<StoreEvent>,
     cas_job: Arc<Script>,
@@ -340,13 +564,14 @@ pub struct RedisStore {
     cas_repo: Arc<Script>,
     register_agent: Arc<Script>,
     revoke_token: Arc<Script>,
-    /// Stops the pub/sub task when the store is dropped.
-    stop_subscriber: CancellationToken,
+    /// Stops the pub/sub task and a connection replacement under way when
+    /// the store is dropped.
+    stop_tasks: CancellationToken,
 }
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        self.stop_subscriber.cancel();
+        self.stop_tasks.cancel();
     }
 }
 
@@ -359,47 +584,43 @@ impl RedisStore {
         prefix: &str,
         ca_pem: Option<Vec<u8>>,
     ) -> anyhow::Result<RedisStore> {
-        RedisStore::connect_with(url, prefix, ca_pem, SUBSCRIBER_LIVENESS).await
+        RedisStore::connect_with(url, prefix, ca_pem, RESPONSE_TIMEOUT, SUBSCRIBER_LIVENESS).await
     }
 
-    /// [`RedisStore::connect`] with the subscriber's liveness timings (tests
-    /// shorten them).
+    /// [`RedisStore::connect`] with the response timeout and the
+    /// subscriber's liveness timings (tests shorten them).
     async fn connect_with(
         url: &str,
         prefix: &str,
         ca_pem: Option<Vec<u8>>,
+        response_timeout: Duration,
         liveness: SubscriberLiveness,
     ) -> anyhow::Result<RedisStore> {
         use anyhow::Context as _;
-        let client = match ca_pem {
-            Some(root_cert) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            ),
-            None => redis::Client::open(url),
-        }
-        .context("invalid Redis URL or CA certificate")?;
+        let client = client(url, ca_pem)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = connect_when_up(&client, config).await?;
+        let stop_tasks = CancellationToken::new();
+        let conn = LiveConnection::new(
+            connect_when_up(&client, config.clone()).await?,
+            client.clone(),
+            config,
+            stop_tasks.clone(),
+        );
         let keys = Keys {
             prefix: prefix.to_owned(),
         };
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let stop_subscriber = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(run_subscriber(
             client,
             keys.events(),
             events.clone(),
             ready_tx,
-            stop_subscriber.clone(),
+            stop_tasks.clone(),
             liveness,
         ));
         tokio::time::timeout(CONNECT_TIMEOUT, ready_rx)
@@ -416,7 +637,7 @@ impl RedisStore {
             cas_repo: Arc::new(Script::new(CAS_REPO)),
             register_agent: Arc::new(Script::new(REGISTER_AGENT)),
             revoke_token: Arc::new(Script::new(REVOKE_TOKEN)),
-            stop_subscriber,
+            stop_tasks,
         };
         store.check_settings().await;
         Ok(store)
@@ -1616,33 +1837,46 @@ mod tests {
     /// Scheduling slack on a busy machine, on top of a bound under test.
     const SLACK: Duration = Duration::from_secs(5);
 
-    /// A TCP forwarder to Redis that can go silent: it then forwards
-    /// nothing and keeps every socket open, as a Redis host that vanished
-    /// looks from here. A connection made while it is silent is accepted
-    /// and never answered; connections that were silenced stay dead. Once
-    /// it speaks again, new connections are forwarded.
+    /// A TCP forwarder to Redis whose paths can die without closing: it
+    /// then forwards nothing and keeps the sockets open, as a Redis host
+    /// that vanished (or a proxy that went silent) looks from here.
+    /// `set_silent(true)` kills every path, present and future (a
+    /// connection made while silent is accepted and never answered);
+    /// `cut_existing` kills only the paths open now, and new connections
+    /// are forwarded (a path that died while a new one works).
     struct Forwarder {
         addr: SocketAddr,
-        silent: watch::Sender<bool>,
+        state: watch::Sender<PathState>,
         task: tokio::task::JoinHandle<()>,
+    }
+
+    #[derive(Debug, Clone, Copy, Default)]
+    struct PathState {
+        silent: bool,
+        /// Bumped by `cut_existing`: a path opened before the bump is dead.
+        cuts: u64,
     }
 
     impl Forwarder {
         async fn start(upstream: SocketAddr) -> Forwarder {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let (silent, watching) = watch::channel(false);
+            let (state, watching) = watch::channel(PathState::default());
             let task = tokio::spawn(async move {
                 let mut connections = JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
                     connections.spawn(forward(client, upstream, watching.clone()));
                 }
             });
-            Forwarder { addr, silent, task }
+            Forwarder { addr, state, task }
         }
 
         fn set_silent(&self, silent: bool) {
-            self.silent.send_replace(silent);
+            self.state.send_modify(|state| state.silent = silent);
+        }
+
+        fn cut_existing(&self) {
+            self.state.send_modify(|state| state.cuts += 1);
         }
     }
 
@@ -1652,17 +1886,23 @@ mod tests {
         }
     }
 
-    async fn forward(client: TcpStream, upstream: SocketAddr, mut silent: watch::Receiver<bool>) {
-        if *silent.borrow_and_update() {
+    async fn forward(
+        client: TcpStream,
+        upstream: SocketAddr,
+        mut state: watch::Receiver<PathState>,
+    ) {
+        let opened = *state.borrow_and_update();
+        if opened.silent {
             return hold(client, None).await;
         }
         let Ok(mut server) = TcpStream::connect(upstream).await else {
             return;
         };
         let mut client = client;
+        let dies = |now: &PathState| now.silent || now.cuts != opened.cuts;
         tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-            _ = async { silent.wait_for(|silent| *silent).await.map(|_| ()) } => {
+            _ = async { state.wait_for(dies).await.map(|_| ()) } => {
                 hold(client, Some(server)).await;
             }
         }
@@ -1671,6 +1911,70 @@ mod tests {
     /// Keeps the sockets open and moves nothing, for good.
     async fn hold(_client: TcpStream, _server: Option<TcpStream>) {
         std::future::pending::<()>().await;
+    }
+
+    fn redis_addr(server: &RedisServer) -> SocketAddr {
+        server
+            .url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap()
+    }
+
+    /// Every connection the client opens (commands, pub/sub; plain or TLS)
+    /// gets keepalive and `TCP_USER_TIMEOUT`: the redis runtime applies a
+    /// client's settings to each socket it connects.
+    #[test]
+    fn connections_get_keepalive_and_a_user_timeout() {
+        for url in ["redis://127.0.0.1:6379/", "rediss://redis.example:6380/"] {
+            let client = client(url, None).unwrap();
+            let settings = client.get_connection_info().tcp_settings();
+            assert!(settings.keepalive().is_some(), "{url}: no keepalive");
+            assert_eq!(settings.user_timeout(), Some(TCP_USER_TIMEOUT), "{url}");
+        }
+    }
+
+    /// The path to Redis of the main connection dies without closing (the
+    /// Redis host vanished and came back elsewhere, a proxy went silent),
+    /// while a new connection would work. Before the fix every command
+    /// timed out until the kernel gave up on the socket (~15 minutes) and
+    /// the API answered 503 all along; now the connection is replaced after
+    /// the first command that nothing answered, and commands succeed again
+    /// within `response timeout + CONNECT_TIMEOUT`.
+    #[tokio::test]
+    async fn a_silently_dead_main_connection_is_replaced() {
+        let server = RedisServer::start();
+        let forwarder = Forwarder::start(redis_addr(&server)).await;
+        let response_timeout = Duration::from_millis(500);
+        let store = RedisStore::connect_with(
+            &format!("redis://{}/", forwarder.addr),
+            "test:",
+            None,
+            response_timeout,
+            SUBSCRIBER_LIVENESS,
+        )
+        .await
+        .unwrap();
+        store
+            .ping()
+            .await
+            .expect("Redis answers through the forwarder");
+
+        forwarder.cut_existing();
+        let bound = response_timeout + CONNECT_TIMEOUT;
+        let recovered = async {
+            // Each failed attempt takes a response timeout: no busy loop.
+            while store.ping().await.is_err() {}
+        };
+        tokio::time::timeout(bound + SLACK, recovered)
+            .await
+            .expect("the dead connection is replaced within its bound");
+        let job = store.get_job(JobId(1)).await;
+        assert!(
+            matches!(job, Ok(None)),
+            "store operations work again: {job:?}"
+        );
     }
 
     async fn next_event(
@@ -1695,13 +1999,7 @@ mod tests {
     #[tokio::test]
     async fn a_silently_dead_event_connection_is_noticed_and_replaced() {
         let server = RedisServer::start();
-        let upstream: SocketAddr = server
-            .url
-            .trim_start_matches("redis://")
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
-        let forwarder = Forwarder::start(upstream).await;
+        let forwarder = Forwarder::start(redis_addr(&server)).await;
         let liveness = SubscriberLiveness {
             ping_interval: Duration::from_millis(200),
             ping_timeout: Duration::from_millis(500),
@@ -1711,6 +2009,7 @@ mod tests {
             &format!("redis://{}/", forwarder.addr),
             "test:",
             None,
+            RESPONSE_TIMEOUT,
             liveness,
         )
         .await
