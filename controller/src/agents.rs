@@ -818,11 +818,9 @@ mod tests {
     use std::sync::Arc;
 
     use clap::{Args as _, FromArgMatches as _};
-    use hobotnica_common::job::{JobKind, Trigger};
     use tokio_stream::wrappers::ReceiverStream;
 
     use crate::config::ControllerConfig;
-    use crate::store::NewJob;
     use crate::store::gated::GatedStore;
 
     /// Longer than anything here takes; the clock is paused, so waiting it
@@ -866,24 +864,7 @@ mod tests {
             .unwrap();
         services
             .store
-            .create_job(
-                NewJob {
-                    repo: "local/demo".to_owned(),
-                    git_url: "/nonexistent/demo.git".to_owned(),
-                    kind: JobKind::Test,
-                    target: "test".to_owned(),
-                    commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
-                    branch: Some("main".to_owned()),
-                    env: BTreeMap::new(),
-                    labels: BTreeMap::new(),
-                    trusted_labels: BTreeMap::new(),
-                    trigger: Trigger::Api,
-                    timeout_secs: 0,
-                    from_fork: false,
-                    requested_by: None,
-                },
-                Utc::now(),
-            )
+            .create_job(crate::store::conformance::new_job("test"), Utc::now())
             .await
             .unwrap();
         let now = Utc::now();

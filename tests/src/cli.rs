@@ -124,3 +124,22 @@ pub async fn finish(child: tokio::process::Child, args: &[&str]) -> HobotOutput 
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Waits (up to [`HOBOT_TIMEOUT`]) for a spawned `hobot` whose stdout went
+/// elsewhere (a `logs -f` writing to a file) to end: its exit status and
+/// stderr.
+///
+/// # Panics
+/// When it still runs after [`HOBOT_TIMEOUT`].
+pub async fn wait_exit(child: &mut tokio::process::Child, what: &str) -> (ExitStatus, String) {
+    use tokio::io::AsyncReadExt as _;
+    let status = tokio::time::timeout(HOBOT_TIMEOUT, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} still runs after {HOBOT_TIMEOUT:?}"))
+        .expect("hobot's exit status");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    (status, stderr)
+}

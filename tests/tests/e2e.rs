@@ -429,15 +429,7 @@ async fn a_controller_restart_mid_job_is_a_non_event() {
         api.output(job.id).await,
         "waiting for the gate\ngate opened\n"
     );
-    let status = tokio::time::timeout(cli::HOBOT_TIMEOUT, follower.wait())
-        .await
-        .expect("`hobot logs -f` ends with the job")
-        .unwrap();
-    let mut stderr = String::new();
-    if let Some(mut pipe) = follower.stderr.take() {
-        use tokio::io::AsyncReadExt as _;
-        pipe.read_to_string(&mut stderr).await.unwrap();
-    }
+    let (status, stderr) = cli::wait_exit(&mut follower, "`hobot logs -f`").await;
     assert_eq!(status.code(), Some(0), "hobot logs -f: {stderr}");
     assert_eq!(
         std::fs::read(&followed_path).unwrap(),

@@ -30,7 +30,8 @@ fn repo(name: &str) -> Repo {
     }
 }
 
-fn new_job(target: &str) -> NewJob {
+/// A job of `local/demo` at a fixed commit (tests elsewhere in the crate use it too).
+pub(crate) fn new_job(target: &str) -> NewJob {
     NewJob {
         repo: "local/demo".into(),
         git_url: "file:///srv/demo.git".into(),

@@ -11,7 +11,7 @@ pub mod redis;
 mod transitions;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 #[cfg(test)]
 pub(crate) mod gated;
 

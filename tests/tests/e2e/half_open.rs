@@ -181,15 +181,7 @@ async fn a_log_tail_notices_a_vanished_controller_and_resumes_without_losing_a_b
 
     std::fs::write(&gate, b"").unwrap();
     s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    let status = tokio::time::timeout(cli::HOBOT_TIMEOUT, follower.wait())
-        .await
-        .expect("`hobot logs -f` ends with the job")
-        .unwrap();
-    let mut stderr = String::new();
-    if let Some(mut pipe) = follower.stderr.take() {
-        use tokio::io::AsyncReadExt as _;
-        pipe.read_to_string(&mut stderr).await.unwrap();
-    }
+    let (status, stderr) = cli::wait_exit(&mut follower, "`hobot logs -f`").await;
     assert_eq!(status.code(), Some(0), "hobot logs -f: {stderr}");
     assert_eq!(
         std::fs::read(&followed_path).unwrap(),
