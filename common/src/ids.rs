@@ -32,7 +32,8 @@ impl FromStr for JobId {
     }
 }
 
-/// An agent's id: 16 random bytes in hex, assigned at first registration.
+/// An agent's id: 8 random bytes in hex (16 characters), assigned at first
+/// registration.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct AgentId(pub String);
