@@ -3,6 +3,7 @@
 //! test can reach on purpose instead of by timing. Every other call goes
 //! straight to the wrapped store.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,8 +14,8 @@ use hobotnica_common::job::{Job, Repo};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreEvent,
-    StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
+    StoreEvent, StoreResult,
 };
 
 /// A held `get_agent`: told when the call arrives, answered by the test.
@@ -26,6 +27,8 @@ struct HeldGetAgent {
 pub struct GatedStore {
     inner: Arc<dyn Store>,
     get_agent: Mutex<Option<HeldGetAgent>>,
+    /// While set, `get_repo` fails as an unreachable store does.
+    get_repo_fails: AtomicBool,
 }
 
 impl GatedStore {
@@ -33,7 +36,14 @@ impl GatedStore {
         GatedStore {
             inner,
             get_agent: Mutex::new(None),
+            get_repo_fails: AtomicBool::new(false),
         }
+    }
+
+    /// Makes every `get_repo` fail with `Unavailable` (`true`) or go to the
+    /// wrapped store again (`false`).
+    pub fn fail_get_repo(&self, fail: bool) {
+        self.get_repo_fails.store(fail, Ordering::SeqCst);
     }
 
     /// Holds the next `get_agent`: the first receiver resolves once it is
@@ -65,6 +75,11 @@ impl Store for GatedStore {
         self.inner.create_repo(repo).await
     }
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
+        if self.get_repo_fails.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the test made get_repo fail".to_owned(),
+            ));
+        }
         self.inner.get_repo(owner, name).await
     }
     async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
