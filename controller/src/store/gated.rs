@@ -18,6 +18,13 @@ use super::{
     StoreEvent, StoreResult,
 };
 
+/// A held `create_repo`: told when the call arrives, let through by the
+/// test.
+struct HeldCreateRepo {
+    entered: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+}
+
 /// A held `get_agent`: told when the call arrives, answered by the test.
 struct HeldGetAgent {
     entered: oneshot::Sender<()>,
@@ -27,6 +34,7 @@ struct HeldGetAgent {
 pub struct GatedStore {
     inner: Arc<dyn Store>,
     get_agent: Mutex<Option<HeldGetAgent>>,
+    create_repo: Mutex<Option<HeldCreateRepo>>,
     /// While set, `get_repo` fails as an unreachable store does.
     get_repo_fails: AtomicBool,
 }
@@ -36,8 +44,22 @@ impl GatedStore {
         GatedStore {
             inner,
             get_agent: Mutex::new(None),
+            create_repo: Mutex::new(None),
             get_repo_fails: AtomicBool::new(false),
         }
+    }
+
+    /// Holds the next `create_repo`: the receiver resolves once it is in
+    /// flight; it goes on to the wrapped store once the sender is used or
+    /// dropped.
+    pub fn hold_create_repo(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (entered_tx, entered_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        *self.create_repo.lock().expect("not poisoned") = Some(HeldCreateRepo {
+            entered: entered_tx,
+            release: release_rx,
+        });
+        (entered_rx, release_tx)
     }
 
     /// Makes every `get_repo` fail with `Unavailable` (`true`) or go to the
@@ -72,6 +94,11 @@ impl Store for GatedStore {
         self.inner.announce(event).await;
     }
     async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
+        let held = self.create_repo.lock().expect("not poisoned").take();
+        if let Some(held) = held {
+            let _ = held.entered.send(());
+            let _ = held.release.await;
+        }
         self.inner.create_repo(repo).await
     }
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
