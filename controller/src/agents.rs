@@ -375,19 +375,24 @@ impl Services {
     }
 
     /// A job with what its agent needs beyond the record (see
-    /// [`JobAssignment`]).
-    async fn job_assignment(&self, job: Job) -> JobAssignment {
+    /// [`JobAssignment`]); `None` when the job's repository is registered
+    /// no more (its variables and token went with it). A store error is
+    /// returned, never taken for "no secrets".
+    async fn job_assignment(&self, job: Job) -> Result<Option<JobAssignment>, StoreError> {
         let repo = match job.repo.split_once('/') {
-            Some((owner, name)) => self.store.get_repo(owner, name).await.ok().flatten(),
+            Some((owner, name)) => match self.store.get_repo(owner, name).await? {
+                Some(repo) => Some(repo),
+                None => return Ok(None),
+            },
             None => None,
         };
         let Some(repo) = repo else {
-            return JobAssignment {
+            return Ok(Some(JobAssignment {
                 env: job.env.clone(),
                 job,
                 secrets: Vec::new(),
                 git_http_header: String::new(),
-            };
+            }));
         };
         let environment = self.job_environment(&repo, &job);
         let mut assignment = JobAssignment {
@@ -404,8 +409,85 @@ impl Services {
             assignment.secrets.push(token.expose().to_owned());
             assignment.secrets.push(basic);
         }
-        assignment
+        Ok(Some(assignment))
     }
+
+    /// What becomes of a job `agent` has just claimed (or holds back, with
+    /// `renew`: its lease is renewed first, which also tells whether the
+    /// claim still stands). An assignment goes out only with everything
+    /// the job needs: when the store cannot say what that is, the job is
+    /// held back and tried again on the session's next round.
+    async fn dispatch(&self, agent: &AgentRecord, job: Job, renew: bool) -> Dispatch {
+        let job = if renew {
+            let now = Utc::now();
+            match self
+                .store
+                .renew_lease(job.id, job.attempt, self.lease_until(now))
+                .await
+            {
+                Ok(current) => current,
+                Err(err @ StoreError::LeaseLost { .. }) => {
+                    tracing::warn!(job.id = %job.id, agent.id = %agent.id, error = %err, "a job held back is no longer this agent's");
+                    return Dispatch::Dropped;
+                }
+                Err(err) => {
+                    tracing::error!(job.id = %job.id, agent.id = %agent.id, error = %err, "cannot renew the lease of a job held back; trying again");
+                    return Dispatch::Held(Box::new(job));
+                }
+            }
+        } else {
+            job
+        };
+        match self.job_assignment(job.clone()).await {
+            Ok(Some(assignment)) => Dispatch::Send(Box::new(assignment)),
+            Ok(None) => {
+                self.fail_orphan_job(agent, &job).await;
+                Dispatch::Dropped
+            }
+            Err(err) => {
+                tracing::error!(job.id = %job.id, agent.id = %agent.id, repo = %job.repo, error = %err, "cannot read the job's repository (its secrets and git credentials): the assignment is held back and tried again");
+                Dispatch::Held(Box::new(job))
+            }
+        }
+    }
+
+    /// A claimed job whose repository was removed after it was queued: it
+    /// fails at once, saying so, instead of running without its secrets.
+    async fn fail_orphan_job(&self, agent: &AgentRecord, job: &Job) {
+        let finish = Finish {
+            outcome: Outcome::Failed,
+            exit_code: None,
+            message: Some(format!(
+                "repository {} was removed before the job started",
+                job.repo
+            )),
+        };
+        match self
+            .store
+            .finish_job(job.id, job.attempt, finish, Utc::now())
+            .await
+        {
+            Ok(job) => {
+                tracing::warn!(job.id = %job.id, agent.id = %agent.id, repo = %job.repo, "job failed: its repository was removed");
+                self.statuses.job_changed(&job);
+            }
+            // Not sent, so its lease runs out and it is lost.
+            Err(err) => {
+                tracing::warn!(job.id = %job.id, error = %err, "cannot fail a job whose repository was removed")
+            }
+        }
+    }
+}
+
+/// What a session does with a job its agent claimed.
+enum Dispatch {
+    /// Everything the job needs is known: send it.
+    Send(Box<JobAssignment>),
+    /// The store could not say what the job needs: keep the claim (and its
+    /// lease), send nothing, try again on the next round.
+    Held(Box<Job>),
+    /// Not this agent's to run any more (finished, or its lease is gone).
+    Dropped,
 }
 
 fn validate_registration(registration: &Registration) -> Result<(), AgentError> {
@@ -511,6 +593,35 @@ async fn send_or_stop<T>(
     }
 }
 
+/// Sends an assignment, and a cancellation asked for while it was held
+/// back; `false` when the stream is over.
+async fn send_assignment(
+    outbound: &mpsc::Sender<Result<SessionOutput, AgentError>>,
+    assignment: Box<JobAssignment>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let cancel = assignment
+        .job
+        .cancel_requested
+        .then_some(SessionOutput::Cancel {
+            job: assignment.job.id,
+            attempt: assignment.job.attempt,
+        });
+    if !send_or_stop(outbound, Ok(SessionOutput::Assign(assignment)), shutdown).await {
+        return false;
+    }
+    match cancel {
+        Some(cancel) => send_or_stop(outbound, Ok(cancel), shutdown).await,
+        None => true,
+    }
+}
+
+/// How long a session waits before it tries again to make the assignment
+/// of a job held back: well within its lease, which each try renews.
+fn held_retry_interval(lease_timeout: Duration) -> Duration {
+    (lease_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2))
+}
+
 /// The job a log stream last wrote to, checked once: its key and the
 /// secrets to mask again.
 struct VerifiedJob {
@@ -572,10 +683,13 @@ async fn intake_piece(
     let key = (piece.job, piece.attempt);
     if verified.as_ref().is_none_or(|verified| verified.key != key) {
         let job = services.held_job(agent, piece.job, piece.attempt).await?;
+        // Without its repository (removed meanwhile) there is nothing to
+        // mask; a store error is the piece's error, so it is sent again.
         let secrets: Vec<Vec<u8>> = services
             .job_assignment(job)
-            .await
-            .secrets
+            .await?
+            .map(|assignment| assignment.secrets)
+            .unwrap_or_default()
             .into_iter()
             .map(String::into_bytes)
             .collect();
@@ -661,10 +775,27 @@ pub async fn run_session(
 
     // Claiming costs a write transaction: try only when something changed.
     let mut try_claim = true;
+    // Jobs claimed whose assignment could not be made yet (the store could
+    // not say what they need): tried again each round, before any claim.
+    let mut held: Vec<Job> = Vec::new();
+    let retry_held = held_retry_interval(services.config.lease_timeout);
     loop {
+        for job in std::mem::take(&mut held) {
+            match services.dispatch(&agent, job, true).await {
+                Dispatch::Send(assignment) => {
+                    if !send_assignment(&outbound, assignment, &shutdown).await {
+                        return;
+                    }
+                    sent += 1;
+                }
+                Dispatch::Held(job) => held.push(*job),
+                Dispatch::Dropped => {}
+            }
+        }
         // Assign while the agent has room; `sent - received` assignments are
-        // on their way and not yet counted in `free_slots`.
-        while try_claim && free_slots > sent.saturating_sub(received) {
+        // on their way and not yet counted in `free_slots`, and held jobs
+        // take a slot each.
+        while try_claim && held.is_empty() && free_slots > sent.saturating_sub(received) {
             let now = Utc::now();
             match services
                 .store
@@ -674,14 +805,18 @@ pub async fn run_session(
                 Ok(Some(job)) => {
                     tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
                     services.statuses.job_changed(&job);
-                    let assignment = services.job_assignment(job).await;
-                    let message = SessionOutput::Assign(Box::new(assignment));
-                    if !send_or_stop(&outbound, Ok(message), &shutdown).await {
-                        // The agent is gone: the lease will expire and the
-                        // job becomes lost.
-                        return;
+                    match services.dispatch(&agent, job, false).await {
+                        Dispatch::Send(assignment) => {
+                            if !send_assignment(&outbound, assignment, &shutdown).await {
+                                // The agent is gone: the lease will expire
+                                // and the job becomes lost.
+                                return;
+                            }
+                            sent += 1;
+                        }
+                        Dispatch::Held(job) => held.push(*job),
+                        Dispatch::Dropped => {}
                     }
-                    sent += 1;
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -693,6 +828,7 @@ pub async fn run_session(
         try_claim = false;
         tokio::select! {
             () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(retry_held), if !held.is_empty() => {}
             input = inbound.next() => match input {
                 Some(SessionInput::Capacity { free_slots: free, assignments_received }) => {
                     free_slots = u64::from(free.min(agent.concurrency));
@@ -933,6 +1069,135 @@ mod tests {
         tokio::time::timeout(DEADLINE, intake)
             .await
             .expect("the stream ends")
+            .unwrap();
+    }
+
+    /// The store fails to read a job's repository when an agent claims the
+    /// job. Before the fix the error was taken for "no repository" and the
+    /// job went out without its secret variables and git credentials; now
+    /// nothing is sent while the store fails, the claim is kept (its lease
+    /// renewed), and the job goes out, whole, once the store answers.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_is_not_sent_without_its_secrets_while_the_store_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, gated) = services(dir.path()).await;
+        let repo = services
+            .register_repo(crate::projects::NewRepo {
+                owner: None,
+                name: "demo".to_owned(),
+                git_url: "file:///srv/demo.git".to_owned(),
+                branch: None,
+                timeout_secs: None,
+                requeue_lost_tests: None,
+                deploy_labels: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        services
+            .set_env(
+                &repo,
+                crate::projects::SetEnv {
+                    key: "API_KEY".to_owned(),
+                    value: "s3cret-value".to_owned(),
+                    secret: true,
+                    scope: hobotnica_common::job::EnvScope::All,
+                },
+            )
+            .await
+            .unwrap();
+        let (_, token) = services
+            .create_agent_token("builders".to_owned(), BTreeMap::new())
+            .await
+            .unwrap();
+        let registered = services
+            .register_agent(
+                &token,
+                Registration {
+                    name: "builder".to_owned(),
+                    labels: BTreeMap::new(),
+                    concurrency: 1,
+                    version: "test".to_owned(),
+                    protocol_version: hobotnica_common::proto::PROTOCOL_VERSION,
+                },
+            )
+            .await
+            .unwrap();
+        let job = services
+            .store
+            .create_job(crate::store::conformance::new_job("test"), Utc::now())
+            .await
+            .unwrap();
+        gated.fail_get_repo(true);
+
+        let attached = services
+            .attach_agent(&token, &registered.agent.id.0)
+            .await
+            .unwrap();
+        let (agent_says, inbound) = mpsc::channel(4);
+        let (outbound, mut session_says) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let session = tokio::spawn(run_session(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.clone(),
+        ));
+        agent_says
+            .send(SessionInput::Capacity {
+                free_slots: 1,
+                assignments_received: 0,
+            })
+            .await
+            .unwrap();
+
+        // Longer than the lease: the claim must be kept alive meanwhile.
+        let failing_for = services.config.lease_timeout * 3;
+        let until = tokio::time::Instant::now() + failing_for;
+        while let Ok(said) = tokio::time::timeout_at(until, session_says.recv()).await {
+            if let Some(Ok(SessionOutput::Assign(assignment))) = said {
+                panic!(
+                    "job {} was sent while its repository could not be read (secrets: {})",
+                    assignment.job.id,
+                    assignment.secrets.len()
+                );
+            }
+        }
+        let held = services.store.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(held.state, JobState::Running, "the claim is kept");
+        assert_eq!(held.agent.as_ref(), Some(&registered.agent.id));
+        assert!(
+            held.lease_expires_at
+                .is_some_and(|until| until > Utc::now() + services.config.lease_timeout / 2),
+            "the lease of a job held back is renewed"
+        );
+
+        gated.fail_get_repo(false);
+        let assignment = loop {
+            match tokio::time::timeout(DEADLINE, session_says.recv()).await {
+                Ok(Some(Ok(SessionOutput::Assign(assignment)))) => break assignment,
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(err))) => panic!("the session ended: {err}"),
+                Ok(None) | Err(_) => panic!("the job was not sent once the store answered"),
+            }
+        };
+        assert_eq!(assignment.job.id, job.id);
+        assert_eq!(
+            assignment.env.get("API_KEY").map(String::as_str),
+            Some("s3cret-value")
+        );
+        assert!(
+            assignment
+                .secrets
+                .iter()
+                .any(|secret| secret == "s3cret-value"),
+            "the secret is masked"
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ends on shutdown")
             .unwrap();
     }
 

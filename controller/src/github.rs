@@ -275,6 +275,7 @@ impl GitHub {
     }
 
     /// Creates the push + pull_request webhook pointing at `url`.
+    /// Creates the repository's webhook; returns its id on GitHub.
     pub async fn create_hook(
         &self,
         token: &GitHubToken,
@@ -282,8 +283,12 @@ impl GitHub {
         name: &str,
         url: &str,
         secret: &str,
-    ) -> Result<(), GitHubError> {
-        let _: serde_json::Value = self
+    ) -> Result<u64, GitHubError> {
+        #[derive(Deserialize)]
+        struct Hook {
+            id: u64,
+        }
+        let hook: Hook = self
             .client(token)?
             .post(
                 format!("/repos/{owner}/{name}/hooks"),
@@ -301,7 +306,29 @@ impl GitHub {
             )
             .await
             .map_err(map_error)?;
-        Ok(())
+        Ok(hook.id)
+    }
+
+    /// Deletes a webhook; one already gone counts as deleted.
+    pub async fn delete_hook(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<(), GitHubError> {
+        let client = self.client(token)?;
+        let answer = client
+            ._delete(
+                format!("{}/repos/{owner}/{name}/hooks/{id}", self.api_url),
+                None::<&()>,
+            )
+            .await
+            .map_err(map_error)?;
+        match octocrab::map_github_error(answer).await.map_err(map_error) {
+            Ok(_) | Err(GitHubError::NotFound) => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 }
 

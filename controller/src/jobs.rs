@@ -58,6 +58,34 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
 }
 
 impl Services {
+    /// The one mapping of GitHub errors met with a repository's stored
+    /// token (not the caller's): they are the repository's problem. A token
+    /// GitHub rejects means access is lost: the repository is disabled as
+    /// the periodic re-check would, and the answer says what to do.
+    async fn stored_token_error(&self, repo: &Repo, err: GitHubError) -> CoreError {
+        let full_name = repo.full_name();
+        match err {
+            GitHubError::BadCredentials => {
+                self.access_lost(repo, &err).await;
+                CoreError::Gone(format!(
+                    "the stored GitHub token of repository {full_name} was rejected by GitHub (revoked or expired); the repository is now disabled: remove it and register it again with a working token"
+                ))
+            }
+            GitHubError::Forbidden(message) => CoreError::Upstream(format!(
+                "GitHub refused the stored GitHub token of repository {full_name}: {message}"
+            )),
+            GitHubError::RateLimited { .. } => CoreError::RateLimited(format!(
+                "GitHub's rate limit for the stored GitHub token of repository {full_name} is exhausted; retry later"
+            )),
+            GitHubError::NotFound => CoreError::Upstream(format!(
+                "GitHub does not show repository {full_name} to its stored GitHub token"
+            )),
+            GitHubError::Unavailable(detail) => CoreError::Upstream(format!(
+                "GitHub could not be reached; retry later ({detail})"
+            )),
+        }
+    }
+
     pub async fn trigger_job(
         &self,
         owner: &str,
@@ -86,11 +114,14 @@ impl Services {
                 // GitHub can tell at once whether the commit exists; a plain
                 // git remote cannot (the agent's fetch finds out).
                 if let Some(token) = self.repo_token(&repo) {
-                    let exists = self
+                    let exists = match self
                         .github
                         .commit_exists(&token, &repo.owner, &repo.name, &sha)
                         .await
-                        .map_err(crate::auth::caller_error)?;
+                    {
+                        Ok(exists) => exists,
+                        Err(err) => return Err(self.stored_token_error(&repo, err).await),
+                    };
                     if !exists {
                         return Err(CoreError::invalid(
                             "commit",
@@ -105,17 +136,20 @@ impl Services {
                 validate::branch("branch", &branch)?;
                 let sha =
                     match self.repo_token(&repo) {
-                        Some(token) => self
+                        Some(token) => match self
                             .github
                             .branch_head(&token, &repo.owner, &repo.name, &branch)
                             .await
-                            .map_err(|err| match err {
-                                GitHubError::NotFound => CoreError::invalid(
+                        {
+                            Ok(sha) => sha,
+                            Err(GitHubError::NotFound) => {
+                                return Err(CoreError::invalid(
                                     "branch",
                                     format!("branch {branch:?} does not exist in the repository"),
-                                ),
-                                other => crate::auth::caller_error(other),
-                            })?,
+                                ));
+                            }
+                            Err(err) => return Err(self.stored_token_error(&repo, err).await),
+                        },
                         None => resolve_branch(&repo.git_url, &branch)
                             .await
                             .map_err(|err| match err {

@@ -345,7 +345,7 @@ impl Controller {
             }
         };
 
-        let router = http::router(services.clone());
+        let router = http::router(services.clone(), tasks.clone());
         let http: BoxFuture<'_, std::io::Result<()>> = match &tls {
             Some(tls) => Box::pin(
                 axum::serve(
@@ -377,14 +377,20 @@ impl Controller {
             shutdown.cancelled().await;
             tokio::time::sleep(STOP_GRACE).await;
         };
+        tokio::pin!(grace_over);
         let stopped = tokio::select! {
             results = servers => Some(results),
-            () = grace_over => None,
+            () = &mut grace_over => None,
         };
+        tasks.close();
         match stopped {
             Some((http_result, grpc_result, local_result)) => {
-                tasks.close();
-                tasks.wait().await;
+                // Changes whose clients went away run on, tracked: they get
+                // what is left of the same grace.
+                tokio::select! {
+                    () = tasks.wait() => {}
+                    () = &mut grace_over => abandon(&tasks),
+                }
                 http_result.context("the REST server failed")?;
                 grpc_result.context("the gRPC server failed")?;
                 local_result.context("the local agents' gRPC server failed")?;
@@ -398,13 +404,28 @@ impl Controller {
                     grace = ?STOP_GRACE,
                     "connections still open when the stop's grace ran out were cut"
                 );
-                tasks.close();
-                tasks.wait().await;
+                if tokio::time::timeout(AFTER_CUT, tasks.wait()).await.is_err() {
+                    abandon(&tasks);
+                }
             }
         }
         tracing::info!("controller stopped");
         Ok(())
     }
+}
+
+/// After the stop's grace ran out and the connections were cut, how long
+/// the controller's tasks get to notice (sessions and streams end on the
+/// cut) before those still running are left behind.
+const AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Logs the tasks (request handlers past the grace) the stop leaves behind.
+fn abandon(tasks: &TaskTracker) {
+    tracing::warn!(
+        tasks = tasks.len(),
+        grace = ?STOP_GRACE,
+        "tasks still running when the stop's grace ran out were left behind (a request handler may not have finished)"
+    );
 }
 
 /// A boxed server future (the TLS and plaintext servers differ in type).
@@ -507,4 +528,83 @@ async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::
             "cannot open the embedded store (is a controller using this data directory?)",
         )?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::{Args as _, FromArgMatches as _};
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+    use crate::store::Store as _;
+    use crate::store::gated::GatedStore;
+
+    /// Longer than anything here takes.
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// A repository is registered; its client goes away while the change
+    /// is under way (the store's insert held), and the controller is asked
+    /// to stop. Before the fix the change ran in a task nobody waited for:
+    /// `serve` returned as soon as the connection closed, and a process
+    /// exiting then lost the change half way. Now `serve` returns only once
+    /// the change is complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serve_returns_only_once_a_change_whose_client_went_away_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let command = ControllerConfig::augment_args(clap::Command::new("t").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from([
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .unwrap();
+        let config = ControllerConfig::from_arg_matches(&matches).unwrap();
+        let mut controller = Controller::open(config).await.unwrap();
+        let gated = Arc::new(GatedStore::new(controller.services.store.clone()));
+        controller.services.store = gated.clone();
+        let (entered, release) = gated.hold_create_repo();
+        let listeners = Listeners::bind(&controller.services.config).await.unwrap();
+        let addr = listeners.http.local_addr().unwrap();
+        let token = controller.admin_token().to_owned();
+        let shutdown = CancellationToken::new();
+        let mut serving = tokio::spawn(controller.serve(listeners, shutdown.clone()));
+
+        let body = r#"{"name":"demo","git_url":"file:///srv/demo.git"}"#;
+        let request = format!(
+            "POST /api/v1/repos HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::timeout(DEADLINE, entered)
+            .await
+            .expect("the request reaches the store")
+            .unwrap();
+        // The client goes away, then the controller is asked to stop.
+        drop(client);
+        shutdown.cancel();
+
+        let early = tokio::time::timeout(STOP_GRACE / 4, &mut serving).await;
+        assert!(
+            early.is_err(),
+            "serve returned while a change was under way: {early:?}"
+        );
+        let _ = release.send(());
+        tokio::time::timeout(DEADLINE, serving)
+            .await
+            .expect("serve returns once the change is complete")
+            .unwrap()
+            .unwrap();
+        assert!(
+            gated.get_repo("local", "demo").await.unwrap().is_some(),
+            "the repository was registered"
+        );
+    }
 }

@@ -202,13 +202,37 @@ impl Services {
             deploy_labels,
         };
         let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
-        if create_webhook {
-            self.github
+        // Nothing is made on GitHub for a repository already registered;
+        // the insert below still decides a race between two registrations.
+        if self.store.get_repo(owner, name).await?.is_some() {
+            return Err(CoreError::Conflict(format!(
+                "repository {full_name} is already registered"
+            )));
+        }
+        let hook = if create_webhook {
+            let id = self
+                .github
                 .create_hook(token, owner, name, &webhook_url, &webhook_secret)
                 .await
                 .map_err(crate::auth::caller_error)?;
+            Some(id)
+        } else {
+            None
+        };
+        if let Err(err) = self.store.create_repo(repo.clone()).await {
+            // Without the record the hook would only ever be answered 404.
+            if let Some(id) = hook {
+                match self.github.delete_hook(token, owner, name, id).await {
+                    Ok(()) => {
+                        tracing::info!(repo = %full_name, hook = id, "webhook removed: the repository was not registered");
+                    }
+                    Err(cause) => {
+                        tracing::warn!(repo = %full_name, hook = id, error = %cause, "cannot remove the webhook of a repository that was not registered; delete it on GitHub");
+                    }
+                }
+            }
+            return Err(err.into());
         }
-        self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %full_name, github.login = %login, "GitHub repository registered");
         Ok(RegisteredGitHubRepo {
             repo,

@@ -1572,3 +1572,6 @@ mod contract;
 
 #[path = "e2e/privacy.rs"]
 mod privacy;
+
+#[path = "e2e/core_bugs.rs"]
+mod core_bugs;

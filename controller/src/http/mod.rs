@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Serialize;
+use tokio_util::task::TaskTracker;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -92,8 +93,9 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// The REST router with its OpenAPI document.
-pub fn router(services: Services) -> axum::Router {
+/// The REST router with its OpenAPI document. Changes run on `requests`
+/// (see [`shield`]), which the graceful stop waits for.
+pub fn router(services: Services, requests: TaskTracker) -> axum::Router {
     let (router, mut api) = api_router().split_for_parts();
     finish_document(&mut api);
     let webhooks = crate::webhook::router().with_state(services.clone());
@@ -110,15 +112,18 @@ pub fn router(services: Services) -> axum::Router {
         .merge(webhooks)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(shield))
+        .layer(axum::middleware::from_fn_with_state(requests, shield))
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
 /// Carries every request that may change something (any method but GET,
 /// HEAD, OPTIONS) through to its end in a task of its own. A client that
 /// disconnects drops only the wait for the answer: the change is made whole
-/// or, if the body never arrived complete, not at all.
+/// or, if the body never arrived complete, not at all. The task is tracked
+/// on `requests`, so the controller's stop waits for it (within its grace)
+/// even after the connection is gone.
 async fn shield(
+    State(requests): State<TaskTracker>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -127,7 +132,7 @@ async fn shield(
     }
     // The request's span goes along, so the handler's logs keep it.
     let handled = tracing::Instrument::in_current_span(next.run(request));
-    match tokio::spawn(handled).await {
+    match requests.spawn(handled).await {
         Ok(response) => response,
         Err(err) => {
             tracing::error!(error = %err, "request handler failed");

@@ -3,6 +3,7 @@
 //! test can reach on purpose instead of by timing. Every other call goes
 //! straight to the wrapped store.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,9 +14,16 @@ use hobotnica_common::job::{Job, Repo};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreEvent,
-    StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
+    StoreEvent, StoreResult,
 };
+
+/// A held `create_repo`: told when the call arrives, let through by the
+/// test.
+struct HeldCreateRepo {
+    entered: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+}
 
 /// A held `get_agent`: told when the call arrives, answered by the test.
 struct HeldGetAgent {
@@ -26,6 +34,9 @@ struct HeldGetAgent {
 pub struct GatedStore {
     inner: Arc<dyn Store>,
     get_agent: Mutex<Option<HeldGetAgent>>,
+    create_repo: Mutex<Option<HeldCreateRepo>>,
+    /// While set, `get_repo` fails as an unreachable store does.
+    get_repo_fails: AtomicBool,
 }
 
 impl GatedStore {
@@ -33,7 +44,28 @@ impl GatedStore {
         GatedStore {
             inner,
             get_agent: Mutex::new(None),
+            create_repo: Mutex::new(None),
+            get_repo_fails: AtomicBool::new(false),
         }
+    }
+
+    /// Holds the next `create_repo`: the receiver resolves once it is in
+    /// flight; it goes on to the wrapped store once the sender is used or
+    /// dropped.
+    pub fn hold_create_repo(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (entered_tx, entered_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        *self.create_repo.lock().expect("not poisoned") = Some(HeldCreateRepo {
+            entered: entered_tx,
+            release: release_rx,
+        });
+        (entered_rx, release_tx)
+    }
+
+    /// Makes every `get_repo` fail with `Unavailable` (`true`) or go to the
+    /// wrapped store again (`false`).
+    pub fn fail_get_repo(&self, fail: bool) {
+        self.get_repo_fails.store(fail, Ordering::SeqCst);
     }
 
     /// Holds the next `get_agent`: the first receiver resolves once it is
@@ -62,9 +94,19 @@ impl Store for GatedStore {
         self.inner.announce(event).await;
     }
     async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
+        let held = self.create_repo.lock().expect("not poisoned").take();
+        if let Some(held) = held {
+            let _ = held.entered.send(());
+            let _ = held.release.await;
+        }
         self.inner.create_repo(repo).await
     }
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
+        if self.get_repo_fails.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the test made get_repo fail".to_owned(),
+            ));
+        }
         self.inner.get_repo(owner, name).await
     }
     async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
