@@ -1,5 +1,7 @@
-//! EDGE: who is calling. `Authorization: Bearer <admin token>` for now
-//! (GitHub credentials and API tokens come with the GitHub integration).
+//! EDGE: who is calling. `Authorization: Bearer <token>` holding the admin
+//! token ([`Admin`], or `Caller::Admin`), or a GitHub user's token with
+//! `X-GitHub-Username` (`Caller::GitHub`, checked against GitHub by
+//! `crate::auth`). Agent tokens are for gRPC only.
 
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts};

@@ -94,7 +94,7 @@ impl Modify for SecuritySchemes {
 }
 
 /// The REST router with its OpenAPI document. Changes run on `requests`
-/// (see [`shield`]), which the graceful stop waits for.
+/// (see `shield`), which the graceful stop waits for.
 pub fn router(services: Services, requests: TaskTracker) -> axum::Router {
     let (router, mut api) = api_router().split_for_parts();
     finish_document(&mut api);
