@@ -978,9 +978,9 @@ mod tests {
         (services, gated)
     }
 
-    /// An agent registered with a token of its own, holding a running job;
-    /// returns the token's value.
-    async fn agent_with_job(services: &Services) -> (String, AgentRecord, Job) {
+    /// An agent `builder` registered with a token of its own; the token's
+    /// value and the registration.
+    async fn registered_agent(services: &Services) -> (String, Registered) {
         let (_, token) = services
             .create_agent_token("builders".to_owned(), BTreeMap::new())
             .await
@@ -998,6 +998,13 @@ mod tests {
             )
             .await
             .unwrap();
+        (token, registered)
+    }
+
+    /// An agent registered with a token of its own, holding a running job;
+    /// returns the token's value.
+    async fn agent_with_job(services: &Services) -> (String, AgentRecord, Job) {
+        let (token, registered) = registered_agent(services).await;
         services
             .store
             .create_job(crate::store::conformance::new_job("test"), Utc::now())
@@ -1105,23 +1112,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let (_, token) = services
-            .create_agent_token("builders".to_owned(), BTreeMap::new())
-            .await
-            .unwrap();
-        let registered = services
-            .register_agent(
-                &token,
-                Registration {
-                    name: "builder".to_owned(),
-                    labels: BTreeMap::new(),
-                    concurrency: 1,
-                    version: "test".to_owned(),
-                    protocol_version: hobotnica_common::proto::PROTOCOL_VERSION,
-                },
-            )
-            .await
-            .unwrap();
+        let (token, registered) = registered_agent(&services).await;
         let job = services
             .store
             .create_job(crate::store::conformance::new_job("test"), Utc::now())
