@@ -56,7 +56,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Some(token) => token.clone(),
         None => Secret::new(hobotnica_controller::load_or_create_token(
             &config.data_dir.join(AGENT_TOKEN_FILE),
-            "hbag",
+            hobotnica_common::token::AGENT_TOKEN_PREFIX,
         )?),
     };
     config.agent_token = Some(agent_token.clone());

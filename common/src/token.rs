@@ -6,6 +6,12 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// The prefix of agent tokens (`hbag_<64 hex>`): the pool token a local
+/// `hobot up` makes and the per-agent tokens the API mints.
+pub const AGENT_TOKEN_PREFIX: &str = "hbag";
+/// The prefix of the admin token a controller makes for itself.
+pub const ADMIN_TOKEN_PREFIX: &str = "hbad";
+
 /// `n` random bytes from the OS, hex-encoded (2n characters).
 ///
 /// # Panics

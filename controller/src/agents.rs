@@ -922,7 +922,7 @@ impl Services {
     ) -> Result<(AgentTokenRecord, String), CoreError> {
         hobotnica_common::validate::repo_component("name", &name)?;
         hobotnica_common::validate::labels("labels", &labels)?;
-        let token = new_token("hbag");
+        let token = new_token(hobotnica_common::token::AGENT_TOKEN_PREFIX);
         let record = AgentTokenRecord {
             id: random_hex(8),
             name,

@@ -171,7 +171,10 @@ impl Controller {
         prepare_data_dir(&config.data_dir)?;
         let admin_token = match &config.admin_token {
             Some(token) => token.expose().to_owned(),
-            None => load_or_create_token(&config.data_dir.join("admin-token"), "hbad")?,
+            None => load_or_create_token(
+                &config.data_dir.join("admin-token"),
+                hobotnica_common::token::ADMIN_TOKEN_PREFIX,
+            )?,
         };
         let store = open_store(&config).await?;
         // Agents of jobs that ran before a restart get a full lease to
