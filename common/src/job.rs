@@ -213,17 +213,76 @@ impl EnvScope {
     }
 }
 
-/// A repository variable. A secret's value is kept sealed
-/// (`secrets::SecretKey::seal`, context `env:<owner>/<name>:<key>`).
+/// A repository variable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredEnvVar", into = "StoredEnvVar")]
 pub struct EnvVar {
     pub key: String,
     pub scope: EnvScope,
-    pub secret: bool,
-    /// The value, for a variable that is not secret.
-    pub value: Option<String>,
-    /// The sealed value, for a secret.
-    pub sealed: Option<String>,
+    pub value: EnvValue,
+}
+
+/// A variable's value: in the clear, or a secret kept sealed
+/// (`secrets::SecretKey::seal`, context `env:<owner>/<name>:<key>`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnvValue {
+    Plain(String),
+    Sealed(String),
+}
+
+impl EnvVar {
+    pub fn is_secret(&self) -> bool {
+        matches!(self.value, EnvValue::Sealed(_))
+    }
+}
+
+/// How a variable is stored (both stores keep this shape): `secret` with
+/// exactly one of `value` and `sealed`.
+#[derive(Serialize, Deserialize)]
+struct StoredEnvVar {
+    key: String,
+    scope: EnvScope,
+    secret: bool,
+    value: Option<String>,
+    sealed: Option<String>,
+}
+
+impl TryFrom<StoredEnvVar> for EnvVar {
+    type Error = String;
+
+    fn try_from(stored: StoredEnvVar) -> Result<EnvVar, String> {
+        let value = match (stored.secret, stored.value, stored.sealed) {
+            (false, Some(value), None) => EnvValue::Plain(value),
+            (true, None, Some(sealed)) => EnvValue::Sealed(sealed),
+            _ => {
+                return Err(format!(
+                    "variable {}: a secret has only a sealed value, a plain variable only a value",
+                    stored.key
+                ));
+            }
+        };
+        Ok(EnvVar {
+            key: stored.key,
+            scope: stored.scope,
+            value,
+        })
+    }
+}
+
+impl From<EnvVar> for StoredEnvVar {
+    fn from(var: EnvVar) -> StoredEnvVar {
+        let (secret, value, sealed) = match var.value {
+            EnvValue::Plain(value) => (false, Some(value), None),
+            EnvValue::Sealed(sealed) => (true, None, Some(sealed)),
+        };
+        StoredEnvVar {
+            key: var.key,
+            scope: var.scope,
+            secret,
+            value,
+            sealed,
+        }
+    }
 }
 
 /// What ties a repository to GitHub. Secrets are kept sealed
@@ -245,14 +304,77 @@ impl Repo {
     pub fn full_name(&self) -> String {
         format!("{}/{}", self.owner, self.name)
     }
+
+    /// The repository's name as jobs and filters carry it.
+    pub fn reference(&self) -> RepoRef {
+        RepoRef {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// A repository's name: its owner and its name, written `owner/name` (in
+/// job records, the API and log messages).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RepoRef {
+    pub owner: String,
+    pub name: String,
+}
+
+impl RepoRef {
+    pub fn new(owner: impl Into<String>, name: impl Into<String>) -> RepoRef {
+        RepoRef {
+            owner: owner.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for RepoRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name)
+    }
+}
+
+/// Not `owner/name` with both parts present.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not owner/name")]
+pub struct InvalidRepoRef(String);
+
+impl FromStr for RepoRef {
+    type Err = InvalidRepoRef;
+
+    fn from_str(s: &str) -> Result<RepoRef, InvalidRepoRef> {
+        match s.split_once('/') {
+            Some((owner, name)) if !owner.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(RepoRef::new(owner, name))
+            }
+            _ => Err(InvalidRepoRef(s.to_owned())),
+        }
+    }
+}
+
+impl TryFrom<String> for RepoRef {
+    type Error = InvalidRepoRef;
+
+    fn try_from(s: String) -> Result<RepoRef, InvalidRepoRef> {
+        s.parse()
+    }
+}
+
+impl From<RepoRef> for String {
+    fn from(repo: RepoRef) -> String {
+        repo.to_string()
+    }
 }
 
 /// A job and everything known about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
-    /// `owner/name`.
-    pub repo: String,
+    pub repo: RepoRef,
     pub git_url: String,
     pub kind: JobKind,
     pub target: String,
@@ -267,8 +389,6 @@ pub struct Job {
     /// Who asked for the job: `admin`, a GitHub login, or `webhook`.
     #[serde(default)]
     pub requested_by: Option<String>,
-    /// Labels an agent must carry to take the job.
-    pub labels: BTreeMap<String, String>,
     /// Labels the agent's *token* must vouch for to take the job: a deploy's
     /// copy of its repository's `deploy_labels`, made when it is queued.
     #[serde(default)]
@@ -314,15 +434,10 @@ pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
 }
 
 impl Job {
-    /// Whether an agent carrying `agent_labels`, whose token vouches for
-    /// `vouched_labels`, may take this job.
-    pub fn claimable_by(
-        &self,
-        agent_labels: &BTreeMap<String, String>,
-        vouched_labels: &BTreeMap<String, String>,
-    ) -> bool {
-        missing_label(&self.labels, agent_labels).is_none()
-            && missing_label(&self.trusted_labels, vouched_labels).is_none()
+    /// Whether an agent whose token vouches for `vouched_labels` may take
+    /// this job.
+    pub fn claimable_by(&self, vouched_labels: &BTreeMap<String, String>) -> bool {
+        missing_label(&self.trusted_labels, vouched_labels).is_none()
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobState, Outcome, format_labels, missing_label};
@@ -22,6 +22,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Caller;
 use crate::error::CoreError;
 use crate::services::Services;
 pub use crate::store::{AgentRecord, AgentTokenRecord};
@@ -379,20 +380,8 @@ impl Services {
     /// no more (its variables and token went with it). A store error is
     /// returned, never taken for "no secrets".
     async fn job_assignment(&self, job: Job) -> Result<Option<JobAssignment>, StoreError> {
-        let repo = match job.repo.split_once('/') {
-            Some((owner, name)) => match self.store.get_repo(owner, name).await? {
-                Some(repo) => Some(repo),
-                None => return Ok(None),
-            },
-            None => None,
-        };
-        let Some(repo) = repo else {
-            return Ok(Some(JobAssignment {
-                env: job.env.clone(),
-                job,
-                secrets: Vec::new(),
-                git_http_header: String::new(),
-            }));
+        let Some(repo) = self.store.get_repo(&job.repo.owner, &job.repo.name).await? else {
+            return Ok(None);
         };
         let environment = self.job_environment(&repo, &job);
         let mut assignment = JobAssignment {
@@ -882,16 +871,35 @@ pub async fn run_session(
     }
 }
 
-/// An agent as operators see it: its record and the jobs it runs.
+/// An agent heard from within this time counts as connected (sessions
+/// refresh it every heartbeat).
+pub const AGENT_CONNECTED_WITHIN: Duration = Duration::from_secs(30);
+
+/// Whether an agent last seen at `last_seen` counts as connected at `now`.
+pub fn agent_connected(last_seen: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    (now - last_seen)
+        .to_std()
+        .is_ok_and(|age| age < AGENT_CONNECTED_WITHIN)
+        || last_seen >= now
+}
+
+/// An agent as operators see it: its record, whether it is connected and
+/// the jobs it runs.
 pub struct AgentOverview {
     pub agent: AgentRecord,
+    /// Heard from within `AGENT_CONNECTED_WITHIN`.
+    pub connected: bool,
     pub running_jobs: Vec<JobId>,
 }
 
 impl Services {
-    /// Every registered agent with its running jobs.
-    pub async fn agents_overview(&self) -> Result<Vec<AgentOverview>, CoreError> {
-        let agents = self.store.list_agents().await?;
+    /// Every registered agent, by name, with its running jobs (the admin
+    /// only).
+    pub async fn agents_overview(&self, caller: &Caller) -> Result<Vec<AgentOverview>, CoreError> {
+        caller.require_admin("listing agents")?;
+        let now = Utc::now();
+        let mut agents = self.store.list_agents().await?;
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
         let running = self
             .store
             .list_jobs(&JobFilter {
@@ -903,6 +911,7 @@ impl Services {
         Ok(agents
             .into_iter()
             .map(|agent| AgentOverview {
+                connected: agent_connected(agent.last_seen, now),
                 running_jobs: running
                     .iter()
                     .filter(|job| job.agent.as_ref() == Some(&agent.id))
@@ -917,9 +926,11 @@ impl Services {
     /// its record and its value, which is shown only now.
     pub async fn create_agent_token(
         &self,
+        caller: &Caller,
         name: String,
         labels: BTreeMap<String, String>,
     ) -> Result<(AgentTokenRecord, String), CoreError> {
+        caller.require_admin("creating agent tokens")?;
         hobotnica_common::validate::repo_component("name", &name)?;
         hobotnica_common::validate::labels("labels", &labels)?;
         let token = new_token(hobotnica_common::token::AGENT_TOKEN_PREFIX);
@@ -935,13 +946,19 @@ impl Services {
         Ok((record, token))
     }
 
-    pub async fn list_agent_tokens(&self) -> Result<Vec<AgentTokenRecord>, CoreError> {
+    /// Every agent token (never its value; the admin only).
+    pub async fn list_agent_tokens(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<AgentTokenRecord>, CoreError> {
+        caller.require_admin("listing agent tokens")?;
         Ok(self.store.list_agent_tokens().await?)
     }
 
     /// Revokes a token: its agents are forgotten and their sessions and log
     /// streams closed.
-    pub async fn revoke_agent_token(&self, id: &str) -> Result<(), CoreError> {
+    pub async fn revoke_agent_token(&self, caller: &Caller, id: &str) -> Result<(), CoreError> {
+        caller.require_admin("revoking agent tokens")?;
         self.store.delete_agent_token(id).await?;
         tracing::info!(agent_token.id = %id, "agent token revoked");
         Ok(())
@@ -982,7 +999,7 @@ mod tests {
     /// value and the registration.
     async fn registered_agent(services: &Services) -> (String, Registered) {
         let (_, token) = services
-            .create_agent_token("builders".to_owned(), BTreeMap::new())
+            .create_agent_token(&Caller::Admin, "builders".to_owned(), BTreeMap::new())
             .await
             .unwrap();
         let registered = services
@@ -1089,21 +1106,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (services, gated) = services(dir.path()).await;
         let repo = services
-            .register_repo(crate::projects::NewRepo {
-                owner: None,
-                name: "demo".to_owned(),
-                git_url: "file:///srv/demo.git".to_owned(),
-                branch: None,
-                timeout_secs: None,
-                requeue_lost_tests: None,
-                deploy_labels: BTreeMap::new(),
-            })
+            .register(
+                &Caller::Admin,
+                crate::repos::NewRepository::Git(crate::repos::NewRepo {
+                    owner: None,
+                    name: "demo".to_owned(),
+                    git_url: "file:///srv/demo.git".to_owned(),
+                    branch: None,
+                    timeout_secs: None,
+                    requeue_lost_tests: None,
+                    deploy_labels: BTreeMap::new(),
+                }),
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .repo;
         services
             .set_env(
                 &repo,
-                crate::projects::SetEnv {
+                crate::variables::SetEnv {
                     key: "API_KEY".to_owned(),
                     value: "s3cret-value".to_owned(),
                     secret: true,

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hobotnica_common::job::Repo;
-use hobotnica_common::token::hash_token;
+use hobotnica_common::ids::JobId;
+use hobotnica_common::job::{Job, Repo};
+use hobotnica_common::token::{constant_time_eq, hash_token};
 
 use crate::error::CoreError;
 use crate::github::{GitHubError, GitHubToken, Permissions};
@@ -28,6 +29,17 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Only the admin token may do this (agents, agent tokens, repositories
+    /// registered by URL).
+    pub fn require_admin(&self, what: &str) -> Result<(), CoreError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::GitHub { .. } => Err(CoreError::Forbidden(format!(
+                "{what} needs the admin token"
+            ))),
+        }
+    }
+
     /// How the caller is named in a job's `requested_by`.
     pub fn name(&self) -> String {
         match self {
@@ -103,9 +115,53 @@ pub fn caller_error(err: GitHubError) -> CoreError {
     }
 }
 
+/// Longest GitHub login.
+const MAX_GITHUB_LOGIN_LEN: usize = 39;
+
 impl Services {
+    /// Whether `token` is the admin token (compared in constant time).
+    fn is_admin_token(&self, token: &str) -> bool {
+        constant_time_eq(
+            hash_token(token).as_bytes(),
+            self.admin_token_hash.as_bytes(),
+        )
+    }
+
+    /// Who holds `token`: the admin, or the GitHub user `github_login`
+    /// names (checked against GitHub).
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        github_login: Option<&str>,
+    ) -> Result<Caller, CoreError> {
+        if self.is_admin_token(token) {
+            return Ok(Caller::Admin);
+        }
+        let Some(login) = github_login else {
+            return Err(CoreError::Unauthorized(
+                "the token is not valid (a GitHub token also needs X-GitHub-Username)".to_owned(),
+            ));
+        };
+        if login.is_empty() || login.len() > MAX_GITHUB_LOGIN_LEN {
+            return Err(CoreError::Unauthorized(
+                "X-GitHub-Username is not a GitHub login".to_owned(),
+            ));
+        }
+        self.verify_github_user(GitHubToken::new(token), login)
+            .await
+    }
+
+    /// The admin, holding `token` (operators' gRPC calls).
+    pub fn authenticate_admin(&self, token: &str) -> Result<Caller, CoreError> {
+        if self.is_admin_token(token) {
+            Ok(Caller::Admin)
+        } else {
+            Err(CoreError::Unauthorized("the token is not valid".to_owned()))
+        }
+    }
+
     /// Checks that `token` belongs to `login` (GraphQL `viewer`).
-    pub async fn verify_github_user(
+    async fn verify_github_user(
         &self,
         token: GitHubToken,
         login: &str,
@@ -135,7 +191,7 @@ impl Services {
     }
 
     /// The caller's permissions on a GitHub repository.
-    pub async fn github_permissions(
+    async fn github_permissions(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -157,21 +213,54 @@ impl Services {
         Ok(found)
     }
 
-    /// Whether `caller` may do `access` on the repository of `job`.
-    pub async fn require_job_access(
+    /// The repository `owner/name`, when `caller` may do `access` on it.
+    /// Every core function on a repository starts here.
+    pub async fn repo_for(
         &self,
         caller: &Caller,
-        job: &hobotnica_common::job::Job,
+        owner: &str,
+        name: &str,
+        access: Access,
+    ) -> Result<Repo, CoreError> {
+        let repo = self.repo(owner, name).await?;
+        self.require_access(caller, &repo, access).await?;
+        Ok(repo)
+    }
+
+    /// Job `id`, when `caller` may do `access` on its repository.
+    pub async fn job_for(
+        &self,
+        caller: &Caller,
+        id: JobId,
+        access: Access,
+    ) -> Result<Job, CoreError> {
+        let job = self.job(id).await?;
+        self.require_job_access(caller, &job, access).await?;
+        Ok(job)
+    }
+
+    /// Whether `caller` may read `job` (listing jobs).
+    pub(crate) async fn may_read_job(&self, caller: &Caller, job: &Job) -> bool {
+        self.require_job_access(caller, job, Access::Read)
+            .await
+            .is_ok()
+    }
+
+    /// Whether `caller` may do `access` on the repository of `job`. A job
+    /// whose repository is gone is the admin's only.
+    async fn require_job_access(
+        &self,
+        caller: &Caller,
+        job: &Job,
         access: Access,
     ) -> Result<(), CoreError> {
         if matches!(caller, Caller::Admin) {
             return Ok(());
         }
         let not_found = || CoreError::NotFound(format!("job {}", job.id));
-        let (owner, name) = job.repo.split_once('/').ok_or_else(not_found)?;
         let repo = self
             .store
-            .get_repo(owner, name)
+            .get_repo(&job.repo.owner, &job.repo.name)
             .await?
             .ok_or_else(not_found)?;
         match self.require_access(caller, &repo, access).await {
@@ -184,7 +273,7 @@ impl Services {
     }
 
     /// Whether `caller` may do `access` on `repo`.
-    pub async fn require_access(
+    pub(crate) async fn require_access(
         &self,
         caller: &Caller,
         repo: &Repo,

@@ -1,4 +1,6 @@
-//! CORE: triggering, cancelling and expiring jobs. Dispatch to agents is in
+//! CORE: jobs — triggering them (by a caller, a webhook, a retry), deploys
+//! with idempotency keys, reading and paging them with the caller's access
+//! checked, cancelling, and expiring lost ones. Dispatch to agents is in
 //! `agents` (the session), built on `Store::claim_job`.
 
 use std::collections::BTreeMap;
@@ -7,32 +9,34 @@ use std::time::Duration;
 use chrono::Utc;
 use hobotnica_common::env::is_reserved;
 use hobotnica_common::ids::{CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Repo, Trigger, format_labels, missing_label};
-use hobotnica_common::validate;
+use hobotnica_common::job::{Job, JobKind, JobState, Repo, RepoRef, Trigger, format_labels};
+use hobotnica_common::validate::{self, ValidationError};
 use tokio_util::sync::CancellationToken;
 
+use crate::agents::agent_connected;
+use crate::auth::{Access, Caller};
 use crate::error::CoreError;
 use crate::git::{GitError, resolve_branch};
 use crate::github::GitHubError;
-use crate::services::{Services, agent_connected};
+use crate::services::Services;
 pub use crate::store::JobFilter;
 use crate::store::{NewJob, Retention};
 
 /// Most one-time variables a trigger may carry.
 pub const MAX_ENV_VARS: usize = 200;
-/// Most jobs one list request returns.
+/// Most jobs one page holds.
 pub const MAX_PAGE_SIZE: usize = 200;
+/// Jobs on a page when the caller does not say.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
 
-/// What a trigger asks for.
+/// What a caller asks to run: `make <target>` at a commit, or at a branch's
+/// tip (resolved now), with one-time variables.
 #[derive(Debug, Clone)]
-pub struct TriggerJob {
+pub struct JobRequest {
     pub target: String,
     pub commit: Option<String>,
     pub branch: Option<String>,
     pub env: BTreeMap<String, String>,
-    pub trigger: Trigger,
-    /// Who asked (`admin` or a GitHub login).
-    pub requested_by: String,
 }
 
 /// Checks one-time (or any job-level) variables.
@@ -57,7 +61,166 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Which page of a job list: the jobs older than `before`, at most `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub before: Option<JobId>,
+    pub limit: usize,
+}
+
+impl Page {
+    /// The page a `cursor` from a previous page and a `limit` name (the
+    /// default size without one). Errors name the query parameter.
+    pub fn new(cursor: Option<&str>, limit: Option<usize>) -> Result<Page, ValidationError> {
+        let before = cursor
+            .map(|cursor| {
+                // At most 19 digits, as the schema's `Cursor` says.
+                cursor
+                    .parse::<JobId>()
+                    .ok()
+                    .filter(|_| cursor.len() <= 19)
+                    .ok_or_else(|| {
+                        ValidationError::new("cursor", "not a cursor from a previous page")
+                    })
+            })
+            .transpose()?;
+        let limit = match limit {
+            None => DEFAULT_PAGE_SIZE,
+            Some(limit) if (1..=MAX_PAGE_SIZE).contains(&limit) => limit,
+            Some(_) => {
+                return Err(ValidationError::new(
+                    "limit",
+                    format!("must be 1 to {MAX_PAGE_SIZE}"),
+                ));
+            }
+        };
+        Ok(Page { before, limit })
+    }
+}
+
+/// Which jobs a list shows (all of them when empty).
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    /// `owner/name`.
+    pub repo: Option<String>,
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+}
+
+/// A page of jobs, newest first, and the cursor of the next page when there
+/// may be one.
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<JobId>,
+}
+
 impl Services {
+    /// Queues `make <target>` on `owner/name` for `caller`, who needs push
+    /// access.
+    pub async fn trigger(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+        request: JobRequest,
+    ) -> Result<Job, CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Push).await?;
+        self.queue_job(&repo, request, Trigger::Api, caller.name())
+            .await
+    }
+
+    /// Queues a job of a working repository from a checked request.
+    async fn queue_job(
+        &self,
+        repo: &Repo,
+        request: JobRequest,
+        trigger: Trigger,
+        requested_by: String,
+    ) -> Result<Job, CoreError> {
+        require_enabled(repo)?;
+        validate::target("target", &request.target)?;
+        validate_env(&request.env)?;
+        let (commit, branch) = match request.commit {
+            Some(commit) => (
+                self.existing_commit(repo, &commit, request.branch.as_deref())
+                    .await?,
+                request.branch,
+            ),
+            None => {
+                let branch = request
+                    .branch
+                    .unwrap_or_else(|| repo.default_branch.clone());
+                (self.branch_tip(repo, &branch).await?, Some(branch))
+            }
+        };
+        let mut new = NewJob::new(repo, request.target, commit, branch, trigger, requested_by);
+        new.env = request.env;
+        let job = self.store.create_job(new, Utc::now()).await?;
+        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+        Ok(job)
+    }
+
+    /// A commit a caller named. It runs as given; a branch beside it is
+    /// only recorded (where the commit came from), not resolved. GitHub can
+    /// tell at once whether the commit exists; a plain git remote cannot
+    /// (the agent's fetch finds out).
+    async fn existing_commit(
+        &self,
+        repo: &Repo,
+        commit: &str,
+        branch: Option<&str>,
+    ) -> Result<CommitSha, CoreError> {
+        let sha: CommitSha = commit
+            .parse()
+            .map_err(|_| CoreError::invalid("commit", "must be 40 hexadecimal characters"))?;
+        if let Some(branch) = branch {
+            validate::branch("branch", branch)?;
+        }
+        if let Some(token) = self.repo_token(repo) {
+            let exists = match self
+                .github
+                .commit_exists(&token, &repo.owner, &repo.name, &sha)
+                .await
+            {
+                Ok(exists) => exists,
+                Err(err) => return Err(self.stored_token_error(repo, err).await),
+            };
+            if !exists {
+                return Err(CoreError::invalid(
+                    "commit",
+                    format!("commit {sha} does not exist in {}", repo.full_name()),
+                ));
+            }
+        }
+        Ok(sha)
+    }
+
+    /// The commit at the tip of `branch` now (GitHub's API, or the remote).
+    async fn branch_tip(&self, repo: &Repo, branch: &str) -> Result<CommitSha, CoreError> {
+        validate::branch("branch", branch)?;
+        match self.repo_token(repo) {
+            Some(token) => match self
+                .github
+                .branch_head(&token, &repo.owner, &repo.name, branch)
+                .await
+            {
+                Ok(sha) => Ok(sha),
+                Err(GitHubError::NotFound) => Err(CoreError::invalid(
+                    "branch",
+                    format!("branch {branch:?} does not exist in the repository"),
+                )),
+                Err(err) => Err(self.stored_token_error(repo, err).await),
+            },
+            None => resolve_branch(&repo.git_url, branch)
+                .await
+                .map_err(|err| match err {
+                    GitError::NoSuchBranch { .. } => CoreError::invalid("branch", err.to_string()),
+                    GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
+                }),
+        }
+    }
+
     /// The one mapping of GitHub errors met with a repository's stored
     /// token (not the caller's): they are the repository's problem. A token
     /// GitHub rejects means access is lost: the repository is disabled as
@@ -86,105 +249,26 @@ impl Services {
         }
     }
 
-    pub async fn trigger_job(
+    /// Runs `work` once per `key`: `None` when the key was seen before (a
+    /// redelivered webhook, a repeated `Idempotency-Key`). When `work`
+    /// fails, the key is forgotten, so that a retry runs it again.
+    pub(crate) async fn once<T>(
         &self,
-        owner: &str,
-        name: &str,
-        request: TriggerJob,
-    ) -> Result<Job, CoreError> {
-        let repo = self.repo(owner, name).await?;
-        if let Some(reason) = &repo.disabled {
-            return Err(CoreError::Gone(format!(
-                "repository {} is disabled: {reason}",
-                repo.full_name()
-            )));
+        key: &str,
+        work: impl Future<Output = Result<T, CoreError>>,
+    ) -> Result<Option<T>, CoreError> {
+        if !self.store.remember_delivery(key, Utc::now()).await? {
+            return Ok(None);
         }
-        validate::target("target", &request.target)?;
-        validate_env(&request.env)?;
-        let (commit, branch) = match (request.commit, request.branch) {
-            // A commit runs as given; a branch beside it is only recorded
-            // (where the commit came from), not resolved.
-            (Some(commit), branch) => {
-                let sha: CommitSha = commit.parse().map_err(|_| {
-                    CoreError::invalid("commit", "must be 40 hexadecimal characters")
-                })?;
-                if let Some(branch) = &branch {
-                    validate::branch("branch", branch)?;
+        match work.await {
+            Ok(done) => Ok(Some(done)),
+            Err(err) => {
+                if let Err(forget) = self.store.forget_delivery(key).await {
+                    tracing::warn!(error = %forget, "cannot forget a key whose work failed: a retry with it is refused as a repeat until it expires");
                 }
-                // GitHub can tell at once whether the commit exists; a plain
-                // git remote cannot (the agent's fetch finds out).
-                if let Some(token) = self.repo_token(&repo) {
-                    let exists = match self
-                        .github
-                        .commit_exists(&token, &repo.owner, &repo.name, &sha)
-                        .await
-                    {
-                        Ok(exists) => exists,
-                        Err(err) => return Err(self.stored_token_error(&repo, err).await),
-                    };
-                    if !exists {
-                        return Err(CoreError::invalid(
-                            "commit",
-                            format!("commit {sha} does not exist in {}", repo.full_name()),
-                        ));
-                    }
-                }
-                (sha, branch)
+                Err(err)
             }
-            (None, branch) => {
-                let branch = branch.unwrap_or_else(|| repo.default_branch.clone());
-                validate::branch("branch", &branch)?;
-                let sha =
-                    match self.repo_token(&repo) {
-                        Some(token) => match self
-                            .github
-                            .branch_head(&token, &repo.owner, &repo.name, &branch)
-                            .await
-                        {
-                            Ok(sha) => sha,
-                            Err(GitHubError::NotFound) => {
-                                return Err(CoreError::invalid(
-                                    "branch",
-                                    format!("branch {branch:?} does not exist in the repository"),
-                                ));
-                            }
-                            Err(err) => return Err(self.stored_token_error(&repo, err).await),
-                        },
-                        None => resolve_branch(&repo.git_url, &branch)
-                            .await
-                            .map_err(|err| match err {
-                                GitError::NoSuchBranch { .. } => {
-                                    CoreError::invalid("branch", err.to_string())
-                                }
-                                GitError::Unreachable(_) => CoreError::Upstream(err.to_string()),
-                            })?,
-                    };
-                (sha, Some(branch))
-            }
-        };
-        let job = self
-            .store
-            .create_job(
-                NewJob {
-                    repo: repo.full_name(),
-                    git_url: repo.git_url.clone(),
-                    kind: JobKind::for_target(&request.target),
-                    trusted_labels: trusted_labels(&repo, JobKind::for_target(&request.target)),
-                    target: request.target,
-                    commit,
-                    branch,
-                    env: request.env,
-                    labels: BTreeMap::new(),
-                    trigger: request.trigger,
-                    timeout_secs: repo.timeout_secs,
-                    from_fork: false,
-                    requested_by: Some(request.requested_by),
-                },
-                Utc::now(),
-            )
-            .await?;
-        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
-        Ok(job)
+        }
     }
 
     /// Queues `make test` for a webhook delivery, once: `None` when the
@@ -197,55 +281,25 @@ impl Services {
         branch: Option<String>,
         from_fork: bool,
     ) -> Result<Option<Job>, CoreError> {
-        if !self.store.remember_delivery(delivery, Utc::now()).await? {
-            return Ok(None);
-        }
-        match self
-            .queue_webhook_job(repo, commit, branch, from_fork)
-            .await
-        {
-            Ok(job) => Ok(Some(job)),
-            Err(err) => {
-                let _ = self.store.forget_delivery(delivery).await;
-                Err(err)
-            }
-        }
+        self.once(delivery, async {
+            let mut new = NewJob::new(
+                repo,
+                "test".to_owned(),
+                commit,
+                branch,
+                Trigger::Webhook,
+                "webhook".to_owned(),
+            );
+            new.from_fork = from_fork;
+            let job = self.store.create_job(new, Utc::now()).await?;
+            tracing::info!(job.id = %job.id, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
+            Ok(job)
+        })
+        .await
     }
 
-    /// Queues `make test` for a webhook delivery.
-    pub async fn queue_webhook_job(
-        &self,
-        repo: &Repo,
-        commit: CommitSha,
-        branch: Option<String>,
-        from_fork: bool,
-    ) -> Result<Job, CoreError> {
-        let job = self
-            .store
-            .create_job(
-                NewJob {
-                    repo: repo.full_name(),
-                    git_url: repo.git_url.clone(),
-                    kind: JobKind::Test,
-                    target: "test".to_owned(),
-                    commit,
-                    branch,
-                    env: BTreeMap::new(),
-                    labels: BTreeMap::new(),
-                    trusted_labels: trusted_labels(repo, JobKind::Test),
-                    trigger: Trigger::Webhook,
-                    timeout_secs: repo.timeout_secs,
-                    from_fork,
-                    requested_by: Some("webhook".to_owned()),
-                },
-                Utc::now(),
-            )
-            .await?;
-        tracing::info!(job.id = %job.id, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
-        Ok(job)
-    }
-
-    pub async fn job(&self, id: JobId) -> Result<Job, CoreError> {
+    /// Job `id` as stored, with why it waits when it is queued.
+    pub(crate) async fn job(&self, id: JobId) -> Result<Job, CoreError> {
         let mut job = self
             .store
             .get_job(id)
@@ -291,15 +345,7 @@ impl Services {
             "waiting: no agent is connected".to_owned()
         } else if !connected
             .iter()
-            .any(|agent| missing_label(&job.labels, &agent.labels).is_none())
-        {
-            format!(
-                "waiting: no connected agent has labels {}",
-                format_labels(&job.labels)
-            )
-        } else if !connected
-            .iter()
-            .any(|agent| job.claimable_by(&agent.labels, &agent.vouched_labels))
+            .any(|agent| job.claimable_by(&agent.vouched_labels))
         {
             format!(
                 "waiting: no connected agent's token vouches for {} (the repository's deploy_labels)",
@@ -311,20 +357,91 @@ impl Services {
         job.message = Some(reason);
     }
 
-    pub async fn list_jobs(&self, mut filter: JobFilter) -> Result<Vec<Job>, CoreError> {
-        if let Some(repo) = &filter.repo {
-            let (owner, name) = repo
-                .split_once('/')
-                .ok_or_else(|| CoreError::invalid("repo", "must be owner/name"))?;
-            validate::repo_component("repo", owner)?;
-            validate::repo_component("repo", name)?;
-        }
-        filter.limit = filter.limit.clamp(1, MAX_PAGE_SIZE);
-        Ok(self.store.list_jobs(&filter).await?)
+    /// The jobs matching `query` that `caller` may read, one page, newest
+    /// first. A GitHub user sees the jobs of repositories their token can
+    /// read; the page may hold fewer jobs than its limit, and the next
+    /// cursor continues after the last job read.
+    pub async fn visible_jobs(
+        &self,
+        caller: &Caller,
+        query: JobQuery,
+        page: Page,
+    ) -> Result<JobPage, CoreError> {
+        let repo = match query.repo {
+            Some(repo) => Some(parse_repo_filter(&repo)?),
+            None => None,
+        };
+        self.job_page(
+            caller,
+            JobFilter {
+                repo,
+                state: query.state,
+                kind: query.kind,
+                ..JobFilter::default()
+            },
+            page,
+        )
+        .await
     }
 
-    pub async fn cancel_job(&self, id: JobId) -> Result<Job, CoreError> {
-        self.job(id).await?;
+    /// The deploys of `owner/name`, one page, newest first.
+    pub async fn repo_deploys(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+        page: Page,
+    ) -> Result<JobPage, CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Read).await?;
+        self.job_page(
+            caller,
+            JobFilter {
+                repo: Some(repo.reference()),
+                kind: Some(JobKind::Deploy),
+                ..JobFilter::default()
+            },
+            page,
+        )
+        .await
+    }
+
+    async fn job_page(
+        &self,
+        caller: &Caller,
+        mut filter: JobFilter,
+        page: Page,
+    ) -> Result<JobPage, CoreError> {
+        filter.before = page.before;
+        filter.limit = page.limit.clamp(1, MAX_PAGE_SIZE);
+        let jobs = self.store.list_jobs(&filter).await?;
+        let next_cursor = (jobs.len() >= filter.limit)
+            .then(|| jobs.last().map(|job| job.id))
+            .flatten();
+        let mut visible = Vec::with_capacity(jobs.len());
+        let mut readable: BTreeMap<RepoRef, bool> = BTreeMap::new();
+        for job in jobs {
+            let may_read = match readable.get(&job.repo) {
+                Some(may_read) => *may_read,
+                None => {
+                    let may_read = self.may_read_job(caller, &job).await;
+                    readable.insert(job.repo.clone(), may_read);
+                    may_read
+                }
+            };
+            if may_read {
+                visible.push(job);
+            }
+        }
+        Ok(JobPage {
+            jobs: visible,
+            next_cursor,
+        })
+    }
+
+    /// Cancels job `id` for `caller` (push access): a queued job at once, a
+    /// running one by telling its agent.
+    pub async fn cancel(&self, caller: &Caller, id: JobId) -> Result<Job, CoreError> {
+        self.job_for(caller, id, Access::Push).await?;
         let job = self.store.request_cancel(id, Utc::now()).await?;
         if job.state.is_terminal() {
             self.statuses.job_changed(&job);
@@ -332,6 +449,27 @@ impl Services {
         tracing::info!(job.id = %id, state = %job.state, "cancel requested");
         Ok(job)
     }
+}
+
+/// A repository that lost its access takes no new jobs.
+fn require_enabled(repo: &Repo) -> Result<(), CoreError> {
+    match &repo.disabled {
+        Some(reason) => Err(CoreError::Gone(format!(
+            "repository {} is disabled: {reason}",
+            repo.full_name()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A `repo` filter: `owner/name` with valid parts.
+fn parse_repo_filter(repo: &str) -> Result<RepoRef, CoreError> {
+    let parsed: RepoRef = repo
+        .parse()
+        .map_err(|_| CoreError::invalid("repo", "must be owner/name"))?;
+    validate::repo_component("repo", &parsed.owner)?;
+    validate::repo_component("repo", &parsed.name)?;
+    Ok(parsed)
 }
 
 /// Marks jobs whose lease ran out as `lost`, until `shutdown`.
@@ -429,18 +567,28 @@ pub async fn maintenance(services: Services, shutdown: CancellationToken) {
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 impl Services {
-    /// Queues `make deploy` at a commit or a branch's tip (resolved now). A
-    /// repeated `idempotency_key` answers with the job the first request
-    /// created (`false`: not new).
+    /// Queues `make deploy` on `owner/name` for `caller` (push access), at a
+    /// commit or a branch's tip (resolved now). A repeated
+    /// `idempotency_key` answers with the job the first request created
+    /// (`false`: not new).
     pub async fn deploy(
         &self,
+        caller: &Caller,
         owner: &str,
         name: &str,
-        request: TriggerJob,
+        request: JobRequest,
         idempotency_key: Option<&str>,
     ) -> Result<(Job, bool), CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Push).await?;
+        let request = JobRequest {
+            target: "deploy".to_owned(),
+            ..request
+        };
         let Some(key) = idempotency_key else {
-            return Ok((self.trigger_job(owner, name, request).await?, true));
+            let job = self
+                .queue_job(&repo, request, Trigger::Api, caller.name())
+                .await?;
+            return Ok((job, true));
         };
         if key.is_empty()
             || key.len() > MAX_IDEMPOTENCY_KEY_LEN
@@ -459,105 +607,81 @@ impl Services {
             request.target, request.commit, request.branch, request.env,
         ));
         let scoped_request = format!("{scoped}#{}", &fingerprint[..32]);
-        if !self.store.remember_delivery(&scoped, Utc::now()).await? {
-            // A repeat: only the first request writes anything, so repeats
-            // cannot race each other or it.
-            let Some(id) = self.store.key_job(&scoped).await? else {
-                return Err(CoreError::Conflict(
-                    "a request with this Idempotency-Key is still being handled; retry shortly"
-                        .to_owned(),
-                ));
-            };
-            if self.store.key_job(&scoped_request).await? != Some(id) {
-                return Err(CoreError::invalid(
-                    "Idempotency-Key",
-                    "this key was already used with a different request",
-                ));
-            }
-            return Ok((self.job(id).await?, false));
-        }
-        match self.trigger_job(owner, name, request).await {
-            Ok(job) => {
+        let first = self
+            .once(&scoped, async {
+                let job = self
+                    .queue_job(&repo, request, Trigger::Api, caller.name())
+                    .await?;
                 // The request's fingerprint first: once the key names the
                 // job, a repeat can compare.
                 self.store.set_key_job(&scoped_request, job.id).await?;
                 self.store.set_key_job(&scoped, job.id).await?;
-                Ok((job, true))
-            }
-            Err(err) => {
-                let _ = self.store.forget_delivery(&scoped).await;
-                Err(err)
-            }
+                Ok(job)
+            })
+            .await?;
+        if let Some(job) = first {
+            return Ok((job, true));
         }
+        // A repeat: only the first request writes anything, so repeats
+        // cannot race each other or it.
+        let Some(id) = self.store.key_job(&scoped).await? else {
+            return Err(CoreError::Conflict(
+                "a request with this Idempotency-Key is still being handled; retry shortly"
+                    .to_owned(),
+            ));
+        };
+        if self.store.key_job(&scoped_request).await? != Some(id) {
+            return Err(CoreError::invalid(
+                "Idempotency-Key",
+                "this key was already used with a different request",
+            ));
+        }
+        Ok((self.job(id).await?, false))
     }
-}
 
-/// The labels the token of an agent taking a job of `kind` must vouch for: a
-/// deploy's are its repository's `deploy_labels`, recorded in the job when
-/// it is queued.
-pub fn trusted_labels(repo: &Repo, kind: JobKind) -> BTreeMap<String, String> {
-    if kind == JobKind::Deploy {
-        repo.deploy_labels.clone()
-    } else {
-        BTreeMap::new()
+    /// Runs finished job `id` again for `caller` (push access), as a new
+    /// job: same repository, commit, branch, target and one-time variables.
+    pub async fn retry(&self, caller: &Caller, id: JobId) -> Result<Job, CoreError> {
+        let old = self.job_for(caller, id, Access::Push).await?;
+        self.run_again(old, Trigger::Retry, caller.name()).await
     }
-}
 
-impl Services {
-    /// Runs a finished job again as a new job: same repository, commit,
-    /// branch, target and one-time variables.
-    pub async fn retry_job(&self, id: JobId, requested_by: String) -> Result<Job, CoreError> {
-        let old = self.job(id).await?;
+    /// A finished job, queued again as a new job.
+    async fn run_again(
+        &self,
+        old: Job,
+        trigger: Trigger,
+        requested_by: String,
+    ) -> Result<Job, CoreError> {
         if !old.state.is_terminal() {
             return Err(CoreError::Conflict(format!(
-                "job {id} is {}: only a finished job can be retried",
-                old.state
+                "job {} is {}: only a finished job can be retried",
+                old.id, old.state
             )));
         }
-        let (owner, name) = old
-            .repo
-            .split_once('/')
-            .ok_or_else(|| CoreError::NotFound(format!("repository {}", old.repo)))?;
-        let repo = self.repo(owner, name).await?;
-        if let Some(reason) = &repo.disabled {
-            return Err(CoreError::Gone(format!(
-                "repository {} is disabled: {reason}",
-                repo.full_name()
-            )));
-        }
-        let job = self
-            .store
-            .create_job(
-                NewJob {
-                    repo: old.repo,
-                    git_url: repo.git_url.clone(),
-                    kind: old.kind,
-                    target: old.target,
-                    commit: old.commit,
-                    branch: old.branch,
-                    env: old.env,
-                    labels: old.labels,
-                    trusted_labels: trusted_labels(&repo, old.kind),
-                    trigger: Trigger::Retry,
-                    timeout_secs: repo.timeout_secs,
-                    from_fork: old.from_fork,
-                    requested_by: Some(requested_by),
-                },
-                Utc::now(),
-            )
-            .await?;
-        tracing::info!(job.id = %job.id, retry_of = %id, "job retried");
+        let repo = self.repo(&old.repo.owner, &old.repo.name).await?;
+        require_enabled(&repo)?;
+        let mut new = NewJob::new(
+            &repo,
+            old.target,
+            old.commit,
+            old.branch,
+            trigger,
+            requested_by,
+        );
+        new.env = old.env;
+        new.from_fork = old.from_fork;
+        let job = self.store.create_job(new, Utc::now()).await?;
+        tracing::info!(job.id = %job.id, retry_of = %old.id, "job retried");
         Ok(job)
     }
-}
 
-impl Services {
     /// The latest successful deploy of a repository.
-    pub async fn last_deploy(&self, repo: &str) -> Result<Option<Job>, CoreError> {
+    pub(crate) async fn last_deploy(&self, repo: &Repo) -> Result<Option<Job>, CoreError> {
         Ok(self
             .store
             .list_jobs(&JobFilter {
-                repo: Some(repo.to_owned()),
+                repo: Some(repo.reference()),
                 kind: Some(JobKind::Deploy),
                 state: Some(JobState::Succeeded),
                 limit: 1,
@@ -567,9 +691,7 @@ impl Services {
             .into_iter()
             .next())
     }
-}
 
-impl Services {
     /// A lost `test` job is queued again, once, when its repository allows
     /// it. Deploys never are: they are not idempotent; a person retries them.
     async fn requeue_if_allowed(&self, lost: &Job) {
@@ -578,18 +700,19 @@ impl Services {
         {
             return;
         }
-        let allowed = match lost.repo.split_once('/') {
-            Some((owner, name)) => matches!(
-                self.store.get_repo(owner, name).await,
-                Ok(Some(repo)) if repo.requeue_lost_tests && repo.disabled.is_none()
-            ),
-            None => false,
-        };
+        let allowed = matches!(
+            self.store.get_repo(&lost.repo.owner, &lost.repo.name).await,
+            Ok(Some(repo)) if repo.requeue_lost_tests && repo.disabled.is_none()
+        );
         if !allowed {
             return;
         }
         match self
-            .retry_job(lost.id, hobotnica_common::job::AUTOMATIC_RETRY.to_owned())
+            .run_again(
+                lost.clone(),
+                Trigger::Retry,
+                hobotnica_common::job::AUTOMATIC_RETRY.to_owned(),
+            )
             .await
         {
             Ok(job) => {

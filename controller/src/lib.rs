@@ -10,6 +10,7 @@ mod agents;
 mod auth;
 mod config;
 mod connections;
+mod deliveries;
 mod error;
 mod git;
 pub(crate) mod github;
@@ -17,11 +18,13 @@ mod grpc;
 pub mod http;
 mod jobs;
 mod logs;
-mod projects;
+mod repos;
+mod secrets;
 mod services;
 mod statuses;
 pub mod store;
 mod tls;
+mod variables;
 mod webhook;
 
 pub use config::{CommandLineSecret, ControllerConfig};
@@ -285,7 +288,7 @@ impl Controller {
             self.statuses_rx,
             shutdown.clone(),
         ));
-        tasks.spawn(projects::recheck_github_access(
+        tasks.spawn(repos::recheck_github_access(
             services.clone(),
             shutdown.clone(),
         ));
@@ -511,7 +514,7 @@ pub async fn rotate_secret_key(
     let mut config = config.clone();
     config.read_secret_files()?;
     let store = open_store(&config).await?;
-    projects::rotate_secret_key(store.as_ref(), &old, &new).await
+    secrets::rotate_secret_key(store.as_ref(), &old, &new).await
 }
 
 /// The store `config` names: Redis with `--redis`, else the embedded store

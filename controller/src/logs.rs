@@ -10,6 +10,7 @@ use hobotnica_common::ids::JobId;
 use hobotnica_common::job::Job;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::auth::{Access, Caller};
 use crate::error::CoreError;
 use crate::services::Services;
 use crate::store::{Store, StoreError, StoreEvent};
@@ -137,34 +138,44 @@ pub fn tail(
     })
 }
 
+/// A job's stored log from an offset, as a caller reads it.
+pub struct LogRead<S> {
+    /// The job as it was when reading started.
+    pub job: Job,
+    /// The log's length when reading started: the body ends there.
+    pub length: u64,
+    pub body: S,
+}
+
 impl Services {
-    /// How many bytes of a job's log the controller holds.
-    pub async fn log_length(&self, job: JobId) -> Result<u64, CoreError> {
-        Ok(self.store.log_len(job).await?)
-    }
-
-    /// The log bytes `[start, end)` of a job as a stream of pieces.
-    pub fn log_range(
+    /// Job `id`'s log from `offset` (clamped to its length) to its length
+    /// now, when `caller` may read the job.
+    pub async fn read_log(
         &self,
-        job: JobId,
-        start: u64,
-        end: u64,
-    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        read_range(Arc::clone(&self.store), job, start, end)
+        caller: &Caller,
+        id: JobId,
+        offset: u64,
+    ) -> Result<
+        LogRead<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static>,
+        CoreError,
+    > {
+        let job = self.job_for(caller, id, Access::Read).await?;
+        let length = self.store.log_len(id).await?;
+        let body = read_range(Arc::clone(&self.store), id, offset.min(length), length);
+        Ok(LogRead { job, length, body })
     }
 
-    /// [`tail`] of a job that exists (`NotFound` otherwise).
+    /// [`tail`] of job `id` from `offset`, when `caller` may read the job.
     pub async fn tail_log(
         &self,
-        job: JobId,
+        caller: &Caller,
+        id: JobId,
         offset: u64,
         follow: bool,
     ) -> Result<impl Stream<Item = Result<TailItem, CoreError>> + Send + 'static, CoreError> {
         use futures_util::StreamExt as _;
-        if self.store.get_job(job).await?.is_none() {
-            return Err(CoreError::NotFound(format!("job {job}")));
-        }
-        Ok(tail(Arc::clone(&self.store), job, offset, follow)
+        self.job_for(caller, id, Access::Read).await?;
+        Ok(tail(Arc::clone(&self.store), id, offset, follow)
             .map(|item| item.map_err(CoreError::from)))
     }
 }

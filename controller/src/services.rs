@@ -11,10 +11,6 @@ use crate::github::GitHub;
 use crate::statuses::StatusSender;
 use crate::store::Store;
 
-/// An agent heard from within this time counts as connected (sessions
-/// refresh it every heartbeat).
-pub const AGENT_CONNECTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
-
 #[derive(Clone)]
 pub struct Services {
     pub store: Arc<dyn Store>,
@@ -49,12 +45,4 @@ impl Services {
     pub fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now + self.config.lease_timeout
     }
-}
-
-/// Whether an agent last seen at `last_seen` counts as connected at `now`.
-pub fn agent_connected(last_seen: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-    (now - last_seen)
-        .to_std()
-        .is_ok_and(|age| age < AGENT_CONNECTED_WITHIN)
-        || last_seen >= now
 }

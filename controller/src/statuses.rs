@@ -87,10 +87,11 @@ async fn post(services: &Services, job: &Job) {
     let Some(status) = status_of(job, target_url) else {
         return;
     };
-    let Some((owner, name)) = job.repo.split_once('/') else {
-        return;
-    };
-    let repo = match services.store.get_repo(owner, name).await {
+    let repo = match services
+        .store
+        .get_repo(&job.repo.owner, &job.repo.name)
+        .await
+    {
         Ok(Some(repo)) => repo,
         Ok(None) => return,
         Err(err) => {
@@ -105,7 +106,7 @@ async fn post(services: &Services, job: &Job) {
     for attempt in 1..=MAX_ATTEMPTS {
         match services
             .github
-            .create_status(&token, owner, name, &job.commit, &status)
+            .create_status(&token, &repo.owner, &repo.name, &job.commit, &status)
             .await
         {
             Ok(()) => {
@@ -119,7 +120,11 @@ async fn post(services: &Services, job: &Job) {
             Err(GitHubError::NotFound) => {
                 // GitHub answers 404 to a write the token may not make:
                 // read access alone is not lost access.
-                match services.github.repository(&token, owner, name).await {
+                match services
+                    .github
+                    .repository(&token, &repo.owner, &repo.name)
+                    .await
+                {
                     Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
                         services.access_lost(&repo, &err).await;
                     }

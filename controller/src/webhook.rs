@@ -1,8 +1,6 @@
-//! EDGE: GitHub webhooks at `POST /webhooks/github/{hook_id}`: find the
-//! repository by its unguessable hook id, check `X-Hub-Signature-256`
-//! (HMAC-SHA256 of the raw body, constant-time), parse the event into our
-//! own enum, drop redeliveries (`X-GitHub-Delivery`), queue a `test` job.
-//! The response never waits on git or GitHub.
+//! EDGE: GitHub webhooks at `POST /webhooks/github/{hook_id}`: the body
+//! (at most 25 MB) and headers go to `Services::receive_delivery`, and its
+//! outcome becomes the answer GitHub records.
 
 use axum::Json;
 use axum::Router;
@@ -12,11 +10,8 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use hmac::{Hmac, KeyInit, Mac};
-use hobotnica_common::ids::CommitSha;
-use serde::Deserialize;
-use sha2::Sha256;
 
+use crate::deliveries::{Delivery, DeliveryError, Received};
 use crate::http::problem::ApiError;
 use crate::services::Services;
 
@@ -29,141 +24,24 @@ pub fn router() -> Router<Services> {
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
 }
 
-/// What a delivery asks of us.
-#[derive(Debug, PartialEq)]
-pub enum WebhookEvent {
-    Ping,
-    /// Run `make test` at `commit`.
-    Test {
-        commit: CommitSha,
-        branch: Option<String>,
-        /// A pull request from another repository: no secrets.
-        from_fork: bool,
-    },
-    Ignored(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ParseError(String);
-
-#[derive(Deserialize)]
-struct PushPayload {
-    #[serde(rename = "ref")]
-    reference: String,
-    after: String,
-    #[serde(default)]
-    deleted: bool,
-}
-
-#[derive(Deserialize)]
-struct PullRequestPayload {
-    action: String,
-    pull_request: PullRequest,
-}
-
-#[derive(Deserialize)]
-struct PullRequest {
-    head: PullRequestRef,
-    base: PullRequestRef,
-}
-
-#[derive(Deserialize)]
-struct PullRequestRef {
-    sha: String,
-    #[serde(rename = "ref")]
-    reference: String,
-    repo: Option<PullRequestRepo>,
-}
-
-#[derive(Deserialize)]
-struct PullRequestRepo {
-    full_name: String,
-}
-
-fn parse_commit(sha: &str) -> Result<CommitSha, ParseError> {
-    sha.parse()
-        .map_err(|_| ParseError(format!("{sha:?} is not a commit sha")))
-}
-
-/// Parses one delivery (`X-GitHub-Event` and the body).
-pub fn parse_event(event: &str, body: &[u8]) -> Result<WebhookEvent, ParseError> {
-    let malformed =
-        |err: serde_json::Error| ParseError(format!("malformed {event} payload: {err}"));
-    match event {
-        "ping" => Ok(WebhookEvent::Ping),
-        "push" => {
-            let push: PushPayload = serde_json::from_slice(body).map_err(malformed)?;
-            let Some(branch) = push.reference.strip_prefix("refs/heads/") else {
-                return Ok(WebhookEvent::Ignored(format!(
-                    "push to {} (only branches run)",
-                    push.reference
-                )));
-            };
-            if push.deleted || push.after.bytes().all(|b| b == b'0') {
-                return Ok(WebhookEvent::Ignored(format!(
-                    "branch {branch} was deleted"
-                )));
-            }
-            if hobotnica_common::validate::branch("ref", branch).is_err() {
-                return Ok(WebhookEvent::Ignored(format!(
-                    "branch name {branch:?} is not supported"
-                )));
-            }
-            Ok(WebhookEvent::Test {
-                commit: parse_commit(&push.after)?,
-                branch: Some(branch.to_owned()),
-                from_fork: false,
-            })
-        }
-        "pull_request" => {
-            let pull: PullRequestPayload = serde_json::from_slice(body).map_err(malformed)?;
-            if !matches!(pull.action.as_str(), "opened" | "synchronize" | "reopened") {
-                return Ok(WebhookEvent::Ignored(format!(
-                    "pull_request action {}",
-                    pull.action
-                )));
-            }
-            let head = pull.pull_request.head;
-            let base_repo = pull.pull_request.base.repo.map(|repo| repo.full_name);
-            let head_repo = head.repo.map(|repo| repo.full_name);
-            let from_fork = head_repo.is_none() || head_repo != base_repo;
-            let branch = hobotnica_common::validate::branch("ref", &head.reference)
-                .ok()
-                .map(|()| head.reference);
-            let _ = pull.pull_request.base.sha;
-            Ok(WebhookEvent::Test {
-                commit: parse_commit(&head.sha)?,
-                branch,
-                from_fork,
-            })
-        }
-        other => {
-            // Still must be JSON: a malformed body is an error whatever the event.
-            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(malformed)?;
-            Ok(WebhookEvent::Ignored(format!("event {other}")))
-        }
-    }
-}
-
-/// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body`.
-pub fn signature_matches(secret: &[u8], body: &[u8], signature: &str) -> bool {
-    let Some(hex_digest) = signature.strip_prefix("sha256=") else {
-        return false;
-    };
-    let Ok(expected) = hex::decode(hex_digest) else {
-        return false;
-    };
-    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(body);
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&expected).is_ok()
-}
-
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// The one mapping of refused deliveries to answers.
+impl From<DeliveryError> for ApiError {
+    fn from(err: DeliveryError) -> ApiError {
+        match err {
+            DeliveryError::UnknownHook => ApiError::new(StatusCode::NOT_FOUND, err.to_string()),
+            DeliveryError::Disabled { .. } => ApiError::new(StatusCode::GONE, err.to_string()),
+            DeliveryError::BadSignature(detail) => ApiError::unauthorized(detail),
+            DeliveryError::Malformed(detail) => ApiError::new(StatusCode::BAD_REQUEST, detail),
+            DeliveryError::SecretUnreadable => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+            DeliveryError::Core(err) => err.into(),
+        }
+    }
 }
 
 /// GitHub delivers `push`, `pull_request` and `ping` events here.
@@ -196,159 +74,27 @@ pub(crate) async fn receive(
             format!("cannot read the webhook body (at most {MAX_WEBHOOK_BYTES} bytes)"),
         )
     })?;
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "no webhook with this id");
-    if hook_id.len() > 128 {
-        return Err(not_found());
-    }
-    let repo = services
-        .repo_by_hook(&hook_id)
-        .await?
-        .ok_or_else(not_found)?;
-    if let Some(reason) = &repo.disabled {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            format!("repository {} is disabled: {reason}", repo.full_name()),
-        ));
-    }
-    let secret = services.webhook_secret(&repo).ok_or_else(|| {
-        tracing::error!(repo = %repo.full_name(), "cannot open the stored webhook secret");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-    })?;
-    let signature = header(&headers, "x-hub-signature-256").ok_or_else(|| {
-        ApiError::unauthorized("missing X-Hub-Signature-256: set the webhook's secret on GitHub")
-    })?;
-    if !signature_matches(&secret, &body, signature) {
-        return Err(ApiError::unauthorized(
-            "X-Hub-Signature-256 does not match the body: check the webhook's secret",
-        ));
-    }
-    let event = header(&headers, "x-github-event")
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing X-GitHub-Event"))?;
-    let delivery = header(&headers, "x-github-delivery")
-        .filter(|id| {
-            !id.is_empty()
-                && id.len() <= 100
-                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "missing or invalid X-GitHub-Delivery",
-            )
-        })?;
-    let parsed = parse_event(event, &body)
-        .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, err.to_string()))?;
-    tracing::info!(webhook.delivery_id = delivery, webhook.event = event, repo = %repo.full_name(), "webhook received");
-    match parsed {
-        WebhookEvent::Ping => {
-            Ok((StatusCode::OK, Json(serde_json::json!({"message": "pong"}))).into_response())
+    let delivery = Delivery {
+        hook_id: &hook_id,
+        signature: header(&headers, "x-hub-signature-256"),
+        event: header(&headers, "x-github-event"),
+        delivery_id: header(&headers, "x-github-delivery"),
+        body: &body,
+    };
+    Ok(match services.receive_delivery(delivery).await? {
+        Received::Pong => {
+            (StatusCode::OK, Json(serde_json::json!({"message": "pong"}))).into_response()
         }
-        WebhookEvent::Ignored(reason) => Ok((
+        Received::Ignored(reason) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "ignored": reason })),
         )
-            .into_response()),
-        WebhookEvent::Test {
-            commit,
-            branch,
-            from_fork,
-        } => {
-            match services
-                .queue_webhook_delivery(&repo, delivery, commit, branch, from_fork)
-                .await?
-            {
-                Some(job) => Ok(crate::http::accepted(job)),
-                None => Ok((
-                    StatusCode::OK,
-                    Json(serde_json::json!({ "duplicate_delivery": delivery })),
-                )
-                    .into_response()),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-
-    #[test]
-    fn pushes_to_branches_run_tests() {
-        let body = format!(
-            r#"{{"ref":"refs/heads/main","before":"{SHA}","after":"{SHA}","deleted":false,"repository":{{"full_name":"o/r"}}}}"#
-        );
-        assert_eq!(
-            parse_event("push", body.as_bytes()).unwrap(),
-            WebhookEvent::Test {
-                commit: SHA.parse().unwrap(),
-                branch: Some("main".into()),
-                from_fork: false
-            }
-        );
-    }
-
-    #[test]
-    fn deletions_and_tags_are_ignored() {
-        let zeros = "0".repeat(40);
-        let deleted = format!(r#"{{"ref":"refs/heads/x","after":"{zeros}","deleted":true}}"#);
-        assert!(matches!(
-            parse_event("push", deleted.as_bytes()).unwrap(),
-            WebhookEvent::Ignored(_)
-        ));
-        let tag = format!(r#"{{"ref":"refs/tags/v1","after":"{SHA}"}}"#);
-        assert!(matches!(
-            parse_event("push", tag.as_bytes()).unwrap(),
-            WebhookEvent::Ignored(_)
-        ));
-    }
-
-    #[test]
-    fn pull_requests_from_forks_are_marked() {
-        let body = |action: &str, head_repo: &str| {
-            format!(
-                r#"{{"action":"{action}","pull_request":{{"head":{{"sha":"{SHA}","ref":"feature","repo":{{"full_name":"{head_repo}"}}}},"base":{{"sha":"{SHA}","ref":"main","repo":{{"full_name":"o/r"}}}}}}}}"#
-            )
-        };
-        assert_eq!(
-            parse_event("pull_request", body("opened", "fork/r").as_bytes()).unwrap(),
-            WebhookEvent::Test {
-                commit: SHA.parse().unwrap(),
-                branch: Some("feature".into()),
-                from_fork: true
-            }
-        );
-        assert!(matches!(
-            parse_event("pull_request", body("synchronize", "o/r").as_bytes()).unwrap(),
-            WebhookEvent::Test {
-                from_fork: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            parse_event("pull_request", body("closed", "o/r").as_bytes()).unwrap(),
-            WebhookEvent::Ignored(_)
-        ));
-    }
-
-    #[test]
-    fn malformed_bodies_are_errors() {
-        assert!(parse_event("push", b"{not json").is_err());
-        assert!(parse_event("issues", b"{not json").is_err());
-        assert!(parse_event("push", br#"{"ref":"refs/heads/x","after":"nope"}"#).is_err());
-    }
-
-    #[test]
-    fn signatures() {
-        let secret = b"It's a Secret to Everybody";
-        let body = b"Hello, World!";
-        // GitHub's documented example.
-        let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
-        assert!(signature_matches(secret, body, good));
-        assert!(!signature_matches(secret, b"Hello, World?", good));
-        assert!(!signature_matches(b"other", body, good));
-        assert!(!signature_matches(secret, body, "sha1=abc"));
-        assert!(!signature_matches(secret, body, "sha256=zz"));
-    }
+            .into_response(),
+        Received::Queued(job) => crate::http::accepted(*job),
+        Received::Duplicate(delivery) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "duplicate_delivery": delivery })),
+        )
+            .into_response(),
+    })
 }

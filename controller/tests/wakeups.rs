@@ -48,14 +48,13 @@ async fn queued_job(data_dir: &std::path::Path) -> u64 {
     let job = store
         .create_job(
             NewJob {
-                repo: "local/demo".to_owned(),
+                repo: hobotnica_common::job::RepoRef::new("local", "demo"),
                 git_url: "/nonexistent/demo.git".to_owned(),
                 kind: JobKind::Test,
                 target: "test".to_owned(),
                 commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
                 branch: Some("main".to_owned()),
                 env: BTreeMap::new(),
-                labels: BTreeMap::new(),
                 trusted_labels: BTreeMap::new(),
                 trigger: Trigger::Api,
                 timeout_secs: 0,

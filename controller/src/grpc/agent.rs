@@ -95,7 +95,7 @@ fn assignment(assignment: JobAssignment) -> controller_message::Kind {
     controller_message::Kind::Assignment(Assignment {
         job_id: job.id.0,
         attempt: job.attempt,
-        repo: job.repo,
+        repo: job.repo.to_string(),
         git_url: job.git_url,
         commit: job.commit.to_string(),
         branch: job.branch.unwrap_or_default(),

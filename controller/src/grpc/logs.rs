@@ -9,7 +9,7 @@ use hobotnica_common::proto::{JobEnd, TailChunk, TailRequest, TailResponse, tail
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{core_status, require_admin};
+use super::{core_status, operator};
 use crate::logs::TailItem;
 use crate::services::Services;
 
@@ -53,11 +53,16 @@ impl LogService for LogGrpc {
     type TailStream = TailStream;
 
     async fn tail(&self, request: Request<TailRequest>) -> Result<Response<TailStream>, Status> {
-        require_admin(&self.services, request.metadata())?;
+        let caller = operator(&self.services, request.metadata())?;
         let request = request.into_inner();
         let stream = self
             .services
-            .tail_log(JobId(request.job_id), request.from_offset, request.follow)
+            .tail_log(
+                &caller,
+                JobId(request.job_id),
+                request.from_offset,
+                request.follow,
+            )
             .await
             .map_err(core_status)?
             .map(|item| {

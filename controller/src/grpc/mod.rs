@@ -8,11 +8,11 @@ mod logs;
 pub use agent::AgentGrpc;
 pub use logs::LogGrpc;
 
-use hobotnica_common::token::{constant_time_eq, hash_token};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::agents::AgentError;
+use crate::auth::Caller;
 use crate::error::CoreError;
 use crate::services::Services;
 
@@ -28,17 +28,11 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token> metadata"))
 }
 
-/// Checks the admin token (operators tailing logs).
-fn require_admin(services: &Services, metadata: &MetadataMap) -> Result<(), Status> {
-    let token = bearer(metadata)?;
-    if constant_time_eq(
-        hash_token(token).as_bytes(),
-        services.admin_token_hash.as_bytes(),
-    ) {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated("the token is not valid"))
-    }
+/// The operator calling (the admin token: operators tailing logs).
+fn operator(services: &Services, metadata: &MetadataMap) -> Result<Caller, Status> {
+    services
+        .authenticate_admin(bearer(metadata)?)
+        .map_err(core_status)
 }
 
 /// The one mapping from the agent protocol's errors to gRPC statuses (see

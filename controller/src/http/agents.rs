@@ -12,9 +12,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Admin;
 use super::problem::{ApiError, ApiJson, Problem};
 use super::schemas::{Labels, TokenName};
+use crate::auth::Caller;
 use crate::services::Services;
 
 pub fn router() -> OpenApiRouter<Services> {
@@ -89,19 +89,18 @@ pub struct AgentTokenList {
     ),
     security(("token" = [])))]
 async fn list_agents(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
 ) -> Result<Json<AgentList>, ApiError> {
-    let now = Utc::now();
-    let mut items: Vec<AgentView> = services
-        .agents_overview()
+    let items = services
+        .agents_overview(&caller)
         .await?
         .into_iter()
         .map(|overview| {
             let agent = overview.agent;
             AgentView {
                 running_jobs: overview.running_jobs.into_iter().map(|id| id.0).collect(),
-                connected: crate::services::agent_connected(agent.last_seen, now),
+                connected: overview.connected,
                 id: agent.id.0,
                 name: agent.name,
                 labels: agent.labels,
@@ -111,7 +110,6 @@ async fn list_agents(
             }
         })
         .collect();
-    items.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(AgentList { items }))
 }
 
@@ -123,12 +121,12 @@ async fn list_agents(
     ),
     security(("token" = [])))]
 async fn create_agent_token(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     ApiJson(request): ApiJson<CreateAgentTokenRequest>,
 ) -> Result<(StatusCode, Json<AgentTokenCreated>), ApiError> {
     let (record, token) = services
-        .create_agent_token(request.name, request.labels.unwrap_or_default())
+        .create_agent_token(&caller, request.name, request.labels.unwrap_or_default())
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -148,10 +146,10 @@ async fn create_agent_token(
     ),
     security(("token" = [])))]
 async fn list_agent_tokens(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
 ) -> Result<Json<AgentTokenList>, ApiError> {
-    let tokens = services.list_agent_tokens().await?;
+    let tokens = services.list_agent_tokens(&caller).await?;
     Ok(Json(AgentTokenList {
         items: tokens
             .into_iter()
@@ -173,10 +171,10 @@ async fn list_agent_tokens(
     ),
     security(("token" = [])))]
 async fn revoke_agent_token(
-    _: Admin,
+    caller: Caller,
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    services.revoke_agent_token(&id).await?;
+    services.revoke_agent_token(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use hobotnica_common::job::{EnvScope, EnvVar};
+use hobotnica_common::job::{EnvScope, EnvValue, EnvVar};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -12,9 +12,9 @@ use utoipa_axum::routes;
 
 use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
 use super::schemas::{EnvName, Owner, RepoName};
-use crate::auth::{Access, Caller};
-use crate::projects::SetEnv;
+use crate::auth::Caller;
 use crate::services::Services;
+use crate::variables::SetEnv;
 
 pub fn router() -> OpenApiRouter<Services> {
     OpenApiRouter::new()
@@ -34,11 +34,15 @@ pub struct EnvVarView {
 
 impl From<EnvVar> for EnvVarView {
     fn from(var: EnvVar) -> EnvVarView {
+        let (secret, value) = match var.value {
+            EnvValue::Plain(value) => (false, Some(value)),
+            EnvValue::Sealed(_) => (true, None),
+        };
         EnvVarView {
             key: var.key,
             scope: var.scope,
-            secret: var.secret,
-            value: if var.secret { None } else { var.value },
+            secret,
+            value,
         }
     }
 }
@@ -83,12 +87,9 @@ async fn list_env(
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
 ) -> Result<Json<EnvList>, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Read)
-        .await?;
+    let variables = services.variables(&caller, &owner, &name).await?;
     Ok(Json(EnvList {
-        items: repo.env.into_iter().map(EnvVarView::from).collect(),
+        items: variables.into_iter().map(EnvVarView::from).collect(),
     }))
 }
 
@@ -108,21 +109,13 @@ async fn set_env(
     Path((owner, name, key)): Path<(String, String, String)>,
     ApiJson(request): ApiJson<SetEnvRequest>,
 ) -> Result<Json<EnvVarView>, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Push)
-        .await?;
-    let var = services
-        .set_env(
-            &repo,
-            SetEnv {
-                key,
-                value: request.value,
-                secret: request.secret.unwrap_or(false),
-                scope: request.scope.unwrap_or(EnvScope::All),
-            },
-        )
-        .await?;
+    let set = SetEnv {
+        key,
+        value: request.value,
+        secret: request.secret.unwrap_or(false),
+        scope: request.scope.unwrap_or(EnvScope::All),
+    };
+    let var = services.set_variable(&caller, &owner, &name, set).await?;
     Ok(Json(var.into()))
 }
 
@@ -140,10 +133,8 @@ async fn delete_env(
     Path((owner, name, key)): Path<(String, String, String)>,
     ApiQuery(query): ApiQuery<ScopeQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
     services
-        .require_access(&caller, &repo, Access::Push)
+        .remove_variable(&caller, &owner, &name, &key, query.scope)
         .await?;
-    services.delete_env(&repo, &key, query.scope).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -16,11 +16,8 @@ use utoipa_axum::routes;
 use super::problem::{ApiError, ApiQuery, Problem};
 use super::schemas::{self, Cursor, FullRepoName, PageSize};
 use crate::auth::{Access, Caller};
-use crate::jobs::JobFilter;
+use crate::jobs::{JobPage, JobQuery, Page};
 use crate::services::Services;
-
-/// Jobs per page when `limit` is not given.
-const DEFAULT_PAGE_SIZE: usize = 50;
 
 pub fn router() -> OpenApiRouter<Services> {
     OpenApiRouter::new()
@@ -84,7 +81,7 @@ impl From<Job> for JobView {
             url: format!("/api/v1/jobs/{}", job.id),
             log_url: format!("/api/v1/jobs/{}/log", job.id),
             id: job.id.0,
-            repo: job.repo,
+            repo: job.repo.to_string(),
             kind: job.kind,
             target: job.target,
             state: job.state,
@@ -153,18 +150,6 @@ pub struct LogQuery {
     pub offset: Option<u64>,
 }
 
-/// The job `raw_id` names, if `caller` may do `access` on it.
-async fn accessible_job(
-    services: &Services,
-    caller: &Caller,
-    raw_id: &str,
-    access: Access,
-) -> Result<Job, ApiError> {
-    let job = services.job(parse_job_id(raw_id)?).await?;
-    services.require_job_access(caller, &job, access).await?;
-    Ok(job)
-}
-
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse()
         .map_err(|err: hobotnica_common::ids::InvalidId| {
@@ -184,80 +169,31 @@ async fn list_jobs(
     State(services): State<Services>,
     ApiQuery(query): ApiQuery<JobsQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    let filter = JobFilter {
+    let page = page(query.cursor.as_deref(), query.limit)?;
+    let jobs = JobQuery {
         repo: query.repo,
         state: query.state,
         kind: query.kind,
-        ..JobFilter::default()
     };
     Ok(Json(
-        job_page(
-            &services,
-            &caller,
-            filter,
-            query.cursor.as_deref(),
-            query.limit,
-        )
-        .await?,
+        services.visible_jobs(&caller, jobs, page).await?.into(),
     ))
 }
 
-/// One page of jobs matching `filter` that `caller` may read, newest first.
-pub async fn job_page(
-    services: &Services,
-    caller: &Caller,
-    mut filter: JobFilter,
-    cursor: Option<&str>,
-    limit: Option<usize>,
-) -> Result<JobList, ApiError> {
-    filter.before = cursor
-        .map(|cursor| {
-            // At most 19 digits, as the schema's `Cursor` says.
-            cursor
-                .parse::<JobId>()
-                .ok()
-                .filter(|_| cursor.len() <= 19)
-                .ok_or_else(|| {
-                    ApiError::field(
-                        StatusCode::BAD_REQUEST,
-                        "cursor",
-                        "not a cursor from a previous page",
-                    )
-                })
-        })
-        .transpose()?;
-    let max = crate::jobs::MAX_PAGE_SIZE;
-    filter.limit = match limit {
-        None => DEFAULT_PAGE_SIZE,
-        Some(limit) if (1..=max).contains(&limit) => limit,
-        Some(_) => {
-            return Err(ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "limit",
-                format!("must be 1 to {max}"),
-            ));
-        }
-    };
-    let limit = filter.limit;
-    let jobs = services.list_jobs(filter).await?;
-    let next_cursor = (jobs.len() >= limit)
-        .then(|| jobs.last().map(|job| job.id.to_string()))
-        .flatten();
-    // A GitHub user sees the jobs of repositories they can read.
-    let mut visible = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        if services
-            .require_job_access(caller, &job, Access::Read)
-            .await
-            .is_ok()
-        {
-            visible.push(job);
+/// The page the query parameters `cursor` and `limit` name; a bad one is
+/// the request's fault (400).
+pub fn page(cursor: Option<&str>, limit: Option<usize>) -> Result<Page, ApiError> {
+    Page::new(cursor, limit)
+        .map_err(|invalid| ApiError::field(StatusCode::BAD_REQUEST, &invalid.field, invalid.reason))
+}
+
+impl From<JobPage> for JobList {
+    fn from(page: JobPage) -> JobList {
+        JobList {
+            items: page.jobs.into_iter().map(JobView::from).collect(),
+            next_cursor: page.next_cursor.map(|id| id.to_string()),
         }
     }
-    Ok(JobList {
-        items: visible.into_iter().map(JobView::from).collect(),
-        next_cursor,
-    })
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
@@ -272,7 +208,9 @@ async fn show_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = accessible_job(&services, &caller, &id, Access::Read).await?;
+    let job = services
+        .job_for(&caller, parse_job_id(&id)?, Access::Read)
+        .await?;
     Ok(Json(job.into()))
 }
 
@@ -289,9 +227,9 @@ async fn cancel_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = accessible_job(&services, &caller, &id, Access::Push).await?;
-    let job = services.cancel_job(job.id).await?;
-    Ok(accepted(job))
+    Ok(accepted(
+        services.cancel(&caller, parse_job_id(&id)?).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs",
@@ -310,8 +248,7 @@ async fn retry_job(
     State(services): State<Services>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = accessible_job(&services, &caller, &id, Access::Push).await?;
-    Ok(accepted(services.retry_job(job.id, caller.name()).await?))
+    Ok(accepted(services.retry(&caller, parse_job_id(&id)?).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/log", tag = "jobs",
@@ -329,8 +266,7 @@ async fn job_log(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let job = accessible_job(&services, &caller, &id, Access::Read).await?;
-    let length = services.log_length(job.id).await?;
+    let id = parse_job_id(&id)?;
     let offset = query.offset.unwrap_or(0);
     if offset > i64::MAX as u64 {
         return Err(ApiError::field(
@@ -339,12 +275,14 @@ async fn job_log(
             "must be 0 to 9223372036854775807",
         ));
     }
-    let start = offset.min(length);
-    let body = services.log_range(job.id, start, length);
-    let mut response = Response::new(Body::from_stream(body));
+    let log = services.read_log(&caller, id, offset).await?;
+    let mut response = Response::new(Body::from_stream(log.body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.insert("x-log-length", HeaderValue::from(length));
-    headers.insert("x-job-state", HeaderValue::from_static(job.state.as_str()));
+    headers.insert("x-log-length", HeaderValue::from(log.length));
+    headers.insert(
+        "x-job-state",
+        HeaderValue::from_static(log.job.state.as_str()),
+    );
     Ok(response)
 }

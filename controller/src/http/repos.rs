@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use hobotnica_common::job::{Repo, Trigger};
+use hobotnica_common::job::Repo;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -20,9 +20,9 @@ use super::schemas::{
     Branch, CommitSha, Cursor, GitUrl, IdempotencyKey, JobEnv, Labels, Owner, PageSize, RepoName,
     Target,
 };
-use crate::auth::{Access, Caller};
-use crate::jobs::TriggerJob;
-use crate::projects::{NewGitHubRepo, NewRepo};
+use crate::auth::Caller;
+use crate::jobs::JobRequest;
+use crate::repos::{NewGitHubRepo, NewRepo, NewRepository, RepoChange, RepoOverview};
 use crate::services::Services;
 
 pub fn router() -> OpenApiRouter<Services> {
@@ -184,49 +184,31 @@ async fn register_repo(
     State(services): State<Services>,
     ApiJson(request): ApiJson<RegisterRepoRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut view = match request.git_url {
-        Some(git_url) => {
-            if !matches!(caller, Caller::Admin) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "only the admin token may register a repository by git_url",
-                ));
-            }
-            RepoView::from(
-                services
-                    .register_repo(NewRepo {
-                        owner: request.owner,
-                        name: request.name,
-                        git_url,
-                        branch: request.branch,
-                        timeout_secs: request.timeout_secs,
-                        requeue_lost_tests: request.requeue_lost_tests,
-                        deploy_labels: request.deploy_labels.unwrap_or_default(),
-                    })
-                    .await?,
-            )
-        }
-        None => {
-            let registered = services
-                .register_github_repo(
-                    &caller,
-                    NewGitHubRepo {
-                        owner: request.owner,
-                        name: request.name,
-                        branch: request.branch,
-                        timeout_secs: request.timeout_secs,
-                        create_webhook: request.create_webhook.unwrap_or(false),
-                        deploy_labels: request.deploy_labels.unwrap_or_default(),
-                    },
-                )
-                .await?;
-            let mut view = RepoView::from(registered.repo);
-            view.webhook_url = Some(registered.webhook_url);
-            view.webhook_secret = Some(registered.webhook_secret);
-            view
-        }
+    let new = match request.git_url {
+        Some(git_url) => NewRepository::Git(NewRepo {
+            owner: request.owner,
+            name: request.name,
+            git_url,
+            branch: request.branch,
+            timeout_secs: request.timeout_secs,
+            requeue_lost_tests: request.requeue_lost_tests,
+            deploy_labels: request.deploy_labels.unwrap_or_default(),
+        }),
+        None => NewRepository::GitHub(NewGitHubRepo {
+            owner: request.owner,
+            name: request.name,
+            branch: request.branch,
+            timeout_secs: request.timeout_secs,
+            create_webhook: request.create_webhook.unwrap_or(false),
+            deploy_labels: request.deploy_labels.unwrap_or_default(),
+        }),
     };
-    view.full_name = format!("{}/{}", view.owner, view.name);
+    let registered = services.register(&caller, new).await?;
+    let mut view = RepoView::from(registered.repo);
+    if let Some(webhook) = registered.webhook {
+        view.webhook_url = Some(webhook.url);
+        view.webhook_secret = Some(webhook.secret);
+    }
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/repos/{}", view.full_name)) {
         headers.insert(header::LOCATION, location);
@@ -243,21 +225,12 @@ async fn list_repos(
     caller: Caller,
     State(services): State<Services>,
 ) -> Result<Json<RepoList>, ApiError> {
-    let mut repos = Vec::new();
-    for repo in services.list_repos().await? {
-        if services
-            .require_access(&caller, &repo, Access::Read)
-            .await
-            .is_ok()
-        {
-            repos.push(repo);
-        }
-    }
-    repos.sort_by_key(Repo::full_name);
-    let mut items = Vec::with_capacity(repos.len());
-    for repo in repos {
-        items.push(repo_view(&services, repo).await?);
-    }
+    let items = services
+        .visible_repos(&caller)
+        .await?
+        .into_iter()
+        .map(RepoView::from)
+        .collect();
     Ok(Json(RepoList { items }))
 }
 
@@ -274,11 +247,8 @@ async fn show_repo(
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
 ) -> Result<Json<RepoView>, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Read)
-        .await?;
-    Ok(Json(repo_view(&services, repo).await?))
+    let overview = services.repo_overview(&caller, &owner, &name).await?;
+    Ok(Json(overview.into()))
 }
 
 #[utoipa::path(delete, path = "/api/v1/repos/{owner}/{name}", tag = "repos",
@@ -294,11 +264,7 @@ async fn delete_repo(
     State(services): State<Services>,
     Path((owner, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Push)
-        .await?;
-    services.delete_repo(&owner, &name).await?;
+    services.remove_repo(&caller, &owner, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -319,14 +285,13 @@ async fn update_repo(
     Path((owner, name)): Path<(String, String)>,
     ApiJson(request): ApiJson<UpdateRepoRequest>,
 ) -> Result<Json<RepoView>, ApiError> {
-    let mut repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Push)
+    let change = RepoChange {
+        deploy_labels: request.deploy_labels,
+    };
+    let overview = services
+        .change_settings(&caller, &owner, &name, change)
         .await?;
-    if let Some(deploy_labels) = request.deploy_labels {
-        repo = services.set_deploy_labels(&repo, deploy_labels).await?;
-    }
-    Ok(Json(repo_view(&services, repo).await?))
+    Ok(Json(overview.into()))
 }
 
 #[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/jobs", tag = "jobs",
@@ -349,24 +314,13 @@ async fn run_job(
     Path((owner, name)): Path<(String, String)>,
     ApiJson(request): ApiJson<RunJobRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Push)
-        .await?;
-    let job = services
-        .trigger_job(
-            &owner,
-            &name,
-            TriggerJob {
-                target: request.target,
-                commit: request.commit,
-                branch: request.branch,
-                env: request.env.unwrap_or_default(),
-                trigger: Trigger::Api,
-                requested_by: caller.name(),
-            },
-        )
-        .await?;
+    let request = JobRequest {
+        target: request.target,
+        commit: request.commit,
+        branch: request.branch,
+        env: request.env.unwrap_or_default(),
+    };
+    let job = services.trigger(&caller, &owner, &name, request).await?;
     Ok(super::jobs::accepted(job))
 }
 
@@ -410,10 +364,6 @@ async fn deploy(
     headers: HeaderMap,
     ApiJson(request): ApiJson<DeployRequest>,
 ) -> Result<Response, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Push)
-        .await?;
     let idempotency_key = match headers.get("idempotency-key") {
         Some(value) => Some(value.to_str().map_err(|_| {
             ApiError::field(
@@ -424,20 +374,14 @@ async fn deploy(
         })?),
         None => None,
     };
+    let request = JobRequest {
+        target: "deploy".to_owned(),
+        commit: request.commit,
+        branch: request.branch,
+        env: request.env.unwrap_or_default(),
+    };
     let (job, new) = services
-        .deploy(
-            &owner,
-            &name,
-            TriggerJob {
-                target: "deploy".to_owned(),
-                commit: request.commit,
-                branch: request.branch,
-                env: request.env.unwrap_or_default(),
-                trigger: Trigger::Api,
-                requested_by: caller.name(),
-            },
-            idempotency_key,
-        )
+        .deploy(&caller, &owner, &name, request, idempotency_key)
         .await?;
     let mut response = super::jobs::accepted(job);
     if !new {
@@ -447,14 +391,15 @@ async fn deploy(
 }
 
 /// A repository with its currently deployed commit.
-async fn repo_view(services: &Services, repo: Repo) -> Result<RepoView, ApiError> {
-    let deployed = services.last_deploy(&repo.full_name()).await?;
-    let mut view = RepoView::from(repo);
-    if let Some(job) = deployed {
-        view.deployed_commit = Some(job.commit.to_string());
-        view.deployed_at = job.finished_at;
+impl From<RepoOverview> for RepoView {
+    fn from(overview: RepoOverview) -> RepoView {
+        let mut view = RepoView::from(overview.repo);
+        if let Some(job) = overview.last_deploy {
+            view.deployed_commit = Some(job.commit.to_string());
+            view.deployed_at = job.finished_at;
+        }
+        view
     }
-    Ok(view)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -481,25 +426,9 @@ async fn list_deploys(
     Path((owner, name)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<DeploysQuery>,
 ) -> Result<Json<super::jobs::JobList>, ApiError> {
-    let repo = services.repo(&owner, &name).await?;
-    services
-        .require_access(&caller, &repo, Access::Read)
-        .await?;
-    let filter = crate::jobs::JobFilter {
-        repo: Some(repo.full_name()),
-        kind: Some(hobotnica_common::job::JobKind::Deploy),
-        ..Default::default()
-    };
-    Ok(Json(
-        super::jobs::job_page(
-            &services,
-            &caller,
-            filter,
-            query.cursor.as_deref(),
-            query.limit,
-        )
-        .await?,
-    ))
+    let page = super::jobs::page(query.cursor.as_deref(), query.limit)?;
+    let deploys = services.repo_deploys(&caller, &owner, &name, page).await?;
+    Ok(Json(deploys.into()))
 }
 
 #[cfg(test)]
@@ -513,7 +442,7 @@ mod tests {
         let timeout = &schemas["RegisterRepoRequest"]["properties"]["timeout_secs"];
         assert_eq!(
             timeout["maximum"],
-            crate::projects::MAX_TIMEOUT_SECS,
+            crate::repos::MAX_TIMEOUT_SECS,
             "{timeout}"
         );
         assert_eq!(timeout["minimum"], 1, "{timeout}");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{Duration, Utc};
 use hobotnica_common::ids::AgentId;
-use hobotnica_common::job::{JobKind, JobState, Outcome, Repo, Trigger};
+use hobotnica_common::job::{JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
 
 use super::{AgentRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent};
 
@@ -33,14 +33,13 @@ fn repo(name: &str) -> Repo {
 /// A job of `local/demo` at a fixed commit (tests elsewhere in the crate use it too).
 pub(crate) fn new_job(target: &str) -> NewJob {
     NewJob {
-        repo: "local/demo".into(),
+        repo: RepoRef::new("local", "demo"),
         git_url: "file:///srv/demo.git".into(),
         kind: JobKind::for_target(target),
         target: target.into(),
         commit: "0123456789abcdef0123456789abcdef01234567".parse().unwrap(),
         branch: Some("main".into()),
         env: BTreeMap::new(),
-        labels: BTreeMap::new(),
         trusted_labels: BTreeMap::new(),
         trigger: Trigger::Api,
         timeout_secs: 60,
@@ -177,31 +176,6 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
         store.renew_lease(first.id, 1, lease).await,
         Err(StoreError::LeaseLost { .. })
     ));
-}
-
-pub async fn labels_decide_who_may_claim(store: Arc<dyn Store>) {
-    let mut job = new_job("test");
-    job.labels.insert("gpu".into(), "yes".into());
-    store.create_job(job, Utc::now()).await.unwrap();
-    let plain = store.register_agent(agent("plain")).await.unwrap();
-    let lease = Utc::now() + Duration::seconds(30);
-    assert!(
-        store
-            .claim_job(&plain, Utc::now(), lease)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let mut gpu = agent("gpu");
-    gpu.labels.insert("gpu".into(), "yes".into());
-    let gpu = store.register_agent(gpu).await.unwrap();
-    assert!(
-        store
-            .claim_job(&gpu, Utc::now(), lease)
-            .await
-            .unwrap()
-            .is_some()
-    );
 }
 
 pub async fn leases_expire_into_lost(store: Arc<dyn Store>) {
@@ -638,7 +612,7 @@ pub async fn deploys_of_one_repository_run_one_at_a_time(store: Arc<dyn Store>) 
         .unwrap();
     let test = store.create_job(new_job("test"), Utc::now()).await.unwrap();
     let mut other_repo = new_job("deploy");
-    other_repo.repo = "local/other".into();
+    other_repo.repo = RepoRef::new("local", "other");
     let other = store.create_job(other_repo, Utc::now()).await.unwrap();
     let worker = store.register_agent(agent("a1")).await.unwrap();
     let claim = || {
@@ -825,7 +799,6 @@ macro_rules! conformance_suite {
         conformance_suite!(@tests $make;
             repos_are_unique_and_removable,
             jobs_are_claimed_once_in_order_and_fenced,
-            labels_decide_who_may_claim,
             leases_expire_into_lost,
             extending_leases_protects_running_jobs,
             cancel_depends_on_state,

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::{Job, JobState, Repo};
+use hobotnica_common::job::{Job, JobKind, JobState, Repo, RepoRef};
 use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
@@ -209,49 +209,49 @@ impl Inner {
     }
 }
 
-/// The oldest queued job `agent` may take now: its labels match, and it is
-/// not a deploy of a repository whose previous deploy still runs (deploys of
-/// one repository run one at a time).
+/// The oldest queued job `agent` may take now (`transitions::claimable`).
 fn first_claimable(
     queue: &impl ReadableTable<u64, ()>,
     jobs: &impl ReadableTable<u64, &'static [u8]>,
     running: &impl ReadableTable<u64, ()>,
     agent: &AgentRecord,
 ) -> StoreResult<Option<Job>> {
-    let mut deploying: Option<std::collections::HashSet<String>> = None;
+    // The repositories with a running deploy, read at the first queued deploy.
+    let mut deploying: Option<std::collections::HashSet<RepoRef>> = None;
     for entry in queue.iter().map_err(unavailable)? {
         let (id, _) = entry.map_err(unavailable)?;
         let Some(value) = jobs.get(id.value()).map_err(unavailable)? else {
             continue;
         };
         let job: Job = decode(value.value())?;
-        if !transitions::may_claim(&job, agent) {
-            continue;
+        if job.kind == JobKind::Deploy && deploying.is_none() {
+            deploying = Some(deploying_repos(jobs, running)?);
         }
-        if job.kind == hobotnica_common::job::JobKind::Deploy {
-            if deploying.is_none() {
-                let mut repos = std::collections::HashSet::new();
-                for entry in running.iter().map_err(unavailable)? {
-                    let (id, _) = entry.map_err(unavailable)?;
-                    if let Some(value) = jobs.get(id.value()).map_err(unavailable)? {
-                        let other: Job = decode(value.value())?;
-                        if other.kind == hobotnica_common::job::JobKind::Deploy {
-                            repos.insert(other.repo);
-                        }
-                    }
-                }
-                deploying = Some(repos);
-            }
-            if deploying
-                .as_ref()
-                .is_some_and(|repos| repos.contains(&job.repo))
-            {
-                continue;
-            }
+        if transitions::claimable(&job, agent, |repo| {
+            deploying.as_ref().is_some_and(|repos| repos.contains(repo))
+        }) {
+            return Ok(Some(job));
         }
-        return Ok(Some(job));
     }
     Ok(None)
+}
+
+/// The repositories whose deploy is running.
+fn deploying_repos(
+    jobs: &impl ReadableTable<u64, &'static [u8]>,
+    running: &impl ReadableTable<u64, ()>,
+) -> StoreResult<std::collections::HashSet<RepoRef>> {
+    let mut repos = std::collections::HashSet::new();
+    for entry in running.iter().map_err(unavailable)? {
+        let (id, _) = entry.map_err(unavailable)?;
+        if let Some(value) = jobs.get(id.value()).map_err(unavailable)? {
+            let other: Job = decode(value.value())?;
+            if other.kind == JobKind::Deploy {
+                repos.insert(other.repo);
+            }
+        }
+    }
+    Ok(repos)
 }
 
 fn get_json<T: DeserializeOwned>(
@@ -553,13 +553,6 @@ impl Store for EmbeddedStore {
                 }
             };
             txn.commit().map_err(unavailable)?;
-            if let Some(job) = &claimed {
-                // A new attempt starts its log afresh.
-                if job.attempt > 1 {
-                    let _guard = inner.log_lock.lock().map_err(unavailable)?;
-                    let _ = fs::remove_file(inner.log_path(job.id));
-                }
-            }
             Ok(claimed)
         })
         .await
@@ -875,7 +868,7 @@ impl Store for EmbeddedStore {
             let victims: Vec<JobId> = {
                 let txn = inner.db.begin_read().map_err(unavailable)?;
                 let jobs = txn.open_table(JOBS).map_err(unavailable)?;
-                let mut per_repo: std::collections::HashMap<String, usize> =
+                let mut per_repo: std::collections::HashMap<RepoRef, usize> =
                     std::collections::HashMap::new();
                 let mut victims = Vec::new();
                 for entry in jobs.iter().map_err(unavailable)?.rev() {

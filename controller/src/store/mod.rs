@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use hobotnica_common::ids::{AgentId, CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Outcome, Repo, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
 
 /// Errors a caller of the store branches on.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +57,13 @@ pub const DELIVERY_RETENTION: std::time::Duration = std::time::Duration::from_se
 /// What a new job is made of; the store assigns its id and queues it.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    pub repo: String,
+    pub repo: RepoRef,
     pub git_url: String,
     pub kind: JobKind,
     pub target: String,
     pub commit: CommitSha,
     pub branch: Option<String>,
     pub env: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, String>,
     /// Labels the claiming agent's token must vouch for (a deploy's
     /// repository's `deploy_labels`).
     pub trusted_labels: BTreeMap<String, String>,
@@ -76,10 +75,45 @@ pub struct NewJob {
     pub requested_by: Option<String>,
 }
 
+impl NewJob {
+    /// The one way a job is made: `make <target>` of `repo` at `commit`.
+    /// The repository gives its git URL, its timeout and, for a deploy, the
+    /// labels the claiming agent's token must vouch for (`deploy_labels`).
+    /// No one-time variables and not from a fork until the caller says so.
+    pub fn new(
+        repo: &Repo,
+        target: String,
+        commit: CommitSha,
+        branch: Option<String>,
+        trigger: Trigger,
+        requested_by: String,
+    ) -> NewJob {
+        let kind = JobKind::for_target(&target);
+        NewJob {
+            repo: repo.reference(),
+            git_url: repo.git_url.clone(),
+            kind,
+            target,
+            commit,
+            branch,
+            env: BTreeMap::new(),
+            trusted_labels: if kind == JobKind::Deploy {
+                repo.deploy_labels.clone()
+            } else {
+                BTreeMap::new()
+            },
+            trigger,
+            timeout_secs: repo.timeout_secs,
+            from_fork: false,
+            requested_by: Some(requested_by),
+        }
+    }
+}
+
 /// A filter for listing jobs, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    pub repo: Option<String>,
+    pub repo: Option<RepoRef>,
     pub state: Option<JobState>,
     pub kind: Option<JobKind>,
     pub agent: Option<AgentId>,

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::{Job, JobState, Repo};
+use hobotnica_common::job::{Job, JobKind, JobState, Repo};
 use hobotnica_common::logs::{AppendPlan, plan_append};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisFuture, Script, Value};
@@ -440,7 +440,7 @@ impl Keys {
     fn jobs(&self) -> String {
         self.key("jobs")
     }
-    fn repo_jobs(&self, repo: &str) -> String {
+    fn repo_jobs(&self, repo: impl std::fmt::Display) -> String {
         self.key(format_args!("repo_jobs:{repo}"))
     }
     fn queue(&self) -> String {
@@ -501,7 +501,7 @@ impl Keys {
     fn archive_lock(&self, id: JobId) -> String {
         self.key(format_args!("archive_lock:{id}"))
     }
-    fn deploy_lock(&self, repo: &str) -> String {
+    fn deploy_lock(&self, repo: impl std::fmt::Display) -> String {
         self.key(format_args!("deploy_lock:{repo}"))
     }
     fn finished(&self) -> String {
@@ -1318,7 +1318,7 @@ impl Store for RedisStore {
             .ignore()
             .cmd("SADD")
             .arg(self.keys.repos_with_jobs())
-            .arg(&job.repo)
+            .arg(job.repo.to_string())
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -1409,10 +1409,10 @@ impl Store for RedisStore {
                 .into_iter()
                 .filter(|(_, job)| transitions::may_claim(job, agent))
                 .collect();
-            // Deploys of a repository whose previous deploy runs must wait.
+            // Which repositories' deploys run, for the queued deploys.
             let lock_keys: Vec<String> = queued
                 .iter()
-                .filter(|(_, job)| job.kind == hobotnica_common::job::JobKind::Deploy)
+                .filter(|(_, job)| job.kind == JobKind::Deploy)
                 .map(|(_, job)| self.keys.deploy_lock(&job.repo))
                 .collect();
             let holders: Vec<Option<String>> = if lock_keys.is_empty() {
@@ -1427,24 +1427,15 @@ impl Store for RedisStore {
                 .map(|(key, _)| key)
                 .collect();
             let candidate = queued.into_iter().find(|(_, job)| {
-                job.kind != hobotnica_common::job::JobKind::Deploy
-                    || !locked.contains(&self.keys.deploy_lock(&job.repo))
+                transitions::claimable(job, agent, |repo| {
+                    locked.contains(&self.keys.deploy_lock(repo))
+                })
             });
             let Some((raw, mut job)) = candidate else {
                 return Ok(None);
             };
             transitions::claim(&mut job, agent, now, lease_until)?;
             if self.cas(&raw, &job, true, false).await? {
-                if job.attempt > 1 {
-                    // A new attempt starts its log afresh.
-                    let _: i64 = self
-                        .query(
-                            redis::cmd("DEL")
-                                .arg(self.keys.log(job.id))
-                                .arg(self.keys.log_len(job.id)),
-                        )
-                        .await?;
-                }
                 return Ok(Some(job));
             }
             // Another agent took it first: look again.

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use hobotnica_common::ids::JobId;
-use hobotnica_common::job::{Job, JobState};
+use hobotnica_common::job::{Job, JobKind, JobState, RepoRef};
 
 use super::{AgentRecord, Finish, NewJob, StoreError, StoreEvent, StoreResult};
 
@@ -21,7 +21,6 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         env: new.env,
         from_fork: new.from_fork,
         requested_by: new.requested_by,
-        labels: new.labels,
         trusted_labels: new.trusted_labels,
         trigger: new.trigger,
         state: JobState::Queued,
@@ -39,10 +38,24 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
     }
 }
 
-/// Whether `agent` may take `job`: it carries the job's labels and its
-/// token vouches for the job's trusted labels. Both stores' claims use it.
+/// Whether `agent` may take `job`: the job is queued and the agent's token
+/// vouches for the job's trusted labels (a deploy's `deploy_labels`). Every
+/// store's claim uses it; the store adds only what it alone knows (the
+/// oldest such job, one running deploy per repository).
 pub fn may_claim(job: &Job, agent: &AgentRecord) -> bool {
-    job.state == JobState::Queued && job.claimable_by(&agent.labels, &agent.vouched_labels)
+    job.state == JobState::Queued && job.claimable_by(&agent.vouched_labels)
+}
+
+/// Whether `agent` may take `job` now: `may_claim`, and the job is not a
+/// deploy of a repository whose previous deploy still runs (deploys of one
+/// repository run one at a time). Every store takes the oldest queued job
+/// for which this holds; `deploy_running` is asked only for deploys.
+pub fn claimable(
+    job: &Job,
+    agent: &AgentRecord,
+    deploy_running: impl FnOnce(&RepoRef) -> bool,
+) -> bool {
+    may_claim(job, agent) && !(job.kind == JobKind::Deploy && deploy_running(&job.repo))
 }
 
 /// An agent's registration against the record already holding its name:

@@ -1,0 +1,459 @@
+//! CORE: repositories — registering them (by git URL, or on GitHub with the
+//! caller's token), reading them with the caller's access checked, changing
+//! and removing them, and disabling them when GitHub access is lost.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, Job, JobState, Repo};
+use hobotnica_common::token::random_hex;
+use hobotnica_common::validate;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Access, Caller};
+use crate::error::CoreError;
+use crate::git::check_git_url;
+use crate::github::GitHubError;
+use crate::secrets::{token_context, webhook_secret_context};
+use crate::services::Services;
+use crate::store::{JobFilter, StoreEvent};
+
+/// Owner of repositories registered by plain git URL.
+pub const LOCAL_OWNER: &str = "local";
+/// Longest accepted job timeout (one week).
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+/// What registering a plain git repository takes.
+#[derive(Debug, Clone)]
+pub struct NewRepo {
+    pub owner: Option<String>,
+    pub name: String,
+    pub git_url: String,
+    pub branch: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub requeue_lost_tests: Option<bool>,
+    /// Labels an agent's token must vouch for to take a deploy.
+    pub deploy_labels: BTreeMap<String, String>,
+}
+
+/// A repository to register: by plain git URL (the admin only), or a
+/// GitHub repository with the caller's token.
+#[derive(Debug, Clone)]
+pub enum NewRepository {
+    Git(NewRepo),
+    GitHub(NewGitHubRepo),
+}
+
+/// A repository just registered; a GitHub repository's webhook URL and
+/// secret are shown now and never again.
+pub struct Registered {
+    pub repo: Repo,
+    pub webhook: Option<Webhook>,
+}
+
+/// Where GitHub delivers a repository's events, and the secret it signs
+/// them with.
+pub struct Webhook {
+    pub url: String,
+    pub secret: String,
+}
+
+/// A repository with its latest successful deploy.
+pub struct RepoOverview {
+    pub repo: Repo,
+    pub last_deploy: Option<Job>,
+}
+
+/// A change to a repository's settings; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct RepoChange {
+    pub deploy_labels: Option<BTreeMap<String, String>>,
+}
+
+impl Services {
+    /// Registers a repository for `caller`.
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        new: NewRepository,
+    ) -> Result<Registered, CoreError> {
+        match new {
+            NewRepository::Git(new) => {
+                caller.require_admin("registering a repository by git_url")?;
+                Ok(Registered {
+                    repo: self.register_repo(new).await?,
+                    webhook: None,
+                })
+            }
+            NewRepository::GitHub(new) => self.register_github_repo(caller, new).await,
+        }
+    }
+
+    /// The repositories `caller` may read, by name, each with its latest
+    /// successful deploy.
+    pub async fn visible_repos(&self, caller: &Caller) -> Result<Vec<RepoOverview>, CoreError> {
+        let mut repos = Vec::new();
+        for repo in self.store.list_repos().await? {
+            if self
+                .require_access(caller, &repo, Access::Read)
+                .await
+                .is_ok()
+            {
+                repos.push(repo);
+            }
+        }
+        repos.sort_by_key(Repo::full_name);
+        let mut overviews = Vec::with_capacity(repos.len());
+        for repo in repos {
+            overviews.push(self.overview(repo).await?);
+        }
+        Ok(overviews)
+    }
+
+    /// Repository `owner/name` with its latest successful deploy, when
+    /// `caller` may read it.
+    pub async fn repo_overview(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+    ) -> Result<RepoOverview, CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Read).await?;
+        self.overview(repo).await
+    }
+
+    async fn overview(&self, repo: Repo) -> Result<RepoOverview, CoreError> {
+        let last_deploy = self.last_deploy(&repo).await?;
+        Ok(RepoOverview { repo, last_deploy })
+    }
+
+    /// Removes `owner/name` for `caller` (push access); its jobs stay.
+    pub async fn remove_repo(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+    ) -> Result<(), CoreError> {
+        self.repo_for(caller, owner, name, Access::Push).await?;
+        self.store.delete_repo(owner, name).await?;
+        tracing::info!(repo = %format!("{owner}/{name}"), "repository removed");
+        Ok(())
+    }
+
+    /// Changes the settings of `owner/name` for `caller` (push access).
+    pub async fn change_settings(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+        change: RepoChange,
+    ) -> Result<RepoOverview, CoreError> {
+        let mut repo = self.repo_for(caller, owner, name, Access::Push).await?;
+        if let Some(deploy_labels) = change.deploy_labels {
+            repo = self.set_deploy_labels(&repo, deploy_labels).await?;
+        }
+        self.overview(repo).await
+    }
+
+    async fn register_repo(&self, new: NewRepo) -> Result<Repo, CoreError> {
+        let owner = new.owner.unwrap_or_else(|| LOCAL_OWNER.to_owned());
+        validate::repo_component("owner", &owner)?;
+        validate::repo_component("name", &new.name)?;
+        check_git_url(&new.git_url).map_err(|reason| CoreError::invalid("git_url", reason))?;
+        let branch = new.branch.unwrap_or_else(|| "main".to_owned());
+        validate::branch("branch", &branch)?;
+        validate::labels("deploy_labels", &new.deploy_labels)?;
+        let timeout_secs = new.timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
+        if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(CoreError::invalid(
+                "timeout_secs",
+                format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
+            ));
+        }
+        let repo = Repo {
+            owner,
+            name: new.name,
+            git_url: new.git_url,
+            default_branch: branch,
+            timeout_secs,
+            created_at: Utc::now(),
+            github: None,
+            disabled: None,
+            env: Vec::new(),
+            requeue_lost_tests: new.requeue_lost_tests.unwrap_or(true),
+            deploy_labels: new.deploy_labels,
+        };
+        self.store.create_repo(repo.clone()).await?;
+        tracing::info!(repo = %repo.full_name(), "repository registered");
+        Ok(repo)
+    }
+
+    /// Repository `owner/name`, whoever asks: callers' requests go through
+    /// `repo_for`, which checks their access.
+    pub(crate) async fn repo(&self, owner: &str, name: &str) -> Result<Repo, CoreError> {
+        validate::repo_component("owner", owner)?;
+        validate::repo_component("name", name)?;
+        self.store
+            .get_repo(owner, name)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("repository {owner}/{name}")))
+    }
+
+    /// The GitHub repository whose webhook URL has `hook_id`.
+    pub async fn repo_by_hook(&self, hook_id: &str) -> Result<Option<Repo>, CoreError> {
+        Ok(self.store.find_repo_by_hook(hook_id).await?)
+    }
+}
+
+/// What registering a GitHub repository takes (with the caller's token).
+#[derive(Debug, Clone)]
+pub struct NewGitHubRepo {
+    /// Default: the caller's own login.
+    pub owner: Option<String>,
+    pub name: String,
+    pub branch: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub create_webhook: bool,
+    pub deploy_labels: BTreeMap<String, String>,
+}
+
+impl Services {
+    /// Registers a GitHub repository with the caller's token, after checking
+    /// that the token can read it; with `create_webhook`, also creates the
+    /// webhook (needs admin rights on the repository).
+    async fn register_github_repo(
+        &self,
+        caller: &Caller,
+        new: NewGitHubRepo,
+    ) -> Result<Registered, CoreError> {
+        let NewGitHubRepo {
+            owner,
+            name,
+            branch,
+            timeout_secs,
+            create_webhook,
+            deploy_labels,
+        } = new;
+        let name = name.as_str();
+        let Caller::GitHub { login, token } = caller else {
+            return Err(CoreError::Forbidden(
+                "registering a GitHub repository needs GitHub credentials: send Authorization: Bearer <github token> and X-GitHub-Username (or give git_url to register by URL)".to_owned(),
+            ));
+        };
+        // Without an owner: the caller's own repository.
+        let owner = owner.as_deref().unwrap_or(login);
+        validate::repo_component("owner", owner)?;
+        validate::repo_component("name", name)?;
+        validate::labels("deploy_labels", &deploy_labels)?;
+        let info = self
+            .github
+            .repository(token, owner, name)
+            .await
+            .map_err(crate::auth::caller_error)?;
+        if !(info.permissions.pull || info.permissions.push) {
+            return Err(CoreError::Forbidden(format!(
+                "the token of {login} cannot read {owner}/{name}"
+            )));
+        }
+        if create_webhook && !info.permissions.admin {
+            return Err(CoreError::Forbidden(format!(
+                "creating the webhook needs admin rights on {owner}/{name}; register without create_webhook and add the webhook by hand"
+            )));
+        }
+        let branch = branch
+            .or(info.default_branch)
+            .unwrap_or_else(|| "main".to_owned());
+        validate::branch("branch", &branch)?;
+        let timeout_secs = timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
+        if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(CoreError::invalid(
+                "timeout_secs",
+                format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
+            ));
+        }
+        let full_name = format!("{owner}/{name}");
+        let hook_id = random_hex(16);
+        let webhook_secret = random_hex(32);
+        let repo = Repo {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            git_url: self.github.clone_url(owner, name),
+            default_branch: branch,
+            timeout_secs,
+            created_at: Utc::now(),
+            github: Some(GitHubLink {
+                login: login.clone(),
+                token_sealed: self
+                    .secret_key
+                    .seal(token.expose().as_bytes(), &token_context(&full_name)),
+                hook_id: hook_id.clone(),
+                webhook_secret_sealed: self.secret_key.seal(
+                    webhook_secret.as_bytes(),
+                    &webhook_secret_context(&full_name),
+                ),
+            }),
+            disabled: None,
+            env: Vec::new(),
+            requeue_lost_tests: true,
+            deploy_labels,
+        };
+        let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
+        // Nothing is made on GitHub for a repository already registered;
+        // the insert below still decides a race between two registrations.
+        if self.store.get_repo(owner, name).await?.is_some() {
+            return Err(CoreError::Conflict(format!(
+                "repository {full_name} is already registered"
+            )));
+        }
+        let hook = if create_webhook {
+            let id = self
+                .github
+                .create_hook(token, owner, name, &webhook_url, &webhook_secret)
+                .await
+                .map_err(crate::auth::caller_error)?;
+            Some(id)
+        } else {
+            None
+        };
+        if let Err(err) = self.store.create_repo(repo.clone()).await {
+            // Without the record the hook would only ever be answered 404.
+            if let Some(id) = hook {
+                match self.github.delete_hook(token, owner, name, id).await {
+                    Ok(()) => {
+                        tracing::info!(repo = %full_name, hook = id, "webhook removed: the repository was not registered");
+                    }
+                    Err(cause) => {
+                        tracing::warn!(repo = %full_name, hook = id, error = %cause, "cannot remove the webhook of a repository that was not registered; delete it on GitHub");
+                    }
+                }
+            }
+            return Err(err.into());
+        }
+        tracing::info!(repo = %full_name, github.login = %login, "GitHub repository registered");
+        Ok(Registered {
+            repo,
+            webhook: Some(Webhook {
+                url: webhook_url,
+                secret: webhook_secret,
+            }),
+        })
+    }
+
+    /// GitHub says the stored credentials no longer reach the repository:
+    /// disable it, cancel its queued jobs, and have every agent delete its
+    /// clones of it.
+    pub async fn access_lost(&self, repo: &Repo, cause: &GitHubError) {
+        let full_name = repo.full_name();
+        let reason = format!("access to GitHub lost: {cause}");
+        let disabled = self
+            .change_repo(&repo.owner, &repo.name, |repo| {
+                repo.disabled = Some(reason.clone());
+                Ok(())
+            })
+            .await;
+        if let Err(err) = disabled {
+            tracing::warn!(repo = %full_name, error = %err, "cannot disable a repository");
+            return;
+        }
+        tracing::warn!(repo = %full_name, cause = %cause, "repository disabled: access lost");
+        let queued = self
+            .store
+            .list_jobs(&JobFilter {
+                repo: Some(repo.reference()),
+                state: Some(JobState::Queued),
+                limit: usize::MAX,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap_or_default();
+        for job in queued {
+            let _ = self.store.request_cancel(job.id, Utc::now()).await;
+        }
+        self.store
+            .announce(StoreEvent::RepoDisabled {
+                git_url: repo.git_url.clone(),
+            })
+            .await;
+    }
+}
+
+/// Checks every enabled GitHub repository's stored credentials every
+/// `--github-recheck-interval`, until `shutdown`.
+pub async fn recheck_github_access(services: Services, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(services.config.github_recheck_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(repos) = services.store.list_repos().await else {
+            continue;
+        };
+        for repo in repos {
+            if repo.disabled.is_some() {
+                continue;
+            }
+            let Some(token) = services.repo_token(&repo) else {
+                continue;
+            };
+            match services
+                .github
+                .repository(&token, &repo.owner, &repo.name)
+                .await
+            {
+                Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
+                    services.access_lost(&repo, &err).await;
+                }
+                Ok(info) if !(info.permissions.pull || info.permissions.push) => {
+                    services.access_lost(&repo, &GitHubError::NotFound).await;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(repo = %repo.full_name(), error = %err, "cannot re-check GitHub access");
+                }
+            }
+        }
+    }
+}
+
+/// How many times a repository change is retried while others change it.
+const MAX_REPO_CHANGE_ATTEMPTS: usize = 32;
+
+impl Services {
+    /// Reads a repository, applies `change` and writes it back if nobody
+    /// changed it meanwhile; retried otherwise.
+    pub async fn change_repo<T>(
+        &self,
+        owner: &str,
+        name: &str,
+        mut change: impl FnMut(&mut Repo) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        for _ in 0..MAX_REPO_CHANGE_ATTEMPTS {
+            let old = self.repo(owner, name).await?;
+            let mut new = old.clone();
+            let result = change(&mut new)?;
+            if self.store.update_repo(&old, new).await? {
+                return Ok(result);
+            }
+        }
+        Err(CoreError::Conflict(format!(
+            "repository {owner}/{name} kept changing; retry"
+        )))
+    }
+
+    /// Replaces the labels an agent's token must vouch for to take a deploy
+    /// of `repo`. Deploys queued from now on require them.
+    async fn set_deploy_labels(
+        &self,
+        repo: &Repo,
+        deploy_labels: BTreeMap<String, String>,
+    ) -> Result<Repo, CoreError> {
+        validate::labels("deploy_labels", &deploy_labels)?;
+        self.change_repo(&repo.owner, &repo.name, |updated| {
+            updated.deploy_labels = deploy_labels.clone();
+            Ok(updated.clone())
+        })
+        .await
+    }
+}
