@@ -124,8 +124,25 @@ fn names_the_store(line: &str) -> bool {
         || code.trim_end().ends_with(".store")
 }
 
-#[test]
-fn edges_never_name_the_store() {
+/// Where a line of code decides who may do what (the core's job: core
+/// functions take the caller and check access themselves): an access
+/// check, the admin rule, or the admin token.
+fn decides_access(line: &str) -> bool {
+    let code = line.split("//").next().unwrap_or("");
+    [
+        "require_access",
+        "require_job_access",
+        "require_admin",
+        "admin_token_hash",
+        "Caller::Admin",
+        "Caller::GitHub",
+    ]
+    .iter()
+    .any(|rule| code.contains(rule))
+}
+
+/// The edge lines for which `offends` holds, as `file:line: code`.
+fn edge_lines(offends: fn(&str) -> bool) -> Vec<String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut offences = Vec::new();
     for file in edge_files(&src) {
@@ -135,7 +152,7 @@ fn edges_never_name_the_store() {
             .strip_prefix(env!("CARGO_MANIFEST_DIR"))
             .unwrap_or(&file);
         for (number, line) in text.lines().enumerate() {
-            if names_the_store(line) {
+            if offends(line) {
                 offences.push(format!(
                     "{}:{}: {}",
                     relative.display(),
@@ -145,11 +162,44 @@ fn edges_never_name_the_store() {
             }
         }
     }
+    offences
+}
+
+#[test]
+fn edges_never_name_the_store() {
+    let offences = edge_lines(names_the_store);
     assert!(
         offences.is_empty(),
-        "edges call the core, never the store (move the call into a core module: agents, jobs, projects, logs, services):\n{}",
+        "edges call the core, never the store (move the call into a core module: agents, jobs, repos, variables, secrets, deliveries, logs, auth):\n{}",
         offences.join("\n")
     );
+}
+
+#[test]
+fn edges_never_decide_access() {
+    let offences = edge_lines(decides_access);
+    assert!(
+        offences.is_empty(),
+        "edges pass the caller to the core, which checks access (crate::auth):\n{}",
+        offences.join("\n")
+    );
+}
+
+#[test]
+fn the_access_check_sees_every_form() {
+    for named in [
+        "    services.require_access(&caller, &repo, Access::Push).await?;",
+        "    if !matches!(caller, Caller::Admin) {",
+        "        hash_token(token).as_bytes() == services.admin_token_hash.as_bytes()",
+    ] {
+        assert!(decides_access(named), "{named}");
+    }
+    for clean in [
+        "//! the admin token (`Caller::Admin`)",
+        "    let job = services.job_for(&caller, id, Access::Read).await?;",
+    ] {
+        assert!(!decides_access(clean), "{clean}");
+    }
 }
 
 #[test]
