@@ -1,6 +1,10 @@
 //! The store conformance suite: the behaviour every `Store` backend must
-//! have. Each test function takes a fresh store; `embedded_suite` runs them
-//! against redb (the Redis backend adds its own runner).
+//! have. Each test function takes a fresh store; `embedded_suite` and
+//! `redis_suite` run every one of them against their backend.
+//!
+//! Tests that also take a `peer` get a second store on the same data: a
+//! second controller sharing the backend (Redis), or the same store where
+//! a backend serves one controller only (embedded).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,11 +12,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::{Duration, Utc};
-use hobotnica_common::ids::AgentId;
-use hobotnica_common::job::{JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
+use chrono::{DateTime, Duration, Utc};
+use hobotnica_common::ids::{AgentId, JobId};
+use hobotnica_common::job::{GitHubLink, Job, JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
 
-use super::{AgentRecord, Finish, JobFilter, NewJob, Store, StoreError, StoreEvent};
+use super::{
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
+    StoreEvent,
+};
 
 fn repo(name: &str) -> Repo {
     Repo {
@@ -90,6 +97,69 @@ fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
         exit_code,
         message: None,
     }
+}
+
+fn github_repo(name: &str, hook_id: &str) -> Repo {
+    let mut repo = repo(name);
+    repo.git_url = format!("https://github.com/local/{name}.git");
+    repo.github = Some(GitHubLink {
+        login: "octocat".into(),
+        token_sealed: "sealed-token".into(),
+        hook_id: hook_id.into(),
+        webhook_secret_sealed: "sealed-secret".into(),
+    });
+    repo
+}
+
+/// A job of repository `repo` (`owner/name`).
+fn job_of(repo: &str, target: &str) -> NewJob {
+    let mut job = new_job(target);
+    job.repo = repo.parse().expect("owner/name");
+    job.git_url = format!("file:///srv/{repo}.git");
+    job
+}
+
+fn agent_token(id: &str, secret: &str) -> AgentTokenRecord {
+    AgentTokenRecord {
+        id: id.into(),
+        name: format!("{id} box"),
+        token_hash: hobotnica_common::token::hash_token(secret),
+        created_at: Utc::now(),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// Queues `new`, has `worker` claim it (it must be the oldest job `worker`
+/// may take), writes `output\n` to its log and finishes it at `finished_at`.
+async fn run_job(
+    store: &Arc<dyn Store>,
+    worker: &AgentRecord,
+    new: NewJob,
+    finished_at: DateTime<Utc>,
+) -> Job {
+    let job = store
+        .create_job(new, Utc::now())
+        .await
+        .expect("job created");
+    let now = Utc::now();
+    let claimed = store
+        .claim_job(worker, now, now + Duration::seconds(30))
+        .await
+        .expect("claim answered")
+        .expect("a job to claim");
+    assert_eq!(claimed.id, job.id, "the new job is the one claimed");
+    store
+        .append_log(job.id, 1, 0, Bytes::from_static(b"output\n"))
+        .await
+        .expect("output appended");
+    store
+        .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), finished_at)
+        .await
+        .expect("job finished")
+}
+
+fn ids(jobs: &[Job]) -> Vec<JobId> {
+    jobs.iter().map(|job| job.id).collect()
 }
 
 pub async fn repos_are_unique_and_removable(store: Arc<dyn Store>) {
@@ -324,7 +394,7 @@ pub async fn agents_keep_their_id_by_name_and_tokens_revoke(store: Arc<dyn Store
     assert_eq!(first.id, again.id);
     assert_eq!(store.list_agents().await.unwrap().len(), 1);
 
-    let token = super::AgentTokenRecord {
+    let token = AgentTokenRecord {
         id: "t1".into(),
         name: "box".into(),
         token_hash: hobotnica_common::token::hash_token("secret-token"),
@@ -571,7 +641,7 @@ pub async fn retention_deletes_only_old_finished_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
 
-    let keep_two = super::Retention {
+    let keep_two = Retention {
         max_age: std::time::Duration::from_secs(3600),
         max_jobs_per_repo: 2,
     };
@@ -582,7 +652,7 @@ pub async fn retention_deletes_only_old_finished_jobs(store: Arc<dyn Store>) {
     }
     assert!(store.get_job(ids[4]).await.unwrap().is_some());
 
-    let by_age = super::Retention {
+    let by_age = Retention {
         max_age: std::time::Duration::ZERO,
         max_jobs_per_repo: 1000,
     };
@@ -722,7 +792,7 @@ pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dy
 
     // Revoking the owner's token forgets its agents: the name is free.
     store
-        .create_agent_token(super::AgentTokenRecord {
+        .create_agent_token(AgentTokenRecord {
             id: "t-owner".into(),
             name: "box".into(),
             token_hash: hobotnica_common::token::hash_token("owner-token"),
@@ -793,34 +863,1191 @@ pub async fn deploys_go_only_to_agents_whose_token_vouches(store: Arc<dyn Store>
     assert_eq!(taken.id, deploy.id);
 }
 
-/// Runs every conformance test against fresh stores made by `make`.
+pub async fn the_backend_answers_ping(store: Arc<dyn Store>) {
+    store.ping().await.expect("a working store answers");
+    store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job created");
+    store.ping().await.expect("and keeps answering");
+}
+
+pub async fn webhooks_find_their_repository(store: Arc<dyn Store>) {
+    let alpha = github_repo("alpha", "hook-alpha");
+    let beta = github_repo("beta", "hook-beta");
+    store.create_repo(alpha.clone()).await.expect("alpha");
+    store.create_repo(beta.clone()).await.expect("beta");
+    store.create_repo(repo("plain")).await.expect("plain");
+    let find = |hook_id: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .find_repo_by_hook(hook_id)
+                .await
+                .expect("lookup answered")
+        }
+    };
+    assert_eq!(find("hook-alpha").await, Some(alpha.clone()));
+    assert_eq!(find("hook-beta").await, Some(beta.clone()));
+    assert_eq!(find("hook-gamma").await, None, "an unknown hook id");
+    assert_eq!(find("hook-al").await, None, "a prefix is not the id");
+    assert_eq!(find("").await, None, "a repository without GitHub has none");
+
+    // A new hook id replaces the old one.
+    let mut moved = alpha.clone();
+    moved.github.as_mut().expect("linked").hook_id = "hook-alpha-2".into();
+    assert!(
+        store
+            .update_repo(&alpha, moved.clone())
+            .await
+            .expect("update")
+    );
+    assert_eq!(find("hook-alpha-2").await, Some(moved.clone()));
+    assert_eq!(find("hook-alpha").await, None, "the old hook id is gone");
+
+    // A change from a stale read moves no hook.
+    let mut stale = alpha.clone();
+    stale.github.as_mut().expect("linked").hook_id = "hook-stale".into();
+    assert!(!store.update_repo(&alpha, stale).await.expect("update"));
+    assert_eq!(find("hook-stale").await, None);
+    assert_eq!(find("hook-alpha-2").await, Some(moved.clone()));
+
+    // Without its GitHub link a repository has no hook; with it, it has.
+    let mut unlinked = moved.clone();
+    unlinked.github = None;
+    assert!(
+        store
+            .update_repo(&moved, unlinked.clone())
+            .await
+            .expect("update")
+    );
+    assert_eq!(find("hook-alpha-2").await, None);
+    assert!(
+        store
+            .update_repo(&unlinked, moved.clone())
+            .await
+            .expect("update")
+    );
+    assert_eq!(find("hook-alpha-2").await, Some(moved.clone()));
+
+    // A deleted repository's hook finds nothing; the others still work.
+    store.delete_repo("local", "beta").await.expect("deleted");
+    assert_eq!(find("hook-beta").await, None);
+    assert_eq!(find("hook-alpha-2").await, Some(moved));
+}
+
+pub async fn deleting_a_repository_keeps_its_jobs(store: Arc<dyn Store>) {
+    store.create_repo(repo("demo")).await.expect("demo");
+    store.create_repo(repo("other")).await.expect("other");
+    let job = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job of local/demo");
+    store.delete_repo("local", "demo").await.expect("deleted");
+    let names: Vec<String> = store
+        .list_repos()
+        .await
+        .expect("repos")
+        .iter()
+        .map(Repo::full_name)
+        .collect();
+    assert_eq!(names, vec!["local/other".to_owned()]);
+    assert_eq!(store.get_job(job.id).await.expect("job"), Some(job.clone()));
+    let history = store
+        .list_jobs(&JobFilter {
+            repo: Some(RepoRef::new("local", "demo")),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    assert_eq!(ids(&history), vec![job.id], "its jobs stay, for history");
+    // The name is free again.
+    store
+        .create_repo(repo("demo"))
+        .await
+        .expect("registered again");
+    assert_eq!(store.list_repos().await.expect("repos").len(), 2);
+}
+
+pub async fn deliveries_are_remembered_until_forgotten(store: Arc<dyn Store>) {
+    let remember = |id: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .remember_delivery(id, Utc::now())
+                .await
+                .expect("remember answered")
+        }
+    };
+    assert!(remember("d-1").await, "a new delivery");
+    assert!(!remember("d-1").await, "a redelivery");
+    assert!(remember("d-2").await, "another delivery is new");
+    store.forget_delivery("d-1").await.expect("forgotten");
+    assert!(remember("d-1").await, "a forgotten delivery is new again");
+    assert!(!remember("d-1").await, "and remembered again");
+    assert!(!remember("d-2").await, "forgetting one forgets only it");
+    store
+        .forget_delivery("never-seen")
+        .await
+        .expect("forgetting an unknown delivery is fine");
+    assert!(remember("never-seen").await);
+
+    // Recent deliveries outlive maintenance.
+    let retention = Retention {
+        max_age: std::time::Duration::from_secs(3600),
+        max_jobs_per_repo: 1000,
+    };
+    store.prune(&retention, Utc::now()).await.expect("pruned");
+    assert!(!remember("d-1").await);
+    assert!(!remember("d-2").await);
+}
+
+pub async fn idempotency_keys_name_the_job_they_created(store: Arc<dyn Store>) {
+    let key = "idempotency:local/demo:deploy-42";
+    let request = format!("{key}#0123abcd");
+    let key_job = |key: String| {
+        let store = Arc::clone(&store);
+        async move { store.key_job(&key).await.expect("key_job answered") }
+    };
+    assert_eq!(key_job(key.into()).await, None, "an unknown key");
+    assert!(
+        store
+            .remember_delivery(key, Utc::now())
+            .await
+            .expect("remember"),
+        "the first request with the key"
+    );
+    assert_eq!(
+        key_job(key.into()).await,
+        None,
+        "no job yet while the first request is handled"
+    );
+    assert!(
+        !store
+            .remember_delivery(key, Utc::now())
+            .await
+            .expect("remember"),
+        "a repeat"
+    );
+
+    let job = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .expect("job");
+    store.set_key_job(&request, job.id).await.expect("request");
+    store.set_key_job(key, job.id).await.expect("key");
+    assert_eq!(key_job(key.into()).await, Some(job.id));
+    assert_eq!(key_job(request.clone()).await, Some(job.id));
+    assert_eq!(
+        key_job(format!("{key}#ffffffff")).await,
+        None,
+        "another request with the key"
+    );
+    assert_eq!(
+        key_job("idempotency:local/demo:deploy-4".into()).await,
+        None
+    );
+
+    // Records of recent keys outlive maintenance.
+    let retention = Retention {
+        max_age: std::time::Duration::from_secs(3600),
+        max_jobs_per_repo: 1000,
+    };
+    store.prune(&retention, Utc::now()).await.expect("pruned");
+    assert_eq!(key_job(key.into()).await, Some(job.id));
+    assert_eq!(key_job(request.clone()).await, Some(job.id));
+    assert!(
+        !store
+            .remember_delivery(key, Utc::now())
+            .await
+            .expect("remember")
+    );
+
+    // A forgotten key is new again, and names the job it creates next.
+    store.forget_delivery(key).await.expect("forgotten");
+    assert!(
+        store
+            .remember_delivery(key, Utc::now())
+            .await
+            .expect("remember")
+    );
+    let next = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .expect("job");
+    store.set_key_job(key, next.id).await.expect("key");
+    assert_eq!(key_job(key.into()).await, Some(next.id));
+}
+
+pub async fn agents_are_found_by_id_and_seen(store: Arc<dyn Store>) {
+    assert_eq!(
+        store
+            .get_agent(&AgentId::generate())
+            .await
+            .expect("get_agent"),
+        None,
+        "an unknown id"
+    );
+    let builder = store
+        .register_agent(agent("builder"))
+        .await
+        .expect("builder");
+    let tester = store.register_agent(agent("tester")).await.expect("tester");
+    assert_eq!(
+        store.get_agent(&builder.id).await.expect("get_agent"),
+        Some(builder.clone())
+    );
+    assert_eq!(
+        store.get_agent(&tester.id).await.expect("get_agent"),
+        Some(tester.clone())
+    );
+
+    let later = builder.last_seen + Duration::minutes(5);
+    store
+        .touch_agent(&builder.id, later)
+        .await
+        .expect("touched");
+    let seen = AgentRecord {
+        last_seen: later,
+        ..builder.clone()
+    };
+    assert_eq!(
+        store.get_agent(&builder.id).await.expect("get_agent"),
+        Some(seen.clone()),
+        "last_seen moved, nothing else"
+    );
+    assert_eq!(
+        store.get_agent(&tester.id).await.expect("get_agent"),
+        Some(tester.clone()),
+        "the other agent is untouched"
+    );
+    let mut listed = store.list_agents().await.expect("agents");
+    listed.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(listed, vec![seen, tester]);
+
+    assert!(matches!(
+        store.touch_agent(&AgentId::generate(), later).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.list_agents().await.expect("agents").len(),
+        2,
+        "touching an unknown agent registers nothing"
+    );
+
+    // Registering again (an agent restart) keeps the id and the first
+    // registration time.
+    let mut restarted = agent("builder");
+    restarted.version = "next".into();
+    restarted.registered_at = builder.registered_at + Duration::hours(1);
+    let restarted = store.register_agent(restarted).await.expect("again");
+    assert_eq!(restarted.id, builder.id);
+    assert_eq!(restarted.registered_at, builder.registered_at);
+    assert_eq!(restarted.version, "next");
+    assert_eq!(
+        store.get_agent(&builder.id).await.expect("get_agent"),
+        Some(restarted)
+    );
+}
+
+pub async fn agent_tokens_are_listed_found_and_revoked(store: Arc<dyn Store>) {
+    assert!(store.list_agent_tokens().await.expect("tokens").is_empty());
+    let first = agent_token("t1", "first-secret");
+    let mut second = agent_token("t2", "second-secret");
+    second.labels.insert("pool".into(), "deploy".into());
+    store.create_agent_token(first.clone()).await.expect("t1");
+    store.create_agent_token(second.clone()).await.expect("t2");
+    let listed = |store: Arc<dyn Store>| async move {
+        let mut tokens = store.list_agent_tokens().await.expect("tokens");
+        tokens.sort_by(|a, b| a.id.cmp(&b.id));
+        tokens
+    };
+    assert_eq!(
+        listed(Arc::clone(&store)).await,
+        vec![first.clone(), second.clone()]
+    );
+    let find = |secret: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .find_agent_token(&hobotnica_common::token::hash_token(secret))
+                .await
+                .expect("find answered")
+        }
+    };
+    assert_eq!(find("first-secret").await, Some(first.clone()));
+    assert_eq!(find("second-secret").await, Some(second.clone()));
+    assert_eq!(find("third-secret").await, None, "an unknown token");
+
+    let register = |name: &'static str, token_id: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            let mut record = agent(name);
+            record.token_id = token_id.into();
+            store.register_agent(record).await.expect("registered")
+        }
+    };
+    let a = register("a", "t1").await;
+    let b = register("b", "t1").await;
+    let c = register("c", "t2").await;
+
+    let mut events = store.subscribe();
+    store.delete_agent_token("t1").await.expect("revoked");
+    expect_event(
+        &mut events,
+        StoreEvent::AgentTokenRevoked {
+            token_id: "t1".into(),
+        },
+    )
+    .await;
+    assert_eq!(listed(Arc::clone(&store)).await, vec![second.clone()]);
+    assert_eq!(find("first-secret").await, None);
+    assert_eq!(find("second-secret").await, Some(second.clone()));
+    // Its agents are forgotten; the other token's stay.
+    assert_eq!(store.get_agent(&a.id).await.expect("get_agent"), None);
+    assert_eq!(store.get_agent(&b.id).await.expect("get_agent"), None);
+    assert_eq!(
+        store.get_agent(&c.id).await.expect("get_agent"),
+        Some(c.clone())
+    );
+    assert_eq!(store.list_agents().await.expect("agents"), vec![c]);
+    // Their names are free: another token's agent takes one, as a new agent.
+    let taken = register("a", "t2").await;
+    assert_ne!(taken.id, a.id);
+
+    for gone in ["t1", "t9"] {
+        assert!(
+            matches!(
+                store.delete_agent_token(gone).await,
+                Err(StoreError::NotFound(_))
+            ),
+            "{gone}"
+        );
+    }
+    assert_eq!(listed(Arc::clone(&store)).await, vec![second]);
+}
+
+pub async fn every_change_is_published(store: Arc<dyn Store>) {
+    let mut events = store.subscribe();
+    let worker = store.register_agent(agent("a1")).await.expect("agent");
+    let job = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    expect_event(&mut events, StoreEvent::JobQueued { job: job.id }).await;
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    store
+        .append_log(job.id, 1, 0, Bytes::from_static(b"hello"))
+        .await
+        .expect("appended");
+    expect_event(
+        &mut events,
+        StoreEvent::LogAppended {
+            job: job.id,
+            len: 5,
+        },
+    )
+    .await;
+    let len = store
+        .append_controller_line(job.id, "note")
+        .await
+        .expect("line");
+    assert_eq!(len, 5 + "[hobotnica] note\n".len() as u64);
+    expect_event(&mut events, StoreEvent::LogAppended { job: job.id, len }).await;
+    store
+        .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .expect("finished");
+    expect_event(&mut events, StoreEvent::JobFinished { job: job.id }).await;
+
+    // A queued job cancelled has finished too.
+    let queued = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    store
+        .request_cancel(queued.id, Utc::now())
+        .await
+        .expect("cancelled");
+    expect_event(&mut events, StoreEvent::JobFinished { job: queued.id }).await;
+
+    // So has a job whose agent stopped renewing its lease.
+    let lost = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    let now = Utc::now();
+    let claimed = store
+        .claim_job(&worker, now, now + Duration::seconds(1))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(claimed.id, lost.id);
+    let expired = store
+        .expire_leases(now + Duration::seconds(10))
+        .await
+        .expect("expired");
+    assert_eq!(ids(&expired), vec![lost.id]);
+    expect_event(&mut events, StoreEvent::JobFinished { job: lost.id }).await;
+}
+
+pub async fn job_lists_filter_by_repository_state_and_agent(store: Arc<dyn Store>) {
+    let create = |repo: &'static str, target: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .create_job(job_of(repo, target), Utc::now())
+                .await
+                .expect("job")
+                .id
+        }
+    };
+    let j1 = create("local/demo", "test").await;
+    let j2 = create("local/demo", "test").await;
+    let j3 = create("local/demo", "deploy").await;
+    let j4 = create("local/other", "test").await;
+    let j5 = create("local/other", "test").await;
+    let a1 = store.register_agent(agent("a1")).await.expect("a1");
+    let a2 = store.register_agent(agent("a2")).await.expect("a2");
+    let lease = Utc::now() + Duration::seconds(30);
+    for (worker, expected) in [(&a1, j1), (&a2, j2)] {
+        let claimed = store
+            .claim_job(worker, Utc::now(), lease)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        assert_eq!(claimed.id, expected);
+    }
+    store
+        .finish_job(j1, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .expect("finished");
+
+    let list = |filter: JobFilter| {
+        let store = Arc::clone(&store);
+        async move { ids(&store.list_jobs(&filter).await.expect("jobs")) }
+    };
+    let limit = 100;
+    let queued = Some(JobState::Queued);
+    let running = Some(JobState::Running);
+    assert_eq!(
+        list(JobFilter {
+            state: queued,
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j5, j4, j3]
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: queued,
+            limit: 2,
+            ..Default::default()
+        })
+        .await,
+        vec![j5, j4],
+        "the newest first, up to the limit"
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: queued,
+            before: Some(j5),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j4, j3]
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: queued,
+            repo: Some(RepoRef::new("local", "demo")),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j3]
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: running,
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j2]
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: running,
+            agent: Some(a1.id.clone()),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        Vec::<JobId>::new()
+    );
+    assert_eq!(
+        list(JobFilter {
+            state: Some(JobState::Succeeded),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j1]
+    );
+    assert_eq!(
+        list(JobFilter {
+            agent: Some(a1.id.clone()),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j1]
+    );
+    assert_eq!(
+        list(JobFilter {
+            agent: Some(a2.id.clone()),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j2]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: Some(RepoRef::new("local", "other")),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j5, j4]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: Some(RepoRef::new("local", "other")),
+            limit: 1,
+            ..Default::default()
+        })
+        .await,
+        vec![j5]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: Some(RepoRef::new("local", "demo")),
+            kind: Some(JobKind::Deploy),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        vec![j3]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: Some(RepoRef::new("local", "nothing")),
+            limit,
+            ..Default::default()
+        })
+        .await,
+        Vec::<JobId>::new()
+    );
+}
+
+pub async fn leases_are_extended_never_shortened(store: Arc<dyn Store>) {
+    let worker = store.register_agent(agent("a1")).await.expect("agent");
+    let now = Utc::now();
+    let finished = run_job(&store, &worker, new_job("test"), now).await;
+    let claim = |lease_until: DateTime<Utc>| {
+        let store = Arc::clone(&store);
+        let worker = worker.clone();
+        async move {
+            let job = store
+                .create_job(new_job("test"), Utc::now())
+                .await
+                .expect("job");
+            let claimed = store
+                .claim_job(&worker, Utc::now(), lease_until)
+                .await
+                .expect("claim")
+                .expect("claimed");
+            assert_eq!(claimed.id, job.id);
+            claimed
+        }
+    };
+    let short = claim(now + Duration::seconds(1)).await;
+    let long = claim(now + Duration::seconds(100)).await;
+    let queued = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+
+    store
+        .extend_leases(now + Duration::seconds(30))
+        .await
+        .expect("extended");
+    let get = |id: JobId| {
+        let store = Arc::clone(&store);
+        async move { store.get_job(id).await.expect("get").expect("exists") }
+    };
+    let short_now = get(short.id).await;
+    assert_eq!(short_now.state, JobState::Running);
+    assert_eq!(
+        short_now.lease_expires_at,
+        Some(now + Duration::seconds(30)),
+        "a shorter lease is extended"
+    );
+    assert_eq!(
+        get(long.id).await.lease_expires_at,
+        Some(now + Duration::seconds(100)),
+        "a longer lease is not shortened"
+    );
+    let queued_now = get(queued.id).await;
+    assert_eq!(queued_now.state, JobState::Queued);
+    assert_eq!(queued_now.lease_expires_at, None, "a queued job gets none");
+    assert_eq!(
+        get(finished.id).await,
+        finished,
+        "a finished job is left alone"
+    );
+
+    // Only leases that ended expire, and a lost job is not lost again.
+    let lost = store
+        .expire_leases(now + Duration::seconds(60))
+        .await
+        .expect("expired");
+    assert_eq!(ids(&lost), vec![short.id]);
+    assert!(
+        store
+            .expire_leases(now + Duration::seconds(60))
+            .await
+            .expect("expired")
+            .is_empty()
+    );
+    let lost = store
+        .expire_leases(now + Duration::seconds(200))
+        .await
+        .expect("expired");
+    assert_eq!(ids(&lost), vec![long.id]);
+    assert_eq!(get(queued.id).await.state, JobState::Queued);
+    assert_eq!(get(finished.id).await.state, JobState::Succeeded);
+}
+
+pub async fn controller_lines_are_appended_in_any_state(store: Arc<dyn Store>) {
+    let line = |text: &str| format!("[hobotnica] {text}\n");
+    let job = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    let mut expected = line("queued by the API");
+    assert_eq!(
+        store
+            .append_controller_line(job.id, "queued by the API")
+            .await
+            .expect("line"),
+        expected.len() as u64,
+        "the committed length"
+    );
+    assert_eq!(
+        store.log_len(job.id).await.expect("len"),
+        expected.len() as u64
+    );
+
+    let worker = store.register_agent(agent("a1")).await.expect("agent");
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let committed = store.log_len(job.id).await.expect("len");
+    store
+        .append_log(job.id, 1, committed, Bytes::from_static(b"output\n"))
+        .await
+        .expect("output");
+    expected.push_str("output\n");
+    expected.push_str(&line("running"));
+    assert_eq!(
+        store
+            .append_controller_line(job.id, "running")
+            .await
+            .expect("line"),
+        expected.len() as u64
+    );
+    store
+        .finish_job(job.id, 1, finish(Outcome::Failed, Some(2)), Utc::now())
+        .await
+        .expect("finished");
+    expected.push_str(&line("finished"));
+    assert_eq!(
+        store
+            .append_controller_line(job.id, "finished")
+            .await
+            .expect("line"),
+        expected.len() as u64
+    );
+    assert_eq!(
+        store.read_log(job.id, 0, 1000).await.expect("read"),
+        Bytes::from(expected.clone())
+    );
+    assert_eq!(
+        store.log_len(job.id).await.expect("len"),
+        expected.len() as u64
+    );
+
+    let cancelled = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    store
+        .request_cancel(cancelled.id, Utc::now())
+        .await
+        .expect("cancelled");
+    let only = line("cancelled before it started");
+    assert_eq!(
+        store
+            .append_controller_line(cancelled.id, "cancelled before it started")
+            .await
+            .expect("line"),
+        only.len() as u64
+    );
+    assert_eq!(
+        store.read_log(cancelled.id, 0, 1000).await.expect("read"),
+        Bytes::from(only)
+    );
+    assert_eq!(
+        store.read_log(job.id, 0, 1000).await.expect("read"),
+        Bytes::from(expected),
+        "logs are per job"
+    );
+}
+
+pub async fn unknown_jobs_are_not_found(store: Arc<dyn Store>) {
+    let nobody = JobId(4242);
+    assert_eq!(store.get_job(nobody).await.expect("get"), None);
+    let lease = Utc::now() + Duration::seconds(30);
+    assert!(matches!(
+        store.renew_lease(nobody, 1, lease).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.request_cancel(nobody, Utc::now()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .finish_job(nobody, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .append_log(nobody, 1, 0, Bytes::from_static(b"x"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.log_len(nobody).await.expect("len"), 0);
+    assert!(
+        store
+            .read_log(nobody, 0, 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_jobs(&JobFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("jobs")
+            .is_empty()
+    );
+}
+
+pub async fn archiving_leaves_unfinished_logs_alone(store: Arc<dyn Store>) {
+    let worker = store.register_agent(agent("a1")).await.expect("agent");
+    let t0 = Utc::now();
+    let old = run_job(&store, &worker, new_job("test"), t0 - Duration::hours(1)).await;
+    let recent = run_job(&store, &worker, new_job("test"), t0).await;
+    let running = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    store
+        .claim_job(&worker, t0, t0 + Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    store
+        .append_log(running.id, 1, 0, Bytes::from_static(b"still "))
+        .await
+        .expect("appended");
+    let read_all = |id: JobId| {
+        let store = Arc::clone(&store);
+        async move { store.read_log(id, 0, 1000).await.expect("read") }
+    };
+
+    let archived = store
+        .archive_logs(t0 - Duration::minutes(30))
+        .await
+        .expect("archived");
+    assert!(archived <= 1, "only the job finished before: {archived}");
+    assert_eq!(
+        store
+            .archive_logs(t0 - Duration::minutes(30))
+            .await
+            .expect("archived"),
+        0,
+        "a log is archived once"
+    );
+    for id in [old.id, recent.id] {
+        assert_eq!(read_all(id).await, Bytes::from_static(b"output\n"));
+        assert_eq!(store.log_len(id).await.expect("len"), 7);
+    }
+    assert_eq!(
+        store
+            .append_log(running.id, 1, 6, Bytes::from_static(b"running\n"))
+            .await
+            .expect("appended"),
+        14
+    );
+
+    let archived = store
+        .archive_logs(t0 + Duration::minutes(1))
+        .await
+        .expect("archived");
+    assert!(
+        archived <= 1,
+        "a running job's log is not archived: {archived}"
+    );
+    assert_eq!(
+        store
+            .archive_logs(t0 + Duration::minutes(1))
+            .await
+            .expect("archived"),
+        0
+    );
+    for id in [old.id, recent.id] {
+        assert_eq!(read_all(id).await, Bytes::from_static(b"output\n"));
+    }
+    assert_eq!(
+        read_all(running.id).await,
+        Bytes::from_static(b"still running\n")
+    );
+    assert_eq!(
+        store
+            .append_log(running.id, 1, 14, Bytes::from_static(b"more\n"))
+            .await
+            .expect("appended"),
+        19,
+        "the running job's log still grows"
+    );
+    assert_eq!(
+        store.read_log(running.id, 6, 1000).await.expect("read"),
+        Bytes::from_static(b"running\nmore\n")
+    );
+}
+
+pub async fn retention_counts_per_repository_and_keeps_queued_jobs(store: Arc<dyn Store>) {
+    let worker = store.register_agent(agent("a1")).await.expect("agent");
+    let t0 = Utc::now();
+    // local/other: a queued job no agent here may take, then three finished
+    // ones, the first long ago.
+    let mut gpu = job_of("local/other", "test");
+    gpu.trusted_labels.insert("gpu".into(), "yes".into());
+    let waiting = store.create_job(gpu, Utc::now()).await.expect("job");
+    let b1 = run_job(
+        &store,
+        &worker,
+        job_of("local/other", "test"),
+        t0 - Duration::days(10),
+    )
+    .await;
+    let b2 = run_job(&store, &worker, job_of("local/other", "test"), t0).await;
+    let b3 = run_job(&store, &worker, job_of("local/other", "test"), t0).await;
+    // local/demo: three finished jobs and a queued one.
+    let a1 = run_job(&store, &worker, new_job("test"), t0).await;
+    let a2 = run_job(&store, &worker, new_job("test"), t0).await;
+    let a3 = run_job(&store, &worker, new_job("test"), t0).await;
+    let queued = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+
+    let policy = Retention {
+        max_age: std::time::Duration::from_secs(24 * 3600),
+        max_jobs_per_repo: 3,
+    };
+    // local/demo: its oldest is beyond the count. local/other: b1 is too
+    // old; the queued job beyond the count stays.
+    assert_eq!(
+        store
+            .prune(&policy, t0 + Duration::minutes(1))
+            .await
+            .expect("pruned"),
+        2
+    );
+    for gone in [a1.id, b1.id] {
+        assert_eq!(store.get_job(gone).await.expect("get"), None, "job {gone}");
+        assert_eq!(store.log_len(gone).await.expect("len"), 0, "log of {gone}");
+        assert!(store.read_log(gone, 0, 100).await.expect("read").is_empty());
+    }
+    let all = JobFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(&store.list_jobs(&all).await.expect("jobs")),
+        vec![queued.id, a3.id, a2.id, b3.id, b2.id, waiting.id]
+    );
+    assert_eq!(
+        store
+            .prune(&policy, t0 + Duration::minutes(1))
+            .await
+            .expect("pruned"),
+        0,
+        "nothing more to delete"
+    );
+    assert_eq!(
+        store.read_log(a2.id, 0, 100).await.expect("read"),
+        Bytes::from_static(b"output\n"),
+        "kept jobs keep their logs"
+    );
+
+    // Two days later every finished job is too old; queued ones stay.
+    assert_eq!(
+        store
+            .prune(&policy, t0 + Duration::days(2))
+            .await
+            .expect("pruned"),
+        4
+    );
+    assert_eq!(
+        ids(&store.list_jobs(&all).await.expect("jobs")),
+        vec![queued.id, waiting.id]
+    );
+}
+
+pub async fn announcements_and_changes_reach_every_controller(
+    store: Arc<dyn Store>,
+    peer: Arc<dyn Store>,
+) {
+    let mut mine = store.subscribe();
+    let mut mine_too = store.subscribe();
+    let mut theirs = peer.subscribe();
+    let gone = StoreEvent::RepoDisabled {
+        git_url: "file:///srv/gone.git".into(),
+    };
+    store.announce(gone.clone()).await;
+    for events in [&mut mine, &mut mine_too, &mut theirs] {
+        expect_event(events, gone.clone()).await;
+    }
+    let back = StoreEvent::RepoDisabled {
+        git_url: "file:///srv/back.git".into(),
+    };
+    peer.announce(back.clone()).await;
+    expect_event(&mut mine, back.clone()).await;
+    expect_event(&mut theirs, back).await;
+
+    // What one controller changes reaches the others' subscribers too.
+    let job = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    expect_event(&mut theirs, StoreEvent::JobQueued { job: job.id }).await;
+    let worker = peer.register_agent(agent("a1")).await.expect("agent");
+    let now = Utc::now();
+    peer.claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    peer.request_cancel(job.id, Utc::now())
+        .await
+        .expect("cancel requested");
+    expect_event(
+        &mut mine,
+        StoreEvent::CancelRequested {
+            job: job.id,
+            attempt: 1,
+            agent: worker.id.clone(),
+        },
+    )
+    .await;
+    store
+        .finish_job(job.id, 1, finish(Outcome::Cancelled, None), Utc::now())
+        .await
+        .expect("finished");
+    expect_event(&mut theirs, StoreEvent::JobFinished { job: job.id }).await;
+}
+
+pub async fn controllers_sharing_a_store_see_each_others_changes(
+    store: Arc<dyn Store>,
+    peer: Arc<dyn Store>,
+) {
+    let alpha = github_repo("alpha", "hook-alpha");
+    store.create_repo(alpha.clone()).await.expect("repo");
+    assert_eq!(
+        peer.get_repo("local", "alpha").await.expect("get"),
+        Some(alpha.clone())
+    );
+    assert_eq!(
+        peer.find_repo_by_hook("hook-alpha").await.expect("find"),
+        Some(alpha.clone())
+    );
+    assert!(matches!(
+        peer.create_repo(alpha).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let worker = peer.register_agent(agent("a1")).await.expect("agent");
+    assert_eq!(
+        store.get_agent(&worker.id).await.expect("get"),
+        Some(worker.clone())
+    );
+    let job = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    let lease = Utc::now() + Duration::seconds(30);
+    let claimed = peer
+        .claim_job(&worker, Utc::now(), lease)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(claimed.id, job.id);
+    assert!(
+        store
+            .claim_job(&worker, Utc::now(), lease)
+            .await
+            .expect("claim")
+            .is_none(),
+        "claimed once across controllers"
+    );
+    peer.append_log(job.id, 1, 0, Bytes::from_static(b"hello"))
+        .await
+        .expect("appended");
+    assert_eq!(
+        store.read_log(job.id, 0, 100).await.expect("read"),
+        Bytes::from_static(b"hello")
+    );
+    store
+        .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .expect("finished");
+    assert_eq!(
+        peer.get_job(job.id).await.expect("get").expect("job").state,
+        JobState::Succeeded
+    );
+
+    assert!(
+        store
+            .remember_delivery("d-1", Utc::now())
+            .await
+            .expect("remember")
+    );
+    assert!(
+        !peer
+            .remember_delivery("d-1", Utc::now())
+            .await
+            .expect("remember"),
+        "a redelivery to another controller"
+    );
+    peer.set_key_job("idempotency:local/alpha:k", job.id)
+        .await
+        .expect("key");
+    assert_eq!(
+        store
+            .key_job("idempotency:local/alpha:k")
+            .await
+            .expect("key_job"),
+        Some(job.id)
+    );
+
+    let token = agent_token("t1", "secret");
+    store
+        .create_agent_token(token.clone())
+        .await
+        .expect("token");
+    assert_eq!(
+        peer.find_agent_token(&token.token_hash)
+            .await
+            .expect("find"),
+        Some(token.clone())
+    );
+    peer.delete_agent_token("t1").await.expect("revoked");
+    assert_eq!(
+        store
+            .find_agent_token(&token.token_hash)
+            .await
+            .expect("find"),
+        None
+    );
+}
+
+/// Runs every conformance test against fresh stores: `$make` makes a store
+/// (and what keeps it alive), `$make_pair` a store and its peer.
 macro_rules! conformance_suite {
-    ($make:expr) => {
-        conformance_suite!(@tests $make;
+    ($make:expr, $make_pair:expr) => {
+        conformance_suite!(@single $make;
+            the_backend_answers_ping,
             repos_are_unique_and_removable,
+            deleting_a_repository_keeps_its_jobs,
+            repository_updates_are_compare_and_set,
+            webhooks_find_their_repository,
+            deliveries_are_remembered_until_forgotten,
+            idempotency_keys_name_the_job_they_created,
             jobs_are_claimed_once_in_order_and_fenced,
+            unknown_jobs_are_not_found,
             leases_expire_into_lost,
             extending_leases_protects_running_jobs,
+            leases_are_extended_never_shortened,
             cancel_depends_on_state,
+            every_change_is_published,
             log_appends_are_idempotent,
+            controller_lines_are_appended_in_any_state,
             agents_keep_their_id_by_name_and_tokens_revoke,
+            agents_are_found_by_id_and_seen,
+            agent_tokens_are_listed_found_and_revoked,
             an_agent_name_belongs_to_the_token_that_registered_it,
             deploys_go_only_to_agents_whose_token_vouches,
             job_lists_filter_and_page_newest_first,
+            job_lists_filter_by_repository_state_and_agent,
             racing_claimers_take_each_job_exactly_once,
             logs_read_back_from_any_offset,
             archived_logs_read_the_same,
+            archiving_leaves_unfinished_logs_alone,
             retention_deletes_only_old_finished_jobs,
+            retention_counts_per_repository_and_keeps_queued_jobs,
             deploys_of_one_repository_run_one_at_a_time,
-            repository_updates_are_compare_and_set,
+        );
+        conformance_suite!(@pair $make_pair;
+            announcements_and_changes_reach_every_controller,
+            controllers_sharing_a_store_see_each_others_changes,
         );
     };
-    (@tests $make:expr; $($name:ident),* $(,)?) => {
+    (@single $make:expr; $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let (store, _guard) = $make;
                 super::$name(store).await;
+            }
+        )*
+    };
+    (@pair $make_pair:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, peer, _guard) = $make_pair;
+                super::$name(store, peer).await;
             }
         )*
     };
@@ -836,7 +2063,17 @@ mod embedded_suite {
         (Arc::new(store), dir)
     }
 
-    conformance_suite!(make());
+    /// One process owns the database: its peer is the store itself.
+    fn make_pair() -> (
+        Arc<dyn super::Store>,
+        Arc<dyn super::Store>,
+        tempfile::TempDir,
+    ) {
+        let (store, dir) = make();
+        (Arc::clone(&store), store, dir)
+    }
+
+    conformance_suite!(make(), make_pair());
 
     /// Idempotency records go with their key once it is older than
     /// `DELIVERY_RETENTION` (Redis expires the same keys by TTL).
@@ -938,5 +2175,49 @@ mod redis_suite {
         (Arc::new(store), server)
     }
 
-    conformance_suite!(make().await);
+    /// A second controller on the same Redis (and prefix).
+    async fn make_pair() -> (Arc<dyn super::Store>, Arc<dyn super::Store>, RedisServer) {
+        let (store, server) = make().await;
+        let peer = RedisStore::connect(&server.url, "test:", None)
+            .await
+            .expect("a second store on the same Redis");
+        (store, Arc::new(peer), server)
+    }
+
+    conformance_suite!(make().await, make_pair().await);
+
+    /// Delivery ids, idempotency keys and the jobs they name expire after
+    /// `DELIVERY_RETENTION` (the embedded store prunes the same records).
+    #[tokio::test]
+    async fn idempotency_records_expire_with_their_key() {
+        use super::super::DELIVERY_RETENTION;
+        use chrono::Utc;
+        use hobotnica_common::ids::JobId;
+        let (store, server) = make().await;
+        let key = "idempotency:local/demo:a";
+        let request = format!("{key}#f00d");
+        assert!(store.remember_delivery("d-1", Utc::now()).await.unwrap());
+        assert!(store.remember_delivery(key, Utc::now()).await.unwrap());
+        store.set_key_job(&request, JobId(1)).await.unwrap();
+        store.set_key_job(key, JobId(1)).await.unwrap();
+        let mut redis = redis::Client::open(server.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let retention = i64::try_from(DELIVERY_RETENTION.as_secs()).unwrap();
+        for record in [
+            "test:delivery:d-1".to_owned(),
+            format!("test:delivery:{key}"),
+            format!("test:key_job:{key}"),
+            format!("test:key_job:{request}"),
+        ] {
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&record)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            assert!(0 < ttl && ttl <= retention, "{record}: TTL {ttl}");
+        }
+    }
 }

@@ -358,13 +358,23 @@ redis.call('ZREM', KEYS[6], ARGV[2])
 return 1
 ";
 
-/// Sets a repository's JSON only if it is still `old`.
-/// KEYS: repo. ARGV: old, new. Returns 1, 0 (changed meanwhile) or -1 (gone).
+/// Sets a repository's JSON only if it is still `old`, and moves its
+/// webhook index entry in the same step when the hook id changes.
+/// KEYS: repo, old hook, new hook.
+/// ARGV: old, new, full name, 'drop' when the old hook's entry goes,
+/// 'set' when the new hook's entry is written.
+/// Returns 1, 0 (changed meanwhile) or -1 (gone).
 const CAS_REPO: &str = r"
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[4] == 'drop' and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+if ARGV[5] == 'set' then
+  redis.call('SET', KEYS[3], ARGV[3])
+end
 return 1
 ";
 
@@ -1187,11 +1197,19 @@ impl Store for RedisStore {
         let full_name = new.full_name();
         // Records are written only by `encode`, which is deterministic: the
         // stored text of `old` is its encoding.
+        let old_hook = old.github.as_ref().map(|github| github.hook_id.as_str());
+        let new_hook = new.github.as_ref().map(|github| github.hook_id.as_str());
+        let drop_old = old_hook.is_some() && old_hook != new_hook;
         let written: i64 = self
             .cas_repo
             .key(self.keys.repo(&full_name))
+            .key(self.keys.hook(old_hook.unwrap_or_default()))
+            .key(self.keys.hook(new_hook.unwrap_or_default()))
             .arg(encode(old)?)
             .arg(encode(&new)?)
+            .arg(&full_name)
+            .arg(if drop_old { "drop" } else { "" })
+            .arg(if new_hook.is_some() { "set" } else { "" })
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -1202,10 +1220,17 @@ impl Store for RedisStore {
     }
 
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
-        match self.get_raw(&self.keys.hook(hook_id)).await? {
-            Some(full_name) => self.get_json(&self.keys.repo(&full_name)).await,
-            None => Ok(None),
-        }
+        let Some(full_name) = self.get_raw(&self.keys.hook(hook_id)).await? else {
+            return Ok(None);
+        };
+        // The index entry may be older than the record (a repository
+        // deleted or changed meanwhile): the record decides.
+        let repo: Option<Repo> = self.get_json(&self.keys.repo(&full_name)).await?;
+        Ok(repo.filter(|repo| {
+            repo.github
+                .as_ref()
+                .is_some_and(|github| github.hook_id == hook_id)
+        }))
     }
 
     async fn remember_delivery(&self, delivery_id: &str, _now: DateTime<Utc>) -> StoreResult<bool> {
