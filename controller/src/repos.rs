@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Access, Caller};
 use crate::error::CoreError;
 use crate::git::check_git_url;
-use crate::github::GitHubError;
+use crate::github::{GitHubError, GitHubToken};
 use crate::secrets::{token_context, webhook_secret_context};
 use crate::services::Services;
 use crate::store::{JobFilter, StoreEvent};
@@ -339,6 +339,29 @@ impl Services {
         })
     }
 
+    /// Asks GitHub whether `token` (the repository's stored one) still reads
+    /// `repo`; when it does not, the repository is disabled (`access_lost`)
+    /// and the answer is `false`. Other failures (GitHub unreachable, rate
+    /// limits) decide nothing and are returned.
+    pub(crate) async fn confirm_access(
+        &self,
+        repo: &Repo,
+        token: &GitHubToken,
+    ) -> Result<bool, GitHubError> {
+        match self.github.repository(token, &repo.owner, &repo.name).await {
+            Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
+                self.access_lost(repo, &err).await;
+                Ok(false)
+            }
+            Ok(info) if !(info.permissions.pull || info.permissions.push) => {
+                self.access_lost(repo, &GitHubError::NotFound).await;
+                Ok(false)
+            }
+            Ok(_) => Ok(true),
+            Err(err) => Err(err),
+        }
+    }
+
     /// GitHub says the stored credentials no longer reach the repository:
     /// disable it, cancel its queued jobs, and have every agent delete its
     /// clones of it.
@@ -397,21 +420,8 @@ pub async fn recheck_github_access(services: Services, shutdown: CancellationTok
             let Some(token) = services.repo_token(&repo) else {
                 continue;
             };
-            match services
-                .github
-                .repository(&token, &repo.owner, &repo.name)
-                .await
-            {
-                Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
-                    services.access_lost(&repo, &err).await;
-                }
-                Ok(info) if !(info.permissions.pull || info.permissions.push) => {
-                    services.access_lost(&repo, &GitHubError::NotFound).await;
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(repo = %repo.full_name(), error = %err, "cannot re-check GitHub access");
-                }
+            if let Err(err) = services.confirm_access(&repo, &token).await {
+                tracing::warn!(repo = %repo.full_name(), error = %err, "cannot re-check GitHub access");
             }
         }
     }

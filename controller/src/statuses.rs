@@ -120,19 +120,12 @@ async fn post(services: &Services, job: &Job) {
             Err(GitHubError::NotFound) => {
                 // GitHub answers 404 to a write the token may not make:
                 // read access alone is not lost access.
-                match services
-                    .github
-                    .repository(&token, &repo.owner, &repo.name)
-                    .await
-                {
-                    Err(err @ (GitHubError::BadCredentials | GitHubError::NotFound)) => {
-                        services.access_lost(&repo, &err).await;
-                    }
-                    _ => tracing::warn!(
+                if !matches!(services.confirm_access(&repo, &token).await, Ok(false)) {
+                    tracing::warn!(
                         job.id = %job.id,
                         repo = %job.repo,
                         "cannot post commit statuses: the stored token needs push access (commit statuses: write)"
-                    ),
+                    );
                 }
                 return;
             }
