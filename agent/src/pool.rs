@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +78,12 @@ pub(crate) struct Pool {
     /// Repositories being forgotten (ForgetRepository); aborted when the
     /// pool returns (the controller sends it again at the next session).
     forgets: JoinSet<()>,
+    /// The open Session, if any.
+    live: Option<Live>,
+    /// Where shutdown stands.
+    shutdown: Shutdown,
+    /// When the current shutdown stage runs out (none while running).
+    deadline: Option<Instant>,
 }
 
 impl Pool {
@@ -95,6 +102,9 @@ impl Pool {
             jobs: HashMap::new(),
             tasks: JoinSet::new(),
             forgets: JoinSet::new(),
+            live: None,
+            shutdown: Shutdown::Running,
+            deadline: None,
         }
     }
 
@@ -106,9 +116,10 @@ impl Pool {
         self.concurrency.saturating_sub(running)
     }
 
-    fn send_capacity(&self, live: &Option<Live>, shutdown: Shutdown) {
-        if let Some(live) = live {
-            let free = self.free_slots(shutdown);
+    /// Queues a Capacity (the free slots now) on the open Session, if any.
+    fn send_capacity(&self) {
+        if let Some(live) = &self.live {
+            let free = self.free_slots(self.shutdown);
             if !live.session.send_capacity(free, live.assignments_received) {
                 tracing::debug!("could not queue Capacity; the session is closing");
             }
@@ -117,63 +128,39 @@ impl Pool {
 
     /// Runs until `shutdown` is cancelled and the jobs drained, or a fatal
     /// error (token refused, protocol mismatch).
+    ///
+    /// One loop: every wake-up is a branch below, and each branch's work is
+    /// a method of its own.
     pub(crate) async fn run(
         mut self,
         shutdown_signal: CancellationToken,
         stop_now: CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut shutdown = Shutdown::Running;
-        let mut next_deadline: Option<Instant> = None;
         let mut reconnect_backoff = Backoff::default();
         let mut connecting: Option<Connecting> = Some(Box::pin(connect(
             self.connection.clone(),
-            self.free_slots(shutdown),
+            self.free_slots(self.shutdown),
             Duration::ZERO,
         )));
-        let mut live: Option<Live> = None;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
-                () = shutdown_signal.cancelled(), if shutdown == Shutdown::Running => {
-                    shutdown = Shutdown::Draining;
-                    if self.jobs.is_empty() {
-                        tracing::info!("shutting down; no job running");
+                () = shutdown_signal.cancelled(), if self.shutdown == Shutdown::Running => {
+                    if self.start_draining().is_break() {
                         return Ok(());
                     }
-                    // Capacity 0 first: once this line is logged, no new job comes.
-                    self.send_capacity(&live, shutdown);
-                    tracing::info!(jobs = self.jobs.len(), drain_timeout_s = self.drain_timeout.as_secs(), "shutting down; waiting for running jobs");
-                    next_deadline = Some(Instant::now() + self.drain_timeout);
                 }
 
-                () = stop_now.cancelled(), if shutdown == Shutdown::Draining => {
+                () = stop_now.cancelled(), if self.shutdown == Shutdown::Draining => {
                     tracing::warn!(jobs = self.jobs.len(), "asked to stop now; cancelling the running jobs");
-                    self.cancel_all();
-                    shutdown = Shutdown::Cancelling;
-                    next_deadline = Some(Instant::now() + SHUTDOWN_REPORT_TIMEOUT);
+                    self.cancel_remaining();
                 }
 
-                () = sleep_until(next_deadline) => {
-                    match shutdown {
-                        Shutdown::Draining => {
-                            tracing::warn!(jobs = self.jobs.len(), "drain timeout passed; cancelling the remaining jobs");
-                            self.cancel_all();
-                            shutdown = Shutdown::Cancelling;
-                            next_deadline = Some(Instant::now() + SHUTDOWN_REPORT_TIMEOUT);
-                        }
-                        Shutdown::Cancelling => {
-                            tracing::warn!(jobs = self.jobs.len(), "giving up on reporting the remaining jobs");
-                            self.context.abandon.cancel();
-                            shutdown = Shutdown::Abandoning;
-                            next_deadline = Some(Instant::now() + SHUTDOWN_CLEANUP_TIMEOUT);
-                        }
-                        Shutdown::Abandoning | Shutdown::Running => {
-                            tracing::error!(jobs = self.jobs.len(), "job supervisors did not stop; aborting them");
-                            self.tasks.shutdown().await;
-                            return Ok(());
-                        }
+                () = sleep_until(self.deadline) => {
+                    if self.stage_ran_out().await.is_break() {
+                        return Ok(());
                     }
                 }
 
@@ -181,11 +168,7 @@ impl Pool {
                     connecting = None;
                     match connected {
                         Ok((registration, session)) => {
-                            tracing::info!(agent.id = %registration.agent_id, controller = self.connection.current_url(), "session open");
-                            self.registration = Some(registration);
-                            live = Some(Live { session, assignments_received: 0, opened: Instant::now() });
-                            // The Capacity queued when connecting may be stale.
-                            self.send_capacity(&live, shutdown);
+                            self.session_opened(registration, session);
                             heartbeat.reset();
                         }
                         Err(error) => {
@@ -194,42 +177,18 @@ impl Pool {
                     }
                 }
 
-                command = next_command(&mut live) => {
+                command = next_command(&mut self.live) => {
                     match command {
-                        Ok(Some(command)) => self.on_command(command, &mut live, shutdown),
-                        Ok(None) | Err(_) => {
-                            let lived = live.as_ref().map(|l| l.opened.elapsed()).unwrap_or_default();
-                            live = None;
-                            match command {
-                                Err(error) => tracing::warn!(%error, "session broken; reconnecting"),
-                                _ => tracing::warn!("the controller closed the session; reconnecting"),
-                            }
-                            if lived >= STABLE_SESSION {
-                                reconnect_backoff.reset();
-                            }
-                            let delay = reconnect_backoff.next_delay();
-                            connecting = Some(Box::pin(connect(self.connection.clone(), self.free_slots(shutdown), delay)));
-                        }
+                        Ok(Some(command)) => self.on_command(command),
+                        Ok(None) => connecting = Some(self.session_lost(None, &mut reconnect_backoff)),
+                        Err(error) => connecting = Some(self.session_lost(Some(error), &mut reconnect_backoff)),
                     }
                 }
 
                 Some(joined) = self.tasks.join_next_with_id() => {
-                    let key = match joined {
-                        Ok((_, key)) => Some(key),
-                        Err(error) => {
-                            tracing::error!(%error, "a job supervisor failed");
-                            let id = error.id();
-                            self.jobs.iter().find(|(_, job)| job.task == id).map(|(key, _)| *key)
-                        }
-                    };
-                    if let Some(key) = key {
-                        self.jobs.remove(&key);
-                    }
-                    if shutdown != Shutdown::Running && self.jobs.is_empty() {
-                        tracing::info!("all jobs finished; shutting down");
+                    if self.job_ended(joined).is_break() {
                         return Ok(());
                     }
-                    self.send_capacity(&live, shutdown);
                 }
 
                 Some(joined) = self.forgets.join_next() => {
@@ -238,8 +197,8 @@ impl Pool {
                     }
                 }
 
-                _ = heartbeat.tick(), if live.is_some() => {
-                    if let Some(live) = &live {
+                _ = heartbeat.tick(), if self.live.is_some() => {
+                    if let Some(live) = &self.live {
                         live.session.send_heartbeat();
                     }
                 }
@@ -247,13 +206,143 @@ impl Pool {
         }
     }
 
-    fn on_command(&mut self, command: SessionCommand, live: &mut Option<Live>, shutdown: Shutdown) {
+    /// The shutdown signal: no new jobs (Capacity 0), running jobs may
+    /// finish until the drain timeout. `Break` when no job runs: the pool
+    /// is done.
+    fn start_draining(&mut self) -> ControlFlow<()> {
+        self.shutdown = Shutdown::Draining;
+        if self.jobs.is_empty() {
+            tracing::info!("shutting down; no job running");
+            return ControlFlow::Break(());
+        }
+        // Capacity 0 first: once this line is logged, no new job comes.
+        self.send_capacity();
+        tracing::info!(
+            jobs = self.jobs.len(),
+            drain_timeout_s = self.drain_timeout.as_secs(),
+            "shutting down; waiting for running jobs"
+        );
+        self.deadline = Some(Instant::now() + self.drain_timeout);
+        ControlFlow::Continue(())
+    }
+
+    /// Tells every running job to stop, and gives them
+    /// [`SHUTDOWN_REPORT_TIMEOUT`] to ship their logs and report.
+    fn cancel_remaining(&mut self) {
+        self.cancel_all();
+        self.shutdown = Shutdown::Cancelling;
+        self.deadline = Some(Instant::now() + SHUTDOWN_REPORT_TIMEOUT);
+    }
+
+    /// The current shutdown stage's deadline passed: moves on to the next
+    /// (draining → cancelling → abandoning the reports → aborting the
+    /// supervisors). `Break` once the supervisors were aborted: the pool is
+    /// done.
+    async fn stage_ran_out(&mut self) -> ControlFlow<()> {
+        match self.shutdown {
+            Shutdown::Draining => {
+                tracing::warn!(
+                    jobs = self.jobs.len(),
+                    "drain timeout passed; cancelling the remaining jobs"
+                );
+                self.cancel_remaining();
+            }
+            Shutdown::Cancelling => {
+                tracing::warn!(
+                    jobs = self.jobs.len(),
+                    "giving up on reporting the remaining jobs"
+                );
+                self.context.abandon.cancel();
+                self.shutdown = Shutdown::Abandoning;
+                self.deadline = Some(Instant::now() + SHUTDOWN_CLEANUP_TIMEOUT);
+            }
+            Shutdown::Abandoning | Shutdown::Running => {
+                tracing::error!(
+                    jobs = self.jobs.len(),
+                    "job supervisors did not stop; aborting them"
+                );
+                self.tasks.shutdown().await;
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A registration and Session were made: the Session becomes the live
+    /// one, and gets the free slots now.
+    fn session_opened(&mut self, registration: Registration, session: SessionStream) {
+        tracing::info!(agent.id = %registration.agent_id, controller = self.connection.current_url(), "session open");
+        self.registration = Some(registration);
+        self.live = Some(Live {
+            session,
+            assignments_received: 0,
+            opened: Instant::now(),
+        });
+        // The Capacity queued when connecting may be stale.
+        self.send_capacity();
+    }
+
+    /// The Session ended (`error`: it broke; `None`: the controller closed
+    /// it). Returns the reconnection, after a back-off that starts again
+    /// when the Session had lived [`STABLE_SESSION`].
+    fn session_lost(&mut self, error: Option<RpcError>, backoff: &mut Backoff) -> Connecting {
+        let lived = self
+            .live
+            .as_ref()
+            .map(|l| l.opened.elapsed())
+            .unwrap_or_default();
+        self.live = None;
+        match error {
+            Some(error) => tracing::warn!(%error, "session broken; reconnecting"),
+            None => tracing::warn!("the controller closed the session; reconnecting"),
+        }
+        if lived >= STABLE_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        Box::pin(connect(
+            self.connection.clone(),
+            self.free_slots(self.shutdown),
+            delay,
+        ))
+    }
+
+    /// A job supervisor ended (or panicked): the job is forgotten and its
+    /// slot freed. `Break` when shutting down and that was the last job:
+    /// the pool is done.
+    fn job_ended(
+        &mut self,
+        joined: Result<(tokio::task::Id, JobKey), tokio::task::JoinError>,
+    ) -> ControlFlow<()> {
+        let key = match joined {
+            Ok((_, key)) => Some(key),
+            Err(error) => {
+                tracing::error!(%error, "a job supervisor failed");
+                let id = error.id();
+                self.jobs
+                    .iter()
+                    .find(|(_, job)| job.task == id)
+                    .map(|(key, _)| *key)
+            }
+        };
+        if let Some(key) = key {
+            self.jobs.remove(&key);
+        }
+        if self.shutdown != Shutdown::Running && self.jobs.is_empty() {
+            tracing::info!("all jobs finished; shutting down");
+            return ControlFlow::Break(());
+        }
+        self.send_capacity();
+        ControlFlow::Continue(())
+    }
+
+    fn on_command(&mut self, command: SessionCommand) {
         match command {
             SessionCommand::Assign(spec) => {
-                if let Some(live) = live.as_mut() {
+                if let Some(live) = self.live.as_mut() {
                     live.assignments_received += 1;
                 }
-                self.assign(*spec, shutdown);
+                self.assign(*spec);
             }
             SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
                 Some(job) => {
@@ -281,7 +370,7 @@ impl Pool {
         }
     }
 
-    fn assign(&mut self, spec: JobSpec, shutdown: Shutdown) {
+    fn assign(&mut self, spec: JobSpec) {
         let key = spec.key;
         if self.jobs.contains_key(&key) {
             tracing::warn!(job.id = %key.id, attempt = key.attempt, "assignment of a job already running here; ignored");
@@ -302,7 +391,7 @@ impl Pool {
             registration.timings,
             &mut self.tasks,
         );
-        if matches!(shutdown, Shutdown::Cancelling | Shutdown::Abandoning) {
+        if matches!(self.shutdown, Shutdown::Cancelling | Shutdown::Abandoning) {
             handle.shut_down();
         }
         self.jobs.insert(key, RunningJob { handle, task });

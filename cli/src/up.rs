@@ -7,7 +7,7 @@
 //!   store; it ends when `controller_shutdown` is cancelled, which happens
 //!   only after every agent has ended;
 //! - one `hobotnica_agent::run` per local agent, spawned here into a
-//!   `JoinSet`; each ends when `agents_shutdown` (a child of the root token)
+//!   `JoinSet`; each ends when its token (a child of `agents_shutdown`)
 //!   is cancelled and its running jobs have drained (at most
 //!   [`AGENT_DRAIN_TIMEOUT`]).
 //!
@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hobotnica_agent::AgentConfig;
 use hobotnica_common::private_fs::Secret;
-use hobotnica_controller::{Controller, Listeners};
+use hobotnica_controller::{Controller, ControllerConfig, Listeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::task::{JoinHandle, JoinSet};
@@ -37,6 +37,9 @@ const AGENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// File holding the local agents' pool token in the data directory.
 const AGENT_TOKEN_FILE: &str = "agent-token";
 
+/// `hobot up`: prepares the data directory and the local agents'
+/// configurations, starts the controller and the agents, prints where they
+/// are, then runs until a signal or a task's end (see `run`).
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let UpArgs {
         controller: mut config,
@@ -52,24 +55,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     config.read_secret_files()?;
     hobotnica_controller::prepare_data_dir(&config.data_dir)?;
-    let agent_token = match &config.agent_token {
-        Some(token) => token.clone(),
-        None => Secret::new(hobotnica_controller::load_or_create_token(
-            &config.data_dir.join(AGENT_TOKEN_FILE),
-            hobotnica_common::token::AGENT_TOKEN_PREFIX,
-        )?),
-    };
+    let agent_token = local_agent_token(&config)?;
     config.agent_token = Some(agent_token.clone());
     let agent_work_dir = agent_work_dir.unwrap_or_else(|| config.data_dir.join("agent"));
-    // Jobs of the local agents never see the controller's files: its data
-    // dir (tokens, store, logs) and keys, wherever they are.
-    let data_dir = std::fs::canonicalize(&config.data_dir)
-        .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
-    let hidden: Vec<PathBuf> = std::iter::once(data_dir)
-        .chain(config.secret_key_file.iter().cloned())
-        .chain(config.tls_key.iter().cloned())
-        .filter_map(|path| std::fs::canonicalize(path).ok())
-        .collect();
+    let hidden = hidden_from_jobs(&config)?;
 
     // The local agents get a plaintext gRPC listener of their own on
     // loopback: they need neither the CA nor a client certificate when the
@@ -101,20 +90,50 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let listeners = Listeners::bind(&config).await?;
     let http_addr = reachable(listeners.http.local_addr()?);
     let grpc_addr = reachable(listeners.grpc.local_addr()?);
+    let running = Running::start(controller, listeners, local_grpc, agent_configs);
+    print_banner(&config, agents, http_addr, grpc_addr, &admin_token);
 
-    let shutdown = CancellationToken::new();
-    let controller_shutdown = CancellationToken::new();
-    let mut controller_task = tokio::spawn(controller.serve_with_local_grpc(
-        listeners,
-        Some(local_grpc),
-        controller_shutdown.clone(),
-    ));
+    // Streams, not one-shot futures, kept from here to the end: a signal
+    // between two waits is still delivered to the next.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(run(running, &mut sigint, &mut sigterm).await)
+}
 
-    let mut agent_tasks = JoinSet::new();
-    for agent_config in agent_configs {
-        agent_tasks.spawn(hobotnica_agent::run(agent_config, shutdown.child_token()));
-    }
+/// The local agents' pool token: `--agent-token`, or the one kept in the
+/// data directory (created there the first time).
+fn local_agent_token(config: &ControllerConfig) -> anyhow::Result<Secret> {
+    Ok(match &config.agent_token {
+        Some(token) => token.clone(),
+        None => Secret::new(hobotnica_controller::load_or_create_token(
+            &config.data_dir.join(AGENT_TOKEN_FILE),
+            hobotnica_common::token::AGENT_TOKEN_PREFIX,
+        )?),
+    })
+}
 
+/// What jobs of the local agents must never see: the controller's data
+/// directory (tokens, store, logs) and keys, wherever they are, as
+/// canonical paths. Fails only when the data directory cannot be resolved.
+fn hidden_from_jobs(config: &ControllerConfig) -> anyhow::Result<Vec<PathBuf>> {
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
+    Ok(std::iter::once(data_dir)
+        .chain(config.secret_key_file.iter().cloned())
+        .chain(config.tls_key.iter().cloned())
+        .filter_map(|path| std::fs::canonicalize(path).ok())
+        .collect())
+}
+
+/// Tells the user on stdout where the controller serves and its admin
+/// token. Errors writing to stdout are ignored.
+fn print_banner(
+    config: &ControllerConfig,
+    agents: u32,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    admin_token: &str,
+) {
     let scheme = if config.tls_enabled() {
         "https"
     } else {
@@ -137,84 +156,168 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         config.data_dir.display(),
     );
     let _ = stdout.flush();
-    drop(stdout);
+}
 
-    // Streams, not one-shot futures, kept from here to the end: a signal
-    // between two waits is still delivered to the next.
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut failed = false;
-    tokio::select! {
-        signal = next_signal(&mut sigint, &mut sigterm) => tracing::info!("{signal}; stopping"),
-        Some(result) = agent_tasks.join_next() => {
-            // A local agent that cannot work (its token refused, say) must
-            // not leave a controller whose jobs never start.
-            let error = match result {
-                Ok(Ok(())) => "it stopped".to_owned(),
-                Ok(Err(err)) => format!("{err:#}"),
-                Err(err) => err.to_string(),
-            };
-            tracing::error!(error, "a local agent failed; stopping");
-            failed = true;
+/// The controller's task and the local agents' tasks, with the tokens that
+/// stop them.
+struct Running {
+    controller: JoinHandle<anyhow::Result<()>>,
+    /// Stops the controller; cancelled only after every agent has ended.
+    controller_shutdown: CancellationToken,
+    agents: JoinSet<anyhow::Result<()>>,
+    /// Stops the agents (each runs on a child of it).
+    agents_shutdown: CancellationToken,
+}
+
+/// How serving ended.
+enum Served {
+    /// A signal (`failed: false`) or a local agent that ended (`true`):
+    /// stop the rest in order.
+    Stop { failed: bool },
+    /// The controller ended: the agents were stopped at once.
+    ControllerEnded,
+}
+
+/// How the local agents' stop ended.
+struct AgentsStop {
+    /// An agent failed, or its task did.
+    failed: bool,
+    /// A further signal came first: the agents were aborted.
+    hurried: bool,
+}
+
+impl Running {
+    /// Spawns the controller (its public `listeners` and `local_grpc`) and
+    /// one task per local agent.
+    fn start(
+        controller: Controller,
+        listeners: Listeners,
+        local_grpc: TcpListener,
+        agent_configs: Vec<AgentConfig>,
+    ) -> Running {
+        let agents_shutdown = CancellationToken::new();
+        let controller_shutdown = CancellationToken::new();
+        let controller = tokio::spawn(controller.serve_with_local_grpc(
+            listeners,
+            Some(local_grpc),
+            controller_shutdown.clone(),
+        ));
+        let mut agents = JoinSet::new();
+        for agent_config in agent_configs {
+            agents.spawn(hobotnica_agent::run(
+                agent_config,
+                agents_shutdown.child_token(),
+            ));
         }
-        result = &mut controller_task => {
-            match result {
-                Ok(Ok(())) => tracing::error!("the controller stopped unexpectedly"),
-                Ok(Err(err)) => tracing::error!(error = %format!("{err:#}"), "the controller failed"),
-                Err(err) => tracing::error!(error = %err, "the controller task failed"),
-            }
-            shutdown.cancel();
-            agent_tasks.shutdown().await;
-            return Ok(ExitCode::FAILURE);
+        Running {
+            controller,
+            controller_shutdown,
+            agents,
+            agents_shutdown,
         }
     }
 
-    shutdown.cancel();
-    let drain = async {
-        while let Some(result) = agent_tasks.join_next().await {
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    failed = true;
-                    tracing::error!(error = %format!("{err:#}"), "a local agent failed");
+    /// Serves until `signal` (Ctrl-C or SIGTERM), a local agent ends, or
+    /// the controller ends.
+    async fn serve(&mut self, signal: impl Future<Output = &'static str>) -> Served {
+        tokio::select! {
+            signal = signal => {
+                tracing::info!("{signal}; stopping");
+                Served::Stop { failed: false }
+            }
+            Some(result) = self.agents.join_next() => {
+                // A local agent that cannot work (its token refused, say) must
+                // not leave a controller whose jobs never start.
+                let error = match result {
+                    Ok(Ok(())) => "it stopped".to_owned(),
+                    Ok(Err(err)) => format!("{err:#}"),
+                    Err(err) => err.to_string(),
+                };
+                tracing::error!(error, "a local agent failed; stopping");
+                Served::Stop { failed: true }
+            }
+            result = &mut self.controller => {
+                match result {
+                    Ok(Ok(())) => tracing::error!("the controller stopped unexpectedly"),
+                    Ok(Err(err)) => tracing::error!(error = %format!("{err:#}"), "the controller failed"),
+                    Err(err) => tracing::error!(error = %err, "the controller task failed"),
                 }
-                Err(err) => {
-                    failed = true;
-                    tracing::error!(error = %err, "a local agent task failed");
-                }
+                self.agents_shutdown.cancel();
+                self.agents.shutdown().await;
+                Served::ControllerEnded
             }
         }
+    }
+
+    /// Stops the local agents and waits for them (each within its own
+    /// drain timeout), unless `another_signal` comes first: then they are
+    /// aborted at once.
+    async fn stop_agents(
+        &mut self,
+        another_signal: impl Future<Output = &'static str>,
+    ) -> AgentsStop {
+        self.agents_shutdown.cancel();
+        let mut failed = false;
+        let drain = async {
+            while let Some(result) = self.agents.join_next().await {
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        failed = true;
+                        tracing::error!(error = %format!("{err:#}"), "a local agent failed");
+                    }
+                    Err(err) => {
+                        failed = true;
+                        tracing::error!(error = %err, "a local agent task failed");
+                    }
+                }
+            }
+        };
+        let mut hurried = false;
+        tokio::select! {
+            () = drain => {}
+            signal = another_signal => {
+                tracing::warn!("{signal} again; not waiting for running jobs or the controller's stop");
+                self.agents.shutdown().await;
+                hurried = true;
+            }
+        }
+        AgentsStop { failed, hurried }
+    }
+}
+
+/// Serves until a signal or a task's end, stops the agents (letting their
+/// jobs finish), then the controller; a further signal cuts either stop
+/// short. Fails when a task failed or a stop was cut short. `sigint` and
+/// `sigterm` are streams kept throughout, so a signal between two waits is
+/// not lost.
+async fn run(mut running: Running, sigint: &mut Signal, sigterm: &mut Signal) -> ExitCode {
+    let mut failed = match running.serve(next_signal(sigint, sigterm)).await {
+        Served::Stop { failed } => failed,
+        Served::ControllerEnded => return ExitCode::FAILURE,
     };
-    let mut hurry = false;
-    tokio::select! {
-        () = drain => {}
-        signal = next_signal(&mut sigint, &mut sigterm) => {
-            tracing::warn!("{signal} again; not waiting for running jobs or the controller's stop");
-            agent_tasks.shutdown().await;
-            hurry = true;
-        }
-    }
-
-    let stop = if hurry {
-        controller_shutdown.cancel();
-        controller_task.abort();
+    let agents = running.stop_agents(next_signal(sigint, sigterm)).await;
+    failed |= agents.failed;
+    let stop = if agents.hurried {
+        running.controller_shutdown.cancel();
+        running.controller.abort();
         ControllerStop::Abandoned
     } else {
         stop_controller(
-            &mut controller_task,
-            &controller_shutdown,
-            next_signal(&mut sigint, &mut sigterm),
+            &mut running.controller,
+            &running.controller_shutdown,
+            next_signal(sigint, sigterm),
         )
         .await
     };
     if stop != ControllerStop::Stopped {
         failed = true;
     }
-    Ok(if failed {
+    if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, naming it for the log.

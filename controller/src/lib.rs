@@ -235,6 +235,10 @@ impl Controller {
     /// loopback listener for the in-process agents of `hobot up`: they need
     /// no certificate when the public listeners speak TLS, and no client
     /// certificate under `--client-ca`.
+    ///
+    /// In order: check the transport (TLS, loopback), publish the
+    /// endpoints, start the background tasks, start the servers, then wait
+    /// for `shutdown` and drain within [`STOP_GRACE`].
     pub async fn serve_with_local_grpc(
         self,
         listeners: Listeners,
@@ -242,182 +246,295 @@ impl Controller {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let services = self.services;
-        let tls = tls::ServerTls::load(&services.config)?;
-        if let Some(local) = &local_grpc {
-            let addr = local.local_addr()?;
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "the local agents' gRPC listener must be on loopback, not {addr}"
-            );
-        }
-        if tls.is_none() {
-            for addr in services.config.non_loopback_addrs() {
-                tracing::warn!(
-                    %addr,
-                    "INSECURE: serving plaintext on a non-loopback address (--insecure); \
-                     agent and admin tokens and logs cross the network unencrypted. \
-                     Use --tls-cert and --tls-key."
-                );
-            }
-        }
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let http_addr = listeners.http.local_addr()?;
-        let grpc_addr = listeners.grpc.local_addr()?;
-        let public_url = services
-            .config
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
-        let _ = services
-            .public_url
-            .set(public_url.trim_end_matches('/').to_owned());
-        let endpoints = serde_json::json!({
-            "url": public_url,
-            "grpc_url": format!("{scheme}://{grpc_addr}"),
-        });
-        write_private_file(
-            &services.config.data_dir.join("controller.json"),
-            &format!("{endpoints:#}\n"),
-        )?;
-
-        let tasks = TaskTracker::new();
-        tasks.spawn(jobs::lease_reaper(services.clone(), shutdown.clone()));
-        tasks.spawn(jobs::maintenance(services.clone(), shutdown.clone()));
-        tasks.spawn(statuses::post_statuses(
-            services.clone(),
-            self.statuses_rx,
-            shutdown.clone(),
-        ));
-        tasks.spawn(repos::recheck_github_access(
-            services.clone(),
-            shutdown.clone(),
-        ));
-        if let Some(tls) = &tls {
-            tasks.spawn(reload_certificate_on_sighup(
-                tls.certs.clone(),
-                shutdown.clone(),
-            ));
-        }
-
-        // One router per listener; `require_agent_cert` is mutual TLS for
-        // AgentService (`--client-ca`).
-        let grpc_router = |require_agent_cert: bool| {
-            let agent_service = AgentServiceServer::with_interceptor(
-                grpc::AgentGrpc::new(services.clone(), shutdown.clone(), tasks.clone()),
-                tls::RequireClientCert {
-                    required: require_agent_cert,
-                },
-            );
-            let log_service =
-                LogServiceServer::new(grpc::LogGrpc::new(services.clone(), shutdown.clone()));
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-                .add_service(agent_service)
-                .add_service(log_service)
-        };
-        let cancelled = |token: &CancellationToken| {
-            let token = token.clone();
-            async move { token.cancelled().await }
-        };
+        let tls = check_transport(&services.config, local_grpc.as_ref())?;
+        let (http_addr, grpc_addr) = publish_endpoints(&services, tls.is_some(), &listeners)?;
+        let tasks = spawn_background_tasks(&services, self.statuses_rx, tls.as_ref(), &shutdown);
 
         // Every accepted connection is tracked, so that the graceful stop
         // can be bounded (see `connections`).
-        let connections = Connections::default();
-        let grpc: BoxFuture<'_, Result<(), tonic::transport::Error>> = match &tls {
+        let servers = Servers {
+            services,
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            connections: Connections::default(),
+        };
+        let grpc = servers.grpc(listeners.grpc, tls.as_ref());
+        let local_grpc = servers.local_grpc(local_grpc);
+        let http = servers.http(listeners.http, tls.as_ref());
+
+        tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), "controller serving");
+        let serving = async { tokio::join!(http, grpc, local_grpc) };
+        stop_within_grace(serving, &shutdown, &tasks, &servers.connections).await?;
+        tracing::info!("controller stopped");
+        Ok(())
+    }
+}
+
+/// Loads the TLS settings (`None`: plaintext), refuses a local agents'
+/// listener that is not on loopback, and warns about plaintext on every
+/// non-loopback address.
+fn check_transport(
+    config: &ControllerConfig,
+    local_grpc: Option<&TcpListener>,
+) -> anyhow::Result<Option<tls::ServerTls>> {
+    let tls = tls::ServerTls::load(config)?;
+    if let Some(local) = local_grpc {
+        let addr = local.local_addr()?;
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "the local agents' gRPC listener must be on loopback, not {addr}"
+        );
+    }
+    if tls.is_none() {
+        for addr in config.non_loopback_addrs() {
+            tracing::warn!(
+                %addr,
+                "INSECURE: serving plaintext on a non-loopback address (--insecure); \
+                 agent and admin tokens and logs cross the network unencrypted. \
+                 Use --tls-cert and --tls-key."
+            );
+        }
+    }
+    Ok(tls)
+}
+
+/// Sets the public URL (`--public-url`, else the REST listener's address)
+/// and writes it with the gRPC URL to `<data-dir>/controller.json`, where
+/// `hobot` finds this controller. Returns the bound REST and gRPC addresses.
+fn publish_endpoints(
+    services: &Services,
+    tls: bool,
+    listeners: &Listeners,
+) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let scheme = if tls { "https" } else { "http" };
+    let http_addr = listeners.http.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let public_url = services
+        .config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
+    let _ = services
+        .public_url
+        .set(public_url.trim_end_matches('/').to_owned());
+    let endpoints = serde_json::json!({
+        "url": public_url,
+        "grpc_url": format!("{scheme}://{grpc_addr}"),
+    });
+    write_private_file(
+        &services.config.data_dir.join("controller.json"),
+        &format!("{endpoints:#}\n"),
+    )?;
+    Ok((http_addr, grpc_addr))
+}
+
+/// Starts the tasks that run beside the servers (lease reaper,
+/// maintenance, commit statuses, GitHub access checks and, with TLS, the
+/// certificate reload on SIGHUP), each ending at `shutdown`. The returned
+/// tracker also takes the tasks the servers spawn; the stop waits for all.
+fn spawn_background_tasks(
+    services: &Services,
+    statuses_rx: statuses::StatusReceiver,
+    tls: Option<&tls::ServerTls>,
+    shutdown: &CancellationToken,
+) -> TaskTracker {
+    let tasks = TaskTracker::new();
+    tasks.spawn(jobs::lease_reaper(services.clone(), shutdown.clone()));
+    tasks.spawn(jobs::maintenance(services.clone(), shutdown.clone()));
+    tasks.spawn(statuses::post_statuses(
+        services.clone(),
+        statuses_rx,
+        shutdown.clone(),
+    ));
+    tasks.spawn(repos::recheck_github_access(
+        services.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(tls) = tls {
+        tasks.spawn(reload_certificate_on_sighup(
+            tls.certs.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tasks
+}
+
+/// What the REST and gRPC servers share. Each server future it makes stops
+/// accepting when `shutdown` is cancelled, then ends once its connections
+/// have (the graceful stop); every connection it accepts is tracked in
+/// `connections`, so that [`stop_within_grace`] can cut them.
+struct Servers {
+    services: Services,
+    /// Request handlers and sessions that must outlive their request.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    connections: Connections,
+}
+
+impl Servers {
+    /// AgentService and LogService, one router per listener;
+    /// `require_agent_cert` is mutual TLS for AgentService (`--client-ca`).
+    fn grpc_router(&self, require_agent_cert: bool) -> tonic::transport::server::Router {
+        let agent_service = AgentServiceServer::with_interceptor(
+            grpc::AgentGrpc::new(
+                self.services.clone(),
+                self.shutdown.clone(),
+                self.tasks.clone(),
+            ),
+            tls::RequireClientCert {
+                required: require_agent_cert,
+            },
+        );
+        let log_service = LogServiceServer::new(grpc::LogGrpc::new(
+            self.services.clone(),
+            self.shutdown.clone(),
+        ));
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .add_service(agent_service)
+            .add_service(log_service)
+    }
+
+    /// Resolves when `shutdown` is cancelled: the servers' stop signal.
+    fn cancelled(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.shutdown.clone();
+        async move { token.cancelled().await }
+    }
+
+    /// The public gRPC server on `listener`, TLS only with `tls`.
+    fn grpc(
+        &self,
+        listener: TcpListener,
+        tls: Option<&tls::ServerTls>,
+    ) -> BoxFuture<'static, Result<(), tonic::transport::Error>> {
+        match tls {
             Some(tls) => Box::pin(
-                grpc_router(tls.require_agent_cert).serve_with_incoming_shutdown(
-                    connections.track_incoming(
-                        tls::TlsListener::new(listeners.grpc, tls.grpc.clone()).into_stream(),
+                self.grpc_router(tls.require_agent_cert)
+                    .serve_with_incoming_shutdown(
+                        self.connections.track_incoming(
+                            tls::TlsListener::new(listener, tls.grpc.clone()).into_stream(),
+                        ),
+                        self.cancelled(),
                     ),
-                    cancelled(&shutdown),
+            ),
+            None => Box::pin(
+                self.grpc_router(false).serve_with_incoming_shutdown(
+                    self.connections
+                        .track_incoming(TcpListenerStream::new(listener)),
+                    self.cancelled(),
                 ),
             ),
-            None => Box::pin(grpc_router(false).serve_with_incoming_shutdown(
-                connections.track_incoming(TcpListenerStream::new(listeners.grpc)),
-                cancelled(&shutdown),
-            )),
-        };
-        let local_grpc = async {
-            match local_grpc {
-                Some(listener) => {
-                    grpc_router(false)
-                        .serve_with_incoming_shutdown(
-                            connections.track_incoming(TcpListenerStream::new(listener)),
-                            cancelled(&shutdown),
-                        )
-                        .await
-                }
-                None => Ok(()),
-            }
-        };
+        }
+    }
 
-        let router = http::router(services.clone(), tasks.clone());
-        let http: BoxFuture<'_, std::io::Result<()>> = match &tls {
+    /// The local agents' plaintext gRPC server on `listener`; without one,
+    /// a future that is done at once.
+    async fn local_grpc(
+        &self,
+        listener: Option<TcpListener>,
+    ) -> Result<(), tonic::transport::Error> {
+        match listener {
+            Some(listener) => {
+                self.grpc_router(false)
+                    .serve_with_incoming_shutdown(
+                        self.connections
+                            .track_incoming(TcpListenerStream::new(listener)),
+                        self.cancelled(),
+                    )
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The REST server on `listener`, TLS only with `tls`.
+    fn http(
+        &self,
+        listener: TcpListener,
+        tls: Option<&tls::ServerTls>,
+    ) -> BoxFuture<'static, std::io::Result<()>> {
+        let router = http::router(self.services.clone(), self.tasks.clone());
+        match tls {
             Some(tls) => Box::pin(
                 axum::serve(
                     TrackedListener {
-                        inner: tls::TlsListener::new(listeners.http, tls.rest.clone()),
-                        connections: connections.clone(),
+                        inner: tls::TlsListener::new(listener, tls.rest.clone()),
+                        connections: self.connections.clone(),
                     },
                     router,
                 )
-                .with_graceful_shutdown(cancelled(&shutdown))
+                .with_graceful_shutdown(self.cancelled())
                 .into_future(),
             ),
             None => Box::pin(
                 axum::serve(
                     TrackedListener {
-                        inner: listeners.http,
-                        connections: connections.clone(),
+                        inner: listener,
+                        connections: self.connections.clone(),
                     },
                     router,
                 )
-                .with_graceful_shutdown(cancelled(&shutdown))
+                .with_graceful_shutdown(self.cancelled())
                 .into_future(),
             ),
-        };
+        }
+    }
+}
 
-        tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), "controller serving");
-        let servers = async { tokio::join!(http, grpc, local_grpc) };
-        let grace_over = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(STOP_GRACE).await;
-        };
-        tokio::pin!(grace_over);
-        let stopped = tokio::select! {
-            results = servers => Some(results),
-            () = &mut grace_over => None,
-        };
-        tasks.close();
-        match stopped {
-            Some((http_result, grpc_result, local_result)) => {
-                // Changes whose clients went away run on, tracked: they get
-                // what is left of the same grace.
-                tokio::select! {
-                    () = tasks.wait() => {}
-                    () = &mut grace_over => abandon(&tasks),
-                }
-                http_result.context("the REST server failed")?;
-                grpc_result.context("the gRPC server failed")?;
-                local_result.context("the local agents' gRPC server failed")?;
+/// Runs `servers` (REST, gRPC, local gRPC) until they have stopped, or
+/// until [`STOP_GRACE`] after `shutdown`: then the connections still open
+/// are cut. The tracked `tasks` get what is left of the grace (or
+/// [`AFTER_CUT`] after a cut); those still running are left behind and
+/// logged. Returns the first server's error, once everything stopped.
+async fn stop_within_grace(
+    servers: impl Future<
+        Output = (
+            std::io::Result<()>,
+            Result<(), tonic::transport::Error>,
+            Result<(), tonic::transport::Error>,
+        ),
+    >,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    connections: &Connections,
+) -> anyhow::Result<()> {
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::pin!(grace_over);
+    let stopped = tokio::select! {
+        results = servers => Some(results),
+        () = &mut grace_over => None,
+    };
+    tasks.close();
+    match stopped {
+        Some((http_result, grpc_result, local_result)) => {
+            // Changes whose clients went away run on, tracked: they get
+            // what is left of the same grace.
+            tokio::select! {
+                () = tasks.wait() => {}
+                () = &mut grace_over => abandon(tasks),
             }
-            None => {
-                // The servers (and their graceful stops) are dropped here;
-                // the connection tasks they spawned end on the cut.
-                let cut = connections.cut();
-                tracing::warn!(
-                    connections = cut,
-                    grace = ?STOP_GRACE,
-                    "connections still open when the stop's grace ran out were cut"
-                );
-                if tokio::time::timeout(AFTER_CUT, tasks.wait()).await.is_err() {
-                    abandon(&tasks);
-                }
+            http_result.context("the REST server failed")?;
+            grpc_result.context("the gRPC server failed")?;
+            local_result.context("the local agents' gRPC server failed")?;
+        }
+        None => {
+            // The servers (and their graceful stops) are dropped here;
+            // the connection tasks they spawned end on the cut.
+            let cut = connections.cut();
+            tracing::warn!(
+                connections = cut,
+                grace = ?STOP_GRACE,
+                "connections still open when the stop's grace ran out were cut"
+            );
+            if tokio::time::timeout(AFTER_CUT, tasks.wait()).await.is_err() {
+                abandon(tasks);
             }
         }
-        tracing::info!("controller stopped");
-        Ok(())
     }
+    Ok(())
 }
 
 /// After the stop's grace ran out and the connections were cut, how long

@@ -241,10 +241,13 @@ impl FakeGitHub {
             .expect("temp dir");
         let project_root = root.path().join("git");
         std::fs::create_dir(&project_root).expect("git project root");
-        let addr = crate::net::free_addr();
-        let listener = tokio::net::TcpListener::bind(addr)
+        // Bound here, on a port the kernel picks: a port handed out first
+        // and bound later can be taken meanwhile by another process's
+        // outgoing connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake GitHub");
+        let addr = listener.local_addr().expect("the fake GitHub's address");
         let web_url = format!("http://{addr}");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
+use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -351,26 +352,12 @@ impl<C: JobController> Supervisor<C> {
         }
     }
 
+    /// Runs make in the work tree until it exits, copying its output
+    /// (masked) to the spool. A job event that stops the job, or the job's
+    /// deadline, sends SIGTERM to make's process group, and SIGKILL once the
+    /// kill grace is over.
     async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
-        let spec = &self.spec;
-        let mut command = make_command(spec, &self.context.inherited_env, &tree.path);
-        match &self.context.sandbox {
-            Some(sandbox) => {
-                let paths = JobPaths {
-                    tree: tree.path.clone(),
-                    tmp: tree.scratch.join("tmp"),
-                    home: tree.scratch.join("home"),
-                    shared_read_only: vec![tree.shared_objects()],
-                };
-                command = sandbox.wrap(command, &paths);
-            }
-            None => self.line(
-                spool,
-                "WARNING: this agent runs jobs without a sandbox (--isolation none): this job can \
-                 read the agent's files and token and other jobs' work",
-            ),
-        }
-        let spec = &self.spec;
+        let command = self.sandboxed_make(tree, spool);
         let (mut group, pipe) = match process::spawn(&command) {
             Ok(spawned) => spawned,
             Err(error) => return self.failed(spool, format!("could not start make: {error}")),
@@ -379,7 +366,7 @@ impl<C: JobController> Supervisor<C> {
         let copy = logs::copy_output(pipe, self.secrets.masker(), spool.clone());
         tokio::pin!(copy);
         let mut copied: Option<io::Result<u64>> = None;
-        let deadline = spec.timeout.map(|limit| Instant::now() + limit);
+        let deadline = self.spec.timeout.map(|limit| Instant::now() + limit);
         let mut kill_at: Option<Instant> = None;
 
         let status = loop {
@@ -409,8 +396,55 @@ impl<C: JobController> Supervisor<C> {
             }
         };
 
+        let spool_error = self.finish_output(copy, copied, spool).await;
+        let status: ExitStatus = match status {
+            Ok(status) => status,
+            Err(error) => return self.failed(spool, format!("waiting for make failed: {error}")),
+        };
+        let mut end = self.make_exited(status);
+        if let Some(suffix) = spool_error {
+            end.message.push_str(&suffix);
+        }
+        end
+    }
+
+    /// `make <target>` for this job in `tree`, wrapped in the agent's
+    /// sandbox; without one (`--isolation none`) the job's log says so.
+    fn sandboxed_make(&self, tree: &WorkTree, spool: &Spool) -> CommandSpec {
+        let command = make_command(&self.spec, &self.context.inherited_env, &tree.path);
+        match &self.context.sandbox {
+            Some(sandbox) => {
+                let paths = JobPaths {
+                    tree: tree.path.clone(),
+                    tmp: tree.scratch.join("tmp"),
+                    home: tree.scratch.join("home"),
+                    shared_read_only: vec![tree.shared_objects()],
+                };
+                sandbox.wrap(command, &paths)
+            }
+            None => {
+                self.line(
+                    spool,
+                    "WARNING: this agent runs jobs without a sandbox (--isolation none): this job can \
+                     read the agent's files and token and other jobs' work",
+                );
+                command
+            }
+        }
+    }
+
+    /// After make exited: unless `copied` holds the copy's result already,
+    /// waits up to [`OUTPUT_CLOSE_TIMEOUT`] for the rest of its output, then
+    /// drops what is still open with a line in the log. Returns what to add
+    /// to the job's message when the output could not all be copied.
+    async fn finish_output(
+        &self,
+        copy: Pin<&mut impl Future<Output = io::Result<u64>>>,
+        mut copied: Option<io::Result<u64>>,
+        spool: &Spool,
+    ) -> Option<String> {
         if copied.is_none() {
-            match tokio::time::timeout(OUTPUT_CLOSE_TIMEOUT, &mut copy).await {
+            match tokio::time::timeout(OUTPUT_CLOSE_TIMEOUT, copy).await {
                 Ok(result) => copied = Some(result),
                 Err(_) => self.line(
                     spool,
@@ -418,24 +452,25 @@ impl<C: JobController> Supervisor<C> {
                 ),
             }
         }
-        let spool_error = match copied {
+        match copied {
             Some(Err(error)) => {
                 tracing::error!(%error, "copying the output failed");
                 Some(format!("; log incomplete: {error}"))
             }
             _ => None,
-        };
+        }
+    }
 
-        let status: ExitStatus = match status {
-            Ok(status) => status,
-            Err(error) => return self.failed(spool, format!("waiting for make failed: {error}")),
-        };
+    /// How the work ended, from make's exit status: as the stop reason when
+    /// the job was stopped, else succeeded on exit code 0 and failed
+    /// otherwise.
+    fn make_exited(&self, status: ExitStatus) -> WorkEnd {
         tracing::info!(
             exit_code = status.code(),
             signal = status.signal(),
             "make exited"
         );
-        let mut end = if self.stop.is_some() {
+        if self.stop.is_some() {
             self.stopped(status.code())
         } else if status.success() {
             WorkEnd {
@@ -456,11 +491,7 @@ impl<C: JobController> Supervisor<C> {
                 exit_code: status.code(),
                 message,
             }
-        };
-        if let Some(suffix) = spool_error {
-            end.message.push_str(&suffix);
         }
-        end
     }
 
     /// Waits until the controller acknowledged `log_length` bytes, then

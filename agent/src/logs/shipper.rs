@@ -181,6 +181,45 @@ struct OpenStream<S> {
     last_seq: u64,
 }
 
+/// What [`Shipper::ship`] keeps from one turn of its loop to the next.
+struct ShipState<S> {
+    /// The stream chunks go on, if one is open.
+    open: Option<OpenStream<S>>,
+    /// What the controller acknowledged (its committed length).
+    acked: u64,
+    /// Where the next chunk starts.
+    sent: u64,
+    /// Between attempts to open a stream, and after a stream broke or was
+    /// found closed; reset by an acknowledgement.
+    backoff: Backoff,
+    read_failures: ReadFailures,
+    /// Set after a failed read with a stream open: no read before then.
+    read_again_at: Option<Instant>,
+}
+
+impl<S> ShipState<S> {
+    fn new() -> ShipState<S> {
+        ShipState {
+            open: None,
+            acked: 0,
+            sent: 0,
+            backoff: Backoff::default(),
+            read_failures: ReadFailures::default(),
+            read_again_at: None,
+        }
+    }
+}
+
+/// What the loop of [`Shipper::ship`] does after a step of its turn.
+enum Step {
+    /// Go on with this turn.
+    Go,
+    /// Start the next turn now (a back-off, if any, was waited already).
+    Again,
+    /// Stop shipping.
+    End(ShipperEnd),
+}
+
 impl<T: LogTransport> Shipper<T> {
     pub fn new(transport: T, key: JobKey, spool: Arc<Spool>) -> (Shipper<T>, ShipperHandle) {
         let (acked_tx, acked) = watch::channel(0);
@@ -228,159 +267,220 @@ impl<T: LogTransport> Shipper<T> {
         });
     }
 
+    /// Ships the spool through `reader` until the spool is gone (the job is
+    /// over), the controller refuses the log or the spool stays unreadable.
+    /// Each turn: open a stream when there is none, fill the window on it,
+    /// then wait for the first wake-up (the branches of the `select!`).
     async fn ship(&self, reader: &SpoolReader) -> ShipperEnd {
         let mut progress_rx = self.spool.subscribe();
-        let mut backoff = Backoff::default();
-        let mut read_failures = ReadFailures::default();
-        // Set after a failed read with a stream open: no read before then.
-        let mut read_again_at: Option<Instant> = None;
-        let mut open: Option<OpenStream<T::Stream>> = None;
-        let mut acked = 0u64;
-        let mut sent = 0u64;
+        let mut state = ShipState::new();
         loop {
             let progress = *progress_rx.borrow_and_update();
 
-            if open.is_none() {
-                sent = acked;
-                read_again_at = None;
-                if let Some((offset, len)) = next_chunk(sent, progress.len, acked, 0) {
-                    let data = match reader.read_at(offset, len) {
-                        Ok(data) => {
-                            read_failures.succeeded();
-                            data
-                        }
-                        Err(error) => match read_failures.failed(error) {
-                            Ok(delay) => {
-                                tokio::time::sleep(delay).await;
-                                continue;
-                            }
-                            Err(end) => return end,
-                        },
-                    };
-                    match self.transport.open(self.key, offset, data).await {
-                        Ok(stream) => {
-                            tracing::debug!(offset, "log stream open");
-                            sent = offset + len as u64;
-                            open = Some(OpenStream {
-                                stream,
-                                in_flight: VecDeque::from([InFlight { seq: 0, end: sent }]),
-                                stale_through: None,
-                                last_seq: 0,
-                            });
-                        }
-                        Err(error) => {
-                            if let Some(end) = self.gone(&error) {
-                                return end;
-                            }
-                            let delay = backoff.next_delay();
-                            if delay == BACKOFF_INITIAL || delay == BACKOFF_MAX {
-                                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
-                            } else {
-                                tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
-                            }
-                            tokio::time::sleep(delay).await;
-                            continue;
-                        }
-                    }
+            if state.open.is_none() {
+                match self.open_stream(reader, &mut state, progress.len).await {
+                    Step::Go => {}
+                    Step::Again => continue,
+                    Step::End(end) => return end,
                 }
             }
-
-            let mut closed_on_send = false;
-            if let Some(state) = open.as_mut()
-                && read_again_at.is_none()
-            {
-                while let Some((offset, len)) =
-                    next_chunk(sent, progress.len, acked, state.in_flight.len())
-                {
-                    let data = match reader.read_at(offset, len) {
-                        Ok(data) => {
-                            read_failures.succeeded();
-                            data
-                        }
-                        Err(error) => {
-                            // Try again after a back-off, keeping the stream:
-                            // waiting below for spool progress or
-                            // acknowledgements alone would wait forever once
-                            // make has exited and the chunks in flight are
-                            // acknowledged — a job stuck `running`.
-                            match read_failures.failed(error) {
-                                Ok(delay) => read_again_at = Some(Instant::now() + delay),
-                                Err(end) => return end,
-                            }
-                            break;
-                        }
-                    };
-                    match state.stream.try_send(offset, data) {
-                        Ok(seq) => {
-                            sent = offset + len as u64;
-                            state.last_seq = seq;
-                            state.in_flight.push_back(InFlight { seq, end: sent });
-                        }
-                        Err(SendError::Full) => break,
-                        Err(SendError::Closed) => {
-                            closed_on_send = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            if closed_on_send {
-                // Open a new stream now: waiting below would wait for spool
-                // progress (none comes once make has exited) or for an
-                // acknowledgement on no stream at all — a job stuck
-                // `running` forever.
-                open = None;
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    acked,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "log stream closed; resending from the acknowledged offset"
-                );
-                tokio::time::sleep(delay).await;
-                continue;
+            match self.fill_window(reader, &mut state, progress.len).await {
+                Step::Go => {}
+                Step::Again => continue,
+                Step::End(end) => return end,
             }
 
             tokio::select! {
-                () = sleep_until(read_again_at) => read_again_at = None,
+                () = sleep_until(state.read_again_at) => state.read_again_at = None,
                 changed = progress_rx.changed() => {
                     if changed.is_err() {
                         // The spool is gone: the job is over.
                         return ShipperEnd::Stopped;
                     }
                     let progress = *progress_rx.borrow();
-                    if !progress.closed && progress.len.saturating_sub(sent) < MAX_CHUNK_BYTES as u64 {
+                    if !progress.closed && progress.len.saturating_sub(state.sent) < MAX_CHUNK_BYTES as u64 {
                         tokio::time::sleep(COALESCE_DELAY).await;
                     }
                 }
-                ack = next_ack(&mut open) => match ack {
-                    Ok(ack) => {
-                        backoff.reset();
-                        if let Some(state) = open.as_mut() {
-                            acked = on_ack(state, ack, &mut sent);
-                            self.publish_acked(acked);
-                        }
+                ack = next_ack(&mut state.open) => {
+                    if let Some(end) = self.take_ack(&mut state, ack).await {
+                        return end;
                     }
-                    Err(error) => {
-                        if let Some(end) = self.gone(&error) {
-                            return end;
-                        }
-                        open = None;
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, acked, retry_in_ms = delay.as_millis() as u64, "log stream broken; resending from the acknowledged offset");
-                        tokio::time::sleep(delay).await;
-                    }
-                },
+                }
                 () = self.resync.notified() => {
                     // Resend the last chunk on a new stream: its acknowledgement
                     // tells how much the controller really has.
-                    open = None;
-                    acked = self.spool.progress().len.saturating_sub(MAX_CHUNK_BYTES as u64).min(acked);
+                    state.open = None;
+                    state.acked = self.spool.progress().len.saturating_sub(MAX_CHUNK_BYTES as u64).min(state.acked);
                     // Always notifies, even when the value did not move, so
                     // the supervisor knows the resync happened.
-                    self.acked_tx.send_replace(acked);
+                    self.acked_tx.send_replace(state.acked);
                 }
             }
         }
+    }
+
+    /// With no stream open: starts again from what the controller
+    /// acknowledged and, when `available` (the spool's length) goes beyond
+    /// it, opens a stream with the first chunk. A failed read or open waits
+    /// its back-off and says [`Step::Again`]; a refused open, or a spool
+    /// unreadable too long, ends the shipper.
+    async fn open_stream(
+        &self,
+        reader: &SpoolReader,
+        state: &mut ShipState<T::Stream>,
+        available: u64,
+    ) -> Step {
+        state.sent = state.acked;
+        state.read_again_at = None;
+        let Some((offset, len)) = next_chunk(state.sent, available, state.acked, 0) else {
+            return Step::Go;
+        };
+        let data = match reader.read_at(offset, len) {
+            Ok(data) => {
+                state.read_failures.succeeded();
+                data
+            }
+            Err(error) => {
+                return match state.read_failures.failed(error) {
+                    Ok(delay) => {
+                        tokio::time::sleep(delay).await;
+                        Step::Again
+                    }
+                    Err(end) => Step::End(end),
+                };
+            }
+        };
+        match self.transport.open(self.key, offset, data).await {
+            Ok(stream) => {
+                tracing::debug!(offset, "log stream open");
+                state.sent = offset + len as u64;
+                state.open = Some(OpenStream {
+                    stream,
+                    in_flight: VecDeque::from([InFlight {
+                        seq: 0,
+                        end: state.sent,
+                    }]),
+                    stale_through: None,
+                    last_seq: 0,
+                });
+                Step::Go
+            }
+            Err(error) => {
+                if let Some(end) = self.gone(&error) {
+                    return Step::End(end);
+                }
+                let delay = state.backoff.next_delay();
+                if delay == BACKOFF_INITIAL || delay == BACKOFF_MAX {
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
+                } else {
+                    tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "cannot open the log stream");
+                }
+                tokio::time::sleep(delay).await;
+                Step::Again
+            }
+        }
+    }
+
+    /// With a stream open and no read waiting for its back-off: sends
+    /// chunks of the spool up to `available` until the window or the
+    /// stream's queue is full. A failed read keeps the stream and sets when
+    /// to read again. A stream found closed is dropped and, after a
+    /// back-off, [`Step::Again`]: the next turn opens another.
+    async fn fill_window(
+        &self,
+        reader: &SpoolReader,
+        state: &mut ShipState<T::Stream>,
+        available: u64,
+    ) -> Step {
+        let mut closed_on_send = false;
+        if let Some(open) = state.open.as_mut()
+            && state.read_again_at.is_none()
+        {
+            while let Some((offset, len)) =
+                next_chunk(state.sent, available, state.acked, open.in_flight.len())
+            {
+                let data = match reader.read_at(offset, len) {
+                    Ok(data) => {
+                        state.read_failures.succeeded();
+                        data
+                    }
+                    Err(error) => {
+                        // Try again after a back-off, keeping the stream:
+                        // waiting in `ship` for spool progress or
+                        // acknowledgements alone would wait forever once
+                        // make has exited and the chunks in flight are
+                        // acknowledged — a job stuck `running`.
+                        match state.read_failures.failed(error) {
+                            Ok(delay) => state.read_again_at = Some(Instant::now() + delay),
+                            Err(end) => return Step::End(end),
+                        }
+                        break;
+                    }
+                };
+                match open.stream.try_send(offset, data) {
+                    Ok(seq) => {
+                        state.sent = offset + len as u64;
+                        open.last_seq = seq;
+                        open.in_flight.push_back(InFlight {
+                            seq,
+                            end: state.sent,
+                        });
+                    }
+                    Err(SendError::Full) => break,
+                    Err(SendError::Closed) => {
+                        closed_on_send = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if closed_on_send {
+            // Open a new stream now: waiting in `ship` would wait for spool
+            // progress (none comes once make has exited) or for an
+            // acknowledgement on no stream at all — a job stuck `running`
+            // forever.
+            state.open = None;
+            let delay = state.backoff.next_delay();
+            tracing::warn!(
+                acked = state.acked,
+                retry_in_ms = delay.as_millis() as u64,
+                "log stream closed; resending from the acknowledged offset"
+            );
+            tokio::time::sleep(delay).await;
+            return Step::Again;
+        }
+        Step::Go
+    }
+
+    /// Takes in what the open stream answered: an acknowledgement is
+    /// applied and published; a broken stream is dropped, after a back-off,
+    /// and the next turn resends from the acknowledged offset. `Some` when
+    /// the controller no longer accepts this job's log.
+    async fn take_ack(
+        &self,
+        state: &mut ShipState<T::Stream>,
+        ack: Result<LogAck, RpcError>,
+    ) -> Option<ShipperEnd> {
+        match ack {
+            Ok(ack) => {
+                state.backoff.reset();
+                if let Some(open) = state.open.as_mut() {
+                    state.acked = on_ack(open, ack, &mut state.sent);
+                    self.publish_acked(state.acked);
+                }
+            }
+            Err(error) => {
+                if let Some(end) = self.gone(&error) {
+                    return Some(end);
+                }
+                state.open = None;
+                let delay = state.backoff.next_delay();
+                tracing::warn!(%error, acked = state.acked, retry_in_ms = delay.as_millis() as u64, "log stream broken; resending from the acknowledged offset");
+                tokio::time::sleep(delay).await;
+            }
+        }
+        None
     }
 
     fn gone(&self, error: &RpcError) -> Option<ShipperEnd> {

@@ -290,6 +290,9 @@ impl Workspaces {
     /// `log`. Cancelling `cancel` kills git and returns
     /// [`WorkspaceError::Cancelled`]. Nothing returned or logged contains the
     /// URL's credentials or the header's secrets.
+    ///
+    /// Under the cache's lock: make sure the cache holds the commit, clear
+    /// the tree's directories, keep the commit with a ref, check it out.
     pub async fn prepare(
         &self,
         remote: Remote<'_>,
@@ -314,71 +317,140 @@ impl Workspaces {
         self.trees().forgotten.remove(&cache);
 
         self.ensure_cache(&cache, cancel).await?;
-        if !self.has_commit(&cache, commit, cancel).await? {
-            log(&format!("fetching {shown_url}"));
-            let fetched = self
-                .git(
-                    &cache,
-                    Some(&origin),
-                    "git fetch",
-                    cancel,
-                    [
-                        "fetch",
-                        "--no-write-fetch-head",
-                        "--prune",
-                        "--no-tags",
-                        "origin",
-                        "+refs/heads/*:refs/heads/*",
-                        "+refs/tags/*:refs/tags/*",
-                    ],
-                )
-                .await;
-            let fetch_error = match fetched {
-                Ok(_) => None,
-                Err(error @ (WorkspaceError::Cancelled | WorkspaceError::TimedOut { .. })) => {
-                    return Err(error);
-                }
-                Err(error) => {
-                    log(&error.to_string());
-                    Some(error)
-                }
-            };
-            if !self.has_commit(&cache, commit, cancel).await? {
-                // Servers that allow it serve any reachable commit by id.
-                match self
-                    .git(
-                        &cache,
-                        Some(&origin),
-                        "git fetch <commit>",
-                        cancel,
-                        [
-                            "fetch",
-                            "--no-write-fetch-head",
-                            "--no-tags",
-                            "origin",
-                            commit.as_str(),
-                        ],
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(error @ (WorkspaceError::Cancelled | WorkspaceError::TimedOut { .. })) => {
-                        return Err(error);
-                    }
-                    Err(_) => {}
-                }
-                if !self.has_commit(&cache, commit, cancel).await? {
-                    if let Some(error) = fetch_error {
-                        return Err(error);
-                    }
-                    return Err(WorkspaceError::CommitNotFound {
-                        commit: commit.clone(),
-                        repo: shown_url,
-                    });
-                }
+        self.ensure_commit(&cache, &origin, commit, &shown_url, log, cancel)
+            .await?;
+        let (path, scratch) = self.fresh_tree_dirs(name)?;
+        keep_commit(&cache, name, commit)?;
+        self.check_out(&cache, &path, commit, cancel).await?;
+        self.trees()
+            .in_use
+            .entry(cache.clone())
+            .or_default()
+            .insert(path.clone());
+        Ok(WorkTree {
+            path,
+            scratch,
+            cache,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Makes sure `commit` is in `cache`: if it is not, fetches the
+    /// remote's branches and tags, then (still missing) the commit by its
+    /// id. When it is missing after both, fails with the error of the
+    /// branches-and-tags fetch, or [`WorkspaceError::CommitNotFound`] when
+    /// that fetch worked. A cancel or a timeout of either fetch ends it at
+    /// once.
+    async fn ensure_commit(
+        &self,
+        cache: &Path,
+        origin: &Origin<'_>,
+        commit: &CommitSha,
+        shown_url: &str,
+        log: LogLine<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<(), WorkspaceError> {
+        if self.has_commit(cache, commit, cancel).await? {
+            return Ok(());
+        }
+        log(&format!("fetching {shown_url}"));
+        let fetch_error = self
+            .fetch_branches_and_tags(cache, origin, log, cancel)
+            .await?;
+        if self.has_commit(cache, commit, cancel).await? {
+            return Ok(());
+        }
+        self.fetch_by_id(cache, origin, commit, cancel).await?;
+        if self.has_commit(cache, commit, cancel).await? {
+            return Ok(());
+        }
+        if let Some(error) = fetch_error {
+            return Err(error);
+        }
+        Err(WorkspaceError::CommitNotFound {
+            commit: commit.clone(),
+            repo: shown_url.to_owned(),
+        })
+    }
+
+    /// Fetches every branch and tag of the remote into `cache` (pruning
+    /// those gone). A failed fetch is logged and returned as `Ok(Some)`: the
+    /// commit may still come by its id. Only a cancel or a timeout is an
+    /// error.
+    async fn fetch_branches_and_tags(
+        &self,
+        cache: &Path,
+        origin: &Origin<'_>,
+        log: LogLine<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<WorkspaceError>, WorkspaceError> {
+        let fetched = self
+            .git(
+                cache,
+                Some(origin),
+                "git fetch",
+                cancel,
+                [
+                    "fetch",
+                    "--no-write-fetch-head",
+                    "--prune",
+                    "--no-tags",
+                    "origin",
+                    "+refs/heads/*:refs/heads/*",
+                    "+refs/tags/*:refs/tags/*",
+                ],
+            )
+            .await;
+        match fetched {
+            Ok(_) => Ok(None),
+            Err(error @ (WorkspaceError::Cancelled | WorkspaceError::TimedOut { .. })) => {
+                Err(error)
+            }
+            Err(error) => {
+                log(&error.to_string());
+                Ok(Some(error))
             }
         }
+    }
 
+    /// Fetches `commit` by its id, which servers that allow it serve for
+    /// any reachable commit. Its failure is ignored (the caller checks
+    /// whether the commit came); only a cancel or a timeout is an error.
+    async fn fetch_by_id(
+        &self,
+        cache: &Path,
+        origin: &Origin<'_>,
+        commit: &CommitSha,
+        cancel: &CancellationToken,
+    ) -> Result<(), WorkspaceError> {
+        let fetched = self
+            .git(
+                cache,
+                Some(origin),
+                "git fetch <commit>",
+                cancel,
+                [
+                    "fetch",
+                    "--no-write-fetch-head",
+                    "--no-tags",
+                    "origin",
+                    commit.as_str(),
+                ],
+            )
+            .await;
+        match fetched {
+            Err(error @ (WorkspaceError::Cancelled | WorkspaceError::TimedOut { .. })) => {
+                Err(error)
+            }
+            Ok(_) | Err(_) => Ok(()),
+        }
+    }
+
+    /// The work tree and scratch directories of `name`, emptied: what a
+    /// previous attempt with this name left is removed, and the scratch's
+    /// `tmp/` and `home/` are created private. The tree itself is made by
+    /// [`Workspaces::check_out`]. Returns `(tree, scratch)`.
+    fn fresh_tree_dirs(&self, name: &str) -> Result<(PathBuf, PathBuf), WorkspaceError> {
         let path = self.tree_path(name);
         let scratch = self.scratch_dir.join(name);
         for old in [&path, &scratch] {
@@ -394,36 +466,7 @@ impl Workspaces {
             crate::create_private_dir(&dir)
                 .map_err(io_error(format!("creating {}", dir.display())))?;
         }
-        // A loose ref written directly (under the cache lock): one git
-        // process less per job than `git update-ref`.
-        let keep = cache.join(tree_ref(name));
-        keep.parent()
-            .map_or(Ok(()), |dir| {
-                use std::os::unix::fs::DirBuilderExt as _;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-            })
-            .and_then(|()| {
-                hobotnica_common::private_fs::write_private_file(
-                    &keep,
-                    format!("{}\n", commit.as_str()).as_bytes(),
-                )
-            })
-            .map_err(io_error(format!("writing {}", keep.display())))?;
-        self.check_out(&cache, &path, commit, cancel).await?;
-        self.trees()
-            .in_use
-            .entry(cache.clone())
-            .or_default()
-            .insert(path.clone());
-        Ok(WorkTree {
-            path,
-            scratch,
-            cache,
-            name: name.to_owned(),
-        })
+        Ok((path, scratch))
     }
 
     /// Makes `tree` a repository of its own at `commit`, borrowing the
@@ -870,6 +913,28 @@ const TREE_REFS: &str = "refs/hobotnica/trees/";
 
 fn tree_ref(name: &str) -> String {
     format!("{TREE_REFS}{name}")
+}
+
+/// Writes the ref that keeps `commit` in `cache` while the tree `name`
+/// exists (the cache's lock held). A loose ref written directly: one git
+/// process less per job than `git update-ref`.
+fn keep_commit(cache: &Path, name: &str, commit: &CommitSha) -> Result<(), WorkspaceError> {
+    let keep = cache.join(tree_ref(name));
+    keep.parent()
+        .map_or(Ok(()), |dir| {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+        })
+        .and_then(|()| {
+            hobotnica_common::private_fs::write_private_file(
+                &keep,
+                format!("{}\n", commit.as_str()).as_bytes(),
+            )
+        })
+        .map_err(io_error(format!("writing {}", keep.display())))
 }
 
 /// A cache's `config`, rewritten before every use: whatever a job or a tree
