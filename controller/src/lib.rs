@@ -10,6 +10,8 @@ mod agents;
 mod auth;
 mod config;
 mod connections;
+#[cfg(test)]
+mod core_tests;
 mod deliveries;
 mod error;
 mod git;

@@ -1,0 +1,242 @@
+//! Repeats: a deploy with an `Idempotency-Key` and a webhook delivery each
+//! queue their job once, however often they arrive.
+
+use hobotnica_common::job::{JobKind, Trigger};
+use hobotnica_tests::github::ZERO_SHA;
+
+use super::*;
+use crate::jobs::{JobQuery, Page};
+
+/// The jobs there are, newest first, as the admin lists them.
+async fn jobs(core: &Core) -> Vec<JobId> {
+    core.services
+        .visible_jobs(
+            &Caller::Admin,
+            JobQuery::default(),
+            Page::new(None, None).expect("page"),
+        )
+        .await
+        .expect("jobs")
+        .jobs
+        .into_iter()
+        .map(|job| job.id)
+        .collect()
+}
+
+fn deploy_with(pairs: &[(&str, &str)]) -> JobRequest {
+    JobRequest {
+        env: env(pairs),
+        ..request("deploy")
+    }
+}
+
+#[tokio::test]
+async fn the_same_key_and_request_answer_with_the_first_job_and_create_nothing() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+    let deploy = |request: JobRequest| {
+        core.services
+            .deploy(&writer, OWNER, "widget", request, Some("release-1"))
+    };
+
+    let (first, new) = deploy(deploy_with(&[("VERSION", "1")]))
+        .await
+        .expect("queued");
+    assert!(new, "the first request creates the job");
+    assert_eq!(first.kind, JobKind::Deploy);
+    let (again, new) = deploy(deploy_with(&[("VERSION", "1")]))
+        .await
+        .expect("answered");
+    assert!(!new, "a repeat is not new");
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.env, first.env);
+    assert_eq!(jobs(&core).await, [first.id], "one job");
+
+    // Still the first job once it has moved on.
+    core.services
+        .cancel(&writer, first.id)
+        .await
+        .expect("cancelled");
+    let (later, new) = deploy(deploy_with(&[("VERSION", "1")]))
+        .await
+        .expect("answered");
+    assert!(!new);
+    assert_eq!(later.id, first.id);
+    assert_state(&later, JobState::Cancelled);
+    assert_eq!(jobs(&core).await, [first.id]);
+}
+
+#[tokio::test]
+async fn the_same_key_with_another_request_is_invalid() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+    let deploy = |request: JobRequest| {
+        core.services
+            .deploy(&writer, OWNER, "widget", request, Some("release-1"))
+    };
+    let (first, _) = deploy(deploy_with(&[("VERSION", "1")]))
+        .await
+        .expect("queued");
+
+    assert_eq!(
+        invalid_field(deploy(deploy_with(&[("VERSION", "2")])).await),
+        "Idempotency-Key"
+    );
+    assert_eq!(
+        invalid_field(
+            deploy(JobRequest {
+                branch: Some("main".to_owned()),
+                ..deploy_with(&[("VERSION", "1")])
+            })
+            .await
+        ),
+        "Idempotency-Key"
+    );
+    assert_eq!(jobs(&core).await, [first.id], "nothing more was queued");
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_failed_can_be_used_again() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+    let deploy = |request: JobRequest| {
+        core.services
+            .deploy(&writer, OWNER, "widget", request, Some("release-1"))
+    };
+
+    let on_missing_branch = JobRequest {
+        branch: Some("nope".to_owned()),
+        ..request("deploy")
+    };
+    assert_eq!(invalid_field(deploy(on_missing_branch).await), "branch");
+    assert!(jobs(&core).await.is_empty());
+
+    let (job, new) = deploy(request("deploy"))
+        .await
+        .expect("the key is free again");
+    assert!(new);
+    let (again, new) = deploy(request("deploy")).await.expect("answered");
+    assert!(!new);
+    assert_eq!(again.id, job.id);
+    assert_eq!(jobs(&core).await, [job.id]);
+}
+
+#[tokio::test]
+async fn a_key_belongs_to_one_repository() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    core.github_repo("gadget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+
+    let (widget, new_widget) = core
+        .services
+        .deploy(&writer, OWNER, "widget", request("deploy"), Some("k"))
+        .await
+        .expect("queued");
+    let (gadget, new_gadget) = core
+        .services
+        .deploy(&writer, OWNER, "gadget", request("deploy"), Some("k"))
+        .await
+        .expect("queued");
+    assert!(new_widget && new_gadget);
+    assert_ne!(widget.id, gadget.id);
+    assert_eq!(gadget.repo.name, "gadget");
+}
+
+#[tokio::test]
+async fn a_malformed_key_is_invalid() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+    let too_long = "k".repeat(crate::jobs::MAX_IDEMPOTENCY_KEY_LEN + 1);
+    for key in ["", "with space", "ключ", too_long.as_str()] {
+        assert_eq!(
+            invalid_field(
+                core.services
+                    .deploy(&writer, OWNER, "widget", request("deploy"), Some(key))
+                    .await
+            ),
+            "Idempotency-Key",
+            "key {key:?}"
+        );
+    }
+    assert!(jobs(&core).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_same_webhook_delivery_twice_queues_one_job() {
+    let core = Core::start().await;
+    let registered = core.github_repo("widget", &[]).await;
+    let sha = core.git("widget").head();
+    let push = core.github.push_payload(
+        "octo-org/widget",
+        "refs/heads/main",
+        ZERO_SHA,
+        &sha,
+        false,
+        false,
+    );
+
+    let job = match core.deliver(&registered, "push", "delivery-1", &push).await {
+        Ok(Received::Queued(job)) => job,
+        other => panic!("expected a queued job, got {other:?}"),
+    };
+    assert_eq!(job.commit.as_str(), sha);
+    assert_eq!(job.target, "test");
+    assert_eq!(job.trigger, Trigger::Webhook);
+    assert_eq!(job.branch.as_deref(), Some("main"));
+    let again = core.deliver(&registered, "push", "delivery-1", &push).await;
+    assert!(
+        matches!(&again, Ok(Received::Duplicate(id)) if id == "delivery-1"),
+        "{again:?}"
+    );
+    assert_eq!(jobs(&core).await, [job.id], "one job for one delivery");
+
+    // Another delivery of the same push is another job.
+    let other = core.deliver(&registered, "push", "delivery-2", &push).await;
+    assert!(matches!(other, Ok(Received::Queued(_))), "{other:?}");
+    assert_eq!(jobs(&core).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_refused_delivery_does_not_use_up_its_id() {
+    let core = Core::start().await;
+    let registered = core.github_repo("widget", &[]).await;
+    let sha = core.git("widget").head();
+    let push = core.github.push_payload(
+        "octo-org/widget",
+        "refs/heads/main",
+        ZERO_SHA,
+        &sha,
+        false,
+        false,
+    );
+    let webhook = registered.webhook.as_ref().expect("webhook");
+    let hook_id = webhook.url.rsplit('/').next().expect("hook id");
+    let body = serde_json::to_vec(&push).expect("JSON");
+    let forged = hobotnica_tests::github::signature("not the secret", &body);
+    let refused = core
+        .services
+        .receive_delivery(Delivery {
+            hook_id,
+            signature: Some(&forged),
+            event: Some("push"),
+            delivery_id: Some("delivery-1"),
+            body: &body,
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(DeliveryError::BadSignature(_))),
+        "{refused:?}"
+    );
+    assert!(jobs(&core).await.is_empty());
+
+    let delivered = core.deliver(&registered, "push", "delivery-1", &push).await;
+    assert!(
+        matches!(delivered, Ok(Received::Queued(_))),
+        "{delivered:?}"
+    );
+}
