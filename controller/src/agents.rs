@@ -357,7 +357,7 @@ impl Services {
         let message = Some(completion.message)
             .filter(|m| !m.is_empty())
             .map(|m| m.chars().take(MAX_COMPLETION_MESSAGE_CHARS).collect());
-        let job = self
+        let finished = self
             .store
             .finish_job(
                 job.id,
@@ -370,8 +370,13 @@ impl Services {
                 Utc::now(),
             )
             .await?;
-        tracing::info!(job.id = %job.id, state = %job.state, exit_code = ?job.exit_code, duration_ms = completion.duration_ms, "job finished");
-        self.statuses.job_changed(&job);
+        // A repeated completion (the agent asked again) changed nothing:
+        // its commit status was queued the first time.
+        if finished.first {
+            let job = finished.job;
+            tracing::info!(job.id = %job.id, state = %job.state, exit_code = ?job.exit_code, duration_ms = completion.duration_ms, "job finished");
+            self.statuses.job_changed(&job);
+        }
         Ok(())
     }
 
@@ -456,7 +461,8 @@ impl Services {
             .finish_job(job.id, job.attempt, finish, Utc::now())
             .await
         {
-            Ok(job) => {
+            Ok(finished) => {
+                let job = finished.job;
                 tracing::warn!(job.id = %job.id, agent.id = %agent.id, repo = %job.repo, "job failed: its repository was removed");
                 self.statuses.job_changed(&job);
             }
@@ -851,8 +857,9 @@ pub async fn run_session(
                     }
                     try_claim = true;
                 }
-                // A new job: try to claim it.
-                Ok(StoreEvent::JobQueued { .. }) => {
+                // A new job: try to claim it. A finished one may free a
+                // deploy that waited for it (one deploy per repository).
+                Ok(StoreEvent::JobQueued { .. } | StoreEvent::JobFinished { .. }) => {
                     try_claim = true;
                 }
                 Ok(_) => {}

@@ -264,10 +264,10 @@ impl Services {
             .await?
             .ok_or_else(not_found)?;
         match self.require_access(caller, &repo, access).await {
-            // Do not tell a stranger the job exists.
-            Err(CoreError::NotFound(_) | CoreError::Forbidden(_)) if access == Access::Read => {
-                Err(not_found())
-            }
+            // Do not tell a stranger the job exists (nor its repository);
+            // one who may read it learns that they may not change it.
+            Err(CoreError::NotFound(_)) => Err(not_found()),
+            Err(CoreError::Forbidden(_)) if access == Access::Read => Err(not_found()),
             other => other,
         }
     }
@@ -283,8 +283,10 @@ impl Services {
             return Ok(());
         };
         if repo.github.is_none() {
-            return Err(CoreError::Forbidden(format!(
-                "repository {} was registered by URL: only the admin token may use it",
+            // A repository registered by URL is the admin's only: to a
+            // GitHub user it does not exist.
+            return Err(CoreError::NotFound(format!(
+                "repository {}",
                 repo.full_name()
             )));
         }

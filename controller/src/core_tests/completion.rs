@@ -204,7 +204,6 @@ async fn commit_statuses_reach_github() {
 /// The statuses go out one at a time, in order: one posted after the
 /// repeat shows whether the repeat posted one too.
 #[tokio::test]
-#[ignore = "bug: a repeated completion queues the commit status again, so GitHub gets a second `success`"]
 async fn a_repeated_completion_posts_no_second_status() {
     let core = Core::start().await;
     let repo = core.github_repo("widget", &[]).await.repo;

@@ -156,6 +156,7 @@ async fn run_job(
         .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), finished_at)
         .await
         .expect("job finished")
+        .job
 }
 
 fn ids(jobs: &[Job]) -> Vec<JobId> {
@@ -233,14 +234,17 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
         .finish_job(first.id, 1, finish(Outcome::Failed, Some(3)), Utc::now())
         .await
         .unwrap();
+    assert!(done.first, "the first completion ends the job");
+    let done = done.job;
     assert_eq!(done.state, JobState::Failed);
     assert_eq!(done.exit_code, Some(3));
-    // Completing twice is accepted and changes nothing.
+    // Completing twice is accepted, changes nothing and says so.
     let again = store
         .finish_job(first.id, 1, finish(Outcome::Failed, Some(3)), Utc::now())
         .await
         .unwrap();
-    assert_eq!(again.finished_at, done.finished_at);
+    assert!(!again.first, "a repeated completion is a repeat");
+    assert_eq!(again.job.finished_at, done.finished_at);
     // A finished job cannot be renewed.
     assert!(matches!(
         store.renew_lease(first.id, 1, lease).await,

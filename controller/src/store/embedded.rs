@@ -23,8 +23,8 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
-    StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
+    StoreError, StoreEvent, StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -595,7 +595,7 @@ impl Store for EmbeddedStore {
         attempt: u32,
         finish: Finish,
         now: DateTime<Utc>,
-    ) -> StoreResult<Job> {
+    ) -> StoreResult<Finished> {
         let (job, changed) = self
             .blocking(move |inner| {
                 inner.sync_log(id);
@@ -605,7 +605,10 @@ impl Store for EmbeddedStore {
         if changed {
             self.publish(StoreEvent::JobFinished { job: id });
         }
-        Ok(job)
+        Ok(Finished {
+            job,
+            first: changed,
+        })
     }
 
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {

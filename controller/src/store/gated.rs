@@ -14,8 +14,8 @@ use hobotnica_common::job::{Job, Repo};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
-    StoreEvent, StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
+    StoreError, StoreEvent, StoreResult,
 };
 
 /// A held `create_repo`: told when the call arrives, let through by the
@@ -167,7 +167,7 @@ impl Store for GatedStore {
         attempt: u32,
         finish: Finish,
         now: DateTime<Utc>,
-    ) -> StoreResult<Job> {
+    ) -> StoreResult<Finished> {
         self.inner.finish_job(id, attempt, finish, now).await
     }
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {

@@ -143,6 +143,15 @@ pub struct Finish {
     pub message: Option<String>,
 }
 
+/// A job after `finish_job`.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub job: Job,
+    /// Whether this call ended the job; `false` for a repeat of the same
+    /// ending, which changed nothing.
+    pub first: bool,
+}
+
 /// A registered agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -255,14 +264,15 @@ pub trait Store: Send + Sync + 'static {
     /// (and `CancelRequested` is published). `Conflict` when finished.
     async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job>;
     /// Records how a running attempt ended. Repeating the same call is
-    /// accepted; a stale attempt gets `LeaseLost`.
+    /// accepted (and says it was a repeat); a stale attempt gets
+    /// `LeaseLost`.
     async fn finish_job(
         &self,
         id: JobId,
         attempt: u32,
         finish: Finish,
         now: DateTime<Utc>,
-    ) -> StoreResult<Job>;
+    ) -> StoreResult<Finished>;
     /// Every running job whose lease ended before `now` becomes `lost`.
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>>;
     /// Gives every running job a lease until at least `until` (after a

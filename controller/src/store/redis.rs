@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
-    StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
+    StoreError, StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -1494,7 +1494,7 @@ impl Store for RedisStore {
         attempt: u32,
         finish: Finish,
         now: DateTime<Utc>,
-    ) -> StoreResult<Job> {
+    ) -> StoreResult<Finished> {
         let (job, changed) = self
             .update_job(id, |job| {
                 transitions::finish(job, attempt, finish.clone(), now)
@@ -1503,7 +1503,10 @@ impl Store for RedisStore {
         if changed {
             self.publish(StoreEvent::JobFinished { job: id }).await;
         }
-        Ok(job)
+        Ok(Finished {
+            job,
+            first: changed,
+        })
     }
 
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {
