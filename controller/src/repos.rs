@@ -18,6 +18,18 @@ use crate::secrets::{token_context, webhook_secret_context};
 use crate::services::Services;
 use crate::store::{JobFilter, StoreEvent};
 
+/// The job timeout a registration asks for (the default without one).
+fn job_timeout(timeout_secs: Option<u64>) -> Result<u64, CoreError> {
+    let timeout_secs = timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
+    if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
+        return Err(CoreError::invalid(
+            "timeout_secs",
+            format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
+        ));
+    }
+    Ok(timeout_secs)
+}
+
 /// Owner of repositories registered by plain git URL.
 pub const LOCAL_OWNER: &str = "local";
 /// Longest accepted job timeout (one week).
@@ -163,13 +175,7 @@ impl Services {
         let branch = new.branch.unwrap_or_else(|| "main".to_owned());
         validate::branch("branch", &branch)?;
         validate::labels("deploy_labels", &new.deploy_labels)?;
-        let timeout_secs = new.timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
-        if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
-            return Err(CoreError::invalid(
-                "timeout_secs",
-                format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
-            ));
-        }
+        let timeout_secs = job_timeout(new.timeout_secs)?;
         let repo = Repo {
             owner,
             name: new.name,
@@ -246,31 +252,13 @@ impl Services {
         validate::repo_component("name", name)?;
         validate::labels("deploy_labels", &deploy_labels)?;
         let info = self
-            .github
-            .repository(token, owner, name)
-            .await
-            .map_err(crate::auth::caller_error)?;
-        if !(info.permissions.pull || info.permissions.push) {
-            return Err(CoreError::Forbidden(format!(
-                "the token of {login} cannot read {owner}/{name}"
-            )));
-        }
-        if create_webhook && !info.permissions.admin {
-            return Err(CoreError::Forbidden(format!(
-                "creating the webhook needs admin rights on {owner}/{name}; register without create_webhook and add the webhook by hand"
-            )));
-        }
+            .registrable(login, token, owner, name, create_webhook)
+            .await?;
         let branch = branch
             .or(info.default_branch)
             .unwrap_or_else(|| "main".to_owned());
         validate::branch("branch", &branch)?;
-        let timeout_secs = timeout_secs.unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
-        if timeout_secs == 0 || timeout_secs > MAX_TIMEOUT_SECS {
-            return Err(CoreError::invalid(
-                "timeout_secs",
-                format!("must be between 1 and {MAX_TIMEOUT_SECS} seconds"),
-            ));
-        }
+        let timeout_secs = job_timeout(timeout_secs)?;
         let full_name = format!("{owner}/{name}");
         let hook_id = random_hex(16);
         let webhook_secret = random_hex(32);
@@ -305,38 +293,81 @@ impl Services {
                 "repository {full_name} is already registered"
             )));
         }
-        let hook = if create_webhook {
-            let id = self
-                .github
-                .create_hook(token, owner, name, &webhook_url, &webhook_secret)
-                .await
-                .map_err(crate::auth::caller_error)?;
-            Some(id)
-        } else {
-            None
+        let webhook = Webhook {
+            url: webhook_url,
+            secret: webhook_secret,
         };
-        if let Err(err) = self.store.create_repo(repo.clone()).await {
-            // Without the record the hook would only ever be answered 404.
-            if let Some(id) = hook {
-                match self.github.delete_hook(token, owner, name, id).await {
-                    Ok(()) => {
-                        tracing::info!(repo = %full_name, hook = id, "webhook removed: the repository was not registered");
-                    }
-                    Err(cause) => {
-                        tracing::warn!(repo = %full_name, hook = id, error = %cause, "cannot remove the webhook of a repository that was not registered; delete it on GitHub");
-                    }
-                }
-            }
-            return Err(err.into());
-        }
+        self.store_with_webhook(&repo, token, create_webhook.then_some(&webhook))
+            .await?;
         tracing::info!(repo = %full_name, github.login = %login, "GitHub repository registered");
         Ok(Registered {
             repo,
-            webhook: Some(Webhook {
-                url: webhook_url,
-                secret: webhook_secret,
-            }),
+            webhook: Some(webhook),
         })
+    }
+
+    /// What GitHub says `login`'s token may do on `owner/name`, when that
+    /// is enough to register it: read access, and admin rights to create
+    /// the webhook.
+    async fn registrable(
+        &self,
+        login: &str,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        create_webhook: bool,
+    ) -> Result<crate::github::RepositoryInfo, CoreError> {
+        let info = self
+            .github
+            .repository(token, owner, name)
+            .await
+            .map_err(crate::auth::caller_error)?;
+        if !(info.permissions.pull || info.permissions.push) {
+            return Err(CoreError::Forbidden(format!(
+                "the token of {login} cannot read {owner}/{name}"
+            )));
+        }
+        if create_webhook && !info.permissions.admin {
+            return Err(CoreError::Forbidden(format!(
+                "creating the webhook needs admin rights on {owner}/{name}; register without create_webhook and add the webhook by hand"
+            )));
+        }
+        Ok(info)
+    }
+
+    /// Stores a GitHub repository's record, creating `webhook` on GitHub
+    /// first when given. A hook made for a record that could not be stored
+    /// is removed again: without the record it would only ever get 404.
+    async fn store_with_webhook(
+        &self,
+        repo: &Repo,
+        token: &GitHubToken,
+        webhook: Option<&Webhook>,
+    ) -> Result<(), CoreError> {
+        let (owner, name, full_name) = (&repo.owner, &repo.name, repo.full_name());
+        let hook = match webhook {
+            Some(webhook) => Some(
+                self.github
+                    .create_hook(token, owner, name, &webhook.url, &webhook.secret)
+                    .await
+                    .map_err(crate::auth::caller_error)?,
+            ),
+            None => None,
+        };
+        let Err(err) = self.store.create_repo(repo.clone()).await else {
+            return Ok(());
+        };
+        if let Some(id) = hook {
+            match self.github.delete_hook(token, owner, name, id).await {
+                Ok(()) => {
+                    tracing::info!(repo = %full_name, hook = id, "webhook removed: the repository was not registered");
+                }
+                Err(cause) => {
+                    tracing::warn!(repo = %full_name, hook = id, error = %cause, "cannot remove the webhook of a repository that was not registered; delete it on GitHub");
+                }
+            }
+        }
+        Err(err.into())
     }
 
     /// Asks GitHub whether `token` (the repository's stored one) still reads
