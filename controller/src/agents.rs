@@ -722,6 +722,68 @@ async fn intake_piece(
 /// forward cancellations, send heartbeats; ends when the agent goes away,
 /// its token is revoked (answered with UNAUTHENTICATED), or the controller
 /// shuts down.
+/// What an agent missed while it was away: cancels asked for its running
+/// jobs, and the repositories whose access is gone (it deletes its clones).
+/// `false` when the agent went away meanwhile.
+async fn send_catch_up(
+    services: &Services,
+    agent: &AgentRecord,
+    outbound: &mpsc::Sender<Result<SessionOutput, AgentError>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let running = services
+        .store
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Running),
+            agent: Some(agent.id.clone()),
+            limit: usize::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    let cancels = running
+        .iter()
+        .filter(|job| job.cancel_requested)
+        .map(|job| SessionOutput::Cancel {
+            job: job.id,
+            attempt: job.attempt,
+        });
+    let disabled = services.store.list_repos().await.unwrap_or_default();
+    let forgets = disabled
+        .into_iter()
+        .filter(|repo| repo.disabled.is_some())
+        .map(|repo| SessionOutput::Forget {
+            git_url: repo.git_url,
+        });
+    for output in cancels.chain(forgets) {
+        if !send_or_stop(outbound, Ok(output), shutdown).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends a dispatched assignment, or keeps a held-back job in `held`.
+/// Returns how many assignments went out (0 or 1), `None` when the agent
+/// went away.
+async fn send_dispatched(
+    dispatched: Dispatch,
+    held: &mut Vec<Job>,
+    outbound: &mpsc::Sender<Result<SessionOutput, AgentError>>,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    match dispatched {
+        Dispatch::Send(assignment) => send_assignment(outbound, assignment, shutdown)
+            .await
+            .then_some(1),
+        Dispatch::Held(job) => {
+            held.push(*job);
+            Some(0)
+        }
+        Dispatch::Dropped => Some(0),
+    }
+}
+
 pub async fn run_session(
     services: Services,
     attached: Attached,
@@ -737,35 +799,8 @@ pub async fn run_session(
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    // Cancellations asked for while the agent was away.
-    let running = services
-        .store
-        .list_jobs(&JobFilter {
-            state: Some(JobState::Running),
-            agent: Some(agent.id.clone()),
-            limit: usize::MAX,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_default();
-    for job in running.iter().filter(|job| job.cancel_requested) {
-        let cancel = SessionOutput::Cancel {
-            job: job.id,
-            attempt: job.attempt,
-        };
-        if !send_or_stop(&outbound, Ok(cancel), &shutdown).await {
-            return;
-        }
-    }
-    // Repositories whose access is gone: the agent deletes its clones.
-    let disabled = services.store.list_repos().await.unwrap_or_default();
-    for repo in disabled.into_iter().filter(|repo| repo.disabled.is_some()) {
-        let forget = SessionOutput::Forget {
-            git_url: repo.git_url,
-        };
-        if !send_or_stop(&outbound, Ok(forget), &shutdown).await {
-            return;
-        }
+    if !send_catch_up(&services, &agent, &outbound, &shutdown).await {
+        return;
     }
 
     // Claiming costs a write transaction: try only when something changed.
@@ -776,15 +811,10 @@ pub async fn run_session(
     let retry_held = held_retry_interval(services.config.lease_timeout);
     loop {
         for job in std::mem::take(&mut held) {
-            match services.dispatch(&agent, job, true).await {
-                Dispatch::Send(assignment) => {
-                    if !send_assignment(&outbound, assignment, &shutdown).await {
-                        return;
-                    }
-                    sent += 1;
-                }
-                Dispatch::Held(job) => held.push(*job),
-                Dispatch::Dropped => {}
+            let dispatched = services.dispatch(&agent, job, true).await;
+            match send_dispatched(dispatched, &mut held, &outbound, &shutdown).await {
+                Some(counted) => sent += counted,
+                None => return,
             }
         }
         // Assign while the agent has room; `sent - received` assignments are
@@ -800,17 +830,12 @@ pub async fn run_session(
                 Ok(Some(job)) => {
                     tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
                     services.statuses.job_changed(&job);
-                    match services.dispatch(&agent, job, false).await {
-                        Dispatch::Send(assignment) => {
-                            if !send_assignment(&outbound, assignment, &shutdown).await {
-                                // The agent is gone: the lease will expire
-                                // and the job becomes lost.
-                                return;
-                            }
-                            sent += 1;
-                        }
-                        Dispatch::Held(job) => held.push(*job),
-                        Dispatch::Dropped => {}
+                    let dispatched = services.dispatch(&agent, job, false).await;
+                    match send_dispatched(dispatched, &mut held, &outbound, &shutdown).await {
+                        Some(counted) => sent += counted,
+                        // The agent is gone: the lease will expire and the
+                        // job becomes lost.
+                        None => return,
                     }
                 }
                 Ok(None) => break,
