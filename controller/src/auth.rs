@@ -53,7 +53,10 @@ impl Caller {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
+    /// Run jobs and deploys, change variables and settings.
     Push,
+    /// Manage the repository's webhook (its secret): GitHub's admin rights.
+    Admin,
 }
 
 #[derive(Default)]
@@ -296,12 +299,17 @@ impl Services {
         match access {
             Access::Read if permissions.pull || permissions.push => Ok(()),
             Access::Push if permissions.push => Ok(()),
+            Access::Admin if permissions.admin => Ok(()),
             Access::Read => Err(CoreError::NotFound(format!(
                 "repository {} (not visible with this token)",
                 repo.full_name()
             ))),
             Access::Push => Err(CoreError::Forbidden(format!(
                 "triggering jobs on {} needs push access on GitHub",
+                repo.full_name()
+            ))),
+            Access::Admin => Err(CoreError::Forbidden(format!(
+                "managing the webhook of {} needs admin rights on it on GitHub",
                 repo.full_name()
             ))),
         }

@@ -70,6 +70,16 @@ pub struct Webhook {
     pub secret: String,
 }
 
+/// Never prints the secret.
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
 /// A repository with its latest successful deploy.
 pub struct RepoOverview {
     pub repo: Repo,
@@ -150,6 +160,51 @@ impl Services {
         self.store.delete_repo(owner, name).await?;
         tracing::info!(repo = %format!("{owner}/{name}"), "repository removed");
         Ok(())
+    }
+
+    /// Gives GitHub repository `owner/name` a new webhook secret, for
+    /// `caller` with admin rights on it (or the admin token). The old
+    /// secret stops working at once: deliveries signed with it get 401
+    /// until the new one is set in the webhook's settings on GitHub. The
+    /// secret is shown only now.
+    pub async fn rotate_webhook_secret(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+    ) -> Result<Webhook, CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Admin).await?;
+        let no_webhook = || {
+            CoreError::Conflict(format!(
+                "repository {} was registered by git URL: it has no webhook",
+                repo.full_name()
+            ))
+        };
+        if repo.github.is_none() {
+            return Err(no_webhook());
+        }
+        let secret = random_hex(32);
+        let sealed = self.secret_key.seal(
+            secret.as_bytes(),
+            &webhook_secret_context(&repo.full_name()),
+        );
+        let hook_id = self
+            .change_repo(owner, name, |changed| {
+                let github = changed.github.as_mut().ok_or_else(no_webhook)?;
+                github.webhook_secret_sealed = sealed.clone();
+                Ok(github.hook_id.clone())
+            })
+            .await?;
+        tracing::info!(repo = %repo.full_name(), "webhook secret rotated");
+        Ok(Webhook {
+            url: self.webhook_url(&hook_id),
+            secret,
+        })
+    }
+
+    /// Where GitHub delivers the events of the repository with `hook_id`.
+    fn webhook_url(&self, hook_id: &str) -> String {
+        format!("{}/webhooks/github/{hook_id}", self.public_url())
     }
 
     /// Changes the settings of `owner/name` for `caller` (push access).
@@ -251,9 +306,7 @@ impl Services {
         validate::repo_component("owner", owner)?;
         validate::repo_component("name", name)?;
         validate::labels("deploy_labels", &deploy_labels)?;
-        let info = self
-            .registrable(login, token, owner, name, create_webhook)
-            .await?;
+        let info = self.registrable(login, token, owner, name).await?;
         let branch = branch
             .or(info.default_branch)
             .unwrap_or_else(|| "main".to_owned());
@@ -285,7 +338,7 @@ impl Services {
             requeue_lost_tests: true,
             deploy_labels,
         };
-        let webhook_url = format!("{}/webhooks/github/{hook_id}", self.public_url());
+        let webhook_url = self.webhook_url(&hook_id);
         // Nothing is made on GitHub for a repository already registered;
         // the insert below still decides a race between two registrations.
         if self.store.get_repo(owner, name).await?.is_some() {
@@ -307,15 +360,13 @@ impl Services {
     }
 
     /// What GitHub says `login`'s token may do on `owner/name`, when that
-    /// is enough to register it: read access, and admin rights to create
-    /// the webhook.
+    /// is enough to register it: admin rights (managing its webhooks).
     async fn registrable(
         &self,
         login: &str,
         token: &GitHubToken,
         owner: &str,
         name: &str,
-        create_webhook: bool,
     ) -> Result<crate::github::RepositoryInfo, CoreError> {
         let info = self
             .github
@@ -327,9 +378,12 @@ impl Services {
                 "the token of {login} cannot read {owner}/{name}"
             )));
         }
-        if create_webhook && !info.permissions.admin {
+        // Whoever registers a repository gets its webhook secret, and with
+        // it the power to queue jobs that run with the repository's
+        // secrets: that is GitHub's right to manage webhooks, not to read.
+        if !info.permissions.admin {
             return Err(CoreError::Forbidden(format!(
-                "creating the webhook needs admin rights on {owner}/{name}; register without create_webhook and add the webhook by hand"
+                "registering {owner}/{name} needs admin rights on it on GitHub (the right to manage its webhooks): whoever registers a repository receives its webhook secret"
             )));
         }
         Ok(info)

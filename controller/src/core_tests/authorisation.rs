@@ -603,6 +603,21 @@ async fn registering_by_git_url_needs_the_admin_and_by_github_a_github_user() {
             .await
             .map(|registered| registered.repo),
     );
+    // Reading or pushing is not enough: whoever registers a repository
+    // receives its webhook secret, and with it the power to queue trusted
+    // jobs that run with the repository's secrets.
+    for (user, what) in [
+        (READER, "a reader (pull) registering"),
+        (WRITER, "a writer (push) registering"),
+    ] {
+        let caller = core.github_user(user).await;
+        let refused = core
+            .services
+            .register(&caller, on_github())
+            .await
+            .map(|registered| registered.repo);
+        assert_forbidden(what, refused);
+    }
     assert!(listed(&core, &core.admin()).await.is_empty());
 
     core.services
@@ -727,4 +742,74 @@ async fn wrong_credentials_are_unauthorized() {
         Ok(Caller::GitHub { login, .. }) => assert_eq!(login, "writer"),
         other => panic!("expected the writer, got {other:?}"),
     }
+}
+
+/// A webhook secret is rotated by whoever may register the repository (admin
+/// rights on GitHub) or the admin token; from then on only the new secret
+/// verifies deliveries, and a repository registered by URL has none.
+#[tokio::test]
+async fn rotating_the_webhook_secret_needs_admin_rights_and_retires_the_old_one() {
+    let core = Core::start().await;
+    let registered = core.github_repo("widget", &[]).await;
+    let sha = core.git("widget").head();
+    let push = core.github.push_payload(
+        "octo-org/widget",
+        "refs/heads/main",
+        hobotnica_tests::github::ZERO_SHA,
+        &sha,
+        false,
+        false,
+    );
+    let writer = core.github_user(WRITER).await;
+    assert_forbidden(
+        "a writer rotating the webhook secret",
+        core.services
+            .rotate_webhook_secret(&writer, OWNER, "widget")
+            .await,
+    );
+    let stranger = core.github_user(STRANGER).await;
+    assert_not_found(
+        "a stranger rotating the webhook secret",
+        core.services
+            .rotate_webhook_secret(&stranger, OWNER, "widget")
+            .await,
+    );
+
+    let maintainer = core.github_user(MAINTAINER).await;
+    let rotated = core
+        .services
+        .rotate_webhook_secret(&maintainer, OWNER, "widget")
+        .await
+        .expect("the maintainer rotates the webhook secret");
+    let old = registered.webhook.as_ref().expect("a webhook");
+    assert_eq!(rotated.url, old.url, "the webhook URL stays");
+    assert_ne!(rotated.secret, old.secret);
+    let with_old = core.deliver(&registered, "push", "d-old", &push).await;
+    assert!(
+        matches!(with_old, Err(DeliveryError::BadSignature(_))),
+        "a delivery signed with the old secret: {with_old:?}"
+    );
+    let renewed = Registered {
+        repo: registered.repo.clone(),
+        webhook: Some(rotated),
+    };
+    let with_new = core.deliver(&renewed, "push", "d-new", &push).await;
+    assert!(
+        matches!(with_new, Ok(Received::Queued(_))),
+        "a delivery signed with the new secret: {with_new:?}"
+    );
+
+    core.services
+        .rotate_webhook_secret(&core.admin(), OWNER, "widget")
+        .await
+        .expect("the admin token rotates it too");
+    core.git_repo("tools", &[]).await;
+    let by_url = core
+        .services
+        .rotate_webhook_secret(&core.admin(), "local", "tools")
+        .await;
+    assert!(
+        matches!(by_url, Err(CoreError::Conflict(_))),
+        "a repository registered by URL has no webhook: {by_url:?}"
+    );
 }

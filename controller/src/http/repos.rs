@@ -32,6 +32,7 @@ pub fn router() -> OpenApiRouter<Services> {
         .routes(routes!(run_job))
         .routes(routes!(deploy))
         .routes(routes!(list_deploys))
+        .routes(routes!(rotate_webhook_secret))
 }
 
 /// Register a repository by git URL.
@@ -44,14 +45,15 @@ pub struct RegisterRepoRequest {
     pub name: String,
     /// Anything git can clone (admin token only). Leave it out to register
     /// the GitHub repository `owner/name`, with GitHub credentials
-    /// (`Authorization: Bearer <github token>` and `X-GitHub-Username`).
+    /// (`Authorization: Bearer <github token>` and `X-GitHub-Username`) of
+    /// a user with admin rights on it: the answer holds its webhook secret.
     #[schema(value_type = Option<GitUrl>)]
     pub git_url: Option<String>,
     /// With `git_url`: the owner to file it under (default `local`).
     /// Without: the GitHub owner (default: the caller's own login).
     #[schema(value_type = Option<Owner>)]
     pub owner: Option<String>,
-    /// Create the GitHub webhook (needs admin rights on the repository).
+    /// Also create the webhook on GitHub.
     pub create_webhook: Option<bool>,
     /// Default branch for jobs that name neither commit nor branch (`main`).
     #[schema(value_type = Option<Branch>)]
@@ -171,7 +173,7 @@ pub struct RunJobRequest {
             headers(("Location" = String, description = "/api/v1/repos/{owner}/{name}"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The GitHub token cannot read the repository, or lacks admin rights for create_webhook", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Registering a GitHub repository needs admin rights on it on GitHub (its webhook secret is shown to whoever registers it)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not on GitHub, or not visible with this token", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already registered", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "GitHub's rate limit is exhausted", body = Problem, content_type = "application/problem+json"),
@@ -429,6 +431,38 @@ async fn list_deploys(
     let page = super::jobs::page(query.cursor.as_deref(), query.limit)?;
     let deploys = services.repo_deploys(&caller, &owner, &name, page).await?;
     Ok(Json(deploys.into()))
+}
+
+/// A GitHub repository's webhook: where GitHub delivers its events, and the
+/// secret that signs them (shown only in this answer).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookSecret {
+    pub webhook_url: String,
+    pub webhook_secret: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/repos/{owner}/{name}/webhook-secret", tag = "repos",
+    params(("owner" = Owner, Path), ("name" = RepoName, Path)),
+    responses(
+        (status = 200, description = "A new webhook secret, shown only now; the old one no longer verifies deliveries. Set it in the webhook's settings on GitHub.", body = WebhookSecret),
+        (status = 403, description = "Needs admin rights on the repository on GitHub (or the admin token)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The repository was registered by git URL: it has no webhook", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("token" = []), ("github_token" = [], "github_login" = [])))]
+async fn rotate_webhook_secret(
+    caller: Caller,
+    State(services): State<Services>,
+    Path((owner, name)): Path<(String, String)>,
+) -> Result<Json<WebhookSecret>, ApiError> {
+    let webhook = services
+        .rotate_webhook_secret(&caller, &owner, &name)
+        .await?;
+    Ok(Json(WebhookSecret {
+        webhook_url: webhook.url,
+        webhook_secret: webhook.secret,
+    }))
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ async fn hang_up_mid_way(
 /// made once.
 #[tokio::test]
 async fn a_client_that_hangs_up_gets_its_change_made_exactly_once() {
-    let s = github_setup(Permission::Push, &[]).await;
+    let s = github_setup(Permission::Admin, &[]).await;
     s.github.set_latency(Duration::from_millis(300));
     let bearer = format!("Bearer {}", s.token);
     let user = [

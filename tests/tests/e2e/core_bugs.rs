@@ -45,7 +45,7 @@ async fn registering_a_repository_twice_leaves_one_webhook_on_github() {
 /// stored token and what to do, and the repository shows as disabled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_stored_token_disables_the_repository_instead_of_blaming_the_caller() {
-    let s = github_setup(Permission::Push, &[]).await;
+    let s = github_setup(Permission::Admin, &[]).await;
     let registered = s.user.register(GH_REPO, json!({})).await;
     assert_eq!(registered.status, 201, "{}", registered.text());
     s.github.revoke(&s.token);

@@ -608,14 +608,42 @@ async fn registering_a_repository_the_token_cannot_see_is_refused_with_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_access_registers_and_reads_but_running_jobs_needs_push() {
-    let s = github_setup(Permission::Pull, &[]).await;
+async fn registering_needs_admin_rights_and_reading_is_not_running() {
+    let s = github_setup(Permission::Admin, &[]).await;
     let _agent = Agent::start_default(&s.controller).await;
+    let reader_token = github_token();
+    s.github.add_user("reader", &reader_token);
+    s.github.grant(&reader_token, GH_REPO, Permission::Pull);
+    let reader = GitHubUser::new(s.controller.url(), "reader", &reader_token);
+    let writer_token = github_token();
+    s.github.add_user("writer", &writer_token);
+    s.github.grant(&writer_token, GH_REPO, Permission::Push);
+    let writer = GitHubUser::new(s.controller.url(), "writer", &writer_token);
+
+    // Registering hands out the webhook secret, and with it the power to
+    // queue trusted jobs that get the repository's secrets: reading or
+    // pushing is not enough (before, a reader registered and sent signed
+    // pushes of their own).
+    for (user, who) in [(&reader, "a reader"), (&writer, "a writer")] {
+        let refused = user.register(GH_REPO, json!({})).await;
+        assert!(
+            !refused.text().contains("webhook_secret"),
+            "{}",
+            refused.text()
+        );
+        let problem = refused.assert_problem(403);
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("admin rights"), "{who}: {problem}");
+    }
+    s.api
+        .raw(Method::GET, &format!("/api/v1/repos/{GH_REPO}"), None)
+        .await
+        .assert_problem(404);
     s.register(json!({})).await;
+    let user = &reader;
 
     // The reader sees the repository; a stranger does not.
-    let shown = s
-        .user
+    let shown = user
         .raw(Method::GET, &format!("/api/v1/repos/{GH_REPO}"), None)
         .await;
     assert_eq!(shown.status, 200, "{}", shown.text());
@@ -633,8 +661,7 @@ async fn read_access_registers_and_reads_but_running_jobs_needs_push() {
     // Reading is not enough to run a job.
     let run = json!({ "target": "test" });
     let path = format!("/api/v1/repos/{GH_REPO}/jobs");
-    s.user
-        .raw(Method::POST, &path, Some(&run))
+    user.raw(Method::POST, &path, Some(&run))
         .await
         .assert_problem(403);
     let refused = stranger.raw(Method::POST, &path, Some(&run)).await;
@@ -642,24 +669,66 @@ async fn read_access_registers_and_reads_but_running_jobs_needs_push() {
     refused.assert_problem(refused.status);
     assert!(s.jobs().await.is_empty());
 
-    // With push access it runs (another user: the controller may cache the
-    // reader's permission for a while); the admin token works regardless.
-    let writer_token = github_token();
-    s.github.add_user("writer", &writer_token);
-    s.github.grant(&writer_token, GH_REPO, Permission::Push);
-    let writer = GitHubUser::new(s.controller.url(), "writer", &writer_token);
+    // With push access it runs; the admin token works regardless.
     let response = writer.raw(Method::POST, &path, Some(&run)).await;
     assert_eq!(response.status, 202, "{}", response.text());
     let job: hobotnica_tests::Job = serde_json::from_value(response.json()).unwrap();
     s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
 
-    // The registered token only reads, so GitHub refuses its commit statuses
-    // (404 to the write). That is not lost access, nor are a stranger's 404s:
-    // the repository stays enabled and the admin token still runs jobs.
+    // The registering token is later left with read access only, so GitHub
+    // refuses its commit statuses (404 to the write). That is not lost
+    // access, nor are a stranger's 404s: the repository stays enabled and
+    // the admin token still runs jobs.
+    s.github.grant(&s.token, GH_REPO, Permission::Pull);
     let shown = s.api.get_json(&format!("/api/v1/repos/{GH_REPO}")).await;
     assert_eq!(shown["disabled"], Value::Null, "{shown}");
     let by_admin = s.api.run_target(GH_REPO, "test").await;
     s.api.wait_for_success(by_admin.id, JOB_TIMEOUT).await;
+}
+
+/// `POST /repos/{owner}/{name}/webhook-secret` issues a new webhook secret
+/// to a user with admin rights on the repository (or the admin token): the
+/// old secret no longer verifies deliveries and the new one does; a writer
+/// may not rotate it (nor see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_webhook_secret_retires_the_old_one() {
+    let s = github_setup(Permission::Admin, &[]).await;
+    let _agent = Agent::start_default(&s.controller).await;
+    let hook = s.register(json!({})).await;
+    let path = format!("/api/v1/repos/{GH_REPO}/webhook-secret");
+    let writer_token = github_token();
+    s.github.add_user("writer", &writer_token);
+    s.github.grant(&writer_token, GH_REPO, Permission::Push);
+    let writer = GitHubUser::new(s.controller.url(), "writer", &writer_token);
+    let refused = writer.raw(Method::POST, &path, None).await;
+    assert!(
+        !refused.text().contains("webhook_secret"),
+        "{}",
+        refused.text()
+    );
+    refused.assert_problem(403);
+
+    let rotated = s.user.raw(Method::POST, &path, None).await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    let body = rotated.json();
+    assert_eq!(body["webhook_url"], hook.webhook_url.as_str(), "{body}");
+    let secret = body["webhook_secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(secret.len() >= 32 && secret != hook.secret, "{body}");
+
+    let head = s.repo.head();
+    s.push(&hook, ZERO_SHA, &head).await.assert_problem(401);
+    let renewed = Registered {
+        webhook_url: hook.webhook_url.clone(),
+        secret,
+        body: rotated,
+    };
+    let queued = s.push(&renewed, ZERO_SHA, &head).await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    let by_admin = s.api.send_json(Method::POST, &path, &json!({})).await;
+    assert_eq!(by_admin.status, 200, "{}", by_admin.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1089,7 +1158,7 @@ async fn the_github_token_never_leaks() {
 /// failing later on the agent; an older commit it has runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_github_does_not_have_is_refused_with_422() {
-    let s = github_setup(Permission::Push, &[]).await;
+    let s = github_setup(Permission::Admin, &[]).await;
     let _agent = Agent::start_default(&s.controller).await;
     let older = s.repo.head();
     s.repo.commit_version("newer");
