@@ -1194,3 +1194,53 @@ async fn a_commit_github_does_not_have_is_refused_with_422() {
     assert_eq!(job.commit, older);
     s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
 }
+
+/// A GitHub user asks about a repository registered by URL, and about one of
+/// its jobs. Before, reading it answered 403 "registered by URL" where a
+/// missing one answered 404, and cancelling its job answered 403 naming the
+/// repository where reading the job answered 404: any GitHub user could
+/// probe names and job ids. Now "not there" and "not yours" are one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_repositories_registered_by_url_do_not_leak_to_github_users() {
+    let s = github_setup(Permission::Admin, &[]).await;
+    let local = GitRepo::new();
+    s.api.register_repo("sec", &local.url()).await;
+    let job = s.api.run_target("local/sec", "test").await;
+
+    let missing = s
+        .user
+        .raw(Method::GET, "/api/v1/repos/local/missing", None)
+        .await
+        .assert_problem(404);
+    let hidden = s
+        .user
+        .raw(Method::GET, "/api/v1/repos/local/sec", None)
+        .await
+        .assert_problem(404);
+    assert_eq!(
+        hidden["detail"]
+            .as_str()
+            .map(|d| d.replace("local/sec", "X")),
+        missing["detail"]
+            .as_str()
+            .map(|d| d.replace("local/missing", "X")),
+        "one answer for a missing repository and one that is not theirs"
+    );
+    for (method, path) in [
+        (Method::GET, format!("/api/v1/jobs/{}", job.id)),
+        (Method::POST, format!("/api/v1/jobs/{}/cancel", job.id)),
+        (Method::POST, format!("/api/v1/jobs/{}/retry", job.id)),
+        (
+            Method::POST,
+            "/api/v1/repos/local/sec/webhook-secret".to_owned(),
+        ),
+    ] {
+        let answer = s.user.raw(method.clone(), &path, None).await;
+        assert!(
+            !answer.text().contains("local/sec") || path.contains("local/sec"),
+            "{method} {path}: {}",
+            answer.text()
+        );
+        answer.assert_problem(404);
+    }
+}
