@@ -42,8 +42,8 @@ pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, Gi
     }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let first_line = stderr.lines().next().unwrap_or("git ls-remote failed");
-        return Err(GitError::Unreachable(first_line.to_owned()));
+        tracing::warn!(error = %stderr.lines().next().unwrap_or_default(), "git ls-remote failed");
+        return Err(GitError::Unreachable(why_unreachable(&stderr).to_owned()));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout
@@ -57,13 +57,61 @@ pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, Gi
         })
 }
 
+/// What went wrong reading a remote, in our words: git's messages can carry
+/// the remote's own bytes (an HTTP server answering the git protocol, an SSH
+/// banner), which a caller must not be shown.
+fn why_unreachable(stderr: &str) -> &'static str {
+    let stderr = stderr.to_ascii_lowercase();
+    let known: [(&[&str], &str); 6] = [
+        (
+            &[
+                "could not resolve host",
+                "name or service not known",
+                "temporary failure in name resolution",
+            ],
+            "its host name does not resolve",
+        ),
+        (&["connection refused"], "its host refused the connection"),
+        (&["timed out"], "the connection timed out"),
+        (
+            &[
+                "authentication failed",
+                "permission denied",
+                "could not read username",
+                "terminal prompts disabled",
+                "403",
+            ],
+            "it needs credentials the controller does not have",
+        ),
+        (
+            &[
+                "not found",
+                "does not appear to be a git repository",
+                "does not exist",
+            ],
+            "there is no repository at that URL",
+        ),
+        (
+            &["certificate", "ssl", "tls"],
+            "its TLS certificate is not trusted",
+        ),
+    ];
+    known
+        .iter()
+        .find(|(needles, _)| needles.iter().any(|needle| stderr.contains(needle)))
+        .map_or(
+            "git could not read it (the remote did not answer as a git server)",
+            |(_, why)| why,
+        )
+}
+
 /// [`check_git_url`] as an ECMA-262 pattern, for the OpenAPI schema.
 /// Whitespace and control characters are listed as Rust's `char` methods see
 /// them, since regex engines disagree on `\s`.
 pub const GIT_URL_PATTERN: &str = concat!(
     r"^(?!-)",
     r"(?=[^\u0000-\u0020\u007f-\u009f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{1,2048}$)",
-    r"(?:https://|http://|ssh://|git://|file://|/|(?!.*://)(?!.*::)[^:]*@[^:]*:)",
+    r"(?:(?:https://|http://|git://|file://)(?![^/]*@)|ssh://(?![^/@]*:[^/]*@)|/|(?!.*://)(?!.*::)[^:]*@[^:]*:)",
 );
 
 /// Whether `url` is a git URL the controller accepts: http(s), ssh, git,
@@ -87,6 +135,11 @@ pub fn check_git_url(url: &str) -> Result<(), &'static str> {
         && url
             .split_once(':')
             .is_some_and(|(host, _)| host.contains('@'));
+    if allowed_scheme && carries_credentials(url) {
+        return Err(
+            "must not carry credentials (user@ or user:password@): they would be stored and shown in the clear; register the repository on GitHub, or give the agents' hosts access another way (an SSH key, a git credential helper)",
+        );
+    }
     if allowed_scheme || scp_like || url.starts_with('/') {
         Ok(())
     } else {
@@ -96,9 +149,77 @@ pub fn check_git_url(url: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Whether a `scheme://` URL has credentials before its host: any user
+/// (`https://TOKEN@host` is how tokens travel) except ssh's, which names an
+/// account, not a secret, unless it carries a password.
+fn carries_credentials(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let Some((userinfo, _host)) = authority.split_once('@') else {
+        return false;
+    };
+    scheme != "ssh" || userinfo.contains(':')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_refused() {
+        for bad in [
+            "https://user:s3cret@git.example.com/r.git",
+            "https://ghp_token@github.com/o/r.git",
+            "http://u:p@host/r",
+            "git://u@host/r",
+            "ssh://git:s3cret@host/r",
+            "file://u@localhost/srv/r.git",
+        ] {
+            let refused = check_git_url(bad).expect_err(bad);
+            assert!(refused.contains("credentials"), "{bad}: {refused}");
+        }
+        for ok in [
+            "ssh://git@host/r",
+            "ssh://host:22/r",
+            "git@github.com:o/r.git",
+            "https://host/path@v1/r.git",
+        ] {
+            assert_eq!(check_git_url(ok), Ok(()), "{ok}");
+        }
+    }
+
+    /// A remote that answers the git protocol with an HTTP response: git
+    /// says "bad line length character: HTTP", the remote's own bytes. The
+    /// answer says what failed in our words instead.
+    #[tokio::test]
+    async fn an_unreachable_remote_is_described_without_its_own_bytes() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 512];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nServer: SECRET-BANNER-42\r\n\r\n")
+                    .await;
+            }
+        });
+        let err = resolve_branch(&format!("git://{addr}/r.git"), "main")
+            .await
+            .expect_err("not a git server");
+        let shown = err.to_string();
+        assert!(
+            !shown.contains("HTTP") && !shown.contains("SECRET-BANNER"),
+            "{shown}"
+        );
+        assert!(shown.contains("could not read the repository"), "{shown}");
+        server.abort();
+    }
 
     #[test]
     fn git_urls() {
