@@ -33,8 +33,12 @@ pub struct CiVars<'a> {
 
 /// Whether a job variable may not set `name`.
 pub fn is_reserved(name: &str) -> bool {
-    matches!(name, "PATH" | "HOME" | "CI") || name.starts_with("HOBOTNICA_")
+    matches!(name, "PATH" | "HOME" | "CI" | "HOBOTNICA") || name.starts_with("HOBOTNICA_")
 }
+
+/// Why a reserved name is refused, in the words of every refusal.
+pub const RESERVED_NAMES: &str =
+    "PATH, HOME, CI, HOBOTNICA and HOBOTNICA_* are set by Hobotnica and cannot be overridden";
 
 /// Later layers win.
 pub fn merge_layers<'a>(
@@ -76,7 +80,7 @@ pub fn compose(
     env.extend(
         job_env
             .iter()
-            .filter(|(name, _)| !is_reserved(name) && name.as_str() != "HOBOTNICA")
+            .filter(|(name, _)| !is_reserved(name))
             .map(|(k, v)| (k.clone(), v.clone())),
     );
     env

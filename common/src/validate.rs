@@ -32,7 +32,8 @@ pub const MAX_BRANCH_LEN: usize = 255;
 pub const MAX_TARGET_LEN: usize = 100;
 /// Longest accepted environment variable name.
 pub const MAX_ENV_NAME_LEN: usize = 256;
-/// Largest accepted environment variable value, in characters.
+/// Largest accepted environment variable value, in bytes of UTF-8 (the
+/// schema states it as `maxLength` in characters and in its description).
 pub const MAX_ENV_VALUE_LEN: usize = 64 * 1024;
 /// Most labels an agent, an agent token or a repository's deploy may carry.
 pub const MAX_LABELS: usize = 64;
@@ -58,7 +59,7 @@ pub const LABEL_VALUE_PATTERN: &str = r"^[A-Za-z0-9._/:@+-]{1,256}$";
 /// [`env_name`] minus the reserved names ([`crate::env::is_reserved`]): the
 /// names a job's variables may have.
 pub const ENV_NAME_PATTERN: &str =
-    r"^(?!(?:PATH|HOME|CI)$)(?!HOBOTNICA_)[A-Za-z_][A-Za-z0-9_]{0,255}$";
+    r"^(?!(?:PATH|HOME|CI|HOBOTNICA)$)(?!HOBOTNICA_)[A-Za-z_][A-Za-z0-9_]{0,255}$";
 
 fn common_checks(field: &str, value: &str, max_len: usize) -> Result<(), ValidationError> {
     if value.is_empty() {
@@ -169,13 +170,15 @@ pub fn env_name(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// An environment variable value: at most [`MAX_ENV_VALUE_LEN`] characters,
-/// no NUL.
+/// An environment variable value: at most [`MAX_ENV_VALUE_LEN`] bytes of
+/// UTF-8 (so that `NAME=value` stays within the kernel's 128 KiB limit on
+/// one environment string: a longer one makes the job's `exec` fail with
+/// E2BIG), no NUL.
 pub fn env_value(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.chars().count() > MAX_ENV_VALUE_LEN {
+    if value.len() > MAX_ENV_VALUE_LEN {
         return Err(ValidationError::new(
             field,
-            format!("value must be at most {MAX_ENV_VALUE_LEN} characters"),
+            format!("value must be at most {MAX_ENV_VALUE_LEN} bytes (UTF-8)"),
         ));
     }
     if value.contains('\0') {
@@ -317,6 +320,19 @@ mod tests {
 
     /// Every pattern accepts exactly what its function accepts, over all
     /// short strings of an alphabet that hits each rule.
+    /// 65,536 characters of `€` are 196,608 bytes: as `NAME=value` that is
+    /// over the kernel's 128 KiB for one environment string, and the job
+    /// failed with E2BIG. The limit is in bytes now.
+    #[test]
+    fn env_values_are_limited_in_bytes() {
+        let ascii = "v".repeat(MAX_ENV_VALUE_LEN);
+        assert!(env_value("f", &ascii).is_ok());
+        let euros = "€".repeat(MAX_ENV_VALUE_LEN / 3 + 1);
+        let refused = env_value("f", &euros).expect_err("over the limit in bytes");
+        assert!(refused.reason.contains("bytes"), "{refused}");
+        assert!(crate::env::is_reserved("HOBOTNICA"));
+    }
+
     #[test]
     fn patterns_agree_with_functions() {
         type Accepts = fn(&str) -> bool;

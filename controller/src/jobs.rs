@@ -53,7 +53,7 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
         if is_reserved(name) {
             return Err(CoreError::invalid(
                 &field,
-                "PATH, HOME, CI and HOBOTNICA_* are set by Hobotnica and cannot be overridden",
+                hobotnica_common::env::RESERVED_NAMES,
             ));
         }
         validate::env_value(&field, value)?;

@@ -101,7 +101,7 @@ impl Services {
         if hobotnica_common::env::is_reserved(&set.key) {
             return Err(CoreError::invalid(
                 &field,
-                "PATH, HOME, CI and HOBOTNICA_* are set by Hobotnica and cannot be overridden",
+                hobotnica_common::env::RESERVED_NAMES,
             ));
         }
         validate::env_value(&field, &set.value)?;

@@ -57,7 +57,8 @@ pub struct EnvList {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"value": "s3cr3t", "secret": true, "scope": "deploy"}))]
 pub struct SetEnvRequest {
-    /// At most 65536 characters, no NUL.
+    /// At most 65536 bytes as UTF-8 (a longer variable would not fit the
+    /// kernel's limit on one environment string), no NUL.
     #[schema(max_length = 65536, pattern = "^[^\\u0000]*$")]
     pub value: String,
     /// Encrypted at rest, write-only, masked in logs (default false).

@@ -116,7 +116,7 @@ named_schema!(
     EnvName = string(
         ENV_NAME_PATTERN,
         256,
-        "A variable name, `[A-Za-z_][A-Za-z0-9_]*`. `PATH`, `HOME`, `CI` and `HOBOTNICA_*` are set by Hobotnica and cannot be overridden.",
+        "A variable name, `[A-Za-z_][A-Za-z0-9_]*`. `PATH`, `HOME`, `CI`, `HOBOTNICA` and `HOBOTNICA_*` are set by Hobotnica and cannot be overridden.",
         "API_URL"
     )
 );
@@ -168,7 +168,7 @@ named_schema!(
     JobEnv = ObjectBuilder::new()
         .schema_type(Type::Object)
         .description(Some(
-            "One-time variables for this job only, over the repository's. Values are not shown again; names appear in `env_keys`.",
+            "One-time variables for this job only, over the repository's. Values are at most 65536 bytes as UTF-8, without NUL; they are not shown again; names appear in `env_keys`.",
         ))
         .additional_properties(Some(
             ObjectBuilder::new()

@@ -1008,6 +1008,8 @@ async fn invalid_variable_names_and_values_are_refused_with_422_naming_the_varia
         ("PATH", "PATH"),
         ("HOME", "HOME"),
         ("CI", "CI"),
+        // Accepted before, and silently dropped by the agent.
+        ("HOBOTNICA", "HOBOTNICA"),
         ("HOBOTNICA_TOKEN", "HOBOTNICA_TOKEN"),
         ("HOBOTNICA_JOB_ID", "HOBOTNICA_JOB_ID"),
     ];
@@ -1044,6 +1046,13 @@ async fn invalid_variable_names_and_values_are_refused_with_422_naming_the_varia
         .deploy_raw(REPO, &json!({ "env": { "BIG_ONCE": too_long } }), None)
         .await;
     assert_names_variable(&response, "BIG_ONCE", "a one-time value over 64 KiB");
+    // The limit is in bytes: 65,536 characters of `€` (192 KiB) made the
+    // job fail with E2BIG before.
+    let wide = "€".repeat(limit / 3 + 1);
+    let response = api
+        .put_env(REPO, "WIDE_VALUE", &json!({ "value": wide }))
+        .await;
+    assert_names_variable(&response, "WIDE_VALUE", "a value over 64 KiB in bytes");
     let response = api
         .put_env(REPO, "NUL_VALUE", &json!({ "value": "a\u{0}b" }))
         .await;
