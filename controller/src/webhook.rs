@@ -6,13 +6,13 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
 use crate::deliveries::{Delivery, DeliveryError, Received};
-use crate::http::problem::ApiError;
+use crate::http::problem::{ApiError, ApiPath};
 use crate::services::Services;
 
 /// Largest webhook body accepted (GitHub caps payloads at 25 MB).
@@ -64,7 +64,7 @@ impl From<DeliveryError> for ApiError {
     ))]
 pub(crate) async fn receive(
     State(services): State<Services>,
-    Path(hook_id): Path<String>,
+    ApiPath(hook_id): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

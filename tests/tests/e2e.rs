@@ -1634,3 +1634,21 @@ async fn every_page_sends_security_headers() {
         "the docs page loads its scripts: {html}"
     );
 }
+
+/// A path that is not UTF-8 (`%FF`) in a repository's, a variable's or a
+/// job's path parameter is a problem document like every other error
+/// (before: axum's `text/plain`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_is_not_utf8_gets_problem_json() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    for (method, path) in [
+        (Method::GET, "/api/v1/repos/local/%FF"),
+        (Method::DELETE, "/api/v1/repos/local/demo/env/%FF"),
+        (Method::GET, "/api/v1/jobs/%FF"),
+        (Method::POST, "/webhooks/github/%FF"),
+    ] {
+        let answer = api.raw(method.clone(), path, None).await;
+        answer.assert_problem(400);
+    }
+}

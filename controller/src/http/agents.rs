@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::problem::{ApiError, ApiJson, Problem};
+use super::problem::{ApiError, ApiJson, ApiPath, Problem};
 use super::schemas::{Labels, TokenName};
 use crate::auth::Caller;
 use crate::services::Services;
@@ -173,7 +173,7 @@ async fn list_agent_tokens(
 async fn revoke_agent_token(
     caller: Caller,
     State(services): State<Services>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     services.revoke_agent_token(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)

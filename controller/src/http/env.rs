@@ -2,7 +2,7 @@
 //! secret's value is write-only: it is never shown again.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use hobotnica_common::job::{EnvScope, EnvValue, EnvVar};
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
+use super::problem::{ApiError, ApiJson, ApiPath, ApiQuery, Problem};
 use super::schemas::{EnvName, Owner, RepoName};
 use crate::auth::Caller;
 use crate::services::Services;
@@ -86,7 +86,7 @@ pub struct ScopeQuery {
 async fn list_env(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<Json<EnvList>, ApiError> {
     let variables = services.variables(&caller, &owner, &name).await?;
     Ok(Json(EnvList {
@@ -107,7 +107,7 @@ async fn list_env(
 async fn set_env(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name, key)): Path<(String, String, String)>,
+    ApiPath((owner, name, key)): ApiPath<(String, String, String)>,
     ApiJson(request): ApiJson<SetEnvRequest>,
 ) -> Result<Json<EnvVarView>, ApiError> {
     let set = SetEnv {
@@ -131,7 +131,7 @@ async fn set_env(
 async fn delete_env(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name, key)): Path<(String, String, String)>,
+    ApiPath((owner, name, key)): ApiPath<(String, String, String)>,
     ApiQuery(query): ApiQuery<ScopeQuery>,
 ) -> Result<StatusCode, ApiError> {
     services

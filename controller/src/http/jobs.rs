@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::problem::{ApiError, ApiQuery, Problem};
+use super::problem::{ApiError, ApiPath, ApiQuery, Problem};
 use super::schemas::{self, Cursor, FullRepoName, PageSize};
 use crate::auth::{Access, Caller};
 use crate::jobs::{JobPage, JobQuery, Page};
@@ -206,7 +206,7 @@ impl From<JobPage> for JobList {
 async fn show_job(
     caller: Caller,
     State(services): State<Services>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = services
         .job_for(&caller, parse_job_id(&id)?, Access::Read)
@@ -225,7 +225,7 @@ async fn show_job(
 async fn cancel_job(
     caller: Caller,
     State(services): State<Services>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(accepted(
         services.cancel(&caller, parse_job_id(&id)?).await?,
@@ -246,7 +246,7 @@ async fn cancel_job(
 async fn retry_job(
     caller: Caller,
     State(services): State<Services>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(accepted(services.retry(&caller, parse_job_id(&id)?).await?))
 }
@@ -263,7 +263,7 @@ async fn retry_job(
 async fn job_log(
     caller: Caller,
     State(services): State<Services>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_job_id(&id)?;

@@ -239,6 +239,14 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
             {
                 edge.push((400, "A parameter is malformed: `errors` names it"));
             }
+            if path.contains("{owner}") {
+                // A repository's name is checked (the same rules as
+                // registering it) before anything else.
+                edge.push((
+                    422,
+                    "`owner` or `name` is not a valid repository name: `errors` names it",
+                ));
+            }
             if path.as_str() != "/healthz" {
                 edge.push((503, "The store is unavailable; retry later"));
             }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::jobs::JobView;
-use super::problem::{ApiError, ApiJson, ApiQuery, Problem};
+use super::problem::{ApiError, ApiJson, ApiPath, ApiQuery, Problem};
 use super::schemas::{
     Branch, CommitSha, Cursor, GitUrl, IdempotencyKey, JobEnv, Labels, Owner, PageSize, RepoName,
     Target,
@@ -247,7 +247,7 @@ async fn list_repos(
 async fn show_repo(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<Json<RepoView>, ApiError> {
     let overview = services.repo_overview(&caller, &owner, &name).await?;
     Ok(Json(overview.into()))
@@ -264,7 +264,7 @@ async fn show_repo(
 async fn delete_repo(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     services.remove_repo(&caller, &owner, &name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -284,7 +284,7 @@ async fn delete_repo(
 async fn update_repo(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<UpdateRepoRequest>,
 ) -> Result<Json<RepoView>, ApiError> {
     let change = RepoChange {
@@ -313,7 +313,7 @@ async fn update_repo(
 async fn run_job(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<RunJobRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let request = JobRequest {
@@ -362,7 +362,7 @@ pub struct DeployRequest {
 async fn deploy(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<DeployRequest>,
 ) -> Result<Response, ApiError> {
@@ -425,7 +425,7 @@ pub struct DeploysQuery {
 async fn list_deploys(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<DeploysQuery>,
 ) -> Result<Json<super::jobs::JobList>, ApiError> {
     let page = super::jobs::page(query.cursor.as_deref(), query.limit)?;
@@ -454,7 +454,7 @@ pub struct WebhookSecret {
 async fn rotate_webhook_secret(
     caller: Caller,
     State(services): State<Services>,
-    Path((owner, name)): Path<(String, String)>,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<Json<WebhookSecret>, ApiError> {
     let webhook = services
         .rotate_webhook_secret(&caller, &owner, &name)
