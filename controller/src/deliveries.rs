@@ -6,7 +6,7 @@
 
 use hmac::{Hmac, KeyInit, Mac};
 use hobotnica_common::ids::CommitSha;
-use hobotnica_common::job::Job;
+use hobotnica_common::job::{Job, Repo};
 use serde::Deserialize;
 use sha2::Sha256;
 
@@ -18,10 +18,8 @@ const MAX_HOOK_ID_LEN: usize = 128;
 /// Longest `X-GitHub-Delivery` accepted (GitHub's are GUIDs).
 const MAX_DELIVERY_ID_LEN: usize = 100;
 
-/// One delivery as it arrived: the hook id from its URL, its headers and
-/// its raw body.
+/// One delivery as it arrived: its headers and its raw body.
 pub struct Delivery<'a> {
-    pub hook_id: &'a str,
     /// `X-Hub-Signature-256`.
     pub signature: Option<&'a str>,
     /// `X-GitHub-Event`.
@@ -65,18 +63,16 @@ pub enum DeliveryError {
 }
 
 impl Services {
-    /// Handles one delivery: who it is for, whether GitHub signed it, what
-    /// it asks, and the job it queues (once per delivery id).
-    pub async fn receive_delivery(
-        &self,
-        delivery: Delivery<'_>,
-    ) -> Result<Received, DeliveryError> {
-        if delivery.hook_id.len() > MAX_HOOK_ID_LEN {
+    /// The repository a delivery to `hook_id` is for, found before its body
+    /// is read: a delivery to an unknown hook, or for a disabled repository,
+    /// is answered without reading it.
+    pub async fn delivery_target(&self, hook_id: &str) -> Result<Repo, DeliveryError> {
+        if hook_id.len() > MAX_HOOK_ID_LEN {
             return Err(DeliveryError::UnknownHook);
         }
         let repo = self
             .store
-            .find_repo_by_hook(delivery.hook_id)
+            .find_repo_by_hook(hook_id)
             .await
             .map_err(CoreError::from)?
             .ok_or(DeliveryError::UnknownHook)?;
@@ -86,7 +82,18 @@ impl Services {
                 reason: reason.clone(),
             });
         }
-        let secret = self.webhook_secret(&repo).ok_or_else(|| {
+        Ok(repo)
+    }
+
+    /// Handles one delivery to `repo` (from [`Services::delivery_target`]):
+    /// whether GitHub signed it, what it asks, and the job it queues (once
+    /// per delivery id).
+    pub async fn receive_delivery(
+        &self,
+        repo: &Repo,
+        delivery: Delivery<'_>,
+    ) -> Result<Received, DeliveryError> {
+        let secret = self.webhook_secret(repo).ok_or_else(|| {
             tracing::error!(repo = %repo.full_name(), "cannot open the stored webhook secret");
             DeliveryError::SecretUnreadable
         })?;
@@ -122,7 +129,7 @@ impl Services {
                 branch,
                 from_fork,
             } => match self
-                .queue_webhook_delivery(&repo, delivery_id, commit, branch, from_fork)
+                .queue_webhook_delivery(repo, delivery_id, commit, branch, from_fork)
                 .await?
             {
                 Some(job) => Received::Queued(Box::new(job)),

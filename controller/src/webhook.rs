@@ -4,12 +4,14 @@
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::deliveries::{Delivery, DeliveryError, Received};
 use crate::http::problem::{ApiError, ApiPath};
@@ -26,6 +28,62 @@ pub fn router() -> Router<Services> {
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Webhook bodies held in memory at once, all deliveries together, in KiB:
+/// one delivery at GitHub's limit, or many ordinary ones (a few KiB each).
+const BODY_BUDGET_KIB: usize = 32 * 1024;
+/// The budget, shared by every delivery this process reads.
+static BODY_BUDGET: Semaphore = Semaphore::const_new(BODY_BUDGET_KIB);
+/// How long a delivery waits for room in the budget before it is turned
+/// away with 503 (GitHub records the failure; it can be redelivered).
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// A delivery's body, read under the memory budget it holds a share of.
+struct BudgetedBody {
+    bytes: Bytes,
+    _share: SemaphorePermit<'static>,
+}
+
+/// Reads a delivery's body: one declared over GitHub's limit is refused
+/// without reading it; otherwise it waits for its share of the budget (the
+/// declared length, or the whole limit when none is declared) and reads at
+/// most that.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<BudgetedBody, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the webhook body is over {MAX_WEBHOOK_BYTES} bytes (GitHub's limit)"),
+        )
+    };
+    let declared = header(headers, "content-length").and_then(|len| len.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_WEBHOOK_BYTES) {
+        return Err(too_large());
+    }
+    let limit = declared.unwrap_or(MAX_WEBHOOK_BYTES);
+    let kib = u32::try_from(limit.div_ceil(1024).max(1)).map_err(|_| too_large())?;
+    let share = tokio::time::timeout(BODY_BUDGET_WAIT, BODY_BUDGET.acquire_many(kib))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many webhook deliveries are being read at once; retry later",
+            )
+        })?
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| match declared {
+            None => too_large(),
+            Some(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "cannot read the webhook body (not as long as its Content-Length)",
+            ),
+        })?;
+    Ok(BudgetedBody {
+        bytes,
+        _share: share,
+    })
 }
 
 /// The one mapping of refused deliveries to answers.
@@ -66,22 +124,18 @@ pub(crate) async fn receive(
     State(services): State<Services>,
     ApiPath(hook_id): ApiPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        ApiError::new(
-            rejection.status(),
-            format!("cannot read the webhook body (at most {MAX_WEBHOOK_BYTES} bytes)"),
-        )
-    })?;
+    // Who the delivery is for, before a byte of its body is read.
+    let repo = services.delivery_target(&hook_id).await?;
+    let body = read_body(&headers, body).await?;
     let delivery = Delivery {
-        hook_id: &hook_id,
         signature: header(&headers, "x-hub-signature-256"),
         event: header(&headers, "x-github-event"),
         delivery_id: header(&headers, "x-github-delivery"),
-        body: &body,
+        body: &body.bytes,
     };
-    Ok(match services.receive_delivery(delivery).await? {
+    Ok(match services.receive_delivery(&repo, delivery).await? {
         Received::Pong => {
             (StatusCode::OK, Json(serde_json::json!({"message": "pong"}))).into_response()
         }

@@ -218,15 +218,22 @@ async fn a_refused_delivery_does_not_use_up_its_id() {
     let hook_id = webhook.url.rsplit('/').next().expect("hook id");
     let body = serde_json::to_vec(&push).expect("JSON");
     let forged = hobotnica_tests::github::signature("not the secret", &body);
+    let repo = core
+        .services
+        .delivery_target(hook_id)
+        .await
+        .expect("the hook is known");
     let refused = core
         .services
-        .receive_delivery(Delivery {
-            hook_id,
-            signature: Some(&forged),
-            event: Some("push"),
-            delivery_id: Some("delivery-1"),
-            body: &body,
-        })
+        .receive_delivery(
+            &repo,
+            Delivery {
+                signature: Some(&forged),
+                event: Some("push"),
+                delivery_id: Some("delivery-1"),
+                body: &body,
+            },
+        )
         .await;
     assert!(
         matches!(refused, Err(DeliveryError::BadSignature(_))),

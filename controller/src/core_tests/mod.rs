@@ -417,14 +417,17 @@ impl Core {
         let hook_id = webhook.url.rsplit('/').next().expect("the hook id");
         let body = serde_json::to_vec_pretty(payload).expect("JSON");
         let signature = hobotnica_tests::github::signature(&webhook.secret, &body);
+        let repo = self.services.delivery_target(hook_id).await?;
         self.services
-            .receive_delivery(Delivery {
-                hook_id,
-                signature: Some(&signature),
-                event: Some(event),
-                delivery_id: Some(delivery_id),
-                body: &body,
-            })
+            .receive_delivery(
+                &repo,
+                Delivery {
+                    signature: Some(&signature),
+                    event: Some(event),
+                    delivery_id: Some(delivery_id),
+                    body: &body,
+                },
+            )
             .await
     }
 
