@@ -718,10 +718,6 @@ async fn intake_piece(
     })
 }
 
-/// What a session does: push assignments while the agent has free slots,
-/// forward cancellations, send heartbeats; ends when the agent goes away,
-/// its token is revoked (answered with UNAUTHENTICATED), or the controller
-/// shuts down.
 /// What an agent missed while it was away: cancels asked for its running
 /// jobs, and the repositories whose access is gone (it deletes its clones).
 /// `false` when the agent went away meanwhile.
@@ -784,6 +780,10 @@ async fn send_dispatched(
     }
 }
 
+/// What a session does: push assignments while the agent has free slots,
+/// forward cancellations, send heartbeats; ends when the agent goes away,
+/// its token is revoked (answered with UNAUTHENTICATED), or the controller
+/// shuts down.
 pub async fn run_session(
     services: Services,
     attached: Attached,

@@ -42,7 +42,8 @@ pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, Gi
     }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        tracing::warn!(error = %stderr.lines().next().unwrap_or_default(), "git ls-remote failed");
+        let first_line = stderr.lines().next().unwrap_or_default();
+        tracing::warn!(error = %without_userinfo(first_line), "git ls-remote failed");
         return Err(GitError::Unreachable(why_unreachable(&stderr).to_owned()));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -55,6 +56,30 @@ pub async fn resolve_branch(git_url: &str, branch: &str) -> Result<CommitSha, Gi
         .ok_or(GitError::NoSuchBranch {
             branch: branch.to_owned(),
         })
+}
+
+/// `text` with the user and password of every `scheme://user:pw@host` in it
+/// replaced (git echoes the URL; one stored before credentials in URLs were
+/// refused may carry them).
+fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (before, after) = rest.split_at(start + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| c == '/' || c == '\'' || c == '"' || c.is_whitespace())
+            .unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &after[at..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What went wrong reading a remote, in our words: git's messages can carry
@@ -166,6 +191,18 @@ fn carries_credentials(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_git_messages_hold_no_credentials() {
+        assert_eq!(
+            without_userinfo("fatal: unable to access 'https://user:s3cret@host/r.git/': 403"),
+            "fatal: unable to access 'https://***@host/r.git/': 403"
+        );
+        assert_eq!(
+            without_userinfo("fatal: 'https://host/r' and git://ghp_tok@h/x"),
+            "fatal: 'https://host/r' and git://***@h/x"
+        );
+    }
 
     #[test]
     fn credentials_in_urls_are_refused() {

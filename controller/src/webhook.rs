@@ -11,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use futures_util::StreamExt as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::deliveries::{Delivery, DeliveryError, Received};
@@ -38,6 +39,9 @@ static BODY_BUDGET: Semaphore = Semaphore::const_new(BODY_BUDGET_KIB);
 /// How long a delivery waits for room in the budget before it is turned
 /// away with 503 (GitHub records the failure; it can be redelivered).
 const BODY_BUDGET_WAIT: Duration = Duration::from_secs(10);
+/// How long a delivery's body may take to arrive once its share is granted
+/// (25 MB from GitHub takes well under a second).
+const BODY_READ_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A delivery's body, read under the memory budget it holds a share of.
 struct BudgetedBody {
@@ -71,19 +75,58 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<BudgetedBody, ApiE
             )
         })?
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
-    let bytes = axum::body::to_bytes(body, limit)
+    // Into one buffer, a piece at a time: memory is the body once, as
+    // budgeted (collecting the pieces first would hold them, then a copy);
+    // within a deadline, so a sender that stalls cannot keep its share.
+    let bytes = tokio::time::timeout(BODY_READ_DEADLINE, collect(body, limit))
         .await
-        .map_err(|_| match declared {
-            None => too_large(),
-            Some(_) => ApiError::new(
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the webhook body did not arrive within {}s",
+                    BODY_READ_DEADLINE.as_secs()
+                ),
+            )
+        })?
+        .map_err(|err| match (err, declared) {
+            (BodyError::TooLong, None) => too_large(),
+            (BodyError::TooLong, Some(_)) => ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "cannot read the webhook body (not as long as its Content-Length)",
+                "the webhook body is longer than its Content-Length",
             ),
+            (BodyError::Broken, _) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "cannot read the webhook body")
+            }
         })?;
     Ok(BudgetedBody {
         bytes,
         _share: share,
     })
+}
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLong,
+    Broken,
+}
+
+/// `body`'s bytes, at most `limit` of them, in one buffer sized for `limit`
+/// up front only as far as they arrive.
+async fn collect(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let mut bytes = Vec::new();
+    let mut pieces = body.into_data_stream();
+    while let Some(piece) = pieces.next().await {
+        let piece = piece.map_err(|_| BodyError::Broken)?;
+        if bytes.len() + piece.len() > limit {
+            return Err(BodyError::TooLong);
+        }
+        if bytes.is_empty() {
+            bytes.reserve_exact(limit);
+        }
+        bytes.extend_from_slice(&piece);
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// The one mapping of refused deliveries to answers.

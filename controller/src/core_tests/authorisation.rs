@@ -26,18 +26,6 @@ async fn listed(core: &Core, caller: &Caller) -> Vec<String> {
         .collect()
 }
 
-/// The ids of the jobs `caller` lists with `query`.
-async fn listed_jobs(core: &Core, caller: &Caller, query: JobQuery) -> Vec<JobId> {
-    core.services
-        .visible_jobs(caller, query, page())
-        .await
-        .expect("jobs list")
-        .jobs
-        .into_iter()
-        .map(|job| job.id)
-        .collect()
-}
-
 fn assert_forbidden<T: std::fmt::Debug>(what: &str, result: Result<T, CoreError>) {
     assert!(
         matches!(result, Err(CoreError::Forbidden(_))),
@@ -144,10 +132,7 @@ async fn the_admin_may_do_everything() {
         .read_log(&admin, job.id, 0)
         .await
         .expect("the admin reads a log");
-    assert_eq!(
-        listed_jobs(&core, &admin, JobQuery::default()).await.len(),
-        4
-    );
+    assert_eq!(core.job_ids(&admin, JobQuery::default()).await.len(), 4);
     core.services
         .agents_overview(&admin)
         .await
@@ -199,7 +184,7 @@ async fn jobs_of_repositories_a_user_cannot_read_are_invisible_and_not_found() {
 
     let reader = core.github_user(READER).await;
     assert_eq!(
-        listed_jobs(&core, &reader, JobQuery::default()).await,
+        core.job_ids(&reader, JobQuery::default()).await,
         [visible.id]
     );
     let only_hidden = JobQuery {
@@ -207,7 +192,7 @@ async fn jobs_of_repositories_a_user_cannot_read_are_invisible_and_not_found() {
         ..JobQuery::default()
     };
     assert!(
-        listed_jobs(&core, &reader, only_hidden).await.is_empty(),
+        core.job_ids(&reader, only_hidden).await.is_empty(),
         "filtering by a hidden repository shows nothing"
     );
     for job in [&secret, &admins] {
@@ -253,7 +238,7 @@ async fn jobs_of_repositories_a_user_cannot_read_are_invisible_and_not_found() {
 
     let stranger = core.github_user(STRANGER).await;
     assert!(
-        listed_jobs(&core, &stranger, JobQuery::default())
+        core.job_ids(&stranger, JobQuery::default())
             .await
             .is_empty()
     );
@@ -369,7 +354,7 @@ async fn pull_access_reads_but_every_change_needs_push() {
     // And nothing changed.
     let admin = core.admin();
     assert_eq!(
-        listed_jobs(&core, &admin, JobQuery::default()).await,
+        core.job_ids(&admin, JobQuery::default()).await,
         [finished.id, queued.id]
     );
     assert_state(&core.job(queued.id).await, JobState::Queued);
@@ -457,7 +442,7 @@ async fn a_repository_registered_by_git_url_is_the_admins_only() {
 
     assert!(listed(&core, &maintainer).await.is_empty());
     assert!(
-        listed_jobs(&core, &maintainer, JobQuery::default())
+        core.job_ids(&maintainer, JobQuery::default())
             .await
             .is_empty()
     );
@@ -751,15 +736,7 @@ async fn wrong_credentials_are_unauthorized() {
 async fn rotating_the_webhook_secret_needs_admin_rights_and_retires_the_old_one() {
     let core = Core::start().await;
     let registered = core.github_repo("widget", &[]).await;
-    let sha = core.git("widget").head();
-    let push = core.github.push_payload(
-        "octo-org/widget",
-        "refs/heads/main",
-        hobotnica_tests::github::ZERO_SHA,
-        &sha,
-        false,
-        false,
-    );
+    let (push, _) = core.push_of_head("widget");
     let writer = core.github_user(WRITER).await;
     assert_forbidden(
         "a writer rotating the webhook secret",

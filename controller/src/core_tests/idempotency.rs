@@ -2,26 +2,9 @@
 //! queue their job once, however often they arrive.
 
 use hobotnica_common::job::{JobKind, Trigger};
-use hobotnica_tests::github::ZERO_SHA;
 
 use super::*;
-use crate::jobs::{JobQuery, Page};
-
-/// The jobs there are, newest first, as the admin lists them.
-async fn jobs(core: &Core) -> Vec<JobId> {
-    core.services
-        .visible_jobs(
-            &Caller::Admin,
-            JobQuery::default(),
-            Page::new(None, None).expect("page"),
-        )
-        .await
-        .expect("jobs")
-        .jobs
-        .into_iter()
-        .map(|job| job.id)
-        .collect()
-}
+use crate::jobs::JobQuery;
 
 fn deploy_with(pairs: &[(&str, &str)]) -> JobRequest {
     JobRequest {
@@ -51,7 +34,11 @@ async fn the_same_key_and_request_answer_with_the_first_job_and_create_nothing()
     assert!(!new, "a repeat is not new");
     assert_eq!(again.id, first.id);
     assert_eq!(again.env, first.env);
-    assert_eq!(jobs(&core).await, [first.id], "one job");
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [first.id],
+        "one job"
+    );
 
     // Still the first job once it has moved on.
     core.services
@@ -64,7 +51,10 @@ async fn the_same_key_and_request_answer_with_the_first_job_and_create_nothing()
     assert!(!new);
     assert_eq!(later.id, first.id);
     assert_state(&later, JobState::Cancelled);
-    assert_eq!(jobs(&core).await, [first.id]);
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [first.id]
+    );
 }
 
 #[tokio::test]
@@ -94,7 +84,11 @@ async fn the_same_key_with_another_request_is_invalid() {
         ),
         "Idempotency-Key"
     );
-    assert_eq!(jobs(&core).await, [first.id], "nothing more was queued");
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [first.id],
+        "nothing more was queued"
+    );
 }
 
 #[tokio::test]
@@ -112,7 +106,11 @@ async fn a_key_whose_first_request_failed_can_be_used_again() {
         ..request("deploy")
     };
     assert_eq!(invalid_field(deploy(on_missing_branch).await), "branch");
-    assert!(jobs(&core).await.is_empty());
+    assert!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .is_empty()
+    );
 
     let (job, new) = deploy(request("deploy"))
         .await
@@ -121,7 +119,10 @@ async fn a_key_whose_first_request_failed_can_be_used_again() {
     let (again, new) = deploy(request("deploy")).await.expect("answered");
     assert!(!new);
     assert_eq!(again.id, job.id);
-    assert_eq!(jobs(&core).await, [job.id]);
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [job.id]
+    );
 }
 
 #[tokio::test]
@@ -163,22 +164,18 @@ async fn a_malformed_key_is_invalid() {
             "key {key:?}"
         );
     }
-    assert!(jobs(&core).await.is_empty());
+    assert!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn the_same_webhook_delivery_twice_queues_one_job() {
     let core = Core::start().await;
     let registered = core.github_repo("widget", &[]).await;
-    let sha = core.git("widget").head();
-    let push = core.github.push_payload(
-        "octo-org/widget",
-        "refs/heads/main",
-        ZERO_SHA,
-        &sha,
-        false,
-        false,
-    );
+    let (push, sha) = core.push_of_head("widget");
 
     let job = match core.deliver(&registered, "push", "delivery-1", &push).await {
         Ok(Received::Queued(job)) => job,
@@ -193,27 +190,28 @@ async fn the_same_webhook_delivery_twice_queues_one_job() {
         matches!(&again, Ok(Received::Duplicate(id)) if id == "delivery-1"),
         "{again:?}"
     );
-    assert_eq!(jobs(&core).await, [job.id], "one job for one delivery");
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [job.id],
+        "one job for one delivery"
+    );
 
     // Another delivery of the same push is another job.
     let other = core.deliver(&registered, "push", "delivery-2", &push).await;
     assert!(matches!(other, Ok(Received::Queued(_))), "{other:?}");
-    assert_eq!(jobs(&core).await.len(), 2);
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn a_refused_delivery_does_not_use_up_its_id() {
     let core = Core::start().await;
     let registered = core.github_repo("widget", &[]).await;
-    let sha = core.git("widget").head();
-    let push = core.github.push_payload(
-        "octo-org/widget",
-        "refs/heads/main",
-        ZERO_SHA,
-        &sha,
-        false,
-        false,
-    );
+    let (push, _) = core.push_of_head("widget");
     let webhook = registered.webhook.as_ref().expect("webhook");
     let hook_id = webhook.url.rsplit('/').next().expect("hook id");
     let body = serde_json::to_vec(&push).expect("JSON");
@@ -239,7 +237,11 @@ async fn a_refused_delivery_does_not_use_up_its_id() {
         matches!(refused, Err(DeliveryError::BadSignature(_))),
         "{refused:?}"
     );
-    assert!(jobs(&core).await.is_empty());
+    assert!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .is_empty()
+    );
 
     let delivered = core.deliver(&registered, "push", "delivery-1", &push).await;
     assert!(

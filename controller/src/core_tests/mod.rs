@@ -185,6 +185,38 @@ impl Core {
         git
     }
 
+    /// GitHub's `push` payload for the tip of `main` of `octo-org/<name>`
+    /// (a new branch), and that commit.
+    fn push_of_head(&self, name: &str) -> (serde_json::Value, String) {
+        let sha = self.git(name).head();
+        let payload = self.github.push_payload(
+            &format!("{OWNER}/{name}"),
+            "refs/heads/main",
+            hobotnica_tests::github::ZERO_SHA,
+            &sha,
+            false,
+            false,
+        );
+        (payload, sha)
+    }
+
+    /// The ids of the jobs `caller` may see matching `query`, newest first
+    /// (one page).
+    async fn job_ids(&self, caller: &Caller, query: crate::jobs::JobQuery) -> Vec<JobId> {
+        self.services
+            .visible_jobs(
+                caller,
+                query,
+                crate::jobs::Page::new(None, None).expect("page"),
+            )
+            .await
+            .expect("jobs")
+            .jobs
+            .into_iter()
+            .map(|job| job.id)
+            .collect()
+    }
+
     /// The git repository behind `octo-org/<name>`.
     fn git(&self, name: &str) -> Arc<GitRepo> {
         self.github.repo(&format!("{OWNER}/{name}"))
