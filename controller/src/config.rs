@@ -133,6 +133,20 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 
+    /// Connections each listener (REST, gRPC) holds open at most; past it,
+    /// new connections wait until one closes.
+    #[arg(long, env = "HOBOTNICA_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// A REST request whose headers have not all arrived within this time
+    /// closes its connection.
+    #[arg(long, env = "HOBOTNICA_HEADER_READ_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A REST connection with no request under way for this long is closed.
+    #[arg(long, env = "HOBOTNICA_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Secret options given on the command line
     /// ([`ControllerConfig::note_command_line`]).
     #[arg(skip)]
@@ -271,6 +285,11 @@ impl ControllerConfig {
         anyhow::ensure!(
             self.lease_timeout >= Duration::from_millis(300),
             "--lease-timeout must be at least 300ms"
+        );
+        anyhow::ensure!(
+            self.header_read_timeout >= Duration::from_millis(100)
+                && self.idle_timeout >= Duration::from_millis(100),
+            "--header-read-timeout and --idle-timeout must be at least 100ms"
         );
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(

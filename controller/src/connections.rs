@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// After the shutdown signal, in-flight requests and streams get this long
@@ -45,17 +46,44 @@ impl Connections {
             cut: self.cut.clone(),
             cut_wait: Box::pin(self.cut.clone().cancelled_owned()),
             open: Arc::clone(&self.open),
+            permit: None,
         }
     }
 
     /// [`Connections::track`] on every connection of `incoming` (tonic's
-    /// accept stream).
+    /// accept stream), holding at most `max_connections` open: past it, the
+    /// next connection is not accepted until one closes.
     pub fn track_incoming<Io>(
         &self,
         incoming: impl Stream<Item = io::Result<Io>> + Send + 'static,
-    ) -> impl Stream<Item = io::Result<Tracked<Io>>> + Send + 'static {
-        let connections = self.clone();
-        incoming.map(move |io| io.map(|io| connections.track(io)))
+        max_connections: usize,
+    ) -> impl Stream<Item = io::Result<Tracked<Io>>> + Send + 'static
+    where
+        Io: Send + 'static,
+    {
+        let permits = Arc::new(Semaphore::new(max_connections));
+        let state = (Box::pin(incoming), permits, self.clone());
+        futures_util::stream::unfold(
+            state,
+            move |(mut incoming, permits, connections)| async move {
+                let permit = match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        tracing::warn!(
+                            max_connections,
+                            "a gRPC listener is at its connection limit; new connections wait"
+                        );
+                        Arc::clone(&permits).acquire_owned().await.ok()?
+                    }
+                };
+                let accepted = incoming.next().await?.map(|io| {
+                    let mut tracked = connections.track(io);
+                    tracked.permit = Some(permit);
+                    tracked
+                });
+                Some((accepted, (incoming, permits, connections)))
+            },
+        )
     }
 
     /// Connections accepted and not yet closed.
@@ -81,6 +109,8 @@ pub struct Tracked<Io> {
     /// that waits on a socket nothing will ever make ready.
     cut_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     open: Arc<AtomicUsize>,
+    /// The listener's connection-limit slot this connection holds.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<Io> Drop for Tracked<Io> {
@@ -179,5 +209,30 @@ where
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::pin::pin;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listener_at_its_limit_accepts_the_next_connection_once_one_closes() {
+        let connections = Connections::default();
+        let incoming = futures_util::stream::iter((0..3).map(io::Result::Ok));
+        let mut accepted = pin!(connections.track_incoming(incoming, 2));
+        let first = accepted.next().await.unwrap().unwrap();
+        let _second = accepted.next().await.unwrap().unwrap();
+        assert_eq!(connections.open(), 2);
+        // A third is waiting, and is not taken while two are open.
+        let waiting = poll_fn(|cx| Poll::Ready(accepted.as_mut().poll_next(cx).is_pending())).await;
+        assert!(waiting, "a third connection is not accepted past the limit");
+        drop(first);
+        let third = accepted.next().await.unwrap().unwrap();
+        assert_eq!(third.io, 2);
+        assert_eq!(connections.open(), 2);
     }
 }

@@ -56,8 +56,14 @@ use crate::store::redis::RedisStore;
 /// Prefix of every key Hobotnica keeps in Redis.
 const REDIS_KEY_PREFIX: &str = "hobotnica:";
 
-/// How often HTTP/2 pings keep idle agent connections alive.
+/// How often HTTP/2 pings keep idle agent connections alive; a ping
+/// unanswered for as long ends the connection.
 const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// TCP keepalive probes on gRPC connections start after this much silence.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Concurrent gRPC streams per connection (an agent uses a handful).
+const GRPC_MAX_STREAMS: u32 = 256;
 
 /// The controller's bound sockets (tests bind `127.0.0.1:0`).
 pub struct Listeners {
@@ -393,8 +399,16 @@ impl Servers {
         ));
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .tcp_keepalive(Some(TCP_KEEPALIVE))
+            .max_concurrent_streams(Some(GRPC_MAX_STREAMS))
             .add_service(agent_service)
             .add_service(log_service)
+    }
+
+    /// Connections each listener holds open at most.
+    fn max_connections(&self) -> usize {
+        self.services.config.max_connections as usize
     }
 
     /// Resolves when `shutdown` is cancelled: the servers' stop signal.
@@ -415,6 +429,7 @@ impl Servers {
                     .serve_with_incoming_shutdown(
                         self.connections.track_incoming(
                             tls::TlsListener::new(listener, tls.grpc.clone()).into_stream(),
+                            self.max_connections(),
                         ),
                         self.cancelled(),
                     ),
@@ -422,7 +437,7 @@ impl Servers {
             None => Box::pin(
                 self.grpc_router(false).serve_with_incoming_shutdown(
                     self.connections
-                        .track_incoming(TcpListenerStream::new(listener)),
+                        .track_incoming(TcpListenerStream::new(listener), self.max_connections()),
                     self.cancelled(),
                 ),
             ),
@@ -439,8 +454,10 @@ impl Servers {
             Some(listener) => {
                 self.grpc_router(false)
                     .serve_with_incoming_shutdown(
-                        self.connections
-                            .track_incoming(TcpListenerStream::new(listener)),
+                        self.connections.track_incoming(
+                            TcpListenerStream::new(listener),
+                            self.max_connections(),
+                        ),
                         self.cancelled(),
                     )
                     .await
@@ -456,29 +473,31 @@ impl Servers {
         tls: Option<&tls::ServerTls>,
     ) -> BoxFuture<'static, std::io::Result<()>> {
         let router = http::router(self.services.clone(), self.tasks.clone());
+        let config = &self.services.config;
+        let limits = http::server::Limits {
+            max_connections: self.max_connections(),
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+        };
         match tls {
-            Some(tls) => Box::pin(
-                axum::serve(
-                    TrackedListener {
-                        inner: tls::TlsListener::new(listener, tls.rest.clone()),
-                        connections: self.connections.clone(),
-                    },
-                    router,
-                )
-                .with_graceful_shutdown(self.cancelled())
-                .into_future(),
-            ),
-            None => Box::pin(
-                axum::serve(
-                    TrackedListener {
-                        inner: listener,
-                        connections: self.connections.clone(),
-                    },
-                    router,
-                )
-                .with_graceful_shutdown(self.cancelled())
-                .into_future(),
-            ),
+            Some(tls) => Box::pin(http::server::serve(
+                TrackedListener {
+                    inner: tls::TlsListener::new(listener, tls.rest.clone()),
+                    connections: self.connections.clone(),
+                },
+                router,
+                limits,
+                self.shutdown.clone(),
+            )),
+            None => Box::pin(http::server::serve(
+                TrackedListener {
+                    inner: listener,
+                    connections: self.connections.clone(),
+                },
+                router,
+                limits,
+                self.shutdown.clone(),
+            )),
         }
     }
 }

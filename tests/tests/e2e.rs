@@ -1585,6 +1585,9 @@ mod privacy;
 #[path = "e2e/core_bugs.rs"]
 mod core_bugs;
 
+#[path = "e2e/connections.rs"]
+mod connections;
+
 /// Every answer — the API, its docs page, a 404 — carries the security
 /// headers a browser needs (before: none): no framing, no MIME sniffing, no
 /// referrer, a content security policy; and no HSTS without TLS. The docs

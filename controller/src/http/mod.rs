@@ -10,6 +10,7 @@ pub use jobs::accepted;
 pub mod problem;
 mod repos;
 mod schemas;
+pub mod server;
 
 use axum::Json;
 use axum::extract::State;
