@@ -2,9 +2,17 @@
 //! everything. A GitHub user (`Authorization: Bearer <github token>` with
 //! `X-GitHub-Username`) may read the GitHub repositories their token can
 //! read and trigger jobs where it can push. Verifications are cached
-//! briefly, keyed by a hash of the token, never the token itself.
+//! briefly, keyed by a hash of the token, never the token itself; so are
+//! GitHub's refusals of a token.
+//!
+//! Failed authentications are limited ([`FailedAttempts`]): a client
+//! address, or a token, that has failed [`FAILURE_BURST`] times is refused
+//! (429, `Retry-After`) without its token being looked at, regaining one
+//! attempt every [`FAILURE_REFILL`] — for the admin token and GitHub tokens
+//! alike, on REST and gRPC.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -59,13 +67,38 @@ pub enum Access {
     Admin,
 }
 
+/// How long GitHub's refusal of a token (bad credentials) is remembered:
+/// the token is refused meanwhile without asking GitHub again.
+pub const REJECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
 pub struct CredentialCache {
     logins: Mutex<HashMap<String, (String, Instant)>>,
+    /// Hashes of tokens GitHub refused, and when.
+    rejected: Mutex<HashMap<String, Instant>>,
     permissions: Mutex<HashMap<(String, String), (Permissions, Instant)>>,
 }
 
 impl CredentialCache {
+    fn rejected(&self, token_hash: &str) -> bool {
+        self.rejected.lock().is_ok_and(|rejected| {
+            rejected
+                .get(token_hash)
+                .is_some_and(|at| at.elapsed() < REJECTION_CACHE_TTL)
+        })
+    }
+
+    fn remember_rejection(&self, token_hash: String) {
+        if let Ok(mut rejected) = self.rejected.lock() {
+            if rejected.len() >= CREDENTIAL_CACHE_ENTRIES {
+                rejected.retain(|_, at| at.elapsed() < REJECTION_CACHE_TTL);
+            }
+            if rejected.len() < CREDENTIAL_CACHE_ENTRIES {
+                rejected.insert(token_hash, Instant::now());
+            }
+        }
+    }
+
     fn login(&self, token_hash: &str) -> Option<String> {
         let logins = self.logins.lock().ok()?;
         let (login, at) = logins.get(token_hash)?;
@@ -95,6 +128,100 @@ impl CredentialCache {
             permissions.insert((token_hash, repo), (found, Instant::now()));
         }
     }
+}
+
+/// Failed authentications a client address or a token may make at once...
+pub const FAILURE_BURST: f64 = 20.0;
+/// ...after which it regains one attempt per this interval.
+pub const FAILURE_REFILL: Duration = Duration::from_secs(3);
+/// Addresses and tokens tracked at most; when full, those whose failures
+/// have all been forgiven are dropped first, then new ones go untracked by
+/// address (their tokens still count).
+const FAILURE_ENTRIES: usize = 100_000;
+
+/// Who failed: a client (an IPv6 client by its /64, which one host
+/// usually holds whole) or a token (by its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AttemptKey {
+    Client(IpAddr),
+    Token(String),
+}
+
+impl AttemptKey {
+    pub fn client(addr: IpAddr) -> AttemptKey {
+        match addr {
+            IpAddr::V4(_) => AttemptKey::Client(addr),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AttemptKey::Client(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    AttemptKey::Client(IpAddr::V6(prefix.into()))
+                }
+            },
+        }
+    }
+}
+
+/// Recent failures per [`AttemptKey`], as a leaky bucket: each failure adds
+/// one, one leaks out per [`FAILURE_REFILL`]; at [`FAILURE_BURST`] the key
+/// is refused until one has leaked out.
+#[derive(Default)]
+pub struct FailedAttempts {
+    buckets: Mutex<HashMap<AttemptKey, (f64, Instant)>>,
+}
+
+impl FailedAttempts {
+    fn level(at: Instant, level: f64, now: Instant) -> f64 {
+        (level - now.duration_since(at).as_secs_f64() / FAILURE_REFILL.as_secs_f64()).max(0.0)
+    }
+
+    /// Refuses when any of `keys` has no attempt left.
+    pub fn check(&self, keys: &[AttemptKey]) -> Result<(), CoreError> {
+        let Ok(buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let wait = keys
+            .iter()
+            .filter_map(|key| buckets.get(key))
+            .map(|(level, at)| Self::level(*at, *level, now) - (FAILURE_BURST - 1.0))
+            .fold(0.0_f64, f64::max);
+        if wait > 0.0 {
+            return Err(CoreError::TooManyFailures {
+                retry_after: FAILURE_REFILL.mul_f64(wait),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts one failure against each of `keys`.
+    pub fn record(&self, keys: &[AttemptKey]) {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if buckets.len() >= FAILURE_ENTRIES {
+            buckets.retain(|_, (level, at)| Self::level(*at, *level, now) > 0.0);
+        }
+        for key in keys {
+            if buckets.len() >= FAILURE_ENTRIES
+                && !buckets.contains_key(key)
+                && matches!(key, AttemptKey::Client(_))
+            {
+                continue;
+            }
+            let (level, at) = buckets.entry(key.clone()).or_insert((0.0, now));
+            *level = Self::level(*at, *level, now) + 1.0;
+            *at = now;
+        }
+    }
+}
+
+/// The keys one authentication attempt counts against.
+fn attempt_keys(client: Option<IpAddr>, token: &str) -> Vec<AttemptKey> {
+    let mut keys = vec![AttemptKey::Token(hash_token(token))];
+    keys.extend(client.map(AttemptKey::client));
+    keys
 }
 
 /// The one mapping of GitHub errors met while checking a caller.
@@ -130,13 +257,25 @@ impl Services {
         )
     }
 
-    /// Who holds `token`: the admin, or the GitHub user `github_login`
-    /// names (checked against GitHub).
+    /// Who holds `token`, presented from `client`: the admin, or the GitHub
+    /// user `github_login` names (checked against GitHub). A client or token
+    /// with too many recent failures is refused before anything is checked.
     pub async fn authenticate(
         &self,
         token: &str,
         github_login: Option<&str>,
+        client: Option<IpAddr>,
     ) -> Result<Caller, CoreError> {
+        let keys = attempt_keys(client, token);
+        self.failures.check(&keys)?;
+        let verified = self.verify(token, github_login).await;
+        if let Err(CoreError::Unauthorized(_)) = &verified {
+            self.failures.record(&keys);
+        }
+        verified
+    }
+
+    async fn verify(&self, token: &str, github_login: Option<&str>) -> Result<Caller, CoreError> {
         if self.is_admin_token(token) {
             return Ok(Caller::Admin);
         }
@@ -154,11 +293,19 @@ impl Services {
             .await
     }
 
-    /// The admin, holding `token` (operators' gRPC calls).
-    pub fn authenticate_admin(&self, token: &str) -> Result<Caller, CoreError> {
+    /// The admin, holding `token` (operators' gRPC calls), with the same
+    /// limit on failures as [`Services::authenticate`].
+    pub fn authenticate_admin(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, CoreError> {
+        let keys = attempt_keys(client, token);
+        self.failures.check(&keys)?;
         if self.is_admin_token(token) {
             Ok(Caller::Admin)
         } else {
+            self.failures.record(&keys);
             Err(CoreError::Unauthorized("the token is not valid".to_owned()))
         }
     }
@@ -172,15 +319,20 @@ impl Services {
         let token_hash = hash_token(token.expose());
         let viewer = match self.credentials.login(&token_hash) {
             Some(viewer) => viewer,
-            None => {
-                let viewer = self
-                    .github
-                    .viewer_login(&token)
-                    .await
-                    .map_err(caller_error)?;
-                self.credentials.remember_login(token_hash, viewer.clone());
-                viewer
+            None if self.credentials.rejected(&token_hash) => {
+                return Err(caller_error(GitHubError::BadCredentials));
             }
+            None => match self.github.viewer_login(&token).await {
+                Ok(viewer) => {
+                    self.credentials.remember_login(token_hash, viewer.clone());
+                    viewer
+                }
+                Err(GitHubError::BadCredentials) => {
+                    self.credentials.remember_rejection(token_hash);
+                    return Err(caller_error(GitHubError::BadCredentials));
+                }
+                Err(err) => return Err(caller_error(err)),
+            },
         };
         if !viewer.eq_ignore_ascii_case(login) {
             return Err(CoreError::Unauthorized(format!(

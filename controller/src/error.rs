@@ -23,6 +23,13 @@ pub enum CoreError {
     /// An upstream's rate limit (GitHub): retry later.
     #[error("{0}")]
     RateLimited(String),
+    /// Too many failed authentications from this client or with this
+    /// token: refused without looking, until `retry_after` has passed.
+    #[error(
+        "too many failed authentications from this address or with this token; retry in {} s",
+        retry_after.as_secs().max(1)
+    )]
+    TooManyFailures { retry_after: std::time::Duration },
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     /// A repository or other upstream could not be asked (git, GitHub).

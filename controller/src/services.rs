@@ -24,6 +24,8 @@ pub struct Services {
     pub github: GitHub,
     /// Verified GitHub credentials, briefly.
     pub credentials: Arc<crate::auth::CredentialCache>,
+    /// Recent failed authentications, per client address and per token.
+    pub failures: Arc<crate::auth::FailedAttempts>,
     /// Commit statuses on their way to GitHub.
     pub statuses: StatusSender,
     /// Where users reach the REST API (known once the listener is bound).

@@ -681,52 +681,169 @@ async fn wrong_credentials_are_unauthorized() {
     let services = &core.services;
 
     assert!(matches!(
-        services.authenticate(&core.admin_token, None).await,
+        services.authenticate(&core.admin_token, None, None).await,
         Ok(Caller::Admin)
     ));
     assert!(matches!(
-        services.authenticate_admin(&core.admin_token),
+        services.authenticate_admin(&core.admin_token, None),
         Ok(Caller::Admin)
     ));
     let wrong_admin = format!("{}x", core.admin_token);
     assert_unauthorized(
         "a wrong admin token",
-        services.authenticate(&wrong_admin, None).await,
+        services.authenticate(&wrong_admin, None, None).await,
     );
     assert_unauthorized(
         "a wrong admin token with a login",
-        services.authenticate(&wrong_admin, Some("writer")).await,
+        services
+            .authenticate(&wrong_admin, Some("writer"), None)
+            .await,
     );
     assert_unauthorized(
         "a GitHub token as the admin's",
-        services.authenticate_admin(WRITER.token),
+        services.authenticate_admin(WRITER.token, None),
     );
     assert_unauthorized(
         "a GitHub token without its login",
-        services.authenticate(WRITER.token, None).await,
+        services.authenticate(WRITER.token, None, None).await,
     );
     assert_unauthorized(
         "a GitHub token for another login",
         services
-            .authenticate(WRITER.token, Some(MAINTAINER.login))
+            .authenticate(WRITER.token, Some(MAINTAINER.login), None)
             .await,
     );
     assert_unauthorized(
         "a token GitHub does not know",
         services
-            .authenticate("ghp_core_tests_unknown_0000000000000000", Some("writer"))
+            .authenticate(
+                "ghp_core_tests_unknown_0000000000000000",
+                Some("writer"),
+                None,
+            )
             .await,
     );
     assert_unauthorized(
         "an empty login",
-        services.authenticate(WRITER.token, Some("")).await,
+        services.authenticate(WRITER.token, Some(""), None).await,
     );
     // GitHub logins are case-insensitive; the caller is named as GitHub
     // spells it.
-    match services.authenticate(WRITER.token, Some("Writer")).await {
+    match services
+        .authenticate(WRITER.token, Some("Writer"), None)
+        .await
+    {
         Ok(Caller::GitHub { login, .. }) => assert_eq!(login, "writer"),
         other => panic!("expected the writer, got {other:?}"),
     }
+}
+
+/// Guessing is throttled: after 20 failures a client address — or a token,
+/// from any address — is refused without its token being looked at (429
+/// with a Retry-After), the right admin token included; other clients are
+/// not affected. A token GitHub refused is not sent to GitHub again for a
+/// while (before: every request asked GitHub, and 1000 wrong admin tokens
+/// were all checked).
+#[tokio::test]
+async fn failed_authentications_are_limited_per_client_and_per_token() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use crate::auth::{FAILURE_BURST, FAILURE_REFILL};
+
+    let core = Core::start().await;
+    let services = &core.services;
+    let guesser = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+    let bystander = Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)));
+    let burst = FAILURE_BURST as usize;
+    for attempt in 0..burst {
+        assert_unauthorized(
+            &format!("wrong admin token #{attempt}"),
+            services
+                .authenticate(&format!("guess-{attempt:04}-xxxxxxxx"), None, guesser)
+                .await,
+        );
+    }
+    let refused = |result: Result<Caller, CoreError>| match result {
+        Err(CoreError::TooManyFailures { retry_after }) => retry_after,
+        other => panic!("expected TooManyFailures, got {other:?}"),
+    };
+    let retry_after = refused(
+        services
+            .authenticate("guess-last-xxxxxxxx", None, guesser)
+            .await,
+    );
+    assert!(
+        retry_after > Duration::ZERO && retry_after <= FAILURE_REFILL,
+        "{retry_after:?}"
+    );
+    // Refused before looking: the right token from that address too, on
+    // gRPC's operator calls as well.
+    refused(
+        services
+            .authenticate(&core.admin_token, None, guesser)
+            .await,
+    );
+    refused(services.authenticate_admin(&core.admin_token, guesser));
+    // Another address is not affected.
+    assert!(matches!(
+        services
+            .authenticate(&core.admin_token, None, bystander)
+            .await,
+        Ok(Caller::Admin)
+    ));
+    assert_unauthorized(
+        "a bystander's typo",
+        services
+            .authenticate("typo-xxxxxxxxxxxxxxxx", None, bystander)
+            .await,
+    );
+
+    // One token from many addresses (an IPv6 client counts by its /64).
+    let requests_before = core.github.requests().len();
+    let unknown = "ghp_core_tests_throttled_00000000000000";
+    for attempt in 0..burst {
+        let client = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, attempt as u16, 0, 0, 0, 0, 1));
+        assert_unauthorized(
+            "an unknown GitHub token",
+            services
+                .authenticate(unknown, Some("writer"), Some(client))
+                .await,
+        );
+    }
+    // GitHub was asked once: its refusal is remembered.
+    assert_eq!(
+        core.github.requests().len() - requests_before,
+        1,
+        "GitHub is asked about a refused token once"
+    );
+    refused(
+        services
+            .authenticate(unknown, Some("writer"), bystander)
+            .await,
+    );
+    // A /64 is one client.
+    let same_net = |host: u16| {
+        Some(IpAddr::V6(Ipv6Addr::new(
+            0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, host,
+        )))
+    };
+    for attempt in 0..burst {
+        assert_unauthorized(
+            "a wrong token from a /64",
+            services
+                .authenticate(
+                    &format!("v6-guess-{attempt:04}-xxxx"),
+                    None,
+                    same_net(attempt as u16 + 1),
+                )
+                .await,
+        );
+    }
+    refused(
+        services
+            .authenticate(&core.admin_token, None, same_net(0xbeef))
+            .await,
+    );
 }
 
 /// A webhook secret is rotated by whoever may register the repository (admin

@@ -145,7 +145,7 @@ impl Core {
     /// `user`, authenticated as the REST API does it (token and login).
     async fn github_user(&self, user: User) -> Caller {
         self.services
-            .authenticate(user.token, Some(user.login))
+            .authenticate(user.token, Some(user.login), None)
             .await
             .unwrap_or_else(|err| panic!("{} authenticates: {err}", user.login))
     }

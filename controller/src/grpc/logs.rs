@@ -53,7 +53,7 @@ impl LogService for LogGrpc {
     type TailStream = TailStream;
 
     async fn tail(&self, request: Request<TailRequest>) -> Result<Response<TailStream>, Status> {
-        let caller = operator(&self.services, request.metadata())?;
+        let caller = operator(&self.services, &request)?;
         let request = request.into_inner();
         let stream = self
             .services

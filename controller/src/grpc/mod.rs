@@ -29,9 +29,12 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
 }
 
 /// The operator calling (the admin token: operators tailing logs).
-fn operator(services: &Services, metadata: &MetadataMap) -> Result<Caller, Status> {
+fn operator<T>(services: &Services, request: &tonic::Request<T>) -> Result<Caller, Status> {
     services
-        .authenticate_admin(bearer(metadata)?)
+        .authenticate_admin(
+            bearer(request.metadata())?,
+            request.remote_addr().map(|addr| addr.ip()),
+        )
         .map_err(core_status)
 }
 
@@ -63,6 +66,13 @@ fn core_status(err: CoreError) -> Status {
         CoreError::Forbidden(detail) => Status::permission_denied(detail),
         CoreError::Gone(detail) => Status::failed_precondition(detail),
         CoreError::RateLimited(detail) => Status::resource_exhausted(detail),
+        CoreError::TooManyFailures { retry_after } => {
+            let mut status = Status::resource_exhausted(err.to_string());
+            status
+                .metadata_mut()
+                .insert("retry-after", retry_after.as_secs().max(1).into());
+            status
+        }
         CoreError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
         CoreError::Upstream(detail) => Status::unavailable(detail),
         CoreError::Unavailable(cause) => unavailable(&cause),

@@ -3,7 +3,9 @@
 //! token (`Caller::GitHub`); `crate::auth` decides, and the core functions
 //! decide what each caller may do. Agent tokens are for gRPC only.
 
-use axum::extract::FromRequestParts;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::{header, request::Parts};
 
 use super::problem::ApiError;
@@ -37,6 +39,10 @@ impl FromRequestParts<Services> for crate::auth::Caller {
             .headers
             .get(GITHUB_USERNAME_HEADER)
             .and_then(|value| value.to_str().ok());
-        Ok(services.authenticate(token, login).await?)
+        let client = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(services.authenticate(token, login, client).await?)
     }
 }

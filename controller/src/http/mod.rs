@@ -218,9 +218,16 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
             if let Some(security) = &operation.security {
                 edge.push((401, "Missing or wrong credentials"));
                 if accepts_github_credentials(security) {
-                    edge.push((429, "GitHub's rate limit for this token is exhausted"));
+                    edge.push((
+                        429,
+                        "Too many failed authentications from this address or with this token (20, then one more every 3 s): retry after `Retry-After` seconds; or GitHub's rate limit for this token is exhausted",
+                    ));
                     edge.push((502, "GitHub could not be reached to check the token"));
                 } else {
+                    edge.push((
+                        429,
+                        "Too many failed authentications from this address or with this token (20, then one more every 3 s): retry after `Retry-After` seconds",
+                    ));
                     edge.push((403, "This needs the admin token"));
                 }
             }
@@ -268,14 +275,19 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
             {
                 unauthorized.headers.insert(
                     "WWW-Authenticate".to_owned(),
-                    utoipa::openapi::header::HeaderBuilder::new()
-                        .schema(Some(
-                            utoipa::openapi::schema::ObjectBuilder::new()
-                                .schema_type(utoipa::openapi::schema::Type::String),
-                        ))
-                        .description(Some("`Bearer`"))
-                        .build()
-                        .into(),
+                    response_header(utoipa::openapi::schema::Type::String, "`Bearer`"),
+                );
+            }
+            if operation.security.is_some()
+                && let Some(utoipa::openapi::RefOr::T(throttled)) =
+                    operation.responses.responses.get_mut("429")
+            {
+                throttled.headers.insert(
+                    "Retry-After".to_owned(),
+                    response_header(
+                        utoipa::openapi::schema::Type::Integer,
+                        "Seconds until another attempt is allowed (after failed authentications)",
+                    ),
                 );
             }
             for (status, response) in &mut operation.responses.responses {
@@ -293,6 +305,20 @@ fn finish_document(api: &mut utoipa::openapi::OpenApi) {
             }
         }
     }
+}
+
+/// A documented response header.
+fn response_header(
+    schema_type: utoipa::openapi::schema::Type,
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::header::Header> {
+    utoipa::openapi::header::HeaderBuilder::new()
+        .schema(Some(
+            utoipa::openapi::schema::ObjectBuilder::new().schema_type(schema_type),
+        ))
+        .description(Some(description))
+        .build()
+        .into()
 }
 
 /// Whether one of the alternatives is the `github_token` scheme (utoipa keeps

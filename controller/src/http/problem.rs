@@ -41,6 +41,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub detail: String,
     pub errors: Option<Vec<FieldError>>,
+    /// Sent as `Retry-After` (seconds).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
             status,
             detail: detail.into(),
             errors: None,
+            retry_after: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl ApiError {
                 field: field.to_owned(),
                 message,
             }]),
+            retry_after: None,
         }
     }
 
@@ -86,6 +90,10 @@ impl From<CoreError> for ApiError {
             CoreError::Forbidden(detail) => ApiError::new(StatusCode::FORBIDDEN, detail),
             CoreError::Gone(detail) => ApiError::new(StatusCode::GONE, detail),
             CoreError::RateLimited(detail) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, detail),
+            CoreError::TooManyFailures { retry_after } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, err.to_string())
+            },
             CoreError::Invalid(invalid) => ApiError::field(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &invalid.field,
@@ -117,6 +125,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(retry_after) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

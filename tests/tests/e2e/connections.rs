@@ -1,7 +1,8 @@
 //! The REST listener's limits: a client that sends its headers too slowly,
 //! or keeps a connection open without using it, is disconnected; no more
 //! than `--max-connections` connections are served at once, and the next
-//! one is served as soon as one closes.
+//! one is served as soon as one closes; a client guessing tokens is told to
+//! wait.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -174,4 +175,55 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
+}
+
+/// 1000 wrong admin tokens were all checked, at 5000 a second. Now the
+/// 21st failure from one address is answered 429 with a `Retry-After`, as
+/// a problem document, and the right token from that address waits too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_tokens_gets_429_with_retry_after() {
+    let controller = Controller::start_default().await;
+    let mut statuses = Vec::new();
+    for attempt in 0..30 {
+        let guess = format!("guess-{attempt:04}-0000000000000000");
+        let response = controller
+            .api()
+            .with_token(Some(&guess))
+            .raw(Method::GET, "/api/v1/jobs", None)
+            .await;
+        statuses.push(response.status);
+        if response.status == 429 {
+            let problem = response.assert_problem(429);
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("too many failed authentications"),
+                "{problem}"
+            );
+            let retry_after: u64 = response
+                .header("retry-after")
+                .expect("a Retry-After header")
+                .parse()
+                .expect("Retry-After in seconds");
+            assert!((1..=3).contains(&retry_after), "Retry-After: {retry_after}");
+        }
+    }
+    assert_eq!(statuses[..20], [401; 20], "{statuses:?}");
+    assert_eq!(statuses[20..], [429; 10], "{statuses:?}");
+    let right = controller
+        .api()
+        .raw(Method::GET, "/api/v1/jobs", None)
+        .await;
+    assert_eq!(
+        right.status, 429,
+        "the right token waits too from that address"
+    );
+    // After the Retry-After, one more attempt is allowed.
+    let api = controller.api();
+    wait_until(Duration::from_secs(10), "the address may try again", || {
+        let api = api.clone();
+        async move { api.raw(Method::GET, "/api/v1/jobs", None).await.status == 200 }
+    })
+    .await;
 }
