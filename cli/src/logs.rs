@@ -238,7 +238,7 @@ fn report_end(job_id: u64, end: &JobEnd, follow: bool) -> ExitCode {
         line.push_str(&format!(" (exit code {exit_code})"));
     }
     if !end.message.is_empty() {
-        line.push_str(&format!(": {}", end.message));
+        line.push_str(&format!(": {}", crate::output::printable(&end.message)));
     }
     eprintln!("{line}");
     ExitCode::from(code)
