@@ -17,7 +17,9 @@ use crate::config::{
     AgentsCommand, DeployArgs, DeploysArgs, EnvCommand, JobsCommand, ReposCommand, RunArgs,
 };
 use crate::logs;
-use crate::output::{Table, duration, or_dash, print_fields, print_json, short_sha, time};
+use crate::output::{
+    Table, duration, or_dash, print_fields, print_json, printable, short_sha, time,
+};
 
 /// Attempts at sending one deploy request. Every attempt carries the same
 /// `Idempotency-Key`, so however many reach the controller, one job results.
@@ -216,7 +218,7 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
             view.target,
             short_sha(&view.commit)
         );
-        return logs::tail(client, view.id, 0, true).await;
+        return logs::tail(client, view.id, 0, true, false).await;
     }
     if json {
         print_json(&job);
@@ -284,7 +286,7 @@ pub async fn deploy(client: &Client, args: DeployArgs, json: bool) -> anyhow::Re
     }
     if args.follow {
         wait_until_started(client, &view).await?;
-        return logs::tail(client, view.id, 0, true).await;
+        return logs::tail(client, view.id, 0, true, false).await;
     }
     if json {
         print_json(&job);
@@ -381,7 +383,7 @@ async fn wait_until_started(client: &Client, job: &JobView) -> anyhow::Result<()
             eprintln!(
                 "job {}: {}",
                 current.id,
-                current.message.as_deref().unwrap_or_default()
+                printable(current.message.as_deref().unwrap_or_default())
             );
             said = current.message;
         }
@@ -390,9 +392,9 @@ async fn wait_until_started(client: &Client, job: &JobView) -> anyhow::Result<()
     }
     if let Some(agent) = agent {
         if state == "running" {
-            eprintln!("running on {agent}");
+            eprintln!("running on {}", printable(&agent));
         } else {
-            eprintln!("ran on {agent}");
+            eprintln!("ran on {}", printable(&agent));
         }
     }
     Ok(())

@@ -366,6 +366,12 @@ pub struct LogsArgs {
     /// Start at this byte offset.
     #[arg(long, default_value_t = 0)]
     pub offset: u64,
+    /// Pass every escape sequence of the job's output to the terminal. By
+    /// default, when stdout is a terminal, only colours (SGR) are kept and
+    /// other sequences (clipboard writes, title changes, screen clears) are
+    /// dropped; output to a file or pipe is always unchanged.
+    #[arg(long)]
+    pub raw: bool,
     /// The job's id.
     pub id: u64,
 }

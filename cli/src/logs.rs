@@ -1,10 +1,14 @@
 //! `hobot logs [-f]`: a job's log over gRPC `LogService.Tail`.
 //!
-//! The bytes go to stdout unchanged. When following, a broken stream (a
-//! controller restart, say) is resumed from the last byte written, and the
-//! exit code is the job's.
+//! When stdout is not a terminal (a file, a pipe) or with `--raw`, the
+//! bytes go to stdout unchanged. On a terminal they go through
+//! [`TerminalFilter`]: colours and text pass, every other escape sequence
+//! (clipboard writes, title changes, screen clears) is dropped. When
+//! following, a broken stream (a controller restart, say) is resumed from
+//! the last byte written, and the exit code is the job's.
 
 use std::fmt;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,6 +21,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::client::{Client, Unreachable};
+use crate::terminal::TerminalFilter;
 
 /// How long a followed tail keeps trying to reconnect before giving up.
 pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,21 +64,72 @@ enum Interrupted {
     Fatal(anyhow::Error),
 }
 
+/// Where the log goes: stdout, through a [`TerminalFilter`] when stdout is a
+/// terminal and `--raw` was not given.
+struct Output {
+    stdout: tokio::io::Stdout,
+    filter: Option<TerminalFilter>,
+    filtered: Vec<u8>,
+}
+
+impl Output {
+    fn new(raw: bool) -> Output {
+        let terminal = std::io::stdout().is_terminal();
+        Output {
+            stdout: tokio::io::stdout(),
+            filter: (terminal && !raw).then(TerminalFilter::new),
+            filtered: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, data: &[u8]) -> Result<(), Interrupted> {
+        let data = match &mut self.filter {
+            Some(filter) => {
+                self.filtered.clear();
+                filter.filter(data, &mut self.filtered);
+                &self.filtered[..]
+            }
+            None => data,
+        };
+        let result = async {
+            self.stdout.write_all(data).await?;
+            self.stdout.flush().await
+        }
+        .await;
+        result.map_err(|err| {
+            Interrupted::Fatal(anyhow::Error::new(err).context("cannot write the log to stdout"))
+        })
+    }
+}
+
 /// Prints job `job_id`'s log from `offset`; with `follow`, until the job
-/// ends, returning its exit code.
+/// ends, returning its exit code. With `raw`, escape sequences reach a
+/// terminal unfiltered.
 pub async fn tail(
     client: &Client,
     job_id: u64,
     offset: u64,
     follow: bool,
+    raw: bool,
 ) -> anyhow::Result<ExitCode> {
+    // One filter for the whole log: a sequence split across a reconnect
+    // is still recognised.
+    let mut output = Output::new(raw);
     let mut written = offset;
     let mut failing_since: Option<Instant> = None;
     let mut pause = RECONNECT_INTERVAL;
     let mut connected_once = false;
     loop {
         let before = written;
-        match tail_once(client, job_id, &mut written, follow, &mut connected_once).await {
+        let attempt = tail_once(
+            client,
+            job_id,
+            &mut written,
+            follow,
+            &mut connected_once,
+            &mut output,
+        );
+        match attempt.await {
             Ok(Some(end)) => return Ok(report_end(job_id, &end, follow)),
             // The stream ended without a JobEnd: done, or resume when following.
             Ok(None) if !follow => return Ok(ExitCode::SUCCESS),
@@ -106,6 +162,7 @@ async fn tail_once(
     written: &mut u64,
     follow: bool,
     connected_once: &mut bool,
+    output: &mut Output,
 ) -> Result<Option<JobEnd>, Interrupted> {
     let grpc_url = &client.connection.grpc_url;
     let unreachable = |cause: String| {
@@ -163,7 +220,6 @@ async fn tail_once(
         .map_err(status_error)?
         .into_inner();
     *connected_once = true;
-    let mut stdout = tokio::io::stdout();
     loop {
         let message = match stream.message().await {
             Ok(Some(message)) => message,
@@ -175,7 +231,7 @@ async fn tail_once(
                 match plan_append(*written, chunk.offset, chunk.data.len()) {
                     AppendPlan::Append { skip } => {
                         let data = &chunk.data[skip..];
-                        write_out(&mut stdout, data).await?;
+                        output.write(data).await?;
                         *written += data.len() as u64;
                     }
                     AppendPlan::Duplicate => {}
@@ -192,17 +248,6 @@ async fn tail_once(
             None => {}
         }
     }
-}
-
-async fn write_out(stdout: &mut tokio::io::Stdout, data: &[u8]) -> Result<(), Interrupted> {
-    let result = async {
-        stdout.write_all(data).await?;
-        stdout.flush().await
-    }
-    .await;
-    result.map_err(|err| {
-        Interrupted::Fatal(anyhow::Error::new(err).context("cannot write the log to stdout"))
-    })
 }
 
 fn status_error(status: tonic::Status) -> Interrupted {
@@ -238,7 +283,7 @@ fn report_end(job_id: u64, end: &JobEnd, follow: bool) -> ExitCode {
         line.push_str(&format!(" (exit code {exit_code})"));
     }
     if !end.message.is_empty() {
-        line.push_str(&format!(": {}", end.message));
+        line.push_str(&format!(": {}", crate::output::printable(&end.message)));
     }
     eprintln!("{line}");
     ExitCode::from(code)

@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod logs;
 mod output;
+mod terminal;
 mod up;
 
 use std::io::IsTerminal as _;
@@ -80,7 +81,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploys(args) => commands::deploys(&client, args, json).await?,
         Command::Env(command) => commands::env(&client, command, json).await?,
         Command::Jobs(command) => commands::jobs(&client, command, json).await?,
-        Command::Logs(args) => return logs::tail(&client, args.id, args.offset, args.follow).await,
+        Command::Logs(args) => {
+            return logs::tail(&client, args.id, args.offset, args.follow, args.raw).await;
+        }
         Command::Agents(command) => commands::agents(&client, command, json).await?,
     }
     Ok(ExitCode::SUCCESS)

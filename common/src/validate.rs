@@ -187,21 +187,14 @@ pub fn env_value(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Parses an agent label `key=value`; keys are letters, digits, `_`, `-`
-/// and `.`.
+/// Parses an agent label `key=value`: the key as [`label_key`], the value
+/// as [`agent_label_value`] (what the controller accepts at registration).
 pub fn label(input: &str) -> Result<(String, String), String> {
     let (key, value) = input
         .split_once('=')
-        .ok_or_else(|| format!("label {input:?} must be key=value"))?;
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        return Err(format!(
-            "label key {key:?} must be letters, digits, '_', '-' or '.'"
-        ));
-    }
+        .ok_or_else(|| format!("label {:?} must be key=value", input.escape_debug()))?;
+    label_key("label key", key).map_err(|err| err.to_string())?;
+    agent_label_value(&format!("label {key}"), value).map_err(|err| err.to_string())?;
     Ok((key.to_owned(), value.to_owned()))
 }
 
@@ -260,6 +253,97 @@ pub fn labels(
     Ok(())
 }
 
+/// Longest agent version accepted at registration.
+pub const MAX_AGENT_VERSION_LEN: usize = 64;
+
+/// Whether `c` would reorder the text around it when shown: the bidi
+/// marks (U+061C, U+200E, U+200F), embeddings and overrides (U+202A to
+/// U+202E) and isolates (U+2066 to U+2069).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Whether `c` must not be stored as text an operator will read: a control
+/// character (C0, DEL, C1) or a bidi control ([`is_bidi_control`]).
+pub fn is_unsafe_in_text(c: char) -> bool {
+    c.is_control() || is_bidi_control(c)
+}
+
+/// An agent's version, as it registers: at most [`MAX_AGENT_VERSION_LEN`]
+/// printable ASCII characters (empty is allowed: it is informational).
+pub fn agent_version(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.len() > MAX_AGENT_VERSION_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_AGENT_VERSION_LEN} characters"),
+        ));
+    }
+    only_chars(
+        field,
+        value,
+        |c| c.is_ascii_graphic() || c == ' ',
+        "printable ASCII",
+    )
+}
+
+/// A label value an agent registers with: at most [`MAX_LABEL_VALUE_LEN`]
+/// characters, none of them a control or bidi control character. (Freer
+/// than [`label_value`], which tokens and repositories use: an agent
+/// describes itself, and a deploy only goes where a token vouches.)
+pub fn agent_label_value(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.chars().count() > MAX_LABEL_VALUE_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!("label values are at most {MAX_LABEL_VALUE_LEN} characters"),
+        ));
+    }
+    match value.chars().find(|c| is_unsafe_in_text(*c)) {
+        None => Ok(()),
+        Some(c) => Err(ValidationError::new(
+            field,
+            format!("character {c:?} is not allowed (no control or bidi control characters)"),
+        )),
+    }
+}
+
+/// The labels an agent registers with: at most [`MAX_LABELS`], keys as
+/// [`label_key`], values as [`agent_label_value`]. Errors name
+/// `field.key`.
+pub fn agent_labels(
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ValidationError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            field,
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (key, value) in labels {
+        label_key(field, key)?;
+        agent_label_value(&format!("{field}.{key}"), value)?;
+    }
+    Ok(())
+}
+
+/// `text` as an operator may be shown it: every control character becomes
+/// a space (line breaks and tabs) or U+FFFD (the others), every bidi
+/// control is dropped, and at most `max_chars` characters are kept.
+pub fn sanitize_text(text: &str, max_chars: usize) -> String {
+    text.chars()
+        .filter(|c| !is_bidi_control(*c))
+        .map(|c| match c {
+            '\n' | '\r' | '\t' => ' ',
+            c if c.is_control() => char::REPLACEMENT_CHARACTER,
+            c => c,
+        })
+        .take(max_chars)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +400,8 @@ mod tests {
         assert!(label("o s=linux").is_err());
         assert!(label("=x").is_err());
         assert!(label("novalue").is_err());
+        assert!(label("os=lin\u{1b}ux").is_err());
+        assert!(label(&format!("os={}", "x".repeat(257))).is_err());
     }
 
     /// Every pattern accepts exactly what its function accepts, over all
@@ -390,6 +476,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn agent_strings_are_bounded_and_printable() {
+        assert_eq!(agent_version("version", "0.1.0 (abc123)"), Ok(()));
+        assert_eq!(agent_version("version", ""), Ok(()));
+        assert_eq!(agent_version("version", &"v".repeat(64)), Ok(()));
+        let long = agent_version("version", &"v".repeat(65)).unwrap_err();
+        assert_eq!(long.field, "version");
+        assert!(long.reason.contains("64"), "{long}");
+        for bad in [
+            "1.0\u{1b}]0;x\u{7}",
+            "1.0\n",
+            "1.0\u{7f}",
+            "é",
+            "1.0\u{202e}",
+        ] {
+            assert!(agent_version("version", bad).is_err(), "{bad:?}");
+        }
+
+        for ok in ["linux", "Intel(R) Xeon(R) 8 cores", "café", "🐙"] {
+            assert_eq!(agent_label_value("labels.cpu", ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(agent_label_value("l", &"é".repeat(256)), Ok(()));
+        assert!(agent_label_value("l", &"é".repeat(257)).is_err());
+        for bad in [
+            "a\u{1b}[2J",
+            "a\nb",
+            "a\tb",
+            "\u{85}",
+            "\u{9b}",
+            "abc\u{202e}cba",
+            "\u{2066}x",
+            "\u{200f}",
+        ] {
+            let err = agent_label_value("labels.os", bad).unwrap_err();
+            assert_eq!(err.field, "labels.os", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sanitized_text_is_one_bounded_line() {
+        assert_eq!(
+            sanitize_text("make: *** Error 2", 1000),
+            "make: *** Error 2"
+        );
+        assert_eq!(
+            sanitize_text("a\nb\tc\u{1b}]0;t\u{7}\u{202e}d\u{9b}", 1000),
+            "a b c\u{fffd}]0;t\u{fffd}d\u{fffd}"
+        );
+        assert_eq!(sanitize_text(&"é".repeat(2000), 1000), "é".repeat(1000));
     }
 
     #[test]

@@ -354,9 +354,10 @@ impl Services {
                 });
             }
         }
+        // Shown to operators as one line: no control or bidi characters.
         let message = Some(completion.message)
             .filter(|m| !m.is_empty())
-            .map(|m| m.chars().take(MAX_COMPLETION_MESSAGE_CHARS).collect());
+            .map(|m| hobotnica_common::validate::sanitize_text(&m, MAX_COMPLETION_MESSAGE_CHARS));
         let finished = self
             .store
             .finish_job(
@@ -486,6 +487,7 @@ enum Dispatch {
 }
 
 fn validate_registration(registration: &Registration) -> Result<(), AgentError> {
+    use hobotnica_common::validate;
     let controller = hobotnica_common::proto::PROTOCOL_VERSION;
     if registration.protocol_version != controller {
         return Err(AgentError::UnsupportedProtocol {
@@ -493,23 +495,15 @@ fn validate_registration(registration: &Registration) -> Result<(), AgentError> 
             controller,
         });
     }
-    hobotnica_common::validate::repo_component("name", &registration.name)
-        .map_err(|err| AgentError::Invalid(err.to_string()))?;
+    let invalid = |err: validate::ValidationError| AgentError::Invalid(err.to_string());
+    validate::repo_component("name", &registration.name).map_err(invalid)?;
     if registration.concurrency == 0 || registration.concurrency > MAX_CONCURRENCY {
         return Err(AgentError::Invalid(format!(
-            "concurrency must be 1 to {MAX_CONCURRENCY}"
+            "concurrency: must be 1 to {MAX_CONCURRENCY}"
         )));
     }
-    if registration.labels.len() > 64 {
-        return Err(AgentError::Invalid("at most 64 labels".to_owned()));
-    }
-    for (key, value) in &registration.labels {
-        if key.is_empty() || key.len() > 64 || value.len() > 256 {
-            return Err(AgentError::Invalid(format!(
-                "label {key:?}: keys are 1 to 64 characters, values at most 256"
-            )));
-        }
-    }
+    validate::agent_version("version", &registration.version).map_err(invalid)?;
+    validate::agent_labels("labels", &registration.labels).map_err(invalid)?;
     Ok(())
 }
 

@@ -77,6 +77,32 @@ impl HobotOutput {
 /// pointed at `controller` through the environment when given.
 pub fn command(controller: Option<&Controller>, cwd: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(bins::bin(bins::HOBOT));
+    environment(&mut command, controller, cwd);
+    command
+}
+
+/// `hobot args...` with its stdout on a pseudo-terminal, as an operator
+/// runs it: under util-linux `script`, whose stdout is what the terminal
+/// was given (with `\n` written as `\r\n`). Environment as [`command`].
+pub fn in_terminal(
+    controller: Option<&Controller>,
+    cwd: &Path,
+    args: &[&str],
+) -> tokio::process::Command {
+    let quote = |word: &str| format!("'{}'", word.replace('\'', r"'\''"));
+    let hobot = bins::bin(bins::HOBOT);
+    let line: Vec<String> = std::iter::once(quote(&hobot.to_string_lossy()))
+        .chain(args.iter().map(|arg| quote(arg)))
+        .collect();
+    let mut command = tokio::process::Command::new("script");
+    command
+        .args(["-qec", &line.join(" "), "/dev/null"])
+        .env("SHELL", "/bin/sh");
+    environment(&mut command, controller, cwd);
+    command
+}
+
+fn environment(command: &mut tokio::process::Command, controller: Option<&Controller>, cwd: &Path) {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HOBOTNICA_") {
             command.env_remove(name);
@@ -97,7 +123,6 @@ pub fn command(controller: Option<&Controller>, cwd: &Path) -> tokio::process::C
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    command
 }
 
 /// Runs `hobot args...` to completion.

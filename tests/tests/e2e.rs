@@ -1655,3 +1655,6 @@ async fn a_path_that_is_not_utf8_gets_problem_json() {
         answer.assert_problem(400);
     }
 }
+
+#[path = "e2e/terminal.rs"]
+mod terminal;

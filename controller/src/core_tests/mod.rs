@@ -3,7 +3,8 @@
 //! loopback HTTP server, no processes). Agents are the core's own session
 //! and log intake driven through channels; the commit status sender runs as
 //! it does in a controller. One file per area: `authorisation`,
-//! `triggering`, `deploys`, `idempotency`, `dispatch`, `completion`.
+//! `triggering`, `deploys`, `idempotency`, `dispatch`, `completion`,
+//! `registration`.
 //!
 //! Waits are on conditions with a deadline. "Nothing else was assigned" is
 //! shown by order, not by waiting: a session claims the oldest job it may
@@ -14,6 +15,7 @@ mod completion;
 mod deploys;
 mod dispatch;
 mod idempotency;
+mod registration;
 mod triggering;
 
 use std::collections::BTreeMap;

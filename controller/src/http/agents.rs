@@ -27,9 +27,16 @@ pub fn router() -> OpenApiRouter<Services> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AgentView {
     pub id: String,
+    /// The name it registered with: letters, digits, `.`, `_`, `-`.
+    #[schema(max_length = 100)]
     pub name: String,
+    /// The labels it registered with: at most 64; keys are 1 to 64
+    /// letters, digits, `.`, `_`, `-`; values at most 256 characters, with
+    /// no control (C0, DEL, C1) or bidi control character.
     pub labels: BTreeMap<String, String>,
     pub concurrency: u32,
+    /// Its build version: at most 64 printable ASCII characters.
+    #[schema(max_length = 64)]
     pub version: String,
     /// Whether the agent was heard from within the last 30 seconds.
     pub connected: bool,

@@ -511,3 +511,70 @@ async fn deploys_and_their_secrets_go_only_to_agents_whose_token_vouches() {
         .await;
     invalid.assert_problem(422);
 }
+
+/// A 3 MB version was accepted, `GET /api/v1/agents` then answered 3 MB and
+/// `hobot agents ls` panicked. What an agent says about itself is bounded
+/// and printable now, or its registration is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_register_huge_or_unprintable_strings() {
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let mut raw = RawAgent::connect(&controller.grpc_url(), &controller.agent_token).await;
+    let registration = |version: String, labels: &[(&str, &str)]| RegisterRequest {
+        name: "rogue".to_owned(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        concurrency: 1,
+        version,
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let attempts = [
+        (registration("v".repeat(3 * 1024 * 1024), &[]), "version"),
+        (
+            registration("1.0\x1b]0;pwned\x07".to_owned(), &[]),
+            "version",
+        ),
+        (
+            registration("1.0".to_owned(), &[("os", "linux\x1b[2J")]),
+            "labels.os",
+        ),
+        (
+            registration("1.0".to_owned(), &[("owner", "a\u{202e}b")]),
+            "labels.owner",
+        ),
+    ];
+    for (request, field) in attempts {
+        let refused = raw
+            .client
+            .register(raw.request(request))
+            .await
+            .expect_err("the registration is refused");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().starts_with(field),
+            "{}",
+            refused.message()
+        );
+        assert!(refused.message().len() < 200, "{}", refused.message());
+    }
+    let listed = api.raw(Method::GET, "/api/v1/agents", None).await;
+    assert_eq!(listed.status, 200);
+    assert!(listed.text().len() < 4096, "{}", listed.text());
+
+    // An ordinary agent with labels in other scripts still registers, and
+    // `hobot agents ls` lists it.
+    raw.client
+        .register(raw.request(registration(
+            "1.0".to_owned(),
+            &[("city", "Zürich"), ("cpu", "Xeon 8 cores")],
+        )))
+        .await
+        .expect("an ordinary registration");
+    let cwd = tempfile::tempdir().unwrap();
+    let listed = cli::run(Some(&controller), cwd.path(), &["agents", "ls"]).await;
+    let table = listed.success();
+    assert!(table.contains("rogue"), "{table}");
+    assert!(table.contains("city=Zürich"), "{table}");
+}
