@@ -6,10 +6,11 @@
 //! GitHub's refusals of a token.
 //!
 //! Failed authentications are limited ([`FailedAttempts`]): a client
-//! address, or a token, that has failed [`FAILURE_BURST`] times is refused
-//! (429, `Retry-After`) without its token being looked at, regaining one
-//! attempt every [`FAILURE_REFILL`] — for the admin token and GitHub tokens
-//! alike, on REST and gRPC.
+//! address, or a token, that has failed [`FAILURE_BURST`] times gets 429
+//! (`Retry-After`) without GitHub being asked, regaining one attempt every
+//! [`FAILURE_REFILL`] — on REST and gRPC. The admin token and a GitHub token
+//! verified within the cache's lifetime still pass: others sharing the
+//! address (a hostile job on the operators' host) cannot lock them out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -267,12 +268,38 @@ impl Services {
         client: Option<IpAddr>,
     ) -> Result<Caller, CoreError> {
         let keys = attempt_keys(client, token);
-        self.failures.check(&keys)?;
+        if let Err(throttled) = self.failures.check(&keys) {
+            return self.verify_without_asking(token, github_login, throttled);
+        }
         let verified = self.verify(token, github_login).await;
         if let Err(CoreError::Unauthorized(_)) = &verified {
             self.failures.record(&keys);
         }
         verified
+    }
+
+    /// For a throttled client or token: the admin token, or a GitHub token
+    /// verified moments ago, still passes — a hostile job sharing the
+    /// operators' address cannot lock them out — while anything else is
+    /// refused with `throttled`, without asking GitHub or counting it.
+    fn verify_without_asking(
+        &self,
+        token: &str,
+        github_login: Option<&str>,
+        throttled: CoreError,
+    ) -> Result<Caller, CoreError> {
+        if self.is_admin_token(token) {
+            return Ok(Caller::Admin);
+        }
+        match (github_login, self.credentials.login(&hash_token(token))) {
+            (Some(login), Some(viewer)) if viewer.eq_ignore_ascii_case(login) => {
+                Ok(Caller::GitHub {
+                    login: viewer,
+                    token: GitHubToken::new(token),
+                })
+            }
+            _ => Err(throttled),
+        }
     }
 
     async fn verify(&self, token: &str, github_login: Option<&str>) -> Result<Caller, CoreError> {
@@ -301,9 +328,10 @@ impl Services {
         client: Option<IpAddr>,
     ) -> Result<Caller, CoreError> {
         let keys = attempt_keys(client, token);
-        self.failures.check(&keys)?;
         if self.is_admin_token(token) {
             Ok(Caller::Admin)
+        } else if let Err(throttled) = self.failures.check(&keys) {
+            Err(throttled)
         } else {
             self.failures.record(&keys);
             Err(CoreError::Unauthorized("the token is not valid".to_owned()))
