@@ -218,7 +218,7 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
             view.target,
             short_sha(&view.commit)
         );
-        return logs::tail(client, view.id, 0, true, false).await;
+        return logs::tail(client, view.id, 0, true, args.raw).await;
     }
     if json {
         print_json(&job);
@@ -286,7 +286,7 @@ pub async fn deploy(client: &Client, args: DeployArgs, json: bool) -> anyhow::Re
     }
     if args.follow {
         wait_until_started(client, &view).await?;
-        return logs::tail(client, view.id, 0, true, false).await;
+        return logs::tail(client, view.id, 0, true, args.raw).await;
     }
     if json {
         print_json(&job);

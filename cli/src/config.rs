@@ -225,6 +225,10 @@ pub struct RunArgs {
     /// Follow the log and exit with the job's exit code.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// With --follow, pass every escape sequence of the job's output to the
+    /// terminal (by default only colours are kept on a terminal).
+    #[arg(long, requires = "follow")]
+    pub raw: bool,
 }
 
 #[derive(Args)]
@@ -245,6 +249,10 @@ pub struct DeployArgs {
     /// Show progress, follow the log and exit with the job's exit code.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// With --follow, pass every escape sequence of the job's output to the
+    /// terminal (by default only colours are kept on a terminal).
+    #[arg(long, requires = "follow")]
+    pub raw: bool,
     /// Sent as `Idempotency-Key`: a request repeated with the same key (and
     /// the same body) returns the first request's job instead of deploying
     /// again. Default: a fresh random key per invocation.
