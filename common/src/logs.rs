@@ -34,6 +34,26 @@ pub fn plan_append(committed: u64, offset: u64, len: usize) -> AppendPlan {
 /// Largest log chunk an agent sends, in bytes.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
+/// A job's log limit when neither the controller nor the repository sets
+/// one (and an agent's when its controller sends none): 1 GiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
+
+/// The smallest log limit a repository may set.
+pub const MIN_MAX_LOG_BYTES: u64 = 1024;
+
+/// What the controller stores past a job's log limit: room for the notice
+/// that ends such a log (which is not counted against the limit). Bytes
+/// beyond limit + this are discarded.
+pub const LOG_NOTICE_ALLOWANCE: u64 = 1024;
+
+/// The job's message when its log reached `limit` bytes.
+pub fn log_limit_message(limit: u64) -> String {
+    format!(
+        "the log reached its limit of {} ({limit} bytes); output stopped and the job was stopped",
+        crate::size::human_size(limit)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
