@@ -648,6 +648,22 @@ async fn a_repository_cannot_raise_the_controllers_log_limit() {
         .await;
     assert_eq!(reset.status, 200, "{}", reset.text());
     assert_eq!(reset.json()["max_log_bytes"], Value::Null);
+
+    // The same through `hobot`, in human sizes.
+    let cwd = tempfile::tempdir().unwrap();
+    let url = repo.url();
+    let add = ["repos", "add", "cli", &url, "--max-log-bytes", "16KiB"];
+    cli::run(Some(&controller), cwd.path(), &add)
+        .await
+        .success();
+    let shown = cli::run(Some(&controller), cwd.path(), &["repos", "show", "cli"])
+        .await
+        .success();
+    assert!(shown.contains("16.0 KiB (16384 bytes)"), "{shown}");
+    let too_big = ["repos", "add", "huge", &url, "--max-log-bytes", "1MiB"];
+    let out = cli::run(Some(&controller), cwd.path(), &too_big).await;
+    assert_ne!(out.code(), Some(0), "{out:#?}");
+    assert!(out.stderr.contains("max_log_bytes"), "{out:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
