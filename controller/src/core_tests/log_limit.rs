@@ -179,3 +179,39 @@ async fn below_the_limit_the_log_protocol_is_unchanged() {
     assert_state(&done, JobState::Succeeded);
     assert_eq!(log_of(&core, job.id).await, b"hello\n");
 }
+
+/// A job stopped at its log limit says so on GitHub too: its failure
+/// status's description names the limit (within GitHub's 140 characters).
+#[tokio::test]
+async fn the_commit_status_of_a_job_cut_at_its_limit_says_so() {
+    let core = Core::start().await;
+    let repo = core.github_repo("widget", &[]).await.repo;
+    let repo = change_limit(&core, &repo, Some(65536))
+        .await
+        .expect("lowered");
+    let sha = core.git("widget").head();
+    let test = core.queue(&repo, "test").await;
+    let (agent, _session) = core.agent_running("builder", &test).await;
+    core.services
+        .complete_agent_job(
+            &agent.record,
+            Completion {
+                job: test.id,
+                attempt: 1,
+                outcome: Some(Outcome::Failed),
+                exit_code: Some(143),
+                message: hobotnica_common::logs::log_limit_message(65536),
+                log_length: 0,
+                duration_ms: 10,
+            },
+        )
+        .await
+        .expect("completed");
+    core.statuses("widget", &sha, 2).await;
+    let posted = core.github.statuses(&format!("{OWNER}/widget"), &sha);
+    assert_eq!(posted[1].state, "failure");
+    assert_eq!(
+        posted[1].description.as_deref(),
+        Some("make test: failed: the log reached its limit of 64.0 KiB")
+    );
+}
