@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use hobotnica_common::size::human_size;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +40,9 @@ struct RepoView {
     git_url: String,
     default_branch: String,
     timeout_secs: Option<u64>,
+    /// The repository's own log limit; `None`: the controller's.
+    #[serde(default)]
+    max_log_bytes: Option<u64>,
     created_at: Option<String>,
 }
 
@@ -116,10 +120,14 @@ pub async fn repos(client: &Client, command: ReposCommand, json: bool) -> anyhow
             name,
             git_url,
             branch,
+            max_log_bytes,
         } => {
             let mut body = json!({ "name": name, "git_url": git_url });
             if let Some(branch) = branch {
                 body["branch"] = Value::String(branch);
+            }
+            if let Some(max_log_bytes) = max_log_bytes {
+                body["max_log_bytes"] = json!(max_log_bytes);
             }
             let repo = client
                 .json(Method::POST, "/api/v1/repos", Some(&body))
@@ -168,6 +176,13 @@ pub async fn repos(client: &Client, command: ReposCommand, json: bool) -> anyhow
                 (
                     "timeout",
                     or_dash(view.timeout_secs.map(|secs| format!("{secs}s"))),
+                ),
+                (
+                    "log limit",
+                    view.max_log_bytes.map_or_else(
+                        || "the controller's".to_owned(),
+                        |bytes| format!("{} ({bytes} bytes)", human_size(bytes)),
+                    ),
                 ),
                 ("created", time(view.created_at.as_deref())),
             ]);

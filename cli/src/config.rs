@@ -192,6 +192,10 @@ pub enum ReposCommand {
         /// Branch built when a run names neither a commit nor a branch.
         #[arg(long)]
         branch: Option<String>,
+        /// The most a job's log may hold (e.g. 64KiB, 100MiB), at most the
+        /// controller's `--max-log-bytes` (its limit applies without one).
+        #[arg(long, value_name = "SIZE", value_parser = hobotnica_common::size::parse_size)]
+        max_log_bytes: Option<u64>,
     },
     /// List repositories.
     Ls,

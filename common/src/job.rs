@@ -184,6 +184,10 @@ pub struct Repo {
     /// deploy of this repository (and with it the deploy's secrets).
     #[serde(default)]
     pub deploy_labels: BTreeMap<String, String>,
+    /// The most a job's log may hold, in bytes; `None`: the controller's
+    /// `--max-log-bytes`. Never above it: the smaller of the two applies.
+    #[serde(default)]
+    pub max_log_bytes: Option<u64>,
 }
 
 fn default_requeue_lost_tests() -> bool {

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;
+pub mod size;
 pub mod token;
 pub mod transport;
 pub mod validate;

@@ -34,9 +34,54 @@ pub fn plan_append(committed: u64, offset: u64, len: usize) -> AppendPlan {
 /// Largest log chunk an agent sends, in bytes.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
+/// A job's log limit when neither the controller nor the repository sets
+/// one (and an agent's when its controller sends none): 1 GiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
+
+/// The smallest log limit a repository may set.
+pub const MIN_MAX_LOG_BYTES: u64 = 1024;
+
+/// What the controller stores past a job's log limit: room for the notice
+/// that ends such a log (which is not counted against the limit). Bytes
+/// beyond limit + this are discarded.
+pub const LOG_NOTICE_ALLOWANCE: u64 = 1024;
+
+/// How the message of a job whose log reached its limit starts.
+const LOG_LIMIT_REACHED: &str = "the log reached its limit of ";
+
+/// The job's message when its log reached `limit` bytes.
+pub fn log_limit_message(limit: u64) -> String {
+    format!(
+        "{LOG_LIMIT_REACHED}{} ({limit} bytes); output stopped and the job was stopped",
+        crate::size::human_size(limit)
+    )
+}
+
+/// `the log reached its limit of 64.0 KiB` when `message` is a job's
+/// [`log_limit_message`] (a short form, for GitHub's commit status).
+pub fn log_limit_summary(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix(LOG_LIMIT_REACHED)?;
+    let human = rest.split(" (").next()?;
+    message.get(..LOG_LIMIT_REACHED.len() + human.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_limit_message_has_a_summary() {
+        let message = log_limit_message(65536);
+        assert_eq!(
+            message,
+            "the log reached its limit of 64.0 KiB (65536 bytes); output stopped and the job was stopped"
+        );
+        assert_eq!(
+            log_limit_summary(&message),
+            Some("the log reached its limit of 64.0 KiB")
+        );
+        assert_eq!(log_limit_summary("make test exited with code 2"), None);
+    }
 
     #[test]
     fn append_plans() {

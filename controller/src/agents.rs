@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobState, Outcome, format_labels, missing_label};
-use hobotnica_common::logs::MAX_CHUNK_BYTES;
+use hobotnica_common::logs::{LOG_NOTICE_ALLOWANCE, MAX_CHUNK_BYTES, log_limit_message};
 use hobotnica_common::secrets::InPlaceMasker;
 use hobotnica_common::token::{constant_time_eq, hash_token, new_token, random_hex};
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -154,6 +154,9 @@ pub struct JobAssignment {
     pub env: BTreeMap<String, String>,
     pub secrets: Vec<String>,
     pub git_http_header: String,
+    /// The most the job's log may hold (the repository's limit, never above
+    /// the controller's).
+    pub max_log_bytes: u64,
 }
 
 /// What an agent says on its session.
@@ -342,16 +345,29 @@ impl Services {
         let job = self
             .held_job(agent, completion.job, completion.attempt)
             .await?;
-        let outcome = completion
+        let mut outcome = completion
             .outcome
             .ok_or_else(|| AgentError::Invalid("outcome is missing or unknown".to_owned()))?;
+        let mut completion = completion;
         if job.state == JobState::Running {
             let stored = self.store.log_len(job.id).await?;
             if stored < completion.log_length {
-                return Err(AgentError::LogIncomplete {
-                    stored,
-                    expected: completion.log_length,
-                });
+                // The log was cut at its limit (the agent shipped past it and
+                // the rest was discarded): the controller has all it keeps.
+                let limit = self.job_log_limit(&job).await?;
+                if stored < limit.saturating_add(LOG_NOTICE_ALLOWANCE) {
+                    return Err(AgentError::LogIncomplete {
+                        stored,
+                        expected: completion.log_length,
+                    });
+                }
+                tracing::warn!(job.id = %job.id, agent.id = %agent.id, stored, sent = completion.log_length, "the agent shipped a log past its limit; the rest was discarded");
+                outcome = Outcome::Failed;
+                completion.message = format!(
+                    "{}; the agent sent {} bytes, the first {stored} were kept",
+                    log_limit_message(limit),
+                    completion.log_length
+                );
             }
         }
         // Shown to operators as one line: no control or bidi characters.
@@ -395,6 +411,7 @@ impl Services {
             env: environment.env,
             secrets: environment.secrets,
             git_http_header: String::new(),
+            max_log_bytes: self.log_limit(Some(&repo)),
         };
         if let Some(token) = self.repo_token(&repo) {
             // Basic auth with the token as password, as GitHub expects.
@@ -405,6 +422,13 @@ impl Services {
             assignment.secrets.push(basic);
         }
         Ok(Some(assignment))
+    }
+
+    /// The most `job`'s log may hold: its repository's limit, the
+    /// controller's without one (or without the repository).
+    async fn job_log_limit(&self, job: &Job) -> Result<u64, StoreError> {
+        let repo = self.store.get_repo(&job.repo.owner, &job.repo.name).await?;
+        Ok(self.log_limit(repo.as_ref()))
     }
 
     /// What becomes of a job `agent` has just claimed (or holds back, with
@@ -611,11 +635,14 @@ fn held_retry_interval(lease_timeout: Duration) -> Duration {
     (lease_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2))
 }
 
-/// The job a log stream last wrote to, checked once: its key and the
-/// secrets to mask again.
+/// The job a log stream last wrote to, checked once: its key, the
+/// secrets to mask again and how much of its log is kept.
 struct VerifiedJob {
     key: (JobId, u32),
     masker: InPlaceMasker,
+    /// The job's log limit plus room for the notice that ends a log cut
+    /// at its limit: bytes past this are discarded.
+    kept: u64,
 }
 
 /// Takes log pieces from an agent until the stream ends, the token is
@@ -674,9 +701,13 @@ async fn intake_piece(
         let job = services.held_job(agent, piece.job, piece.attempt).await?;
         // Without its repository (removed meanwhile) there is nothing to
         // mask; a store error is the piece's error, so it is sent again.
-        let secrets: Vec<Vec<u8>> = services
-            .job_assignment(job)
-            .await?
+        let assignment = services.job_assignment(job).await?;
+        let limit = assignment
+            .as_ref()
+            .map_or(services.config.max_log_bytes, |assignment| {
+                assignment.max_log_bytes
+            });
+        let secrets: Vec<Vec<u8>> = assignment
             .map(|assignment| assignment.secrets)
             .unwrap_or_default()
             .into_iter()
@@ -685,30 +716,52 @@ async fn intake_piece(
         *verified = Some(VerifiedJob {
             key,
             masker: InPlaceMasker::new(&secrets),
+            kept: limit.saturating_add(LOG_NOTICE_ALLOWANCE),
         });
     }
+    let mut kept = u64::MAX;
     // The agent masked already; mask again without moving offsets.
     if let Some(verified) = verified.as_ref() {
         verified.masker.mask(&mut piece.data);
+        kept = verified.kept;
     }
-    let committed = match services
-        .store
-        .append_log(
-            piece.job,
-            piece.attempt,
-            piece.offset,
-            Bytes::from(piece.data),
-        )
-        .await
-    {
-        Ok(len) => len,
-        Err(StoreError::LogGap { committed }) => committed,
-        Err(err) => return Err(err.into()),
+    // An agent that ships past the job's log limit (it should have stopped
+    // the job): what lies past it is discarded, but acknowledged as if it
+    // had been stored, so that the agent never resends it forever. Its
+    // completion is then taken with the shorter log, and fails.
+    let end = piece.offset.saturating_add(piece.data.len() as u64);
+    let past_limit = end > kept;
+    if past_limit {
+        let fits = usize::try_from(kept.saturating_sub(piece.offset)).unwrap_or(usize::MAX);
+        piece.data.truncate(fits);
+    }
+    let committed = if piece.data.is_empty() && past_limit {
+        services.store.log_len(piece.job).await?
+    } else {
+        match services
+            .store
+            .append_log(
+                piece.job,
+                piece.attempt,
+                piece.offset,
+                Bytes::from(piece.data),
+            )
+            .await
+        {
+            Ok(len) => len,
+            Err(StoreError::LogGap { committed }) => committed,
+            Err(err) => return Err(err.into()),
+        }
     };
     Ok(LogAcked {
         job: piece.job,
         seq: piece.seq,
-        committed,
+        // Short of what is kept (a gap), the agent resends from there.
+        committed: if past_limit && committed >= kept {
+            end
+        } else {
+            committed
+        },
     })
 }
 
@@ -1142,6 +1195,7 @@ mod tests {
                     timeout_secs: None,
                     requeue_lost_tests: None,
                     deploy_labels: BTreeMap::new(),
+                    max_log_bytes: None,
                 }),
             )
             .await

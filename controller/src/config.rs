@@ -6,7 +6,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hobotnica_common::duration::parse_duration;
+use hobotnica_common::logs::MIN_MAX_LOG_BYTES;
 use hobotnica_common::private_fs::{Secret, command_line_warning, read_secret_file};
+use hobotnica_common::size::parse_size;
+
+/// `--max-log-bytes`: a size of at least [`MIN_MAX_LOG_BYTES`].
+fn parse_log_limit(input: &str) -> Result<u64, String> {
+    let bytes = parse_size(input)?;
+    if bytes < MIN_MAX_LOG_BYTES {
+        return Err(format!("must be at least {MIN_MAX_LOG_BYTES} bytes"));
+    }
+    Ok(bytes)
+}
 
 /// Options of `hobotnica-controller` (also embedded in `hobot up`).
 #[derive(Clone, clap::Args)]
@@ -73,6 +84,12 @@ pub struct ControllerConfig {
     /// Finished jobs and their logs are deleted after this long.
     #[arg(long, env = "HOBOTNICA_RETENTION", default_value = "90d", value_parser = parse_duration)]
     pub retention: Duration,
+
+    /// The most a job's log may hold (e.g. 65536, 64KiB, 512MiB, 1GiB);
+    /// a repository may set a lower limit. Past it the agent stops the job,
+    /// which fails, and the controller discards what still comes.
+    #[arg(long, env = "HOBOTNICA_MAX_LOG_BYTES", default_value = "1GiB", value_parser = parse_log_limit)]
+    pub max_log_bytes: u64,
 
     /// Only the newest this many jobs of each repository are kept.
     #[arg(

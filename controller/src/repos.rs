@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, Job, JobState, Repo};
+use hobotnica_common::logs::MIN_MAX_LOG_BYTES;
+use hobotnica_common::size::human_size;
 use hobotnica_common::token::random_hex;
 use hobotnica_common::validate;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,8 @@ pub struct NewRepo {
     pub requeue_lost_tests: Option<bool>,
     /// Labels an agent's token must vouch for to take a deploy.
     pub deploy_labels: BTreeMap<String, String>,
+    /// A log limit below the controller's.
+    pub max_log_bytes: Option<u64>,
 }
 
 /// A repository to register: by plain git URL (the admin only), or a
@@ -90,6 +94,8 @@ pub struct RepoOverview {
 #[derive(Debug, Clone, Default)]
 pub struct RepoChange {
     pub deploy_labels: Option<BTreeMap<String, String>>,
+    /// `Some(None)`: back to the controller's limit.
+    pub max_log_bytes: Option<Option<u64>>,
 }
 
 impl Services {
@@ -219,6 +225,15 @@ impl Services {
         if let Some(deploy_labels) = change.deploy_labels {
             repo = self.set_deploy_labels(&repo, deploy_labels).await?;
         }
+        if let Some(max_log_bytes) = change.max_log_bytes {
+            let max_log_bytes = self.repo_log_limit(max_log_bytes)?;
+            repo = self
+                .change_repo(&repo.owner, &repo.name, |updated| {
+                    updated.max_log_bytes = max_log_bytes;
+                    Ok(updated.clone())
+                })
+                .await?;
+        }
         self.overview(repo).await
     }
 
@@ -231,6 +246,7 @@ impl Services {
         validate::branch("branch", &branch)?;
         validate::labels("deploy_labels", &new.deploy_labels)?;
         let timeout_secs = job_timeout(new.timeout_secs)?;
+        let max_log_bytes = self.repo_log_limit(new.max_log_bytes)?;
         let repo = Repo {
             owner,
             name: new.name,
@@ -243,10 +259,38 @@ impl Services {
             env: Vec::new(),
             requeue_lost_tests: new.requeue_lost_tests.unwrap_or(true),
             deploy_labels: new.deploy_labels,
+            max_log_bytes,
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
         Ok(repo)
+    }
+
+    /// A repository's own log limit, checked: between
+    /// [`MIN_MAX_LOG_BYTES`] and the controller's `--max-log-bytes` (a
+    /// repository may lower the controller's limit, never raise it).
+    fn repo_log_limit(&self, max_log_bytes: Option<u64>) -> Result<Option<u64>, CoreError> {
+        let controller = self.config.max_log_bytes;
+        match max_log_bytes {
+            Some(bytes) if !(MIN_MAX_LOG_BYTES..=controller).contains(&bytes) => {
+                Err(CoreError::invalid(
+                    "max_log_bytes",
+                    format!(
+                        "must be between {MIN_MAX_LOG_BYTES} and {controller} bytes (this controller's limit, {})",
+                        human_size(controller)
+                    ),
+                ))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The most a log of `repo`'s jobs may hold: its own limit, never above
+    /// the controller's (which may have been lowered since it was set).
+    pub fn log_limit(&self, repo: Option<&Repo>) -> u64 {
+        let controller = self.config.max_log_bytes;
+        repo.and_then(|repo| repo.max_log_bytes)
+            .map_or(controller, |bytes| bytes.min(controller))
     }
 
     /// Repository `owner/name`, whoever asks: callers' requests go through
@@ -276,6 +320,8 @@ pub struct NewGitHubRepo {
     pub timeout_secs: Option<u64>,
     pub create_webhook: bool,
     pub deploy_labels: BTreeMap<String, String>,
+    /// A log limit below the controller's.
+    pub max_log_bytes: Option<u64>,
 }
 
 impl Services {
@@ -294,6 +340,7 @@ impl Services {
             timeout_secs,
             create_webhook,
             deploy_labels,
+            max_log_bytes,
         } = new;
         let name = name.as_str();
         let Caller::GitHub { login, token } = caller else {
@@ -306,6 +353,7 @@ impl Services {
         validate::repo_component("owner", owner)?;
         validate::repo_component("name", name)?;
         validate::labels("deploy_labels", &deploy_labels)?;
+        let max_log_bytes = self.repo_log_limit(max_log_bytes)?;
         let info = self.registrable(login, token, owner, name).await?;
         let branch = branch
             .or(info.default_branch)
@@ -337,6 +385,7 @@ impl Services {
             env: Vec::new(),
             requeue_lost_tests: true,
             deploy_labels,
+            max_log_bytes,
         };
         let webhook_url = self.webhook_url(&hook_id);
         // Nothing is made on GitHub for a repository already registered;

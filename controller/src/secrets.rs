@@ -135,6 +135,7 @@ mod rotation_tests {
                 disabled: None,
                 requeue_lost_tests: true,
                 deploy_labels: std::collections::BTreeMap::new(),
+                max_log_bytes: None,
                 env: vec![EnvVar {
                     key: "TOKEN".into(),
                     scope: EnvScope::All,

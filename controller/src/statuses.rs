@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use hobotnica_common::job::{Job, JobState};
+use hobotnica_common::logs::log_limit_summary;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,8 @@ use crate::services::Services;
 /// Status updates waiting to be posted; beyond this, new ones are dropped
 /// (with a warning) rather than slowing jobs down.
 const QUEUE_CAPACITY: usize = 4096;
+/// The longest description GitHub takes on a commit status.
+const MAX_DESCRIPTION_CHARS: usize = 140;
 /// Attempts per status before giving up.
 const MAX_ATTEMPTS: u32 = 6;
 /// First retry delay; doubled each time.
@@ -53,10 +56,18 @@ fn status_of(job: &Job, target_url: String) -> Option<CommitStatus> {
         JobState::TimedOut => (StatusState::Error, "timed out"),
         JobState::Lost => (StatusState::Error, "lost (its agent went away)"),
     };
+    let mut description = format!("make {}: {description}", job.target);
+    // A job stopped at its log limit says so (GitHub takes 140 characters).
+    if job.state == JobState::Failed
+        && let Some(summary) = job.message.as_deref().and_then(log_limit_summary)
+        && description.chars().count() + 2 + summary.chars().count() <= MAX_DESCRIPTION_CHARS
+    {
+        description = format!("{description}: {summary}");
+    }
     Some(CommitStatus {
         state,
         context: format!("hobotnica/{}", job.target),
-        description: format!("make {}: {description}", job.target),
+        description,
         target_url,
     })
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hobotnica_tests::git::{BIG_OUTPUT_BYTES, INTERLEAVED_OUTPUT, big_output_sha256};
+use hobotnica_tests::git::{BIG_OUTPUT_BYTES, INTERLEAVED_OUTPUT, MAKEFILE, big_output_sha256};
 use hobotnica_tests::output::make_output;
 use hobotnica_tests::procs::{processes_in_dir, processes_with_env, signal_all};
 use hobotnica_tests::{
@@ -538,6 +538,132 @@ async fn a_job_running_past_the_repository_timeout_is_timed_out() {
     assert!(posted.elapsed() >= Duration::from_secs(2));
     assert!(done.finished_at.is_some());
     wait_for_no_processes(&marker, Duration::from_secs(5)).await;
+}
+
+/// A job that prints forever (`yes`) in a repository limited to 64 KiB of
+/// log: the agent stops it like a timeout, the stored log holds the limit
+/// and ends with a notice, and the job fails saying so. The next job on the
+/// same agent, well under the limit, is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_printing_forever_is_stopped_at_its_log_limit_and_fails() {
+    let s = setup().await;
+    let repo = s
+        .api
+        .register_repo_with(
+            json!({ "name": "chatty", "git_url": s.repo.url(), "max_log_bytes": 65536 }),
+        )
+        .await;
+    assert_eq!(repo["max_log_bytes"], 65536);
+    let makefile = format!("{MAKEFILE}\nforever:\n\t@yes\n");
+    s.repo
+        .commit(&[("Makefile", &makefile)], "a target that prints forever");
+    let marker = marker();
+    let posted = Instant::now();
+    let job = s
+        .api
+        .run_job(
+            "local/chatty",
+            json!({ "target": "forever", "env": { &marker.0: &marker.1 } }),
+        )
+        .await;
+    let done = s
+        .api
+        .wait_for_state(job.id, &[JobState::Failed], JOB_TIMEOUT)
+        .await;
+    let took = posted.elapsed();
+    let message = done.message.unwrap_or_default();
+    assert_eq!(
+        message,
+        "the log reached its limit of 64.0 KiB (65536 bytes); output stopped and the job was stopped"
+    );
+    wait_for_no_processes(&marker, Duration::from_secs(5)).await;
+
+    let log = s.api.log(job.id).await;
+    let notice = format!("[hobotnica] {message}\n");
+    assert!(
+        log.ends_with(notice.as_bytes()),
+        "the log ends with the notice: {:?}",
+        text(&log[log.len().saturating_sub(200)..])
+    );
+    // The limit's worth of log, a newline if it was cut mid-line, the notice.
+    let kept = &log[..log.len() - notice.len()];
+    assert!(
+        kept.len() == 65536 || (kept.len() == 65537 && kept.ends_with(b"\n")),
+        "{} bytes before the notice",
+        kept.len()
+    );
+    assert!(text(kept).contains("y\ny\ny\n"), "yes ran");
+    eprintln!("the job printing forever failed {took:?} after it was posted");
+
+    let next = s.api.run_target("local/chatty", "test").await;
+    let next = s.api.wait_for_success(next.id, JOB_TIMEOUT).await;
+    assert_eq!(next.agent.as_deref(), Some(s.agent.name.as_str()));
+    assert!(next.message.is_none(), "{:?}", next.message);
+    let log = text(&s.api.log(next.id).await);
+    assert!(!log.contains("reached its limit"), "{log}");
+    assert_eq!(
+        s.api.output(next.id).await,
+        "hello from stdout\nhello from stderr\ntests passed\n"
+    );
+}
+
+/// The controller's `--max-log-bytes` bounds what a repository may ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_cannot_raise_the_controllers_log_limit() {
+    let controller = Controller::start(ControllerOpts {
+        extra_args: vec!["--max-log-bytes".to_owned(), "64KiB".to_owned()],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let api = controller.api();
+    let repo = GitRepo::new();
+    let problem = api
+        .send_json(
+            Method::POST,
+            "/api/v1/repos",
+            &json!({ "name": "big", "git_url": repo.url(), "max_log_bytes": 1_048_576 }),
+        )
+        .await
+        .assert_problem(422);
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("max_log_bytes"), "{detail}");
+    assert!(detail.contains("65536"), "{detail}");
+    let registered = api.register_repo("small", &repo.url()).await;
+    assert_eq!(registered["max_log_bytes"], Value::Null);
+    let changed = api
+        .send_json(
+            Method::PATCH,
+            "/api/v1/repos/local/small",
+            &json!({ "max_log_bytes": 4096 }),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert_eq!(changed.json()["max_log_bytes"], 4096);
+    let reset = api
+        .send_json(
+            Method::PATCH,
+            "/api/v1/repos/local/small",
+            &json!({ "max_log_bytes": null }),
+        )
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.text());
+    assert_eq!(reset.json()["max_log_bytes"], Value::Null);
+
+    // The same through `hobot`, in human sizes.
+    let cwd = tempfile::tempdir().unwrap();
+    let url = repo.url();
+    let add = ["repos", "add", "cli", &url, "--max-log-bytes", "16KiB"];
+    cli::run(Some(&controller), cwd.path(), &add)
+        .await
+        .success();
+    let shown = cli::run(Some(&controller), cwd.path(), &["repos", "show", "cli"])
+        .await
+        .success();
+    assert!(shown.contains("16.0 KiB (16384 bytes)"), "{shown}");
+    let too_big = ["repos", "add", "huge", &url, "--max-log-bytes", "1MiB"];
+    let out = cli::run(Some(&controller), cwd.path(), &too_big).await;
+    assert_ne!(out.code(), Some(0), "{out:#?}");
+    assert!(out.stderr.contains("max_log_bytes"), "{out:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::Outcome;
+use hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES;
 use hobotnica_common::proto::{self, agent_message, controller_message};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
@@ -191,6 +192,11 @@ fn job_spec(assignment: proto::Assignment) -> JobSpec {
         secrets: assignment.secrets,
         git_http_header: (!assignment.git_http_header.is_empty())
             .then(|| GitHttpHeader::new(assignment.git_http_header)),
+        // An older controller sends none: the agent's own default.
+        max_log_bytes: match assignment.max_log_bytes {
+            0 => DEFAULT_MAX_LOG_BYTES,
+            bytes => bytes,
+        },
     }
 }
 

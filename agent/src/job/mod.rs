@@ -47,6 +47,9 @@ pub enum JobEvent {
     /// spool stayed unreadable, or the shipper crashed): the rest can never
     /// be shipped, so the job fails, reported with what the controller has.
     LogLost { reason: String },
+    /// The job's output went past its log limit: the rest is dropped, and
+    /// the job is stopped and fails.
+    LogLimitReached,
 }
 
 /// The calls a job makes to the controller: [`Connection`] in the agent;

@@ -48,6 +48,8 @@ pub struct JobSpec {
     /// Sent by git to the repository's host (private repositories); given
     /// to git only, never to make, and masked like the secrets.
     pub git_http_header: Option<GitHttpHeader>,
+    /// The most the job's log may hold, in bytes.
+    pub max_log_bytes: u64,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -61,6 +63,7 @@ impl std::fmt::Debug for JobSpec {
             .field("kind", &self.kind)
             .field("env_keys", &self.env.keys().collect::<Vec<_>>())
             .field("timeout", &self.timeout)
+            .field("max_log_bytes", &self.max_log_bytes)
             .field(
                 "secrets",
                 &format_args!("[{} REDACTED]", self.secrets.len()),
@@ -94,6 +97,7 @@ mod debug_tests {
             timeout: None,
             secrets: vec!["listed-secret".into()],
             git_http_header: None,
+            max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
         };
         let printed = format!("{spec:?}");
         assert!(printed.contains("API_TOKEN"), "{printed}");

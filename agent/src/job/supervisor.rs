@@ -12,6 +12,7 @@ use std::time::Duration;
 use hobotnica_common::env::{CiVars, compose};
 use hobotnica_common::ids::CommitSha;
 use hobotnica_common::job::Outcome;
+use hobotnica_common::logs::log_limit_message;
 use hobotnica_common::validate;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -36,6 +37,8 @@ enum Stop {
     Gone(String),
     /// The log can no longer be shipped: the job fails.
     LogLost(String),
+    /// The output went past the log limit (bytes): the job fails.
+    LogLimit(u64),
 }
 
 /// How the work ended, before it is reported.
@@ -102,7 +105,7 @@ impl<C: JobController> Supervisor<C> {
         self.spawn_lease();
 
         let spool_path = self.context.spool_dir.join(format!("{key}.log"));
-        let spool = match Spool::create(spool_path) {
+        let spool = match Spool::with_limit(spool_path, self.spec.max_log_bytes) {
             Ok(spool) => Arc::new(spool),
             Err(error) => {
                 let message = format!("could not create the log spool: {error}");
@@ -122,8 +125,18 @@ impl<C: JobController> Supervisor<C> {
         };
 
         let shipper_handle = self.spawn_shipper(&spool);
+        self.spawn_log_limit_watch(&spool);
 
-        let (tree, end) = self.work(&spool).await;
+        let (tree, mut end) = self.work(&spool).await;
+        if spool.is_full() && self.stop.is_none() {
+            // make ended on its own before the limit was heard of: its log
+            // was cut all the same.
+            end = WorkEnd {
+                outcome: Outcome::Failed,
+                exit_code: end.exit_code,
+                message: log_limit_message(spool.limit()),
+            };
+        }
         let log_length = spool.close();
         match &self.stop {
             Some(Stop::Gone(reason)) => {
@@ -172,6 +185,21 @@ impl<C: JobController> Supervisor<C> {
         );
     }
 
+    /// Tells the job when its output went past the log limit.
+    fn spawn_log_limit_watch(&mut self, spool: &Spool) {
+        let full = spool.full_token();
+        let events = self.events_tx.clone();
+        let stop = self.children_stop.clone();
+        self.children.spawn(async move {
+            tokio::select! {
+                () = full.cancelled() => {
+                    let _ = events.send(JobEvent::LogLimitReached);
+                }
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
     /// Starts the job's log shipper as a child task.
     fn spawn_shipper(&mut self, spool: &Arc<Spool>) -> ShipperHandle {
         let (shipper, handle) = Shipper::new(self.controller.clone(), self.spec.key, spool.clone());
@@ -212,6 +240,7 @@ impl<C: JobController> Supervisor<C> {
             JobEvent::CancelRequested { reason } => Stop::Cancelled(reason),
             JobEvent::DeadlineReached => Stop::TimedOut(self.spec.timeout.unwrap_or_default()),
             JobEvent::Shutdown => Stop::ShutDown,
+            JobEvent::LogLimitReached => Stop::LogLimit(spool.limit()),
             JobEvent::JobGone { reason } => Stop::Gone(reason),
             JobEvent::LogLost { reason } => {
                 tracing::error!(
@@ -245,6 +274,8 @@ impl<C: JobController> Supervisor<C> {
             Stop::ShutDown => self.line(spool, "agent shut down"),
             // Nothing written now would reach the controller.
             Stop::Gone(_) | Stop::LogLost(_) => {}
+            // The spool ended the log with the notice already.
+            Stop::LogLimit(_) => {}
         }
         tracing::info!(?stop, "stopping the job");
         self.stop = Some(stop);
@@ -279,6 +310,7 @@ impl<C: JobController> Supervisor<C> {
             Some(Stop::ShutDown) => (Outcome::Cancelled, "agent shut down".to_owned()),
             Some(Stop::Gone(reason)) => (Outcome::Cancelled, reason.clone()),
             Some(Stop::LogLost(reason)) => (Outcome::Failed, reason.clone()),
+            Some(Stop::LogLimit(limit)) => (Outcome::Failed, log_limit_message(*limit)),
             None => (Outcome::Failed, "stopped".to_owned()),
         };
         WorkEnd {
@@ -781,6 +813,7 @@ mod tests {
             timeout: None,
             secrets: Vec::new(),
             git_http_header: Some(header.clone()),
+            max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
         };
         // Even when the agent itself runs with git configuration around.
         let inherited = [
@@ -957,6 +990,7 @@ mod report_tests {
             timeout: None,
             secrets: Vec::new(),
             git_http_header: None,
+            max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
         }
     }
 
@@ -1151,6 +1185,29 @@ mod report_tests {
         let end = supervisor.stopped(Some(143));
         assert_eq!(end.outcome, Outcome::Failed);
         assert_eq!(end.message, reason);
+    }
+
+    /// Output past the log limit stops make like a timeout does, writes
+    /// nothing more (the spool ended the log with its notice), and the job
+    /// fails with a message naming the limit.
+    #[tokio::test]
+    async fn output_past_the_log_limit_stops_the_work_and_fails_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut supervisor = supervisor(Scripted::new(Logs::AckAll, []), dir.path());
+        let spool = Spool::with_limit(dir.path().join("7-1.log"), 2048).expect("spool");
+        spool.append(&[b'y'; 4096]).expect("append");
+        assert!(spool.is_full());
+        let len = spool.progress().len;
+        assert!(supervisor.on_event(JobEvent::LogLimitReached, &spool));
+        // A later reason neither stops the job again nor writes a line.
+        assert!(!supervisor.on_event(JobEvent::DeadlineReached, &spool));
+        assert_eq!(spool.progress().len, len);
+        let end = supervisor.stopped(Some(143));
+        assert_eq!(end.outcome, Outcome::Failed);
+        assert_eq!(
+            end.message,
+            "the log reached its limit of 2.0 KiB (2048 bytes); output stopped and the job was stopped"
+        );
     }
 
     /// The lease task panics. Before the fix nothing told the supervisor:

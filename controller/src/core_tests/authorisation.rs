@@ -124,6 +124,7 @@ async fn the_admin_may_do_everything() {
             name,
             RepoChange {
                 deploy_labels: Some(labels(&[("env", "prod")])),
+                max_log_bytes: None,
             },
         )
         .await
@@ -341,6 +342,7 @@ async fn pull_access_reads_but_every_change_needs_push() {
                 name,
                 RepoChange {
                     deploy_labels: Some(labels(&[("env", "prod")])),
+                    max_log_bytes: None,
                 },
             )
             .await
@@ -544,6 +546,7 @@ async fn registering_by_git_url_needs_the_admin_and_by_github_a_github_user() {
             timeout_secs: None,
             requeue_lost_tests: None,
             deploy_labels: BTreeMap::new(),
+            max_log_bytes: None,
         })
     };
     assert_forbidden(
@@ -571,6 +574,7 @@ async fn registering_by_git_url_needs_the_admin_and_by_github_a_github_user() {
             timeout_secs: None,
             create_webhook: false,
             deploy_labels: BTreeMap::new(),
+            max_log_bytes: None,
         })
     };
     assert_forbidden(

@@ -8,7 +8,7 @@ use hobotnica_common::job::{JobState, Outcome};
 use super::*;
 
 /// The whole stored log of `job`, as the admin reads it.
-async fn log_of(core: &Core, job: JobId) -> Vec<u8> {
+pub(super) async fn log_of(core: &Core, job: JobId) -> Vec<u8> {
     let read = core
         .services
         .read_log(&Caller::Admin, job, 0)

@@ -15,6 +15,7 @@ mod completion;
 mod deploys;
 mod dispatch;
 mod idempotency;
+mod log_limit;
 mod registration;
 mod triggering;
 
@@ -101,6 +102,11 @@ impl Core {
     /// A fresh core: an empty store, the four users on the fake GitHub, and
     /// the commit status sender running.
     async fn start() -> Core {
+        Core::start_with(&[]).await
+    }
+
+    /// A fresh core whose controller also has the options `extra`.
+    async fn start_with(extra: &[&str]) -> Core {
         let github = FakeGitHub::start().await;
         for user in [MAINTAINER, WRITER, READER, STRANGER] {
             github.add_user(user.login, user.token);
@@ -112,6 +118,7 @@ impl Core {
             data_dir.to_str().expect("UTF-8 path").to_owned(),
         ];
         args.extend(github.controller_args());
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let command = ControllerConfig::augment_args(clap::Command::new("t").no_binary_name(true));
         let matches = command.try_get_matches_from(args).expect("controller args");
         let config = ControllerConfig::from_arg_matches(&matches).expect("controller config");
@@ -168,6 +175,7 @@ impl Core {
                     timeout_secs: None,
                     create_webhook: false,
                     deploy_labels: labels(deploy_labels),
+                    max_log_bytes: None,
                 }),
             )
             .await
@@ -238,6 +246,7 @@ impl Core {
                     timeout_secs: None,
                     requeue_lost_tests: None,
                     deploy_labels: labels(deploy_labels),
+                    max_log_bytes: None,
                 }),
             )
             .await
@@ -370,12 +379,19 @@ impl Core {
     /// Ships `data` as the log of `job` (from offset 0) through the log
     /// intake, as `agent`; returns the committed length.
     async fn ship_log(&self, agent: &TestAgent, job: &Job, data: &[u8]) -> u64 {
+        self.ship_pieces(agent, job, &[(0, data)]).await[0]
+    }
+
+    /// Ships `(offset, data)` pieces of the log of `job` on one stream
+    /// through the log intake, as `agent`; returns each piece's
+    /// acknowledged committed length.
+    async fn ship_pieces(&self, agent: &TestAgent, job: &Job, pieces: &[(u64, &[u8])]) -> Vec<u64> {
         let attached = self
             .services
             .attach_agent(&agent.token, &agent.record.id.0)
             .await
             .expect("the agent attaches");
-        let (pieces, inbound) = mpsc::channel(1);
+        let (sender, inbound) = mpsc::channel(1);
         let (outbound, mut acks) = mpsc::channel(1);
         let intake = tokio::spawn(crate::agents::run_log_intake(
             self.services.clone(),
@@ -384,27 +400,31 @@ impl Core {
             outbound,
             self.shutdown.child_token(),
         ));
-        pieces
-            .send(LogPiece {
-                job: job.id,
-                attempt: job.attempt.max(1),
-                seq: 0,
-                offset: 0,
-                data: data.to_vec(),
-            })
-            .await
-            .expect("the intake takes the piece");
-        let ack = tokio::time::timeout(DEADLINE, acks.recv())
-            .await
-            .expect("the piece is answered")
-            .expect("the intake answers")
-            .unwrap_or_else(|err| panic!("the piece is refused: {err}"));
-        drop(pieces);
+        let mut committed = Vec::new();
+        for (seq, (offset, data)) in (0u64..).zip(pieces) {
+            sender
+                .send(LogPiece {
+                    job: job.id,
+                    attempt: job.attempt.max(1),
+                    seq,
+                    offset: *offset,
+                    data: data.to_vec(),
+                })
+                .await
+                .expect("the intake takes the piece");
+            let ack = tokio::time::timeout(DEADLINE, acks.recv())
+                .await
+                .expect("the piece is answered")
+                .expect("the intake answers")
+                .unwrap_or_else(|err| panic!("the piece is refused: {err}"));
+            committed.push(ack.committed);
+        }
+        drop(sender);
         tokio::time::timeout(DEADLINE, intake)
             .await
             .expect("the intake ends with its stream")
             .expect("the intake does not panic");
-        ack.committed
+        committed
     }
 
     /// `agent` says attempt 1 of `job` ended with `outcome`, having sent

@@ -91,6 +91,7 @@ fn assignment(assignment: JobAssignment) -> controller_message::Kind {
         env,
         secrets,
         git_http_header,
+        max_log_bytes,
     } = assignment;
     controller_message::Kind::Assignment(Assignment {
         job_id: job.id.0,
@@ -105,6 +106,7 @@ fn assignment(assignment: JobAssignment) -> controller_message::Kind {
         timeout_ms: job.timeout_secs.saturating_mul(1000),
         secrets,
         git_http_header,
+        max_log_bytes,
     })
 }
 

@@ -69,6 +69,11 @@ pub struct RegisterRepoRequest {
     /// Default: none, any agent.
     #[schema(value_type = Option<Labels>)]
     pub deploy_labels: Option<BTreeMap<String, String>>,
+    /// The most a job's log may hold, in bytes (at least 1024, at most the
+    /// controller's `--max-log-bytes`, which applies without one). Past it
+    /// the job is stopped and fails, its log ending with a notice.
+    #[schema(minimum = 1024)]
+    pub max_log_bytes: Option<u64>,
 }
 
 /// Change a repository's settings; fields left out stay as they are.
@@ -80,6 +85,22 @@ pub struct UpdateRepoRequest {
     /// from now on; `{}` lets any agent deploy.
     #[schema(value_type = Option<Labels>)]
     pub deploy_labels: Option<BTreeMap<String, String>>,
+    /// The most a job's log may hold, in bytes (at least 1024, at most the
+    /// controller's `--max-log-bytes`), for jobs that start from now on;
+    /// `null`: the controller's limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, minimum = 1024)]
+    pub max_log_bytes: Option<Option<u64>>,
+}
+
+/// A field that may be `null`: `Some(None)` when it is, `None` (by
+/// `#[serde(default)]`) when it is left out.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -98,6 +119,9 @@ pub struct RepoView {
     pub requeue_lost_tests: bool,
     /// Labels the token of an agent must vouch for to take a deploy.
     pub deploy_labels: BTreeMap<String, String>,
+    /// The repository's own log limit in bytes; `null`: the controller's
+    /// (`--max-log-bytes`). The smaller of the two applies.
+    pub max_log_bytes: Option<u64>,
     /// The commit of the latest successful deploy, if any.
     pub deployed_commit: Option<String>,
     /// When that deploy finished.
@@ -134,6 +158,7 @@ impl From<Repo> for RepoView {
             deployed_at: None,
             requeue_lost_tests: repo.requeue_lost_tests,
             deploy_labels: repo.deploy_labels,
+            max_log_bytes: repo.max_log_bytes,
             disabled: repo.disabled,
             webhook_url: None,
             webhook_secret: None,
@@ -195,6 +220,7 @@ async fn register_repo(
             timeout_secs: request.timeout_secs,
             requeue_lost_tests: request.requeue_lost_tests,
             deploy_labels: request.deploy_labels.unwrap_or_default(),
+            max_log_bytes: request.max_log_bytes,
         }),
         None => NewRepository::GitHub(NewGitHubRepo {
             owner: request.owner,
@@ -203,6 +229,7 @@ async fn register_repo(
             timeout_secs: request.timeout_secs,
             create_webhook: request.create_webhook.unwrap_or(false),
             deploy_labels: request.deploy_labels.unwrap_or_default(),
+            max_log_bytes: request.max_log_bytes,
         }),
     };
     let registered = services.register(&caller, new).await?;
@@ -289,6 +316,7 @@ async fn update_repo(
 ) -> Result<Json<RepoView>, ApiError> {
     let change = RepoChange {
         deploy_labels: request.deploy_labels,
+        max_log_bytes: request.max_log_bytes,
     };
     let overview = services
         .change_settings(&caller, &owner, &name, change)

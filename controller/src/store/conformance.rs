@@ -34,6 +34,7 @@ fn repo(name: &str) -> Repo {
         env: Vec::new(),
         requeue_lost_tests: true,
         deploy_labels: BTreeMap::new(),
+        max_log_bytes: None,
     }
 }
 
