@@ -11,6 +11,7 @@ pub mod env;
 pub mod ids;
 pub mod job;
 pub mod logs;
+pub mod mask_forms;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;

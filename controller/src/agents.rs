@@ -418,7 +418,11 @@ impl Services {
             let basic = base64::engine::general_purpose::STANDARD
                 .encode(format!("x-access-token:{}", token.expose()));
             assignment.git_http_header = format!("Authorization: Basic {basic}");
-            assignment.secrets.push(token.expose().to_owned());
+            // The token's own forms (its base64 at every alignment covers
+            // the header's), and the header's value whole.
+            assignment
+                .secrets
+                .extend(hobotnica_common::mask_forms::mask_forms(token.expose()));
             assignment.secrets.push(basic);
         }
         Ok(Some(assignment))

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use hobotnica_common::env::merge_layers;
 use hobotnica_common::job::{EnvScope, EnvValue, EnvVar, Job, Repo};
+use hobotnica_common::mask_forms::mask_forms;
 use hobotnica_common::validate;
 
 use crate::auth::{Access, Caller};
@@ -15,28 +16,6 @@ use crate::services::Services;
 
 /// Most variables a repository may have.
 pub const MAX_REPO_VARS: usize = 200;
-
-/// The forms of a secret value the agent masks: the value, each of its
-/// lines of 4 characters or more (a multi-line secret printed line by line),
-/// and its base64 encoding.
-pub fn mask_forms(value: &str) -> Vec<String> {
-    use base64::Engine as _;
-    let mut forms = vec![value.to_owned()];
-    if value.contains('\n') {
-        forms.extend(
-            value
-                .lines()
-                .map(str::trim_end)
-                .filter(|line| line.len() >= 4)
-                .map(str::to_owned),
-        );
-    }
-    forms.push(base64::engine::general_purpose::STANDARD.encode(value));
-    forms.retain(|form| form.len() >= 4);
-    forms.sort();
-    forms.dedup();
-    forms
-}
 
 /// A variable to set on a repository.
 #[derive(Debug, Clone)]
@@ -208,26 +187,5 @@ impl Services {
                 None
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod env_tests {
-    use super::mask_forms;
-
-    #[test]
-    fn mask_forms_cover_lines_and_base64() {
-        let forms = mask_forms("-----BEGIN KEY-----\nabcdefgh\nxy\n-----END KEY-----");
-        assert!(forms.contains(&"abcdefgh".to_owned()));
-        assert!(forms.contains(&"-----BEGIN KEY-----".to_owned()));
-        assert!(
-            !forms.contains(&"xy".to_owned()),
-            "short lines are not masked"
-        );
-        assert!(forms.iter().any(|f| f.starts_with("LS0tLS1CRUdJTi")));
-        assert_eq!(
-            mask_forms("hunter2"),
-            vec!["aHVudGVyMg==".to_owned(), "hunter2".to_owned()]
-        );
     }
 }

@@ -28,9 +28,13 @@ use tempfile::TempDir;
 /// - `secrets`: `gate` (when `$E2E_GATE` is set), then `$E2E_SECRET` printed
 ///   whole (`secret-whole`), one byte per write (`secret-bytes`), in base64
 ///   (`secret-base64`), and each line of `$E2E_SECRET_LINES` behind a prefix
-///   (`secret-lines`); `secrets done`.
+///   (`secret-lines`); `secrets done`;
+/// - `secret-encodings`: `$E2E_SECRET` and `$E2E_SECRET_LINES` in base64 the
+///   ways a job may print them: after `echo` (a newline), behind `user:`,
+///   base64url, wrapped at 76 and 20 columns, wrapped with CRLF, unwrapped;
+///   then `encodings done`.
 pub const MAKEFILE: &str = r#"# Targets used by Hobotnica's end-to-end tests.
-.PHONY: test fail sleep big env interleave version concurrent gate id now count deploy penv secrets secret-whole secret-bytes secret-lines secret-base64
+.PHONY: test fail sleep big env interleave version concurrent gate id now count deploy penv secrets secret-whole secret-bytes secret-lines secret-base64 secret-encodings
 
 test:
 	@echo "hello from stdout"
@@ -104,6 +108,18 @@ secret-base64:
 
 secret-lines:
 	@printf '%s\n' "$$E2E_SECRET_LINES" | while read -r l; do echo "line: $$l"; done
+
+secret-encodings:
+	@for s in "$$E2E_SECRET" "$$E2E_SECRET_LINES"; do \
+	  echo "echo:"; echo "$$s" | base64; \
+	  echo "user:"; printf 'user:%s' "$$s" | base64; \
+	  echo "url:"; printf '%s' "$$s" | basenc --base64url; \
+	  echo "w76:"; printf '%s' "$$s" | base64 -w 76; \
+	  echo "w20:"; printf '%s' "$$s" | base64 -w 20; \
+	  echo "crlf:"; printf '%s' "$$s" | base64 -w 30 | sed 's/$$/\r/'; \
+	  echo "w0:"; printf '%s' "$$s" | base64 -w0; echo; \
+	done
+	@echo "encodings done"
 "#;
 
 /// The `test` rule of [`MAKEFILE`], whole.

@@ -20,8 +20,13 @@ use crate::process::OutputPipe;
 /// Bytes read from the output pipe at once.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
+/// How long a line is held back, at most, because wrapped base64 of a
+/// secret might go on after its line break (see [`Masker::release`]).
+const LINE_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Copies a process's output through the masker into the spool until every
-/// writer has closed the pipe; returns the bytes read. After a spool write
+/// writer has closed the pipe; returns the bytes read. A line the masker
+/// holds back is released after [`LINE_HOLD`] without output. After a spool write
 /// fails the pipe is still drained (so the process never blocks on a full
 /// pipe) and the first error is returned at the end.
 pub async fn copy_output(
@@ -34,7 +39,24 @@ pub async fn copy_output(
     let mut total = 0u64;
     let mut first_error = None;
     loop {
-        let n = pipe.read(&mut buf).await?;
+        let n = if masker.holds_a_line_end() {
+            match tokio::time::timeout(LINE_HOLD, pipe.read(&mut buf)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    // Quiet with a whole line held back: let it go.
+                    masked.clear();
+                    masker.release(&mut masked);
+                    if first_error.is_none()
+                        && let Err(error) = spool.append(&masked)
+                    {
+                        first_error = Some(error);
+                    }
+                    continue;
+                }
+            }
+        } else {
+            pipe.read(&mut buf).await?
+        };
         if n == 0 {
             break;
         }
@@ -103,6 +125,41 @@ mod tests {
         let len = spool.close();
         let data = spool.reader()?.read_at(0, usize::try_from(len)?)?;
         assert_eq!(String::from_utf8(data)?, "token: [MASKED]\n[MASKED]");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_line_held_for_wrapped_base64_leaves_when_the_job_goes_quiet() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let spool = Arc::new(Spool::create(dir.path().join("1-1.log"))?);
+        let gate = dir.path().join("gate");
+        // "gate\n" could begin the secret wrapped ("e" then a line break);
+        // then the job waits for the test to open the gate.
+        let spec = CommandSpec::new("/bin/sh", dir.path())
+            .arg("-c")
+            .arg(format!(
+                "echo 'waiting for the gate'; n=0; while [ ! -e '{}' ]; do n=$((n+1)); [ $n -gt 400 ] && exit 9; sleep 0.05; done; printf 'eWJj\\nZGVm\\n'",
+                gate.display()
+            ))
+            .env("PATH", "/usr/bin:/bin");
+        let (mut group, pipe) = spawn(&spec)?;
+        let secrets = Secrets::new(["eWJjZGVm"]);
+        let copying = tokio::spawn(copy_output(pipe, secrets.masker(), spool.clone()));
+        let mut progress = spool.subscribe();
+        let line = b"waiting for the gate\n";
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while progress.borrow_and_update().len < line.len() as u64 {
+                progress.changed().await?;
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        std::fs::write(&gate, b"")?;
+        copying.await??;
+        assert!(group.wait().await?.success());
+        let len = spool.close();
+        let data = spool.reader()?.read_at(0, usize::try_from(len)?)?;
+        assert_eq!(String::from_utf8(data)?, "waiting for the gate\n[MASKED]\n");
         Ok(())
     }
 }

@@ -970,6 +970,94 @@ async fn secrets_are_masked_in_logs_and_absent_from_redis() {
     secrets_are_masked_and_never_stored_in_plaintext(&controller, Some(&redis)).await;
 }
 
+/// Every byte string a base64 text may hide: each maximal run of base64
+/// characters (either alphabet, padding skipped) once line breaks are
+/// removed, decoded from each of its first four characters (so a run that
+/// joins two outputs is read at the alignment of each).
+fn base64_decodings(log: &[u8]) -> Vec<Vec<u8>> {
+    let sextet = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' | b'-' => Some(62),
+        b'/' | b'_' => Some(63),
+        _ => None,
+    };
+    let joined: Vec<u8> = log
+        .iter()
+        .copied()
+        .filter(|b| *b != b'\n' && *b != b'\r' && *b != b'=')
+        .collect();
+    let mut decoded = Vec::new();
+    for run in joined.split(|b| sextet(*b).is_none()) {
+        for skip in 0..4.min(run.len()) {
+            let mut bytes = Vec::new();
+            let (mut bits, mut count) = (0u32, 0);
+            for c in &run[skip..] {
+                bits = (bits << 6) | u32::from(sextet(*c).unwrap_or(0));
+                count += 6;
+                if count >= 8 {
+                    count -= 8;
+                    bytes.push((bits >> count) as u8);
+                    bits &= (1 << count) - 1;
+                }
+            }
+            decoded.push(bytes);
+        }
+    }
+    decoded
+}
+
+/// A job prints both secrets in base64 every way `make secret-encodings`
+/// knows (after `echo`, behind a prefix, base64url, wrapped at 76 and 20
+/// columns, with CRLF, unwrapped): decoding whatever base64 is left in the
+/// stored log at every alignment yields neither secret nor any of its lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_base64_are_masked_at_every_alignment_wrapped_or_not() {
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let secrets = test_secrets();
+    for (key, value) in [
+        ("E2E_SECRET", &secrets.value),
+        ("E2E_SECRET_LINES", &secrets.lines),
+    ] {
+        let response = api
+            .put_env(
+                REPO,
+                key,
+                &json!({ "value": value, "secret": true, "scope": "all" }),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let job = api
+        .run_job(REPO, json!({ "target": "secret-encodings" }))
+        .await;
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let log = api.log(job.id).await;
+    let output = make_output(&log);
+    assert!(
+        text(&output).contains("encodings done"),
+        "{}",
+        text(&output)
+    );
+    let mut hidden: Vec<&str> = vec![&secrets.value, &secrets.lines];
+    hidden.extend(secrets.lines.lines().filter(|line| line.len() >= 4));
+    for decoded in base64_decodings(&output) {
+        for secret in &hidden {
+            assert!(
+                !contains(&decoded, secret.as_bytes()),
+                "the log hides {secret:?} in base64:\n{}",
+                text(&output)
+            );
+        }
+    }
+    assert_no_secret(&log, "the stored log", &secrets);
+}
+
 /// Asserts a 422 problem that names `name`, in `errors[].field` as
 /// `env.<name>` and in the detail.
 fn assert_names_variable(response: &RawResponse, name: &str, what: &str) {
