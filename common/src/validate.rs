@@ -240,6 +240,16 @@ pub fn labels(
     field: &str,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), ValidationError> {
+    labels_each(field, labels, label_value)
+}
+
+/// At most [`MAX_LABELS`] labels, each key as [`label_key`] and each value
+/// as `value_rule`, which is told `field.key`.
+fn labels_each(
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    value_rule: fn(&str, &str) -> Result<(), ValidationError>,
+) -> Result<(), ValidationError> {
     if labels.len() > MAX_LABELS {
         return Err(ValidationError::new(
             field,
@@ -248,7 +258,7 @@ pub fn labels(
     }
     for (key, value) in labels {
         label_key(field, key)?;
-        label_value(&format!("{field}.{key}"), value)?;
+        value_rule(&format!("{field}.{key}"), value)?;
     }
     Ok(())
 }
@@ -316,17 +326,7 @@ pub fn agent_labels(
     field: &str,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), ValidationError> {
-    if labels.len() > MAX_LABELS {
-        return Err(ValidationError::new(
-            field,
-            format!("at most {MAX_LABELS} labels"),
-        ));
-    }
-    for (key, value) in labels {
-        label_key(field, key)?;
-        agent_label_value(&format!("{field}.{key}"), value)?;
-    }
-    Ok(())
+    labels_each(field, labels, agent_label_value)
 }
 
 /// `text` as an operator may be shown it: every control character becomes

@@ -684,44 +684,6 @@ mod tests {
                 .join(line_break)
         }
 
-        /// Every byte string the base64 in `text` may hide: each run of
-        /// base64 characters (either alphabet, padding skipped) once line
-        /// breaks are removed, decoded from each of its first four
-        /// characters. Independent of how the forms are built.
-        fn base64_decodings(text: &[u8]) -> Vec<Vec<u8>> {
-            let sextet = |c: u8| match c {
-                b'A'..=b'Z' => Some(c - b'A'),
-                b'a'..=b'z' => Some(c - b'a' + 26),
-                b'0'..=b'9' => Some(c - b'0' + 52),
-                b'+' | b'-' => Some(62),
-                b'/' | b'_' => Some(63),
-                _ => None,
-            };
-            let joined: Vec<u8> = text
-                .iter()
-                .copied()
-                .filter(|b| !b"\r\n=".contains(b))
-                .collect();
-            let mut decoded = Vec::new();
-            for run in joined.split(|b| sextet(*b).is_none()) {
-                for skip in 0..4.min(run.len()) {
-                    let mut bytes = Vec::new();
-                    let (mut bits, mut count) = (0u32, 0);
-                    for c in &run[skip..] {
-                        bits = (bits << 6) | u32::from(sextet(*c).unwrap_or(0));
-                        count += 6;
-                        if count >= 8 {
-                            count -= 8;
-                            bytes.push((bits >> count) as u8);
-                            bits &= (1 << count) - 1;
-                        }
-                    }
-                    decoded.push(bytes);
-                }
-            }
-            decoded
-        }
-
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -790,7 +752,7 @@ mod tests {
                 // last byte are beside the marker.
                 if shown.len() >= 6 {
                     let inner = &shown.as_bytes()[1..shown.len() - 1];
-                    for decoded in base64_decodings(out.as_bytes()) {
+                    for decoded in hobotnica_common::mask_forms::base64_decodings(out.as_bytes()) {
                         prop_assert!(
                             !decoded.windows(inner.len()).any(|window| window == inner),
                             "{shown:?} decodes from {out:?}"

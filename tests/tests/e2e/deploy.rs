@@ -970,44 +970,6 @@ async fn secrets_are_masked_in_logs_and_absent_from_redis() {
     secrets_are_masked_and_never_stored_in_plaintext(&controller, Some(&redis)).await;
 }
 
-/// Every byte string a base64 text may hide: each maximal run of base64
-/// characters (either alphabet, padding skipped) once line breaks are
-/// removed, decoded from each of its first four characters (so a run that
-/// joins two outputs is read at the alignment of each).
-fn base64_decodings(log: &[u8]) -> Vec<Vec<u8>> {
-    let sextet = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' | b'-' => Some(62),
-        b'/' | b'_' => Some(63),
-        _ => None,
-    };
-    let joined: Vec<u8> = log
-        .iter()
-        .copied()
-        .filter(|b| *b != b'\n' && *b != b'\r' && *b != b'=')
-        .collect();
-    let mut decoded = Vec::new();
-    for run in joined.split(|b| sextet(*b).is_none()) {
-        for skip in 0..4.min(run.len()) {
-            let mut bytes = Vec::new();
-            let (mut bits, mut count) = (0u32, 0);
-            for c in &run[skip..] {
-                bits = (bits << 6) | u32::from(sextet(*c).unwrap_or(0));
-                count += 6;
-                if count >= 8 {
-                    count -= 8;
-                    bytes.push((bits >> count) as u8);
-                    bits &= (1 << count) - 1;
-                }
-            }
-            decoded.push(bytes);
-        }
-    }
-    decoded
-}
-
 /// A job prints both secrets in base64 every way `make secret-encodings`
 /// knows (after `echo`, behind a prefix, base64url, wrapped at 76 and 20
 /// columns, with CRLF, unwrapped): decoding whatever base64 is left in the
@@ -1046,7 +1008,7 @@ async fn secrets_in_base64_are_masked_at_every_alignment_wrapped_or_not() {
     );
     let mut hidden: Vec<&str> = vec![&secrets.value, &secrets.lines];
     hidden.extend(secrets.lines.lines().filter(|line| line.len() >= 4));
-    for decoded in base64_decodings(&output) {
+    for decoded in hobotnica_common::mask_forms::base64_decodings(&output) {
         for secret in &hidden {
             assert!(
                 !contains(&decoded, secret.as_bytes()),
