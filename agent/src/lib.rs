@@ -28,6 +28,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 pub use config::AgentConfig;
+
+/// The agent's masker, for the fuzz targets (`fuzz/`) — not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::logs::{Masker, Secrets};
+}
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{AgentIdentity, Connection};

@@ -48,8 +48,7 @@ pub const MAX_LABEL_VALUE_LEN: usize = 256;
 /// [`repo_component`] as a pattern.
 pub const REPO_COMPONENT_PATTERN: &str = r"^(?![.-])(?!.*\.\.)[A-Za-z0-9._-]{1,100}$";
 /// [`branch`] as a pattern.
-pub const BRANCH_PATTERN: &str =
-    r"^(?![./-])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*/$)(?!.*\.$)(?!.*\.lock$)[A-Za-z0-9._/-]{1,255}$";
+pub const BRANCH_PATTERN: &str = r"^(?![./-])(?!HEAD$)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*/$)(?!.*\.$)(?!.*\.lock$)(?!.*\.(?:lock)?/)[A-Za-z0-9._/-]{1,255}$";
 /// [`target`] as a pattern.
 pub const TARGET_PATTERN: &str = r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]{1,100}$";
 /// [`label_key`] as a pattern.
@@ -128,10 +127,13 @@ pub fn branch(field: &str, value: &str) -> Result<(), ValidationError> {
             "must not start or end with '/' or contain '//'",
         ));
     }
-    if value.ends_with('.') || value.ends_with(".lock") || value.contains("/.") {
+    let bad_component = value
+        .split('/')
+        .any(|part| part.ends_with('.') || part.ends_with(".lock"));
+    if bad_component || value.contains("/.") || value == "HEAD" {
         return Err(ValidationError::new(
             field,
-            "is not a valid git branch name",
+            "is not a valid git branch name (no part may end with '.' or '.lock', and HEAD is not a branch)",
         ));
     }
     Ok(())
@@ -355,7 +357,7 @@ mod tests {
         }
         for bad in [
             "", "-x", ".x", "a..b", "a;b", "a b", "$(id)", "`id`", "a|b", "/a", "a/", "a//b",
-            "a.lock", "a/.b", "x\n", "a@{b", "a~1", "a^", "a:b",
+            "a.lock", "a.lock/b", "a./b", "HEAD", "a/.b", "x\n", "a@{b", "a~1", "a^", "a:b",
         ] {
             assert!(branch("branch", bad).is_err(), "{bad:?}");
         }
@@ -448,6 +450,10 @@ mod tests {
             [
                 "a.lock",
                 "a.lockb",
+                "a.lock/b",
+                "a./b",
+                "HEAD",
+                "HEADS",
                 "PATH",
                 "PATHS",
                 "HOME",

@@ -514,7 +514,7 @@ enum Dispatch {
     Dropped,
 }
 
-fn validate_registration(registration: &Registration) -> Result<(), AgentError> {
+pub(crate) fn validate_registration(registration: &Registration) -> Result<(), AgentError> {
     use hobotnica_common::validate;
     let controller = hobotnica_common::proto::PROTOCOL_VERSION;
     if registration.protocol_version != controller {

@@ -30,6 +30,21 @@ mod variables;
 mod webhook;
 
 pub use config::{CommandLineSecret, ControllerConfig};
+
+/// The controller's parsers of outside input, for the fuzz targets
+/// (`fuzz/`) and the property tests — not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::agents::Registration;
+    pub use crate::deliveries::{WebhookEvent, parse_event, signature_matches};
+    pub use crate::git::check_git_url;
+
+    /// What the controller answers an agent registering with
+    /// `registration`: `Err` with the refusal's words.
+    pub fn validate_registration(registration: &Registration) -> Result<(), String> {
+        crate::agents::validate_registration(registration).map_err(|err| err.to_string())
+    }
+}
 pub use connections::STOP_GRACE;
 
 use std::path::{Path, PathBuf};
