@@ -11,7 +11,9 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::validate;
 use proptest::prelude::*;
 
-/// Whether git itself takes `name` as a branch name.
+/// Whether git itself takes `name` as a branch name (the oracle: git, not
+/// a copy of its rules).
+#[allow(clippy::disallowed_methods)] // a fixed argv, in a test
 fn git_accepts_branch(name: &str) -> bool {
     Command::new("git")
         .args(["check-ref-format", "--branch", name])
