@@ -37,10 +37,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(mask(&set, &pieces), whole);
     let (a, b) = text.split_at(cut.min(text.len()));
     assert_eq!(mask(&set, &[a, b]), whole);
-    for secret in secrets
-        .iter()
-        .filter(|s| s.len() >= 4 && !s.contains(&b'\n'))
-    {
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
         assert!(
             !whole.windows(secret.len()).any(|w| w == secret.as_slice()),
             "{:?} survived in {:?}",
