@@ -6,7 +6,8 @@
 //! GitHub's refusals of a token.
 //!
 //! Failed authentications are limited ([`FailedAttempts`]): a client
-//! address, or a token, that has failed [`FAILURE_BURST`] times gets 429
+//! address, or a token, that has failed `--auth-failure-limit` times (20)
+//! gets 429
 //! (`Retry-After`) without GitHub being asked, regaining one attempt every
 //! [`FAILURE_REFILL`] — on REST and gRPC. The admin token and a GitHub token
 //! verified within the cache's lifetime still pass: others sharing the
@@ -131,8 +132,9 @@ impl CredentialCache {
     }
 }
 
-/// Failed authentications a client address or a token may make at once...
-pub const FAILURE_BURST: f64 = 20.0;
+/// Failed authentications a client address or a token may make at once
+/// by default (`--auth-failure-limit`)...
+pub const DEFAULT_FAILURE_BURST: u32 = 20;
 /// ...after which it regains one attempt per this interval.
 pub const FAILURE_REFILL: Duration = Duration::from_secs(3);
 /// Addresses and tokens tracked at most; when full, those whose failures
@@ -164,14 +166,22 @@ impl AttemptKey {
 }
 
 /// Recent failures per [`AttemptKey`], as a leaky bucket: each failure adds
-/// one, one leaks out per [`FAILURE_REFILL`]; at [`FAILURE_BURST`] the key
-/// is refused until one has leaked out.
-#[derive(Default)]
+/// one, one leaks out per [`FAILURE_REFILL`]; at `burst` the key is
+/// refused until one has leaked out.
 pub struct FailedAttempts {
+    burst: f64,
     buckets: Mutex<HashMap<AttemptKey, (f64, Instant)>>,
 }
 
 impl FailedAttempts {
+    /// `burst` failures per key before it is refused.
+    pub fn new(burst: u32) -> FailedAttempts {
+        FailedAttempts {
+            burst: f64::from(burst),
+            buckets: Mutex::default(),
+        }
+    }
+
     fn level(at: Instant, level: f64, now: Instant) -> f64 {
         (level - now.duration_since(at).as_secs_f64() / FAILURE_REFILL.as_secs_f64()).max(0.0)
     }
@@ -185,7 +195,7 @@ impl FailedAttempts {
         let wait = keys
             .iter()
             .filter_map(|key| buckets.get(key))
-            .map(|(level, at)| Self::level(*at, *level, now) - (FAILURE_BURST - 1.0))
+            .map(|(level, at)| Self::level(*at, *level, now) - (self.burst - 1.0))
             .fold(0.0_f64, f64::max);
         if wait > 0.0 {
             return Err(CoreError::TooManyFailures {

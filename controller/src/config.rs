@@ -150,6 +150,11 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 
+    /// Failed authentications one address, or one token, may make before
+    /// further attempts get 429 (one more is allowed every 3 s after).
+    #[arg(long, env = "HOBOTNICA_AUTH_FAILURE_LIMIT", default_value_t = crate::auth::DEFAULT_FAILURE_BURST, value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_failure_limit: u32,
+
     /// Connections each listener (REST, gRPC) holds open at most; past it,
     /// new connections wait until one closes.
     #[arg(long, env = "HOBOTNICA_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -221,7 +221,7 @@ impl Controller {
             secret_key,
             github: github::GitHub::new(&config.github_url, &config.github_api_url),
             credentials: Arc::new(auth::CredentialCache::default()),
-            failures: Arc::new(auth::FailedAttempts::default()),
+            failures: Arc::new(auth::FailedAttempts::new(config.auth_failure_limit)),
             statuses,
             public_url: Arc::new(std::sync::OnceLock::new()),
             config: Arc::new(config),

@@ -751,13 +751,13 @@ async fn wrong_credentials_are_unauthorized() {
 async fn failed_authentications_are_limited_per_client_and_per_token() {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use crate::auth::{FAILURE_BURST, FAILURE_REFILL};
+    use crate::auth::{DEFAULT_FAILURE_BURST, FAILURE_REFILL};
 
     let core = Core::start().await;
     let services = &core.services;
     let guesser = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
     let bystander = Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)));
-    let burst = FAILURE_BURST as usize;
+    let burst = DEFAULT_FAILURE_BURST as usize;
     for attempt in 0..burst {
         assert_unauthorized(
             &format!("wrong admin token #{attempt}"),

@@ -60,6 +60,7 @@ pub struct RegisterRepoRequest {
     pub branch: Option<String>,
     /// Wall-clock limit of each job in seconds (default 3600, at most 7 days).
     #[schema(minimum = 1, maximum = 604800)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub timeout_secs: Option<u64>,
     /// Queue a `test` job again, once, when its agent is lost (default
     /// true). Deploys are never queued again automatically.
@@ -73,6 +74,7 @@ pub struct RegisterRepoRequest {
     /// controller's `--max-log-bytes`, which applies without one). Past it
     /// the job is stopped and fails, its log ending with a notice.
     #[schema(minimum = 1024)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub max_log_bytes: Option<u64>,
 }
 
@@ -88,19 +90,45 @@ pub struct UpdateRepoRequest {
     /// The most a job's log may hold, in bytes (at least 1024, at most the
     /// controller's `--max-log-bytes`), for jobs that start from now on;
     /// `null`: the controller's limit.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_whole_number")]
     #[schema(value_type = Option<u64>, minimum = 1024)]
     pub max_log_bytes: Option<Option<u64>>,
 }
 
-/// A field that may be `null`: `Some(None)` when it is, `None` (by
-/// `#[serde(default)]`) when it is left out.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+/// A number JSON Schema calls an integer — `7462.0` too, not only `7462` —
+/// as a `u64`; `null` as `None`.
+fn whole_number<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
 {
-    Option::<T>::deserialize(deserializer).map(Some)
+    use serde::de::Error as _;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(whole) = number.as_u64() {
+        return Ok(Some(whole));
+    }
+    match number.as_f64() {
+        // 2^64: the first float past u64::MAX.
+        Some(float)
+            if float.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&float) =>
+        {
+            Ok(Some(float as u64))
+        }
+        _ => Err(D::Error::custom(format!(
+            "invalid value: {number}, expected a whole number from 0 to {}",
+            u64::MAX
+        ))),
+    }
+}
+
+/// [`whole_number`] for a field that may be `null`: `Some(None)` when it
+/// is, `None` (by `#[serde(default)]`) when it is left out.
+fn present_whole_number<'de, D>(deserializer: D) -> Result<Option<Option<u64>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    whole_number(deserializer).map(Some)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -495,6 +523,36 @@ async fn rotate_webhook_secret(
 
 #[cfg(test)]
 mod tests {
+    /// JSON Schema's integers include `7462.0`: Schemathesis sends them,
+    /// and they are taken; a fraction is refused naming the field.
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let update: super::UpdateRepoRequest =
+            serde_json::from_str(r#"{"max_log_bytes": 7462.0}"#).unwrap();
+        assert_eq!(update.max_log_bytes, Some(Some(7462)));
+        let update: super::UpdateRepoRequest =
+            serde_json::from_str(r#"{"max_log_bytes": null}"#).unwrap();
+        assert_eq!(update.max_log_bytes, Some(None));
+        let update: super::UpdateRepoRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(update.max_log_bytes, None);
+        let register: super::RegisterRepoRequest = serde_json::from_str(
+            r#"{"name": "demo", "git_url": "/srv/demo.git", "timeout_secs": 60.0}"#,
+        )
+        .unwrap();
+        assert_eq!(register.timeout_secs, Some(60));
+        for bad in ["7462.5", "-1", "1e30", "\"7462\""] {
+            let err = serde_json::from_str::<super::UpdateRepoRequest>(&format!(
+                r#"{{"max_log_bytes": {bad}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("whole number")
+                    || err.to_string().contains("invalid type"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
     /// Limits the schema states as literals (utoipa takes no constants in
     /// its attributes) are the ones the controller enforces.
     #[test]
