@@ -7,11 +7,11 @@
 //!
 //! Failed authentications are limited ([`FailedAttempts`]): a client
 //! address, or a token, that has failed `--auth-failure-limit` times (20)
-//! gets 429
-//! (`Retry-After`) without GitHub being asked, regaining one attempt every
-//! [`FAILURE_REFILL`] — on REST and gRPC. The admin token and a GitHub token
-//! verified within the cache's lifetime still pass: others sharing the
-//! address (a hostile job on the operators' host) cannot lock them out.
+//! gets 429 (`Retry-After`) without GitHub being asked, regaining one
+//! attempt every [`FAILURE_REFILL`] — on REST and gRPC. The admin token and
+//! a GitHub token verified within the cache's lifetime still pass: others
+//! sharing the address (a hostile job on the operators' host) cannot lock
+//! them out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -269,8 +269,9 @@ impl Services {
     }
 
     /// Who holds `token`, presented from `client`: the admin, or the GitHub
-    /// user `github_login` names (checked against GitHub). A client or token
-    /// with too many recent failures is refused before anything is checked.
+    /// user `github_login` names (checked against GitHub). For a client or
+    /// token with too many recent failures, only what needs no outside call
+    /// is checked (see [`Services::verify_without_asking`]).
     pub async fn authenticate(
         &self,
         token: &str,
