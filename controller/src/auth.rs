@@ -137,9 +137,10 @@ impl CredentialCache {
 pub const DEFAULT_FAILURE_BURST: u32 = 20;
 /// ...after which it regains one attempt per this interval.
 pub const FAILURE_REFILL: Duration = Duration::from_secs(3);
-/// Addresses and tokens tracked at most; when full, those whose failures
-/// have all been forgiven are dropped first, then new ones go untracked by
-/// address (their tokens still count).
+/// Addresses and tokens tracked at most. When full, those whose failures
+/// have all been forgiven are dropped (at most once a second, so that a
+/// flood of failures does not rescan the table on every request); while it
+/// is still full, new keys go untracked and those already there still count.
 const FAILURE_ENTRIES: usize = 100_000;
 
 /// Who failed: a client (an IPv6 client by its /64, which one host
@@ -170,7 +171,13 @@ impl AttemptKey {
 /// refused until one has leaked out.
 pub struct FailedAttempts {
     burst: f64,
-    buckets: Mutex<HashMap<AttemptKey, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    levels: HashMap<AttemptKey, (f64, Instant)>,
+    pruned: Option<Instant>,
 }
 
 impl FailedAttempts {
@@ -194,7 +201,7 @@ impl FailedAttempts {
         let now = Instant::now();
         let wait = keys
             .iter()
-            .filter_map(|key| buckets.get(key))
+            .filter_map(|key| buckets.levels.get(key))
             .map(|(level, at)| Self::level(*at, *level, now) - (self.burst - 1.0))
             .fold(0.0_f64, f64::max);
         if wait > 0.0 {
@@ -211,17 +218,18 @@ impl FailedAttempts {
             return;
         };
         let now = Instant::now();
-        if buckets.len() >= FAILURE_ENTRIES {
-            buckets.retain(|_, (level, at)| Self::level(*at, *level, now) > 0.0);
+        let Buckets { levels, pruned } = &mut *buckets;
+        if levels.len() >= FAILURE_ENTRIES
+            && pruned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            levels.retain(|_, (level, at)| Self::level(*at, *level, now) > 0.0);
+            *pruned = Some(now);
         }
         for key in keys {
-            if buckets.len() >= FAILURE_ENTRIES
-                && !buckets.contains_key(key)
-                && matches!(key, AttemptKey::Client(_))
-            {
+            if levels.len() >= FAILURE_ENTRIES && !levels.contains_key(key) {
                 continue;
             }
-            let (level, at) = buckets.entry(key.clone()).or_insert((0.0, now));
+            let (level, at) = levels.entry(key.clone()).or_insert((0.0, now));
             *level = Self::level(*at, *level, now) + 1.0;
             *at = now;
         }
@@ -229,8 +237,8 @@ impl FailedAttempts {
 }
 
 /// The keys one authentication attempt counts against.
-fn attempt_keys(client: Option<IpAddr>, token: &str) -> Vec<AttemptKey> {
-    let mut keys = vec![AttemptKey::Token(hash_token(token))];
+fn attempt_keys(client: Option<IpAddr>, token_hash: &str) -> Vec<AttemptKey> {
+    let mut keys = vec![AttemptKey::Token(token_hash.to_owned())];
     keys.extend(client.map(AttemptKey::client));
     keys
 }
@@ -260,12 +268,10 @@ pub fn caller_error(err: GitHubError) -> CoreError {
 const MAX_GITHUB_LOGIN_LEN: usize = 39;
 
 impl Services {
-    /// Whether `token` is the admin token (compared in constant time).
-    fn is_admin_token(&self, token: &str) -> bool {
-        constant_time_eq(
-            hash_token(token).as_bytes(),
-            self.admin_token_hash.as_bytes(),
-        )
+    /// Whether the token hashed to `token_hash` is the admin token
+    /// (compared in constant time).
+    fn is_admin_token(&self, token_hash: &str) -> bool {
+        constant_time_eq(token_hash.as_bytes(), self.admin_token_hash.as_bytes())
     }
 
     /// Who holds `token`, presented from `client`: the admin, or the GitHub
@@ -278,11 +284,12 @@ impl Services {
         github_login: Option<&str>,
         client: Option<IpAddr>,
     ) -> Result<Caller, CoreError> {
-        let keys = attempt_keys(client, token);
+        let token_hash = hash_token(token);
+        let keys = attempt_keys(client, &token_hash);
         if let Err(throttled) = self.failures.check(&keys) {
-            return self.verify_without_asking(token, github_login, throttled);
+            return self.verify_without_asking(token, &token_hash, github_login, throttled);
         }
-        let verified = self.verify(token, github_login).await;
+        let verified = self.verify(token, &token_hash, github_login).await;
         if let Err(CoreError::Unauthorized(_)) = &verified {
             self.failures.record(&keys);
         }
@@ -296,13 +303,14 @@ impl Services {
     fn verify_without_asking(
         &self,
         token: &str,
+        token_hash: &str,
         github_login: Option<&str>,
         throttled: CoreError,
     ) -> Result<Caller, CoreError> {
-        if self.is_admin_token(token) {
+        if self.is_admin_token(token_hash) {
             return Ok(Caller::Admin);
         }
-        match (github_login, self.credentials.login(&hash_token(token))) {
+        match (github_login, self.credentials.login(token_hash)) {
             (Some(login), Some(viewer)) if viewer.eq_ignore_ascii_case(login) => {
                 Ok(Caller::GitHub {
                     login: viewer,
@@ -313,8 +321,13 @@ impl Services {
         }
     }
 
-    async fn verify(&self, token: &str, github_login: Option<&str>) -> Result<Caller, CoreError> {
-        if self.is_admin_token(token) {
+    async fn verify(
+        &self,
+        token: &str,
+        token_hash: &str,
+        github_login: Option<&str>,
+    ) -> Result<Caller, CoreError> {
+        if self.is_admin_token(token_hash) {
             return Ok(Caller::Admin);
         }
         let Some(login) = github_login else {
@@ -327,7 +340,7 @@ impl Services {
                 "X-GitHub-Username is not a GitHub login".to_owned(),
             ));
         }
-        self.verify_github_user(GitHubToken::new(token), login)
+        self.verify_github_user(GitHubToken::new(token), token_hash, login)
             .await
     }
 
@@ -338,36 +351,37 @@ impl Services {
         token: &str,
         client: Option<IpAddr>,
     ) -> Result<Caller, CoreError> {
-        let keys = attempt_keys(client, token);
-        if self.is_admin_token(token) {
-            Ok(Caller::Admin)
-        } else if let Err(throttled) = self.failures.check(&keys) {
-            Err(throttled)
-        } else {
-            self.failures.record(&keys);
-            Err(CoreError::Unauthorized("the token is not valid".to_owned()))
+        let token_hash = hash_token(token);
+        if self.is_admin_token(&token_hash) {
+            return Ok(Caller::Admin);
         }
+        let keys = attempt_keys(client, &token_hash);
+        self.failures.check(&keys)?;
+        self.failures.record(&keys);
+        Err(CoreError::Unauthorized("the token is not valid".to_owned()))
     }
 
-    /// Checks that `token` belongs to `login` (GraphQL `viewer`).
+    /// Checks that `token` (hashed to `token_hash`) belongs to `login`
+    /// (GraphQL `viewer`).
     async fn verify_github_user(
         &self,
         token: GitHubToken,
+        token_hash: &str,
         login: &str,
     ) -> Result<Caller, CoreError> {
-        let token_hash = hash_token(token.expose());
-        let viewer = match self.credentials.login(&token_hash) {
+        let viewer = match self.credentials.login(token_hash) {
             Some(viewer) => viewer,
-            None if self.credentials.rejected(&token_hash) => {
+            None if self.credentials.rejected(token_hash) => {
                 return Err(caller_error(GitHubError::BadCredentials));
             }
             None => match self.github.viewer_login(&token).await {
                 Ok(viewer) => {
-                    self.credentials.remember_login(token_hash, viewer.clone());
+                    self.credentials
+                        .remember_login(token_hash.to_owned(), viewer.clone());
                     viewer
                 }
                 Err(GitHubError::BadCredentials) => {
-                    self.credentials.remember_rejection(token_hash);
+                    self.credentials.remember_rejection(token_hash.to_owned());
                     return Err(caller_error(GitHubError::BadCredentials));
                 }
                 Err(err) => return Err(caller_error(err)),

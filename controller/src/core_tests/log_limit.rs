@@ -15,22 +15,11 @@ async fn repo_with_limit(
     name: &str,
     max_log_bytes: Option<u64>,
 ) -> Result<Repo, CoreError> {
-    core.services
-        .register(
-            &Caller::Admin,
-            NewRepository::Git(NewRepo {
-                owner: None,
-                name: name.to_owned(),
-                git_url: format!("file:///srv/git/{name}.git"),
-                branch: None,
-                timeout_secs: None,
-                requeue_lost_tests: None,
-                deploy_labels: BTreeMap::new(),
-                max_log_bytes,
-            }),
-        )
-        .await
-        .map(|registered| registered.repo)
+    core.register_git(NewRepo {
+        max_log_bytes,
+        ..new_git_repo(name)
+    })
+    .await
 }
 
 async fn change_limit(

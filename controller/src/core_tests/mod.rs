@@ -235,23 +235,20 @@ impl Core {
     /// `local/<name>`, registered by the admin by git URL (never fetched
     /// here: its jobs name their commits).
     async fn git_repo(&self, name: &str, deploy_labels: &[(&str, &str)]) -> Repo {
+        self.register_git(NewRepo {
+            deploy_labels: labels(deploy_labels),
+            ..new_git_repo(name)
+        })
+        .await
+        .unwrap_or_else(|err| panic!("local/{name} registers: {err}"))
+    }
+
+    /// Registers `new` by git URL, as the admin.
+    async fn register_git(&self, new: NewRepo) -> Result<Repo, CoreError> {
         self.services
-            .register(
-                &Caller::Admin,
-                NewRepository::Git(NewRepo {
-                    owner: None,
-                    name: name.to_owned(),
-                    git_url: format!("file:///srv/git/{name}.git"),
-                    branch: None,
-                    timeout_secs: None,
-                    requeue_lost_tests: None,
-                    deploy_labels: labels(deploy_labels),
-                    max_log_bytes: None,
-                }),
-            )
+            .register(&Caller::Admin, NewRepository::Git(new))
             .await
-            .unwrap_or_else(|err| panic!("local/{name} registers: {err}"))
-            .repo
+            .map(|registered| registered.repo)
     }
 
     /// Queues `make <target>` on `owner/name` at the tip of its default
@@ -598,4 +595,18 @@ fn invalid_field<T: std::fmt::Debug>(result: Result<T, CoreError>) -> String {
 /// Asserts a job reached `state`.
 fn assert_state(job: &Job, state: JobState) {
     assert_eq!(job.state, state, "job {}: {:?}", job.id, job.message);
+}
+
+/// `local/<name>` at a made-up git URL, every setting left to its default.
+fn new_git_repo(name: &str) -> NewRepo {
+    NewRepo {
+        owner: None,
+        name: name.to_owned(),
+        git_url: format!("file:///srv/git/{name}.git"),
+        branch: None,
+        timeout_secs: None,
+        requeue_lost_tests: None,
+        deploy_labels: BTreeMap::new(),
+        max_log_bytes: None,
+    }
 }

@@ -670,6 +670,30 @@ struct TestSecrets {
     forbidden: Vec<String>,
 }
 
+/// Fresh test secrets, set on `local/demo` as `E2E_SECRET` and
+/// `E2E_SECRET_LINES` (scope all); the API answers without their values.
+async fn set_test_secrets(api: &Api) -> TestSecrets {
+    let secrets = test_secrets();
+    for (key, value) in [
+        ("E2E_SECRET", &secrets.value),
+        ("E2E_SECRET_LINES", &secrets.lines),
+    ] {
+        let response = api
+            .put_env(
+                REPO,
+                key,
+                &json!({ "value": value, "secret": true, "scope": "all" }),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(
+            response.json(),
+            json!({ "key": key, "scope": "all", "secret": true, "value": null })
+        );
+    }
+    secrets
+}
+
 fn test_secrets() -> TestSecrets {
     let value = format!("s3cr3t-{}-Qx7", hobotnica_tests::unique("v"));
     let tag = hobotnica_tests::unique("k");
@@ -840,25 +864,7 @@ async fn secrets_are_masked_and_never_stored_in_plaintext(
     let repo = GitRepo::new();
     let api = controller.api();
     api.register_repo("demo", &repo.url()).await;
-    let secrets = test_secrets();
-
-    for (key, value) in [
-        ("E2E_SECRET", &secrets.value),
-        ("E2E_SECRET_LINES", &secrets.lines),
-    ] {
-        let response = api
-            .put_env(
-                REPO,
-                key,
-                &json!({ "value": value, "secret": true, "scope": "all" }),
-            )
-            .await;
-        assert_eq!(response.status, 200, "{}", response.text());
-        assert_eq!(
-            response.json(),
-            json!({ "key": key, "scope": "all", "secret": true, "value": null })
-        );
-    }
+    let secrets = set_test_secrets(&api).await;
     api.set_env(REPO, "E2E_PLAIN", "not a secret", "all", false)
         .await;
     let listed = api.env(REPO).await;
@@ -981,20 +987,7 @@ async fn secrets_in_base64_are_masked_at_every_alignment_wrapped_or_not() {
     let repo = GitRepo::new();
     let api = controller.api();
     api.register_repo("demo", &repo.url()).await;
-    let secrets = test_secrets();
-    for (key, value) in [
-        ("E2E_SECRET", &secrets.value),
-        ("E2E_SECRET_LINES", &secrets.lines),
-    ] {
-        let response = api
-            .put_env(
-                REPO,
-                key,
-                &json!({ "value": value, "secret": true, "scope": "all" }),
-            )
-            .await;
-        assert_eq!(response.status, 200, "{}", response.text());
-    }
+    let secrets = set_test_secrets(&api).await;
     let job = api
         .run_job(REPO, json!({ "target": "secret-encodings" }))
         .await;

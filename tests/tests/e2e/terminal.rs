@@ -46,15 +46,7 @@ async fn hobot_logs_on_a_terminal_keeps_colours_and_drops_other_escapes() {
     let id = job.id.to_string();
 
     // On a terminal: the colour arrives, the rest does not; the words do.
-    let args = ["logs", id.as_str()];
-    let out = cli::finish(
-        cli::in_terminal(Some(&s.controller), cwd.path(), &args)
-            .spawn()
-            .unwrap(),
-        &args,
-    )
-    .await;
-    let shown = out.success();
+    let shown = on_terminal(&s.controller, cwd.path(), &["logs", id.as_str()]).await;
     assert!(shown.contains(COLOUR), "colours are kept: {shown:?}");
     for word in ["red", "clip", "title", "cleared"] {
         assert!(shown.contains(word), "{word:?} is shown: {shown:?}");
@@ -67,15 +59,7 @@ async fn hobot_logs_on_a_terminal_keeps_colours_and_drops_other_escapes() {
     }
 
     // `--raw`: everything, as the job printed it.
-    let args = ["logs", "--raw", id.as_str()];
-    let out = cli::finish(
-        cli::in_terminal(Some(&s.controller), cwd.path(), &args)
-            .spawn()
-            .unwrap(),
-        &args,
-    )
-    .await;
-    let shown = out.success();
+    let shown = on_terminal(&s.controller, cwd.path(), &["logs", "--raw", id.as_str()]).await;
     for sequence in [COLOUR, CLIPBOARD, TITLE, CLEAR] {
         assert!(
             shown.contains(sequence),
@@ -87,4 +71,12 @@ async fn hobot_logs_on_a_terminal_keeps_colours_and_drops_other_escapes() {
     let out = cli::run(Some(&s.controller), cwd.path(), &["logs", &id]).await;
     assert_eq!(out.code(), Some(0), "{out:#?}");
     assert_eq!(text(&out.stdout), log);
+}
+
+/// What `hobot <args>` shows on a pseudo-terminal (it must succeed).
+async fn on_terminal(controller: &Controller, cwd: &std::path::Path, args: &[&str]) -> String {
+    let child = cli::in_terminal(Some(controller), cwd, args)
+        .spawn()
+        .unwrap();
+    cli::finish(child, args).await.success()
 }
