@@ -20,6 +20,7 @@ pub mod chaos;
 pub mod cli;
 pub mod controller;
 pub mod daemon;
+pub mod docker;
 pub mod git;
 pub mod github;
 pub mod net;
