@@ -143,6 +143,11 @@ pub struct AgentConfig {
     /// loopback: the token and the logs then cross the network unencrypted.
     #[arg(long, env = "HOBOTNICA_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+
+    /// systemd's notification socket, set by systemd for `Type=notify`
+    /// units: the agent says READY=1 once it is set up and connecting.
+    #[arg(long, env = "NOTIFY_SOCKET", hide = true)]
+    pub notify_socket: Option<std::ffi::OsString>,
 }
 
 impl AgentConfig {

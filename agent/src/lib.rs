@@ -17,6 +17,7 @@
 
 mod config;
 mod connection;
+mod health;
 mod job;
 mod logs;
 mod pool;
@@ -107,14 +108,31 @@ pub async fn run_with_stop_now(
         sandbox,
         abandon: CancellationToken::new(),
     });
-    pool::Pool::new(
+    let health = health::Reporter::new(
+        &work_dir,
+        hobotnica_common::service_manager::ServiceManager::new(config.notify_socket.clone()),
+    );
+    let result = pool::Pool::new(
         connection,
         context,
         config.concurrency,
         config.drain_timeout,
+        health.clone(),
     )
     .run(shutdown, stop_now)
-    .await
+    .await;
+    health.stopped();
+    result
+}
+
+/// `--health-check`: whether the agent working in `config`'s work dir is
+/// connected (a line saying so) or not (why), from the status file it keeps
+/// there.
+///
+/// # Errors
+/// When it is not running, hangs, or is not connected.
+pub fn health_check(config: &AgentConfig) -> Result<String, String> {
+    health::check(&config.work_dir)
 }
 
 /// Checks, before anything else starts, that this agent can run jobs as

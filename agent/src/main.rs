@@ -11,6 +11,13 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "hobotnica-agent", version = hobotnica_common::VERSION)]
 struct Cli {
+    /// Say whether the agent working in this work dir (the same options and
+    /// environment) is connected to a controller, from the status file it
+    /// keeps there, and exit 0 when it is, 1 when not: a health check for
+    /// Docker or a monitor.
+    #[arg(long)]
+    health_check: bool,
+
     #[command(flatten)]
     agent: hobotnica_agent::AgentConfig,
 }
@@ -20,6 +27,18 @@ fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     cli.agent.note_command_line(&matches);
+    if cli.health_check {
+        return match hobotnica_agent::health_check(&cli.agent) {
+            Ok(line) => {
+                println!("healthy: {line}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(why) => {
+                eprintln!("unhealthy: {why}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let filter = EnvFilter::try_from_env("HOBOTNICA_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));

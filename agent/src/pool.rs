@@ -21,6 +21,7 @@ use crate::connection::{
     BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Connection, Registration, RpcError, SessionCommand,
     SessionStream,
 };
+use crate::health;
 use crate::job::{self, JobContext, JobHandle, JobKey, JobSpec};
 
 /// How often the agent sends a Heartbeat on its Session.
@@ -84,6 +85,8 @@ pub(crate) struct Pool {
     shutdown: Shutdown,
     /// When the current shutdown stage runs out (none while running).
     deadline: Option<Instant>,
+    /// The status file and systemd's status line.
+    health: health::Reporter,
 }
 
 impl Pool {
@@ -92,6 +95,7 @@ impl Pool {
         context: Arc<JobContext>,
         concurrency: u32,
         drain_timeout: Duration,
+        health: health::Reporter,
     ) -> Pool {
         Pool {
             connection,
@@ -105,7 +109,21 @@ impl Pool {
             live: None,
             shutdown: Shutdown::Running,
             deadline: None,
+            health,
         }
+    }
+
+    /// Records where the agent stands for `--health-check` and systemd.
+    fn report_health(&self) {
+        let state = if self.shutdown != Shutdown::Running {
+            health::State::Draining
+        } else if self.live.is_some() {
+            health::State::Connected
+        } else {
+            health::State::Connecting
+        };
+        self.health
+            .report(state, self.connection.current_url(), self.jobs.len());
     }
 
     fn free_slots(&self, shutdown: Shutdown) -> u32 {
@@ -144,6 +162,8 @@ impl Pool {
         )));
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.report_health();
+        self.health.ready();
 
         loop {
             tokio::select! {
@@ -169,6 +189,7 @@ impl Pool {
                     match connected {
                         Ok((registration, session)) => {
                             self.session_opened(registration, session);
+                            self.report_health();
                             heartbeat.reset();
                         }
                         Err(error) => {
@@ -182,6 +203,9 @@ impl Pool {
                         Ok(Some(command)) => self.on_command(command),
                         Ok(None) => connecting = Some(self.session_lost(None, &mut reconnect_backoff)),
                         Err(error) => connecting = Some(self.session_lost(Some(error), &mut reconnect_backoff)),
+                    }
+                    if self.live.is_none() {
+                        self.report_health();
                     }
                 }
 
@@ -197,10 +221,11 @@ impl Pool {
                     }
                 }
 
-                _ = heartbeat.tick(), if self.live.is_some() => {
+                _ = heartbeat.tick() => {
                     if let Some(live) = &self.live {
                         live.session.send_heartbeat();
                     }
+                    self.report_health();
                 }
             }
         }
@@ -211,6 +236,7 @@ impl Pool {
     /// is done.
     fn start_draining(&mut self) -> ControlFlow<()> {
         self.shutdown = Shutdown::Draining;
+        self.report_health();
         if self.jobs.is_empty() {
             tracing::info!("shutting down; no job running");
             return ControlFlow::Break(());

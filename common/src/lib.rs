@@ -15,6 +15,7 @@ pub mod mask_forms;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;
+pub mod service_manager;
 pub mod size;
 pub mod token;
 pub mod transport;

@@ -53,7 +53,7 @@ impl fmt::Debug for Secret {
 /// never what it holds.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
-    #[error("cannot read the {option} file {}: {source}", path.display())]
+    #[error("cannot read the {option} file {}", path.display())]
     Unreadable {
         option: &'static str,
         path: PathBuf,

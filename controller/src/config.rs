@@ -169,6 +169,11 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// systemd's notification socket, set by systemd for `Type=notify`
+    /// units: the controller says READY=1 once it serves.
+    #[arg(long, env = "NOTIFY_SOCKET", hide = true)]
+    pub notify_socket: Option<std::ffi::OsString>,
+
     /// Secret options given on the command line
     /// ([`ControllerConfig::note_command_line`]).
     #[arg(skip)]

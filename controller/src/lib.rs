@@ -17,6 +17,7 @@ mod error;
 mod git;
 pub(crate) mod github;
 mod grpc;
+pub mod health_check;
 pub mod http;
 mod jobs;
 mod logs;
@@ -141,7 +142,12 @@ const LOGGED_MODE_CHANGES: usize = 20;
 /// was changed. Files the controller creates there are 0600 from the start;
 /// this tightens what an older version or another umask left.
 pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
-    let context = || format!("cannot make the data directory {} private", dir.display());
+    let context = || {
+        format!(
+            "cannot set up the data directory {} (it must be writable by, or belong to, the user the controller runs as)",
+            dir.display()
+        )
+    };
     let mut changes: Vec<_> = private_fs::create_private_dir(dir)
         .with_context(context)?
         .into_iter()
@@ -598,6 +604,7 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

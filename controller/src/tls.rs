@@ -174,7 +174,10 @@ impl ServerTls {
 }
 
 /// Reads the PEM certificates in `path` (at least one).
-fn load_certs(path: &Path, option: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_certs(
+    path: &Path,
+    option: &str,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path)
         .with_context(|| format!("cannot read {option} file {}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
