@@ -46,6 +46,9 @@ async fn debian_packages_install_upgrade_remove_and_purge_on_a_clean_system() {
     );
 
     step("lintian", || lintian(&packages));
+    step("the -dbgsym packages hold each binary's debug info", || {
+        debug_info(&packages)
+    });
 
     let deb_dir = packages[0].parent().expect("in target/dist/deb").to_owned();
     let mount = format!("{}:/debs:ro", deb_dir.display());
@@ -343,6 +346,47 @@ fn lintian(packages: &[PathBuf]) {
         text.lines().filter(|line| line.starts_with("W:")).count(),
         text.lines().filter(|line| line.starts_with("I:")).count()
     );
+}
+
+/// Each shipped binary's debug info is in its package's -dbgsym, at the
+/// path gdb looks it up by (`/usr/lib/debug/.build-id/xx/yyyy.debug`).
+fn debug_info(packages: &[PathBuf]) {
+    let dbgsym = |package: &str| {
+        packages
+            .iter()
+            .find(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with(&format!("{package}-dbgsym_")))
+            })
+            .unwrap_or_else(|| panic!("no {package}-dbgsym in {packages:?}"))
+    };
+    for (package, binary) in [
+        ("hobotnica-controller", "hobotnica-controller"),
+        ("hobotnica-controller", "hobot"),
+        ("hobotnica-agent", "hobotnica-agent"),
+    ] {
+        let notes = run_ok(
+            Command::new("readelf")
+                .arg("-n")
+                .arg(repo_root().join("target/dist/bin").join(binary)),
+        );
+        let build_id = String::from_utf8_lossy(&notes.stdout)
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Build ID: ").map(str::to_owned))
+            .unwrap_or_else(|| panic!("{binary} has a build id"));
+        let contents = run_ok(Command::new("dpkg-deb").arg("-c").arg(dbgsym(package)));
+        let path = format!(
+            "./usr/lib/debug/.build-id/{}/{}.debug",
+            &build_id[..2],
+            &build_id[2..]
+        );
+        assert!(
+            String::from_utf8_lossy(&contents.stdout).contains(&path),
+            "{package}-dbgsym holds {path} ({binary})"
+        );
+        eprintln!("  {binary}: {path}");
+    }
 }
 
 /// `systemd-analyze security --offline` on the units as packaged: each
