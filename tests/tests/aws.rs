@@ -490,7 +490,7 @@ async fn user_data_makes_a_clean_debian_a_build_box_that_runs_a_job() {
     let deb_dir = deb.parent().expect("package dir");
     let deb_arg = format!("{0}:{0}:ro", deb_dir.display());
     let repo_parent = repo.path().parent().expect("repo parent");
-    let repo_arg = format!("{0}:{0}", repo_parent.display());
+    let repo_arg = format!("{0}:{0}:ro", repo_parent.display());
     let container = Container::run(
         docker,
         &unique("hobotnica-aws"),
@@ -664,15 +664,17 @@ async fn user_data_makes_a_clean_debian_a_build_box_that_runs_a_job() {
         );
         environment.extend(environment_file(&String::from_utf8_lossy(&output.stdout)));
     }
-    // The fixture repository belongs to root on the host; the agent's git
-    // reads it as the unit's user.
+    // The fixture repository belongs to root on the host: let the unit's
+    // user's git read it (as an administrator would a shared mirror).
     exec_ok(
         &container,
         &[
-            "chown",
-            "-R",
-            &unit.user,
-            &repo_parent.display().to_string(),
+            "git",
+            "config",
+            "--system",
+            "--add",
+            "safe.directory",
+            &repo.path().join(".git").display().to_string(),
         ],
     );
     let step = Instant::now();
