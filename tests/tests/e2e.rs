@@ -1784,3 +1784,7 @@ async fn a_path_that_is_not_utf8_gets_problem_json() {
 
 #[path = "e2e/terminal.rs"]
 mod terminal;
+
+/// systemd readiness and the binaries' health checks.
+#[path = "e2e/service.rs"]
+mod service;
