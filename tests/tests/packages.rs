@@ -329,7 +329,7 @@ fn lintian(packages: &[PathBuf]) {
         .args(["--fail-on", "error", "--display-info"])
         .args(packages)
         .output()
-        .expect("lintian runs (./scripts/setup installs it)");
+        .expect("lintian runs (./scripts/setup --tests installs it)");
     let text = String::from_utf8_lossy(&output.stdout);
     for line in text.lines() {
         eprintln!("  {line}");

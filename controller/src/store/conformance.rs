@@ -2143,7 +2143,7 @@ impl RedisServer {
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("redis-server runs (scripts/setup installs it)");
+            .expect("redis-server runs (scripts/setup --tests installs it)");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
