@@ -359,8 +359,8 @@ fn publish_endpoints(
 }
 
 /// Starts the tasks that run beside the servers (lease reaper,
-/// maintenance, commit statuses, GitHub access checks and, with TLS, the
-/// certificate reload on SIGHUP), each ending at `shutdown`. The returned
+/// maintenance, commit statuses, GitHub access checks and the SIGHUP
+/// handler, which reloads the TLS certificate), each ending at `shutdown`. The returned
 /// tracker also takes the tasks the servers spawn; the stop waits for all.
 fn spawn_background_tasks(
     services: &Services,
@@ -380,12 +380,13 @@ fn spawn_background_tasks(
         services.clone(),
         shutdown.clone(),
     ));
-    if let Some(tls) = tls {
-        tasks.spawn(reload_certificate_on_sighup(
-            tls.certs.clone(),
-            shutdown.clone(),
-        ));
-    }
+    // Without TLS too: SIGHUP's default action would end the controller
+    // (`systemctl reload` sends it), and systemd does not restart a service
+    // that SIGHUP ended.
+    tasks.spawn(reload_certificate_on_sighup(
+        tls.map(|tls| tls.certs.clone()),
+        shutdown.clone(),
+    ));
     tasks
 }
 
@@ -610,8 +611,12 @@ pub fn init_tracing() {
 
 /// Reads the TLS certificate and key again on each SIGHUP (after a renewal),
 /// until `shutdown`. A certificate that cannot be read leaves the previous
-/// one in use.
-async fn reload_certificate_on_sighup(certs: Arc<tls::CertFiles>, shutdown: CancellationToken) {
+/// one in use. Without TLS (`certs` is `None`), SIGHUP only logs that there
+/// is nothing to reload.
+async fn reload_certificate_on_sighup(
+    certs: Option<Arc<tls::CertFiles>>,
+    shutdown: CancellationToken,
+) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(err) => {
@@ -626,6 +631,10 @@ async fn reload_certificate_on_sighup(certs: Arc<tls::CertFiles>, shutdown: Canc
                 if received.is_none() {
                     return;
                 }
+                let Some(certs) = &certs else {
+                    tracing::info!("SIGHUP: no TLS certificate to reload");
+                    continue;
+                };
                 match certs.reload() {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
                     Err(err) => tracing::error!(

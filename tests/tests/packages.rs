@@ -2,19 +2,26 @@
 //! The Debian packages (`scripts/package-deb`, `deploy/debian/`) as an
 //! administrator meets them: built, checked by lintian, installed with apt
 //! on a clean `debian:bookworm-slim`, the controller started the way its
-//! unit starts it, upgraded, removed and purged; and how exposed the
-//! systemd units are (`systemd-analyze security`).
+//! unit starts it, upgraded, removed and purged; how exposed the systemd
+//! units are (`systemd-analyze security`); and both units run for real
+//! under systemd as PID 1 (`tests/docker/systemd.Dockerfile`): started,
+//! a job run in the sandbox under the agent unit's restrictions, the agent
+//! drained by `systemctl stop`, the controller reloaded.
 //!
-//! systemd does not run in the container (there is no init there), so the
-//! units are checked with `systemd-analyze verify` and the controller is
-//! started by hand with the unit's user and environment file.
+//! The first test's container has no init, so there the units are checked
+//! with `systemd-analyze verify` and the controller is started by hand with
+//! the unit's user and environment file.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hobotnica_tests::docker::{Container, Docker, docker, repo_root};
-use hobotnica_tests::wait::wait_until;
+use hobotnica_tests::net::free_addr;
+use hobotnica_tests::wait::{wait_for, wait_until};
 
 /// A controller's start, store and listeners included.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,9 +36,9 @@ async fn debian_packages_install_upgrade_remove_and_purge_on_a_clean_system() {
     let Some(docker) = docker() else { return };
     let total = Instant::now();
 
-    let packages = step("build the packages", || build(docker, &[]));
+    let packages = step("build the packages", || packages(docker));
     let version = version_of(&packages[0]);
-    for package in &packages {
+    for package in packages {
         let size = std::fs::metadata(package).expect("package built").len();
         eprintln!(
             "  {:<48} {:6.1} MB",
@@ -45,9 +52,9 @@ async fn debian_packages_install_upgrade_remove_and_purge_on_a_clean_system() {
         "controller, agent and their -dbgsym: {packages:?}"
     );
 
-    step("lintian", || lintian(&packages));
+    step("lintian", || lintian(packages));
     step("the -dbgsym packages hold each binary's debug info", || {
-        debug_info(&packages)
+        debug_info(packages)
     });
 
     let deb_dir = packages[0].parent().expect("in target/dist/deb").to_owned();
@@ -283,9 +290,448 @@ async fn debian_packages_install_upgrade_remove_and_purge_on_a_clean_system() {
     });
 
     step("systemd-analyze security of the packaged units", || {
-        security(&packages)
+        security(packages)
     });
     eprintln!("total: {:.1} s", total.elapsed().as_secs_f64());
+}
+
+/// The image with systemd as PID 1 (`tests/docker/systemd.Dockerfile`).
+const SYSTEMD_IMAGE: &str = "hobotnica-test/systemd:latest";
+/// systemd's boot in the container.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A job, from `hobot run` to its end, and an agent's drain.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// The host name of the container (its own UTS namespace: systemd must not
+/// rename the host, whose network the container shares).
+const HOSTNAME: &str = "hobotnica-systemd";
+/// A file the draining job waits for; the sandbox sees its directory
+/// read-only (HOBOTNICA_SANDBOX_RO_BIND).
+const GATE: &str = "/srv/gate/open";
+
+/// The fixture repository's Makefile: `make test` says who runs it and on
+/// which host name (the sandbox has its own), whether the agent's token is
+/// visible, and with GATE set waits until that file exists, so the test
+/// decides when the job ends.
+const FIXTURE_MAKEFILE: &str = "test:\n\
+    \t@echo \"hello from $$(id -un) on $$(hostname)\"\n\
+    \t@if test -e /etc/hobotnica/agent-token; then echo token visible; else echo token hidden; fi\n\
+    \t@if [ -n \"$$GATE\" ]; then echo \"waiting for $$GATE\"; \
+    while [ ! -e \"$$GATE\" ]; do sleep 0.1; done; fi\n\
+    \t@echo done\n";
+
+/// The packages' units under a running systemd: the controller's
+/// `Type=notify` start returns once it serves and `systemctl reload` keeps it
+/// serving; the agent starts under its unit's restrictions (its sandbox
+/// check passes), shows its status line, runs a job in bubblewrap and, on
+/// `systemctl stop`, lets a running job finish before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() {
+    let Some(docker) = docker() else { return };
+    let total = Instant::now();
+    let packages = step("build the packages", || packages(docker));
+    let version = version_of(&packages[0]);
+    step("build the systemd image", || {
+        let context = repo_root().join("tests/docker");
+        let dockerfile = context.join("systemd.Dockerfile");
+        docker.run(&[
+            "build",
+            "--network",
+            "host",
+            "--quiet",
+            "--tag",
+            SYSTEMD_IMAGE,
+            "--file",
+            path_str(&dockerfile),
+            path_str(&context),
+        ]);
+        eprintln!(
+            "  {SYSTEMD_IMAGE}: {:.1} MB",
+            docker.image_size(SYSTEMD_IMAGE) as f64 / 1e6
+        );
+    });
+
+    let deb_dir = packages[0].parent().expect("in target/dist/deb").to_owned();
+    let container = step("boot systemd as the container's PID 1", || {
+        boot(docker, &format!("{}:/debs:ro", deb_dir.display()))
+    });
+    let _journal = JournalOnFailure(&container);
+    let booted = Instant::now();
+    let state = wait_for(BOOT_TIMEOUT, "systemd to finish booting", || {
+        let output = container.exec(&["systemctl", "is-system-running"]);
+        let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let done = !matches!(state.as_str(), "" | "initializing" | "starting");
+        async move { done.then_some(state) }
+    })
+    .await;
+    assert_eq!(
+        state,
+        "running",
+        "no unit may fail in the container:\n{}",
+        sh(&container, "systemctl --failed --no-pager")
+    );
+    eprintln!("  booted in {:.1} s", booted.elapsed().as_secs_f64());
+
+    step("install both packages (their start held back)", || {
+        // The postinst starts each service at once, the controller on its
+        // default ports, which the host (its network is shared) may use;
+        // policy-rc.d holds the starts back until the ports are set.
+        sh(
+            &container,
+            "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d \
+             && chmod +x /usr/sbin/policy-rc.d",
+        );
+        sh(
+            &container,
+            &format!(
+                "dpkg -i /debs/hobotnica-controller_{version}_amd64.deb \
+                 /debs/hobotnica-agent_{version}_amd64.deb"
+            ),
+        );
+        sh(&container, "rm /usr/sbin/policy-rc.d");
+        for (_, unit) in UNITS {
+            assert_eq!(show(&container, unit, "UnitFileState"), "enabled", "{unit}");
+            assert_eq!(show(&container, unit, "Type"), "notify", "{unit}");
+        }
+    });
+
+    let rest = free_addr();
+    let grpc = free_addr();
+    step("configure: free ports, a pool token both read", || {
+        // As an administrator would: the env files' own lines, and a token
+        // that never appears in a command line.
+        sh(
+            &container,
+            &format!(
+                "sed -i -e 's|^HOBOTNICA_LISTEN=.*|HOBOTNICA_LISTEN={rest}|' \
+                 -e 's|^HOBOTNICA_GRPC_LISTEN=.*|HOBOTNICA_GRPC_LISTEN={grpc}|' \
+                 -e 's|^#HOBOTNICA_AGENT_TOKEN_FILE=|HOBOTNICA_AGENT_TOKEN_FILE=|' \
+                 /etc/hobotnica/controller.env \
+                 && sed -i -e 's|^HOBOTNICA_CONTROLLER=.*|HOBOTNICA_CONTROLLER=http://{grpc}|' \
+                 -e 's|^#HOBOTNICA_SANDBOX_RO_BIND=.*|HOBOTNICA_SANDBOX_RO_BIND=/srv/gate|' \
+                 /etc/hobotnica/agent.env \
+                 && install -o hobotnica -g hobotnica -m 0600 /dev/null /etc/hobotnica/agent-token \
+                 && od -An -N24 -tx1 /dev/urandom | tr -d ' \\n' > /etc/hobotnica/agent-token \
+                 && mkdir -p /srv/gate"
+            ),
+        );
+        for (env, line) in [
+            (
+                "controller.env",
+                "HOBOTNICA_AGENT_TOKEN_FILE=/etc/hobotnica/agent-token",
+            ),
+            ("agent.env", "HOBOTNICA_SANDBOX_RO_BIND=/srv/gate"),
+        ] {
+            sh(
+                &container,
+                &format!("grep -qx '{line}' /etc/hobotnica/{env}"),
+            );
+        }
+    });
+
+    step(
+        "systemctl start hobotnica-controller: returns once it serves",
+        || {
+            let started = Instant::now();
+            sh(
+                &container,
+                "timeout 60 systemctl start hobotnica-controller",
+            );
+            eprintln!("  READY=1 after {:.2} s", started.elapsed().as_secs_f64());
+            assert_eq!(
+                show(&container, "hobotnica-controller", "ActiveState"),
+                "active"
+            );
+            // Ready means serving: hobot works at once, with the admin token
+            // the controller generated.
+            let agents = sh(&container, "hobot --data-dir /var/lib/hobotnica agents ls");
+            assert!(agents.starts_with("NAME"), "{agents}");
+        },
+    );
+
+    step(
+        "systemctl start hobotnica-agent: its sandbox check passes",
+        || {
+            let started = Instant::now();
+            sh(&container, "timeout 60 systemctl start hobotnica-agent");
+            eprintln!("  READY=1 after {:.2} s", started.elapsed().as_secs_f64());
+            assert_eq!(show(&container, "hobotnica-agent", "ActiveState"), "active");
+        },
+    );
+    let connected = format!("Status: \"connected to http://{grpc}; 0 job(s) running\"");
+    wait_until(
+        JOB_TIMEOUT,
+        "systemctl status to show the agent connected",
+        || {
+            let shown =
+                sh(&container, "systemctl status --no-pager hobotnica-agent").contains(&connected);
+            async move { shown }
+        },
+    )
+    .await;
+    let agents = sh(&container, "hobot --data-dir /var/lib/hobotnica agents ls");
+    assert!(
+        agents.lines().any(|line| line.starts_with(HOSTNAME)),
+        "the agent registered under the host name:\n{agents}"
+    );
+
+    step("a job runs in the sandbox under the agent's unit", || {
+        sh_with(
+            &container,
+            "mkdir -p /srv/src && cd /srv/src && git init -q -b main \
+             && printf %s \"$1\" > Makefile && git add Makefile \
+             && git -c user.name=Test -c user.email=test@example.com commit -q -m fixture \
+             && git clone -q --bare /srv/src /srv/fixture.git \
+             && chown -R hobotnica:hobotnica /srv/fixture.git",
+            &[FIXTURE_MAKEFILE],
+        );
+        sh(
+            &container,
+            "hobot --data-dir /var/lib/hobotnica repos add fixture file:///srv/fixture.git --branch main",
+        );
+        let started = Instant::now();
+        let output = container.exec(&[
+            "timeout",
+            "60",
+            "hobot",
+            "--data-dir",
+            "/var/lib/hobotnica",
+            "run",
+            "fixture",
+            "test",
+            "--follow",
+        ]);
+        check(&output, "hobot run fixture test --follow");
+        eprintln!(
+            "  the job took {:.2} s from hobot run",
+            started.elapsed().as_secs_f64()
+        );
+        let log = String::from_utf8_lossy(&output.stdout);
+        for line in [
+            "hello from hobotnica on hobotnica-job",
+            "token hidden",
+            "done",
+        ] {
+            assert!(
+                log.lines().any(|l| l == line),
+                "{line:?} in the job's log:\n{log}"
+            );
+        }
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains("succeeded (exit code 0)"), "{said}");
+    });
+
+    eprintln!("step: systemctl stop hobotnica-agent lets the running job finish");
+    let mut follow = docker
+        .command()
+        .args([
+            "exec",
+            container.name(),
+            "timeout",
+            "120",
+            "hobot",
+            "--data-dir",
+            "/var/lib/hobotnica",
+            "run",
+            "fixture",
+            "test",
+            "--env",
+            &format!("GATE={GATE}"),
+            "--follow",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker exec hobot run starts");
+    let lines = follow_lines(follow.stdout.take().expect("piped stdout"));
+    wait_for_line(&lines, &format!("waiting for {GATE}"), JOB_TIMEOUT);
+    let stopping = Instant::now();
+    sh(&container, "systemctl stop --no-block hobotnica-agent");
+    wait_until(JOB_TIMEOUT, "the agent to say it drains", || {
+        let journal = sh(
+            &container,
+            "journalctl --no-pager -o cat -u hobotnica-agent",
+        );
+        async move { journal.contains("waiting for running jobs") }
+    })
+    .await;
+    assert_eq!(
+        show(&container, "hobotnica-agent", "ActiveState"),
+        "deactivating"
+    );
+    assert_eq!(
+        show(&container, "hobotnica-agent", "StatusText"),
+        "draining: waiting for 1 job(s)"
+    );
+    sh(&container, &format!("touch {GATE}"));
+    wait_until(
+        JOB_TIMEOUT,
+        "the agent to stop once its job is done",
+        || {
+            let state = show(&container, "hobotnica-agent", "ActiveState");
+            async move { state == "inactive" }
+        },
+    )
+    .await;
+    eprintln!(
+        "  stopped {:.2} s after systemctl stop (the job ran until the gate opened)",
+        stopping.elapsed().as_secs_f64()
+    );
+    assert_eq!(show(&container, "hobotnica-agent", "Result"), "success");
+    let output = follow.wait_with_output().expect("hobot run ends");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && said.contains("succeeded (exit code 0)"),
+        "the drained job succeeds ({}): {said}",
+        output.status
+    );
+    wait_for_line(&lines, "done", JOB_TIMEOUT);
+    let journal = sh(
+        &container,
+        "journalctl --no-pager -o cat -u hobotnica-agent",
+    );
+    assert!(
+        journal.contains("all jobs finished; shutting down"),
+        "{journal}"
+    );
+
+    step(
+        "systemctl reload hobotnica-controller: it keeps serving",
+        || {
+            let pid = show(&container, "hobotnica-controller", "MainPID");
+            sh(&container, "systemctl reload hobotnica-controller");
+            // SIGHUP has been delivered when reload returns: a controller it
+            // ended refuses the next request.
+            let answered = container
+                .exec(&["hobot", "--data-dir", "/var/lib/hobotnica", "agents", "ls"])
+                .status
+                .success();
+            let state = sh(
+                &container,
+                "systemctl show -p ActiveState -p MainPID -p ExecMainCode -p ExecMainStatus \
+             hobotnica-controller",
+            );
+            assert!(
+                answered
+                    && state.contains("ActiveState=active\n")
+                    && state.contains(&format!("MainPID={pid}\n")),
+                "the controller (pid {pid}) must survive systemctl reload (SIGHUP), \
+             TLS or not; hobot answered: {answered}\n{state}"
+            );
+        },
+    );
+
+    step("systemctl stop hobotnica-controller", || {
+        let started = Instant::now();
+        sh(&container, "timeout 60 systemctl stop hobotnica-controller");
+        eprintln!("  stopped in {:.2} s", started.elapsed().as_secs_f64());
+        assert_eq!(
+            show(&container, "hobotnica-controller", "Result"),
+            "success"
+        );
+    });
+    eprintln!("total: {:.1} s", total.elapsed().as_secs_f64());
+}
+
+/// Starts the systemd image with what systemd as PID 1 needs in a container
+/// of the tests' engine, where `--privileged` cannot be used (the host's
+/// capability bounding set lacks CAP_SYS_RESOURCE): CAP_SYS_ADMIN (mounts,
+/// namespaces) and CAP_SYS_PTRACE (PrivateUsers= writes a child's uid_map)
+/// and no other capability beyond Docker's defaults (none to change the
+/// shared network or clock); no seccomp filter (systemd installs each unit's
+/// own); an unmasked /proc (bwrap mounts a new /proc for every job, which
+/// the kernel refuses while parts of /proc are covered); the cgroup tree
+/// writable (systemd makes a cgroup per unit, under the container's own);
+/// its own host name.
+fn boot(docker: &'static Docker, debs_mount: &str) -> Container {
+    Container::run(
+        docker,
+        "hobotnica-systemd",
+        &[
+            "--hostname",
+            HOSTNAME,
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cap-add",
+            "SYS_PTRACE",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "systempaths=unconfined",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "--tmpfs",
+            "/tmp",
+            "--cgroupns",
+            "host",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            "-v",
+            debs_mount,
+            SYSTEMD_IMAGE,
+        ],
+    )
+}
+
+/// Prints the container's journal when the test fails (systemd logs there,
+/// not to the container's output).
+struct JournalOnFailure<'c>(&'c Container);
+
+impl Drop for JournalOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let output = self.0.exec(&["journalctl", "-b", "--no-pager"]);
+            eprintln!(
+                "--- journal of {} ---\n{}",
+                self.0.name(),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+    }
+}
+
+/// A unit's property (`systemctl show -p <property> --value`).
+fn show(container: &Container, unit: &str, property: &str) -> String {
+    sh(
+        container,
+        &format!("systemctl show -p {property} --value {unit}"),
+    )
+    .trim()
+    .to_owned()
+}
+
+/// The lines of a running command's output, as they come.
+fn follow_lines(output: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    received
+}
+
+/// Waits until `lines` brings `expected`.
+///
+/// # Panics
+/// When `timeout` passes first or the output ends, with what came.
+fn wait_for_line(lines: &mpsc::Receiver<String>, expected: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line == expected => return,
+            Ok(line) => seen.push(line),
+            Err(err) => panic!(
+                "no line {expected:?} ({err}); the output so far:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
 }
 
 /// Runs `what`, printing how long it took.
@@ -295,6 +741,14 @@ fn step<T>(name: &str, what: impl FnOnce() -> T) -> T {
     let result = what();
     eprintln!("  took {:.1} s", started.elapsed().as_secs_f64());
     result
+}
+
+/// The packages of the workspace's version, built once per test process
+/// (both tests install them; two builds at once would write the same
+/// files).
+fn packages(docker: &Docker) -> &'static [PathBuf] {
+    static BUILT: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    BUILT.get_or_init(|| build(docker, &[]))
 }
 
 /// `scripts/package-deb args...`: the packages it built.
@@ -433,6 +887,23 @@ fn sh(container: &Container, script: &str) -> String {
     let output = container.exec(&["env", "DEBIAN_FRONTEND=noninteractive", "sh", "-ec", script]);
     check(&output, script);
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a shell command in the container with `args` as `$1`...; its
+/// stdout.
+///
+/// # Panics
+/// When it fails, with its output.
+fn sh_with(container: &Container, script: &str, args: &[&str]) -> String {
+    let mut argv = vec!["sh", "-ec", script, "sh"];
+    argv.extend_from_slice(args);
+    let output = container.exec(&argv);
+    check(&output, script);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
 }
 
 /// Starts a shell command in the container without waiting for it.
