@@ -3,8 +3,8 @@
 //! line `systemctl status` shows).
 //!
 //! The running agent keeps a small status file in its work dir, `status`,
-//! rewritten (atomically) when its connection changes and on every
-//! heartbeat:
+//! rewritten (atomically) when its connection changes, when a job starts or
+//! ends, and on every heartbeat:
 //!
 //! ```text
 //! state=connected
@@ -79,8 +79,11 @@ impl Reporter {
             state.as_str()
         );
         let temporary = self.path.with_extension("tmp");
-        let written = std::fs::write(&temporary, contents)
-            .and_then(|()| std::fs::rename(&temporary, &self.path));
+        // Private like everything in the work dir (0600): only the agent's
+        // user, which runs the health check, reads it.
+        let written =
+            hobotnica_common::private_fs::write_private_file(&temporary, contents.as_bytes())
+                .and_then(|()| std::fs::rename(&temporary, &self.path));
         if let Err(error) = written {
             tracing::warn!(%error, path = %self.path.display(), "cannot write the status file");
         }
@@ -164,6 +167,13 @@ mod tests {
         reporter.report(State::Connecting, "http://127.0.0.1:1", 0);
         assert!(check(dir.path()).unwrap_err().contains("not connected"));
         reporter.report(State::Connected, "http://127.0.0.1:1", 2);
+        let mode = std::fs::metadata(dir.path().join(STATUS_FILE))
+            .expect("the status file")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert_eq!(
             check(dir.path()).unwrap(),
             "connected to http://127.0.0.1:1, 2 job(s) running"

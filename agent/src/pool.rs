@@ -354,6 +354,7 @@ impl Pool {
         if let Some(key) = key {
             self.jobs.remove(&key);
         }
+        self.report_health();
         if self.shutdown != Shutdown::Running && self.jobs.is_empty() {
             tracing::info!("all jobs finished; shutting down");
             return ControlFlow::Break(());
@@ -369,6 +370,7 @@ impl Pool {
                     live.assignments_received += 1;
                 }
                 self.assign(*spec);
+                self.report_health();
             }
             SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
                 Some(job) => {

@@ -47,7 +47,9 @@ fn start() -> Result<Docker, String> {
         return Err("dockerd needs root and this test runs as another user".into());
     }
     if !Path::new(CLIENT).is_file() || !Path::new("/usr/sbin/dockerd").is_file() {
-        return Err("Debian's docker.io is not installed (./scripts/setup --tests installs it)".into());
+        return Err(
+            "Debian's docker.io is not installed (./scripts/setup --tests installs it)".into(),
+        );
     }
     let output = Command::new(repo_root().join("scripts/dockerd"))
         .arg("start")
