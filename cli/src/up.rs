@@ -11,9 +11,12 @@
 //!   is cancelled and its running jobs have drained (at most
 //!   [`AGENT_DRAIN_TIMEOUT`]).
 //!
-//! Ctrl-C or SIGTERM cancels the agents, waits for them, then stops the
-//! controller. A second signal, while the agents drain or while the
-//! controller stops, stops everything at once (the tasks are aborted).
+//! Ctrl-C or SIGTERM stops the agents, which let running jobs finish (the
+//! jobs waited for are printed), then stops the controller. A second signal
+//! while the agents drain cancels their running jobs, which end
+//! `cancelled` ("agent shut down"), not `lost` a lease later; a third, or a
+//! second while the controller stops, stops everything at once (the tasks
+//! are aborted).
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -92,12 +95,85 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let grpc_addr = reachable(listeners.grpc.local_addr()?);
     let running = Running::start(controller, listeners, local_grpc, agent_configs);
     print_banner(&config, agents, http_addr, grpc_addr, &admin_token);
+    let client = self_client(&config, http_addr, grpc_addr, &admin_token);
 
     // Streams, not one-shot futures, kept from here to the end: a signal
     // between two waits is still delivered to the next.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    Ok(run(running, &mut sigint, &mut sigterm).await)
+    Ok(run(running, client.as_ref(), &mut sigint, &mut sigterm).await)
+}
+
+/// A REST client of this controller, to say which jobs a stop waits for;
+/// `None` over TLS (its certificate may not chain to the system's roots).
+fn self_client(
+    config: &ControllerConfig,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    admin_token: &str,
+) -> Option<crate::client::Client> {
+    if config.tls_enabled() {
+        return None;
+    }
+    crate::client::Client::new(crate::client::Connection {
+        url: format!("http://{http_addr}"),
+        grpc_url: format!("http://{grpc_addr}"),
+        token: Some(Secret::new(admin_token)),
+        source: "hobot up".to_owned(),
+        grpc_source: "hobot up".to_owned(),
+        ca_cert: None,
+        keepalive: Duration::from_secs(15),
+    })
+    .ok()
+}
+
+/// `#id repo target` of each running job, or `None` when the controller
+/// could not say.
+async fn running_jobs(client: &crate::client::Client) -> Option<Vec<String>> {
+    let page = client
+        .get("/api/v1/jobs?state=running&limit=100")
+        .await
+        .ok()?;
+    let items = page.get("items")?.as_array()?;
+    Some(
+        items
+            .iter()
+            .map(|job| {
+                let field = |name: &str| job.get(name).and_then(|v| v.as_str()).unwrap_or("?");
+                let id = job
+                    .get("id")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+                format!("#{id} {} {}", field("repo"), field("target"))
+            })
+            .collect(),
+    )
+}
+
+/// Tells the user, on the first signal, what the stop waits for and how to
+/// cut it short.
+async fn announce_stop(client: Option<&crate::client::Client>) {
+    let jobs = match client {
+        Some(client) => running_jobs(client).await,
+        None => None,
+    };
+    let drain = AGENT_DRAIN_TIMEOUT.as_secs();
+    let message = match jobs {
+        Some(jobs) if jobs.is_empty() => "Stopping; no job is running.".to_owned(),
+        Some(jobs) => format!(
+            "Stopping: waiting up to {drain} s for {} running job{} to finish: {}.\n\
+             Press Ctrl-C again to cancel {} now.",
+            jobs.len(),
+            if jobs.len() == 1 { "" } else { "s" },
+            jobs.join(", "),
+            if jobs.len() == 1 { "it" } else { "them" },
+        ),
+        None => format!(
+            "Stopping: running jobs may finish for up to {drain} s. \
+             Press Ctrl-C again to cancel them now."
+        ),
+    };
+    eprintln!("{message}");
 }
 
 /// The local agents' pool token: `--agent-token`, or the one kept in the
@@ -167,6 +243,8 @@ struct Running {
     agents: JoinSet<anyhow::Result<()>>,
     /// Stops the agents (each runs on a child of it).
     agents_shutdown: CancellationToken,
+    /// Cancels the agents' running jobs while they drain.
+    agents_stop_now: CancellationToken,
 }
 
 /// How serving ended.
@@ -196,6 +274,7 @@ impl Running {
         agent_configs: Vec<AgentConfig>,
     ) -> Running {
         let agents_shutdown = CancellationToken::new();
+        let agents_stop_now = CancellationToken::new();
         let controller_shutdown = CancellationToken::new();
         let controller = tokio::spawn(controller.serve_with_local_grpc(
             listeners,
@@ -204,9 +283,10 @@ impl Running {
         ));
         let mut agents = JoinSet::new();
         for agent_config in agent_configs {
-            agents.spawn(hobotnica_agent::run(
+            agents.spawn(hobotnica_agent::run_with_stop_now(
                 agent_config,
                 agents_shutdown.child_token(),
+                agents_stop_now.clone(),
             ));
         }
         Running {
@@ -214,6 +294,7 @@ impl Running {
             controller_shutdown,
             agents,
             agents_shutdown,
+            agents_stop_now,
         }
     }
 
@@ -250,36 +331,40 @@ impl Running {
     }
 
     /// Stops the local agents and waits for them (each within its own
-    /// drain timeout), unless `another_signal` comes first: then they are
-    /// aborted at once.
-    async fn stop_agents(
-        &mut self,
-        another_signal: impl Future<Output = &'static str>,
-    ) -> AgentsStop {
+    /// drain timeout). A signal meanwhile cancels their running jobs (they
+    /// report, and end `cancelled`); a further one aborts the agents at
+    /// once.
+    async fn stop_agents(&mut self, sigint: &mut Signal, sigterm: &mut Signal) -> AgentsStop {
         self.agents_shutdown.cancel();
         let mut failed = false;
-        let drain = async {
-            while let Some(result) = self.agents.join_next().await {
-                match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
+        let mut hurried = false;
+        loop {
+            tokio::select! {
+                joined = self.agents.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(err))) => {
                         failed = true;
                         tracing::error!(error = %format!("{err:#}"), "a local agent failed");
                     }
-                    Err(err) => {
+                    Some(Err(err)) => {
                         failed = true;
                         tracing::error!(error = %err, "a local agent task failed");
                     }
+                },
+                signal = next_signal(sigint, sigterm) => {
+                    if self.agents_stop_now.is_cancelled() {
+                        tracing::warn!("{signal} again; not waiting for running jobs or the controller's stop");
+                        self.agents.shutdown().await;
+                        hurried = true;
+                        break;
+                    }
+                    eprintln!(
+                        "Cancelling the running jobs (they end cancelled). \
+                         Press Ctrl-C once more to quit without waiting for them."
+                    );
+                    self.agents_stop_now.cancel();
                 }
-            }
-        };
-        let mut hurried = false;
-        tokio::select! {
-            () = drain => {}
-            signal = another_signal => {
-                tracing::warn!("{signal} again; not waiting for running jobs or the controller's stop");
-                self.agents.shutdown().await;
-                hurried = true;
             }
         }
         AgentsStop { failed, hurried }
@@ -291,12 +376,20 @@ impl Running {
 /// short. Fails when a task failed or a stop was cut short. `sigint` and
 /// `sigterm` are streams kept throughout, so a signal between two waits is
 /// not lost.
-async fn run(mut running: Running, sigint: &mut Signal, sigterm: &mut Signal) -> ExitCode {
+async fn run(
+    mut running: Running,
+    client: Option<&crate::client::Client>,
+    sigint: &mut Signal,
+    sigterm: &mut Signal,
+) -> ExitCode {
     let mut failed = match running.serve(next_signal(sigint, sigterm)).await {
         Served::Stop { failed } => failed,
         Served::ControllerEnded => return ExitCode::FAILURE,
     };
-    let agents = running.stop_agents(next_signal(sigint, sigterm)).await;
+    if !failed {
+        announce_stop(client).await;
+    }
+    let agents = running.stop_agents(sigint, sigterm).await;
     failed |= agents.failed;
     let stop = if agents.hurried {
         running.controller_shutdown.cancel();

@@ -1622,6 +1622,95 @@ async fn hobot_up_with_tls_serves_https_and_its_local_agents_need_no_certificate
     signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
 }
 
+/// Starts `hobot up` on free ports in `dir` and waits until its REST API
+/// answers; returns it, its project directory and an admin client.
+async fn start_up(
+    dir: &std::path::Path,
+    name: &str,
+) -> (hobotnica_tests::daemon::Daemon, std::path::PathBuf, Api) {
+    let http = net::free_addr();
+    let grpc = net::free_addr();
+    let args = [
+        "--listen".to_owned(),
+        http.to_string(),
+        "--grpc-listen".to_owned(),
+        grpc.to_string(),
+    ];
+    let (mut up, cwd) = cli::spawn_up(dir, name, &args, &[]);
+    let token_file = cwd.join(".hobotnica/admin-token");
+    wait_until(Duration::from_secs(30), "hobot up's admin token", || {
+        assert!(up.is_running(), "{}", up.output());
+        let exists = token_file.is_file();
+        async move { exists }
+    })
+    .await;
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let api = Api::new(format!("http://{http}"), Some(token.trim()));
+    wait_until(Duration::from_secs(30), "hobot up's REST API", || {
+        let api = api.clone();
+        async move {
+            api.try_raw(Method::GET, "/readyz", None, &[])
+                .await
+                .is_ok_and(|answer| answer.status == 200)
+        }
+    })
+    .await;
+    (up, cwd, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_up_says_which_jobs_a_stop_waits_for_and_a_second_ctrl_c_cancels_them() {
+    hobotnica_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new();
+    repo.commit(
+        &[("Makefile", "test:\n\t@echo started\n\t@sleep 600\n")],
+        "a test that takes ten minutes",
+    );
+    let (mut up, cwd, api) = start_up(dir.path(), "hobot-up-stop").await;
+    cli::run(None, &cwd, &["repos", "add", "demo", &repo.url()])
+        .await
+        .success();
+    let job = api.run_target(REPO, "test").await;
+    api.wait_for_log(job.id, "started", JOB_TIMEOUT).await;
+
+    // The first Ctrl-C names the job it waits for and how not to wait.
+    up.signal(Signal::SIGINT);
+    let waiting = format!(
+        "waiting up to 30 s for 1 running job to finish: #{} local/demo test",
+        job.id
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "hobot up to say what it waits for",
+        || {
+            let said = {
+                let output = up.output();
+                output.contains(&waiting) && output.contains("Press Ctrl-C again to cancel it now")
+            };
+            async move { said }
+        },
+    )
+    .await;
+
+    // The second cancels it: it ends cancelled, not lost a lease later.
+    up.signal(Signal::SIGINT);
+    let status = up.wait(Duration::from_secs(60)).await;
+    assert!(
+        up.output().contains("Cancelling the running jobs"),
+        "{}",
+        up.output()
+    );
+    assert!(status.success(), "{status}: {}", up.output());
+    drop(up);
+    let (mut again, _, api) = start_up(dir.path(), "hobot-up-again").await;
+    let job = api.job(job.id).await;
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    again.signal(Signal::SIGTERM);
+    assert!(again.wait(Duration::from_secs(60)).await.success());
+    signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
+}
+
 #[path = "e2e/redis_mode.rs"]
 mod redis_mode;
 
