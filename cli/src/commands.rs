@@ -238,7 +238,14 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
     if json {
         print_json(&job);
     } else {
-        println!("{}", view.id);
+        println!(
+            "job {} queued: {} make {} at {}",
+            view.id,
+            view.repo,
+            view.target,
+            short_sha(&view.commit)
+        );
+        eprintln!("follow it: hobot logs -f {}", view.id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -306,7 +313,14 @@ pub async fn deploy(client: &Client, args: DeployArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&job);
     } else {
-        println!("{}", view.id);
+        println!(
+            "job {} queued: {} make {} at {}",
+            view.id,
+            view.repo,
+            view.target,
+            short_sha(&view.commit)
+        );
+        eprintln!("follow it: hobot logs -f {}", view.id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -417,6 +431,9 @@ async fn wait_until_started(client: &Client, job: &JobView) -> anyhow::Result<()
 
 pub async fn deploys(client: &Client, args: DeploysArgs, json: bool) -> anyhow::Result<()> {
     let (owner, name) = repo_path(&args.repo)?;
+    // An unknown repository is an error, as for `hobot deploy`, not an
+    // empty list.
+    client.get(&format!("/api/v1/repos/{owner}/{name}")).await?;
     let mut path = format!("/api/v1/jobs?repo={owner}%2F{name}&kind=deploy");
     if let Some(limit) = args.limit {
         path.push_str(&format!("&limit={limit}"));
@@ -491,8 +508,18 @@ pub async fn env(client: &Client, command: EnvCommand, json: bool) -> anyhow::Re
             key,
             secret,
             scope,
+            value,
         } => {
             let (owner, name) = repo_path(&repo)?;
+            anyhow::ensure!(
+                value.is_none(),
+                "the value is read from stdin, not taken from the command line (every user of \
+                 this host can read a command line): `printf %s VALUE | hobot env set {repo} {key}`, \
+                 or run it without a value and type it"
+            );
+            // The repository first: a typo or an unreachable controller is
+            // found before the value is asked for.
+            client.get(&format!("/api/v1/repos/{owner}/{name}")).await?;
             let value = read_value(&key)?;
             let mut body = json!({ "value": value, "secret": secret });
             if let Some(scope) = scope {

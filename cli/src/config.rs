@@ -318,6 +318,10 @@ pub enum EnvCommand {
         /// Which jobs see it (default: all).
         #[arg(long, value_enum)]
         scope: Option<EnvScope>,
+        /// Refused: the value is read from stdin, never from the command
+        /// line, where every user of the host can read it.
+        #[arg(hide = true)]
+        value: Option<String>,
     },
     /// Remove a variable.
     Rm {
@@ -549,6 +553,7 @@ mod tests {
             key,
             secret,
             scope,
+            ..
         }) = cli.command
         else {
             panic!("not env set")
@@ -557,10 +562,18 @@ mod tests {
         assert!(secret);
         assert_eq!(scope, Some(EnvScope::Deploy));
 
+        // A value after the key is taken only to be refused with how to
+        // pass it (stdin): `env set` says so before it does anything.
+        let cli = Cli::try_parse_from(["hobot", "env", "set", "app", "TOKEN", "s3cr3t"])
+            .expect("parses, to be refused");
+        let Command::Env(EnvCommand::Set { value, .. }) = cli.command else {
+            panic!("not env set")
+        };
+        assert_eq!(value.as_deref(), Some("s3cr3t"));
+
         for bad in [
-            &["hobot", "env", "set", "app", "TOKEN", "s3cr3t"][..],
-            &["hobot", "env", "set", "app", "TOKEN", "--value", "s3cr3t"],
-            &["hobot", "env", "set", "app", "TOKEN=s3cr3t", "extra"],
+            &["hobot", "env", "set", "app", "TOKEN", "--value", "s3cr3t"][..],
+            &["hobot", "env", "set", "app", "TOKEN", "s3cr3t", "extra"],
             &["hobot", "env", "set", "app", "TOKEN", "--scope", "prod"],
             &["hobot", "env", "ls", "app", "TOKEN"],
         ] {

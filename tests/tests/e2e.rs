@@ -964,7 +964,7 @@ async fn hobot_registers_runs_follows_and_lists() {
     let out = hobot(&["run", "demo", "gate", "--env", &gate_env])
         .await
         .success();
-    let gate_id: u64 = out.trim().parse().expect("run prints the job id");
+    let gate_id = queued_job_id(&out);
     api.wait_for_log(gate_id, "waiting for the gate", JOB_TIMEOUT)
         .await;
     let follower = cli::command(Some(&controller), cwd.path())
@@ -1368,7 +1368,7 @@ async fn a_job_runs_end_to_end_over_tls() {
         &["run", "demo", "gate", "--env", &gate_env],
     )
     .await;
-    let gate_id: u64 = out.success().trim().parse().expect("run prints the job id");
+    let gate_id = queued_job_id(&out.success());
     api.wait_for_log(gate_id, "waiting for the gate", JOB_TIMEOUT)
         .await;
     let follower = cli::command(Some(&controller), cwd.path())
@@ -1709,6 +1709,65 @@ async fn hobot_up_says_which_jobs_a_stop_waits_for_and_a_second_ctrl_c_cancels_t
     again.signal(Signal::SIGTERM);
     assert!(again.wait(Duration::from_secs(60)).await.success());
     signal_all(&processes_in_dir(dir.path()), Signal::SIGKILL);
+}
+
+#[tokio::test]
+async fn hobot_refuses_a_value_on_the_command_line_and_an_unknown_repository_before_anything_else()
+{
+    let Setup {
+        controller, api, ..
+    } = setup().await;
+    let cwd = tempfile::tempdir().unwrap();
+
+    // The value is read from stdin only: given as an argument, it is
+    // refused with the way to pass it, and nothing is set.
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["env", "set", "demo", "FOO", "bar"],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.contains("read from stdin"), "{out:#?}");
+    assert!(out.stderr.contains("hobot env set demo FOO"), "{out:#?}");
+    assert!(api.env(REPO).await.is_empty());
+
+    // An unknown repository is found before the value is read (stdin is
+    // empty here: reading it first would complain about the value).
+    let out = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["env", "set", "nosuch", "FOO"],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.to_lowercase().contains("not found"), "{out:#?}");
+
+    // `deploys` of an unknown repository fails as `deploy` does, instead
+    // of printing an empty table.
+    let listed = cli::run(Some(&controller), cwd.path(), &["deploys", "nosuch"]).await;
+    let deployed = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["deploy", "nosuch", "--branch", "main"],
+    )
+    .await;
+    assert_eq!(listed.code(), deployed.code(), "{listed:#?} {deployed:#?}");
+    assert_ne!(listed.code(), Some(0), "{listed:#?}");
+    assert!(listed.stdout.is_empty(), "{listed:#?}");
+    assert!(
+        listed.stderr.to_lowercase().contains("not found"),
+        "{listed:#?}"
+    );
+}
+
+/// The id in `hobot run`'s "job N queued: ..." line.
+fn queued_job_id(stdout: &str) -> u64 {
+    stdout
+        .strip_prefix("job ")
+        .and_then(|rest| rest.split_once(" queued: "))
+        .and_then(|(id, _)| id.parse().ok())
+        .unwrap_or_else(|| panic!("hobot run prints the job it queued: {stdout:?}"))
 }
 
 #[path = "e2e/redis_mode.rs"]
