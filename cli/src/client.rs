@@ -34,6 +34,8 @@ pub struct Connection {
     pub url: String,
     pub grpc_url: String,
     pub token: Option<Secret>,
+    /// Where `token` came from, for error messages.
+    pub token_source: String,
     /// Where `url` came from, for error messages.
     pub source: String,
     /// Where `grpc_url` came from, for error messages.
@@ -56,15 +58,24 @@ impl Connection {
     pub fn discover(global: &GlobalArgs) -> anyhow::Result<Connection> {
         let file_path = global.data_dir.join(CONTROLLER_FILE);
         let from_file = read_controller_file(&file_path)?;
+        // No flag and no `hobot up` here: say so, or a user in the wrong
+        // directory only learns that a token is missing.
+        let default = || {
+            format!(
+                "the default address: no {} here; run hobot where `hobot up` runs, or give \
+                 --data-dir, or --url and --token-file",
+                file_path.display()
+            )
+        };
         let source = match (&global.url, &from_file) {
             (Some(_), _) => "--url / HOBOTNICA_URL".to_owned(),
             (None, Some(_)) => file_path.display().to_string(),
-            (None, None) => "the default address".to_owned(),
+            (None, None) => default(),
         };
         let grpc_source = match (&global.grpc_url, &from_file) {
             (Some(_), _) => "--grpc-url / HOBOTNICA_GRPC_URL".to_owned(),
             (None, Some(_)) => file_path.display().to_string(),
-            (None, None) => "the default address".to_owned(),
+            (None, None) => default(),
         };
         let url = global
             .url
@@ -91,20 +102,26 @@ impl Connection {
                 })?),
                 None => None,
             };
-        let token = match (&global.token, &global.token_file) {
+        let admin_token_file = global.data_dir.join(ADMIN_TOKEN_FILE);
+        let (token, token_source) = match (&global.token, &global.token_file) {
             (Some(_), Some(_)) => anyhow::bail!(
                 "give --token-file (HOBOTNICA_TOKEN_FILE) or --token (HOBOTNICA_TOKEN), not both"
             ),
-            (Some(token), None) => Some(token.clone()),
-            (None, Some(path)) => Some(read_secret_file("--token-file", path)?),
-            (None, None) => {
-                read_token_file(&global.data_dir.join(ADMIN_TOKEN_FILE))?.map(Secret::new)
-            }
+            (Some(token), None) => (Some(token.clone()), "--token / HOBOTNICA_TOKEN".to_owned()),
+            (None, Some(path)) => (
+                Some(read_secret_file("--token-file", path)?),
+                format!("--token-file {}", path.display()),
+            ),
+            (None, None) => (
+                read_token_file(&admin_token_file)?.map(Secret::new),
+                admin_token_file.display().to_string(),
+            ),
         };
         Ok(Connection {
             url: url.trim_end_matches('/').to_owned(),
             grpc_url: grpc_url.trim_end_matches('/').to_owned(),
             token,
+            token_source,
             source,
             grpc_source,
             ca_cert,
@@ -319,11 +336,23 @@ impl Client {
         }
         let body = response.bytes().await.unwrap_or_default();
         let mut error = ApiError::from_body(status, &body);
-        if status == StatusCode::UNAUTHORIZED && self.connection.token.is_none() {
-            let hint = "no token was given: pass --token or set HOBOTNICA_TOKEN";
+        if status == StatusCode::UNAUTHORIZED {
+            let hint = if self.connection.token.is_none() {
+                format!(
+                    "no token was given: pass --token-file or set HOBOTNICA_TOKEN (the controller \
+                     is {} from {})",
+                    self.connection.url, self.connection.source
+                )
+            } else {
+                format!(
+                    "the token from {} was refused by {}; the admin token of a `hobot up` \
+                     controller is in its data directory, .hobotnica/admin-token",
+                    self.connection.token_source, self.connection.url
+                )
+            };
             error.detail = Some(match error.detail {
                 Some(detail) => format!("{detail} ({hint})"),
-                None => hint.to_owned(),
+                None => hint,
             });
         }
         Err(error.into())

@@ -119,6 +119,7 @@ fn self_client(
         url: format!("http://{http_addr}"),
         grpc_url: format!("http://{grpc_addr}"),
         token: Some(Secret::new(admin_token)),
+        token_source: "hobot up".to_owned(),
         source: "hobot up".to_owned(),
         grpc_source: "hobot up".to_owned(),
         ca_cert: None,

@@ -1761,6 +1761,48 @@ async fn hobot_refuses_a_value_on_the_command_line_and_an_unknown_repository_bef
     );
 }
 
+#[tokio::test]
+async fn hobot_says_where_it_looked_for_a_controller_and_whose_token_was_refused() {
+    let controller = Controller::start_default().await;
+    let cwd = tempfile::tempdir().unwrap();
+
+    // No flags and no `hobot up` here: it says it found none, and how to
+    // point at one (whatever answers on the default address).
+    let out = cli::run(None, cwd.path(), &["repos", "ls"]).await;
+    assert_ne!(out.code(), Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("no .hobotnica/controller.json here"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("--data-dir"), "{out:#?}");
+
+    // A URL but no token.
+    let mut command = cli::command(None, cwd.path());
+    command
+        .args(["repos", "ls"])
+        .env("HOBOTNICA_URL", controller.url());
+    let out = cli::finish(command.spawn().unwrap(), &["repos", "ls"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.contains("no token was given"), "{out:#?}");
+
+    // A wrong token: where it came from, and where `hobot up` keeps its own.
+    let wrong = hobotnica_common::token::new_token("hbt_admin");
+    let mut command = cli::command(Some(&controller), cwd.path());
+    command.args(["repos", "ls"]).env("HOBOTNICA_TOKEN", &wrong);
+    let out = cli::finish(command.spawn().unwrap(), &["repos", "ls"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("the token from --token / HOBOTNICA_TOKEN was refused"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains(".hobotnica/admin-token"), "{out:#?}");
+    assert!(
+        !out.stderr.contains(&wrong),
+        "the token is never printed: {out:#?}"
+    );
+}
+
 /// The id in `hobot run`'s "job N queued: ..." line.
 fn queued_job_id(stdout: &str) -> u64 {
     stdout
