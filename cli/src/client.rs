@@ -219,6 +219,9 @@ impl ApiError {
 pub struct Unreachable {
     pub url: String,
     pub source_hint: String,
+    /// The option that names this URL: `--url / HOBOTNICA_URL` (REST) or
+    /// `--grpc-url / HOBOTNICA_GRPC_URL` (log tails).
+    pub option: &'static str,
     pub cause: String,
 }
 
@@ -235,9 +238,11 @@ impl fmt::Display for Unreachable {
                  that issued it with --ca-cert / HOBOTNICA_CA_CERT",
             )
         } else {
-            f.write_str(
-                "hint: start one with `hobot up`, or point --url / HOBOTNICA_URL \
-                 (and --token / HOBOTNICA_TOKEN) at a running controller",
+            write!(
+                f,
+                "hint: start one with `hobot up`, or point {} (and --token-file / \
+                 HOBOTNICA_TOKEN) at a running controller",
+                self.option
             )
         }
     }
@@ -324,6 +329,7 @@ impl Client {
                 anyhow::Error::new(Unreachable {
                     url: self.connection.url.clone(),
                     source_hint: self.connection.source.clone(),
+                    option: "--url / HOBOTNICA_URL",
                     cause,
                 })
             } else {

@@ -937,6 +937,7 @@ mod tests {
         let unreachable = anyhow::Error::new(Unreachable {
             url: "http://127.0.0.1:1".to_owned(),
             source_hint: "test".to_owned(),
+            option: "--url / HOBOTNICA_URL",
             cause: "Connection refused".to_owned(),
         });
         assert!(worth_retrying(&unreachable));

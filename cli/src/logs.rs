@@ -169,6 +169,7 @@ async fn tail_once(
         Interrupted::Retry(anyhow::Error::new(Unreachable {
             url: grpc_url.clone(),
             source_hint: client.connection.grpc_source.clone(),
+            option: "--grpc-url / HOBOTNICA_GRPC_URL",
             cause,
         }))
     };

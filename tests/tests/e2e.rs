@@ -1801,6 +1801,21 @@ async fn hobot_says_where_it_looked_for_a_controller_and_whose_token_was_refused
         !out.stderr.contains(&wrong),
         "the token is never printed: {out:#?}"
     );
+
+    // A log tail that cannot reach the gRPC address names the option that
+    // sets it, not the REST one.
+    let closed = format!("http://{}", net::free_addr());
+    let mut command = cli::command(Some(&controller), cwd.path());
+    command
+        .args(["logs", "1"])
+        .env("HOBOTNICA_GRPC_URL", &closed);
+    let out = cli::finish(command.spawn().unwrap(), &["logs", "1"]).await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(out.stderr.contains(&closed), "{out:#?}");
+    assert!(
+        out.stderr.contains("--grpc-url / HOBOTNICA_GRPC_URL"),
+        "{out:#?}"
+    );
 }
 
 /// The id in `hobot run`'s "job N queued: ..." line.
