@@ -57,6 +57,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     );
 
     config.read_secret_files()?;
+    // The listeners first: a port in use must leave no half-made data
+    // directory behind (a new token and no controller.json would send
+    // other hobot commands there to whatever holds the port).
+    let listeners = Listeners::bind(&config).await?;
     hobotnica_controller::prepare_data_dir(&config.data_dir)?;
     let agent_token = local_agent_token(&config)?;
     config.agent_token = Some(agent_token.clone());
@@ -90,7 +94,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let controller = Controller::open(config.clone()).await?;
     let admin_token = controller.admin_token().to_owned();
-    let listeners = Listeners::bind(&config).await?;
     let http_addr = reachable(listeners.http.local_addr()?);
     let grpc_addr = reachable(listeners.grpc.local_addr()?);
     let running = Running::start(controller, listeners, local_grpc, agent_configs);

@@ -89,12 +89,20 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &ControllerConfig) -> anyhow::Result<Listeners> {
-        let http = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let http = TcpListener::bind(config.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} (REST; choose another address with --listen)",
+                config.listen
+            )
+        })?;
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
-            .with_context(|| format!("cannot listen on {}", config.grpc_listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (gRPC; choose another address with --grpc-listen)",
+                    config.grpc_listen
+                )
+            })?;
         Ok(Listeners { http, grpc })
     }
 }

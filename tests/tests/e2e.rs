@@ -1818,6 +1818,31 @@ async fn hobot_says_where_it_looked_for_a_controller_and_whose_token_was_refused
     );
 }
 
+#[tokio::test]
+async fn hobot_up_on_a_port_in_use_says_which_option_and_leaves_nothing_behind() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_addr = held.local_addr().unwrap().to_string();
+    let grpc = net::free_addr().to_string();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = cli::run(
+        None,
+        cwd.path(),
+        &["up", "--listen", &held_addr, "--grpc-listen", &grpc],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains(&format!("cannot listen on {held_addr}")),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("--listen"), "{out:#?}");
+    assert!(
+        !cwd.path().join(".hobotnica").exists(),
+        "no data directory is made before the listeners are bound"
+    );
+}
+
 /// The id in `hobot run`'s "job N queued: ..." line.
 fn queued_job_id(stdout: &str) -> u64 {
     stdout
