@@ -238,16 +238,22 @@ pub async fn run(client: &Client, args: RunArgs, json: bool) -> anyhow::Result<E
     if json {
         print_json(&job);
     } else {
-        println!(
-            "job {} queued: {} make {} at {}",
-            view.id,
-            view.repo,
-            view.target,
-            short_sha(&view.commit)
-        );
-        eprintln!("follow it: hobot logs -f {}", view.id);
+        print_queued(&view);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `run` and `deploy` without `--follow` say they queued: the job on
+/// stdout, how to follow it on stderr.
+fn print_queued(view: &JobView) {
+    println!(
+        "job {} queued: {} make {} at {}",
+        view.id,
+        view.repo,
+        view.target,
+        short_sha(&view.commit)
+    );
+    eprintln!("follow it: hobot logs -f {}", view.id);
 }
 
 /// One-time variables as the API's `env` object.
@@ -313,14 +319,7 @@ pub async fn deploy(client: &Client, args: DeployArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&job);
     } else {
-        println!(
-            "job {} queued: {} make {} at {}",
-            view.id,
-            view.repo,
-            view.target,
-            short_sha(&view.commit)
-        );
-        eprintln!("follow it: hobot logs -f {}", view.id);
+        print_queued(&view);
     }
     Ok(ExitCode::SUCCESS)
 }
