@@ -78,12 +78,10 @@ impl Reporter {
             "state={}\ncontroller={controller}\njobs={jobs}\nupdated={now}\n",
             state.as_str()
         );
-        let temporary = self.path.with_extension("tmp");
         // Private like everything in the work dir (0600): only the agent's
-        // user, which runs the health check, reads it.
+        // user, which runs the health check, reads it; replaced atomically.
         let written =
-            hobotnica_common::private_fs::write_private_file(&temporary, contents.as_bytes())
-                .and_then(|()| std::fs::rename(&temporary, &self.path));
+            hobotnica_common::private_fs::write_private_file(&self.path, contents.as_bytes());
         if let Err(error) = written {
             tracing::warn!(%error, path = %self.path.display(), "cannot write the status file");
         }

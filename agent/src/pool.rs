@@ -189,7 +189,6 @@ impl Pool {
                     match connected {
                         Ok((registration, session)) => {
                             self.session_opened(registration, session);
-                            self.report_health();
                             heartbeat.reset();
                         }
                         Err(error) => {
@@ -203,9 +202,6 @@ impl Pool {
                         Ok(Some(command)) => self.on_command(command),
                         Ok(None) => connecting = Some(self.session_lost(None, &mut reconnect_backoff)),
                         Err(error) => connecting = Some(self.session_lost(Some(error), &mut reconnect_backoff)),
-                    }
-                    if self.live.is_none() {
-                        self.report_health();
                     }
                 }
 
@@ -306,6 +302,7 @@ impl Pool {
         });
         // The Capacity queued when connecting may be stale.
         self.send_capacity();
+        self.report_health();
     }
 
     /// The Session ended (`error`: it broke; `None`: the controller closed
@@ -318,6 +315,7 @@ impl Pool {
             .map(|l| l.opened.elapsed())
             .unwrap_or_default();
         self.live = None;
+        self.report_health();
         match error {
             Some(error) => tracing::warn!(%error, "session broken; reconnecting"),
             None => tracing::warn!("the controller closed the session; reconnecting"),

@@ -96,14 +96,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let admin_token = controller.admin_token().to_owned();
     let http_addr = reachable(listeners.http.local_addr()?);
     let grpc_addr = reachable(listeners.grpc.local_addr()?);
+    // Streams, not one-shot futures, kept from here to the end: a signal
+    // between two waits is still delivered to the next. Installed before
+    // anything serves: a SIGTERM as soon as /readyz answers must stop
+    // hobot up in order, not kill it.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let running = Running::start(controller, listeners, local_grpc, agent_configs);
     print_banner(&config, agents, http_addr, grpc_addr, &admin_token);
     let client = self_client(&config, http_addr, grpc_addr, &admin_token);
 
-    // Streams, not one-shot futures, kept from here to the end: a signal
-    // between two waits is still delivered to the next.
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     Ok(run(running, client.as_ref(), &mut sigint, &mut sigterm).await)
 }
 

@@ -216,21 +216,72 @@ pub fn private_open_options() -> OpenOptions {
     options
 }
 
-/// Writes `contents` to `path`, which ends up mode 0600 (also when it
-/// existed with another mode).
+/// Replaces `path` with a file holding `contents`, mode 0600 (also when it
+/// existed with another mode). Atomic: the contents go to a temporary file
+/// beside it, flushed to disk, which is then renamed over `path`, so a
+/// reader (hobot reading `controller.json` while the controller starts, a
+/// health check reading the agent's status) or a crash never sees a file
+/// half written or empty.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut file = private_open_options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
-    file.write_all(contents)
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a file path has a name"))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(name);
+    temporary_name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    // A leftover of a crash goes first; create_new (O_EXCL) never follows a
+    // link planted at the temporary name.
+    let _ = std::fs::remove_file(&temporary);
+    let written = (|| {
+        let mut file = private_open_options()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)?;
+        file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_never_sees_a_private_file_half_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.json");
+        write_private_file(&path, b"first\n").unwrap();
+        std::fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (path, done) = (path.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let text = std::fs::read(&path).unwrap();
+                    assert!(text.ends_with(b"\n"), "read {text:?}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for i in 0..2000 {
+            write_private_file(&path, format!("{i:0>4096}\n").as_bytes()).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+    }
 
     fn secret_file(dir: &Path, contents: &[u8], mode: u32) -> PathBuf {
         let path = dir.join("token");

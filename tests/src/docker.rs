@@ -114,16 +114,29 @@ impl Docker {
     /// # Panics
     /// When it fails, with its stderr.
     pub fn run(&self, args: &[&str]) -> String {
-        let output = self.try_run(args);
-        assert!(
-            output.status.success(),
-            "docker {} failed ({}):\n{}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        succeeded(&self.try_run(args), &format!("docker {}", args.join(" ")))
+    }
+
+    /// Builds the test image `tests/docker/<dockerfile>` as `tag` (host
+    /// network: there is no bridge), the context being `tests/docker`.
+    ///
+    /// # Panics
+    /// When the build fails.
+    pub fn build_test_image(&self, tag: &str, dockerfile: &str) {
+        let context = repo_root().join("tests/docker");
+        let file = context.join(dockerfile);
+        let (file, context) = (file.to_string_lossy(), context.to_string_lossy());
+        self.run(&[
+            "build",
+            "--network",
+            "host",
+            "--quiet",
+            "--tag",
+            tag,
+            "--file",
+            &file,
+            &context,
+        ]);
     }
 
     /// Runs `docker args...` and returns what it did.
@@ -147,15 +160,7 @@ impl Docker {
             .current_dir(repo_root())
             .output()
             .unwrap_or_else(|err| panic!("cannot run scripts/{name}: {err}"));
-        assert!(
-            output.status.success(),
-            "scripts/{name} {} failed ({}):\n{}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        succeeded(&output, &format!("scripts/{name} {}", args.join(" ")))
     }
 
     /// An image's size in bytes, as `docker images` shows it.
@@ -238,4 +243,19 @@ impl Drop for Container {
         }
         let _ = self.docker.try_run(&["rm", "-f", "-v", &self.name]);
     }
+}
+
+/// The stdout of a command that must have succeeded.
+///
+/// # Panics
+/// When it failed, naming it (`what`) with everything it printed.
+fn succeeded(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -46,23 +46,11 @@ fn images(docker: &'static Docker) {
     BUILT.get_or_init(|| {
         let started = Instant::now();
         docker.script("docker-build", &[]);
-        let context = repo_root().join("tests/docker");
         for (tag, file) in [
             (REDIS_IMAGE, "redis.Dockerfile"),
             (NGINX_IMAGE, "nginx.Dockerfile"),
         ] {
-            let dockerfile = context.join(file);
-            docker.run(&[
-                "build",
-                "--network",
-                "host",
-                "--quiet",
-                "--tag",
-                tag,
-                "--file",
-                path_str(&dockerfile),
-                path_str(&context),
-            ]);
+            docker.build_test_image(tag, file);
         }
         for image in [
             "hobotnica/controller:latest",

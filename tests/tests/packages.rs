@@ -331,19 +331,7 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
     let packages = step("build the packages", || packages(docker));
     let version = version_of(&packages[0]);
     step("build the systemd image", || {
-        let context = repo_root().join("tests/docker");
-        let dockerfile = context.join("systemd.Dockerfile");
-        docker.run(&[
-            "build",
-            "--network",
-            "host",
-            "--quiet",
-            "--tag",
-            SYSTEMD_IMAGE,
-            "--file",
-            path_str(&dockerfile),
-            path_str(&context),
-        ]);
+        docker.build_test_image(SYSTEMD_IMAGE, "systemd.Dockerfile");
         eprintln!(
             "  {SYSTEMD_IMAGE}: {:.1} MB",
             docker.image_size(SYSTEMD_IMAGE) as f64 / 1e6
@@ -900,10 +888,6 @@ fn sh_with(container: &Container, script: &str, args: &[&str]) -> String {
     let output = container.exec(&argv);
     check(&output, script);
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
 }
 
 /// Starts a shell command in the container without waiting for it.
