@@ -23,6 +23,7 @@ mod logs;
 mod pool;
 mod process;
 mod sandbox;
+mod work_dir_lock;
 mod workspace;
 
 use std::sync::Arc;
@@ -68,6 +69,9 @@ pub async fn run_with_stop_now(
         }
     }
     let work_dir = private_work_dir(&config)?;
+    // Before anything in the work dir is touched: the clean-up below would
+    // break the jobs of another agent still running there.
+    let _lock = work_dir_lock::WorkDirLock::acquire(&work_dir)?;
     let spool_dir = work_dir.join("spool");
     create_private_dir(&spool_dir).with_context(|| format!("creating {}", spool_dir.display()))?;
     remove_old_spools(&spool_dir);

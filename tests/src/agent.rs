@@ -68,6 +68,9 @@ pub struct AgentOpts {
     /// Run as an unprivileged user (`nobody`, through `setpriv`) when the
     /// tests run as root; as the test's own user otherwise.
     pub unprivileged: bool,
+    /// `--work-dir` (default: `work` in the agent's own temporary
+    /// directory).
+    pub work_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOpts {
@@ -85,6 +88,7 @@ impl Default for AgentOpts {
             args: Vec::new(),
             controller_urls: None,
             unprivileged: false,
+            work_dir: None,
         }
     }
 }
@@ -96,7 +100,9 @@ const NOBODY: u32 = 65534;
 pub struct Agent {
     pub name: String,
     daemon: Daemon,
-    dir: TempDir,
+    /// Holds the agent's temporary directory for as long as it lives.
+    _dir: TempDir,
+    work_dir: PathBuf,
 }
 
 impl Agent {
@@ -123,7 +129,10 @@ impl Agent {
             .name
             .clone()
             .unwrap_or_else(|| crate::unique("e2e-agent"));
-        let work_dir = dir.path().join("work");
+        let work_dir = opts
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("work"));
         let controllers: Vec<String> = match &opts.controller_urls {
             Some(urls) => urls.clone(),
             None => std::iter::once(controller.grpc_url())
@@ -138,7 +147,7 @@ impl Agent {
             "--concurrency".into(),
             opts.concurrency.to_string().into(),
             "--work-dir".into(),
-            work_dir.into(),
+            work_dir.clone().into(),
             "--drain-timeout".into(),
             format!("{}ms", opts.drain_timeout.as_millis()).into(),
             "--sandbox-rw-bind".into(),
@@ -229,7 +238,8 @@ impl Agent {
         Agent {
             name,
             daemon: Daemon::spawn(spec),
-            dir,
+            _dir: dir,
+            work_dir,
         }
     }
 
@@ -262,7 +272,7 @@ impl Agent {
 
     /// The directory the agent keeps clones and work trees in.
     pub fn work_dir(&self) -> PathBuf {
-        self.dir.path().join("work")
+        self.work_dir.clone()
     }
 
     /// The process id while it runs.

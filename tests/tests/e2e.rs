@@ -690,6 +690,23 @@ async fn an_agent_given_sigterm_finishes_its_job_takes_no_new_one_and_exits() {
     .await;
     let queued_after = s.api.run_target(REPO, "test").await;
 
+    // The new agent of an upgrade, started on the same work dir while the
+    // old one drains, would clear the running job's tree: it refuses to
+    // start, and says what to do instead.
+    let mut second = Agent::spawn(
+        &s.controller,
+        AgentOpts {
+            work_dir: Some(s.agent.work_dir()),
+            ..AgentOpts::default()
+        },
+    );
+    let refused = second.wait(JOB_TIMEOUT).await;
+    assert_eq!(refused.code(), Some(1), "{}", second.output());
+    let why = second.output();
+    let holder = format!("another agent (pid {})", s.agent.pid().unwrap());
+    assert!(why.contains(&holder), "{why}");
+    assert!(why.contains("--work-dir"), "{why}");
+
     std::fs::write(&gate, b"").unwrap();
     let done = s.api.wait_for_success(running.id, JOB_TIMEOUT).await;
     assert_eq!(done.agent.as_deref(), Some(s.agent.name.as_str()));
