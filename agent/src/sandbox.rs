@@ -347,13 +347,14 @@ fn host_paths(paths: impl Iterator<Item = PathBuf>) -> Vec<HostPath> {
 /// Sends SIGTERM to every process inside the sandbox whose bwrap is
 /// `leader`: the descendants of bwrap's init, but not bwrap itself nor its
 /// init (bwrap dies of SIGTERM and would kill the namespace at once; its init
-/// ignores it). Processes that start meanwhile are caught by the SIGKILL
-/// after the grace period, or die with the namespace when the command exits.
+/// ignores it), and not a `make` that has children ([`spared_from_sigterm`]).
+/// Processes that start meanwhile are caught by the SIGKILL after the grace
+/// period, or die with the namespace when the command exits.
 pub fn terminate_inside(leader: Pid) {
-    let parents = process_parents();
+    let processes = process_table();
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for (&pid, &parent) in &parents {
-        children.entry(parent).or_default().push(pid);
+    for (&pid, process) in &processes {
+        children.entry(process.parent).or_default().push(pid);
     }
     let inits = children.get(&leader.as_raw()).cloned().unwrap_or_default();
     let mut stack: Vec<i32> = inits
@@ -361,21 +362,50 @@ pub fn terminate_inside(leader: Pid) {
         .flat_map(|init| children.get(init).cloned().unwrap_or_default())
         .collect();
     while let Some(pid) = stack.pop() {
-        match kill(Pid::from_raw(pid), Signal::SIGTERM) {
-            Ok(()) | Err(Errno::ESRCH) => {}
-            Err(error) => tracing::debug!(pid, %error, "could not signal a sandboxed process"),
+        let own_children = children.get(&pid);
+        let is_make = processes.get(&pid).is_some_and(|p| is_make(&p.name));
+        if !spared_from_sigterm(is_make, own_children.is_some_and(|c| !c.is_empty())) {
+            match kill(Pid::from_raw(pid), Signal::SIGTERM) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(error) => tracing::debug!(pid, %error, "could not signal a sandboxed process"),
+            }
         }
-        if let Some(grandchildren) = children.get(&pid) {
+        if let Some(grandchildren) = own_children {
             stack.extend(grandchildren);
         }
     }
 }
 
-/// Every process's parent, from `/proc/<pid>/stat`.
-fn process_parents() -> HashMap<i32, i32> {
-    let mut parents = HashMap::new();
+/// Whether a graceful stop leaves this process alone: a `make` running
+/// recipes. GNU make signalled together with its recipes races with them:
+/// its SIGTERM handler waits for a child that its interrupted `wait` had
+/// already reaped, and the log ends in `make: *** wait: No child processes.
+/// Stop.`, twice (the error path waits again). Left alone, make sees its
+/// recipe terminated, says so (`make: *** [Makefile:3: test] Terminated`)
+/// and exits by itself, and the sandbox ends with it. A make without
+/// children gets SIGTERM like every other process. Either way the SIGKILL
+/// after the grace period still ends whatever is left.
+fn spared_from_sigterm(is_make: bool, has_children: bool) -> bool {
+    is_make && has_children
+}
+
+/// Whether a process's name (`comm`) is GNU make's.
+fn is_make(name: &str) -> bool {
+    matches!(name, "make" | "gmake")
+}
+
+/// What [`terminate_inside`] needs of a process.
+struct ProcessInfo {
+    parent: i32,
+    /// `comm`: the executable's name, at most 15 bytes.
+    name: String,
+}
+
+/// Every process's parent and name, from `/proc/<pid>/stat`.
+fn process_table() -> HashMap<i32, ProcessInfo> {
+    let mut processes = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return parents;
+        return processes;
     };
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -388,17 +418,22 @@ fn process_parents() -> HashMap<i32, i32> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let Some(parent) = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|ppid| ppid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        parents.insert(pid, parent);
+        if let Some(process) = parse_stat(&stat) {
+            processes.insert(pid, process);
+        }
     }
-    parents
+    processes
+}
+
+/// `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+fn parse_stat(stat: &str) -> Option<ProcessInfo> {
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let (_, name) = head.split_once(" (")?;
+    let parent = rest.split(' ').nth(1)?.parse::<i32>().ok()?;
+    Some(ProcessInfo {
+        parent,
+        name: name.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -497,5 +532,27 @@ mod tests {
         ] {
             assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
         }
+    }
+
+    #[test]
+    fn a_process_stat_gives_its_parent_and_name() {
+        let make = parse_stat("42 (make) S 7 42 7 0 -1 4194560 170").unwrap();
+        assert_eq!((make.parent, make.name.as_str()), (7, "make"));
+        // A name may hold spaces and parentheses.
+        let odd = parse_stat("43 (a) b (c) R 42 43 7 0").unwrap();
+        assert_eq!((odd.parent, odd.name.as_str()), (42, "a) b (c"));
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn only_a_make_running_recipes_is_spared_the_sigterm() {
+        assert!(spared_from_sigterm(true, true));
+        assert!(!spared_from_sigterm(true, false), "an idle make stops");
+        assert!(
+            !spared_from_sigterm(false, true),
+            "a shell with children stops"
+        );
+        assert!(!spared_from_sigterm(false, false));
+        assert!(is_make("make") && is_make("gmake") && !is_make("sh"));
     }
 }

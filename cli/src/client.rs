@@ -264,6 +264,33 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 /// it).
 pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// What a 401 says: the controller's detail, which token was sent where,
+/// and where a local controller keeps its admin token. `hobot` sends only
+/// admin tokens (no `X-GitHub-Username`), so nothing here is about GitHub.
+fn unauthorized_detail(connection: &Connection, detail: Option<String>) -> String {
+    if connection.token.is_none() {
+        let hint = format!(
+            "no token was given: pass --token-file or set HOBOTNICA_TOKEN (the controller is {} \
+             from {})",
+            connection.url, connection.source
+        );
+        return match detail {
+            Some(detail) => format!("{detail} ({hint})"),
+            None => hint,
+        };
+    }
+    let sent = format!(
+        "the token from {}, sent to {}",
+        connection.token_source, connection.url
+    );
+    let local = "A `hobot up` controller keeps its admin token in .hobotnica/admin-token; hobot \
+                 reads it by itself when run in that directory without --token.";
+    match detail {
+        Some(detail) => format!("{detail} ({sent}). {local}"),
+        None => format!("{sent}, was refused. {local}"),
+    }
+}
+
 /// A REST client bound to one controller.
 pub struct Client {
     http: reqwest::Client,
@@ -343,23 +370,7 @@ impl Client {
         let body = response.bytes().await.unwrap_or_default();
         let mut error = ApiError::from_body(status, &body);
         if status == StatusCode::UNAUTHORIZED {
-            let hint = if self.connection.token.is_none() {
-                format!(
-                    "no token was given: pass --token-file or set HOBOTNICA_TOKEN (the controller \
-                     is {} from {})",
-                    self.connection.url, self.connection.source
-                )
-            } else {
-                format!(
-                    "the token from {} was refused by {}; the admin token of a `hobot up` \
-                     controller is in its data directory, .hobotnica/admin-token",
-                    self.connection.token_source, self.connection.url
-                )
-            };
-            error.detail = Some(match error.detail {
-                Some(detail) => format!("{detail} ({hint})"),
-                None => hint,
-            });
+            error.detail = Some(unauthorized_detail(&self.connection, error.detail.take()));
         }
         Err(error.into())
     }

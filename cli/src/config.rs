@@ -8,12 +8,25 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hobotnica_common::private_fs::Secret;
 
+/// What `hobot --help` says about exit statuses (kept in step with
+/// `logs::job_exit_status` by a test).
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status: 0 on success, 1 on an error. A command that follows a job to its end (run \
+--follow, deploy --follow, logs -f) exits with the job's state: succeeded 0; failed: make's \
+exit code (2 when a recipe fails), 1 without one; cancelled 130; timed_out 124; lost 1.";
+
 /// The Hobotnica operator CLI.
 ///
 /// Without `--url`/`--token` it talks to the controller that `hobot up`
 /// started in the data directory (`.hobotnica` by default).
 #[derive(Parser)]
-#[command(name = "hobot", version = hobotnica_common::VERSION, about, long_about = None)]
+#[command(
+    name = "hobot",
+    version = hobotnica_common::VERSION,
+    about,
+    long_about = None,
+    after_help = EXIT_STATUS_HELP
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -226,7 +239,8 @@ pub struct RunArgs {
     /// One-time environment variable for this run, `KEY=VALUE` (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
-    /// Follow the log and exit with the job's exit code.
+    /// Follow the log and exit with the job's status (see "Exit status" in
+    /// `hobot --help`).
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// With --follow, pass every escape sequence of the job's output to the
@@ -250,7 +264,8 @@ pub struct DeployArgs {
     /// (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
-    /// Show progress, follow the log and exit with the job's exit code.
+    /// Show progress, follow the log and exit with the job's status (see
+    /// "Exit status" in `hobot --help`).
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// With --follow, pass every escape sequence of the job's output to the
@@ -376,7 +391,8 @@ pub enum JobsCommand {
 
 #[derive(Args)]
 pub struct LogsArgs {
-    /// Follow the log until the job ends, then exit with its exit code.
+    /// Follow the log until the job ends, then exit with its status (see
+    /// "Exit status" in `hobot --help`).
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// Start at this byte offset.
@@ -424,6 +440,30 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_states_the_exit_statuses_hobot_returns() {
+        use crate::logs::job_exit_status;
+        let command = Cli::command();
+        let after_help = command.get_after_help().map(ToString::to_string);
+        assert_eq!(after_help.as_deref(), Some(EXIT_STATUS_HELP));
+        let help = EXIT_STATUS_HELP;
+        let said = [
+            ("succeeded", job_exit_status("succeeded", Some(0))),
+            ("cancelled", job_exit_status("cancelled", None)),
+            ("timed_out", job_exit_status("timed_out", None)),
+            ("lost", job_exit_status("lost", None)),
+        ];
+        for (state, status) in said {
+            assert!(
+                help.contains(&format!("{state} {status}")),
+                "{state}: {help}"
+            );
+        }
+        assert!(help.contains("make's exit code (2 when a recipe fails), 1 without one"));
+        assert_eq!(job_exit_status("failed", Some(2)), 2);
+        assert_eq!(job_exit_status("failed", None), 1);
     }
 
     #[test]

@@ -272,30 +272,53 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// `hobot`'s exit status for a followed job that was cancelled (as a shell
+/// reports a command ended by Ctrl-C: 128 + SIGINT).
+pub const EXIT_CANCELLED: u8 = 130;
+/// `hobot`'s exit status for a followed job that ran past its time limit
+/// (as timeout(1)).
+pub const EXIT_TIMED_OUT: u8 = 124;
+/// `hobot`'s exit status for a followed job that did not succeed and has no
+/// exit code of its own (lost, or failed before or outside make), and for
+/// `hobot`'s own errors.
+pub const EXIT_FAILED: u8 = 1;
+
 /// Says how the job ended (on stderr, stdout is the log) and picks the exit
-/// code: the job's own, or 1 when it did not succeed and has none.
+/// status ([`job_exit_status`]).
 fn report_end(job_id: u64, end: &JobEnd, follow: bool) -> ExitCode {
     if !follow {
         return ExitCode::SUCCESS;
     }
-    let code = job_exit_code(end);
     let mut line = format!("job {job_id} {}", end.state);
-    if let Some(exit_code) = end.exit_code {
+    if end.state == "failed"
+        && let Some(exit_code) = end.exit_code
+    {
         line.push_str(&format!(" (exit code {exit_code})"));
     }
-    if !end.message.is_empty() {
+    // "cancelled" alone says nothing the state did not.
+    if !end.message.is_empty() && end.message != end.state {
         line.push_str(&format!(": {}", crate::output::printable(&end.message)));
     }
     eprintln!("{line}");
-    ExitCode::from(code)
+    ExitCode::from(job_exit_status(&end.state, end.exit_code))
 }
 
-fn job_exit_code(end: &JobEnd) -> u8 {
-    let succeeded = end.state == "succeeded";
-    match end.exit_code {
-        _ if succeeded => 0,
-        Some(code) if code != 0 => u8::try_from(code).unwrap_or(1),
-        _ => 1,
+/// The exit status of a command that followed a job to its end, from the
+/// job's state alone, however it got there (cancelled while queued, while
+/// its tree was prepared or while make ran): succeeded 0; failed: make's
+/// exit code (GNU make exits 2 when a recipe fails), 1 without one;
+/// cancelled [`EXIT_CANCELLED`]; timed_out [`EXIT_TIMED_OUT`]; lost and
+/// anything else [`EXIT_FAILED`].
+pub fn job_exit_status(state: &str, exit_code: Option<i32>) -> u8 {
+    match state {
+        "succeeded" => 0,
+        "failed" => exit_code
+            .and_then(|code| u8::try_from(code).ok())
+            .filter(|&code| code != 0)
+            .unwrap_or(EXIT_FAILED),
+        "cancelled" => EXIT_CANCELLED,
+        "timed_out" => EXIT_TIMED_OUT,
+        _ => EXIT_FAILED,
     }
 }
 
@@ -303,22 +326,25 @@ fn job_exit_code(end: &JobEnd) -> u8 {
 mod tests {
     use super::*;
 
-    fn end(state: &str, exit_code: Option<i32>) -> JobEnd {
-        JobEnd {
-            state: state.to_owned(),
-            exit_code,
-            message: String::new(),
-        }
-    }
-
     #[test]
-    fn exit_codes_follow_the_job() {
-        assert_eq!(job_exit_code(&end("succeeded", Some(0))), 0);
-        assert_eq!(job_exit_code(&end("succeeded", None)), 0);
-        assert_eq!(job_exit_code(&end("failed", Some(3))), 3);
-        assert_eq!(job_exit_code(&end("failed", None)), 1);
-        assert_eq!(job_exit_code(&end("lost", None)), 1);
-        assert_eq!(job_exit_code(&end("cancelled", Some(0))), 1);
-        assert_eq!(job_exit_code(&end("failed", Some(300))), 1);
+    fn exit_statuses_follow_the_state() {
+        assert_eq!(job_exit_status("succeeded", Some(0)), 0);
+        assert_eq!(job_exit_status("succeeded", None), 0);
+        assert_eq!(job_exit_status("failed", Some(2)), 2);
+        assert_eq!(job_exit_status("failed", Some(3)), 3);
+        assert_eq!(job_exit_status("failed", None), 1);
+        assert_eq!(
+            job_exit_status("failed", Some(0)),
+            1,
+            "a failed job never exits 0"
+        );
+        assert_eq!(job_exit_status("failed", Some(300)), 1);
+        assert_eq!(job_exit_status("failed", Some(-1)), 1);
+        // One status per state, whatever exit code it carries.
+        for exit_code in [None, Some(0), Some(2), Some(143)] {
+            assert_eq!(job_exit_status("cancelled", exit_code), 130);
+            assert_eq!(job_exit_status("timed_out", exit_code), 124);
+            assert_eq!(job_exit_status("lost", exit_code), 1);
+        }
     }
 }

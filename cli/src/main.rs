@@ -3,9 +3,14 @@
 //! API and gRPC log tailing, and `hobot up`, which runs a controller with
 //! local agents in one process.
 //!
-//! Exit codes: 0 on success; 1 on an error (printed as `error: ...` on
-//! stderr); with `run --follow`, `deploy --follow` and `logs -f`, the job's
-//! own exit code.
+//! Exit statuses (also in `hobot --help`, [`config::EXIT_STATUS_HELP`]): 0
+//! on success; 1 on an error (printed as `error: ...` on stderr). `run
+//! --follow`, `deploy --follow` and `logs -f` exit with the state the job
+//! ended in, however it got there (`logs::job_exit_status`): succeeded 0;
+//! failed: make's exit code (GNU make exits 2 when a recipe fails), 1
+//! without one; cancelled 130 (as a shell reports Ctrl-C); timed_out 124
+//! (as timeout(1)); lost 1. A cancelled or timed-out job has no exit code of
+//! its own: make was stopped, it did not end.
 
 mod client;
 mod commands;

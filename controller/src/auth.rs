@@ -330,9 +330,11 @@ impl Services {
         if self.is_admin_token(token_hash) {
             return Ok(Caller::Admin);
         }
+        // Without X-GitHub-Username the caller means the admin token: the
+        // answer does not send them looking for a GitHub token.
         let Some(login) = github_login else {
             return Err(CoreError::Unauthorized(
-                "the token is not valid (a GitHub token also needs X-GitHub-Username)".to_owned(),
+                "the token is not the admin token".to_owned(),
             ));
         };
         if login.is_empty() || login.len() > MAX_GITHUB_LOGIN_LEN {

@@ -1810,7 +1810,7 @@ async fn hobot_says_where_it_looked_for_a_controller_and_whose_token_was_refused
     assert_eq!(out.code(), Some(1), "{out:#?}");
     assert!(
         out.stderr
-            .contains("the token from --token / HOBOTNICA_TOKEN was refused"),
+            .contains("the token from --token / HOBOTNICA_TOKEN, sent to"),
         "{out:#?}"
     );
     assert!(out.stderr.contains(".hobotnica/admin-token"), "{out:#?}");
@@ -2031,6 +2031,10 @@ async fn a_path_that_is_not_utf8_gets_problem_json() {
 
 #[path = "e2e/terminal.rs"]
 mod terminal;
+
+/// Cancelled jobs through `hobot`: exit status, log, a wrong token.
+#[path = "e2e/cancel.rs"]
+mod cancel;
 
 /// systemd readiness and the binaries' health checks.
 #[path = "e2e/service.rs"]

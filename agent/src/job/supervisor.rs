@@ -265,18 +265,8 @@ impl<C: JobController> Supervisor<C> {
             }
             (Some(_), _) => return false,
         }
-        match &stop {
-            Stop::Cancelled(reason) if reason.is_empty() => self.line(spool, "cancelled"),
-            Stop::Cancelled(reason) => self.line(spool, &format!("cancelled: {reason}")),
-            Stop::TimedOut(limit) => {
-                self.line(spool, &format!("timed out after {}", human(*limit)));
-            }
-            Stop::ShutDown => self.line(spool, "agent shut down"),
-            // Nothing written now would reach the controller.
-            Stop::Gone(_) | Stop::LogLost(_) => {}
-            // The spool ended the log with the notice already.
-            Stop::LogLimit(_) => {}
-        }
+        // The log says why once the job's processes are gone (`stopped`),
+        // after the last thing they printed.
         tracing::info!(?stop, "stopping the job");
         self.stop = Some(stop);
         true
@@ -297,12 +287,16 @@ impl<C: JobController> Supervisor<C> {
         }
     }
 
-    fn stopped(&self, exit_code: Option<i32>) -> WorkEnd {
+    /// How a job the agent stopped ended. Its log ends with one line saying
+    /// why, after everything its processes printed; it has no exit code:
+    /// make did not end on its own, and what it exits with when stopped
+    /// (2, or none when a signal ends it) says nothing about the job.
+    fn stopped(&self, spool: &Spool) -> WorkEnd {
         let (outcome, message) = match &self.stop {
             Some(Stop::Cancelled(reason)) if reason.is_empty() => {
                 (Outcome::Cancelled, "cancelled".to_owned())
             }
-            Some(Stop::Cancelled(reason)) => (Outcome::Cancelled, reason.clone()),
+            Some(Stop::Cancelled(reason)) => (Outcome::Cancelled, format!("cancelled: {reason}")),
             Some(Stop::TimedOut(limit)) => (
                 Outcome::TimedOut,
                 format!("timed out after {}", human(*limit)),
@@ -313,9 +307,18 @@ impl<C: JobController> Supervisor<C> {
             Some(Stop::LogLimit(limit)) => (Outcome::Failed, log_limit_message(*limit)),
             None => (Outcome::Failed, "stopped".to_owned()),
         };
+        match &self.stop {
+            Some(Stop::Cancelled(_) | Stop::TimedOut(_) | Stop::ShutDown) => {
+                self.line(spool, &message);
+            }
+            // Nothing written now would reach the controller.
+            Some(Stop::Gone(_) | Stop::LogLost(_)) | None => {}
+            // The spool ended the log with the notice already.
+            Some(Stop::LogLimit(_)) => {}
+        }
         WorkEnd {
             outcome,
-            exit_code,
+            exit_code: None,
             message,
         }
     }
@@ -339,7 +342,7 @@ impl<C: JobController> Supervisor<C> {
 
         let tree = match self.prepare(&commit, spool).await {
             Ok(tree) => tree,
-            Err(WorkspaceError::Cancelled) => return (None, self.stopped(None)),
+            Err(WorkspaceError::Cancelled) => return (None, self.stopped(spool)),
             Err(error) => {
                 let error = self.secrets.mask(&error.to_string());
                 tracing::warn!(error, "preparing the work tree failed");
@@ -347,7 +350,7 @@ impl<C: JobController> Supervisor<C> {
             }
         };
         if self.stop.is_some() {
-            return (Some(tree), self.stopped(None));
+            return (Some(tree), self.stopped(spool));
         }
         let end = self.run_make(&tree, spool).await;
         (Some(tree), end)
@@ -433,7 +436,7 @@ impl<C: JobController> Supervisor<C> {
             Ok(status) => status,
             Err(error) => return self.failed(spool, format!("waiting for make failed: {error}")),
         };
-        let mut end = self.make_exited(status);
+        let mut end = self.make_exited(status, spool);
         if let Some(suffix) = spool_error {
             end.message.push_str(&suffix);
         }
@@ -496,14 +499,14 @@ impl<C: JobController> Supervisor<C> {
     /// How the work ended, from make's exit status: as the stop reason when
     /// the job was stopped, else succeeded on exit code 0 and failed
     /// otherwise.
-    fn make_exited(&self, status: ExitStatus) -> WorkEnd {
+    fn make_exited(&self, status: ExitStatus, spool: &Spool) -> WorkEnd {
         tracing::info!(
             exit_code = status.code(),
             signal = status.signal(),
             "make exited"
         );
         if self.stop.is_some() {
-            self.stopped(status.code())
+            self.stopped(spool)
         } else if status.success() {
             WorkEnd {
                 outcome: Outcome::Succeeded,
@@ -1182,9 +1185,46 @@ mod report_tests {
             },
             &spool
         ));
-        let end = supervisor.stopped(Some(143));
+        let end = supervisor.stopped(&spool);
         assert_eq!(end.outcome, Outcome::Failed);
         assert_eq!(end.message, reason);
+    }
+
+    /// A cancel says so once, at the end of the log (after whatever make
+    /// printed while it stopped), and the job has no exit code: how make
+    /// exits when stopped says nothing about the job. A second cancel (the
+    /// lease renewal's, after the session's) changes nothing.
+    #[tokio::test]
+    async fn a_cancel_ends_the_log_with_one_line_and_no_exit_code() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut supervisor = supervisor(Scripted::new(Logs::AckAll, []), dir.path());
+        let path = dir.path().join("7-1.log");
+        let spool = Spool::create(path.clone()).expect("spool");
+        spool.append(b"sleeping\n").expect("append");
+        assert!(supervisor.on_event(
+            JobEvent::CancelRequested {
+                reason: String::new()
+            },
+            &spool
+        ));
+        assert!(!supervisor.on_event(
+            JobEvent::LeaseRenewed {
+                cancel_requested: true
+            },
+            &spool
+        ));
+        spool
+            .append(b"make: *** [Makefile:3: sleep] Terminated\n")
+            .expect("append");
+        let end = supervisor.stopped(&spool);
+        spool.close();
+        assert_eq!(end.outcome, Outcome::Cancelled);
+        assert_eq!(end.exit_code, None);
+        assert_eq!(end.message, "cancelled");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("the spool"),
+            "sleeping\nmake: *** [Makefile:3: sleep] Terminated\n[hobotnica] cancelled\n"
+        );
     }
 
     /// Output past the log limit stops make like a timeout does, writes
@@ -1202,7 +1242,7 @@ mod report_tests {
         // A later reason neither stops the job again nor writes a line.
         assert!(!supervisor.on_event(JobEvent::DeadlineReached, &spool));
         assert_eq!(spool.progress().len, len);
-        let end = supervisor.stopped(Some(143));
+        let end = supervisor.stopped(&spool);
         assert_eq!(end.outcome, Outcome::Failed);
         assert_eq!(
             end.message,

@@ -116,7 +116,10 @@ fn session_message(output: SessionOutput) -> ControllerMessage {
         SessionOutput::Cancel { job, attempt } => controller_message::Kind::Cancel(Cancel {
             job_id: job.0,
             attempt,
-            reason: "cancel requested".to_owned(),
+            // No reason beyond the request itself: the agent's log line and
+            // the job's message then read "cancelled", as when the cancel
+            // reaches the agent through a lease renewal instead.
+            reason: String::new(),
         }),
         SessionOutput::Forget { git_url } => {
             controller_message::Kind::ForgetRepository(ForgetRepository { git_url })

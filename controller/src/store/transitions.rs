@@ -158,13 +158,19 @@ pub fn finish(
     now: DateTime<Utc>,
 ) -> StoreResult<bool> {
     let state = finish.outcome.state();
+    // A job stopped before make ended on its own has no exit code, whatever
+    // an agent sends (older agents sent what make exited with when stopped).
+    let exit_code = match state {
+        JobState::Cancelled | JobState::TimedOut => None,
+        _ => finish.exit_code,
+    };
     if job.attempt != attempt {
         return Err(StoreError::LeaseLost {
             job: job.id,
             attempt,
         });
     }
-    if job.state == state && job.exit_code == finish.exit_code {
+    if job.state == state && job.exit_code == exit_code {
         return Ok(false);
     }
     if !job.state.can_become(state) {
@@ -174,7 +180,7 @@ pub fn finish(
         });
     }
     job.state = state;
-    job.exit_code = finish.exit_code;
+    job.exit_code = exit_code;
     job.message = finish.message;
     job.finished_at = Some(now);
     job.lease_expires_at = None;

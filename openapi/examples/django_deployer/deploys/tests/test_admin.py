@@ -228,7 +228,7 @@ class DeployAdminTests(LiveControllerTestCase):
         with self.settings(HOBOTNICA_TOKEN=github_token):
             level, text = self.run_action_for_message("deploy_latest_commit", [self.demo])
             self.assertEqual(level, "error")
-            self.assertIn("a GitHub token also needs X-GitHub-Username", text)
+            self.assertIn("the token is not the admin token", text)
 
     def test_tokens_are_never_shown_or_logged(self):
         wrong_token = secrets.token_urlsafe(24)
