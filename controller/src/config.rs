@@ -71,6 +71,14 @@ pub struct ControllerConfig {
     #[arg(long = "redis", env = "HOBOTNICA_REDIS_URL", hide_env_values = true, value_parser = Secret::parse)]
     pub redis_url: Option<Secret>,
 
+    /// With the embedded store: how long to wait for another controller
+    /// that has the data directory's store open to stop (the new controller
+    /// of a blue-green switch, started while the old one still serves).
+    /// Its listeners are bound meanwhile, so connections wait instead of
+    /// being refused. 0: refuse to start at once.
+    #[arg(long, env = "HOBOTNICA_STORE_WAIT", default_value = "0s", value_parser = parse_duration)]
+    pub store_wait: Duration,
+
     /// File holding the Redis URL (mode 0600 or stricter), instead of
     /// --redis.
     #[arg(long, env = "HOBOTNICA_REDIS_URL_FILE", value_name = "FILE")]

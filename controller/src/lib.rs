@@ -708,9 +708,7 @@ async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::
             };
             Arc::new(RedisStore::connect(url.expose(), REDIS_KEY_PREFIX, ca).await?)
         }
-        None => Arc::new(EmbeddedStore::open(&config.data_dir).context(
-            "cannot open the embedded store (is a controller using this data directory?)",
-        )?),
+        None => Arc::new(EmbeddedStore::open_waiting(&config.data_dir, config.store_wait).await?),
     })
 }
 

@@ -63,8 +63,11 @@ fn main() -> ExitCode {
 
 async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     let service_manager = ServiceManager::new(config.notify_socket.clone());
-    let controller = Controller::open(config.clone()).await?;
+    // Listeners first: while the store opens (or, with --store-wait, waits
+    // for the controller it takes over from), connections queue in the
+    // kernel instead of being refused.
     let listeners = Listeners::bind(&config).await?;
+    let controller = Controller::open(config.clone()).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(hobotnica_controller::shutdown_on_signal(shutdown.clone()));
     // The listeners are bound and the store is open: connections are

@@ -16,6 +16,7 @@ use crate::bins;
 use crate::controller::{Controller, log_filter};
 use crate::daemon::{Daemon, Spec};
 use crate::procs;
+use crate::tls::TestPki;
 use crate::wait::wait_for;
 
 /// How long an agent may take to show up as connected.
@@ -96,6 +97,16 @@ impl Default for AgentOpts {
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
 
+/// Where an agent connects, and with what.
+pub struct AgentTarget<'a> {
+    /// The gRPC URL it is started with (before `AgentOpts::more_controllers`).
+    pub grpc_url: String,
+    /// The pool token it registers with.
+    pub agent_token: &'a str,
+    /// The test CA of a TLS controller.
+    pub pki: Option<&'a TestPki>,
+}
+
 /// A running agent.
 pub struct Agent {
     pub name: String,
@@ -120,6 +131,19 @@ impl Agent {
 
     /// Starts an agent without waiting for it to connect.
     pub fn spawn(controller: &Controller, opts: AgentOpts) -> Agent {
+        Agent::spawn_for(
+            &AgentTarget {
+                grpc_url: controller.grpc_url(),
+                agent_token: &controller.agent_token,
+                pki: controller.pki.as_ref(),
+            },
+            opts,
+        )
+    }
+
+    /// Starts an agent of a controller the harness did not start (behind a
+    /// proxy, say), without waiting for it to connect.
+    pub fn spawn_for(controller: &AgentTarget<'_>, opts: AgentOpts) -> Agent {
         crate::init();
         let dir = tempfile::Builder::new()
             .prefix("hobotnica-agent-")
@@ -135,7 +159,7 @@ impl Agent {
             .unwrap_or_else(|| dir.path().join("work"));
         let controllers: Vec<String> = match &opts.controller_urls {
             Some(urls) => urls.clone(),
-            None => std::iter::once(controller.grpc_url())
+            None => std::iter::once(controller.grpc_url.clone())
                 .chain(opts.more_controllers.iter().cloned())
                 .collect(),
         };
@@ -153,7 +177,7 @@ impl Agent {
             "--sandbox-rw-bind".into(),
             crate::shared_dir().into(),
         ];
-        if let Some(pki) = &controller.pki {
+        if let Some(pki) = controller.pki {
             if opts.trust_controller_ca {
                 args.extend(["--ca-cert".into(), pki.ca_cert.clone().into()]);
             }
@@ -182,7 +206,7 @@ impl Agent {
         match opts.token {
             TokenPassing::Environment => env.push((
                 "HOBOTNICA_AGENT_TOKEN".into(),
-                controller.agent_token.clone().into(),
+                controller.agent_token.to_owned().into(),
             )),
             TokenPassing::File { mode } => {
                 let path = dir.path().join("agent-token");
@@ -194,7 +218,7 @@ impl Agent {
                 args.extend(["--token-file".into(), path.into()]);
             }
             TokenPassing::CommandLine => {
-                args.extend(["--token".into(), controller.agent_token.clone().into()]);
+                args.extend(["--token".into(), controller.agent_token.to_owned().into()]);
             }
         }
         env.extend(

@@ -529,6 +529,27 @@ impl Api {
         let list = self.get_json(&format!("/api/v1/jobs?{query}")).await;
         serde_json::from_value(list["items"].clone()).expect("a list of jobs")
     }
+
+    /// Every job `GET /api/v1/jobs?<query>` lists, following `next_cursor`
+    /// page by page (newest first).
+    pub async fn all_jobs(&self, query: &str) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_query = match &cursor {
+                Some(cursor) => format!("{query}&limit=200&cursor={cursor}"),
+                None => format!("{query}&limit=200"),
+            };
+            let list = self.get_json(&format!("/api/v1/jobs?{page_query}")).await;
+            let items: Vec<Job> =
+                serde_json::from_value(list["items"].clone()).expect("a list of jobs");
+            jobs.extend(items);
+            match list["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return jobs,
+            }
+        }
+    }
 }
 
 /// Sends one whole HTTP/1.1 request to `addr` and returns the connection

@@ -31,7 +31,7 @@ pub mod redis;
 pub mod tls;
 pub mod wait;
 
-pub use agent::{Agent, AgentOpts, TokenPassing};
+pub use agent::{Agent, AgentOpts, AgentTarget, TokenPassing};
 pub use api::{Api, Job, RawResponse};
 pub use controller::{Controller, ControllerOpts};
 pub use git::GitRepo;

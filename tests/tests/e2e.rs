@@ -2039,3 +2039,7 @@ mod cancel;
 /// systemd readiness and the binaries' health checks.
 #[path = "e2e/service.rs"]
 mod service;
+
+/// Blue-green switches of the controller behind nginx (deploy/blue-green).
+#[path = "e2e/blue_green.rs"]
+mod blue_green;

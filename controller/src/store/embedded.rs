@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -57,6 +58,40 @@ struct Inner {
     log_lock: Mutex<()>,
 }
 
+/// How long a controller waiting for the store (`--store-wait`) sleeps
+/// between tries: the most it adds to a blue-green hand-over's pause.
+const IN_USE_RETRY: Duration = Duration::from_millis(10);
+
+/// Why the embedded store did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "another controller is using the store at {} (one controller per data directory \
+         with the embedded store; several controllers share Redis instead). --store-wait \
+         makes this one wait for it to stop",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Creates the tables a new store lacks.
+fn create_tables(db: &Database) -> anyhow::Result<()> {
+    let txn = db.begin_write()?;
+    txn.open_table(REPOS)?;
+    txn.open_table(JOBS)?;
+    txn.open_table(QUEUE)?;
+    txn.open_table(RUNNING)?;
+    txn.open_table(AGENTS)?;
+    txn.open_table(AGENT_TOKENS)?;
+    txn.open_table(META)?;
+    txn.open_table(DELIVERIES)?;
+    txn.open_table(KEY_JOBS)?;
+    txn.commit()?;
+    Ok(())
+}
+
 fn unavailable(err: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(err.to_string())
 }
@@ -71,8 +106,38 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
 }
 
 impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`, waiting up to `wait` for
+    /// another controller that has it open to let it go (the blue-green
+    /// hand-over: the new controller waits while the old one finishes its
+    /// requests and exits).
+    ///
+    /// # Errors
+    /// [`OpenError::InUse`] when it is still open elsewhere after `wait`.
+    pub async fn open_waiting(dir: &Path, wait: Duration) -> Result<EmbeddedStore, OpenError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut said = false;
+        loop {
+            match EmbeddedStore::open(dir) {
+                Err(OpenError::InUse(_)) if tokio::time::Instant::now() < deadline => {
+                    if !said {
+                        tracing::info!(
+                            ?wait,
+                            "another controller is using the store; waiting for it to stop"
+                        );
+                        said = true;
+                    }
+                    tokio::time::sleep(IN_USE_RETRY).await;
+                }
+                opened => return opened,
+            }
+        }
+    }
+
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> anyhow::Result<EmbeddedStore> {
+    ///
+    /// # Errors
+    /// [`OpenError::InUse`] when another process has it open.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore, OpenError> {
         use anyhow::Context as _;
         let logs_dir = dir.join("logs");
         private_fs::create_private_dir(&logs_dir)
@@ -85,19 +150,16 @@ impl EmbeddedStore {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot create the store at {}", path.display()))?;
-        let db = Database::create(&path)
-            .with_context(|| format!("cannot open the store at {}", path.display()))?;
-        let txn = db.begin_write()?;
-        txn.open_table(REPOS)?;
-        txn.open_table(JOBS)?;
-        txn.open_table(QUEUE)?;
-        txn.open_table(RUNNING)?;
-        txn.open_table(AGENTS)?;
-        txn.open_table(AGENT_TOKENS)?;
-        txn.open_table(META)?;
-        txn.open_table(DELIVERIES)?;
-        txn.open_table(KEY_JOBS)?;
-        txn.commit()?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::InUse(path)),
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("cannot open the store at {}", path.display()))
+                    .into());
+            }
+        };
+        create_tables(&db)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
