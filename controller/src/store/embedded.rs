@@ -995,3 +995,37 @@ impl Store for EmbeddedStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_in_use_is_refused_at_once_without_a_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _open = EmbeddedStore::open(dir.path()).expect("open");
+        let refused = EmbeddedStore::open_waiting(dir.path(), Duration::ZERO)
+            .await
+            .err()
+            .expect("in use");
+        assert!(matches!(refused, OpenError::InUse(_)), "{refused}");
+        let message = refused.to_string();
+        assert!(message.contains("--store-wait"), "{message}");
+        assert!(message.contains("hobotnica.redb"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_controller_opens_the_store_once_the_other_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = EmbeddedStore::open(dir.path()).expect("open");
+        let waiting = tokio::spawn({
+            let dir = dir.path().to_owned();
+            async move { EmbeddedStore::open_waiting(&dir, Duration::from_secs(30)).await }
+        });
+        // The waiter has tried and is waiting while the first holds the store.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        waiting.await.expect("join").expect("opened once released");
+    }
+}
