@@ -430,15 +430,19 @@ async fn wait_until_started(client: &Client, job: &JobView) -> anyhow::Result<()
 
 pub async fn deploys(client: &Client, args: DeploysArgs, json: bool) -> anyhow::Result<()> {
     let (owner, name) = repo_path(&args.repo)?;
-    // An unknown repository is an error, as for `hobot deploy`, not an
-    // empty list.
-    client.get(&format!("/api/v1/repos/{owner}/{name}")).await?;
-    let mut path = format!("/api/v1/jobs?repo={owner}%2F{name}&kind=deploy");
+    // The repository's own list: an unknown repository is a 404, as for
+    // `hobot deploy`, not an empty list.
+    let mut query = Vec::new();
     if let Some(limit) = args.limit {
-        path.push_str(&format!("&limit={limit}"));
+        query.push(format!("limit={limit}"));
     }
     if let Some(cursor) = &args.cursor {
-        path.push_str(&format!("&cursor={}", encode_query(cursor)));
+        query.push(format!("cursor={}", encode_query(cursor)));
+    }
+    let mut path = format!("/api/v1/repos/{owner}/{name}/deploys");
+    if !query.is_empty() {
+        path.push('?');
+        path.push_str(&query.join("&"));
     }
     let Some((jobs, next_cursor)) = job_page(client, &path, json).await? else {
         return Ok(());

@@ -1732,7 +1732,10 @@ async fn hobot_up_says_which_jobs_a_stop_waits_for_and_a_second_ctrl_c_cancels_t
 async fn hobot_refuses_a_value_on_the_command_line_and_an_unknown_repository_before_anything_else()
 {
     let Setup {
-        controller, api, ..
+        controller,
+        api,
+        repo: _repo,
+        ..
     } = setup().await;
     let cwd = tempfile::tempdir().unwrap();
 
@@ -1776,6 +1779,31 @@ async fn hobot_refuses_a_value_on_the_command_line_and_an_unknown_repository_bef
         listed.stderr.to_lowercase().contains("not found"),
         "{listed:#?}"
     );
+
+    // A known repository's deploys are listed, newest first.
+    let first = api.deploy(REPO, json!({ "branch": "main" })).await;
+    let second = api.deploy(REPO, json!({ "branch": "main" })).await;
+    let listed = cli::run(Some(&controller), cwd.path(), &["deploys", "demo"])
+        .await
+        .success();
+    let ids: Vec<&str> = listed
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        ids,
+        [second.id.to_string(), first.id.to_string()],
+        "{listed}"
+    );
+    let one = cli::run(
+        Some(&controller),
+        cwd.path(),
+        &["deploys", "demo", "--limit", "1"],
+    )
+    .await;
+    assert_eq!(one.code(), Some(0), "{one:#?}");
+    assert!(one.stderr.contains("--cursor"), "the next page: {one:#?}");
 }
 
 #[tokio::test]
