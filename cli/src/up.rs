@@ -27,6 +27,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hobotnica_agent::AgentConfig;
 use hobotnica_common::private_fs::Secret;
+use hobotnica_controller::store::embedded::OpenError;
 use hobotnica_controller::{Controller, ControllerConfig, Listeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -92,7 +93,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         hobotnica_agent::preflight(first).await?;
     }
 
-    let controller = Controller::open(config.clone()).await?;
+    let controller = Controller::open(config.clone()).await.map_err(|error| {
+        match error.downcast_ref::<OpenError>() {
+            Some(OpenError::InUse(_)) => anyhow::anyhow!(
+                "another hobot up (or controller) is using {}: stop it first, or give this \
+                 one another --data-dir",
+                config.data_dir.display()
+            ),
+            _ => error,
+        }
+    })?;
     let admin_token = controller.admin_token().to_owned();
     let http_addr = reachable(listeners.http.local_addr()?);
     let grpc_addr = reachable(listeners.grpc.local_addr()?);

@@ -1691,6 +1691,27 @@ async fn hobot_up_says_which_jobs_a_stop_waits_for_and_a_second_ctrl_c_cancels_t
     let job = api.run_target(REPO, "test").await;
     api.wait_for_log(job.id, "started", JOB_TIMEOUT).await;
 
+    // A second hobot up in the same directory (on other ports) refuses to
+    // start, saying why, and leaves the first and its job alone.
+    let other_ports = [
+        "--listen".to_owned(),
+        net::free_addr().to_string(),
+        "--grpc-listen".to_owned(),
+        net::free_addr().to_string(),
+    ];
+    let (mut second, _) = cli::spawn_up(dir.path(), "hobot-up-second", &other_ports, &[]);
+    let refused = second.wait(Duration::from_secs(60)).await;
+    assert_eq!(refused.code(), Some(1), "{}", second.output());
+    assert!(
+        second
+            .output()
+            .contains("another hobot up (or controller) is using .hobotnica"),
+        "{}",
+        second.output()
+    );
+    assert!(up.is_running(), "{}", up.output());
+    assert_eq!(api.job(job.id).await.state, JobState::Running);
+
     // The first Ctrl-C names the job it waits for and how not to wait.
     up.signal(Signal::SIGINT);
     let waiting = format!(
