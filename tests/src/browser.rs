@@ -24,6 +24,8 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// How long chromedriver may take to answer after it starts.
 const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a page may take to load after a click.
+const PAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A chromedriver process and one browser session on it.
 pub struct Browser {
@@ -185,8 +187,12 @@ impl Browser {
         field.send_keys(value).await.expect("typed");
     }
 
-    /// Clicks what `css` finds and waits for the next page.
+    /// Clicks what `css` finds and waits for the next page to have loaded
+    /// (the old document is marked, and the click is done once a document
+    /// without the mark is complete).
     pub async fn click(&self, css: &str) {
+        self.script("window.hobotnicaOldPage = true; return true;")
+            .await;
         self.client
             .find(Locator::Css(css))
             .await
@@ -194,6 +200,16 @@ impl Browser {
             .click()
             .await
             .unwrap_or_else(|err| panic!("cannot click {css}: {err}"));
+        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
+            self.client
+                .execute(
+                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await
+                .is_ok_and(|loaded| loaded == Value::Bool(true))
+        })
+        .await;
     }
 
     /// The value of cookie `name`, if the browser holds it.
