@@ -14,7 +14,6 @@ use serde::Deserialize;
 use super::PageError;
 use super::assets::{SCRIPT, STYLESHEET};
 use super::session::{self, Viewer};
-use crate::auth::Caller;
 use crate::error::CoreError;
 use crate::repos::RepoOverview;
 use crate::services::Services;
@@ -43,11 +42,8 @@ impl Layout {
             title: title.to_owned(),
             current,
             user: session.map(|session| UserView {
-                name: match &session.caller {
-                    Caller::Admin => "admin".to_owned(),
-                    Caller::GitHub { login, .. } => login.clone(),
-                },
-                is_admin: matches!(session.caller, Caller::Admin),
+                name: session.caller.name(),
+                is_admin: session.caller.is_admin(),
                 csrf_token: session.csrf_token().to_owned(),
             }),
             stylesheet: &STYLESHEET.url,
@@ -295,7 +291,7 @@ pub async fn repos(
         )
         .collect();
     render(&ReposPage {
-        is_admin: matches!(session.caller, Caller::Admin),
+        is_admin: session.caller.is_admin(),
         layout: Layout::new("Repositories", "repos", Some(&session)),
         repos,
     })
