@@ -24,10 +24,12 @@ mod logs;
 mod repos;
 mod secrets;
 mod services;
+mod sessions;
 mod statuses;
 pub mod store;
 mod tls;
 mod variables;
+pub mod web;
 mod webhook;
 
 pub use config::{CommandLineSecret, ControllerConfig};
@@ -503,7 +505,11 @@ impl Servers {
         listener: TcpListener,
         tls: Option<&tls::ServerTls>,
     ) -> BoxFuture<'static, std::io::Result<()>> {
-        let router = http::router(self.services.clone(), self.tasks.clone());
+        let router = http::router(
+            self.services.clone(),
+            self.tasks.clone(),
+            web::router(self.services.clone()),
+        );
         let config = &self.services.config;
         let limits = http::server::Limits {
             max_connections: self.max_connections(),

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::Utc;
-use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, Job, JobState, Repo};
+use hobotnica_common::job::{DEFAULT_JOB_TIMEOUT_SECS, GitHubLink, Job, JobKind, JobState, Repo};
 use hobotnica_common::logs::MIN_MAX_LOG_BYTES;
 use hobotnica_common::size::human_size;
 use hobotnica_common::token::random_hex;
@@ -84,11 +84,17 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
-/// A repository with its latest successful deploy.
+/// A repository with its latest successful deploy and its latest `test`
+/// job on its default branch.
 pub struct RepoOverview {
     pub repo: Repo,
     pub last_deploy: Option<Job>,
+    pub last_test: Option<Job>,
 }
+
+/// How many of a repository's newest `test` jobs are looked through for
+/// the latest one on its default branch.
+const LAST_TEST_LOOKBACK: usize = 50;
 
 /// A change to a repository's settings; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default)]
@@ -152,7 +158,42 @@ impl Services {
 
     async fn overview(&self, repo: Repo) -> Result<RepoOverview, CoreError> {
         let last_deploy = self.last_deploy(&repo).await?;
-        Ok(RepoOverview { repo, last_deploy })
+        let last_test = self
+            .store
+            .list_jobs(&JobFilter {
+                repo: Some(repo.reference()),
+                kind: Some(JobKind::Test),
+                limit: LAST_TEST_LOOKBACK,
+                ..JobFilter::default()
+            })
+            .await?
+            .into_iter()
+            .find(|job| job.branch.as_deref() == Some(repo.default_branch.as_str()));
+        Ok(RepoOverview {
+            repo,
+            last_deploy,
+            last_test,
+        })
+    }
+
+    /// Where GitHub delivers a GitHub repository's events (never its
+    /// secret); `None` for a repository registered by git URL.
+    pub fn repo_webhook_url(&self, repo: &Repo) -> Option<String> {
+        repo.github
+            .as_ref()
+            .map(|github| self.webhook_url(&github.hook_id))
+    }
+
+    /// The repository's page on GitHub, where it is a GitHub repository.
+    pub fn github_page(&self, repo: &Repo) -> Option<String> {
+        repo.github.as_ref().map(|_| {
+            format!(
+                "{}/{}/{}",
+                self.config.github_url.trim_end_matches('/'),
+                repo.owner,
+                repo.name
+            )
+        })
     }
 
     /// Removes `owner/name` for `caller` (push access); its jobs stay.

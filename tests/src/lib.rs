@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod api;
 pub mod bins;
+pub mod browser;
 pub mod chaos;
 pub mod cli;
 pub mod controller;

@@ -94,9 +94,10 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// The REST router with its OpenAPI document. Changes run on `requests`
-/// (see `shield`), which the graceful stop waits for.
-pub fn router(services: Services, requests: TaskTracker) -> axum::Router {
+/// The REST router with its OpenAPI document, and `pages` (the web
+/// dashboard's routes, which set their own stricter headers). Changes run
+/// on `requests` (see `shield`), which the graceful stop waits for.
+pub fn router(services: Services, requests: TaskTracker, pages: axum::Router) -> axum::Router {
     let tls = services.config.tls_enabled();
     let (router, mut api) = api_router().split_for_parts();
     finish_document(&mut api);
@@ -112,6 +113,7 @@ pub fn router(services: Services, requests: TaskTracker) -> axum::Router {
         // API bodies are small; webhooks set their own (larger) limit.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .merge(webhooks)
+        .merge(pages)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(requests, shield))
@@ -126,7 +128,8 @@ pub fn router(services: Services, requests: TaskTracker) -> axum::Router {
 /// The headers every answer carries, API and pages alike: no framing
 /// (clickjacking), no MIME sniffing, no referrer, a content security policy
 /// that allows only the controller's own scripts and styles (what the API
-/// docs page needs), and over TLS, HSTS.
+/// docs page needs), and over TLS, HSTS. A header the answer already has
+/// (the dashboard's pages set a stricter policy) is kept.
 fn with_security_headers(
     mut response: axum::response::Response,
     tls: bool,
@@ -143,7 +146,9 @@ fn with_security_headers(
         (header::REFERRER_POLICY, "no-referrer"),
     ];
     for (name, value) in set {
-        headers.insert(name, HeaderValue::from_static(value));
+        headers
+            .entry(name)
+            .or_insert(HeaderValue::from_static(value));
     }
     if tls {
         headers.insert(

@@ -17,8 +17,8 @@ use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{GitHubLink, Job, JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, Store, StoreError,
-    StoreEvent,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, SessionPrincipal,
+    SessionRecord, Store, StoreError, StoreEvent,
 };
 
 fn repo(name: &str) -> Repo {
@@ -1006,6 +1006,79 @@ pub async fn deliveries_are_remembered_until_forgotten(store: Arc<dyn Store>) {
     store.prune(&retention, Utc::now()).await.expect("pruned");
     assert!(!remember("d-1").await);
     assert!(!remember("d-2").await);
+}
+
+fn session(principal: SessionPrincipal, now: DateTime<Utc>) -> SessionRecord {
+    SessionRecord {
+        principal,
+        csrf_token: "csrf-0123".into(),
+        created_at: now,
+        expires_at: now + Duration::hours(12),
+    }
+}
+
+pub async fn sessions_are_found_until_they_expire_or_are_deleted(store: Arc<dyn Store>) {
+    let now = Utc::now();
+    let admin = session(
+        SessionPrincipal::Admin {
+            fingerprint: "f1".into(),
+        },
+        now,
+    );
+    let user = session(
+        SessionPrincipal::GitHub {
+            login: "octocat".into(),
+            token_sealed: "sealed-token".into(),
+        },
+        now,
+    );
+    assert_eq!(store.get_session("h-admin", now).await.unwrap(), None);
+    store
+        .create_session("h-admin", admin.clone())
+        .await
+        .unwrap();
+    store.create_session("h-user", user.clone()).await.unwrap();
+    assert_eq!(
+        store.get_session("h-admin", now).await.unwrap(),
+        Some(admin.clone())
+    );
+    assert_eq!(
+        store.get_session("h-user", now).await.unwrap(),
+        Some(user.clone())
+    );
+    // Past its expiry a session is gone, whatever the backend still holds.
+    let later = now + Duration::hours(13);
+    assert_eq!(store.get_session("h-user", later).await.unwrap(), None);
+    // Deleting one leaves the other; deleting twice is no error.
+    store.delete_session("h-admin").await.unwrap();
+    store.delete_session("h-admin").await.unwrap();
+    assert_eq!(store.get_session("h-admin", now).await.unwrap(), None);
+    assert_eq!(store.get_session("h-user", now).await.unwrap(), Some(user));
+}
+
+pub async fn sessions_are_shared_between_controllers(store: Arc<dyn Store>, peer: Arc<dyn Store>) {
+    let now = Utc::now();
+    let admin = session(
+        SessionPrincipal::Admin {
+            fingerprint: "f1".into(),
+        },
+        now,
+    );
+    store
+        .create_session("h-shared", admin.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        peer.get_session("h-shared", now).await.unwrap(),
+        Some(admin),
+        "a session opened on one controller is found by the other"
+    );
+    peer.delete_session("h-shared").await.unwrap();
+    assert_eq!(
+        store.get_session("h-shared", now).await.unwrap(),
+        None,
+        "a sign-out on one controller ends the session on the other"
+    );
 }
 
 pub async fn idempotency_keys_name_the_job_they_created(store: Arc<dyn Store>) {
@@ -2009,6 +2082,7 @@ macro_rules! conformance_suite {
             webhooks_find_their_repository,
             deliveries_are_remembered_until_forgotten,
             idempotency_keys_name_the_job_they_created,
+            sessions_are_found_until_they_expire_or_are_deleted,
             jobs_are_claimed_once_in_order_and_fenced,
             unknown_jobs_are_not_found,
             leases_expire_into_lost,
@@ -2036,6 +2110,7 @@ macro_rules! conformance_suite {
         conformance_suite!(@pair $make_pair;
             announcements_and_changes_reach_every_controller,
             controllers_sharing_a_store_see_each_others_changes,
+            sessions_are_shared_between_controllers,
         );
     };
     (@single $make:expr; $($name:ident),* $(,)?) => {

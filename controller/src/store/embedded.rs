@@ -24,8 +24,8 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
-    StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, SessionRecord,
+    Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -40,6 +40,8 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// Webhook delivery ids and idempotency keys → when they arrived (unix ms).
 const DELIVERIES: TableDefinition<'_, &str, i64> = TableDefinition::new("deliveries");
 /// Idempotency keys → the job they created.
+/// Web sessions by the hash of their id: JSON `SessionRecord`s.
+const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
 const KEY_JOBS: TableDefinition<'_, &str, u64> = TableDefinition::new("key_jobs");
 const NEXT_JOB_ID: &str = "next_job_id";
 
@@ -88,6 +90,7 @@ fn create_tables(db: &Database) -> anyhow::Result<()> {
     txn.open_table(META)?;
     txn.open_table(DELIVERIES)?;
     txn.open_table(KEY_JOBS)?;
+    txn.open_table(SESSIONS)?;
     txn.commit()?;
     Ok(())
 }
@@ -497,6 +500,60 @@ impl Store for EmbeddedStore {
             txn.open_table(DELIVERIES)
                 .map_err(unavailable)?
                 .remove(delivery_id.as_str())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()> {
+        let id_hash = id_hash.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(SESSIONS).map_err(unavailable)?;
+                // Expired sessions go when a new one comes: the table stays
+                // as small as the sessions in use.
+                let mut expired = Vec::new();
+                for entry in table.iter().map_err(unavailable)? {
+                    let (key, value) = entry.map_err(unavailable)?;
+                    let old: SessionRecord = decode(value.value())?;
+                    if old.expires_at <= session.created_at {
+                        expired.push(key.value().to_owned());
+                    }
+                }
+                for key in expired {
+                    table.remove(key.as_str()).map_err(unavailable)?;
+                }
+                table
+                    .insert(id_hash.as_str(), encode(&session)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let id_hash = id_hash.to_owned();
+        self.blocking(move |inner| {
+            let session: Option<SessionRecord> = get_json(&inner.db, SESSIONS, &id_hash)?;
+            Ok(session.filter(|session| session.expires_at > now))
+        })
+        .await
+    }
+
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
+        let id_hash = id_hash.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            txn.open_table(SESSIONS)
+                .map_err(unavailable)?
+                .remove(id_hash.as_str())
                 .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
         })

@@ -133,6 +133,23 @@ impl Store for GatedStore {
     async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
         self.inner.key_job(key).await
     }
+    async fn create_session(
+        &self,
+        id_hash: &str,
+        session: super::SessionRecord,
+    ) -> StoreResult<()> {
+        self.inner.create_session(id_hash, session).await
+    }
+    async fn get_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<super::SessionRecord>> {
+        self.inner.get_session(id_hash, now).await
+    }
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
+        self.inner.delete_session(id_hash).await
+    }
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
         self.inner.create_job(job, now).await
     }

@@ -185,6 +185,31 @@ pub struct AgentTokenRecord {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A signed-in browser session of the web dashboard, kept under the hash
+/// of its id (the id itself is only in the browser's cookie).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub principal: SessionPrincipal,
+    /// The token every form of this session carries (CSRF).
+    pub csrf_token: String,
+    pub created_at: DateTime<Utc>,
+    /// After this the session is gone (the store forgets it).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Who a session is signed in as.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionPrincipal {
+    /// The admin token; `fingerprint` ties the session to the admin token
+    /// it was opened with (a new admin token ends it).
+    Admin { fingerprint: String },
+    /// A GitHub user, with their token sealed under the controller's secret
+    /// key (context bound to the session), so that each request is checked
+    /// against GitHub like a REST call.
+    GitHub { login: String, token_sealed: String },
+}
+
 /// Changes other parts of the controller react to. Delivery is best effort
 /// (a lagging receiver misses events and must re-read the store).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,6 +334,17 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a token, forgets the agents registered with it (their names
     /// are free again) and publishes `AgentTokenRevoked`.
     async fn delete_agent_token(&self, id: &str) -> StoreResult<()>;
+
+    /// Keeps a new session under `id_hash` until its `expires_at`.
+    async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()>;
+    /// The session under `id_hash`, unless it is missing or expired at `now`.
+    async fn get_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SessionRecord>>;
+    /// Forgets a session (sign-out); a missing one is not an error.
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<()>;
 
     /// Moves the logs of jobs that finished before `finished_before` into
     /// their archived form (Redis: compressed segments instead of a stream);

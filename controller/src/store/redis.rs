@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
-    StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, SessionRecord,
+    Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -470,6 +470,9 @@ impl Keys {
     }
     fn delivery(&self, delivery_id: &str) -> String {
         self.key(format_args!("delivery:{delivery_id}"))
+    }
+    fn session(&self, id_hash: &str) -> String {
+        self.key(format_args!("session:{id_hash}"))
     }
     fn key_job(&self, key: &str) -> String {
         self.key(format_args!("key_job:{key}"))
@@ -1245,6 +1248,38 @@ impl Store for RedisStore {
             )
             .await?;
         Ok(first.is_some())
+    }
+
+    async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()> {
+        let millis = (session.expires_at - session.created_at)
+            .num_milliseconds()
+            .max(1);
+        let () = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.keys.session(id_hash))
+                    .arg(encode(&session)?)
+                    .arg("PX")
+                    .arg(millis),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let session: Option<SessionRecord> = self.get_json(&self.keys.session(id_hash)).await?;
+        Ok(session.filter(|session| session.expires_at > now))
+    }
+
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
+        let _: i64 = self
+            .query(redis::cmd("DEL").arg(self.keys.session(id_hash)))
+            .await?;
+        Ok(())
     }
 
     async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {

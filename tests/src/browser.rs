@@ -1,0 +1,282 @@
+//! A real Chromium for the web dashboard's tests, driven over WebDriver
+//! (Debian's `chromium` and `chromium-driver`, installed by
+//! `scripts/setup --tests`): a chromedriver on a free port, a headless
+//! session with a fresh profile, screenshots under
+//! `target/browser-screenshots/`, and axe-core (`tests/browser/`, npm ci)
+//! injected into a page to check its accessibility.
+//!
+//! A machine that cannot run Chromium makes [`Browser::start`] print
+//! "skipped: why" and return `None`, except under `CI`, where the test
+//! fails instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::docker::repo_root;
+use crate::net::free_addr;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How long chromedriver may take to answer after it starts.
+const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a page may take to load after a click.
+const PAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A chromedriver process and one browser session on it.
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+    _profile: TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Where screenshots go: `target/browser-screenshots/`.
+pub fn screenshot_dir() -> PathBuf {
+    repo_root().join("target/browser-screenshots")
+}
+
+fn axe_source_path() -> PathBuf {
+    repo_root().join("tests/browser/node_modules/axe-core/axe.min.js")
+}
+
+impl Browser {
+    /// A headless Chromium, or `None` (after "skipped: why") where this
+    /// machine cannot run one; under `CI` that is a failure.
+    ///
+    /// # Panics
+    /// Under `CI` when Chromium cannot be started.
+    pub async fn start() -> Option<Browser> {
+        match Browser::try_start().await {
+            Ok(browser) => Some(browser),
+            Err(why) if std::env::var_os("CI").is_some() => {
+                panic!("the browser tests must run in CI, but cannot: {why}")
+            }
+            Err(why) => {
+                eprintln!("skipped: browser test: {why}");
+                None
+            }
+        }
+    }
+
+    async fn try_start() -> Result<Browser, String> {
+        crate::init();
+        for (path, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
+            if !Path::new(path).is_file() {
+                return Err(format!(
+                    "{path} is missing (Debian's {package}; ./scripts/setup --tests installs it)"
+                ));
+            }
+        }
+        if !axe_source_path().is_file() {
+            return Err(format!(
+                "{} is missing (./scripts/setup --tests installs it with npm ci)",
+                axe_source_path().display()
+            ));
+        }
+        let addr = free_addr();
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={}", addr.port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| format!("cannot start chromedriver: {err}"))?;
+        let profile = tempfile::Builder::new()
+            .prefix("hobotnica-chromium-")
+            .tempdir()
+            .map_err(|err| format!("no profile directory: {err}"))?;
+        let mut browser_guard = DriverGuard(Some(driver));
+        let url = format!("http://{addr}");
+        let deadline = tokio::time::Instant::now() + DRIVER_READY_TIMEOUT;
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(response) = http.get(format!("{url}/status")).send().await
+                && response.status().is_success()
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "chromedriver did not answer within {DRIVER_READY_TIMEOUT:?}"
+                ));
+            }
+            tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
+        }
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-quic".to_owned(),
+            "--no-first-run".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--window-size=1280,900".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({ "binary": CHROMIUM, "args": args }),
+        );
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&url)
+            .await
+            .map_err(|err| format!("chromium did not start: {err}"))?;
+        Ok(Browser {
+            client,
+            driver: browser_guard.0.take().ok_or("chromedriver is gone")?,
+            _profile: profile,
+        })
+    }
+
+    /// Opens `url` and waits for the page to load.
+    pub async fn goto(&self, url: &str) {
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|err| panic!("cannot open {url}: {err}"));
+    }
+
+    /// The page's URL now.
+    pub async fn url(&self) -> String {
+        self.client
+            .current_url()
+            .await
+            .expect("the URL")
+            .to_string()
+    }
+
+    /// The text the page shows (`document.body.innerText`).
+    pub async fn text(&self) -> String {
+        self.script("return document.body.innerText;")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Runs `script` in the page and returns its result.
+    pub async fn script(&self, script: &str) -> Value {
+        self.client
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|err| panic!("script failed: {err}: {script}"))
+    }
+
+    /// Types `value` into the field `css` finds (after clearing it).
+    pub async fn fill(&self, css: &str, value: &str) {
+        let field = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|err| panic!("no field {css}: {err}"));
+        field.clear().await.expect("cleared");
+        field.send_keys(value).await.expect("typed");
+    }
+
+    /// Clicks what `css` finds and waits for the next page to have loaded
+    /// (the old document is marked, and the click is done once a document
+    /// without the mark is complete).
+    pub async fn click(&self, css: &str) {
+        self.script("window.hobotnicaOldPage = true; return true;")
+            .await;
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|err| panic!("nothing to click at {css}: {err}"))
+            .click()
+            .await
+            .unwrap_or_else(|err| panic!("cannot click {css}: {err}"));
+        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
+            self.client
+                .execute(
+                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await
+                .is_ok_and(|loaded| loaded == Value::Bool(true))
+        })
+        .await;
+    }
+
+    /// The value of cookie `name`, if the browser holds it.
+    pub async fn cookie(&self, name: &str) -> Option<String> {
+        self.client
+            .get_named_cookie(name)
+            .await
+            .ok()
+            .map(|cookie| cookie.value().to_owned())
+    }
+
+    /// Whether a JavaScript dialog (an `alert`) is open.
+    pub async fn alert_open(&self) -> bool {
+        self.client.get_alert_text().await.is_ok()
+    }
+
+    /// Saves a screenshot as `target/browser-screenshots/<name>.png`.
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.expect("a screenshot");
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir).expect("the screenshot directory");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("the screenshot written");
+        path
+    }
+
+    /// Runs axe-core on the page and fails on any serious or critical
+    /// violation, naming each.
+    pub async fn assert_accessible(&self, page: &str) {
+        let source = std::fs::read_to_string(axe_source_path()).expect("axe-core's source");
+        self.script(&format!("{source}\nreturn true;")).await;
+        let violations = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { resultTypes: ['violations'] })
+                   .then(results => done(results.violations
+                     .filter(v => v.impact === 'serious' || v.impact === 'critical')
+                     .map(v => ({ id: v.id, impact: v.impact, help: v.help,
+                                  nodes: v.nodes.map(n => n.html) }))))
+                   .catch(err => done([{ id: 'axe-error', help: String(err) }]));",
+                Vec::new(),
+            )
+            .await
+            .expect("axe-core ran");
+        let list = violations.as_array().cloned().unwrap_or_default();
+        assert!(
+            list.is_empty(),
+            "axe-core found serious or critical violations on {page}: {}",
+            serde_json::to_string_pretty(&violations).unwrap_or_default()
+        );
+    }
+
+    /// Ends the browser session.
+    pub async fn close(self) {
+        let _ = self.client.clone().close().await;
+    }
+}
+
+/// Kills chromedriver if starting the session fails half-way.
+struct DriverGuard(Option<Child>);
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
