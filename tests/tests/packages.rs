@@ -849,7 +849,10 @@ async fn blue_green_under_systemd(store: BlueGreenStore) {
             eprintln!("  the switch said:\n{output}");
             printed = true;
         }
-        assert!(output.contains(&format!("done: {new} serves")), "{output}");
+        assert!(
+            output.contains(&format!("done: {new} serves")) && !output.contains("warning"),
+            "{output}"
+        );
         assert!(
             load.failures.is_empty(),
             "every request through nginx must succeed during the switch {old} -> {new}:\n{}\nthe switch said:\n{output}",
