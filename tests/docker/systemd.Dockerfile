@@ -4,14 +4,17 @@
 # dpkg, offline), nothing: no getty, no network or time services, no udev.
 # The container shares the host's network (the tests' engine has no
 # bridge), so every unit that could touch the network, the clock or the
-# kernel is masked.
+# kernel is masked. nginx is there for the blue-green switch's test, without
+# its default site (which would listen on the host's port 80) and disabled:
+# the test starts it once its site is in place.
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 RUN printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
  && apt-get update \
  && apt-get install -y --no-install-recommends systemd systemd-sysv dbus \
-      adduser bubblewrap ca-certificates git make procps \
- && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
+      adduser bubblewrap ca-certificates git make nginx procps \
+ && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d /etc/nginx/sites-enabled/default \
+ && systemctl disable nginx.service \
  && systemctl mask \
       getty.target console-getty.service serial-getty@.service getty@.service \
       systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \

@@ -6,7 +6,11 @@
 //! units are (`systemd-analyze security`); and both units run for real
 //! under systemd as PID 1 (`tests/docker/systemd.Dockerfile`): started,
 //! a job run in the sandbox under the agent unit's restrictions, the agent
-//! drained by `systemctl stop`, the controller reloaded.
+//! drained by `systemctl stop`, the controller reloaded. The blue-green
+//! switch (`deploy/blue-green/`) with its systemd runner runs there too:
+//! the packaged controller switched blue -> green -> blue by the template
+//! unit behind the system's nginx, under REST load, on the embedded store
+//! and on Redis, and the colour that served starting again after a reboot.
 //!
 //! The first test's container has no init, so there the units are checked
 //! with `systemd-analyze verify` and the controller is started by hand with
@@ -340,24 +344,14 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
 
     let deb_dir = packages[0].parent().expect("in target/dist/deb").to_owned();
     let container = step("boot systemd as the container's PID 1", || {
-        boot(docker, &format!("{}:/debs:ro", deb_dir.display()))
+        boot(
+            docker,
+            "hobotnica-systemd",
+            &format!("{}:/debs:ro", deb_dir.display()),
+        )
     });
     let _journal = JournalOnFailure(&container);
-    let booted = Instant::now();
-    let state = wait_for(BOOT_TIMEOUT, "systemd to finish booting", || {
-        let output = container.exec(&["systemctl", "is-system-running"]);
-        let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        let done = !matches!(state.as_str(), "" | "initializing" | "starting");
-        async move { done.then_some(state) }
-    })
-    .await;
-    assert_eq!(
-        state,
-        "running",
-        "no unit may fail in the container:\n{}",
-        sh(&container, "systemctl --failed --no-pager")
-    );
-    eprintln!("  booted in {:.1} s", booted.elapsed().as_secs_f64());
+    wait_booted(&container).await;
 
     step("install both packages (their start held back)", || {
         // The postinst starts each service at once, the controller on its
@@ -505,7 +499,7 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
             );
         }
         let said = String::from_utf8_lossy(&output.stderr);
-        assert!(said.contains("succeeded (exit code 0)"), "{said}");
+        assert!(job_succeeded(&said), "{said}");
     });
 
     eprintln!("step: systemctl stop hobotnica-agent lets the running job finish");
@@ -568,7 +562,7 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
     let output = follow.wait_with_output().expect("hobot run ends");
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(
-        output.status.success() && said.contains("succeeded (exit code 0)"),
+        output.status.success() && job_succeeded(&said),
         "the drained job succeeds ({}): {said}",
         output.status
     );
@@ -620,6 +614,466 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
     eprintln!("total: {:.1} s", total.elapsed().as_secs_f64());
 }
 
+/// Where the test puts `deploy/blue-green/` in the blue-green container.
+const BLUE_GREEN_DIR: &str = "/srv/blue-green";
+/// The switch's state directory, which the template unit names.
+const BLUE_GREEN_STATE: &str = "/var/lib/hobotnica-blue-green";
+/// One switch, whole.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The store both colours share in [`blue_green_under_systemd`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BlueGreenStore {
+    /// The embedded store: the new colour waits for the old one to hand it
+    /// over.
+    Embedded,
+    /// A Redis on the host (the network is shared): both serve at once.
+    Redis,
+}
+
+/// The blue-green switch (`deploy/blue-green/switch`) with its systemd
+/// runner, embedded store: the template unit starts each colour as user
+/// hobotnica under its hardening; the first switch starts blue, the next
+/// ones hand over to green and back to blue while REST requests go through
+/// nginx, and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switch_under_systemd_embedded_store() {
+    blue_green_under_systemd(BlueGreenStore::Embedded).await;
+}
+
+/// The same with Redis: both colours serve at once during a switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switch_under_systemd_redis_store() {
+    blue_green_under_systemd(BlueGreenStore::Redis).await;
+}
+
+async fn blue_green_under_systemd(store: BlueGreenStore) {
+    let Some(docker) = docker() else { return };
+    let total = Instant::now();
+    let packages = step("build the packages", || packages(docker));
+    let version = version_of(&packages[0]);
+    step("build the systemd image", || {
+        docker.build_test_image(SYSTEMD_IMAGE, "systemd.Dockerfile");
+    });
+    let redis = match store {
+        BlueGreenStore::Embedded => None,
+        BlueGreenStore::Redis => Some(hobotnica_tests::redis::RedisServer::start().await),
+    };
+
+    let deb_dir = packages[0].parent().expect("in target/dist/deb").to_owned();
+    let name = match store {
+        BlueGreenStore::Embedded => "hobotnica-blue-green-embedded",
+        BlueGreenStore::Redis => "hobotnica-blue-green-redis",
+    };
+    let container = step("boot systemd as the container's PID 1", || {
+        boot(docker, name, &format!("{}:/debs:ro", deb_dir.display()))
+    });
+    let _journal = JournalOnFailure(&container);
+    wait_booted(&container).await;
+
+    step(
+        "install the controller package (its own unit disabled)",
+        || {
+            sh(
+                &container,
+                "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d \
+             && chmod +x /usr/sbin/policy-rc.d",
+            );
+            sh(
+                &container,
+                &format!("dpkg -i /debs/hobotnica-controller_{version}_amd64.deb"),
+            );
+            sh(
+                &container,
+                "rm /usr/sbin/policy-rc.d && systemctl disable hobotnica-controller",
+            );
+        },
+    );
+
+    let http = free_addr();
+    let grpc = free_addr();
+    let colours = [free_addr(), free_addr(), free_addr(), free_addr()];
+    step(
+        "install the switch, the template unit, the nginx site and the configuration",
+        || {
+            let source = repo_root().join("deploy/blue-green");
+            docker.run(&[
+                "cp",
+                &source.display().to_string(),
+                &format!("{}:{BLUE_GREEN_DIR}", container.name()),
+            ]);
+            let site = sh(&container, &format!("cat {BLUE_GREEN_DIR}/hobotnica.conf"));
+            for shipped in ["listen 127.0.0.1:8080;", "listen 127.0.0.1:8081 http2;"] {
+                assert!(site.contains(shipped), "the site has {shipped:?}");
+            }
+            let mut settings = vec![
+                "s|^HOBOTNICA_BG_RUNNER=.*|HOBOTNICA_BG_RUNNER=systemd|".to_owned(),
+                format!(
+                    "s|^HOBOTNICA_BG_BLUE_HTTP=.*|HOBOTNICA_BG_BLUE_HTTP={}|",
+                    colours[0]
+                ),
+                format!(
+                    "s|^HOBOTNICA_BG_BLUE_GRPC=.*|HOBOTNICA_BG_BLUE_GRPC={}|",
+                    colours[1]
+                ),
+                format!(
+                    "s|^HOBOTNICA_BG_GREEN_HTTP=.*|HOBOTNICA_BG_GREEN_HTTP={}|",
+                    colours[2]
+                ),
+                format!(
+                    "s|^HOBOTNICA_BG_GREEN_GRPC=.*|HOBOTNICA_BG_GREEN_GRPC={}|",
+                    colours[3]
+                ),
+                format!("s|^#HOBOTNICA_PUBLIC_URL=.*|HOBOTNICA_PUBLIC_URL=http://{http}|"),
+            ];
+            if redis.is_some() {
+                // Controllers sharing a Redis share the admin token too.
+                settings.push(
+                    "s|^#HOBOTNICA_ADMIN_TOKEN_FILE=|HOBOTNICA_ADMIN_TOKEN_FILE=|".to_owned(),
+                );
+                settings
+                    .push("s|^#HOBOTNICA_REDIS_URL_FILE=|HOBOTNICA_REDIS_URL_FILE=|".to_owned());
+                settings
+                    .push("s|^#HOBOTNICA_SECRET_KEY_FILE=|HOBOTNICA_SECRET_KEY_FILE=|".to_owned());
+            }
+            let settings: Vec<String> = settings.iter().map(|s| format!("-e '{s}'")).collect();
+            sh(
+                &container,
+                &format!(
+                    "install -m 0644 {BLUE_GREEN_DIR}/hobotnica-controller@.service /etc/systemd/system/ \
+                     && systemctl daemon-reload \
+                     && sed -e 's|listen 127.0.0.1:8080;|listen {http};|' \
+                     -e 's|listen 127.0.0.1:8081 http2;|listen {grpc} http2;|' \
+                     {BLUE_GREEN_DIR}/hobotnica.conf > /etc/nginx/conf.d/hobotnica.conf \
+                     && install -m 0600 /dev/null /etc/hobotnica/blue-green.env \
+                     && sed {} {BLUE_GREEN_DIR}/blue-green.env > /etc/hobotnica/blue-green.env",
+                    settings.join(" ")
+                ),
+            );
+            if let Some(redis) = &redis {
+                sh_with(
+                    &container,
+                    "install -o hobotnica -g hobotnica -m 0600 /dev/null /etc/hobotnica/redis-url \
+                     && echo \"$1\" > /etc/hobotnica/redis-url \
+                     && install -o hobotnica -g hobotnica -m 0600 /dev/null /etc/hobotnica/secret-key \
+                     && od -An -N32 -tx1 /dev/urandom | tr -d ' \\n' > /etc/hobotnica/secret-key \
+                     && install -o hobotnica -g hobotnica -m 0600 /dev/null /etc/hobotnica/admin-token \
+                     && printf 'hbt_admin_%s\\n' \"$(od -An -N24 -tx1 /dev/urandom | tr -d ' \\n')\" \
+                     > /etc/hobotnica/admin-token",
+                    &[&redis.url()],
+                );
+            }
+            let config = sh(&container, "cat /etc/hobotnica/blue-green.env");
+            assert!(
+                config.contains("\nHOBOTNICA_BG_RUNNER=systemd\n")
+                    && config.contains(&format!("\nHOBOTNICA_BG_GREEN_GRPC={}\n", colours[3])),
+                "{config}"
+            );
+            // A repository for the data that must survive the switches.
+            sh_with(
+                &container,
+                "mkdir -p /srv/src && cd /srv/src && git init -q -b main \
+                 && printf %s \"$1\" > Makefile && git add Makefile \
+                 && git -c user.name=Test -c user.email=test@example.com commit -q -m fixture \
+                 && git clone -q --bare /srv/src /srv/fixture.git \
+                 && chown -R hobotnica:hobotnica /srv/fixture.git",
+                &[FIXTURE_MAKEFILE],
+            );
+        },
+    );
+
+    let first = step("switch: the first start, blue", || {
+        switch(docker, container.name(), &[])
+    });
+    assert!(
+        first.contains("nginx is not running") && first.contains("done: blue serves"),
+        "{first}"
+    );
+    step("systemctl enable --now nginx: it serves blue", || {
+        sh(&container, "timeout 60 systemctl enable --now nginx");
+    });
+    let token_file = match store {
+        // Generated by the first controller.
+        BlueGreenStore::Embedded => "/var/lib/hobotnica/admin-token",
+        BlueGreenStore::Redis => "/etc/hobotnica/admin-token",
+    };
+    let token = sh(&container, &format!("cat {token_file}"))
+        .trim()
+        .to_owned();
+    let api = hobotnica_tests::Api::new(format!("http://{http}"), Some(&token));
+    wait_until(START_TIMEOUT, "blue to answer through nginx", || {
+        let api = api.clone();
+        async move {
+            api.try_raw(reqwest::Method::GET, "/readyz", None, &[])
+                .await
+                .is_ok_and(|response| response.status == 200)
+        }
+    })
+    .await;
+    check_colour_serves(&container, "blue", None);
+
+    let registered = api
+        .send_json(
+            reqwest::Method::POST,
+            "/api/v1/repos",
+            &serde_json::json!({ "name": "fixture", "git_url": "file:///srv/fixture.git" }),
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let repo_path = registered
+        .location
+        .clone()
+        .expect("the repository's Location");
+    let repo = repo_path
+        .strip_prefix("/api/v1/repos/")
+        .expect("/api/v1/repos/owner/name")
+        .to_owned();
+    let queued = api.run_target(&repo, "test").await;
+
+    let mut printed = false;
+    for (new, old) in [("green", "blue"), ("blue", "green")] {
+        let load = BlueGreenLoad::start(api.clone(), repo.clone());
+        let started = Instant::now();
+        let name = container.name().to_owned();
+        let output = tokio::task::spawn_blocking(move || switch(docker, &name, &[]))
+            .await
+            .expect("the switch's thread");
+        let took = started.elapsed();
+        let load = load.stop().await;
+        eprintln!(
+            "switch {old} -> {new} ({store:?} store) took {:.2} s; {} requests through nginx meanwhile",
+            took.as_secs_f64(),
+            load.requests
+        );
+        if !printed {
+            eprintln!("  the switch said:\n{output}");
+            printed = true;
+        }
+        assert!(
+            output.contains(&format!("done: {new} serves")) && !output.contains("warning"),
+            "{output}"
+        );
+        assert!(
+            load.failures.is_empty(),
+            "every request through nginx must succeed during the switch {old} -> {new}:\n{}\nthe switch said:\n{output}",
+            load.failures.join("\n")
+        );
+        assert!(load.requests > 0, "the load ran");
+        check_colour_serves(&container, new, Some(old));
+        // What was written before, and during, the switch is still there.
+        let repo_now = api.get_json(&repo_path).await;
+        assert_eq!(repo_now["git_url"], "file:///srv/fixture.git", "{repo_now}");
+        assert_eq!(api.job(queued.id).await.id, queued.id);
+        for id in load.jobs {
+            assert_eq!(
+                api.job(id).await.id,
+                id,
+                "job {id} queued during the switch"
+            );
+        }
+    }
+
+    step("reboot: the colour that served starts again", || {
+        docker.run(&["restart", container.name()]);
+    });
+    wait_booted(&container).await;
+    wait_until(
+        START_TIMEOUT,
+        "blue to answer through nginx after the reboot",
+        || {
+            let api = api.clone();
+            async move {
+                api.try_raw(reqwest::Method::GET, "/readyz", None, &[])
+                    .await
+                    .is_ok_and(|response| response.status == 200)
+            }
+        },
+    )
+    .await;
+    check_colour_serves(&container, "blue", Some("green"));
+    assert_eq!(api.job(queued.id).await.id, queued.id);
+
+    step("switch --stop: blue stops", || {
+        switch(docker, container.name(), &["--stop"]);
+        assert_eq!(
+            show(&container, "hobotnica-controller@blue", "ActiveState"),
+            "inactive"
+        );
+    });
+    drop(redis);
+    eprintln!("total: {:.1} s", total.elapsed().as_secs_f64());
+}
+
+/// Runs `deploy/blue-green/switch` in the container (as root, the
+/// configuration in /etc/hobotnica/blue-green.env) to the packaged binary,
+/// or with `args` instead; what it printed.
+///
+/// # Panics
+/// When it fails or takes longer than [`SWITCH_TIMEOUT`].
+fn switch(docker: &Docker, container: &str, args: &[&str]) -> String {
+    let timeout = SWITCH_TIMEOUT.as_secs().to_string();
+    let script = format!("{BLUE_GREEN_DIR}/switch");
+    let mut argv = vec!["exec", container, "timeout", &timeout, &script];
+    if args.is_empty() {
+        argv.push("/usr/bin/hobotnica-controller");
+    } else {
+        argv.extend_from_slice(args);
+    }
+    let output = docker.try_run(&argv);
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "switch {} failed ({}):\n{printed}",
+        argv[4..].join(" "),
+        output.status
+    );
+    printed
+}
+
+/// After a switch to `new`: its unit is active and `switch --status` names
+/// it; `old`'s unit stopped cleanly; the controller runs as user hobotnica
+/// with the unit's hardening (no privileges to gain, no capabilities, a
+/// seccomp filter).
+fn check_colour_serves(container: &Container, new: &str, old: Option<&str>) {
+    let unit = format!("hobotnica-controller@{new}");
+    assert_eq!(
+        sh(container, &format!("systemctl is-active {unit}")).trim(),
+        "active"
+    );
+    if let Some(old) = old {
+        let old_unit = format!("hobotnica-controller@{old}");
+        assert_eq!(
+            (
+                show(container, &old_unit, "ActiveState"),
+                show(container, &old_unit, "Result")
+            ),
+            ("inactive".to_owned(), "success".to_owned()),
+            "{old_unit} stopped cleanly"
+        );
+    }
+    let pid = show(container, &unit, "MainPID");
+    let status = switch_status(container);
+    assert!(
+        status.starts_with(&format!("{new}: pid {pid}, hobotnica-controller ")),
+        "{status}"
+    );
+    assert_eq!(
+        sh(container, &format!("readlink /proc/{pid}/exe")).trim(),
+        format!("{BLUE_GREEN_STATE}/{new}/hobotnica-controller"),
+        "{unit} runs the binary the switch installed for {new}"
+    );
+    let uid = sh(container, "id -u hobotnica").trim().to_owned();
+    let proc_status = sh(container, &format!("cat /proc/{pid}/status"));
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status:\n{proc_status}"))
+    };
+    assert_eq!(
+        field("Uid"),
+        [uid.as_str(); 4].join(" "),
+        "{unit} runs as hobotnica"
+    );
+    assert_eq!(field("NoNewPrivs"), "1", "{unit}: NoNewPrivileges=yes");
+    assert_eq!(
+        field("CapEff"),
+        "0000000000000000",
+        "{unit}: no capabilities"
+    );
+    assert_eq!(
+        field("CapBnd"),
+        "0000000000000000",
+        "{unit}: CapabilityBoundingSet="
+    );
+    assert_eq!(field("Seccomp"), "2", "{unit}: SystemCallFilter=");
+    eprintln!("  {status}");
+}
+
+/// `switch --status`.
+fn switch_status(container: &Container) -> String {
+    sh(container, &format!("{BLUE_GREEN_DIR}/switch --status"))
+        .trim()
+        .to_owned()
+}
+
+/// REST reads and writes through nginx while a switch runs, until stopped.
+struct BlueGreenLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: tokio::task::JoinSet<LoadDone>,
+}
+
+/// What one task of the load did.
+#[derive(Default)]
+struct LoadDone {
+    requests: usize,
+    failures: Vec<String>,
+    jobs: Vec<u64>,
+}
+
+impl BlueGreenLoad {
+    /// Two readers (the repository, the job list) and a writer queueing a
+    /// job every 100 ms.
+    fn start(api: hobotnica_tests::Api, repo: String) -> BlueGreenLoad {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (method, path, pause) in [
+            (reqwest::Method::GET, format!("/api/v1/repos/{repo}"), 20),
+            (reqwest::Method::GET, "/api/v1/jobs?limit=5".to_owned(), 20),
+            (
+                reqwest::Method::POST,
+                format!("/api/v1/repos/{repo}/jobs"),
+                100,
+            ),
+        ] {
+            let (api, stop) = (api.clone(), stop.clone());
+            tasks.spawn(async move {
+                let mut done = LoadDone::default();
+                let body = serde_json::json!({ "target": "test" }).to_string();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let body = (method == reqwest::Method::POST).then_some(body.as_bytes());
+                    let answer = api.try_raw(method.clone(), &path, body, &[]).await;
+                    done.requests += 1;
+                    match answer {
+                        Ok(response) if response.status == 200 => {}
+                        Ok(response) if response.status == 202 => {
+                            done.jobs
+                                .push(response.json()["id"].as_u64().expect("a job id"));
+                        }
+                        Ok(response) => done.failures.push(format!(
+                            "{method} {path}: {} {}",
+                            response.status,
+                            response.text()
+                        )),
+                        Err(err) => done.failures.push(format!("{method} {path}: {err:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                done
+            });
+        }
+        BlueGreenLoad { stop, tasks }
+    }
+
+    /// Stops the load; what it did, all tasks together.
+    async fn stop(mut self) -> LoadDone {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = LoadDone::default();
+        while let Some(done) = self.tasks.join_next().await {
+            let done = done.expect("a load task");
+            all.requests += done.requests;
+            all.failures.extend(done.failures);
+            all.jobs.extend(done.jobs);
+        }
+        all
+    }
+}
+
 /// Starts the systemd image with what systemd as PID 1 needs in a container
 /// of the tests' engine, where `--privileged` cannot be used (the host's
 /// capability bounding set lacks CAP_SYS_RESOURCE): CAP_SYS_ADMIN (mounts,
@@ -630,10 +1084,10 @@ async fn debian_packages_units_start_run_a_job_drain_and_reload_under_systemd() 
 /// the kernel refuses while parts of /proc are covered); the cgroup tree
 /// writable (systemd makes a cgroup per unit, under the container's own);
 /// its own host name.
-fn boot(docker: &'static Docker, debs_mount: &str) -> Container {
+fn boot(docker: &'static Docker, name: &str, debs_mount: &str) -> Container {
     Container::run(
         docker,
-        "hobotnica-systemd",
+        name,
         &[
             "--hostname",
             HOSTNAME,
@@ -660,6 +1114,32 @@ fn boot(docker: &'static Docker, debs_mount: &str) -> Container {
             SYSTEMD_IMAGE,
         ],
     )
+}
+
+/// Whether `hobot run --follow` said its job succeeded (`job N succeeded`
+/// on stderr).
+fn job_succeeded(said: &str) -> bool {
+    said.lines()
+        .any(|line| line.starts_with("job ") && line.ends_with(" succeeded"))
+}
+
+/// Waits until systemd has booted the container, with no unit failed.
+async fn wait_booted(container: &Container) {
+    let booted = Instant::now();
+    let state = wait_for(BOOT_TIMEOUT, "systemd to finish booting", || {
+        let output = container.exec(&["systemctl", "is-system-running"]);
+        let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let done = !matches!(state.as_str(), "" | "initializing" | "starting");
+        async move { done.then_some(state) }
+    })
+    .await;
+    assert_eq!(
+        state,
+        "running",
+        "no unit may fail in the container:\n{}",
+        sh(container, "systemctl --failed --no-pager")
+    );
+    eprintln!("  booted in {:.1} s", booted.elapsed().as_secs_f64());
 }
 
 /// Prints the container's journal when the test fails (systemd logs there,
