@@ -115,7 +115,37 @@ pub struct JobPage {
     pub next_cursor: Option<JobId>,
 }
 
+/// A job as its page shows it: the job (as `GET /api/v1/jobs/{id}` gives
+/// it), where its commit is on GitHub, and whether the caller may cancel
+/// or retry it.
+#[derive(Debug, Clone)]
+pub struct JobOverview {
+    pub job: Job,
+    /// The commit's page on GitHub, for a job of a GitHub repository.
+    pub commit_page: Option<String>,
+    /// Push access: the rule of the cancel and retry endpoints.
+    pub may_change: bool,
+}
+
 impl Services {
+    /// Job `id` for `caller`, with the same authorisation as reading it
+    /// through the REST API, and what its page offers.
+    pub async fn job_overview(&self, caller: &Caller, id: JobId) -> Result<JobOverview, CoreError> {
+        let job = self.job_for(caller, id, Access::Read).await?;
+        let commit_page = match self.store.get_repo(&job.repo.owner, &job.repo.name).await? {
+            Some(repo) => self
+                .github_page(&repo)
+                .map(|page| format!("{page}/commit/{}", job.commit)),
+            None => None,
+        };
+        let may_change = self.may_change_job(caller, &job).await;
+        Ok(JobOverview {
+            job,
+            commit_page,
+            may_change,
+        })
+    }
+
     /// Queues `make <target>` on `owner/name` for `caller`, who needs push
     /// access.
     pub async fn trigger(

@@ -11,7 +11,7 @@ use super::*;
 pub(super) async fn log_of(core: &Core, job: JobId) -> Vec<u8> {
     let read = core
         .services
-        .read_log(&Caller::Admin, job, 0)
+        .read_log(&Caller::Admin, job, 0, None)
         .await
         .expect("the log reads");
     let mut bytes = Vec::new();
