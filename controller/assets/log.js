@@ -19,6 +19,8 @@
   const EARLIER_BYTES = 256 * 1024;
   /** Lines kept while following; older ones leave the page ("Load earlier"). */
   const MAX_LINES = 20000;
+  /** Lines per block: the browser lays out only the blocks in view. */
+  const CHUNK_LINES = 500;
   /** Reconnect delays after a broken event stream. */
   const RETRY_FIRST_MS = 250;
   const RETRY_MAX_MS = 4000;
@@ -101,6 +103,10 @@
     let run = "";
     const flush = () => {
       if (run === "") return;
+      if (!target) {
+        run = "";
+        return;
+      }
       const classes = this.classes();
       if (classes === "") {
         target.appendChild(document.createTextNode(run));
@@ -180,7 +186,9 @@
   // Turns bytes into lines, appended to a container: the live stream's
   // renderer (into the view) and each earlier part's (into a fragment).
   function Renderer(container, number) {
-    this.container = container;
+    this.container = container; // where blocks of lines go
+    this.block = null; // the block new lines go into
+    this.lines = 0; // lines this renderer opened
     this.number = number; // the number of the next line to open
     this.open = null; // the text element of a line without its newline yet
     this.decoder = new TextDecoder("utf-8");
@@ -193,7 +201,13 @@
     while (i < bytes.length) {
       if (!this.open) {
         const line = makeLine(this.number, at + i);
-        this.container.appendChild(line);
+        if (!this.block || this.block.childElementCount >= CHUNK_LINES) {
+          this.block = document.createElement("div");
+          this.block.className = "block";
+          this.container.appendChild(this.block);
+        }
+        this.block.appendChild(line);
+        this.lines += 1;
         this.open = line.lastChild;
       }
       const newline = bytes.indexOf(10, i);
@@ -206,6 +220,27 @@
       this.number += 1;
       i = newline + 1;
     }
+  };
+
+  // Goes over the first `lines` lines of `bytes` without showing them,
+  // keeping the colour state; returns how many bytes that took (all of
+  // them when they hold fewer lines).
+  Renderer.prototype.skip = function (bytes, lines) {
+    let i = 0;
+    while (i < bytes.length && lines > 0) {
+      const newline = bytes.indexOf(10, i);
+      const end = newline === -1 ? bytes.length : newline;
+      const escape = bytes.indexOf(0x1b, i);
+      if (this.ansi.mode !== "text" || (escape !== -1 && escape < end)) {
+        this.ansi.render(this.decoder.decode(bytes.subarray(i, end), { stream: newline === -1 }), null);
+      }
+      if (newline === -1) return bytes.length;
+      this.decoder = new TextDecoder("utf-8");
+      this.number += 1;
+      lines -= 1;
+      i = newline + 1;
+    }
+    return i;
   };
 
   const live = new Renderer(view, firstLine);
@@ -234,15 +269,27 @@
   followButton.addEventListener("click", () => setFollowing(true));
 
   // Keeps the page light while a long log streams: drops the oldest lines
-  // (only while following, so nothing moves under a reader).
+  // in one step, keeping what a reader looks at in place.
   function trim() {
-    const excess = view.childElementCount - MAX_LINES;
-    if (excess <= 0 || !following) return;
-    for (let n = 0; n < excess; n++) view.removeChild(view.firstElementChild);
-    const first = view.firstElementChild;
+    let removed = false;
+    const before = view.scrollHeight;
+    while (view.firstElementChild && view.firstElementChild !== live.block &&
+           shownLines() - view.firstElementChild.childElementCount >= MAX_LINES) {
+      view.removeChild(view.firstElementChild);
+      removed = true;
+    }
+    if (!removed) return;
+    if (!following) view.scrollTop -= before - view.scrollHeight;
+    const first = view.firstElementChild.firstElementChild;
     start = first.hobotnicaOffset;
     firstLine = Number(first.id.slice(1));
     earlierButton.hidden = start === 0;
+  }
+
+  function shownLines() {
+    let lines = 0;
+    for (const block of view.children) lines += block.childElementCount;
+    return lines;
   }
 
   function showWanted() {
@@ -275,6 +322,11 @@
     return bytes;
   }
 
+  // Pieces wait here for the next frame, so that a fast log is rendered in
+  // batches and the page stays responsive.
+  let pending = [];
+  let frame = null;
+
   function onLog(event) {
     const bytes = base64Bytes(event.data);
     const end = Number(event.lastEventId);
@@ -285,10 +337,46 @@
       reconnect();
       return;
     }
-    live.append(bytes.subarray(offset - at), offset);
+    pending.push({ bytes: bytes.subarray(offset - at), at: offset });
     offset = end;
     retryMs = RETRY_FIRST_MS;
     status.textContent = "";
+    if (frame === null) frame = requestAnimationFrame(render);
+  }
+
+  function countLines(bytes) {
+    let lines = 0;
+    for (let i = bytes.indexOf(10); i !== -1; i = bytes.indexOf(10, i + 1)) lines += 1;
+    return lines;
+  }
+
+  function render() {
+    frame = null;
+    const parts = pending;
+    pending = [];
+    // Lines that would be dropped at once are not shown at all: with more
+    // than MAX_LINES new lines, what is shown now goes, and so do the
+    // oldest of the new ones.
+    let excess = parts.reduce((sum, part) => sum + countLines(part.bytes), 0) - MAX_LINES;
+    for (const part of parts) {
+      let bytes = part.bytes;
+      let at = part.at;
+      if (excess > 0) {
+        if (live.open || view.firstElementChild) {
+          view.textContent = "";
+          live.open = null;
+          live.block = null;
+        }
+        const used = live.skip(bytes, excess);
+        excess -= countLines(bytes.subarray(0, used));
+        bytes = bytes.subarray(used);
+        at += used;
+        start = at;
+        firstLine = live.number;
+        earlierButton.hidden = start === 0;
+      }
+      live.append(bytes, at);
+    }
     trim();
     if (following) scrollToEnd();
     showWanted();
@@ -313,6 +401,10 @@
   }
 
   function onEnd(event) {
+    if (frame !== null) {
+      cancelAnimationFrame(frame);
+      render();
+    }
     ended = true;
     source.close();
     followButton.hidden = true;

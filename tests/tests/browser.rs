@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use hobotnica_tests::browser::Browser;
+use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
 use hobotnica_tests::redis::RedisServer;
 use hobotnica_tests::{Agent, Api, Controller, ControllerOpts, FakeGitHub, GitRepo, Permission};
 use reqwest::Method;
@@ -888,5 +889,142 @@ async fn cancel_and_retry_buttons_follow_push_access() {
         .expect("an answer");
     assert_eq!(page.status(), 404);
     api.cancel(github_job).await;
+    browser.close().await;
+}
+
+/// Line numbers match the log: every shown `make big` line `line <m>` is
+/// log line `m + header` (the agent's own lines come first). Returns the
+/// first shown line number.
+async fn assert_big_log_numbers(browser: &Browser) -> u64 {
+    let shown = shown_lines(browser).await;
+    let mut header = None;
+    for (number, text) in &shown {
+        let number: u64 = number.parse().expect("a line number");
+        let Some(printed) = text
+            .strip_prefix("line ")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let offset = number - printed;
+        assert_eq!(
+            *header.get_or_insert(offset),
+            offset,
+            "line {number}: {text}"
+        );
+    }
+    shown
+        .first()
+        .map(|(number, _)| number.parse().expect("a line number"))
+        .expect("shown lines")
+}
+
+/// A 50 MiB log streams into an open page without freezing it (the page
+/// keeps answering scripts and holds a bounded number of lines); once it
+/// ended, "Load earlier" brings back the part before, correctly numbered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    let job = api.run_target("local/demo", "big").await;
+    api.wait_for_state(job.id, &[hobotnica_tests::JobState::Running], JOB_TIMEOUT)
+        .await;
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    let started = std::time::Instant::now();
+    let peak = std::cell::Cell::new(hobotnica_tests::browser::BrowserMemory::default());
+    let slowest_answer = std::cell::Cell::new(Duration::ZERO);
+    let heap = std::cell::Cell::new(0u64);
+    let last_line = big_output_line(BIG_OUTPUT_LINES);
+    let last_line = last_line.trim_end();
+    hobotnica_tests::wait_until(Duration::from_secs(300), "the whole log shown", || {
+        let memory = browser.memory();
+        let mut highest = peak.get();
+        highest.total_bytes = highest.total_bytes.max(memory.total_bytes);
+        highest.largest_renderer_bytes = highest
+            .largest_renderer_bytes
+            .max(memory.largest_renderer_bytes);
+        peak.set(highest);
+        let (browser, slowest_answer, heap) = (&browser, &slowest_answer, &heap);
+        async move {
+            let asked = std::time::Instant::now();
+            let seen = browser
+                .script(
+                    "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
+                     return [l ? l.textContent : '', performance.memory ? performance.memory.usedJSHeapSize : 0];",
+                )
+                .await;
+            slowest_answer.set(slowest_answer.get().max(asked.elapsed()));
+            heap.set(heap.get().max(seen[1].as_u64().unwrap_or(0)));
+            seen[0] == json!(last_line)
+        }
+    })
+    .await;
+    let peak = peak.get();
+    let ran = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    println!(
+        "the job ran from {:?} to {:?}; the page's JavaScript heap at most {} MiB",
+        ran.started_at,
+        ran.finished_at,
+        heap.get() / (1 << 20)
+    );
+    println!(
+        "a 50 MiB log streamed into the page in {} ms; the page answered a script within {} ms \
+         at worst; chromium's resident memory at most {} MiB (all processes, shared pages \
+         counted in each), its renderer's {} MiB",
+        started.elapsed().as_millis(),
+        slowest_answer.get().as_millis(),
+        peak.total_bytes / (1 << 20),
+        peak.largest_renderer_bytes / (1 << 20)
+    );
+    let cookie = browser
+        .cookie("hobotnica_session")
+        .await
+        .expect("a session");
+    let asked = std::time::Instant::now();
+    let events = http(Some(&cookie))
+        .get(format!("{base}/jobs/{}/log/events?from=0", job.id))
+        .send()
+        .await
+        .expect("the events")
+        .bytes()
+        .await
+        .expect("all events");
+    println!(
+        "the whole log as events: {} bytes in {} ms",
+        events.len(),
+        asked.elapsed().as_millis()
+    );
+    let count = browser
+        .script("return document.querySelectorAll('#log .line').length;")
+        .await;
+    assert!(
+        count.as_u64().is_some_and(|count| count <= 20_500),
+        "the page keeps about 20 000 lines (whole blocks of 500): {count}"
+    );
+    let first = assert_big_log_numbers(&browser).await;
+    assert!(first > 1, "older lines left the page");
+    browser.screenshot("job-big-log").await;
+
+    browser
+        .script("document.querySelector('#log-earlier').click(); return true;")
+        .await;
+    let what = format!("lines before {first} loaded");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        browser
+            .script("return Number(document.querySelector('#log .line .ln').textContent);")
+            .await
+            .as_u64()
+            .is_some_and(|now| now < first)
+    })
+    .await;
+    assert_big_log_numbers(&browser).await;
     browser.close().await;
 }
