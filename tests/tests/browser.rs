@@ -1028,3 +1028,90 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
     assert_big_log_numbers(&browser).await;
     browser.close().await;
 }
+
+/// The jobs list: new and finished jobs appear without a reload; it
+/// filters by state, repository and kind, and pages with "Older jobs".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_list_filters_pages_and_updates_live() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    api.register_repo("other", &repo.url()).await;
+    let first = api.run_target("local/demo", "test").await;
+    api.wait_for_success(first.id, JOB_TIMEOUT).await;
+    let failed = api.run_target("local/other", "fail").await;
+    api.wait_for_end(failed.id, JOB_TIMEOUT).await;
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.click("a[href='/jobs']").await;
+    let rows = || async {
+        browser
+            .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
+            .await
+    };
+    assert_eq!(
+        rows().await,
+        json!([[failed.id, "failed"], [first.id, "succeeded"]])
+    );
+    browser.screenshot("jobs").await;
+    browser.assert_accessible("/jobs").await;
+
+    // A new job appears, then its end, without a reload.
+    browser
+        .script("window.hobotnicaSamePage = true; return true;")
+        .await;
+    let gates = controller.scratch_dir("gates");
+    let gate = gates.join("list");
+    let live = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_string_lossy() } }),
+        )
+        .await;
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the new job running in the list", || async {
+        rows().await[0] == json!([live.id, "running"])
+    })
+    .await;
+    std::fs::write(&gate, b"").expect("the gate opened");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the new job succeeded in the list", || async {
+        rows().await[0] == json!([live.id, "succeeded"])
+    })
+    .await;
+    assert_eq!(
+        browser
+            .script("return window.hobotnicaSamePage === true;")
+            .await,
+        json!(true),
+        "no reload"
+    );
+
+    // Filters.
+    browser
+        .goto(&format!("{base}/jobs?state=succeeded&repo=local%2Fdemo"))
+        .await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [first.id, "succeeded"]])
+    );
+    browser.goto(&format!("{base}/jobs?kind=custom")).await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [failed.id, "failed"]])
+    );
+
+    // Pages.
+    browser.goto(&format!("{base}/jobs?limit=2")).await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [failed.id, "failed"]])
+    );
+    browser.click("#older-jobs").await;
+    assert_eq!(rows().await, json!([[first.id, "succeeded"]]));
+    browser.close().await;
+}

@@ -108,7 +108,7 @@ pub async fn events(
 
 /// `stream` until `shutdown`: a stopping controller ends its event streams
 /// (browsers resume elsewhere, or here once it is back).
-fn until_shutdown<T: Send + 'static>(
+pub fn until_shutdown<T: Send + 'static>(
     stream: impl Stream<Item = T> + Send + 'static,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = T> + Send + 'static {

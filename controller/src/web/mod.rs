@@ -13,6 +13,7 @@
 
 mod assets;
 mod job;
+mod jobs;
 mod live;
 mod pages;
 mod session;
@@ -38,6 +39,8 @@ pub fn router(services: Services, shutdown: CancellationToken) -> Router {
         .route("/sign-out", axum::routing::post(pages::sign_out))
         .route("/repos", axum::routing::get(pages::repos))
         .route("/agents", axum::routing::get(pages::agents))
+        .route("/jobs", axum::routing::get(jobs::list))
+        .route("/jobs/events", axum::routing::get(jobs::events))
         .route("/jobs/{id}", axum::routing::get(job::show))
         .route("/jobs/{id}/cancel", axum::routing::post(job::cancel))
         .route("/jobs/{id}/retry", axum::routing::post(job::retry))
