@@ -462,6 +462,14 @@ impl Services {
             .is_ok()
     }
 
+    /// Whether `caller` may change `job` (cancel, retry): push access to its
+    /// repository, the rule the REST endpoints apply.
+    pub(crate) async fn may_change_job(&self, caller: &Caller, job: &Job) -> bool {
+        self.require_job_access(caller, job, Access::Push)
+            .await
+            .is_ok()
+    }
+
     /// Whether `caller` may do `access` on the repository of `job`. A job
     /// whose repository is gone is the admin's only.
     async fn require_job_access(

@@ -115,7 +115,46 @@ pub struct JobPage {
     pub next_cursor: Option<JobId>,
 }
 
+/// What a live job list hears.
+#[derive(Debug)]
+pub enum JobChange {
+    /// A job was queued, started, asked to cancel or ended.
+    Changed(Box<Job>),
+    /// Events may have been missed: read the list again.
+    Resync,
+}
+
+/// A job as its page shows it: the job (as `GET /api/v1/jobs/{id}` gives
+/// it), where its commit is on GitHub, and whether the caller may cancel
+/// or retry it.
+#[derive(Debug, Clone)]
+pub struct JobOverview {
+    pub job: Job,
+    /// The commit's page on GitHub, for a job of a GitHub repository.
+    pub commit_page: Option<String>,
+    /// Push access: the rule of the cancel and retry endpoints.
+    pub may_change: bool,
+}
+
 impl Services {
+    /// Job `id` for `caller`, with the same authorisation as reading it
+    /// through the REST API, and what its page offers.
+    pub async fn job_overview(&self, caller: &Caller, id: JobId) -> Result<JobOverview, CoreError> {
+        let job = self.job_for(caller, id, Access::Read).await?;
+        let commit_page = match self.store.get_repo(&job.repo.owner, &job.repo.name).await? {
+            Some(repo) => self
+                .github_page(&repo)
+                .map(|page| format!("{page}/commit/{}", job.commit)),
+            None => None,
+        };
+        let may_change = self.may_change_job(caller, &job).await;
+        Ok(JobOverview {
+            job,
+            commit_page,
+            may_change,
+        })
+    }
+
     /// Queues `make <target>` on `owner/name` for `caller`, who needs push
     /// access.
     pub async fn trigger(
@@ -436,6 +475,83 @@ impl Services {
             jobs: visible,
             next_cursor,
         })
+    }
+
+    /// The jobs matching `query` (repository and kind) that `caller` may
+    /// read, each time one is queued, starts, is asked to cancel or ends,
+    /// as the store's events announce it (no polling); `Resync` when events
+    /// may have been missed. The state filter is the reader's: a job that
+    /// left the state is news too.
+    pub fn job_changes(
+        &self,
+        caller: Caller,
+        query: JobQuery,
+    ) -> Result<impl futures_util::Stream<Item = JobChange> + Send + 'static, CoreError> {
+        use tokio::sync::broadcast::error::RecvError;
+        let repo = match query.repo {
+            Some(repo) => Some(parse_repo_filter(&repo)?),
+            None => None,
+        };
+        struct Watch {
+            services: Services,
+            caller: Caller,
+            repo: Option<RepoRef>,
+            kind: Option<JobKind>,
+            events: tokio::sync::broadcast::Receiver<crate::store::StoreEvent>,
+            /// Jobs already seen running (or not to be shown): their log
+            /// growing is no news.
+            settled: std::collections::HashSet<JobId>,
+        }
+        let watch = Watch {
+            events: self.store.subscribe(),
+            services: self.clone(),
+            caller,
+            repo,
+            kind: query.kind,
+            settled: std::collections::HashSet::new(),
+        };
+        Ok(futures_util::stream::unfold(
+            watch,
+            |mut watch| async move {
+                use crate::store::StoreEvent;
+                loop {
+                    let id = match watch.events.recv().await {
+                        Ok(
+                            StoreEvent::JobQueued { job } | StoreEvent::CancelRequested { job, .. },
+                        ) => job,
+                        Ok(StoreEvent::JobFinished { job }) => {
+                            watch.settled.remove(&job);
+                            job
+                        }
+                        Ok(StoreEvent::LogAppended { job, .. })
+                            if !watch.settled.contains(&job) =>
+                        {
+                            job
+                        }
+                        Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                            return Some((JobChange::Resync, watch));
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Closed) => return None,
+                    };
+                    let Ok(Some(job)) = watch.services.store.get_job(id).await else {
+                        continue;
+                    };
+                    let shown = watch.repo.as_ref().is_none_or(|repo| *repo == job.repo)
+                        && watch.kind.is_none_or(|kind| kind == job.kind)
+                        && watch.services.may_read_job(&watch.caller, &job).await;
+                    if job.state == JobState::Running || !shown {
+                        watch.settled.insert(id);
+                    }
+                    if job.state.is_terminal() {
+                        watch.settled.remove(&id);
+                    }
+                    if shown {
+                        return Some((JobChange::Changed(Box::new(job)), watch));
+                    }
+                }
+            },
+        ))
     }
 
     /// Cancels job `id` for `caller` (push access): a queued job at once, a

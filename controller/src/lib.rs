@@ -508,7 +508,7 @@ impl Servers {
         let router = http::router(
             self.services.clone(),
             self.tasks.clone(),
-            web::router(self.services.clone()),
+            web::router(self.services.clone(), self.shutdown.clone()),
         );
         let config = &self.services.config;
         let limits = http::server::Limits {

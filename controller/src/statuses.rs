@@ -94,7 +94,7 @@ pub async fn post_statuses(
 }
 
 async fn post(services: &Services, job: &Job) {
-    let target_url = format!("{}/api/v1/jobs/{}", services.public_url(), job.id);
+    let target_url = format!("{}/jobs/{}", services.public_url(), job.id);
     let Some(status) = status_of(job, target_url) else {
         return;
     };

@@ -263,10 +263,86 @@ impl Browser {
         );
     }
 
+    /// The resident memory of this browser's processes (found by the
+    /// profile directory in their command line): the sum over all of them
+    /// (shared pages counted in each) and the largest renderer's.
+    pub fn memory(&self) -> BrowserMemory {
+        let profile = self._profile.path().to_string_lossy().into_owned();
+        let mut memory = BrowserMemory::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return memory;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if !cmdline.contains(profile.as_str()) && !cmdline.contains("--type=renderer") {
+                continue;
+            }
+            // A renderer's command line does not always name the profile:
+            // count it when its parent chain reaches one that does.
+            if !cmdline.contains(profile.as_str()) && !descends_from(&dir, &profile) {
+                continue;
+            }
+            let rss = std::fs::read_to_string(dir.join("status"))
+                .ok()
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find(|line| line.starts_with("VmRSS:"))
+                        .and_then(|line| line.split_whitespace().nth(1))
+                        .and_then(|kib| kib.parse::<u64>().ok())
+                })
+                .unwrap_or(0)
+                * 1024;
+            memory.total_bytes += rss;
+            if cmdline.contains("--type=renderer") {
+                memory.largest_renderer_bytes = memory.largest_renderer_bytes.max(rss);
+            }
+        }
+        memory
+    }
+
     /// Ends the browser session.
     pub async fn close(self) {
         let _ = self.client.clone().close().await;
     }
+}
+
+/// Resident memory of a browser's processes, in bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrowserMemory {
+    pub total_bytes: u64,
+    pub largest_renderer_bytes: u64,
+}
+
+/// Whether a parent of the process at `/proc/<pid>` has `needle` in its
+/// command line.
+fn descends_from(dir: &Path, needle: &str) -> bool {
+    let mut dir = dir.to_path_buf();
+    for _ in 0..8 {
+        let Some(parent) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+            })
+        else {
+            return false;
+        };
+        if parent == "0" || parent == "1" {
+            return false;
+        }
+        dir = Path::new("/proc").join(parent);
+        if std::fs::read(dir.join("cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Kills chromedriver if starting the session fails half-way.

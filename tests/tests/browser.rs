@@ -2,7 +2,10 @@
 //! processes: signing in (the admin token, a GitHub user of the fake
 //! GitHub, a wrong token), what each sees, signing out, CSRF and
 //! cross-site posts, sessions shared by two controllers on one Redis,
-//! escaping, accessibility (axe-core on every page) and security headers.
+//! escaping, accessibility (axe-core on every page) and security headers;
+//! a job's page: its live log through a controller restart, a hostile log
+//! rendered as text, line links, the raw download, Cancel and Retry by
+//! access.
 //! Screenshots of every page go to `target/browser-screenshots/`.
 
 #![allow(clippy::disallowed_methods)] // starts chromedriver and a cross-site page server
@@ -10,6 +13,7 @@
 use std::time::Duration;
 
 use hobotnica_tests::browser::Browser;
+use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
 use hobotnica_tests::redis::RedisServer;
 use hobotnica_tests::{Agent, Api, Controller, ControllerOpts, FakeGitHub, GitRepo, Permission};
 use reqwest::Method;
@@ -436,4 +440,678 @@ impl CrossSitePage {
             _server: server,
         }
     }
+}
+
+/// The fixture's Makefile with the targets a job page's tests run:
+/// `stream` prints lines 1-5, waits for `$E2E_GATE`, prints 6-10, waits
+/// for `$E2E_GATE2`, prints 11-40; `hostile` prints markup, an OSC 8
+/// hyperlink and an SGR colour.
+fn job_page_makefile() -> String {
+    let wait = |gate: &str| {
+        format!(
+            "\t@n=0; while [ ! -e \"$${gate}\" ]; do n=$$((n+1)); if [ $$n -gt 2400 ]; then echo \"the gate never opened\" >&2; exit 9; fi; sleep 0.05; done\n"
+        )
+    };
+    format!(
+        "{makefile}\nstream:\n\
+         \t@for i in 1 2 3 4 5; do echo \"line $$i\"; sleep 0.05; done\n\
+         {gate1}\
+         \t@for i in 6 7 8 9 10; do echo \"line $$i\"; sleep 0.05; done\n\
+         {gate2}\
+         \t@for i in $$(seq 11 40); do echo \"line $$i\"; sleep 0.02; done\n\
+         \nhostile:\n\
+         \t@printf '%s\\n' '<script>alert(1)</script>' '<img src=x onerror=alert(1)>'\n\
+         \t@printf '\\033]8;;javascript:alert(1)\\033\\\\click\\033]8;;\\033\\\\\\n'\n\
+         \t@printf 'plain \\033[31mred text\\033[0m plain\\n'\n",
+        makefile = hobotnica_tests::git::MAKEFILE,
+        gate1 = wait("E2E_GATE"),
+        gate2 = wait("E2E_GATE2"),
+    )
+}
+
+/// The lines the log view shows, and their line numbers.
+async fn shown_lines(browser: &Browser) -> Vec<(String, String)> {
+    let lines = browser
+        .script(
+            "return [...document.querySelectorAll('#log .line')]
+               .map(l => [l.querySelector('.ln').textContent, l.querySelector('.tx').textContent]);",
+        )
+        .await;
+    serde_json::from_value(lines).expect("the shown lines")
+}
+
+async fn wait_for_shown(browser: &Browser, needle: &str) {
+    let what = format!("the page to show {needle:?}");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        shown_lines(browser)
+            .await
+            .iter()
+            .any(|(_, text)| text == needle)
+    })
+    .await;
+}
+
+async fn wait_for_shown_state(browser: &Browser, state: &str) {
+    let what = format!("the page to show the state {state}");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        browser
+            .script("return document.querySelector('#job-state').textContent;")
+            .await
+            == json!(state)
+    })
+    .await;
+}
+
+/// A running job's page shows its log lines as they are printed, keeps
+/// them through a controller restart (each line once, in order) and shows
+/// the final state when the job ends, without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let mut controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    repo.commit(&[("Makefile", &job_page_makefile())], "stream");
+    api.register_repo("demo", &repo.url()).await;
+    let gates = controller.scratch_dir("gates");
+    let (gate1, gate2) = (gates.join("one"), gates.join("two"));
+    let job = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "stream", "env": {
+                "E2E_GATE": gate1.to_string_lossy(),
+                "E2E_GATE2": gate2.to_string_lossy(),
+            } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "line 5", JOB_TIMEOUT).await;
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+
+    let opened = std::time::Instant::now();
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    wait_for_shown(&browser, "line 1").await;
+    println!(
+        "time to the first log line of a running job: {} ms",
+        opened.elapsed().as_millis()
+    );
+    wait_for_shown(&browser, "line 5").await;
+    let text = browser.text().await;
+    assert!(text.contains("running"), "{text}");
+    assert!(text.contains("make stream"), "{text}");
+    assert_no_injected_script(&browser, "a job's page").await;
+
+    // More lines arrive while the job runs.
+    std::fs::write(&gate1, b"").expect("gate one opened");
+    wait_for_shown(&browser, "line 10").await;
+    assert_eq!(
+        api.job(job.id).await.state,
+        hobotnica_tests::JobState::Running
+    );
+    browser.screenshot("job-running").await;
+    browser.assert_accessible("a running job's page").await;
+
+    // The controller restarts while the job prints the rest.
+    std::fs::write(&gate2, b"").expect("gate two opened");
+    controller.restart().await;
+    let api = controller.api();
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    wait_for_shown_state(&browser, "succeeded").await;
+    wait_for_shown(&browser, "line 40").await;
+
+    let log = String::from_utf8(api.log(job.id).await).expect("a text log");
+    let expected: Vec<&str> = log.lines().collect();
+    let shown = shown_lines(&browser).await;
+    let texts: Vec<&str> = shown.iter().map(|(_, text)| text.as_str()).collect();
+    assert_eq!(texts, expected, "every line once, in order");
+    let numbers: Vec<String> = shown.iter().map(|(number, _)| number.clone()).collect();
+    let counted: Vec<String> = (1..=shown.len()).map(|n| n.to_string()).collect();
+    assert_eq!(numbers, counted);
+    let printed: Vec<&str> = texts
+        .iter()
+        .copied()
+        .filter(|line| line.starts_with("line "))
+        .collect();
+    let wanted: Vec<String> = (1..=40).map(|n| format!("line {n}")).collect();
+    assert_eq!(printed, wanted);
+    let text = browser.text().await;
+    assert!(text.contains("The job ended: succeeded"), "{text}");
+    let exit = browser
+        .script("return document.querySelector('#job-exit').textContent;")
+        .await;
+    assert_eq!(exit, json!("0"));
+    browser.screenshot("job-finished").await;
+    browser.assert_accessible("a finished job's page").await;
+
+    // The job page's weight: HTML + CSS + JS.
+    let cookie = browser
+        .cookie("hobotnica_session")
+        .await
+        .expect("a session");
+    let html = http(Some(&cookie))
+        .get(format!("{base}/jobs/{}", job.id))
+        .send()
+        .await
+        .expect("the job page");
+    assert_page_headers(&html, "a job's page");
+    let html = html.text().await.expect("its HTML").len();
+    let assets = browser
+        .script("return [...document.querySelectorAll('link[rel=stylesheet], script[src]')].map(e => e.href || e.src);")
+        .await;
+    let mut asset_bytes = 0;
+    for url in assets.as_array().expect("asset URLs") {
+        let url = url.as_str().expect("a URL");
+        let response = http(None).get(url).send().await.expect("the asset");
+        assert_eq!(response.status(), 200, "{url}");
+        asset_bytes += response.bytes().await.expect("its bytes").len();
+    }
+    println!(
+        "page weight: /jobs/{{id}}: {html} bytes HTML + {asset_bytes} bytes CSS and JS = {} bytes",
+        html + asset_bytes
+    );
+    browser.close().await;
+}
+
+/// A hostile log renders as text (no alert, no element, no link), an SGR
+/// colour as a coloured span; `#L3` highlights line 3; the raw download is
+/// the log's exact bytes, as an attachment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    repo.commit(&[("Makefile", &job_page_makefile())], "hostile");
+    api.register_repo("demo", &repo.url()).await;
+    let job = api.run_target("local/demo", "hostile").await;
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let log = api.log(job.id).await;
+    assert!(
+        log.windows(4).any(|w| w == b"\x1b]8;"),
+        "make printed the OSC 8 link"
+    );
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.goto(&format!("{base}/jobs/{}#L3", job.id)).await;
+    wait_for_shown(&browser, "plain red text plain").await;
+    assert_no_injected_script(&browser, "a hostile log").await;
+    let found = browser
+        .script(
+            "return {
+               scripts: document.querySelectorAll('#log script').length,
+               images: document.querySelectorAll('img').length,
+               js_links: [...document.querySelectorAll('a')].filter(a => a.href.startsWith('javascript:')).length,
+               red: [...document.querySelectorAll('#log span.fg-red')].map(s => s.textContent),
+               highlighted: [...document.querySelectorAll('#log .line.hl')].map(l => l.id),
+             };",
+        )
+        .await;
+    assert_eq!(found["scripts"], json!(0), "{found}");
+    assert_eq!(found["images"], json!(0), "{found}");
+    assert_eq!(found["js_links"], json!(0), "{found}");
+    assert_eq!(found["red"], json!(["red text"]), "{found}");
+    assert_eq!(found["highlighted"], json!(["L3"]), "{found}");
+    let texts: Vec<String> = shown_lines(&browser)
+        .await
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    assert!(texts.iter().any(|t| t == XSS), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t == "<img src=x onerror=alert(1)>"),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t == "click"),
+        "the link's text only: {texts:?}"
+    );
+    assert!(!browser.alert_open().await);
+    browser.screenshot("job-hostile-log").await;
+    browser
+        .assert_accessible("a job's page with a hostile log")
+        .await;
+
+    // Another line by its link.
+    browser
+        .script("document.querySelector('#L1 .ln').click(); return true;")
+        .await;
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "line 1 highlighted", || async {
+        browser
+            .script("return [...document.querySelectorAll('#log .line.hl')].map(l => l.id);")
+            .await
+            == json!(["L1"])
+    })
+    .await;
+
+    // The raw download: the exact bytes, as an attachment.
+    let cookie = browser
+        .cookie("hobotnica_session")
+        .await
+        .expect("a session");
+    let raw = http(Some(&cookie))
+        .get(format!("{base}/jobs/{}/log/raw", job.id))
+        .send()
+        .await
+        .expect("the raw log");
+    assert_eq!(raw.status(), 200);
+    assert_eq!(raw.headers()["content-type"], "text/plain");
+    assert_eq!(
+        raw.headers()["content-disposition"],
+        format!("attachment; filename=\"job-{}.log\"", job.id).as_str()
+    );
+    assert_eq!(
+        raw.bytes().await.expect("the bytes").as_ref(),
+        log.as_slice()
+    );
+    let link = browser
+        .script("return document.querySelector('a[download]').getAttribute('href');")
+        .await;
+    assert_eq!(link, json!(format!("/jobs/{}/log/raw", job.id)));
+    // Without a session: no log.
+    let anonymous = http(None)
+        .get(format!("{base}/jobs/{}/log/raw", job.id))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(anonymous.status(), 303);
+    browser.close().await;
+}
+
+/// Cancel stops a running job; Retry makes a new job and shows its page; a
+/// GitHub user who may only read the repository sees neither button, and
+/// a forged cancel from them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_retry_buttons_follow_push_access() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let github = FakeGitHub::start().await;
+    github.add_repo("octo-org", "mine", "main");
+    let alice = "ghp_alice0123456789";
+    let reader = "ghp_reader0123456789";
+    github.add_user("alice", alice);
+    github.add_user("reader", reader);
+    github.grant(alice, "octo-org/mine", Permission::Admin);
+    github.grant(reader, "octo-org/mine", Permission::Pull);
+    let controller = Controller::start(ControllerOpts {
+        extra_args: github.controller_args(),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agent = Agent::start_default(&controller).await;
+    let base = controller.url();
+    let api = controller.api();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+
+    // The admin cancels a running job with the button.
+    let job = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    wait_for_shown(&browser, "waiting for the gate").await;
+    browser.screenshot("job-cancel-button").await;
+    browser.click("#cancel-form button").await;
+    let ended = api.wait_for_end(job.id, JOB_TIMEOUT).await;
+    assert_eq!(ended.state, hobotnica_tests::JobState::Cancelled);
+    wait_for_shown_state(&browser, "cancelled").await;
+    let hidden = browser
+        .script("return [document.querySelector('#cancel-form').hidden, document.querySelector('#retry-form').hidden];")
+        .await;
+    assert_eq!(
+        hidden,
+        json!([true, false]),
+        "Retry, not Cancel, once ended"
+    );
+
+    // Retry: a new job, and its page.
+    browser.click("#retry-form button").await;
+    let url = browser.url().await;
+    let new_id: u64 = url
+        .rsplit('/')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("a job's page: {url}"));
+    assert_ne!(new_id, job.id);
+    let retried = api.job(new_id).await;
+    assert_eq!(retried.target, "gate");
+    assert_eq!(retried.trigger, "retry");
+    api.cancel(new_id).await;
+
+    // A reader of a GitHub repository: the job, no buttons; a forged post fails.
+    let registered = Api::new(base.clone(), Some(alice))
+        .raw_with_headers(
+            Method::POST,
+            "/api/v1/repos",
+            Some(
+                json!({ "owner": "octo-org", "name": "mine" })
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[
+                ("x-github-username", "alice"),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let queued = Api::new(base.clone(), Some(alice))
+        .raw_with_headers(
+            Method::POST,
+            "/api/v1/repos/octo-org/mine/jobs",
+            Some(
+                json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } })
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[
+                ("x-github-username", "alice"),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    let github_job = queued.json()["id"].as_u64().expect("a job id");
+    let commit = queued.json()["commit"]
+        .as_str()
+        .expect("a commit")
+        .to_owned();
+    browser.click("form[action='/sign-out'] button").await;
+    sign_in_with(&browser, &base, reader, "reader").await;
+    browser.goto(&format!("{base}/jobs/{github_job}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("octo-org/mine"), "{text}");
+    let found = browser
+        .script(
+            "return {
+               cancel: document.querySelectorAll('#cancel-form').length,
+               retry: document.querySelectorAll('#retry-form').length,
+               commit: [...document.querySelectorAll('a')].map(a => a.href).filter(h => h.includes('/commit/')),
+             };",
+        )
+        .await;
+    assert_eq!(found["cancel"], json!(0), "{found}");
+    assert_eq!(found["retry"], json!(0), "{found}");
+    assert_eq!(
+        found["commit"],
+        json!([format!("{}/octo-org/mine/commit/{commit}", github.url())])
+    );
+    browser.screenshot("job-read-only").await;
+    browser.assert_accessible("a job's page for a reader").await;
+    // A forged cancel with the reader's own valid CSRF token.
+    let forged = browser
+        .client
+        .execute_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];
+                 const csrf = document.querySelector('form[action=\"/sign-out\"] input[name=csrf]').value;
+                 fetch('/jobs/{github_job}/cancel', {{ method: 'POST',
+                   headers: {{ 'content-type': 'application/x-www-form-urlencoded' }},
+                   body: 'csrf=' + encodeURIComponent(csrf), redirect: 'manual' }})
+                   .then(r => r.text().then(t => done([r.status, t])))
+                   .catch(e => done([0, String(e)]));"
+            ),
+            Vec::new(),
+        )
+        .await
+        .expect("the forged post ran");
+    assert_eq!(forged[0], json!(403), "{forged}");
+    let after = api.job(github_job).await;
+    assert!(
+        matches!(
+            after.state,
+            hobotnica_tests::JobState::Queued | hobotnica_tests::JobState::Running
+        ),
+        "the reader's cancel changed nothing: {after:?}"
+    );
+    // The same answer as the REST API for a GitHub user who cannot read it.
+    let stranger = "ghp_stranger0123456789";
+    github.add_user("stranger", stranger);
+    browser.click("form[action='/sign-out'] button").await;
+    sign_in_with(&browser, &base, stranger, "stranger").await;
+    let page = http(browser.cookie("hobotnica_session").await.as_deref())
+        .get(format!("{base}/jobs/{github_job}"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(page.status(), 404);
+    api.cancel(github_job).await;
+    browser.close().await;
+}
+
+/// Line numbers match the log: every shown `make big` line `line <m>` is
+/// log line `m + header` (the agent's own lines come first). Returns the
+/// first shown line number.
+async fn assert_big_log_numbers(browser: &Browser) -> u64 {
+    let shown = shown_lines(browser).await;
+    let mut header = None;
+    for (number, text) in &shown {
+        let number: u64 = number.parse().expect("a line number");
+        let Some(printed) = text
+            .strip_prefix("line ")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let offset = number - printed;
+        assert_eq!(
+            *header.get_or_insert(offset),
+            offset,
+            "line {number}: {text}"
+        );
+    }
+    shown
+        .first()
+        .map(|(number, _)| number.parse().expect("a line number"))
+        .expect("shown lines")
+}
+
+/// A 50 MiB log streams into an open page without freezing it (the page
+/// keeps answering scripts and holds a bounded number of lines); once it
+/// ended, "Load earlier" brings back the part before, correctly numbered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    let job = api.run_target("local/demo", "big").await;
+    api.wait_for_state(job.id, &[hobotnica_tests::JobState::Running], JOB_TIMEOUT)
+        .await;
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    let started = std::time::Instant::now();
+    let peak = std::cell::Cell::new(hobotnica_tests::browser::BrowserMemory::default());
+    let slowest_answer = std::cell::Cell::new(Duration::ZERO);
+    let heap = std::cell::Cell::new(0u64);
+    let last_line = big_output_line(BIG_OUTPUT_LINES);
+    let last_line = last_line.trim_end();
+    hobotnica_tests::wait_until(Duration::from_secs(300), "the whole log shown", || {
+        let memory = browser.memory();
+        let mut highest = peak.get();
+        highest.total_bytes = highest.total_bytes.max(memory.total_bytes);
+        highest.largest_renderer_bytes = highest
+            .largest_renderer_bytes
+            .max(memory.largest_renderer_bytes);
+        peak.set(highest);
+        let (browser, slowest_answer, heap) = (&browser, &slowest_answer, &heap);
+        async move {
+            let asked = std::time::Instant::now();
+            let seen = browser
+                .script(
+                    "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
+                     return [l ? l.textContent : '', performance.memory ? performance.memory.usedJSHeapSize : 0];",
+                )
+                .await;
+            slowest_answer.set(slowest_answer.get().max(asked.elapsed()));
+            heap.set(heap.get().max(seen[1].as_u64().unwrap_or(0)));
+            seen[0] == json!(last_line)
+        }
+    })
+    .await;
+    let peak = peak.get();
+    let ran = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    println!(
+        "the job ran from {:?} to {:?}; the page's JavaScript heap at most {} MiB",
+        ran.started_at,
+        ran.finished_at,
+        heap.get() / (1 << 20)
+    );
+    println!(
+        "a 50 MiB log streamed into the page in {} ms; the page answered a script within {} ms \
+         at worst; chromium's resident memory at most {} MiB (all processes, shared pages \
+         counted in each), its renderer's {} MiB",
+        started.elapsed().as_millis(),
+        slowest_answer.get().as_millis(),
+        peak.total_bytes / (1 << 20),
+        peak.largest_renderer_bytes / (1 << 20)
+    );
+    let cookie = browser
+        .cookie("hobotnica_session")
+        .await
+        .expect("a session");
+    let asked = std::time::Instant::now();
+    let events = http(Some(&cookie))
+        .get(format!("{base}/jobs/{}/log/events?from=0", job.id))
+        .send()
+        .await
+        .expect("the events")
+        .bytes()
+        .await
+        .expect("all events");
+    println!(
+        "the whole log as events: {} bytes in {} ms",
+        events.len(),
+        asked.elapsed().as_millis()
+    );
+    let count = browser
+        .script("return document.querySelectorAll('#log .line').length;")
+        .await;
+    assert!(
+        count.as_u64().is_some_and(|count| count <= 20_500),
+        "the page keeps about 20 000 lines (whole blocks of 500): {count}"
+    );
+    let first = assert_big_log_numbers(&browser).await;
+    assert!(first > 1, "older lines left the page");
+    browser.screenshot("job-big-log").await;
+
+    browser
+        .script("document.querySelector('#log-earlier').click(); return true;")
+        .await;
+    let what = format!("lines before {first} loaded");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        browser
+            .script("return Number(document.querySelector('#log .line .ln').textContent);")
+            .await
+            .as_u64()
+            .is_some_and(|now| now < first)
+    })
+    .await;
+    assert_big_log_numbers(&browser).await;
+    browser.close().await;
+}
+
+/// The jobs list: new and finished jobs appear without a reload; it
+/// filters by state, repository and kind, and pages with "Older jobs".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_list_filters_pages_and_updates_live() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    api.register_repo("other", &repo.url()).await;
+    let first = api.run_target("local/demo", "test").await;
+    api.wait_for_success(first.id, JOB_TIMEOUT).await;
+    let failed = api.run_target("local/other", "fail").await;
+    api.wait_for_end(failed.id, JOB_TIMEOUT).await;
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.click("a[href='/jobs']").await;
+    let rows = || async {
+        browser
+            .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
+            .await
+    };
+    assert_eq!(
+        rows().await,
+        json!([[failed.id, "failed"], [first.id, "succeeded"]])
+    );
+    browser.screenshot("jobs").await;
+    browser.assert_accessible("/jobs").await;
+
+    // A new job appears, then its end, without a reload.
+    browser
+        .script("window.hobotnicaSamePage = true; return true;")
+        .await;
+    let gates = controller.scratch_dir("gates");
+    let gate = gates.join("list");
+    let live = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_string_lossy() } }),
+        )
+        .await;
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the new job running in the list", || async {
+        rows().await[0] == json!([live.id, "running"])
+    })
+    .await;
+    std::fs::write(&gate, b"").expect("the gate opened");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the new job succeeded in the list", || async {
+        rows().await[0] == json!([live.id, "succeeded"])
+    })
+    .await;
+    assert_eq!(
+        browser
+            .script("return window.hobotnicaSamePage === true;")
+            .await,
+        json!(true),
+        "no reload"
+    );
+
+    // Filters.
+    browser
+        .goto(&format!("{base}/jobs?state=succeeded&repo=local%2Fdemo"))
+        .await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [first.id, "succeeded"]])
+    );
+    browser.goto(&format!("{base}/jobs?kind=custom")).await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [failed.id, "failed"]])
+    );
+
+    // Pages.
+    browser.goto(&format!("{base}/jobs?limit=2")).await;
+    assert_eq!(
+        rows().await,
+        json!([[live.id, "succeeded"], [failed.id, "failed"]])
+    );
+    browser.click("#older-jobs").await;
+    assert_eq!(rows().await, json!([[first.id, "succeeded"]]));
+    browser.close().await;
 }

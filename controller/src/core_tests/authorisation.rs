@@ -130,7 +130,7 @@ async fn the_admin_may_do_everything() {
         .await
         .expect("the admin changes settings");
     core.services
-        .read_log(&admin, job.id, 0)
+        .read_log(&admin, job.id, 0, None)
         .await
         .expect("the admin reads a log");
     assert_eq!(core.job_ids(&admin, JobQuery::default()).await.len(), 4);
@@ -204,7 +204,10 @@ async fn jobs_of_repositories_a_user_cannot_read_are_invisible_and_not_found() {
         );
         assert_not_found(
             &format!("the log of {what}"),
-            core.services.read_log(&reader, job.id, 0).await.map(|_| ()),
+            core.services
+                .read_log(&reader, job.id, 0, None)
+                .await
+                .map(|_| ()),
         );
         assert_not_found(
             &format!("the live log of {what}"),
@@ -290,7 +293,7 @@ async fn pull_access_reads_but_every_change_needs_push() {
         .expect("the reader reads a job");
     let log = core
         .services
-        .read_log(&reader, queued.id, 0)
+        .read_log(&reader, queued.id, 0, None)
         .await
         .expect("the reader reads a log");
     assert_eq!(log.length, 0);

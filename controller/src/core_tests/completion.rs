@@ -11,7 +11,7 @@ use super::*;
 pub(super) async fn log_of(core: &Core, job: JobId) -> Vec<u8> {
     let read = core
         .services
-        .read_log(&Caller::Admin, job, 0)
+        .read_log(&Caller::Admin, job, 0, None)
         .await
         .expect("the log reads");
     let mut bytes = Vec::new();
@@ -193,7 +193,7 @@ async fn commit_statuses_reach_github() {
     let posted = core.github.statuses("octo-org/widget", &sha);
     assert_eq!(
         posted[1].target_url.as_deref(),
-        Some(format!("{PUBLIC_URL}/api/v1/jobs/{}", test.id).as_str())
+        Some(format!("{PUBLIC_URL}/jobs/{}", test.id).as_str())
     );
     assert_eq!(
         posted[1].creator, MAINTAINER.login,

@@ -275,7 +275,7 @@ async fn job_log(
             "must be 0 to 9223372036854775807",
         ));
     }
-    let log = services.read_log(&caller, id, offset).await?;
+    let log = services.read_log(&caller, id, offset, None).await?;
     let mut response = Response::new(Body::from_stream(log.body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

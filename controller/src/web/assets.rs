@@ -47,10 +47,28 @@ pub static SCRIPT: LazyLock<Asset> = LazyLock::new(|| {
     )
 });
 
+pub static LOG_SCRIPT: LazyLock<Asset> = LazyLock::new(|| {
+    Asset::new(
+        "log",
+        "js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../assets/log.js"),
+    )
+});
+
+pub static JOBS_SCRIPT: LazyLock<Asset> = LazyLock::new(|| {
+    Asset::new(
+        "jobs",
+        "js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../assets/jobs.js"),
+    )
+});
+
 /// `GET /assets/{name}`.
 pub async fn serve(Path(name): Path<String>) -> Response {
     let path = format!("/assets/{name}");
-    let Some(asset) = [&*STYLESHEET, &*SCRIPT]
+    let Some(asset) = [&*STYLESHEET, &*SCRIPT, &*LOG_SCRIPT, &*JOBS_SCRIPT]
         .into_iter()
         .find(|asset| asset.url == path)
     else {

@@ -12,6 +12,9 @@
 //! signed in, the session's CSRF token (see `session.rs`).
 
 mod assets;
+mod job;
+mod jobs;
+mod live;
 mod pages;
 mod session;
 
@@ -19,11 +22,14 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::error::CoreError;
 use crate::services::Services;
 
-/// The dashboard's routes, to be merged into the controller's HTTP router.
-pub fn router(services: Services) -> Router {
+/// The dashboard's routes, to be merged into the controller's HTTP router;
+/// `shutdown` ends the pages' event streams.
+pub fn router(services: Services, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/", axum::routing::get(pages::home))
         .route(
@@ -33,8 +39,16 @@ pub fn router(services: Services) -> Router {
         .route("/sign-out", axum::routing::post(pages::sign_out))
         .route("/repos", axum::routing::get(pages::repos))
         .route("/agents", axum::routing::get(pages::agents))
+        .route("/jobs", axum::routing::get(jobs::list))
+        .route("/jobs/events", axum::routing::get(jobs::events))
+        .route("/jobs/{id}", axum::routing::get(job::show))
+        .route("/jobs/{id}/cancel", axum::routing::post(job::cancel))
+        .route("/jobs/{id}/retry", axum::routing::post(job::retry))
+        .route("/jobs/{id}/log/events", axum::routing::get(live::events))
+        .route("/jobs/{id}/log/raw", axum::routing::get(live::raw))
         .route("/assets/{name}", axum::routing::get(assets::serve))
         .with_state(services)
+        .layer(axum::Extension(live::Shutdown(shutdown)))
         .layer(axum::middleware::map_response(with_page_headers))
 }
 

@@ -1,4 +1,5 @@
-//! The dashboard's pages: sign-in and sign-out, repositories, agents. Each
+//! The dashboard's pages: sign-in and sign-out, repositories, agents (a
+//! job's page is in `job.rs`). Each
 //! handler finds the caller (`Viewer`), calls the core as the REST API does,
 //! and renders a template from plain view structs.
 
@@ -37,7 +38,7 @@ pub struct UserView {
 }
 
 impl Layout {
-    fn new(title: &str, current: &'static str, session: Option<&WebSession>) -> Layout {
+    pub fn new(title: &str, current: &'static str, session: Option<&WebSession>) -> Layout {
         Layout {
             title: title.to_owned(),
             current,
@@ -52,7 +53,7 @@ impl Layout {
     }
 }
 
-fn render(template: &impl Template) -> Result<Html<String>, PageError> {
+pub fn render(template: &impl Template) -> Result<Html<String>, PageError> {
     Ok(Html(template.render()?))
 }
 
@@ -114,7 +115,7 @@ pub struct SignInForm {
 }
 
 /// The request's parts, for the checks that read headers.
-pub struct RequestParts(Parts);
+pub struct RequestParts(pub Parts);
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestParts {
     type Rejection = std::convert::Infallible;
@@ -181,7 +182,7 @@ pub async fn sign_in(
 #[derive(Deserialize)]
 pub struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub csrf: String,
 }
 
 /// `POST /sign-out`: ends the session everywhere and removes the cookie.
@@ -221,7 +222,7 @@ pub struct JobCell {
     pub when_iso: String,
 }
 
-fn time_text(at: DateTime<Utc>) -> (String, String) {
+pub fn time_text(at: DateTime<Utc>) -> (String, String) {
     (
         at.format("%Y-%m-%d %H:%M UTC").to_string(),
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

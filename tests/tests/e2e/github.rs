@@ -156,7 +156,7 @@ impl GitHubSetup {
     }
 
     fn job_url(&self, id: u64) -> String {
-        format!("{}/api/v1/jobs/{id}", self.controller.url())
+        format!("{}/jobs/{id}", self.controller.url())
     }
 }
 
