@@ -96,6 +96,28 @@ pub struct RepoOverview {
 /// the latest one on its default branch.
 const LAST_TEST_LOOKBACK: usize = 50;
 
+/// A repository's own page: its overview, its recent jobs and deploys, the
+/// recent commits that ran `test` (the deploy candidates, each with its
+/// latest test job), and whether the caller may deploy and change its
+/// variables (push access, the rule of the REST endpoints).
+pub struct RepoDetails {
+    pub overview: RepoOverview,
+    pub may_push: bool,
+    pub recent_jobs: Vec<Job>,
+    pub deploys: Vec<Job>,
+    pub tested_commits: Vec<Job>,
+}
+
+/// Jobs of any kind a repository's page lists.
+pub const REPO_PAGE_JOBS: usize = 20;
+/// Deploys a repository's page lists.
+pub const REPO_PAGE_DEPLOYS: usize = 10;
+/// Commits a repository's page offers to deploy.
+pub const DEPLOY_CANDIDATES: usize = 10;
+/// How many of a repository's newest `test` jobs are looked through for the
+/// deploy candidates.
+const CANDIDATE_LOOKBACK: usize = 200;
+
 /// A change to a repository's settings; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default)]
 pub struct RepoChange {
@@ -154,6 +176,48 @@ impl Services {
     ) -> Result<RepoOverview, CoreError> {
         let repo = self.repo_for(caller, owner, name, Access::Read).await?;
         self.overview(repo).await
+    }
+
+    /// Repository `owner/name` as its page shows it, when `caller` may
+    /// read it.
+    pub async fn repo_details(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        name: &str,
+    ) -> Result<RepoDetails, CoreError> {
+        let repo = self.repo_for(caller, owner, name, Access::Read).await?;
+        let may_push = self
+            .require_access(caller, &repo, Access::Push)
+            .await
+            .is_ok();
+        let jobs = |kind: Option<JobKind>, limit: usize| JobFilter {
+            repo: Some(repo.reference()),
+            kind,
+            limit,
+            ..JobFilter::default()
+        };
+        let recent_jobs = self.store.list_jobs(&jobs(None, REPO_PAGE_JOBS)).await?;
+        let deploys = self
+            .store
+            .list_jobs(&jobs(Some(JobKind::Deploy), REPO_PAGE_DEPLOYS))
+            .await?;
+        let mut seen = std::collections::HashSet::new();
+        let tested_commits = self
+            .store
+            .list_jobs(&jobs(Some(JobKind::Test), CANDIDATE_LOOKBACK))
+            .await?
+            .into_iter()
+            .filter(|job| seen.insert(job.commit.clone()))
+            .take(DEPLOY_CANDIDATES)
+            .collect();
+        Ok(RepoDetails {
+            overview: self.overview(repo).await?,
+            may_push,
+            recent_jobs,
+            deploys,
+            tested_commits,
+        })
     }
 
     async fn overview(&self, repo: Repo) -> Result<RepoOverview, CoreError> {

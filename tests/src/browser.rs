@@ -24,6 +24,9 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// How long chromedriver may take to answer after it starts.
 const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// The browser's viewport, width and height in CSS pixels: what a
+/// screenshot shows.
+pub const VIEWPORT: (u32, u32) = (1280, 800);
 /// How long a page may take to load after a click.
 const PAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -39,6 +42,20 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// With this set to `1`, [`Browser::doc_screenshot`] also writes the
+/// documentation's screenshots (`docs/screenshots/`).
+pub const UPDATE_SCREENSHOTS_ENV: &str = "HOBOTNICA_UPDATE_SCREENSHOTS";
+
+/// Whether this run updates the documentation's screenshots.
+pub fn updating_doc_screenshots() -> bool {
+    std::env::var_os(UPDATE_SCREENSHOTS_ENV).is_some_and(|value| value == "1")
+}
+
+/// Where the documentation's screenshots are: `docs/screenshots/`.
+pub fn doc_screenshot_dir() -> PathBuf {
+    repo_root().join("docs/screenshots")
 }
 
 /// Where screenshots go: `target/browser-screenshots/`.
@@ -135,6 +152,20 @@ impl Browser {
             .connect(&url)
             .await
             .map_err(|err| format!("chromium did not start: {err}"))?;
+        // The viewport (what a screenshot shows) is 1280x800: the window
+        // is that plus whatever the browser's own frame takes.
+        let frame = client
+            .execute(
+                "return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight];",
+                Vec::new(),
+            )
+            .await
+            .map_err(|err| format!("cannot measure the window: {err}"))?;
+        let frame = |index: usize| frame[index].as_u64().unwrap_or(0).min(400) as u32;
+        client
+            .set_window_size(VIEWPORT.0 + frame(0), VIEWPORT.1 + frame(1))
+            .await
+            .map_err(|err| format!("cannot size the window: {err}"))?;
         Ok(Browser {
             client,
             driver: browser_guard.0.take().ok_or("chromedriver is gone")?,
@@ -212,6 +243,26 @@ impl Browser {
         .await;
     }
 
+    /// Runs `script` (which makes the page navigate, e.g. by submitting a
+    /// form) and waits for the next page to have loaded, as [`click`] does.
+    ///
+    /// [`click`]: Browser::click
+    pub async fn script_and_wait(&self, script: &str) {
+        self.script("window.hobotnicaOldPage = true; return true;")
+            .await;
+        self.script(script).await;
+        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
+            self.client
+                .execute(
+                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await
+                .is_ok_and(|loaded| loaded == Value::Bool(true))
+        })
+        .await;
+    }
+
     /// The value of cookie `name`, if the browser holds it.
     pub async fn cookie(&self, name: &str) -> Option<String> {
         self.client
@@ -233,6 +284,22 @@ impl Browser {
         std::fs::create_dir_all(&dir).expect("the screenshot directory");
         let path = dir.join(format!("{name}.png"));
         std::fs::write(&path, png).expect("the screenshot written");
+        path
+    }
+
+    /// A screenshot of one of the main pages the README shows: saved as
+    /// [`screenshot`] does, and, when [`UPDATE_SCREENSHOTS_ENV`] is `1`,
+    /// also as `docs/screenshots/<name>.png` (the 1280x800 viewport).
+    ///
+    /// [`screenshot`]: Browser::screenshot
+    pub async fn doc_screenshot(&self, name: &str) -> PathBuf {
+        let path = self.screenshot(name).await;
+        if updating_doc_screenshots() {
+            let dir = doc_screenshot_dir();
+            std::fs::create_dir_all(&dir).expect("the docs' screenshot directory");
+            std::fs::copy(&path, dir.join(format!("{name}.png")))
+                .expect("the docs' screenshot written");
+        }
         path
     }
 

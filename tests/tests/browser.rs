@@ -5,7 +5,9 @@
 //! escaping, accessibility (axe-core on every page) and security headers;
 //! a job's page: its live log through a controller restart, a hostile log
 //! rendered as text, line links, the raw download, Cancel and Retry by
-//! access.
+//! access; a repository's page: Deploy through its confirmation exactly
+//! once (double click and resubmission included), variables and
+//! write-only secrets, and what a reader may not do.
 //! Screenshots of every page go to `target/browser-screenshots/`.
 
 #![allow(clippy::disallowed_methods)] // starts chromedriver and a cross-site page server
@@ -117,7 +119,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
         "{}",
         browser.url().await
     );
-    browser.screenshot("sign-in").await;
+    browser.doc_screenshot("sign-in").await;
     browser.assert_accessible("/sign-in").await;
 
     // A wrong token: the sign-in page again, saying so.
@@ -143,7 +145,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     assert!(text.contains(XSS), "the git URL shows as text: {text}");
     assert!(text.contains("Signed in as admin"), "{text}");
     assert_no_injected_script(&browser, "/repos").await;
-    browser.screenshot("repos").await;
+    browser.screenshot("repos-admin").await;
     browser.assert_accessible("/repos").await;
 
     // The agents.
@@ -153,7 +155,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     let name = agents[0]["name"].as_str().expect("an agent name");
     assert!(text.contains(name), "{text}");
     assert!(text.contains("connected"), "{text}");
-    browser.screenshot("agents").await;
+    browser.doc_screenshot("agents").await;
     browser.assert_accessible("/agents").await;
 
     // Headers, cookie and page weights, seen by a plain client.
@@ -344,7 +346,7 @@ async fn a_github_user_sees_only_their_repositories() {
     );
     assert!(text.contains("Signed in as alice"), "{text}");
     let link = browser
-        .script("return document.querySelector('a[href$=\"/octo-org/mine\"]').href;")
+        .script("return document.querySelector('a[rel=noopener][href$=\"/octo-org/mine\"]').href;")
         .await;
     assert_eq!(link, json!(format!("{}/octo-org/mine", github.url())));
     let source = browser
@@ -551,7 +553,7 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
         api.job(job.id).await.state,
         hobotnica_tests::JobState::Running
     );
-    browser.screenshot("job-running").await;
+    browser.doc_screenshot("job-running").await;
     browser.assert_accessible("a running job's page").await;
 
     // The controller restarts while the job prints the rest.
@@ -1059,7 +1061,7 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
         rows().await,
         json!([[failed.id, "failed"], [first.id, "succeeded"]])
     );
-    browser.screenshot("jobs").await;
+    browser.doc_screenshot("jobs").await;
     browser.assert_accessible("/jobs").await;
 
     // A new job appears, then its end, without a reload.
@@ -1113,5 +1115,415 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
     );
     browser.click("#older-jobs").await;
     assert_eq!(rows().await, json!([[first.id, "succeeded"]]));
+    browser.close().await;
+}
+
+/// Submits `body` (a form's fields, URL-encoded) to `path` from the page,
+/// `count` times at once; the URL each answer ends at, or its status when
+/// it is not a page the browser was redirected to.
+async fn post_from_page(browser: &Browser, path: &str, body: &str, count: usize) -> Vec<String> {
+    let answers = browser
+        .client
+        .execute_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];
+                 const post = () => fetch({path}, {{ method: 'POST',
+                   headers: {{ 'content-type': 'application/x-www-form-urlencoded' }},
+                   body: {body} }})
+                   .then(r => r.status === 200 ? r.url : 'status ' + r.status)
+                   .catch(e => String(e));
+                 Promise.all(Array.from({{ length: {count} }}, post)).then(done);",
+                path = json!(path),
+                body = json!(body),
+            ),
+            Vec::new(),
+        )
+        .await
+        .expect("the posts ran");
+    answers
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|answer| answer.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A form's fields, URL-encoded as the browser would send them.
+async fn form_body(browser: &Browser, form: &str) -> String {
+    browser
+        .script(&format!(
+            "return new URLSearchParams(new FormData(document.querySelector({}))).toString();",
+            json!(form)
+        ))
+        .await
+        .as_str()
+        .expect("the form's fields")
+        .to_owned()
+}
+
+/// A repository's page lists its jobs and the commits that ran `test`;
+/// Deploy goes through a confirmation page naming repository, commit and
+/// branch, and lands on the deploy job's page. Two clicks at once on the
+/// confirm button, the same form posted again and posted twice at once
+/// make exactly one deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    let first = repo.head();
+    api.register_repo("demo", &repo.url()).await;
+    let tested_first = api.run_target("local/demo", "test").await;
+    api.wait_for_success(tested_first.id, JOB_TIMEOUT).await;
+    let second = repo.commit_version("2");
+    let tested_second = api.run_target("local/demo", "test").await;
+    assert_eq!(tested_second.commit, second);
+    api.wait_for_success(tested_second.id, JOB_TIMEOUT).await;
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.click("a[href='/repos/local/demo']").await;
+    assert!(browser.url().await.ends_with("/repos/local/demo"));
+    let text = browser.text().await;
+    for needle in [
+        "local/demo",
+        "Deploy",
+        &first[..12],
+        &second[..12],
+        "succeeded",
+        "Never deployed",
+        &format!("#{}", tested_first.id),
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    let job_links = browser
+        .script("return [...document.querySelectorAll('#recent-jobs a')].map(a => a.getAttribute('href'));")
+        .await;
+    assert_eq!(
+        job_links,
+        json!([
+            format!("/jobs/{}", tested_second.id),
+            format!("/jobs/{}", tested_first.id)
+        ])
+    );
+    browser.doc_screenshot("repo").await;
+    browser.assert_accessible("a repository's page").await;
+
+    // The older commit, through the confirmation page.
+    browser
+        .script(&format!(
+            "document.getElementById('deploy-{first}').checked = true; return true;"
+        ))
+        .await;
+    browser.click("#deploy-form button").await;
+    assert!(
+        browser.url().await.contains("/repos/local/demo/deploy"),
+        "{}",
+        browser.url().await
+    );
+    let text = browser.text().await;
+    assert!(text.contains("Deploy local/demo?"), "{text}");
+    assert!(text.contains(&first[..12]), "{text}");
+    assert!(text.contains("main"), "{text}");
+    assert!(
+        api.jobs("repo=local/demo&kind=deploy").await.is_empty(),
+        "nothing is deployed before the confirmation"
+    );
+    browser.screenshot("deploy-confirm").await;
+    browser.assert_accessible("the deploy confirmation").await;
+    let form = form_body(&browser, "#confirm-form").await;
+    assert!(form.contains("idempotency_key=web-"), "{form}");
+
+    // A double click: two clicks fired at once.
+    browser
+        .script_and_wait(
+            "const button = document.querySelector('#confirm-form button');
+             button.click(); button.click(); return true;",
+        )
+        .await;
+    let deploys = api.jobs("repo=local/demo&kind=deploy").await;
+    assert_eq!(deploys.len(), 1, "{deploys:?}");
+    let deploy = &deploys[0];
+    assert_eq!(deploy.commit, first);
+    assert_eq!(deploy.branch.as_deref(), Some("main"));
+    let job_page = format!("{base}/jobs/{}", deploy.id);
+    assert_eq!(browser.url().await, job_page);
+    let text = browser.text().await;
+    assert!(text.contains("make deploy"), "{text}");
+
+    // The same form posted again, and twice at once: the same job.
+    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &form, 1).await;
+    assert_eq!(answers, vec![job_page.clone()]);
+    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &form, 2).await;
+    assert_eq!(answers, vec![job_page.clone(), job_page.clone()]);
+    let deploys = api.jobs("repo=local/demo&kind=deploy").await;
+    assert_eq!(deploys.len(), 1, "exactly one deploy: {deploys:?}");
+    api.wait_for_end(deploy.id, JOB_TIMEOUT).await;
+
+    // A new confirmation is a new deploy, however many times it is first
+    // sent at once; the repository page lists both deploys.
+    browser.goto(&format!("{base}/repos/local/demo")).await;
+    browser.click("#deploy-form button").await;
+    let text = browser.text().await;
+    assert!(text.contains("the tip of main"), "{text}");
+    let tip_form = form_body(&browser, "#confirm-form").await;
+    assert_ne!(tip_form, form, "a fresh Idempotency-Key");
+    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &tip_form, 3).await;
+    let deploys = api.jobs("repo=local/demo&kind=deploy").await;
+    assert_eq!(deploys.len(), 2, "{deploys:?}");
+    assert_eq!(deploys[0].commit, second, "the tip of main");
+    let tip_page = format!("{base}/jobs/{}", deploys[0].id);
+    assert_eq!(answers, vec![tip_page.clone(); 3]);
+    browser.click("#confirm-form button").await;
+    assert_eq!(browser.url().await, tip_page);
+    assert_eq!(api.jobs("repo=local/demo&kind=deploy").await.len(), 2);
+    browser.goto(&format!("{base}/repos/local/demo")).await;
+    let deploy_links = browser
+        .script(
+            "return [...document.querySelectorAll('#deploys a')].map(a => a.getAttribute('href'));",
+        )
+        .await;
+    assert_eq!(
+        deploy_links,
+        json!([
+            format!("/jobs/{}", deploys[0].id),
+            format!("/jobs/{}", deploys[1].id)
+        ])
+    );
+    // The repositories list shows the last deploy.
+    api.wait_for_success(deploys[0].id, JOB_TIMEOUT).await;
+    browser.click("a[href='/repos'][aria-current='page']").await;
+    let last_deploy = browser
+        .script("return document.querySelector('tbody tr td:nth-of-type(2)').innerText;")
+        .await;
+    let last_deploy = last_deploy.as_str().unwrap_or_default();
+    assert!(last_deploy.contains("succeeded"), "{last_deploy}");
+    assert!(last_deploy.contains(&second[..12]), "{last_deploy}");
+    assert!(last_deploy.contains("by admin"), "{last_deploy}");
+    browser.doc_screenshot("repos").await;
+    browser.assert_accessible("/repos with a deploy").await;
+    browser.close().await;
+}
+
+/// A GitHub user who may only read a repository sees its page and
+/// variables but no Deploy button and no variable forms; their forged
+/// posts (with their own valid CSRF token) are refused and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let github = FakeGitHub::start().await;
+    github.add_repo("octo-org", "mine", "main");
+    let alice = "ghp_alice0123456789";
+    let reader = "ghp_reader0123456789";
+    github.add_user("alice", alice);
+    github.add_user("reader", reader);
+    github.grant(alice, "octo-org/mine", Permission::Admin);
+    github.grant(reader, "octo-org/mine", Permission::Pull);
+    let controller = Controller::start(ControllerOpts {
+        extra_args: github.controller_args(),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let base = controller.url();
+    let api = controller.api();
+    let registered = Api::new(base.clone(), Some(alice))
+        .raw_with_headers(
+            Method::POST,
+            "/api/v1/repos",
+            Some(
+                json!({ "owner": "octo-org", "name": "mine" })
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[
+                ("x-github-username", "alice"),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    api.set_env("octo-org/mine", "REGION", "eu-west", "all", false)
+        .await;
+
+    sign_in_with(&browser, &base, reader, "reader").await;
+    browser.click("a[href='/repos/octo-org/mine']").await;
+    let text = browser.text().await;
+    assert!(text.contains("REGION"), "{text}");
+    assert!(text.contains("eu-west"), "{text}");
+    assert!(text.contains("Deploying needs push access"), "{text}");
+    let found = browser
+        .script(
+            "return {
+               deploy: document.querySelectorAll('#deploy-form, #confirm-form').length,
+               variables: document.querySelectorAll('#variable-form, .remove-variable').length,
+               posts: document.querySelectorAll('main form[method=post]').length,
+             };",
+        )
+        .await;
+    assert_eq!(found, json!({ "deploy": 0, "variables": 0, "posts": 0 }));
+    browser.screenshot("repo-read-only").await;
+    browser
+        .assert_accessible("a repository's page for a reader")
+        .await;
+
+    // Forged posts with the reader's own valid CSRF token.
+    let csrf = browser
+        .script(
+            "return document.querySelector('form[action=\"/sign-out\"] input[name=csrf]').value;",
+        )
+        .await
+        .as_str()
+        .expect("the CSRF token")
+        .to_owned();
+    let deploy = format!("csrf={csrf}&commit=&branch=main&idempotency_key=web-forged");
+    let set = format!("csrf={csrf}&key=REGION&scope=all&value=hijacked");
+    let remove = format!("csrf={csrf}&key=REGION&scope=all");
+    for (path, body) in [
+        ("/repos/octo-org/mine/deploy", &deploy),
+        ("/repos/octo-org/mine/variables", &set),
+        ("/repos/octo-org/mine/variables/remove", &remove),
+    ] {
+        let answers = post_from_page(&browser, path, body, 1).await;
+        assert_eq!(answers, vec!["status 403".to_owned()], "{path}");
+    }
+    let confirm = http(browser.cookie("hobotnica_session").await.as_deref())
+        .get(format!("{base}/repos/octo-org/mine/deploy"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(confirm.status(), 403);
+    assert!(api.jobs("repo=octo-org/mine&kind=deploy").await.is_empty());
+    let env = api.env("octo-org/mine").await;
+    assert_eq!(env.len(), 1, "{env:?}");
+    assert_eq!(env[0]["value"], json!("eu-west"));
+    browser.close().await;
+}
+
+/// Variables in the page: a secret set there is in no page, no page source
+/// and no REST answer; a plain variable is set, changed (the new value
+/// shows) and removed; a name the API refuses gets the API's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let secret = "s3cr3t-deploy-token-7f1e9a";
+    let replaced = "s3cr3t-deploy-token-replaced-42ab";
+    let refused_value = "value-of-a-refused-name-93cd";
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    browser.goto(&format!("{base}/repos/local/demo")).await;
+    let set_variable =
+        |key: &'static str, scope: &'static str, value: &'static str, secret: bool| {
+            let browser = &browser;
+            async move {
+                browser.fill("#variable-key", key).await;
+                browser.fill("#variable-value", value).await;
+                browser
+                    .script(&format!(
+                        "document.getElementById('variable-scope').value = '{scope}';
+                     document.getElementById('variable-secret').checked = {secret};
+                     return true;"
+                    ))
+                    .await;
+                browser.click("#variable-form button").await;
+            }
+        };
+
+    // A secret, set and then replaced.
+    set_variable("DEPLOY_TOKEN", "deploy", secret, true).await;
+    let text = browser.text().await;
+    assert!(text.contains("DEPLOY_TOKEN"), "{text}");
+    assert!(text.contains("secret (set)"), "{text}");
+    set_variable("DEPLOY_TOKEN", "deploy", replaced, true).await;
+    browser.doc_screenshot("repo-variables").await;
+    browser.assert_accessible("a repository's variables").await;
+
+    // A plain variable: set, changed, shown.
+    set_variable("GREETING", "all", "hello", false).await;
+    assert!(browser.text().await.contains("hello"));
+    set_variable("GREETING", "all", "bonjour", false).await;
+    let text = browser.text().await;
+    assert!(text.contains("bonjour"), "{text}");
+    assert!(!text.contains("hello"), "the old value is gone: {text}");
+
+    // A name the API refuses: the same reason on the page, no value echoed.
+    let api_answer = api
+        .put_env("local/demo", "1BAD-NAME", &json!({ "value": "x" }))
+        .await;
+    let detail = api_answer.assert_problem(422)["detail"]
+        .as_str()
+        .expect("a detail")
+        .to_owned();
+    set_variable("1BAD-NAME", "all", refused_value, true).await;
+    let shown = browser
+        .script("return document.getElementById('variable-error').textContent;")
+        .await;
+    assert_eq!(shown, json!(detail));
+    browser.screenshot("repo-variable-refused").await;
+    browser.assert_accessible("a refused variable").await;
+
+    // Removing one.
+    browser.goto(&format!("{base}/repos/local/demo")).await;
+    browser
+        .click("button[aria-label='Remove GREETING (all)']")
+        .await;
+    assert!(!browser.text().await.contains("GREETING"));
+    let env = api.env("local/demo").await;
+    let keys: Vec<_> = env.iter().map(|var| var["key"].clone()).collect();
+    assert_eq!(keys, vec![json!("DEPLOY_TOKEN")]);
+
+    // The secrets in no page, no page source, no REST answer.
+    let signed_in = http(browser.cookie("hobotnica_session").await.as_deref());
+    let source = browser
+        .script("return document.documentElement.outerHTML;")
+        .await;
+    let mut sources = vec![(
+        "the page in the browser".to_owned(),
+        source.as_str().unwrap_or_default().to_owned(),
+    )];
+    for page in [
+        "/repos",
+        "/repos/local/demo",
+        "/repos/local/demo/deploy",
+        "/jobs",
+    ] {
+        let response = signed_in
+            .get(format!("{base}{page}"))
+            .send()
+            .await
+            .expect("the page");
+        assert_eq!(response.status(), 200, "{page}");
+        sources.push((page.to_owned(), response.text().await.expect("its HTML")));
+    }
+    for path in [
+        "/api/v1/repos/local/demo/env",
+        "/api/v1/repos/local/demo",
+        "/api/v1/repos",
+    ] {
+        let answer = api.raw(Method::GET, path, None).await;
+        assert_eq!(answer.status, 200, "{path}");
+        sources.push((path.to_owned(), answer.text()));
+    }
+    for (where_, text) in &sources {
+        for value in [secret, replaced, refused_value] {
+            assert!(!text.contains(value), "{value} in {where_}");
+        }
+    }
+    let value_field = browser
+        .script("return document.getElementById('variable-value').value;")
+        .await;
+    assert_eq!(value_field, json!(""));
     browser.close().await;
 }

@@ -16,6 +16,7 @@ mod job;
 mod jobs;
 mod live;
 mod pages;
+mod repo;
 mod session;
 
 use axum::Router;
@@ -38,6 +39,19 @@ pub fn router(services: Services, shutdown: CancellationToken) -> Router {
         )
         .route("/sign-out", axum::routing::post(pages::sign_out))
         .route("/repos", axum::routing::get(pages::repos))
+        .route("/repos/{owner}/{name}", axum::routing::get(repo::show))
+        .route(
+            "/repos/{owner}/{name}/deploy",
+            axum::routing::get(repo::confirm).post(repo::deploy),
+        )
+        .route(
+            "/repos/{owner}/{name}/variables",
+            axum::routing::post(repo::set_variable),
+        )
+        .route(
+            "/repos/{owner}/{name}/variables/remove",
+            axum::routing::post(repo::remove_variable),
+        )
         .route("/agents", axum::routing::get(pages::agents))
         .route("/jobs", axum::routing::get(jobs::list))
         .route("/jobs/events", axum::routing::get(jobs::events))
