@@ -86,6 +86,7 @@ impl std::fmt::Debug for Webhook {
 
 /// A repository with its latest successful deploy and its latest `test`
 /// job on its default branch.
+#[derive(Debug)]
 pub struct RepoOverview {
     pub repo: Repo,
     pub last_deploy: Option<Job>,
@@ -100,6 +101,7 @@ const LAST_TEST_LOOKBACK: usize = 50;
 /// recent commits that ran `test` (the deploy candidates, each with its
 /// latest test job), and whether the caller may deploy and change its
 /// variables (push access, the rule of the REST endpoints).
+#[derive(Debug)]
 pub struct RepoDetails {
     pub overview: RepoOverview,
     pub may_push: bool,

@@ -918,3 +918,51 @@ async fn rotating_the_webhook_secret_needs_admin_rights_and_retires_the_old_one(
         "a repository registered by URL has no webhook: {by_url:?}"
     );
 }
+
+#[tokio::test]
+async fn a_repositorys_page_offers_deploys_and_variable_changes_only_with_push_access() {
+    let core = Core::start().await;
+    let repo = core.github_repo("widget", &[]).await.repo;
+    let older_test = core.queue(&repo, "test").await;
+    let newer_test = core.queue(&repo, "test").await;
+    let deploy = core.queue(&repo, "deploy").await;
+    let (owner, name) = (OWNER, "widget");
+
+    let reader = core.github_user(READER).await;
+    let details = core
+        .services
+        .repo_details(&reader, owner, name)
+        .await
+        .expect("the reader reads the repository's page");
+    assert!(!details.may_push, "a reader may not deploy");
+    let ids = |jobs: &[Job]| jobs.iter().map(|job| job.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&details.recent_jobs),
+        vec![deploy.id, newer_test.id, older_test.id]
+    );
+    assert_eq!(ids(&details.deploys), vec![deploy.id]);
+    // One candidate per commit: its newest test.
+    assert_eq!(older_test.commit, newer_test.commit);
+    assert_eq!(ids(&details.tested_commits), vec![newer_test.id]);
+
+    let writer = core.github_user(WRITER).await;
+    let details = core
+        .services
+        .repo_details(&writer, owner, name)
+        .await
+        .expect("the writer reads the repository's page");
+    assert!(details.may_push, "a writer may deploy");
+    assert!(
+        core.services
+            .repo_details(&core.admin(), owner, name)
+            .await
+            .expect("the admin reads it")
+            .may_push
+    );
+
+    let stranger = core.github_user(STRANGER).await;
+    assert_not_found(
+        "a stranger's repository page",
+        core.services.repo_details(&stranger, owner, name).await,
+    );
+}
