@@ -597,16 +597,24 @@ fn revoked() -> AgentError {
 
 /// Sends `message` towards the agent unless the controller stops first;
 /// `false` when the stream is over (the agent went away, or the controller
-/// is stopping). A full channel means the agent is connected but not
+/// is stopping with the channel full). Room in the channel takes the
+/// message even while the controller stops: the stream ends only after
+/// what is in it went out, so an assignment made just before a stop still
+/// reaches its agent. A full channel means the agent is connected but not
 /// reading: a plain `send` would wait for it for ever and hold up the stop.
 async fn send_or_stop<T>(
     outbound: &mpsc::Sender<T>,
     message: T,
     shutdown: &CancellationToken,
 ) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        sent = outbound.send(message) => sent.is_ok(),
+    match outbound.try_send(message) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
+            biased;
+            sent = outbound.send(message) => sent.is_ok(),
+            () = shutdown.cancelled() => false,
+        },
     }
 }
 
@@ -871,7 +879,13 @@ pub async fn run_session(
         // Assign while the agent has room; `sent - received` assignments are
         // on their way and not yet counted in `free_slots`, and held jobs
         // take a slot each.
-        while try_claim && held.is_empty() && free_slots > sent.saturating_sub(received) {
+        // Never once the controller stops: the stream ends soon, and a job
+        // claimed then would wait for its lease to run out.
+        while try_claim
+            && !shutdown.is_cancelled()
+            && held.is_empty()
+            && free_slots > sent.saturating_sub(received)
+        {
             let now = Utc::now();
             match services
                 .store
@@ -1062,6 +1076,21 @@ mod tests {
     /// Longer than anything here takes; the clock is paused, so waiting it
     /// out costs nothing and means "nothing more will happen".
     const DEADLINE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_message_with_room_goes_out_even_while_the_controller_stops() {
+        // An assignment made just before a stop must reach its agent: the
+        // stream drains what it holds before it ends.
+        let (outbound, mut rx) = mpsc::channel(1);
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        assert!(send_or_stop(&outbound, 1, &stopping).await);
+        // Full, and stopping: not waited for.
+        assert!(!send_or_stop(&outbound, 2, &stopping).await);
+        drop(outbound);
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.recv().await, None);
+    }
 
     /// The services of a controller on an embedded store in `dir`, whose
     /// store calls the test can hold.
