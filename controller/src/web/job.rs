@@ -3,7 +3,6 @@
 //! (`log.js` over `live.rs`'s events).
 
 use askama::Template;
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
@@ -13,8 +12,8 @@ use serde::Serialize;
 
 use super::PageError;
 use super::assets::LOG_SCRIPT;
-use super::pages::{CsrfForm, Layout, RequestParts, render, time_text};
-use super::session::{self, Viewer};
+use super::pages::{CsrfForm, Layout, render, time_text};
+use super::session::{Posted, Viewer};
 use crate::error::CoreError;
 use crate::services::Services;
 
@@ -161,14 +160,12 @@ pub async fn show(
 /// access), then back to the job's page.
 pub async fn cancel(
     State(services): State<Services>,
-    RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
     Path(id): Path<String>,
-    Form(form): Form<CsrfForm>,
+    Posted {
+        session: web_session,
+        ..
+    }: Posted<CsrfForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     let id = job_id(&id)?;
     services.cancel(&web_session.caller, id).await?;
     Ok(see_other(id))
@@ -178,14 +175,12 @@ pub async fn cancel(
 /// access), then to the new job's page.
 pub async fn retry(
     State(services): State<Services>,
-    RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
     Path(id): Path<String>,
-    Form(form): Form<CsrfForm>,
+    Posted {
+        session: web_session,
+        ..
+    }: Posted<CsrfForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     let job = services.retry(&web_session.caller, job_id(&id)?).await?;
     Ok(see_other(job.id))
 }

@@ -9,7 +9,8 @@
 //!
 //! Every answer carries the headers of [`with_page_headers`]; every
 //! state-changing request passes [`session::check_same_origin`] and, once
-//! signed in, the session's CSRF token (see `session.rs`).
+//! signed in, the session's CSRF token: handlers take the form as
+//! [`session::Posted`], which checks both (see `session.rs`).
 
 mod assets;
 mod job;

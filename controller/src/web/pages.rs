@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::PageError;
 use super::assets::{SCRIPT, STYLESHEET};
-use super::session::{self, Viewer};
+use super::session::{self, Posted, Viewer};
 use crate::error::CoreError;
 use crate::repos::RepoOverview;
 use crate::services::Services;
@@ -185,16 +185,18 @@ pub struct CsrfForm {
     pub csrf: String,
 }
 
+impl session::CsrfCarrier for CsrfForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /sign-out`: ends the session everywhere and removes the cookie.
 pub async fn sign_out(
     State(services): State<Services>,
     RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
-    Form(form): Form<CsrfForm>,
+    Posted { .. }: Posted<CsrfForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     if let Some(id) = session::session_cookie(&parts.headers) {
         services.sign_out(id).await?;
     }

@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use askama::Template;
-use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -19,8 +18,8 @@ use hobotnica_common::token::random_hex;
 use serde::Deserialize;
 
 use super::PageError;
-use super::pages::{JobCell, Layout, RequestParts, render};
-use super::session::{self, Viewer};
+use super::pages::{JobCell, Layout, render};
+use super::session::{self, Posted, Viewer};
 use crate::error::CoreError;
 use crate::jobs::JobRequest;
 use crate::repos::RepoDetails;
@@ -266,20 +265,24 @@ pub struct DeployForm {
     idempotency_key: String,
 }
 
+impl session::CsrfCarrier for DeployForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /repos/{owner}/{name}/deploy`: `POST
 /// /api/v1/repos/{owner}/{name}/deploy` with the form's `Idempotency-Key`
 /// (push access), then to the deploy job's page. The same form sent again
 /// (a double click, a resubmission) lands on the same job.
 pub async fn deploy(
     State(services): State<Services>,
-    RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
     Path((owner, name)): Path<(String, String)>,
-    Form(form): Form<DeployForm>,
+    Posted {
+        session: web_session,
+        form,
+    }: Posted<DeployForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     if form.idempotency_key.is_empty() {
         return Err(PageError::Refused(
             "The deploy form carried no Idempotency-Key.",
@@ -339,19 +342,23 @@ pub struct VariableForm {
     secret: Option<String>,
 }
 
+impl session::CsrfCarrier for VariableForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /repos/{owner}/{name}/variables`: `PUT
 /// /api/v1/repos/{owner}/{name}/env/{key}` (push access). A refused name or
 /// value shows the API's reason at the form, without the value.
 pub async fn set_variable(
     State(services): State<Services>,
-    RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
     Path((owner, name)): Path<(String, String)>,
-    Form(form): Form<VariableForm>,
+    Posted {
+        session: web_session,
+        form,
+    }: Posted<VariableForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     let set = SetEnv {
         key: form.key.trim().to_owned(),
         value: form.value,
@@ -383,18 +390,22 @@ pub struct RemoveVariableForm {
     scope: String,
 }
 
+impl session::CsrfCarrier for RemoveVariableForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /repos/{owner}/{name}/variables/remove`: `DELETE
 /// /api/v1/repos/{owner}/{name}/env/{key}?scope=` (push access).
 pub async fn remove_variable(
     State(services): State<Services>,
-    RequestParts(parts): RequestParts,
-    viewer: Result<Viewer, PageError>,
     Path((owner, name)): Path<(String, String)>,
-    Form(form): Form<RemoveVariableForm>,
+    Posted {
+        session: web_session,
+        form,
+    }: Posted<RemoveVariableForm>,
 ) -> Result<Response, PageError> {
-    session::check_same_origin(&parts)?;
-    let Viewer(web_session) = viewer?;
-    session::check_csrf(&web_session, &form.csrf)?;
     let scope = parse_scope(&form.scope)?;
     services
         .remove_variable(&web_session.caller, &owner, &name, &form.key, Some(scope))

@@ -6,8 +6,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::Form;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderValue, header, request::Parts};
+use serde::de::DeserializeOwned;
 
 use super::PageError;
 use crate::services::Services;
@@ -84,6 +86,39 @@ pub fn check_same_origin(parts: &Parts) -> Result<(), PageError> {
         }
     }
     Ok(())
+}
+
+/// A form that carries a CSRF token.
+pub trait CsrfCarrier {
+    /// The token the form was sent with (empty when missing).
+    fn csrf(&self) -> &str;
+}
+
+/// A state-changing form post, checked the one way every such post is:
+/// from this site ([`check_same_origin`]), by a signed-in caller, carrying
+/// that session's CSRF token ([`check_csrf`]). A handler that takes it
+/// cannot forget a check.
+pub struct Posted<T> {
+    pub session: WebSession,
+    pub form: T,
+}
+
+impl<T> FromRequest<Services> for Posted<T>
+where
+    T: DeserializeOwned + CsrfCarrier + Send,
+{
+    type Rejection = PageError;
+
+    async fn from_request(request: Request, services: &Services) -> Result<Self, PageError> {
+        let (mut parts, body) = request.into_parts();
+        check_same_origin(&parts)?;
+        let Viewer(session) = Viewer::from_request_parts(&mut parts, services).await?;
+        let Form(form) = Form::<T>::from_request(Request::from_parts(parts, body), services)
+            .await
+            .map_err(|_| PageError::Refused("The form could not be read."))?;
+        check_csrf(&session, form.csrf())?;
+        Ok(Posted { session, form })
+    }
 }
 
 /// Refuses a form that does not carry the session's CSRF token.
