@@ -27,6 +27,8 @@ const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The browser's viewport, width and height in CSS pixels: what a
 /// screenshot shows.
 pub const VIEWPORT: (u32, u32) = (1280, 800);
+/// A phone's viewport (an iPhone 12 to 15 held upright), in CSS pixels.
+pub const PHONE_VIEWPORT: (u32, u32) = (390, 844);
 /// How long a page may take to load after a click.
 const PAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -35,6 +37,8 @@ pub struct Browser {
     pub client: Client,
     driver: Child,
     _profile: TempDir,
+    /// The window's size less the viewport's: the browser's own frame.
+    frame: (u32, u32),
 }
 
 impl Drop for Browser {
@@ -162,15 +166,89 @@ impl Browser {
             .await
             .map_err(|err| format!("cannot measure the window: {err}"))?;
         let frame = |index: usize| frame[index].as_u64().unwrap_or(0).min(400) as u32;
+        let frame = (frame(0), frame(1));
         client
-            .set_window_size(VIEWPORT.0 + frame(0), VIEWPORT.1 + frame(1))
+            .set_window_size(VIEWPORT.0 + frame.0, VIEWPORT.1 + frame.1)
             .await
             .map_err(|err| format!("cannot size the window: {err}"))?;
         Ok(Browser {
             client,
             driver: browser_guard.0.take().ok_or("chromedriver is gone")?,
             _profile: profile,
+            frame,
         })
+    }
+
+    /// Sizes the window so that the viewport is `width` x `height` CSS
+    /// pixels (e.g. [`PHONE_VIEWPORT`]).
+    pub async fn set_viewport(&self, (width, height): (u32, u32)) {
+        self.client
+            .set_window_size(width + self.frame.0, height + self.frame.1)
+            .await
+            .expect("the window resized");
+        let inner = self
+            .script("return [window.innerWidth, window.innerHeight];")
+            .await;
+        assert_eq!(inner, json!([width, height]), "the viewport after resizing");
+    }
+
+    /// Presses each key in turn through WebDriver key actions (down, then
+    /// up), as a keyboard would: characters, or [`fantoccini::key::Key`]
+    /// values such as `Key::Tab.into()`.
+    pub async fn press(&self, keys: &[char]) {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        let mut actions = KeyActions::new("keyboard".to_owned());
+        for &key in keys {
+            actions = actions
+                .then(KeyAction::Down { value: key })
+                .then(KeyAction::Up { value: key });
+        }
+        self.client
+            .perform_actions(actions)
+            .await
+            .expect("the key actions performed");
+    }
+
+    /// Presses `keys` (which make the page navigate, e.g. Enter in a
+    /// form) and waits for the next page to have loaded, as [`click`]
+    /// does.
+    ///
+    /// [`click`]: Browser::click
+    pub async fn press_and_wait(&self, keys: &[char]) {
+        self.script("window.hobotnicaOldPage = true; return true;")
+            .await;
+        self.press(keys).await;
+        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
+            self.client
+                .execute(
+                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await
+                .is_ok_and(|loaded| loaded == Value::Bool(true))
+        })
+        .await;
+    }
+
+    /// Types `text` with key actions into whatever has the focus.
+    pub async fn type_text(&self, text: &str) {
+        self.press(&text.chars().collect::<Vec<_>>()).await;
+    }
+
+    /// Presses Tab until `css` matches the focused element, at most
+    /// `limit` times; returns how many presses that took, or `None`.
+    pub async fn tab_to(&self, css: &str, limit: usize) -> Option<usize> {
+        let check = format!(
+            "return !!document.activeElement && document.activeElement.matches({});",
+            json!(css)
+        );
+        for presses in 1..=limit {
+            self.press(&[fantoccini::key::Key::Tab.into()]).await;
+            if self.script(&check).await == Value::Bool(true) {
+                return Some(presses);
+            }
+        }
+        None
     }
 
     /// Opens `url` and waits for the page to load.
