@@ -157,6 +157,12 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     let name = agents[0]["name"].as_str().expect("an agent name");
     assert!(text.contains(name), "{text}");
     assert!(text.contains("connected"), "{text}");
+    assert_eq!(
+        agents[0]["controller"],
+        json!(base),
+        "the controller its session is on"
+    );
+    assert!(text.contains(&base), "the agent's controller shown: {text}");
     browser.doc_screenshot("agents").await;
     browser.assert_accessible("/agents").await;
 
@@ -377,7 +383,8 @@ async fn a_github_user_sees_only_their_repositories() {
 }
 
 /// Two controllers on one Redis: a session opened through one works through
-/// the other, and signing out through the other ends it on both.
+/// the other; each agent's controller shows on either's agents page; and
+/// signing out through the other ends the session on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_works_across_controllers_sharing_redis() {
     let Some(browser) = Browser::start().await else {
@@ -404,6 +411,25 @@ async fn a_session_works_across_controllers_sharing_redis() {
     let text = browser.text().await;
     assert!(text.contains("local/shared"), "{text}");
     assert!(text.contains("Signed in as admin"), "{text}");
+
+    // An agent whose session is on the second controller: the first's
+    // agents page names the second.
+    let _agent = Agent::start_default(&second).await;
+    let api = first.api();
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the agent's controller recorded", || async {
+        api.agents()
+            .await
+            .first()
+            .map(|agent| agent["controller"].clone())
+            == Some(json!(second.url()))
+    })
+    .await;
+    browser.goto(&format!("{}/agents", first.url())).await;
+    let text = browser.text().await;
+    assert!(
+        text.contains(&second.url()),
+        "the agent's controller on the first controller's page: {text}"
+    );
 
     browser.click("form[action='/sign-out'] button").await;
     browser.goto(&format!("{}/repos", first.url())).await;
