@@ -287,6 +287,7 @@ impl Services {
                 vouched_labels,
                 registered_at: now,
                 last_seen: now,
+                controller: None,
             })
             .await?;
         tracing::info!(agent.id = %agent.id, agent.name = %agent.name, "agent registered");
@@ -960,7 +961,10 @@ pub async fn run_session(
                 if !send_or_stop(&outbound, Ok(SessionOutput::Heartbeat), &shutdown).await {
                     return;
                 }
-                if let Err(err) = services.store.touch_agent(&agent.id, Utc::now()).await {
+                if let Err(err) = services
+                    .store
+                    .touch_agent(&agent.id, Utc::now(), services.public_url())
+                    .await {
                     tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat");
                 }
             }

@@ -27,6 +27,8 @@ const DRIVER_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The browser's viewport, width and height in CSS pixels: what a
 /// screenshot shows.
 pub const VIEWPORT: (u32, u32) = (1280, 800);
+/// A phone's viewport (an iPhone 12 to 15 held upright), in CSS pixels.
+pub const PHONE_VIEWPORT: (u32, u32) = (390, 844);
 /// How long a page may take to load after a click.
 const PAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -35,6 +37,10 @@ pub struct Browser {
     pub client: Client,
     driver: Child,
     _profile: TempDir,
+    /// The window's size less the viewport's: the browser's own frame.
+    frame: (u32, u32),
+    /// chromedriver's address (`http://127.0.0.1:PORT`).
+    driver_url: String,
 }
 
 impl Drop for Browser {
@@ -162,15 +168,90 @@ impl Browser {
             .await
             .map_err(|err| format!("cannot measure the window: {err}"))?;
         let frame = |index: usize| frame[index].as_u64().unwrap_or(0).min(400) as u32;
+        let frame = (frame(0), frame(1));
         client
-            .set_window_size(VIEWPORT.0 + frame(0), VIEWPORT.1 + frame(1))
+            .set_window_size(VIEWPORT.0 + frame.0, VIEWPORT.1 + frame.1)
             .await
             .map_err(|err| format!("cannot size the window: {err}"))?;
         Ok(Browser {
             client,
             driver: browser_guard.0.take().ok_or("chromedriver is gone")?,
             _profile: profile,
+            frame,
+            driver_url: url,
         })
+    }
+
+    /// Sizes the window so that the viewport is `width` x `height` CSS
+    /// pixels (e.g. [`PHONE_VIEWPORT`]).
+    pub async fn set_viewport(&self, (width, height): (u32, u32)) {
+        self.client
+            .set_window_size(width + self.frame.0, height + self.frame.1)
+            .await
+            .expect("the window resized");
+        let inner = self
+            .script("return [window.innerWidth, window.innerHeight];")
+            .await;
+        assert_eq!(inner, json!([width, height]), "the viewport after resizing");
+    }
+
+    /// Presses each key in turn through WebDriver key actions (down, then
+    /// up), as a keyboard would: characters, or [`fantoccini::key::Key`]
+    /// values such as `Key::Tab.into()`.
+    pub async fn press(&self, keys: &[char]) {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        let mut actions = KeyActions::new("keyboard".to_owned());
+        for &key in keys {
+            actions = actions
+                .then(KeyAction::Down { value: key })
+                .then(KeyAction::Up { value: key });
+        }
+        self.client
+            .perform_actions(actions)
+            .await
+            .expect("the key actions performed");
+    }
+
+    /// Presses `keys` (which make the page navigate, e.g. Enter in a
+    /// form) and waits for the next page to have loaded, as [`click`]
+    /// does.
+    ///
+    /// [`click`]: Browser::click
+    pub async fn press_and_wait(&self, keys: &[char]) {
+        self.script("window.hobotnicaOldPage = true; return true;")
+            .await;
+        self.press(keys).await;
+        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
+            self.client
+                .execute(
+                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await
+                .is_ok_and(|loaded| loaded == Value::Bool(true))
+        })
+        .await;
+    }
+
+    /// Types `text` with key actions into whatever has the focus.
+    pub async fn type_text(&self, text: &str) {
+        self.press(&text.chars().collect::<Vec<_>>()).await;
+    }
+
+    /// Presses Tab until `css` matches the focused element, at most
+    /// `limit` times; returns how many presses that took, or `None`.
+    pub async fn tab_to(&self, css: &str, limit: usize) -> Option<usize> {
+        let check = format!(
+            "return !!document.activeElement && document.activeElement.matches({});",
+            json!(css)
+        );
+        for presses in 1..=limit {
+            self.press(&[fantoccini::key::Key::Tab.into()]).await;
+            if self.script(&check).await == Value::Bool(true) {
+                return Some(presses);
+            }
+        }
+        None
     }
 
     /// Opens `url` and waits for the page to load.
@@ -330,29 +411,40 @@ impl Browser {
         );
     }
 
-    /// The resident memory of this browser's processes (found by the
-    /// profile directory in their command line): the sum over all of them
-    /// (shared pages counted in each) and the largest renderer's.
-    pub fn memory(&self) -> BrowserMemory {
+    /// This browser's processes (found by the profile directory in their
+    /// command line, or a parent's): each as `/proc/<pid>` and whether it
+    /// is a renderer.
+    fn processes(&self) -> Vec<(PathBuf, bool)> {
         let profile = self._profile.path().to_string_lossy().into_owned();
-        let mut memory = BrowserMemory::default();
         let Ok(entries) = std::fs::read_dir("/proc") else {
-            return memory;
+            return Vec::new();
         };
+        let mut found = Vec::new();
         for entry in entries.flatten() {
             let dir = entry.path();
             let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if !cmdline.contains(profile.as_str()) && !cmdline.contains("--type=renderer") {
+            let renderer = cmdline.contains("--type=renderer");
+            if !cmdline.contains(profile.as_str()) && !cmdline.contains("--type=") {
                 continue;
             }
-            // A renderer's command line does not always name the profile:
+            // A child's command line does not always name the profile:
             // count it when its parent chain reaches one that does.
             if !cmdline.contains(profile.as_str()) && !descends_from(&dir, &profile) {
                 continue;
             }
+            found.push((dir, renderer));
+        }
+        found
+    }
+
+    /// The resident memory of this browser's processes: the sum over all
+    /// of them (shared pages counted in each) and the largest renderer's.
+    pub fn memory(&self) -> BrowserMemory {
+        let mut memory = BrowserMemory::default();
+        for (dir, renderer) in self.processes() {
             let rss = std::fs::read_to_string(dir.join("status"))
                 .ok()
                 .and_then(|status| {
@@ -365,11 +457,72 @@ impl Browser {
                 .unwrap_or(0)
                 * 1024;
             memory.total_bytes += rss;
-            if cmdline.contains("--type=renderer") {
+            if renderer {
                 memory.largest_renderer_bytes = memory.largest_renderer_bytes.max(rss);
             }
         }
         memory
+    }
+
+    /// The CPU time (user + system, from `/proc/<pid>/stat`) this
+    /// browser's running processes have used so far, summed. A process
+    /// that has exited no longer counts.
+    pub fn cpu_time(&self) -> Duration {
+        // Linux reports these times in USER_HZ ticks, 100 a second.
+        const TICKS_PER_SECOND: u64 = 100;
+        let ticks: u64 = self
+            .processes()
+            .iter()
+            .filter_map(|(dir, _)| {
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                let (_, rest) = stat.rsplit_once(')')?;
+                // After the command: state is field 3, utime 14, stime 15.
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let user = fields.get(11)?.parse::<u64>().ok()?;
+                let system = fields.get(12)?.parse::<u64>().ok()?;
+                Some(user + system)
+            })
+            .sum();
+        Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND)
+    }
+
+    /// Chromium's own performance metrics (the DevTools protocol's
+    /// `Performance.getMetrics`, through chromedriver) as name and value,
+    /// e.g. `JSHeapUsedSize`; `None` where chromedriver does not relay it.
+    pub async fn devtools_metrics(&self) -> Option<Vec<(String, f64)>> {
+        let session = self.client.session_id().await.ok()??;
+        let endpoint = format!("{}/session/{session}/goog/cdp/execute", self.driver_url);
+        let http = reqwest::Client::new();
+        let call = |cmd: &'static str| {
+            http.post(&endpoint)
+                .json(&json!({ "cmd": cmd, "params": {} }))
+                .send()
+        };
+        call("Performance.enable")
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?;
+        let answer: Value = call("Performance.getMetrics")
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let metrics = answer["value"]["metrics"].as_array()?;
+        Some(
+            metrics
+                .iter()
+                .filter_map(|metric| {
+                    Some((
+                        metric["name"].as_str()?.to_owned(),
+                        metric["value"].as_f64()?,
+                    ))
+                })
+                .collect(),
+        )
     }
 
     /// Ends the browser session.

@@ -8,6 +8,8 @@
 //! access; a repository's page: Deploy through its confirmation exactly
 //! once (double click and resubmission included), variables and
 //! write-only secrets, and what a reader may not do.
+//! Every main page at a phone's width, and keyboard-only use (sign-in and
+//! a job's Cancel with key actions).
 //! Screenshots of every page go to `target/browser-screenshots/`.
 
 #![allow(clippy::disallowed_methods)] // starts chromedriver and a cross-site page server
@@ -155,6 +157,12 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     let name = agents[0]["name"].as_str().expect("an agent name");
     assert!(text.contains(name), "{text}");
     assert!(text.contains("connected"), "{text}");
+    assert_eq!(
+        agents[0]["controller"],
+        json!(base),
+        "the controller its session is on"
+    );
+    assert!(text.contains(&base), "the agent's controller shown: {text}");
     browser.doc_screenshot("agents").await;
     browser.assert_accessible("/agents").await;
 
@@ -375,7 +383,8 @@ async fn a_github_user_sees_only_their_repositories() {
 }
 
 /// Two controllers on one Redis: a session opened through one works through
-/// the other, and signing out through the other ends it on both.
+/// the other; each agent's controller shows on either's agents page; and
+/// signing out through the other ends the session on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_works_across_controllers_sharing_redis() {
     let Some(browser) = Browser::start().await else {
@@ -402,6 +411,25 @@ async fn a_session_works_across_controllers_sharing_redis() {
     let text = browser.text().await;
     assert!(text.contains("local/shared"), "{text}");
     assert!(text.contains("Signed in as admin"), "{text}");
+
+    // An agent whose session is on the second controller: the first's
+    // agents page names the second.
+    let _agent = Agent::start_default(&second).await;
+    let api = first.api();
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the agent's controller recorded", || async {
+        api.agents()
+            .await
+            .first()
+            .map(|agent| agent["controller"].clone())
+            == Some(json!(second.url()))
+    })
+    .await;
+    browser.goto(&format!("{}/agents", first.url())).await;
+    let text = browser.text().await;
+    assert!(
+        text.contains(&second.url()),
+        "the agent's controller on the first controller's page: {text}"
+    );
 
     browser.click("form[action='/sign-out'] button").await;
     browser.goto(&format!("{}/repos", first.url())).await;
@@ -1525,5 +1553,177 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
         .script("return document.getElementById('variable-value').value;")
         .await;
     assert_eq!(value_field, json!(""));
+    browser.close().await;
+}
+
+/// What a phone's width must give on a page: nothing wider than the
+/// viewport, and each of `reachable` (the nav's links, the page's main
+/// actions) shown and inside the viewport's width.
+async fn assert_fits_a_phone(browser: &Browser, page: &str, reachable: &[&str]) {
+    let widths = browser
+        .script("return [document.documentElement.scrollWidth, window.innerWidth];")
+        .await;
+    let (scroll, inner) = (widths[0].as_u64(), widths[1].as_u64());
+    assert!(
+        scroll.is_some() && scroll <= inner,
+        "{page} overflows a phone's width: scrollWidth and innerWidth {widths}"
+    );
+    for css in reachable {
+        let found = browser
+            .script(&format!(
+                "const all = [...document.querySelectorAll({css})];
+                 return all.map(e => {{ const r = e.getBoundingClientRect();
+                   return r.width > 0 && r.height > 0 && r.left >= 0 && r.right <= window.innerWidth; }});",
+                css = json!(css)
+            ))
+            .await;
+        let found = found.as_array().cloned().unwrap_or_default();
+        assert!(!found.is_empty(), "{page}: nothing at {css}");
+        assert!(
+            found.iter().all(|fits| fits == &json!(true)),
+            "{page}: {css} is hidden or outside a phone's width: {found:?}"
+        );
+    }
+}
+
+/// Every main page at a phone's width (390x844): nothing overflows
+/// sideways, the nav and the main actions (sign in, Deploy, Filter,
+/// Cancel, sign out) are on screen, axe-core passes; a screenshot of each
+/// goes to `target/browser-screenshots/phone-*.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_main_page_fits_a_phone() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    browser
+        .set_viewport(hobotnica_tests::browser::PHONE_VIEWPORT)
+        .await;
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let done = api.run_target("local/demo", "test").await;
+    api.wait_for_success(done.id, JOB_TIMEOUT).await;
+    let running = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
+        )
+        .await;
+    api.wait_for_log(running.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+
+    browser.goto(&format!("{base}/sign-in")).await;
+    assert_fits_a_phone(
+        &browser,
+        "/sign-in",
+        &["#token", "#login", "form[action='/sign-in'] button"],
+    )
+    .await;
+    browser.screenshot("phone-sign-in").await;
+    browser
+        .assert_accessible("/sign-in at a phone's width")
+        .await;
+
+    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    let nav = "header.top a, header.top button";
+    let pages = [
+        ("repos", "/repos".to_owned(), vec![nav]),
+        (
+            "repo",
+            "/repos/local/demo".to_owned(),
+            vec![nav, "#deploy-form button", "#variable-form button"],
+        ),
+        ("jobs", "/jobs".to_owned(), vec![nav, "form.filters button"]),
+        (
+            "job",
+            format!("/jobs/{}", running.id),
+            vec![nav, "#cancel-form button"],
+        ),
+        ("agents", "/agents".to_owned(), vec![nav]),
+    ];
+    for (name, path, reachable) in pages {
+        browser.goto(&format!("{base}{path}")).await;
+        if name == "job" {
+            wait_for_shown(&browser, "waiting for the gate").await;
+        }
+        assert_fits_a_phone(&browser, &path, &reachable).await;
+        browser.screenshot(&format!("phone-{name}")).await;
+        browser
+            .assert_accessible(&format!("{path} at a phone's width"))
+            .await;
+    }
+    api.cancel(running.id).await;
+    browser.close().await;
+}
+
+/// Keyboard only: the sign-in form is filled and sent with keys (type,
+/// Tab, Enter), and Tab reaches a running job's Cancel button, which
+/// shows a visible focus ring, and Enter on it cancels the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keyboard_alone_signs_in_and_cancels_a_job() {
+    use fantoccini::key::Key;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    let job = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+
+    browser.goto(&format!("{base}/sign-in")).await;
+    browser
+        .script("document.querySelector('#token').focus(); return true;")
+        .await;
+    browser.type_text(&controller.admin_token).await;
+    browser.press(&[Key::Tab.into()]).await;
+    let focused = browser.script("return document.activeElement.id;").await;
+    assert_eq!(
+        focused,
+        json!("login"),
+        "Tab goes from the token to the login"
+    );
+    browser.press_and_wait(&[Key::Enter.into()]).await;
+    assert!(
+        browser.url().await.ends_with("/repos"),
+        "signed in with the keyboard: {}",
+        browser.url().await
+    );
+
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    wait_for_shown(&browser, "waiting for the gate").await;
+    let presses = browser.tab_to("#cancel-form button", 60).await;
+    assert!(presses.is_some(), "Tab never reached the Cancel button");
+    let outline = browser
+        .script(
+            "const s = getComputedStyle(document.activeElement);
+             return [s.outlineStyle, parseFloat(s.outlineWidth)];",
+        )
+        .await;
+    assert_ne!(
+        outline[0],
+        json!("none"),
+        "a focus ring on Cancel: {outline}"
+    );
+    assert!(
+        outline[1].as_f64().is_some_and(|width| width >= 2.0),
+        "a focus ring on Cancel at least 2px wide: {outline}"
+    );
+    browser.screenshot("keyboard-cancel-focused").await;
+    browser.press_and_wait(&[Key::Enter.into()]).await;
+    let ended = api.wait_for_end(job.id, JOB_TIMEOUT).await;
+    assert_eq!(ended.state, hobotnica_tests::JobState::Cancelled);
     browser.close().await;
 }

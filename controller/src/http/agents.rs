@@ -43,6 +43,9 @@ pub struct AgentView {
     /// Ids of the jobs it is running.
     pub running_jobs: Vec<u64>,
     pub last_seen: DateTime<Utc>,
+    /// The public URL of the controller its session is on (the latest
+    /// heard from); null before its first session.
+    pub controller: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -114,6 +117,7 @@ async fn list_agents(
                 concurrency: agent.concurrency,
                 version: agent.version,
                 last_seen: agent.last_seen,
+                controller: agent.controller,
             }
         })
         .collect();

@@ -67,6 +67,7 @@ fn agent(name: &str) -> AgentRecord {
         vouched_labels: BTreeMap::new(),
         registered_at: Utc::now(),
         last_seen: Utc::now(),
+        controller: None,
     }
 }
 
@@ -812,7 +813,9 @@ pub async fn an_agent_name_belongs_to_the_token_that_registered_it(store: Arc<dy
     store.delete_agent_token("t-owner").await.unwrap();
     assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
     assert!(matches!(
-        store.touch_agent(&owner.id, Utc::now()).await,
+        store
+            .touch_agent(&owner.id, Utc::now(), "https://ci-a.example")
+            .await,
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(store.get_agent(&owner.id).await.unwrap(), None);
@@ -1183,17 +1186,18 @@ pub async fn agents_are_found_by_id_and_seen(store: Arc<dyn Store>) {
 
     let later = builder.last_seen + Duration::minutes(5);
     store
-        .touch_agent(&builder.id, later)
+        .touch_agent(&builder.id, later, "https://ci-a.example")
         .await
         .expect("touched");
     let seen = AgentRecord {
         last_seen: later,
+        controller: Some("https://ci-a.example".into()),
         ..builder.clone()
     };
     assert_eq!(
         store.get_agent(&builder.id).await.expect("get_agent"),
         Some(seen.clone()),
-        "last_seen moved, nothing else"
+        "last_seen and the controller moved, nothing else"
     );
     assert_eq!(
         store.get_agent(&tester.id).await.expect("get_agent"),
@@ -1205,7 +1209,9 @@ pub async fn agents_are_found_by_id_and_seen(store: Arc<dyn Store>) {
     assert_eq!(listed, vec![seen, tester]);
 
     assert!(matches!(
-        store.touch_agent(&AgentId::generate(), later).await,
+        store
+            .touch_agent(&AgentId::generate(), later, "https://ci-a.example")
+            .await,
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(

@@ -894,8 +894,14 @@ impl Store for EmbeddedStore {
         self.blocking(|inner| all_json(&inner.db, AGENTS)).await
     }
 
-    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn touch_agent(
+        &self,
+        id: &AgentId,
+        now: DateTime<Utc>,
+        controller: &str,
+    ) -> StoreResult<()> {
         let id = id.clone();
+        let controller = controller.to_owned();
         self.blocking(move |inner| {
             let mut txn = inner.db.begin_write().map_err(unavailable)?;
             // Losing a last-seen time in a crash is harmless: skip the fsync.
@@ -907,6 +913,7 @@ impl Store for EmbeddedStore {
                     None => return Err(StoreError::NotFound(format!("agent {id}"))),
                 };
                 agent.last_seen = now;
+                agent.controller = Some(controller);
                 agents
                     .insert(id.0.as_str(), encode(&agent)?.as_slice())
                     .map_err(unavailable)?;

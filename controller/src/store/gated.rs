@@ -230,8 +230,13 @@ impl Store for GatedStore {
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
         self.inner.list_agents().await
     }
-    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
-        self.inner.touch_agent(id, now).await
+    async fn touch_agent(
+        &self,
+        id: &AgentId,
+        now: DateTime<Utc>,
+        controller: &str,
+    ) -> StoreResult<()> {
+        self.inner.touch_agent(id, now, controller).await
     }
     async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()> {
         self.inner.create_agent_token(token).await

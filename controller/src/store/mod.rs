@@ -170,6 +170,10 @@ pub struct AgentRecord {
     pub vouched_labels: BTreeMap<String, String>,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
+    /// The public URL of the controller its session is on (recorded as the
+    /// session opens and at each heartbeat); none before its first session.
+    #[serde(default)]
+    pub controller: Option<String>,
 }
 
 /// An agent token as stored: its hash, never its value.
@@ -326,7 +330,14 @@ pub trait Store: Send + Sync + 'static {
     async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord>;
     async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>>;
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>>;
-    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()>;
+    /// Records that agent `id` was heard from at `now` through a session
+    /// on the controller whose public URL is `controller`.
+    async fn touch_agent(
+        &self,
+        id: &AgentId,
+        now: DateTime<Utc>,
+        controller: &str,
+    ) -> StoreResult<()>;
 
     async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()>;
     async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>>;

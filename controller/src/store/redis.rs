@@ -1712,12 +1712,18 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn touch_agent(&self, id: &AgentId, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn touch_agent(
+        &self,
+        id: &AgentId,
+        now: DateTime<Utc>,
+        controller: &str,
+    ) -> StoreResult<()> {
         let mut agent: AgentRecord = self
             .get_json(&self.keys.agent(id))
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
         agent.last_seen = now;
+        agent.controller = Some(controller.to_owned());
         // XX: an agent forgotten meanwhile (its token revoked) stays gone.
         let _: Option<String> = self
             .query(

@@ -309,6 +309,7 @@ pub struct AgentRow {
     pub last_seen: String,
     pub last_seen_iso: String,
     pub version: String,
+    pub controller: Option<String>,
 }
 
 #[derive(Template)]
@@ -348,6 +349,7 @@ pub async fn agents(
                 last_seen,
                 last_seen_iso,
                 version: overview.agent.version,
+                controller: overview.agent.controller,
             }
         })
         .collect();

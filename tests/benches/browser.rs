@@ -1,0 +1,224 @@
+//! The web dashboard's figures in a real Chromium (no assertions; one
+//! printed line per figure), against a real controller and agent:
+//!
+//! - the job page's weight: its HTML, JavaScript and CSS, in bytes;
+//! - time to the first log line: opening a running job's page until its
+//!   first log line is shown, and a new line's trip from the job to the
+//!   open page;
+//! - while a 50 MiB log streams into an open job page: Chromium's resident
+//!   memory (its largest renderer, and the sum over its processes from
+//!   `/proc`), its CPU time (user + system of its processes, from
+//!   `/proc/<pid>/stat`) over the stream, and the page's JavaScript heap
+//!   (DevTools `Performance.getMetrics` through chromedriver).
+//!
+//! `cargo build --release --workspace --bins && cargo bench -p hobotnica-tests --bench browser`
+//! needs Debian's `chromium` and `chromium-driver` and axe-core's folder as
+//! the browser tests do (`./scripts/setup --tests`); without them it says
+//! "skipped" and measures nothing.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use hobotnica_tests::browser::Browser;
+use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
+use hobotnica_tests::{Agent, Controller, GitRepo, JobState};
+use serde_json::json;
+
+/// Deadline for one job, and for the 50 MiB log to reach the page.
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+async fn sign_in(browser: &Browser, base: &str, token: &str) {
+    browser.goto(&format!("{base}/sign-in")).await;
+    browser.fill("#token", token).await;
+    browser.click("form[action='/sign-in'] button").await;
+}
+
+/// The page's own bytes as the browser decoded them (the navigation and
+/// each resource from the Resource Timing API): HTML, JS, CSS.
+async fn page_weight(browser: &Browser) -> (u64, u64, u64) {
+    let weights = browser
+        .script(
+            "const nav = performance.getEntriesByType('navigation')[0];
+             const sum = ext => performance.getEntriesByType('resource')
+               .filter(r => new URL(r.name).pathname.endsWith(ext))
+               .reduce((total, r) => total + r.decodedBodySize, 0);
+             return [nav ? nav.decodedBodySize : 0, sum('.js'), sum('.css')];",
+        )
+        .await;
+    let at = |index: usize| weights[index].as_u64().unwrap_or(0);
+    (at(0), at(1), at(2))
+}
+
+async fn run(browser: Browser) {
+    let controller = Controller::start_default().await;
+    let _agent = Agent::start_default(&controller).await;
+    let api = controller.api();
+    let base = controller.url();
+    let repo = GitRepo::new();
+    api.register_repo("demo", &repo.url()).await;
+    sign_in(&browser, &base, &controller.admin_token).await;
+
+    // A running job: its page's weight and its first line.
+    // Where the job's sandbox can see it.
+    let gate_dir = hobotnica_tests::shared_dir().join(hobotnica_tests::unique("browser-bench"));
+    std::fs::create_dir_all(&gate_dir).unwrap();
+    let gate = gate_dir.join("gate");
+    let job = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_string_lossy() } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    // A first visit fills the cache; the second is what is measured.
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    browser.goto(&format!("{base}/repos")).await;
+    let opened = Instant::now();
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the first log line", || async {
+        browser
+            .script("return !!document.querySelector('#log .line');")
+            .await
+            == json!(true)
+    })
+    .await;
+    let first_line = opened.elapsed();
+    // The page's own clock: from the navigation's start to the line being
+    // in the page, with the harness's round trips left out.
+    let in_page = browser
+        .script("return performance.now();")
+        .await
+        .as_f64()
+        .unwrap_or(0.0);
+    let (html, js, css) = page_weight(&browser).await;
+    println!(
+        "job page weight: {} bytes ({html} HTML + {js} JavaScript + {css} CSS, uncompressed)",
+        html + js + css
+    );
+    println!(
+        "time to the first log line of a running job: {} ms from asking for the page \
+         (the page had been open {in_page:.0} ms when it was seen)",
+        first_line.as_millis()
+    );
+    let asked = Instant::now();
+    std::fs::write(&gate, b"").unwrap();
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the new line in the page", || async {
+        browser
+            .script("return document.querySelector('#log').textContent.includes('gate opened');")
+            .await
+            == json!(true)
+    })
+    .await;
+    println!(
+        "a new log line from the job to the open page: {} ms",
+        asked.elapsed().as_millis()
+    );
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let _ = std::fs::remove_dir_all(&gate_dir);
+
+    // A 50 MiB log streaming into an open page.
+    let job = api.run_target("local/demo", "big").await;
+    api.wait_for_state(job.id, &[JobState::Running], JOB_TIMEOUT)
+        .await;
+    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    let cpu_before = browser.cpu_time();
+    let started = Instant::now();
+    let peak = std::cell::Cell::new(browser.memory());
+    let last_line = big_output_line(BIG_OUTPUT_LINES);
+    let last_line = last_line.trim_end();
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the whole log shown", || {
+        let now = browser.memory();
+        let mut highest = peak.get();
+        highest.total_bytes = highest.total_bytes.max(now.total_bytes);
+        highest.largest_renderer_bytes = highest
+            .largest_renderer_bytes
+            .max(now.largest_renderer_bytes);
+        peak.set(highest);
+        let browser = &browser;
+        async move {
+            browser
+                .script(
+                    "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
+                     return l ? l.textContent : '';",
+                )
+                .await
+                == json!(last_line)
+        }
+    })
+    .await;
+    let streamed = started.elapsed();
+    let cpu = browser.cpu_time().saturating_sub(cpu_before);
+    let peak = peak.get();
+    println!(
+        "a 50 MiB log streamed into the open page in {} ms",
+        streamed.as_millis()
+    );
+    println!(
+        "chromium while it streamed: renderer RSS at most {}, all its processes' RSS at most {} \
+         (shared pages counted in each)",
+        mib(peak.largest_renderer_bytes),
+        mib(peak.total_bytes)
+    );
+    println!(
+        "chromium's CPU time over the stream: {} ms user+system ({:.0}% of one core)",
+        cpu.as_millis(),
+        cpu.as_secs_f64() * 100.0 / streamed.as_secs_f64().max(0.001)
+    );
+    match browser.devtools_metrics().await {
+        Some(metrics) => {
+            let metric = |name: &str| {
+                metrics
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .map_or(0.0, |(_, value)| *value)
+            };
+            println!(
+                "the page's JavaScript heap after the stream: {} used of {} (DevTools); \
+                 {} DOM nodes",
+                mib(metric("JSHeapUsedSize") as u64),
+                mib(metric("JSHeapTotalSize") as u64),
+                metric("Nodes")
+            );
+        }
+        None => {
+            println!("the page's JavaScript heap: not reachable (DevTools metrics unavailable)")
+        }
+    }
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    browser.close().await;
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs nothing.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return;
+    }
+    // `cargo bench -p hobotnica-tests -- NAME` runs this one only when
+    // NAME is part of "browser".
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| "browser".contains(f.as_str())) {
+        return;
+    }
+    hobotnica_tests::init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let Some(browser) = Browser::start().await else {
+            println!("SKIPPED: the browser benchmark needs Chromium (see the line above)");
+            return;
+        };
+        run(browser).await;
+    });
+}
