@@ -239,6 +239,7 @@ fn print_banner(
     let _ = writeln!(
         stdout,
         "Hobotnica is up ({agents} local agent{}, data in {})\n\
+         \x20 dashboard:   {url}/ (sign in with the admin token)\n\
          \x20 REST API:    {url}\n\
          \x20 gRPC:        {scheme}://{grpc_addr}\n\
          \x20 API docs:    {url}/api/docs\n\
