@@ -336,6 +336,15 @@ impl BlueGreen {
 impl Drop for BlueGreen {
     fn drop(&mut self) {
         signal_all(&self.controller_pids(), Signal::SIGKILL);
+        // nginx's master stops its workers on SIGTERM; a SIGKILL (the
+        // harness's default) would leave them running, holding their ports.
+        if let Some(nginx) = &mut self.nginx {
+            nginx.signal(Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while nginx.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         if std::thread::panicking() {
             for colour in ["blue", "green"] {
                 let log = self.state_dir().join(colour).join("log");
