@@ -122,7 +122,7 @@ where
 }
 
 /// Refuses a form that does not carry the session's CSRF token.
-pub fn check_csrf(session: &WebSession, given: &str) -> Result<(), PageError> {
+fn check_csrf(session: &WebSession, given: &str) -> Result<(), PageError> {
     if given.is_empty() || !session.csrf_matches(given) {
         return Err(PageError::Refused(
             "This form did not carry this session's security token (CSRF), so it was refused.",

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hobotnica_tests::daemon::{Daemon, Spec};
 use hobotnica_tests::github::{FakeGitHub, GitHubUser, new_delivery_id, send_webhook};
 use hobotnica_tests::redis::RedisServer;
-use hobotnica_tests::{AgentTarget, Job, Permission, bins};
+use hobotnica_tests::{AgentTarget, Job, Permission, RawResponse, bins};
 use tokio::sync::Mutex;
 
 use super::*;
@@ -381,6 +381,36 @@ struct LoadRecord {
     pushed: Vec<String>,
 }
 
+impl LoadRecord {
+    /// Records a request that started at `started` and ended now: its
+    /// latency, and a failure unless it was answered with `expected`. The
+    /// answer, when it was.
+    fn answered(
+        &mut self,
+        what: &str,
+        started: Instant,
+        result: Result<RawResponse, reqwest::Error>,
+        expected: u16,
+    ) -> Option<RawResponse> {
+        self.samples.push(Sample {
+            started,
+            took: started.elapsed(),
+        });
+        match result {
+            Ok(response) if response.status == expected => Some(response),
+            Ok(response) => {
+                let failure = format!("{what}: {} {}", response.status, response.text());
+                self.failures.push(failure);
+                None
+            }
+            Err(error) => {
+                self.failures.push(format!("{what}: {error:?}"));
+                None
+            }
+        }
+    }
+}
+
 /// REST reads, REST writes and signed pushes through nginx until `stop`,
 /// each kind one request at a time.
 fn start_load(
@@ -407,19 +437,10 @@ fn start_load(
                         &[],
                     )
                     .await;
-                let took = started.elapsed();
-                let mut record = record.lock().await;
-                record.samples.push(Sample { started, took });
-                match result {
-                    Ok(response) if response.status == 200 => {}
-                    Ok(response) => record.failures.push(format!(
-                        "GET jobs: {} {}",
-                        response.status,
-                        response.text()
-                    )),
-                    Err(error) => record.failures.push(format!("GET jobs: {error:?}")),
-                }
-                drop(record);
+                record
+                    .lock()
+                    .await
+                    .answered("GET jobs", started, result, 200);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
@@ -439,20 +460,10 @@ fn start_load(
                         &[],
                     )
                     .await;
-                let took = started.elapsed();
                 let mut record = record.lock().await;
-                record.samples.push(Sample { started, took });
-                match result {
-                    Ok(response) if response.status == 202 => {
-                        let id = response.json()["id"].as_u64().expect("job id");
-                        record.interleave_jobs.push(id);
-                    }
-                    Ok(response) => record.failures.push(format!(
-                        "POST job: {} {}",
-                        response.status,
-                        response.text()
-                    )),
-                    Err(error) => record.failures.push(format!("POST job: {error:?}")),
+                if let Some(response) = record.answered("POST job", started, result, 202) {
+                    let id = response.json()["id"].as_u64().expect("job id");
+                    record.interleave_jobs.push(id);
                 }
                 drop(record);
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -475,15 +486,12 @@ fn start_load(
                 Some(&secret),
             )
             .await;
-            let took = started.elapsed();
             let mut record = record.lock().await;
-            record.samples.push(Sample { started, took });
-            if response.status == 202 {
+            if record
+                .answered("push", started, Ok(response), 202)
+                .is_some()
+            {
                 record.pushed.push(after);
-            } else {
-                record
-                    .failures
-                    .push(format!("push: {} {}", response.status, response.text()));
             }
             drop(record);
             tokio::time::sleep(Duration::from_millis(250)).await;
