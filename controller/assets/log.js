@@ -7,7 +7,9 @@
 // OSC 8 hyperlinks included, is dropped, never turned into markup.
 // No byte is lost or shown twice: each event says where its bytes end,
 // bytes before what is shown are skipped, and a gap reconnects from the
-// last byte shown.
+// last byte shown. While the page follows the end, it asks the controller
+// to skip ahead when it falls far behind (a `skip` event: the lines it
+// jumps over are left to "Load earlier", as those before the first line).
 "use strict";
 
 (function () {
@@ -21,6 +23,9 @@
   const MAX_LINES = 20000;
   /** Lines per block: the browser lays out only the blocks in view. */
   const CHUNK_LINES = 500;
+  /** Bytes drawn at once, and how long a frame may spend drawing. */
+  const SLICE_BYTES = 16 * 1024;
+  const FRAME_BUDGET_MS = 20;
   /** Reconnect delays after a broken event stream. */
   const RETRY_FIRST_MS = 250;
   const RETRY_MAX_MS = 4000;
@@ -36,6 +41,7 @@
   let ended = false;
   let retryMs = RETRY_FIRST_MS;
   let source = null;
+  let catchingUp = false; // whether the stream may skip ahead
   let wantedLine = null;
 
   // ANSI: a state machine over decoded text, kept across pieces and lines.
@@ -227,10 +233,11 @@
   // them when they hold fewer lines).
   Renderer.prototype.skip = function (bytes, lines) {
     let i = 0;
+    let escape = bytes.indexOf(0x1b); // the next ESC at or after i (-1: none)
     while (i < bytes.length && lines > 0) {
       const newline = bytes.indexOf(10, i);
       const end = newline === -1 ? bytes.length : newline;
-      const escape = bytes.indexOf(0x1b, i);
+      if (escape !== -1 && escape < i) escape = bytes.indexOf(0x1b, i);
       if (this.ansi.mode !== "text" || (escape !== -1 && escape < end)) {
         this.ansi.render(this.decoder.decode(bytes.subarray(i, end), { stream: newline === -1 }), null);
       }
@@ -244,6 +251,8 @@
   };
 
   const live = new Renderer(view, firstLine);
+  // The colours the job set before the first line shown (SGR parameters).
+  if (view.dataset.colours) live.ansi.sgr(view.dataset.colours);
 
   function atBottom() {
     return view.scrollHeight - view.scrollTop - view.clientHeight < 8;
@@ -257,14 +266,16 @@
     following = value;
     followButton.hidden = value || ended;
     if (value) scrollToEnd();
+    // Back at the end: let the stream skip what the reader will not see.
+    if (value && !catchingUp && !ended && source) {
+      source.close();
+      connect();
+    }
   }
 
   view.addEventListener("scroll", () => {
     const bottom = atBottom();
-    if (bottom !== following) {
-      following = bottom;
-      followButton.hidden = bottom || ended;
-    }
+    if (bottom !== following) setFollowing(bottom);
   });
   followButton.addEventListener("click", () => setFollowing(true));
 
@@ -323,7 +334,8 @@
   }
 
   // Pieces wait here for the next frame, so that a fast log is rendered in
-  // batches and the page stays responsive.
+  // batches and the page stays responsive (`render` draws for at most
+  // FRAME_BUDGET_MS a frame).
   let pending = [];
   let frame = null;
 
@@ -341,7 +353,47 @@
     offset = end;
     retryMs = RETRY_FIRST_MS;
     status.textContent = "";
-    if (frame === null) frame = requestAnimationFrame(render);
+    if (frame === null) frame = requestAnimationFrame(() => render(false));
+  }
+
+  // The controller jumped from `from` to `to` (a line's start) over
+  // `lines` line ends that changed the colours by `colours`.
+  function onSkip(event) {
+    let skip = null;
+    try {
+      skip = JSON.parse(event.data);
+    } catch (err) {
+      skip = null;
+    }
+    if (!skip || skip.from !== offset || !(skip.to > offset)) {
+      reconnect();
+      return;
+    }
+    if (!following) {
+      // The reader looks at what is shown: go on with every byte instead.
+      source.close();
+      catchingUp = false;
+      connect();
+      return;
+    }
+    // What waits to be drawn is gone with the rest; its lines still count.
+    if (frame !== null) {
+      cancelAnimationFrame(frame);
+      frame = null;
+    }
+    for (const part of pending) live.skip(part.bytes, Infinity);
+    pending = [];
+    view.textContent = "";
+    live.open = null;
+    live.block = null;
+    live.decoder = new TextDecoder("utf-8");
+    live.ansi.mode = "text";
+    if (skip.colours) live.ansi.sgr(skip.colours);
+    live.number += skip.lines;
+    start = offset = skip.to;
+    firstLine = live.number;
+    earlierButton.hidden = false;
+    retryMs = RETRY_FIRST_MS;
   }
 
   function countLines(bytes) {
@@ -350,36 +402,43 @@
     return lines;
   }
 
-  function render() {
+  // Draws what waits, oldest first, in slices, for at most one frame's
+  // budget (all of it when `everything`); the rest waits for the next frame.
+  function render(everything) {
     frame = null;
-    const parts = pending;
-    pending = [];
+    const began = performance.now();
     // Lines that would be dropped at once are not shown at all: with more
     // than MAX_LINES new lines, what is shown now goes, and so do the
     // oldest of the new ones.
-    let excess = parts.reduce((sum, part) => sum + countLines(part.bytes), 0) - MAX_LINES;
-    for (const part of parts) {
-      let bytes = part.bytes;
-      let at = part.at;
-      if (excess > 0) {
-        if (live.open || view.firstElementChild) {
-          view.textContent = "";
-          live.open = null;
-          live.block = null;
-        }
-        const used = live.skip(bytes, excess);
-        excess -= countLines(bytes.subarray(0, used));
-        bytes = bytes.subarray(used);
-        at += used;
-        start = at;
-        firstLine = live.number;
-        earlierButton.hidden = start === 0;
+    let excess = pending.reduce((sum, part) => sum + countLines(part.bytes), 0) - MAX_LINES;
+    while (excess > 0 && pending.length > 0) {
+      const part = pending[0];
+      if (live.open || view.firstElementChild) {
+        view.textContent = "";
+        live.open = null;
+        live.block = null;
       }
-      live.append(bytes, at);
+      const used = live.skip(part.bytes, excess);
+      excess -= countLines(part.bytes.subarray(0, used));
+      part.bytes = part.bytes.subarray(used);
+      part.at += used;
+      start = part.at;
+      firstLine = live.number;
+      earlierButton.hidden = start === 0;
+      if (part.bytes.length === 0) pending.shift();
+    }
+    while (pending.length > 0 && (everything || performance.now() - began < FRAME_BUDGET_MS)) {
+      const part = pending[0];
+      const slice = part.bytes.subarray(0, SLICE_BYTES);
+      live.append(slice, part.at);
+      part.bytes = part.bytes.subarray(slice.length);
+      part.at += slice.length;
+      if (part.bytes.length === 0) pending.shift();
     }
     trim();
     if (following) scrollToEnd();
     showWanted();
+    if (pending.length > 0) frame = requestAnimationFrame(() => render(false));
   }
 
   function setField(id, text, iso) {
@@ -403,7 +462,7 @@
   function onEnd(event) {
     if (frame !== null) {
       cancelAnimationFrame(frame);
-      render();
+      render(true);
     }
     ended = true;
     source.close();
@@ -438,8 +497,12 @@
   }
 
   function connect() {
-    source = new EventSource("/jobs/" + jobId + "/log/events?from=" + offset);
+    catchingUp = following;
+    source = new EventSource(
+      "/jobs/" + jobId + "/log/events?from=" + offset + (catchingUp ? "&catch_up=true" : ""),
+    );
     source.addEventListener("log", onLog);
+    source.addEventListener("skip", onSkip);
     source.addEventListener("end", onEnd);
     // The page resumes by itself (from the last byte shown), also where the
     // browser would give up (an error answer while the controller restarts).

@@ -517,7 +517,9 @@ impl Services {
                 loop {
                     let id = match watch.events.recv().await {
                         Ok(
-                            StoreEvent::JobQueued { job } | StoreEvent::CancelRequested { job, .. },
+                            StoreEvent::JobQueued { job }
+                            | StoreEvent::JobStarted { job }
+                            | StoreEvent::CancelRequested { job, .. },
                         ) => job,
                         Ok(StoreEvent::JobFinished { job }) => {
                             watch.settled.remove(&job);

@@ -7,6 +7,7 @@
 //! `hobot up` compose the two.
 
 mod agents;
+mod ansi;
 mod auth;
 mod config;
 mod connections;

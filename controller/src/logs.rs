@@ -10,6 +10,7 @@ use hobotnica_common::ids::JobId;
 use hobotnica_common::job::Job;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::ansi::{SgrChange, SgrTracker};
 use crate::auth::{Access, Caller};
 use crate::error::CoreError;
 use crate::services::Services;
@@ -159,47 +160,167 @@ pub struct LogWindow {
     pub start: u64,
     /// How many lines lie before `start` (the first line shown is this + 1).
     pub lines_before: u64,
+    /// The SGR parameters in effect at `start` (empty: none), so that the
+    /// page shows its first line in the colours the job set before it.
+    pub colours: String,
+}
+
+/// Where a window of a stretch of log starts, found by [`find_window`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowStart {
+    /// The window's first byte: the start of a line, or the stretch's
+    /// start when no line starts in it before the window.
+    pub start: u64,
+    /// How many lines end between the stretch's start and `start`.
+    pub lines: u64,
+    /// What the log did to the colours between the two.
+    pub colours: SgrChange,
 }
 
 /// The start of the window of at most about `window` bytes at the end of
-/// a log of `length` bytes, and the lines before it, from the log's pieces
-/// read from its start. The window starts at the first line that starts
-/// within the last `window` bytes; when no line starts there (one long last
-/// line), at the start of that line.
+/// the stretch of a log from `from` to `length`, read as `pieces` from
+/// `from`: the first line that starts within the last `window` bytes, or,
+/// when none does (one long last line), the start of that line (at the
+/// latest `from`: the stretch's first line may have started before it).
 pub async fn find_window<S>(
     pieces: S,
+    from: u64,
     length: u64,
     window: u64,
-) -> Result<(u64, u64), std::io::Error>
+) -> Result<WindowStart, std::io::Error>
 where
     S: Stream<Item = Result<Bytes, std::io::Error>>,
 {
     use futures_util::StreamExt as _;
     let cut = length.saturating_sub(window);
-    if cut == 0 {
-        return Ok((0, 0));
+    let mut last_line = WindowStart {
+        start: from,
+        lines: 0,
+        colours: SgrChange::default(),
+    };
+    if cut <= from {
+        return Ok(last_line);
     }
     let mut pieces = std::pin::pin!(pieces);
-    let (mut offset, mut lines) = (0u64, 0u64);
-    let mut last_line = (0u64, 0u64);
+    let (mut offset, mut lines) = (from, 0u64);
+    let mut colours = SgrTracker::default();
     while let Some(piece) = pieces.next().await {
         let piece = piece?;
-        for (index, byte) in piece.iter().enumerate() {
-            if *byte != b'\n' {
-                continue;
-            }
+        let mut fed = 0;
+        for index in memchr::memchr_iter(b'\n', &piece) {
             lines += 1;
             let next_line = offset + index as u64 + 1;
-            if next_line >= cut && next_line < length {
-                return Ok((next_line, lines));
+            if next_line >= length {
+                break;
             }
-            if next_line < length {
-                last_line = (next_line, lines);
+            colours.feed(&piece[fed..=index]);
+            fed = index + 1;
+            let here = WindowStart {
+                start: next_line,
+                lines,
+                colours: colours.change(),
+            };
+            if next_line >= cut {
+                return Ok(here);
             }
+            last_line = here;
         }
+        colours.feed(&piece[fed..]);
         offset += piece.len() as u64;
     }
     Ok(last_line)
+}
+
+/// A jump ahead in a log for a viewer that fell behind: the bytes from
+/// `from` to `to` are not sent (they hold `lines` line ends and the colour
+/// change `colours`); the log goes on at `to`, a line's start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub from: u64,
+    pub to: u64,
+    pub lines: u64,
+    pub colours: SgrChange,
+}
+
+/// What [`tail_catching_up`] yields.
+#[derive(Debug)]
+pub enum ViewerItem {
+    Log(TailItem),
+    Skipped(Skip),
+}
+
+/// [`tail`] for a viewer that shows only a log's last part (the job page):
+/// whenever it is more than `lag` bytes behind the log's end, it skips to
+/// the window of the last `window` bytes instead of sending everything in
+/// between. Nothing is lost: the viewer loads skipped parts on demand, and
+/// every byte after a skip comes exactly once. The lag is looked at when
+/// the tail starts and after each full piece (a short piece means it had
+/// caught up), so a viewer that keeps up costs no extra store read.
+pub fn tail_catching_up(
+    store: Arc<dyn Store>,
+    job: JobId,
+    offset: u64,
+    lag: u64,
+    window: u64,
+) -> impl Stream<Item = Result<ViewerItem, StoreError>> + Send + 'static {
+    use futures_util::StreamExt as _;
+    struct State<T> {
+        store: Arc<dyn Store>,
+        offset: u64,
+        tail: std::pin::Pin<Box<T>>,
+        look: bool,
+    }
+    let state = State {
+        tail: Box::pin(tail(Arc::clone(&store), job, offset, true)),
+        store,
+        offset,
+        look: true,
+    };
+    futures_util::stream::unfold(state, move |mut state| async move {
+        if std::mem::take(&mut state.look) {
+            match skip_ahead(&state.store, job, state.offset, lag, window).await {
+                Ok(None) => {}
+                Ok(Some(skip)) => {
+                    state.offset = skip.to;
+                    state.tail = Box::pin(tail(Arc::clone(&state.store), job, skip.to, true));
+                    state.look = true;
+                    return Some((Ok(ViewerItem::Skipped(skip)), state));
+                }
+                Err(err) => return Some((Err(err), state)),
+            }
+        }
+        let item = state.tail.next().await?;
+        if let Ok(TailItem::Chunk { data, .. }) = &item {
+            state.offset += data.len() as u64;
+            state.look = data.len() >= LOG_READ_BYTES;
+        }
+        Some((item.map(ViewerItem::Log), state))
+    })
+}
+
+/// The skip a viewer at `offset` needs, if it is more than `lag` bytes
+/// behind the end of job `job`'s log.
+async fn skip_ahead(
+    store: &Arc<dyn Store>,
+    job: JobId,
+    offset: u64,
+    lag: u64,
+    window: u64,
+) -> Result<Option<Skip>, StoreError> {
+    let length = store.log_len(job).await?;
+    if length.saturating_sub(offset) <= lag {
+        return Ok(None);
+    }
+    let pieces = read_range(Arc::clone(store), job, offset, length);
+    let found = find_window(pieces, offset, length, window)
+        .await
+        .map_err(|err| StoreError::Unavailable(err.to_string()))?;
+    Ok((found.start > offset).then_some(Skip {
+        from: offset,
+        to: found.start,
+        lines: found.lines,
+        colours: found.colours,
+    }))
 }
 
 impl Services {
@@ -234,14 +355,15 @@ impl Services {
         let job = self.job_for(caller, id, Access::Read).await?;
         let length = self.store.log_len(id).await?;
         let pieces = read_range(Arc::clone(&self.store), id, 0, length);
-        let (start, lines_before) = find_window(pieces, length, window)
+        let found = find_window(pieces, 0, length, window)
             .await
             .map_err(|err| CoreError::Unavailable(err.to_string()))?;
         Ok(LogWindow {
             job,
             length,
-            start,
-            lines_before,
+            start: found.start,
+            lines_before: found.lines,
+            colours: found.colours.params(),
         })
     }
 
@@ -258,6 +380,24 @@ impl Services {
         Ok(tail(Arc::clone(&self.store), id, offset, follow)
             .map(|item| item.map_err(CoreError::from)))
     }
+
+    /// [`tail_catching_up`] of job `id` from `offset`, when `caller` may
+    /// read the job.
+    pub async fn tail_log_catching_up(
+        &self,
+        caller: &Caller,
+        id: JobId,
+        offset: u64,
+        lag: u64,
+        window: u64,
+    ) -> Result<impl Stream<Item = Result<ViewerItem, CoreError>> + Send + 'static, CoreError> {
+        use futures_util::StreamExt as _;
+        self.job_for(caller, id, Access::Read).await?;
+        Ok(
+            tail_catching_up(Arc::clone(&self.store), id, offset, lag, window)
+                .map(|item| item.map_err(CoreError::from)),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -265,50 +405,61 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    async fn window_of(log: &[u8], piece: usize, window: u64) -> (u64, u64) {
-        let pieces: Vec<Result<Bytes, std::io::Error>> = log
+    async fn window_of(log: &[u8], from: usize, piece: usize, window: u64) -> WindowStart {
+        let pieces: Vec<Result<Bytes, std::io::Error>> = log[from..]
             .chunks(piece.max(1))
             .map(|chunk| Ok(Bytes::copy_from_slice(chunk)))
             .collect();
-        find_window(futures_util::stream::iter(pieces), log.len() as u64, window)
-            .await
-            .unwrap()
+        find_window(
+            futures_util::stream::iter(pieces),
+            from as u64,
+            log.len() as u64,
+            window,
+        )
+        .await
+        .unwrap()
     }
 
-    /// The reference: the first line start at or after the cut (not the
-    /// end), else the last line start before it; lines = newlines before.
-    fn expected(log: &[u8], window: u64) -> (u64, u64) {
+    /// The reference: the first line start (after a newline at or after
+    /// `from`) at or after the cut (not the end), else the last one before
+    /// it, else `from`; lines = newlines between; the colours fed between.
+    fn expected(log: &[u8], from: usize, window: u64) -> WindowStart {
         let length = log.len() as u64;
         let cut = length.saturating_sub(window);
-        if cut == 0 {
-            return (0, 0);
-        }
-        let starts: Vec<u64> = std::iter::once(0)
-            .chain(
-                log.iter()
-                    .enumerate()
-                    .filter(|(_, byte)| **byte == b'\n')
-                    .map(|(index, _)| index as u64 + 1),
-            )
+        let starts: Vec<u64> = log
+            .iter()
+            .enumerate()
+            .skip(from)
+            .filter(|(_, byte)| **byte == b'\n')
+            .map(|(index, _)| index as u64 + 1)
             .filter(|start| *start < length)
             .collect();
-        let start = starts
-            .iter()
-            .copied()
-            .find(|start| *start >= cut)
-            .or_else(|| starts.iter().copied().rfind(|start| *start < cut))
-            .unwrap();
-        let lines = log[..start as usize]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count() as u64;
-        (start, lines)
+        let start = if cut <= from as u64 {
+            from as u64
+        } else {
+            starts
+                .iter()
+                .copied()
+                .find(|start| *start >= cut)
+                .or_else(|| starts.iter().copied().rfind(|start| *start < cut))
+                .unwrap_or(from as u64)
+        };
+        let stretch = &log[from..start as usize];
+        let mut colours = SgrTracker::default();
+        colours.feed(stretch);
+        WindowStart {
+            start,
+            lines: stretch.iter().filter(|b| **b == b'\n').count() as u64,
+            colours: colours.change(),
+        }
     }
 
     #[tokio::test]
     async fn the_window_starts_at_a_line_and_counts_the_lines_before_it() {
-        let logs: [&[u8]; 6] = [
+        let logs: [&[u8]; 8] = [
             b"",
+            b"\x1b[31mred\n\x1b[1mbold red\n\x1b[0mplain\n\x1b[4",
+            b"\x1b[32mgreen line\nstill green\n\x1b]0;t\x1b[33m\x07\x1b[44m\nlast",
             b"one\ntwo\nthree\n",
             b"a very long single line without an end",
             b"short\na very long last line without an end",
@@ -316,16 +467,138 @@ mod tests {
             b"x\nyy\nzzz\nwwww\nvvvvv\n",
         ];
         for log in logs {
-            for window in 0..=log.len() as u64 + 1 {
-                for piece in [1, 2, 3, 7, 64] {
-                    assert_eq!(
-                        window_of(log, piece, window).await,
-                        expected(log, window),
-                        "{:?} window {window} pieces {piece}",
-                        String::from_utf8_lossy(log)
-                    );
+            for from in 0..=log.len() {
+                for window in 0..=log.len() as u64 + 1 {
+                    for piece in [1, 2, 3, 7, 64] {
+                        assert_eq!(
+                            window_of(log, from, piece, window).await,
+                            expected(log, from, window),
+                            "{:?} from {from} window {window} pieces {piece}",
+                            String::from_utf8_lossy(log)
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// A log of `lines` numbered lines of 100 bytes, green from the start.
+    fn numbered_log(lines: usize) -> Vec<u8> {
+        let mut log = b"\x1b[32m".to_vec();
+        for n in 1..=lines {
+            log.extend_from_slice(format!("line {n:094}\n").as_bytes());
+        }
+        log
+    }
+
+    /// A viewer far behind skips to the log's last part and gets every
+    /// byte after it exactly once; one that keeps up is sent everything.
+    #[tokio::test]
+    async fn a_viewer_far_behind_skips_ahead_and_misses_nothing_after() {
+        use crate::store::conformance::{agent, finish, new_job};
+        use futures_util::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let worker = store.register_agent(agent("a1")).await.unwrap();
+        let job = store
+            .create_job(new_job("big"), chrono::Utc::now())
+            .await
+            .unwrap();
+        let now = chrono::Utc::now();
+        store
+            .claim_job(&worker, now, now + chrono::Duration::seconds(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let log = numbered_log(30_000);
+        let mut at = 0u64;
+        for piece in log.chunks(100_000) {
+            store
+                .append_log(job.id, 1, at, Bytes::copy_from_slice(piece))
+                .await
+                .unwrap();
+            at += piece.len() as u64;
+        }
+        store
+            .finish_job(
+                job.id,
+                1,
+                finish(hobotnica_common::job::Outcome::Succeeded, Some(0)),
+                chrono::Utc::now(),
+            )
+            .await
+            .unwrap();
+        let (lag, window) = (1024 * 1024, 256 * 1024);
+
+        let items: Vec<ViewerItem> =
+            tail_catching_up(Arc::clone(&store), job.id, 1000, lag, window)
+                .map(Result::unwrap)
+                .collect()
+                .await;
+        let ViewerItem::Skipped(skip) = &items[0] else {
+            panic!("a skip first: {items:?}");
+        };
+        let to = usize::try_from(skip.to).unwrap();
+        assert_eq!(skip.from, 1000);
+        assert_eq!(log[to - 1], b'\n', "the skip ends at a line's start");
+        assert!(log.len() - to <= window as usize, "{skip:?}");
+        assert_eq!(
+            skip.lines,
+            log[1000..to].iter().filter(|b| **b == b'\n').count() as u64
+        );
+        assert_eq!(
+            skip.colours.params(),
+            "",
+            "nothing changed colour after 1000"
+        );
+        let mut sent = Vec::new();
+        for item in &items[1..items.len() - 1] {
+            let ViewerItem::Log(TailItem::Chunk { offset, data }) = item else {
+                panic!("pieces after the skip: {item:?}");
+            };
+            assert_eq!(*offset as usize, to + sent.len());
+            sent.extend_from_slice(data);
+        }
+        assert_eq!(sent, log[to..], "every byte after the skip, once");
+        assert!(matches!(
+            items.last(),
+            Some(ViewerItem::Log(TailItem::End(_)))
+        ));
+
+        // From the start, the colour set before the skip comes with it.
+        let first = std::pin::pin!(tail_catching_up(Arc::clone(&store), job.id, 0, lag, window))
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        let ViewerItem::Skipped(skip) = first else {
+            panic!("a skip: {first:?}");
+        };
+        assert_eq!(skip.colours.params(), "32");
+
+        // Within the lag, or asked not to skip: every byte.
+        let behind = log.len() as u64 - lag;
+        for (from, lag) in [(behind, lag), (0, u64::MAX)] {
+            let mut sent = 0u64;
+            let mut stream = std::pin::pin!(tail_catching_up(
+                Arc::clone(&store),
+                job.id,
+                from,
+                lag,
+                window
+            ));
+            while let Some(item) = stream.next().await {
+                match item.unwrap() {
+                    ViewerItem::Log(TailItem::Chunk { offset, data }) => {
+                        assert_eq!(offset, from + sent);
+                        sent += data.len() as u64;
+                    }
+                    ViewerItem::Log(TailItem::End(_)) => break,
+                    ViewerItem::Skipped(skip) => panic!("no skip within the lag: {skip:?}"),
+                }
+            }
+            assert_eq!(from + sent, log.len() as u64);
         }
     }
 }

@@ -56,7 +56,7 @@ pub(crate) fn new_job(target: &str) -> NewJob {
     }
 }
 
-fn agent(name: &str) -> AgentRecord {
+pub(crate) fn agent(name: &str) -> AgentRecord {
     AgentRecord {
         id: AgentId::generate(),
         name: name.into(),
@@ -93,7 +93,7 @@ async fn expect_event(
     assert!(found.is_ok(), "no {wanted:?} within 5 s");
 }
 
-fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
+pub(crate) fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
     Finish {
         outcome,
         exit_code,
@@ -1326,6 +1326,7 @@ pub async fn every_change_is_published(store: Arc<dyn Store>) {
         .await
         .expect("claim")
         .expect("claimed");
+    expect_event(&mut events, StoreEvent::JobStarted { job: job.id }).await;
     store
         .append_log(job.id, 1, 0, Bytes::from_static(b"hello"))
         .await

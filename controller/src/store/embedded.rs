@@ -644,37 +644,42 @@ impl Store for EmbeddedStore {
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<Job>> {
         let agent = agent.clone();
-        self.blocking(move |inner| {
-            // A read transaction first: most calls find nothing to take, and
-            // a write transaction costs a sync to disk.
-            if !inner.has_claimable_job(&agent)? {
-                return Ok(None);
-            }
-            let txn = inner.db.begin_write().map_err(unavailable)?;
-            let claimed = {
-                let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
-                let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
-                let found = {
-                    let running = txn.open_table(RUNNING).map_err(unavailable)?;
-                    first_claimable(&queue, &jobs, &running, &agent)?
-                };
-                match found {
-                    None => None,
-                    Some(mut job) => {
-                        transitions::claim(&mut job, &agent, now, lease_until)?;
-                        queue.remove(job.id.0).map_err(unavailable)?;
-                        let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
-                        running.insert(job.id.0, ()).map_err(unavailable)?;
-                        jobs.insert(job.id.0, encode(&job)?.as_slice())
-                            .map_err(unavailable)?;
-                        Some(job)
-                    }
+        let claimed = self
+            .blocking(move |inner| {
+                // A read transaction first: most calls find nothing to take, and
+                // a write transaction costs a sync to disk.
+                if !inner.has_claimable_job(&agent)? {
+                    return Ok(None);
                 }
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(claimed)
-        })
-        .await
+                let txn = inner.db.begin_write().map_err(unavailable)?;
+                let claimed = {
+                    let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+                    let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+                    let found = {
+                        let running = txn.open_table(RUNNING).map_err(unavailable)?;
+                        first_claimable(&queue, &jobs, &running, &agent)?
+                    };
+                    match found {
+                        None => None,
+                        Some(mut job) => {
+                            transitions::claim(&mut job, &agent, now, lease_until)?;
+                            queue.remove(job.id.0).map_err(unavailable)?;
+                            let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
+                            running.insert(job.id.0, ()).map_err(unavailable)?;
+                            jobs.insert(job.id.0, encode(&job)?.as_slice())
+                                .map_err(unavailable)?;
+                            Some(job)
+                        }
+                    }
+                };
+                txn.commit().map_err(unavailable)?;
+                Ok(claimed)
+            })
+            .await?;
+        if let Some(job) = &claimed {
+            self.publish(StoreEvent::JobStarted { job: job.id });
+        }
+        Ok(claimed)
     }
 
     async fn renew_lease(

@@ -221,6 +221,8 @@ pub enum SessionPrincipal {
 pub enum StoreEvent {
     /// A job entered the queue: idle agents try to claim.
     JobQueued { job: JobId },
+    /// An agent claimed a queued job: it runs now.
+    JobStarted { job: JobId },
     /// Someone asked to cancel a running job.
     CancelRequested {
         job: JobId,

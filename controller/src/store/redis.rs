@@ -1496,6 +1496,7 @@ impl Store for RedisStore {
             };
             transitions::claim(&mut job, agent, now, lease_until)?;
             if self.cas(&raw, &job, true, false).await? {
+                self.publish(StoreEvent::JobStarted { job: job.id }).await;
                 return Ok(Some(job));
             }
             // Another agent took it first: look again.

@@ -108,6 +108,7 @@ struct JobPage {
     csrf_token: String,
     log_start: u64,
     log_lines_before: u64,
+    log_colours: String,
     log_length: u64,
 }
 
@@ -152,6 +153,7 @@ pub async fn show(
         csrf_token: session.csrf_token().to_owned(),
         log_start: window.start,
         log_lines_before: window.lines_before,
+        log_colours: window.colours,
         log_length: window.length,
     })
 }

@@ -12,6 +12,12 @@
 //! asks with `?from=`; pieces start exactly there, so no byte is lost or
 //! sent twice. One `end` event (the job's final facts as JSON) closes the
 //! stream once the job has ended and every byte was sent.
+//!
+//! A page that follows the log's end asks with `catch_up=true`: when it
+//! falls more than [`CATCH_UP_LAG_BYTES`] behind (a job writes faster than
+//! the browser draws), a `skip` event jumps it to the log's last part
+//! instead (`Services::tail_log_catching_up`); the page loads what it
+//! skipped on demand, as it does the part before its first line.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -24,13 +30,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::PageError;
-use super::job::{JobFacts, job_id};
+use super::job::{JobFacts, LOG_WINDOW_BYTES, job_id};
 use super::session::Viewer;
-use crate::logs::TailItem;
+use crate::logs::{TailItem, ViewerItem};
 use crate::services::Services;
 
 /// How often an idle event stream sends a comment, so that proxies keep
@@ -44,10 +50,18 @@ pub const EVENTS_RETRY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Shutdown(pub CancellationToken);
 
+/// How far behind the log's end a page that follows it may fall before
+/// the stream skips ahead to its last part ([`LOG_WINDOW_BYTES`]).
+pub const CATCH_UP_LAG_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
     /// The offset to resume from when the request has no `Last-Event-ID`.
     from: Option<u64>,
+    /// Whether to skip ahead when the page falls far behind (it follows
+    /// the log's end), rather than send every byte.
+    #[serde(default)]
+    catch_up: bool,
 }
 
 /// The offset a request resumes from: `Last-Event-ID` (the browser's own
@@ -61,8 +75,33 @@ fn resume_offset(headers: &HeaderMap, query: &EventsQuery) -> u64 {
         .unwrap_or(0)
 }
 
-/// The SSE event of one tail item.
-fn event_of(item: TailItem) -> Event {
+/// What a `skip` event says: the page jumps from `from` to `to`, over
+/// `lines` line ends, and applies the SGR parameters `colours`.
+#[derive(Serialize)]
+struct SkipEvent {
+    from: u64,
+    to: u64,
+    lines: u64,
+    colours: String,
+}
+
+/// The SSE event of one item of a viewer's tail.
+fn event_of(item: ViewerItem) -> Event {
+    let item = match item {
+        ViewerItem::Log(item) => item,
+        ViewerItem::Skipped(skip) => {
+            let data = SkipEvent {
+                from: skip.from,
+                to: skip.to,
+                lines: skip.lines,
+                colours: skip.colours.params(),
+            };
+            return Event::default()
+                .event("skip")
+                .id(skip.to.to_string())
+                .data(serde_json::to_string(&data).unwrap_or_else(|_| "{}".to_owned()));
+        }
+    };
     match item {
         TailItem::Chunk { offset, data } => Event::default()
             .event("log")
@@ -88,7 +127,14 @@ pub async fn events(
 ) -> Result<Response, PageError> {
     let id = job_id(&id)?;
     let offset = resume_offset(&headers, &query);
-    let tail = services.tail_log(&session.caller, id, offset, true).await?;
+    let lag = if query.catch_up {
+        CATCH_UP_LAG_BYTES
+    } else {
+        u64::MAX
+    };
+    let tail = services
+        .tail_log_catching_up(&session.caller, id, offset, lag, LOG_WINDOW_BYTES)
+        .await?;
     let first = futures_util::stream::once(async {
         Ok::<_, Infallible>(Event::default().retry(EVENTS_RETRY).comment("log"))
     });
@@ -163,9 +209,16 @@ mod tests {
     #[test]
     fn a_reconnect_resumes_from_last_event_id_before_the_query() {
         let mut headers = HeaderMap::new();
-        let query = EventsQuery { from: Some(7) };
+        let query = EventsQuery {
+            from: Some(7),
+            catch_up: false,
+        };
         assert_eq!(resume_offset(&headers, &query), 7);
-        assert_eq!(resume_offset(&headers, &EventsQuery { from: None }), 0);
+        let start = EventsQuery {
+            from: None,
+            catch_up: false,
+        };
+        assert_eq!(resume_offset(&headers, &start), 0);
         headers.insert("last-event-id", HeaderValue::from_static("1234"));
         assert_eq!(resume_offset(&headers, &query), 1234);
         headers.insert("last-event-id", HeaderValue::from_static("not a number"));
