@@ -220,15 +220,19 @@ impl Browser {
             .expect("the key actions performed");
     }
 
-    /// Presses `keys` (which make the page navigate, e.g. Enter in a
-    /// form) and waits for the next page to have loaded, as [`click`]
-    /// does.
+    /// Marks the document now shown, for [`wait_for_next_page`].
     ///
-    /// [`click`]: Browser::click
-    pub async fn press_and_wait(&self, keys: &[char]) {
+    /// [`wait_for_next_page`]: Browser::wait_for_next_page
+    async fn mark_old_page(&self) {
         self.script("window.hobotnicaOldPage = true; return true;")
             .await;
-        self.press(keys).await;
+    }
+
+    /// Waits until a document without [`mark_old_page`]'s mark is shown
+    /// and has loaded: the page an action led to.
+    ///
+    /// [`mark_old_page`]: Browser::mark_old_page
+    async fn wait_for_next_page(&self) {
         crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
             self.client
                 .execute(
@@ -239,6 +243,17 @@ impl Browser {
                 .is_ok_and(|loaded| loaded == Value::Bool(true))
         })
         .await;
+    }
+
+    /// Presses `keys` (which make the page navigate, e.g. Enter in a
+    /// form) and waits for the next page to have loaded, as [`click`]
+    /// does.
+    ///
+    /// [`click`]: Browser::click
+    pub async fn press_and_wait(&self, keys: &[char]) {
+        self.mark_old_page().await;
+        self.press(keys).await;
+        self.wait_for_next_page().await;
     }
 
     /// Types `text` with key actions into whatever has the focus.
@@ -311,8 +326,7 @@ impl Browser {
     /// (the old document is marked, and the click is done once a document
     /// without the mark is complete).
     pub async fn click(&self, css: &str) {
-        self.script("window.hobotnicaOldPage = true; return true;")
-            .await;
+        self.mark_old_page().await;
         self.client
             .find(Locator::Css(css))
             .await
@@ -320,16 +334,7 @@ impl Browser {
             .click()
             .await
             .unwrap_or_else(|err| panic!("cannot click {css}: {err}"));
-        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
-            self.client
-                .execute(
-                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
-                    Vec::new(),
-                )
-                .await
-                .is_ok_and(|loaded| loaded == Value::Bool(true))
-        })
-        .await;
+        self.wait_for_next_page().await;
     }
 
     /// Runs `script` (which makes the page navigate, e.g. by submitting a
@@ -337,19 +342,9 @@ impl Browser {
     ///
     /// [`click`]: Browser::click
     pub async fn script_and_wait(&self, script: &str) {
-        self.script("window.hobotnicaOldPage = true; return true;")
-            .await;
+        self.mark_old_page().await;
         self.script(script).await;
-        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
-            self.client
-                .execute(
-                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
-                    Vec::new(),
-                )
-                .await
-                .is_ok_and(|loaded| loaded == Value::Bool(true))
-        })
-        .await;
+        self.wait_for_next_page().await;
     }
 
     /// The value of cookie `name`, if the browser holds it.
@@ -627,6 +622,34 @@ impl Browser {
         self.click("form[action='/sign-out'] button").await;
     }
 
+    /// Fails unless the page's URL ends with `path` (e.g. `/repos`).
+    pub async fn assert_url_ends_with(&self, path: &str) {
+        let url = self.url().await;
+        assert!(url.ends_with(path), "{url}");
+    }
+
+    /// Marks the document now shown, so that [`assert_not_reloaded`] can
+    /// tell whether it is still the one shown.
+    ///
+    /// [`assert_not_reloaded`]: Browser::assert_not_reloaded
+    pub async fn mark_page(&self) {
+        self.script("window.hobotnicaSamePage = true; return true;")
+            .await;
+    }
+
+    /// Fails unless the document [`mark_page`] marked is still shown: the
+    /// page changed in place, with no reload or navigation.
+    ///
+    /// [`mark_page`]: Browser::mark_page
+    pub async fn assert_not_reloaded(&self) {
+        assert_eq!(
+            self.script("return window.hobotnicaSamePage === true;")
+                .await,
+            json!(true),
+            "no reload"
+        );
+    }
+
     /// A plain HTTP client holding this browser's session cookie, if any.
     pub async fn session_http(&self) -> reqwest::Client {
         http(self.cookie(SESSION_COOKIE).await.as_deref())
@@ -830,6 +853,28 @@ impl Site {
     /// Opens `path` (e.g. `/jobs/7`) of the dashboard.
     pub async fn open(&self, path: &str) {
         self.browser.goto(&format!("{}{path}", self.base())).await;
+    }
+
+    /// A `GET` of the dashboard's `path` with the browser's session cookie
+    /// (when it holds one), as a plain client sees the answer: redirects
+    /// are not followed.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.browser
+            .session_http()
+            .await
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path}: {err}"))
+    }
+
+    /// [`Site::get`], once the browser is checked to hold a session.
+    pub async fn get_signed_in(&self, path: &str) -> reqwest::Response {
+        assert!(
+            self.browser.cookie(SESSION_COOKIE).await.is_some(),
+            "a session"
+        );
+        self.get(path).await
     }
 
     /// Signs in with `token` and `login` (see [`Browser::sign_in`]).

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use hobotnica_tests::browser::{Browser, BrowserMemory, Setup, http};
+use hobotnica_tests::browser::{Browser, BrowserMemory, Setup, Site, http};
 use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
 use hobotnica_tests::redis::RedisServer;
 use hobotnica_tests::{Agent, Controller, ControllerOpts, GitRepo, JobState, Permission};
@@ -89,11 +89,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
 
     // Not signed in: the sign-in page.
     browser.goto(&base).await;
-    assert!(
-        browser.url().await.ends_with("/sign-in"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/sign-in").await;
     browser.doc_screenshot("sign-in").await;
     browser.assert_accessible("/sign-in").await;
 
@@ -108,11 +104,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
 
     // The admin token: the repositories.
     site.sign_in_as_admin().await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("local/demo"), "{text}");
     assert!(text.contains("succeeded"), "the last test's result: {text}");
@@ -233,11 +225,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
 
     // Sign-out ends the session: the old cookie no longer works.
     browser.sign_out().await;
-    assert!(
-        browser.url().await.ends_with("/sign-in"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/sign-in").await;
     let old = signed_in
         .get(format!("{base}/repos"))
         .send()
@@ -285,11 +273,7 @@ async fn a_github_user_sees_only_their_repositories() {
     assert_no_injected_script(browser, "/sign-in").await;
 
     site.sign_in(alice, "alice").await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("octo-org/mine"), "{text}");
     assert!(!text.contains("octo-org/theirs"), "{text}");
@@ -351,11 +335,7 @@ async fn a_session_works_across_controllers_sharing_redis() {
     browser.sign_in(&first.url(), &first.admin_token, "").await;
     assert!(browser.url().await.ends_with("/repos"));
     browser.goto(&format!("{}/repos", second.url())).await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("local/shared"), "{text}");
     assert!(text.contains("Signed in as admin"), "{text}");
@@ -386,6 +366,18 @@ async fn a_session_works_across_controllers_sharing_redis() {
         "signed out on both"
     );
     browser.close().await;
+}
+
+/// The GitHub users `alice`, who administers `octo-org/mine`, and
+/// `reader`, who may only read it: their tokens.
+fn admin_and_reader(site: &Site) -> (String, String) {
+    let alice = site.github_user("alice");
+    let reader = site.github_user("reader");
+    site.github_repo(
+        "mine",
+        &[(&alice, Permission::Admin), (&reader, Permission::Pull)],
+    );
+    (alice, reader)
 }
 
 /// A page on another origin (`localhost` rather than `127.0.0.1`) with a
@@ -447,18 +439,20 @@ fn job_page_makefile() -> String {
     )
 }
 
+/// An agent and `local/demo` with [`job_page_makefile`].
+fn job_page_setup() -> Setup {
+    Setup::new()
+        .agent()
+        .makefile(job_page_makefile())
+        .repo("demo")
+}
+
 /// A running job's page shows its log lines as they are printed, keeps
 /// them through a controller restart (each line once, in order) and shows
 /// the final state when the job ends, without a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
-    let Some(mut site) = Setup::new()
-        .agent()
-        .makefile(job_page_makefile())
-        .repo("demo")
-        .start()
-        .await
-    else {
+    let Some(mut site) = job_page_setup().start().await else {
         return;
     };
     let api = site.api();
@@ -503,7 +497,7 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
     // The controller restarts while the job prints the rest.
     std::fs::write(&gate2, b"").expect("gate two opened");
     site.controller.restart().await;
-    let (browser, api, base) = (&site.browser, site.api(), site.base());
+    let (browser, api) = (&site.browser, site.api());
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
     browser.wait_for_job_state("succeeded").await;
     browser.wait_for_log_line("line 40").await;
@@ -533,17 +527,7 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
     browser.assert_accessible("a finished job's page").await;
 
     // The job page's weight: HTML + CSS + JS.
-    assert!(
-        browser.cookie("hobotnica_session").await.is_some(),
-        "a session"
-    );
-    let html = browser
-        .session_http()
-        .await
-        .get(format!("{base}/jobs/{}", job.id))
-        .send()
-        .await
-        .expect("the job page");
+    let html = site.get_signed_in(&format!("/jobs/{}", job.id)).await;
     assert_page_headers(&html, "a job's page");
     let html = html.text().await.expect("its HTML").len();
     let mut asset_bytes = 0;
@@ -565,13 +549,7 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
 /// the log's exact bytes, as an attachment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
-    let Some(site) = Setup::new()
-        .agent()
-        .makefile(job_page_makefile())
-        .repo("demo")
-        .start()
-        .await
-    else {
+    let Some(site) = job_page_setup().start().await else {
         return;
     };
     let (browser, api, base) = (&site.browser, site.api(), site.base());
@@ -637,17 +615,9 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
     .await;
 
     // The raw download: the exact bytes, as an attachment.
-    assert!(
-        browser.cookie("hobotnica_session").await.is_some(),
-        "a session"
-    );
-    let raw = browser
-        .session_http()
-        .await
-        .get(format!("{base}/jobs/{}/log/raw", job.id))
-        .send()
-        .await
-        .expect("the raw log");
+    let raw = site
+        .get_signed_in(&format!("/jobs/{}/log/raw", job.id))
+        .await;
     assert_eq!(raw.status(), 200);
     assert_eq!(raw.headers()["content-type"], "text/plain");
     assert_eq!(
@@ -681,12 +651,7 @@ async fn cancel_and_retry_buttons_follow_push_access() {
         return;
     };
     let (browser, api, github) = (&site.browser, site.api(), site.github());
-    let alice = &site.github_user("alice");
-    let reader = &site.github_user("reader");
-    site.github_repo(
-        "mine",
-        &[(alice, Permission::Admin), (reader, Permission::Pull)],
-    );
+    let (alice, reader) = &admin_and_reader(&site);
 
     // The admin cancels a running job with the button.
     let job = site.job_running_until_cancelled().await;
@@ -788,13 +753,7 @@ async fn cancel_and_retry_buttons_follow_push_access() {
     let stranger = &site.github_user("stranger");
     browser.sign_out().await;
     site.sign_in(stranger, "stranger").await;
-    let page = browser
-        .session_http()
-        .await
-        .get(format!("{}/jobs/{github_job}", site.base()))
-        .send()
-        .await
-        .expect("an answer");
+    let page = site.get(&format!("/jobs/{github_job}")).await;
     assert_eq!(page.status(), 404);
     api.cancel(github_job).await;
     site.close().await;
@@ -835,7 +794,7 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
     let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
-    let (browser, api, base) = (&site.browser, site.api(), site.base());
+    let (browser, api) = (&site.browser, site.api());
     site.sign_in_as_admin().await;
     let job = api.run_target("local/demo", "big").await;
     api.wait_for_state(job.id, &[JobState::Running], JOB_TIMEOUT)
@@ -881,18 +840,10 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
         peak.total_bytes / (1 << 20),
         peak.largest_renderer_bytes / (1 << 20)
     );
-    assert!(
-        browser.cookie("hobotnica_session").await.is_some(),
-        "a session"
-    );
     let asked = std::time::Instant::now();
-    let events = browser
-        .session_http()
+    let events = site
+        .get_signed_in(&format!("/jobs/{}/log/events?from=0", job.id))
         .await
-        .get(format!("{base}/jobs/{}/log/events?from=0", job.id))
-        .send()
-        .await
-        .expect("the events")
         .bytes()
         .await
         .expect("all events");
@@ -928,6 +879,13 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
     site.close().await;
 }
 
+/// The jobs list's rows, newest first, each as `[id, state]`.
+async fn job_rows(browser: &Browser) -> serde_json::Value {
+    browser
+        .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
+        .await
+}
+
 /// The jobs list: new and finished jobs appear without a reload; it
 /// filters by state, repository and kind, and pages with "Older jobs".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -949,11 +907,7 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
 
     site.sign_in_as_admin().await;
     browser.click("a[href='/jobs']").await;
-    let rows = || async {
-        browser
-            .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
-            .await
-    };
+    let rows = || job_rows(browser);
     assert_eq!(
         rows().await,
         json!([[failed.id, "failed"], [first.id, "succeeded"]])
@@ -962,9 +916,7 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
     browser.assert_accessible("/jobs").await;
 
     // A new job appears, then its end, without a reload.
-    browser
-        .script("window.hobotnicaSamePage = true; return true;")
-        .await;
+    browser.mark_page().await;
     let gate = site.controller.scratch_dir("gates").join("list");
     let live = api
         .run_job(
@@ -981,13 +933,7 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
         rows().await[0] == json!([live.id, "succeeded"])
     })
     .await;
-    assert_eq!(
-        browser
-            .script("return window.hobotnicaSamePage === true;")
-            .await,
-        json!(true),
-        "no reload"
-    );
+    browser.assert_not_reloaded().await;
 
     // Filters.
     site.open("/jobs?state=succeeded&repo=local%2Fdemo").await;
@@ -1042,14 +988,9 @@ async fn a_github_user_sees_only_jobs_of_repositories_they_can_read() {
 
     site.sign_in(alice, "alice").await;
     browser.click("a[href='/jobs']").await;
-    let ids = || async {
-        browser
-            .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => Number(r.dataset.id));")
-            .await
-    };
     assert_eq!(
-        ids().await,
-        json!([mine]),
+        job_rows(browser).await,
+        json!([[mine, "queued"]]),
         "only the readable repository's job"
     );
     let text = browser.text().await;
@@ -1059,43 +1000,30 @@ async fn a_github_user_sees_only_jobs_of_repositories_they_can_read() {
     browser.assert_accessible("/jobs as a GitHub user").await;
 
     // New jobs while the list is open: the other repository's first, then
-    // one of theirs. The events come in order, so once theirs is shown
-    // the other's would have been too, had it been sent.
-    browser
-        .script("window.hobotnicaSamePage = true; return true;")
-        .await;
+    // one of the user's own. The events come in order, so once the user's
+    // job is shown the other's would have been too, had it been sent.
+    browser.mark_page().await;
     let theirs_new = queue("bob", bob, "octo-org/theirs").await;
     let mine_new = queue("alice", alice, "octo-org/mine").await;
     hobotnica_tests::wait_until(JOB_TIMEOUT, "the user's new job in the list", || async {
-        ids().await[0] == json!(mine_new)
+        job_rows(browser).await[0][0] == json!(mine_new)
     })
     .await;
     assert_eq!(
-        ids().await,
-        json!([mine_new, mine]),
+        job_rows(browser).await,
+        json!([[mine_new, "queued"], [mine, "queued"]]),
         "neither {theirs} nor {theirs_new} of the other repository"
     );
-    assert!(!browser.text().await.contains("octo-org/theirs"));
-    assert_eq!(
-        browser
-            .script("return window.hobotnicaSamePage === true;")
-            .await,
-        json!(true),
-        "no reload"
-    );
+    let text = browser.text().await;
+    assert!(!text.contains("octo-org/theirs"), "{text}");
+    browser.assert_not_reloaded().await;
 
     // The other repository's job by its address: not found.
     site.open(&format!("/jobs/{theirs}")).await;
     let text = browser.text().await;
     assert!(text.contains("Not found"), "{text}");
     assert!(!text.contains("octo-org/theirs"), "{text}");
-    let page = browser
-        .session_http()
-        .await
-        .get(format!("{}/jobs/{theirs}", site.base()))
-        .send()
-        .await
-        .expect("an answer");
+    let page = site.get(&format!("/jobs/{theirs}")).await;
     assert_eq!(page.status(), 404);
     site.close().await;
 }
@@ -1294,13 +1222,8 @@ async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
     let Some(site) = Setup::new().github().start().await else {
         return;
     };
-    let (browser, api, base) = (&site.browser, site.api(), site.base());
-    let alice = &site.github_user("alice");
-    let reader = &site.github_user("reader");
-    site.github_repo(
-        "mine",
-        &[(alice, Permission::Admin), (reader, Permission::Pull)],
-    );
+    let (browser, api) = (&site.browser, site.api());
+    let (alice, reader) = &admin_and_reader(&site);
     site.register_github_repo("alice", alice, "mine").await;
     api.set_env("octo-org/mine", "REGION", "eu-west", "all", false)
         .await;
@@ -1346,13 +1269,7 @@ async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
         let answers = post_from_page(browser, path, body, 1).await;
         assert_eq!(answers, vec!["status 403".to_owned()], "{path}");
     }
-    let confirm = browser
-        .session_http()
-        .await
-        .get(format!("{base}/repos/octo-org/mine/deploy"))
-        .send()
-        .await
-        .expect("an answer");
+    let confirm = site.get("/repos/octo-org/mine/deploy").await;
     assert_eq!(confirm.status(), 403);
     assert!(api.jobs("repo=octo-org/mine&kind=deploy").await.is_empty());
     let env = api.env("octo-org/mine").await;
@@ -1369,7 +1286,7 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
     let Some(site) = Setup::new().repo("demo").start().await else {
         return;
     };
-    let (browser, api, base) = (&site.browser, site.api(), site.base());
+    let (browser, api) = (&site.browser, site.api());
     let secret = "s3cr3t-deploy-token-7f1e9a";
     let replaced = "s3cr3t-deploy-token-replaced-42ab";
     let refused_value = "value-of-a-refused-name-93cd";
@@ -1438,7 +1355,6 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
     assert_eq!(keys, vec![json!("DEPLOY_TOKEN")]);
 
     // The secrets in no page, no page source, no REST answer.
-    let signed_in = browser.session_http().await;
     let source = browser
         .script("return document.documentElement.outerHTML;")
         .await;
@@ -1452,11 +1368,7 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
         "/repos/local/demo/deploy",
         "/jobs",
     ] {
-        let response = signed_in
-            .get(format!("{base}{page}"))
-            .send()
-            .await
-            .expect("the page");
+        let response = site.get(page).await;
         assert_eq!(response.status(), 200, "{page}");
         sources.push((page.to_owned(), response.text().await.expect("its HTML")));
     }
