@@ -20,9 +20,9 @@
 
 use std::time::{Duration, Instant};
 
-use hobotnica_tests::browser::Browser;
+use hobotnica_tests::JobState;
+use hobotnica_tests::browser::{Browser, Setup, Site};
 use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
-use hobotnica_tests::{Agent, Controller, GitRepo, JobState};
 use serde_json::json;
 
 /// Deadline for one job, and for the 50 MiB log to reach the page.
@@ -30,12 +30,6 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
-}
-
-async fn sign_in(browser: &Browser, base: &str, token: &str) {
-    browser.goto(&format!("{base}/sign-in")).await;
-    browser.fill("#token", token).await;
-    browser.click("form[action='/sign-in'] button").await;
 }
 
 /// The page's own bytes as the browser decoded them (the navigation and
@@ -54,33 +48,21 @@ async fn page_weight(browser: &Browser) -> (u64, u64, u64) {
     (at(0), at(1), at(2))
 }
 
-async fn run(browser: Browser) {
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
-    sign_in(&browser, &base, &controller.admin_token).await;
+async fn run(site: Site) {
+    let (browser, api) = (&site.browser, site.api());
+    site.sign_in_as_admin().await;
 
     // A running job: its page's weight and its first line.
     // Where the job's sandbox can see it.
     let gate_dir = hobotnica_tests::shared_dir().join(hobotnica_tests::unique("browser-bench"));
     std::fs::create_dir_all(&gate_dir).unwrap();
     let gate = gate_dir.join("gate");
-    let job = api
-        .run_job(
-            "local/demo",
-            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_string_lossy() } }),
-        )
-        .await;
-    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
-        .await;
+    let job = site.job_waiting_at("local/demo", &gate).await;
     // A first visit fills the cache; the second is what is measured.
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
-    browser.goto(&format!("{base}/repos")).await;
+    site.open(&format!("/jobs/{}", job.id)).await;
+    site.open("/repos").await;
     let opened = Instant::now();
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    site.open(&format!("/jobs/{}", job.id)).await;
     hobotnica_tests::wait_until(JOB_TIMEOUT, "the first log line", || async {
         browser
             .script("return !!document.querySelector('#log .line');")
@@ -96,7 +78,7 @@ async fn run(browser: Browser) {
         .await
         .as_f64()
         .unwrap_or(0.0);
-    let (html, js, css) = page_weight(&browser).await;
+    let (html, js, css) = page_weight(browser).await;
     println!(
         "job page weight: {} bytes ({html} HTML + {js} JavaScript + {css} CSS, uncompressed)",
         html + js + css
@@ -126,21 +108,14 @@ async fn run(browser: Browser) {
     let job = api.run_target("local/demo", "big").await;
     api.wait_for_state(job.id, &[JobState::Running], JOB_TIMEOUT)
         .await;
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    site.open(&format!("/jobs/{}", job.id)).await;
     let cpu_before = browser.cpu_time();
     let started = Instant::now();
     let peak = std::cell::Cell::new(browser.memory());
     let last_line = big_output_line(BIG_OUTPUT_LINES);
     let last_line = last_line.trim_end();
     hobotnica_tests::wait_until(JOB_TIMEOUT, "the whole log shown", || {
-        let now = browser.memory();
-        let mut highest = peak.get();
-        highest.total_bytes = highest.total_bytes.max(now.total_bytes);
-        highest.largest_renderer_bytes = highest
-            .largest_renderer_bytes
-            .max(now.largest_renderer_bytes);
-        peak.set(highest);
-        let browser = &browser;
+        peak.set(peak.get().max(browser.memory()));
         async move {
             browser
                 .script(
@@ -191,7 +166,7 @@ async fn run(browser: Browser) {
         }
     }
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    browser.close().await;
+    site.close().await;
 }
 
 fn main() {
@@ -215,10 +190,10 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let Some(browser) = Browser::start().await else {
+        let Some(site) = Setup::new().agent().repo("demo").start().await else {
             println!("SKIPPED: the browser benchmark needs Chromium (see the line above)");
             return;
         };
-        run(browser).await;
+        run(site).await;
     });
 }

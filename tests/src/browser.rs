@@ -5,6 +5,11 @@
 //! `target/browser-screenshots/`, and axe-core (`tests/browser/`, npm ci)
 //! injected into a page to check its accessibility.
 //!
+//! [`Setup`] and [`Site`] are the tests' common start: the browser, a
+//! controller, and as asked an agent, a fake GitHub and local
+//! repositories with a Makefile; `Site` signs in, opens pages and starts
+//! the jobs a test's story needs, so that a test reads as that story.
+//!
 //! A machine that cannot run Chromium makes [`Browser::start`] print
 //! "skipped: why" and return `None`, except under `CI`, where the test
 //! fails instead.
@@ -19,6 +24,9 @@ use tempfile::TempDir;
 
 use crate::docker::repo_root;
 use crate::net::free_addr;
+use crate::{
+    Agent, Api, Controller, ControllerOpts, FakeGitHub, GitRepo, Job, Permission, RawResponse,
+};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -212,15 +220,19 @@ impl Browser {
             .expect("the key actions performed");
     }
 
-    /// Presses `keys` (which make the page navigate, e.g. Enter in a
-    /// form) and waits for the next page to have loaded, as [`click`]
-    /// does.
+    /// Marks the document now shown, for [`wait_for_next_page`].
     ///
-    /// [`click`]: Browser::click
-    pub async fn press_and_wait(&self, keys: &[char]) {
+    /// [`wait_for_next_page`]: Browser::wait_for_next_page
+    async fn mark_old_page(&self) {
         self.script("window.hobotnicaOldPage = true; return true;")
             .await;
-        self.press(keys).await;
+    }
+
+    /// Waits until a document without [`mark_old_page`]'s mark is shown
+    /// and has loaded: the page an action led to.
+    ///
+    /// [`mark_old_page`]: Browser::mark_old_page
+    async fn wait_for_next_page(&self) {
         crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
             self.client
                 .execute(
@@ -231,6 +243,17 @@ impl Browser {
                 .is_ok_and(|loaded| loaded == Value::Bool(true))
         })
         .await;
+    }
+
+    /// Presses `keys` (which make the page navigate, e.g. Enter in a
+    /// form) and waits for the next page to have loaded, as [`click`]
+    /// does.
+    ///
+    /// [`click`]: Browser::click
+    pub async fn press_and_wait(&self, keys: &[char]) {
+        self.mark_old_page().await;
+        self.press(keys).await;
+        self.wait_for_next_page().await;
     }
 
     /// Types `text` with key actions into whatever has the focus.
@@ -303,8 +326,7 @@ impl Browser {
     /// (the old document is marked, and the click is done once a document
     /// without the mark is complete).
     pub async fn click(&self, css: &str) {
-        self.script("window.hobotnicaOldPage = true; return true;")
-            .await;
+        self.mark_old_page().await;
         self.client
             .find(Locator::Css(css))
             .await
@@ -312,16 +334,7 @@ impl Browser {
             .click()
             .await
             .unwrap_or_else(|err| panic!("cannot click {css}: {err}"));
-        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
-            self.client
-                .execute(
-                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
-                    Vec::new(),
-                )
-                .await
-                .is_ok_and(|loaded| loaded == Value::Bool(true))
-        })
-        .await;
+        self.wait_for_next_page().await;
     }
 
     /// Runs `script` (which makes the page navigate, e.g. by submitting a
@@ -329,19 +342,9 @@ impl Browser {
     ///
     /// [`click`]: Browser::click
     pub async fn script_and_wait(&self, script: &str) {
-        self.script("window.hobotnicaOldPage = true; return true;")
-            .await;
+        self.mark_old_page().await;
         self.script(script).await;
-        crate::wait_until(PAGE_LOAD_TIMEOUT, "the next page", || async {
-            self.client
-                .execute(
-                    "return !window.hobotnicaOldPage && document.readyState === 'complete';",
-                    Vec::new(),
-                )
-                .await
-                .is_ok_and(|loaded| loaded == Value::Bool(true))
-        })
-        .await;
+        self.wait_for_next_page().await;
     }
 
     /// The value of cookie `name`, if the browser holds it.
@@ -574,5 +577,395 @@ impl Drop for DriverGuard {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// How long the fixture waits for a job to reach a point it asks for.
+const FIXTURE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "hobotnica_session";
+
+/// A plain HTTP client that does not follow redirects and sends the
+/// session `cookie` when there is one: what a page or a download answers,
+/// headers included.
+pub fn http(cookie: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(cookie) = cookie {
+        headers.insert(
+            reqwest::header::COOKIE,
+            format!("{SESSION_COOKIE}={cookie}")
+                .parse()
+                .expect("a cookie"),
+        );
+    }
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .expect("a client")
+}
+
+impl Browser {
+    /// Signs in through the sign-in page with `token` (and `login`, a
+    /// GitHub user's name, empty for the admin) and waits for the page the
+    /// form leads to.
+    pub async fn sign_in(&self, base: &str, token: &str, login: &str) {
+        self.goto(&format!("{base}/sign-in")).await;
+        self.fill("#token", token).await;
+        self.fill("#login", login).await;
+        self.click("form[action='/sign-in'] button").await;
+    }
+
+    /// Signs out with the header's button.
+    pub async fn sign_out(&self) {
+        self.click("form[action='/sign-out'] button").await;
+    }
+
+    /// Fails unless the page's URL ends with `path` (e.g. `/repos`).
+    pub async fn assert_url_ends_with(&self, path: &str) {
+        let url = self.url().await;
+        assert!(url.ends_with(path), "{url}");
+    }
+
+    /// Marks the document now shown, so that [`assert_not_reloaded`] can
+    /// tell whether it is still the one shown.
+    ///
+    /// [`assert_not_reloaded`]: Browser::assert_not_reloaded
+    pub async fn mark_page(&self) {
+        self.script("window.hobotnicaSamePage = true; return true;")
+            .await;
+    }
+
+    /// Fails unless the document [`mark_page`] marked is still shown: the
+    /// page changed in place, with no reload or navigation.
+    ///
+    /// [`mark_page`]: Browser::mark_page
+    pub async fn assert_not_reloaded(&self) {
+        assert_eq!(
+            self.script("return window.hobotnicaSamePage === true;")
+                .await,
+            json!(true),
+            "no reload"
+        );
+    }
+
+    /// A plain HTTP client holding this browser's session cookie, if any.
+    pub async fn session_http(&self) -> reqwest::Client {
+        http(self.cookie(SESSION_COOKIE).await.as_deref())
+    }
+
+    /// The stylesheets and scripts the page links to, as URLs.
+    pub async fn asset_urls(&self) -> Vec<String> {
+        self.script(
+            "return [...document.querySelectorAll('link[rel=stylesheet], script[src]')].map(e => e.href || e.src);",
+        )
+        .await
+        .as_array()
+        .expect("asset URLs")
+        .iter()
+        .map(|url| url.as_str().expect("a URL").to_owned())
+        .collect()
+    }
+
+    /// The lines a job page's log view shows, each as its line number and
+    /// its text.
+    pub async fn log_lines(&self) -> Vec<(String, String)> {
+        let lines = self
+            .script(
+                "return [...document.querySelectorAll('#log .line')]
+                   .map(l => [l.querySelector('.ln').textContent, l.querySelector('.tx').textContent]);",
+            )
+            .await;
+        serde_json::from_value(lines).expect("the shown lines")
+    }
+
+    /// Waits until a job page's log view shows a line that is `needle`.
+    pub async fn wait_for_log_line(&self, needle: &str) {
+        let what = format!("the page to show {needle:?}");
+        crate::wait_until(FIXTURE_TIMEOUT, &what, || async {
+            self.log_lines()
+                .await
+                .iter()
+                .any(|(_, text)| text == needle)
+        })
+        .await;
+    }
+
+    /// Waits until a job page shows the job's state as `state`.
+    pub async fn wait_for_job_state(&self, state: &str) {
+        let what = format!("the page to show the state {state}");
+        crate::wait_until(FIXTURE_TIMEOUT, &what, || async {
+            self.script("return document.querySelector('#job-state').textContent;")
+                .await
+                == json!(state)
+        })
+        .await;
+    }
+}
+
+impl BrowserMemory {
+    /// The larger of each figure of `self` and `other`: a running peak.
+    pub fn max(self, other: BrowserMemory) -> BrowserMemory {
+        BrowserMemory {
+            total_bytes: self.total_bytes.max(other.total_bytes),
+            largest_renderer_bytes: self
+                .largest_renderer_bytes
+                .max(other.largest_renderer_bytes),
+        }
+    }
+}
+
+/// What a browser test starts with, before its own story: a controller
+/// always; an agent, a fake GitHub, local repositories and their Makefile
+/// when asked. [`Setup::start`] starts it all.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    agent: bool,
+    github: bool,
+    makefile: Option<String>,
+    repos: Vec<String>,
+}
+
+impl Setup {
+    /// A controller alone.
+    pub fn new() -> Setup {
+        Setup::default()
+    }
+
+    /// With an agent connected, to run jobs.
+    pub fn agent(mut self) -> Setup {
+        self.agent = true;
+        self
+    }
+
+    /// With a fake GitHub the controller signs GitHub users in with (its
+    /// users and repositories are added by the test: [`Site::github`]).
+    pub fn github(mut self) -> Setup {
+        self.github = true;
+        self
+    }
+
+    /// With the local git repository registered as `local/NAME` (one
+    /// repository may be registered under several names).
+    pub fn repo(mut self, name: &str) -> Setup {
+        self.repos.push(name.to_owned());
+        self
+    }
+
+    /// With `makefile` committed as the local repository's Makefile,
+    /// instead of the harness's ([`crate::git::MAKEFILE`]).
+    pub fn makefile(mut self, makefile: String) -> Setup {
+        self.makefile = Some(makefile);
+        self
+    }
+
+    /// Starts the browser first (`None` where this machine cannot run
+    /// one, as [`Browser::start`] says), then the fake GitHub, the
+    /// controller and the agent, and registers the repositories.
+    pub async fn start(self) -> Option<Site> {
+        let browser = Browser::start().await?;
+        let github = match self.github {
+            true => Some(FakeGitHub::start().await),
+            false => None,
+        };
+        let controller = Controller::start(ControllerOpts {
+            extra_args: github
+                .as_ref()
+                .map(FakeGitHub::controller_args)
+                .unwrap_or_default(),
+            ..ControllerOpts::default()
+        })
+        .await;
+        let agent = match self.agent {
+            true => Some(Agent::start_default(&controller).await),
+            false => None,
+        };
+        let repo = GitRepo::new();
+        if let Some(makefile) = &self.makefile {
+            repo.commit(&[("Makefile", makefile)], "the test's Makefile");
+        }
+        let api = controller.api();
+        for name in &self.repos {
+            api.register_repo(name, &repo.url()).await;
+        }
+        Some(Site {
+            browser,
+            _agent: agent,
+            controller,
+            github,
+            repo,
+        })
+    }
+}
+
+/// A browser test's world: the browser and the processes it talks to.
+/// Dropping it stops them all.
+pub struct Site {
+    pub browser: Browser,
+    _agent: Option<Agent>,
+    pub controller: Controller,
+    github: Option<FakeGitHub>,
+    /// The local git repository the [`Setup::repo`] names are registered
+    /// with.
+    pub repo: GitRepo,
+}
+
+impl Site {
+    /// The dashboard's address (`http://127.0.0.1:PORT`).
+    pub fn base(&self) -> String {
+        self.controller.url()
+    }
+
+    /// The admin's REST client (a new one after a controller restart).
+    pub fn api(&self) -> Api {
+        self.controller.api()
+    }
+
+    /// The fake GitHub.
+    ///
+    /// # Panics
+    /// When the site was set up without one ([`Setup::github`]).
+    pub fn github(&self) -> &FakeGitHub {
+        self.github
+            .as_ref()
+            .expect("a site set up with a fake GitHub")
+    }
+
+    /// Adds the GitHub user `login` to the fake GitHub with a token of its
+    /// own, and returns the token.
+    pub fn github_user(&self, login: &str) -> String {
+        let token = format!("ghp_{login}0123456789");
+        self.github().add_user(login, &token);
+        token
+    }
+
+    /// Adds `octo-org/NAME` (branch `main`) to the fake GitHub, with each
+    /// token's permission on it.
+    pub fn github_repo(&self, name: &str, grants: &[(&str, Permission)]) {
+        let github = self.github();
+        github.add_repo("octo-org", name, "main");
+        for (token, permission) in grants {
+            github.grant(token, &format!("octo-org/{name}"), *permission);
+        }
+    }
+
+    /// Opens `path` (e.g. `/jobs/7`) of the dashboard.
+    pub async fn open(&self, path: &str) {
+        self.browser.goto(&format!("{}{path}", self.base())).await;
+    }
+
+    /// A `GET` of the dashboard's `path` with the browser's session cookie
+    /// (when it holds one), as a plain client sees the answer: redirects
+    /// are not followed.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.browser
+            .session_http()
+            .await
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path}: {err}"))
+    }
+
+    /// [`Site::get`], once the browser is checked to hold a session.
+    pub async fn get_signed_in(&self, path: &str) -> reqwest::Response {
+        assert!(
+            self.browser.cookie(SESSION_COOKIE).await.is_some(),
+            "a session"
+        );
+        self.get(path).await
+    }
+
+    /// Signs in with `token` and `login` (see [`Browser::sign_in`]).
+    pub async fn sign_in(&self, token: &str, login: &str) {
+        self.browser.sign_in(&self.base(), token, login).await;
+    }
+
+    /// Signs in with the admin token.
+    pub async fn sign_in_as_admin(&self) {
+        self.sign_in(&self.controller.admin_token, "").await;
+    }
+
+    /// Starts `make gate` in `repo` with `$E2E_GATE` at `gate` and waits
+    /// until it is waiting for that file: a job that runs until the file
+    /// exists (or it is cancelled).
+    pub async fn job_waiting_at(&self, repo: &str, gate: &Path) -> Job {
+        let api = self.api();
+        let job = api
+            .run_job(
+                repo,
+                json!({ "target": "gate", "env": { "E2E_GATE": gate.to_string_lossy() } }),
+            )
+            .await;
+        api.wait_for_log(job.id, "waiting for the gate", FIXTURE_TIMEOUT)
+            .await;
+        job
+    }
+
+    /// A job of `local/demo` that runs until cancelled.
+    pub async fn job_running_until_cancelled(&self) -> Job {
+        self.job_waiting_at("local/demo", Path::new("/nonexistent/gate"))
+            .await
+    }
+
+    /// Registers the fake GitHub's `octo-org/NAME` as the GitHub user
+    /// `login` (whose token is `token`) and returns the answer (201, its
+    /// webhook secret in the body).
+    pub async fn register_github_repo(&self, login: &str, token: &str, name: &str) -> RawResponse {
+        let registered = self
+            .as_github_user(
+                login,
+                token,
+                "/api/v1/repos",
+                &json!({ "owner": "octo-org", "name": name }),
+            )
+            .await;
+        assert_eq!(registered.status, 201, "{}", registered.text());
+        registered
+    }
+
+    /// Queues a job of the GitHub repository `repo` (`owner/name`) as the
+    /// GitHub user `login` with the REST API's `body`, and returns the
+    /// answer (202, the job in the body).
+    pub async fn queue_github_job(
+        &self,
+        login: &str,
+        token: &str,
+        repo: &str,
+        body: &Value,
+    ) -> RawResponse {
+        let queued = self
+            .as_github_user(login, token, &format!("/api/v1/repos/{repo}/jobs"), body)
+            .await;
+        assert_eq!(queued.status, 202, "{}", queued.text());
+        queued
+    }
+
+    /// A JSON `POST` to the REST API as the GitHub user `login`.
+    async fn as_github_user(
+        &self,
+        login: &str,
+        token: &str,
+        path: &str,
+        body: &Value,
+    ) -> RawResponse {
+        Api::new(self.base(), Some(token))
+            .raw_with_headers(
+                reqwest::Method::POST,
+                path,
+                Some(body.to_string().as_bytes()),
+                &[
+                    ("x-github-username", login),
+                    ("content-type", "application/json"),
+                ],
+            )
+            .await
+    }
+
+    /// Ends the browser session; the processes stop when the site is
+    /// dropped.
+    pub async fn close(self) {
+        self.browser.close().await;
     }
 }

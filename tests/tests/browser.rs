@@ -3,6 +3,8 @@
 //! GitHub, a wrong token), what each sees, signing out, CSRF and
 //! cross-site posts, sessions shared by two controllers on one Redis,
 //! escaping, accessibility (axe-core on every page) and security headers;
+//! the jobs list: live, filtered, paged, and for a GitHub user only the
+//! jobs of repositories they can read (live too; another's job not found);
 //! a job's page: its live log through a controller restart, a hostile log
 //! rendered as text, line links, the raw download, Cancel and Retry by
 //! access; a repository's page: Deploy through its confirmation exactly
@@ -16,10 +18,10 @@
 
 use std::time::Duration;
 
-use hobotnica_tests::browser::Browser;
+use hobotnica_tests::browser::{Browser, BrowserMemory, Setup, Site, http};
 use hobotnica_tests::git::{BIG_OUTPUT_LINES, big_output_line};
 use hobotnica_tests::redis::RedisServer;
-use hobotnica_tests::{Agent, Api, Controller, ControllerOpts, FakeGitHub, GitRepo, Permission};
+use hobotnica_tests::{Agent, Controller, ControllerOpts, GitRepo, JobState, Permission};
 use reqwest::Method;
 use serde_json::json;
 
@@ -27,31 +29,6 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 const XSS: &str = "<script>alert(1)</script>";
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
-
-/// A client that does not follow redirects and sends `cookie`.
-fn http(cookie: Option<&str>) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(cookie) = cookie {
-        headers.insert(
-            reqwest::header::COOKIE,
-            format!("hobotnica_session={cookie}")
-                .parse()
-                .expect("a cookie"),
-        );
-    }
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .default_headers(headers)
-        .build()
-        .expect("a client")
-}
-
-async fn sign_in_with(browser: &Browser, base: &str, token: &str, login: &str) {
-    browser.goto(&format!("{base}/sign-in")).await;
-    browser.fill("#token", token).await;
-    browser.fill("#login", login).await;
-    browser.click("form[action='/sign-in'] button").await;
-}
 
 /// No script ran from the page's data: no dialog, and every script
 /// element is the dashboard's own file.
@@ -89,15 +66,11 @@ fn assert_page_headers(response: &reqwest::Response, page: &str) {
 /// old cookie no longer works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
+    let (browser, api, base, repo) = (&site.browser, site.api(), site.base(), &site.repo);
+    let admin_token = &site.controller.admin_token;
     let job = api.run_target("local/demo", "test").await;
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
     // A git URL (a local path) with a script tag in it.
@@ -116,16 +89,12 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
 
     // Not signed in: the sign-in page.
     browser.goto(&base).await;
-    assert!(
-        browser.url().await.ends_with("/sign-in"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/sign-in").await;
     browser.doc_screenshot("sign-in").await;
     browser.assert_accessible("/sign-in").await;
 
     // A wrong token: the sign-in page again, saying so.
-    sign_in_with(&browser, &base, "hbt_admin_not-the-token", "").await;
+    site.sign_in("hbt_admin_not-the-token", "").await;
     let text = browser.text().await;
     assert!(text.contains("Wrong credentials"), "{text}");
     assert!(text.contains("not the admin token"), "{text}");
@@ -134,19 +103,15 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     browser.assert_accessible("/sign-in with an error").await;
 
     // The admin token: the repositories.
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    site.sign_in_as_admin().await;
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("local/demo"), "{text}");
     assert!(text.contains("succeeded"), "the last test's result: {text}");
     assert!(text.contains(&format!("job #{}", job.id)), "{text}");
     assert!(text.contains(XSS), "the git URL shows as text: {text}");
     assert!(text.contains("Signed in as admin"), "{text}");
-    assert_no_injected_script(&browser, "/repos").await;
+    assert_no_injected_script(browser, "/repos").await;
     browser.screenshot("repos-admin").await;
     browser.assert_accessible("/repos").await;
 
@@ -188,17 +153,14 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
         assert_page_headers(&response, page);
         let html = response.text().await.expect("the page's HTML");
         assert!(
-            !html.contains(&controller.admin_token),
+            !html.contains(admin_token.as_str()),
             "{page} shows the admin token"
         );
         weights.push((page, html.len()));
     }
-    let assets = browser
-        .script("return [...document.querySelectorAll('link[rel=stylesheet], script[src]')].map(e => e.href || e.src);")
-        .await;
     let mut asset_bytes = 0;
-    for url in assets.as_array().expect("asset URLs") {
-        let url = url.as_str().expect("a URL");
+    for url in browser.asset_urls().await {
+        let url = url.as_str();
         let response = http(None).get(url).send().await.expect("the asset");
         assert_eq!(response.status(), 200, "{url}");
         let caching = response.headers().get("cache-control").cloned();
@@ -218,7 +180,7 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     let answer = http(None)
         .post(format!("{base}/sign-in"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={}&login=", controller.admin_token))
+        .body(format!("token={admin_token}&login="))
         .send()
         .await
         .expect("a sign-in");
@@ -236,17 +198,17 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     );
 
     // A form without this session's CSRF token is refused.
-    browser.goto(&format!("{base}/repos")).await;
+    site.open("/repos").await;
     browser
         .script("document.querySelector('form[action=\"/sign-out\"] input[name=csrf]').remove(); return true;")
         .await;
-    browser.click("form[action='/sign-out'] button").await;
+    browser.sign_out().await;
     let text = browser.text().await;
     assert!(text.contains("Request refused"), "{text}");
     assert!(text.contains("security token (CSRF)"), "{text}");
     browser.screenshot("refused-csrf").await;
     browser.assert_accessible("the refusal page").await;
-    browser.goto(&format!("{base}/repos")).await;
+    site.open("/repos").await;
     assert!(browser.url().await.ends_with("/repos"), "still signed in");
 
     // A cross-site form post (another origin: localhost, not 127.0.0.1).
@@ -255,19 +217,15 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
     browser.click("button").await;
     let text = browser.text().await;
     assert!(text.contains("another site"), "{text}");
-    browser.goto(&format!("{base}/repos")).await;
+    site.open("/repos").await;
     assert!(
         browser.url().await.ends_with("/repos"),
         "the cross-site post did not sign out"
     );
 
     // Sign-out ends the session: the old cookie no longer works.
-    browser.click("form[action='/sign-out'] button").await;
-    assert!(
-        browser.url().await.ends_with("/sign-in"),
-        "{}",
-        browser.url().await
-    );
+    browser.sign_out().await;
+    browser.assert_url_ends_with("/sign-in").await;
     let old = signed_in
         .get(format!("{base}/repos"))
         .send()
@@ -275,9 +233,9 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
         .expect("an answer");
     assert_eq!(old.status(), 303);
     assert_eq!(old.headers()["location"], "/sign-in");
-    browser.goto(&format!("{base}/repos")).await;
+    site.open("/repos").await;
     assert!(browser.url().await.ends_with("/sign-in"));
-    browser.close().await;
+    site.close().await;
 }
 
 /// A GitHub user sees only the repositories their token can read, with a
@@ -285,42 +243,17 @@ async fn the_admin_signs_in_sees_repositories_and_agents_and_signs_out() {
 /// not the agents (admin only); a login with a script tag is shown as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_github_user_sees_only_their_repositories() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().github().start().await else {
         return;
     };
-    let github = FakeGitHub::start().await;
-    github.add_repo("octo-org", "mine", "main");
-    github.add_repo("octo-org", "theirs", "main");
-    let alice = "ghp_alice0123456789";
-    let bob = "ghp_bob0123456789";
-    github.add_user("alice", alice);
-    github.add_user("bob", bob);
-    github.grant(alice, "octo-org/mine", Permission::Admin);
-    github.grant(bob, "octo-org/theirs", Permission::Admin);
-    let controller = Controller::start(ControllerOpts {
-        extra_args: github.controller_args(),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let base = controller.url();
+    let (browser, github) = (&site.browser, site.github());
+    let alice = &site.github_user("alice");
+    let bob = &site.github_user("bob");
+    site.github_repo("mine", &[(alice, Permission::Admin)]);
+    site.github_repo("theirs", &[(bob, Permission::Admin)]);
     let mut secrets = Vec::new();
     for (login, token, name) in [("alice", alice, "mine"), ("bob", bob, "theirs")] {
-        let registered = Api::new(base.clone(), Some(token))
-            .raw_with_headers(
-                Method::POST,
-                "/api/v1/repos",
-                Some(
-                    json!({ "owner": "octo-org", "name": name })
-                        .to_string()
-                        .as_bytes(),
-                ),
-                &[
-                    ("x-github-username", login),
-                    ("content-type", "application/json"),
-                ],
-            )
-            .await;
-        assert_eq!(registered.status, 201, "{}", registered.text());
+        let registered = site.register_github_repo(login, token, name).await;
         secrets.push(
             registered.json()["webhook_secret"]
                 .as_str()
@@ -330,21 +263,17 @@ async fn a_github_user_sees_only_their_repositories() {
     }
 
     // A wrong token with a hostile login: a clear message, the login as text.
-    sign_in_with(&browser, &base, "ghp_wrong", XSS).await;
+    site.sign_in("ghp_wrong", XSS).await;
     let text = browser.text().await;
     assert!(text.contains("Wrong credentials"), "{text}");
     let login_field = browser
         .script("return document.querySelector('#login').value;")
         .await;
     assert_eq!(login_field, json!(XSS));
-    assert_no_injected_script(&browser, "/sign-in").await;
+    assert_no_injected_script(browser, "/sign-in").await;
 
-    sign_in_with(&browser, &base, alice, "alice").await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    site.sign_in(alice, "alice").await;
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("octo-org/mine"), "{text}");
     assert!(!text.contains("octo-org/theirs"), "{text}");
@@ -367,7 +296,10 @@ async fn a_github_user_sees_only_their_repositories() {
             "a webhook secret in the page"
         );
     }
-    assert!(!source.contains(alice), "the user's token in the page");
+    assert!(
+        !source.contains(alice.as_str()),
+        "the user's token in the page"
+    );
     assert!(
         !source.contains("href=\"/agents\""),
         "the agents are the admin's"
@@ -375,11 +307,11 @@ async fn a_github_user_sees_only_their_repositories() {
     browser.screenshot("repos-github-user").await;
     browser.assert_accessible("/repos as a GitHub user").await;
 
-    browser.goto(&format!("{base}/agents")).await;
+    site.open("/agents").await;
     let text = browser.text().await;
     assert!(text.contains("needs the admin token"), "{text}");
     browser.assert_accessible("/agents refused").await;
-    browser.close().await;
+    site.close().await;
 }
 
 /// Two controllers on one Redis: a session opened through one works through
@@ -400,14 +332,10 @@ async fn a_session_works_across_controllers_sharing_redis() {
     let repo = GitRepo::new();
     first.api().register_repo("shared", &repo.url()).await;
 
-    sign_in_with(&browser, &first.url(), &first.admin_token, "").await;
+    browser.sign_in(&first.url(), &first.admin_token, "").await;
     assert!(browser.url().await.ends_with("/repos"));
     browser.goto(&format!("{}/repos", second.url())).await;
-    assert!(
-        browser.url().await.ends_with("/repos"),
-        "{}",
-        browser.url().await
-    );
+    browser.assert_url_ends_with("/repos").await;
     let text = browser.text().await;
     assert!(text.contains("local/shared"), "{text}");
     assert!(text.contains("Signed in as admin"), "{text}");
@@ -431,13 +359,25 @@ async fn a_session_works_across_controllers_sharing_redis() {
         "the agent's controller on the first controller's page: {text}"
     );
 
-    browser.click("form[action='/sign-out'] button").await;
+    browser.sign_out().await;
     browser.goto(&format!("{}/repos", first.url())).await;
     assert!(
         browser.url().await.ends_with("/sign-in"),
         "signed out on both"
     );
     browser.close().await;
+}
+
+/// The GitHub users `alice`, who administers `octo-org/mine`, and
+/// `reader`, who may only read it: their tokens.
+fn admin_and_reader(site: &Site) -> (String, String) {
+    let alice = site.github_user("alice");
+    let reader = site.github_user("reader");
+    site.github_repo(
+        "mine",
+        &[(&alice, Permission::Admin), (&reader, Permission::Pull)],
+    );
+    (alice, reader)
 }
 
 /// A page on another origin (`localhost` rather than `127.0.0.1`) with a
@@ -499,37 +439,12 @@ fn job_page_makefile() -> String {
     )
 }
 
-/// The lines the log view shows, and their line numbers.
-async fn shown_lines(browser: &Browser) -> Vec<(String, String)> {
-    let lines = browser
-        .script(
-            "return [...document.querySelectorAll('#log .line')]
-               .map(l => [l.querySelector('.ln').textContent, l.querySelector('.tx').textContent]);",
-        )
-        .await;
-    serde_json::from_value(lines).expect("the shown lines")
-}
-
-async fn wait_for_shown(browser: &Browser, needle: &str) {
-    let what = format!("the page to show {needle:?}");
-    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
-        shown_lines(browser)
-            .await
-            .iter()
-            .any(|(_, text)| text == needle)
-    })
-    .await;
-}
-
-async fn wait_for_shown_state(browser: &Browser, state: &str) {
-    let what = format!("the page to show the state {state}");
-    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
-        browser
-            .script("return document.querySelector('#job-state').textContent;")
-            .await
-            == json!(state)
-    })
-    .await;
+/// An agent and `local/demo` with [`job_page_makefile`].
+fn job_page_setup() -> Setup {
+    Setup::new()
+        .agent()
+        .makefile(job_page_makefile())
+        .repo("demo")
 }
 
 /// A running job's page shows its log lines as they are printed, keeps
@@ -537,17 +452,11 @@ async fn wait_for_shown_state(browser: &Browser, state: &str) {
 /// the final state when the job ends, without a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
-    let Some(browser) = Browser::start().await else {
+    let Some(mut site) = job_page_setup().start().await else {
         return;
     };
-    let mut controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    repo.commit(&[("Makefile", &job_page_makefile())], "stream");
-    api.register_repo("demo", &repo.url()).await;
-    let gates = controller.scratch_dir("gates");
+    let api = site.api();
+    let gates = site.controller.scratch_dir("gates");
     let (gate1, gate2) = (gates.join("one"), gates.join("two"));
     let job = api
         .run_job(
@@ -559,24 +468,25 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
         )
         .await;
     api.wait_for_log(job.id, "line 5", JOB_TIMEOUT).await;
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    site.sign_in_as_admin().await;
+    let browser = &site.browser;
 
     let opened = std::time::Instant::now();
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
-    wait_for_shown(&browser, "line 1").await;
+    site.open(&format!("/jobs/{}", job.id)).await;
+    browser.wait_for_log_line("line 1").await;
     println!(
         "time to the first log line of a running job: {} ms",
         opened.elapsed().as_millis()
     );
-    wait_for_shown(&browser, "line 5").await;
+    browser.wait_for_log_line("line 5").await;
     let text = browser.text().await;
     assert!(text.contains("running"), "{text}");
     assert!(text.contains("make stream"), "{text}");
-    assert_no_injected_script(&browser, "a job's page").await;
+    assert_no_injected_script(browser, "a job's page").await;
 
     // More lines arrive while the job runs.
     std::fs::write(&gate1, b"").expect("gate one opened");
-    wait_for_shown(&browser, "line 10").await;
+    browser.wait_for_log_line("line 10").await;
     assert_eq!(
         api.job(job.id).await.state,
         hobotnica_tests::JobState::Running
@@ -586,15 +496,15 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
 
     // The controller restarts while the job prints the rest.
     std::fs::write(&gate2, b"").expect("gate two opened");
-    controller.restart().await;
-    let api = controller.api();
+    site.controller.restart().await;
+    let (browser, api) = (&site.browser, site.api());
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    wait_for_shown_state(&browser, "succeeded").await;
-    wait_for_shown(&browser, "line 40").await;
+    browser.wait_for_job_state("succeeded").await;
+    browser.wait_for_log_line("line 40").await;
 
     let log = String::from_utf8(api.log(job.id).await).expect("a text log");
     let expected: Vec<&str> = log.lines().collect();
-    let shown = shown_lines(&browser).await;
+    let shown = browser.log_lines().await;
     let texts: Vec<&str> = shown.iter().map(|(_, text)| text.as_str()).collect();
     assert_eq!(texts, expected, "every line once, in order");
     let numbers: Vec<String> = shown.iter().map(|(number, _)| number.clone()).collect();
@@ -617,23 +527,12 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
     browser.assert_accessible("a finished job's page").await;
 
     // The job page's weight: HTML + CSS + JS.
-    let cookie = browser
-        .cookie("hobotnica_session")
-        .await
-        .expect("a session");
-    let html = http(Some(&cookie))
-        .get(format!("{base}/jobs/{}", job.id))
-        .send()
-        .await
-        .expect("the job page");
+    let html = site.get_signed_in(&format!("/jobs/{}", job.id)).await;
     assert_page_headers(&html, "a job's page");
     let html = html.text().await.expect("its HTML").len();
-    let assets = browser
-        .script("return [...document.querySelectorAll('link[rel=stylesheet], script[src]')].map(e => e.href || e.src);")
-        .await;
     let mut asset_bytes = 0;
-    for url in assets.as_array().expect("asset URLs") {
-        let url = url.as_str().expect("a URL");
+    for url in browser.asset_urls().await {
+        let url = url.as_str();
         let response = http(None).get(url).send().await.expect("the asset");
         assert_eq!(response.status(), 200, "{url}");
         asset_bytes += response.bytes().await.expect("its bytes").len();
@@ -642,7 +541,7 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
         "page weight: /jobs/{{id}}: {html} bytes HTML + {asset_bytes} bytes CSS and JS = {} bytes",
         html + asset_bytes
     );
-    browser.close().await;
+    site.close().await;
 }
 
 /// A hostile log renders as text (no alert, no element, no link), an SGR
@@ -650,16 +549,10 @@ async fn a_running_jobs_log_streams_live_through_a_controller_restart() {
 /// the log's exact bytes, as an attachment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = job_page_setup().start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    repo.commit(&[("Makefile", &job_page_makefile())], "hostile");
-    api.register_repo("demo", &repo.url()).await;
+    let (browser, api, base) = (&site.browser, site.api(), site.base());
     let job = api.run_target("local/demo", "hostile").await;
     api.wait_for_success(job.id, JOB_TIMEOUT).await;
     let log = api.log(job.id).await;
@@ -668,10 +561,10 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
         "make printed the OSC 8 link"
     );
 
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
-    browser.goto(&format!("{base}/jobs/{}#L3", job.id)).await;
-    wait_for_shown(&browser, "plain red text plain").await;
-    assert_no_injected_script(&browser, "a hostile log").await;
+    site.sign_in_as_admin().await;
+    site.open(&format!("/jobs/{}#L3", job.id)).await;
+    browser.wait_for_log_line("plain red text plain").await;
+    assert_no_injected_script(browser, "a hostile log").await;
     let found = browser
         .script(
             "return {
@@ -688,7 +581,8 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
     assert_eq!(found["js_links"], json!(0), "{found}");
     assert_eq!(found["red"], json!(["red text"]), "{found}");
     assert_eq!(found["highlighted"], json!(["L3"]), "{found}");
-    let texts: Vec<String> = shown_lines(&browser)
+    let texts: Vec<String> = browser
+        .log_lines()
         .await
         .into_iter()
         .map(|(_, text)| text)
@@ -721,15 +615,9 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
     .await;
 
     // The raw download: the exact bytes, as an attachment.
-    let cookie = browser
-        .cookie("hobotnica_session")
-        .await
-        .expect("a session");
-    let raw = http(Some(&cookie))
-        .get(format!("{base}/jobs/{}/log/raw", job.id))
-        .send()
-        .await
-        .expect("the raw log");
+    let raw = site
+        .get_signed_in(&format!("/jobs/{}/log/raw", job.id))
+        .await;
     assert_eq!(raw.status(), 200);
     assert_eq!(raw.headers()["content-type"], "text/plain");
     assert_eq!(
@@ -751,7 +639,7 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
         .await
         .expect("an answer");
     assert_eq!(anonymous.status(), 303);
-    browser.close().await;
+    site.close().await;
 }
 
 /// Cancel stops a running job; Retry makes a new job and shows its page; a
@@ -759,45 +647,22 @@ async fn a_hostile_log_renders_as_text_and_downloads_exactly() {
 /// a forged cancel from them is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_retry_buttons_follow_push_access() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().github().agent().repo("demo").start().await else {
         return;
     };
-    let github = FakeGitHub::start().await;
-    github.add_repo("octo-org", "mine", "main");
-    let alice = "ghp_alice0123456789";
-    let reader = "ghp_reader0123456789";
-    github.add_user("alice", alice);
-    github.add_user("reader", reader);
-    github.grant(alice, "octo-org/mine", Permission::Admin);
-    github.grant(reader, "octo-org/mine", Permission::Pull);
-    let controller = Controller::start(ControllerOpts {
-        extra_args: github.controller_args(),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let _agent = Agent::start_default(&controller).await;
-    let base = controller.url();
-    let api = controller.api();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
+    let (browser, api, github) = (&site.browser, site.api(), site.github());
+    let (alice, reader) = &admin_and_reader(&site);
 
     // The admin cancels a running job with the button.
-    let job = api
-        .run_job(
-            "local/demo",
-            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
-        )
-        .await;
-    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
-        .await;
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
-    wait_for_shown(&browser, "waiting for the gate").await;
+    let job = site.job_running_until_cancelled().await;
+    site.sign_in_as_admin().await;
+    site.open(&format!("/jobs/{}", job.id)).await;
+    browser.wait_for_log_line("waiting for the gate").await;
     browser.screenshot("job-cancel-button").await;
     browser.click("#cancel-form button").await;
     let ended = api.wait_for_end(job.id, JOB_TIMEOUT).await;
     assert_eq!(ended.state, hobotnica_tests::JobState::Cancelled);
-    wait_for_shown_state(&browser, "cancelled").await;
+    browser.wait_for_job_state("cancelled").await;
     let hidden = browser
         .script("return [document.querySelector('#cancel-form').hidden, document.querySelector('#retry-form').hidden];")
         .await;
@@ -822,46 +687,23 @@ async fn cancel_and_retry_buttons_follow_push_access() {
     api.cancel(new_id).await;
 
     // A reader of a GitHub repository: the job, no buttons; a forged post fails.
-    let registered = Api::new(base.clone(), Some(alice))
-        .raw_with_headers(
-            Method::POST,
-            "/api/v1/repos",
-            Some(
-                json!({ "owner": "octo-org", "name": "mine" })
-                    .to_string()
-                    .as_bytes(),
-            ),
-            &[
-                ("x-github-username", "alice"),
-                ("content-type", "application/json"),
-            ],
+    site.register_github_repo("alice", alice, "mine").await;
+    let queued = site
+        .queue_github_job(
+            "alice",
+            alice,
+            "octo-org/mine",
+            &json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
         )
         .await;
-    assert_eq!(registered.status, 201, "{}", registered.text());
-    let queued = Api::new(base.clone(), Some(alice))
-        .raw_with_headers(
-            Method::POST,
-            "/api/v1/repos/octo-org/mine/jobs",
-            Some(
-                json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } })
-                    .to_string()
-                    .as_bytes(),
-            ),
-            &[
-                ("x-github-username", "alice"),
-                ("content-type", "application/json"),
-            ],
-        )
-        .await;
-    assert_eq!(queued.status, 202, "{}", queued.text());
     let github_job = queued.json()["id"].as_u64().expect("a job id");
     let commit = queued.json()["commit"]
         .as_str()
         .expect("a commit")
         .to_owned();
-    browser.click("form[action='/sign-out'] button").await;
-    sign_in_with(&browser, &base, reader, "reader").await;
-    browser.goto(&format!("{base}/jobs/{github_job}")).await;
+    browser.sign_out().await;
+    site.sign_in(reader, "reader").await;
+    site.open(&format!("/jobs/{github_job}")).await;
     let text = browser.text().await;
     assert!(text.contains("octo-org/mine"), "{text}");
     let found = browser
@@ -908,25 +750,20 @@ async fn cancel_and_retry_buttons_follow_push_access() {
         "the reader's cancel changed nothing: {after:?}"
     );
     // The same answer as the REST API for a GitHub user who cannot read it.
-    let stranger = "ghp_stranger0123456789";
-    github.add_user("stranger", stranger);
-    browser.click("form[action='/sign-out'] button").await;
-    sign_in_with(&browser, &base, stranger, "stranger").await;
-    let page = http(browser.cookie("hobotnica_session").await.as_deref())
-        .get(format!("{base}/jobs/{github_job}"))
-        .send()
-        .await
-        .expect("an answer");
+    let stranger = &site.github_user("stranger");
+    browser.sign_out().await;
+    site.sign_in(stranger, "stranger").await;
+    let page = site.get(&format!("/jobs/{github_job}")).await;
     assert_eq!(page.status(), 404);
     api.cancel(github_job).await;
-    browser.close().await;
+    site.close().await;
 }
 
 /// Line numbers match the log: every shown `make big` line `line <m>` is
 /// log line `m + header` (the agent's own lines come first). Returns the
 /// first shown line number.
 async fn assert_big_log_numbers(browser: &Browser) -> u64 {
-    let shown = shown_lines(browser).await;
+    let shown = browser.log_lines().await;
     let mut header = None;
     for (number, text) in &shown {
         let number: u64 = number.parse().expect("a line number");
@@ -954,35 +791,24 @@ async fn assert_big_log_numbers(browser: &Browser) -> u64 {
 /// ended, "Load earlier" brings back the part before, correctly numbered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    let (browser, api) = (&site.browser, site.api());
+    site.sign_in_as_admin().await;
     let job = api.run_target("local/demo", "big").await;
-    api.wait_for_state(job.id, &[hobotnica_tests::JobState::Running], JOB_TIMEOUT)
+    api.wait_for_state(job.id, &[JobState::Running], JOB_TIMEOUT)
         .await;
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
+    site.open(&format!("/jobs/{}", job.id)).await;
     let started = std::time::Instant::now();
-    let peak = std::cell::Cell::new(hobotnica_tests::browser::BrowserMemory::default());
+    let peak = std::cell::Cell::new(BrowserMemory::default());
     let slowest_answer = std::cell::Cell::new(Duration::ZERO);
     let heap = std::cell::Cell::new(0u64);
     let last_line = big_output_line(BIG_OUTPUT_LINES);
     let last_line = last_line.trim_end();
     hobotnica_tests::wait_until(Duration::from_secs(300), "the whole log shown", || {
-        let memory = browser.memory();
-        let mut highest = peak.get();
-        highest.total_bytes = highest.total_bytes.max(memory.total_bytes);
-        highest.largest_renderer_bytes = highest
-            .largest_renderer_bytes
-            .max(memory.largest_renderer_bytes);
-        peak.set(highest);
-        let (browser, slowest_answer, heap) = (&browser, &slowest_answer, &heap);
+        peak.set(peak.get().max(browser.memory()));
+        let (slowest_answer, heap) = (&slowest_answer, &heap);
         async move {
             let asked = std::time::Instant::now();
             let seen = browser
@@ -1014,16 +840,10 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
         peak.total_bytes / (1 << 20),
         peak.largest_renderer_bytes / (1 << 20)
     );
-    let cookie = browser
-        .cookie("hobotnica_session")
-        .await
-        .expect("a session");
     let asked = std::time::Instant::now();
-    let events = http(Some(&cookie))
-        .get(format!("{base}/jobs/{}/log/events?from=0", job.id))
-        .send()
+    let events = site
+        .get_signed_in(&format!("/jobs/{}/log/events?from=0", job.id))
         .await
-        .expect("the events")
         .bytes()
         .await
         .expect("all events");
@@ -1039,7 +859,7 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
         count.as_u64().is_some_and(|count| count <= 20_500),
         "the page keeps about 20 000 lines (whole blocks of 500): {count}"
     );
-    let first = assert_big_log_numbers(&browser).await;
+    let first = assert_big_log_numbers(browser).await;
     assert!(first > 1, "older lines left the page");
     browser.screenshot("job-big-log").await;
 
@@ -1055,36 +875,39 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
             .is_some_and(|now| now < first)
     })
     .await;
-    assert_big_log_numbers(&browser).await;
-    browser.close().await;
+    assert_big_log_numbers(browser).await;
+    site.close().await;
+}
+
+/// The jobs list's rows, newest first, each as `[id, state]`.
+async fn job_rows(browser: &Browser) -> serde_json::Value {
+    browser
+        .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
+        .await
 }
 
 /// The jobs list: new and finished jobs appear without a reload; it
 /// filters by state, repository and kind, and pages with "Older jobs".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jobs_list_filters_pages_and_updates_live() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new()
+        .agent()
+        .repo("demo")
+        .repo("other")
+        .start()
+        .await
+    else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
-    api.register_repo("other", &repo.url()).await;
+    let (browser, api) = (&site.browser, site.api());
     let first = api.run_target("local/demo", "test").await;
     api.wait_for_success(first.id, JOB_TIMEOUT).await;
     let failed = api.run_target("local/other", "fail").await;
     api.wait_for_end(failed.id, JOB_TIMEOUT).await;
 
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    site.sign_in_as_admin().await;
     browser.click("a[href='/jobs']").await;
-    let rows = || async {
-        browser
-            .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
-            .await
-    };
+    let rows = || job_rows(browser);
     assert_eq!(
         rows().await,
         json!([[failed.id, "failed"], [first.id, "succeeded"]])
@@ -1093,11 +916,8 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
     browser.assert_accessible("/jobs").await;
 
     // A new job appears, then its end, without a reload.
-    browser
-        .script("window.hobotnicaSamePage = true; return true;")
-        .await;
-    let gates = controller.scratch_dir("gates");
-    let gate = gates.join("list");
+    browser.mark_page().await;
+    let gate = site.controller.scratch_dir("gates").join("list");
     let live = api
         .run_job(
             "local/demo",
@@ -1113,37 +933,99 @@ async fn the_jobs_list_filters_pages_and_updates_live() {
         rows().await[0] == json!([live.id, "succeeded"])
     })
     .await;
-    assert_eq!(
-        browser
-            .script("return window.hobotnicaSamePage === true;")
-            .await,
-        json!(true),
-        "no reload"
-    );
+    browser.assert_not_reloaded().await;
 
     // Filters.
-    browser
-        .goto(&format!("{base}/jobs?state=succeeded&repo=local%2Fdemo"))
-        .await;
+    site.open("/jobs?state=succeeded&repo=local%2Fdemo").await;
     assert_eq!(
         rows().await,
         json!([[live.id, "succeeded"], [first.id, "succeeded"]])
     );
-    browser.goto(&format!("{base}/jobs?kind=custom")).await;
+    site.open("/jobs?kind=custom").await;
     assert_eq!(
         rows().await,
         json!([[live.id, "succeeded"], [failed.id, "failed"]])
     );
 
     // Pages.
-    browser.goto(&format!("{base}/jobs?limit=2")).await;
+    site.open("/jobs?limit=2").await;
     assert_eq!(
         rows().await,
         json!([[live.id, "succeeded"], [failed.id, "failed"]])
     );
     browser.click("#older-jobs").await;
     assert_eq!(rows().await, json!([[first.id, "succeeded"]]));
-    browser.close().await;
+    site.close().await;
+}
+
+/// A GitHub user's jobs list holds only jobs of repositories their token
+/// can read: another repository's job is not listed, and stays so while
+/// the list updates live (their own new job appears without a reload, the
+/// other repository's does not); that job's page is not found for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_user_sees_only_jobs_of_repositories_they_can_read() {
+    let Some(site) = Setup::new().github().start().await else {
+        return;
+    };
+    let browser = &site.browser;
+    let alice = &site.github_user("alice");
+    let bob = &site.github_user("bob");
+    site.github_repo("mine", &[(alice, Permission::Admin)]);
+    site.github_repo("theirs", &[(bob, Permission::Admin)]);
+    site.register_github_repo("alice", alice, "mine").await;
+    site.register_github_repo("bob", bob, "theirs").await;
+    // Each job is queued by its repository's own user; with no agent, it
+    // stays queued.
+    let queue = async |login: &str, token: &str, repo: &str| {
+        site.queue_github_job(login, token, repo, &json!({ "target": "test" }))
+            .await
+            .json()["id"]
+            .as_u64()
+            .expect("a job id")
+    };
+    let mine = queue("alice", alice, "octo-org/mine").await;
+    let theirs = queue("bob", bob, "octo-org/theirs").await;
+
+    site.sign_in(alice, "alice").await;
+    browser.click("a[href='/jobs']").await;
+    assert_eq!(
+        job_rows(browser).await,
+        json!([[mine, "queued"]]),
+        "only the readable repository's job"
+    );
+    let text = browser.text().await;
+    assert!(text.contains("octo-org/mine"), "{text}");
+    assert!(!text.contains("octo-org/theirs"), "{text}");
+    browser.screenshot("jobs-github-user").await;
+    browser.assert_accessible("/jobs as a GitHub user").await;
+
+    // New jobs while the list is open: the other repository's first, then
+    // one of the user's own. The events come in order, so once the user's
+    // job is shown the other's would have been too, had it been sent.
+    browser.mark_page().await;
+    let theirs_new = queue("bob", bob, "octo-org/theirs").await;
+    let mine_new = queue("alice", alice, "octo-org/mine").await;
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the user's new job in the list", || async {
+        job_rows(browser).await[0][0] == json!(mine_new)
+    })
+    .await;
+    assert_eq!(
+        job_rows(browser).await,
+        json!([[mine_new, "queued"], [mine, "queued"]]),
+        "neither {theirs} nor {theirs_new} of the other repository"
+    );
+    let text = browser.text().await;
+    assert!(!text.contains("octo-org/theirs"), "{text}");
+    browser.assert_not_reloaded().await;
+
+    // The other repository's job by its address: not found.
+    site.open(&format!("/jobs/{theirs}")).await;
+    let text = browser.text().await;
+    assert!(text.contains("Not found"), "{text}");
+    assert!(!text.contains("octo-org/theirs"), "{text}");
+    let page = site.get(&format!("/jobs/{theirs}")).await;
+    assert_eq!(page.status(), 404);
+    site.close().await;
 }
 
 /// Submits `body` (a form's fields, URL-encoded) to `path` from the page,
@@ -1196,16 +1078,11 @@ async fn form_body(browser: &Browser, form: &str) -> String {
 /// make exactly one deploy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
+    let (browser, api, base, repo) = (&site.browser, site.api(), site.base(), &site.repo);
     let first = repo.head();
-    api.register_repo("demo", &repo.url()).await;
     let tested_first = api.run_target("local/demo", "test").await;
     api.wait_for_success(tested_first.id, JOB_TIMEOUT).await;
     let second = repo.commit_version("2");
@@ -1213,7 +1090,7 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
     assert_eq!(tested_second.commit, second);
     api.wait_for_success(tested_second.id, JOB_TIMEOUT).await;
 
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    site.sign_in_as_admin().await;
     browser.click("a[href='/repos/local/demo']").await;
     assert!(browser.url().await.ends_with("/repos/local/demo"));
     let text = browser.text().await;
@@ -1263,7 +1140,7 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
     );
     browser.screenshot("deploy-confirm").await;
     browser.assert_accessible("the deploy confirmation").await;
-    let form = form_body(&browser, "#confirm-form").await;
+    let form = form_body(browser, "#confirm-form").await;
     assert!(form.contains("idempotency_key=web-"), "{form}");
 
     // A double click: two clicks fired at once.
@@ -1284,9 +1161,9 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
     assert!(text.contains("make deploy"), "{text}");
 
     // The same form posted again, and twice at once: the same job.
-    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &form, 1).await;
+    let answers = post_from_page(browser, "/repos/local/demo/deploy", &form, 1).await;
     assert_eq!(answers, vec![job_page.clone()]);
-    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &form, 2).await;
+    let answers = post_from_page(browser, "/repos/local/demo/deploy", &form, 2).await;
     assert_eq!(answers, vec![job_page.clone(), job_page.clone()]);
     let deploys = api.jobs("repo=local/demo&kind=deploy").await;
     assert_eq!(deploys.len(), 1, "exactly one deploy: {deploys:?}");
@@ -1294,13 +1171,13 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
 
     // A new confirmation is a new deploy, however many times it is first
     // sent at once; the repository page lists both deploys.
-    browser.goto(&format!("{base}/repos/local/demo")).await;
+    site.open("/repos/local/demo").await;
     browser.click("#deploy-form button").await;
     let text = browser.text().await;
     assert!(text.contains("the tip of main"), "{text}");
-    let tip_form = form_body(&browser, "#confirm-form").await;
+    let tip_form = form_body(browser, "#confirm-form").await;
     assert_ne!(tip_form, form, "a fresh Idempotency-Key");
-    let answers = post_from_page(&browser, "/repos/local/demo/deploy", &tip_form, 3).await;
+    let answers = post_from_page(browser, "/repos/local/demo/deploy", &tip_form, 3).await;
     let deploys = api.jobs("repo=local/demo&kind=deploy").await;
     assert_eq!(deploys.len(), 2, "{deploys:?}");
     assert_eq!(deploys[0].commit, second, "the tip of main");
@@ -1309,7 +1186,7 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
     browser.click("#confirm-form button").await;
     assert_eq!(browser.url().await, tip_page);
     assert_eq!(api.jobs("repo=local/demo&kind=deploy").await.len(), 2);
-    browser.goto(&format!("{base}/repos/local/demo")).await;
+    site.open("/repos/local/demo").await;
     let deploy_links = browser
         .script(
             "return [...document.querySelectorAll('#deploys a')].map(a => a.getAttribute('href'));",
@@ -1334,7 +1211,7 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
     assert!(last_deploy.contains("by admin"), "{last_deploy}");
     browser.doc_screenshot("repos").await;
     browser.assert_accessible("/repos with a deploy").await;
-    browser.close().await;
+    site.close().await;
 }
 
 /// A GitHub user who may only read a repository sees its page and
@@ -1342,44 +1219,16 @@ async fn deploy_a_chosen_commit_exactly_once_from_the_repository_page() {
 /// posts (with their own valid CSRF token) are refused and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().github().start().await else {
         return;
     };
-    let github = FakeGitHub::start().await;
-    github.add_repo("octo-org", "mine", "main");
-    let alice = "ghp_alice0123456789";
-    let reader = "ghp_reader0123456789";
-    github.add_user("alice", alice);
-    github.add_user("reader", reader);
-    github.grant(alice, "octo-org/mine", Permission::Admin);
-    github.grant(reader, "octo-org/mine", Permission::Pull);
-    let controller = Controller::start(ControllerOpts {
-        extra_args: github.controller_args(),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let base = controller.url();
-    let api = controller.api();
-    let registered = Api::new(base.clone(), Some(alice))
-        .raw_with_headers(
-            Method::POST,
-            "/api/v1/repos",
-            Some(
-                json!({ "owner": "octo-org", "name": "mine" })
-                    .to_string()
-                    .as_bytes(),
-            ),
-            &[
-                ("x-github-username", "alice"),
-                ("content-type", "application/json"),
-            ],
-        )
-        .await;
-    assert_eq!(registered.status, 201, "{}", registered.text());
+    let (browser, api) = (&site.browser, site.api());
+    let (alice, reader) = &admin_and_reader(&site);
+    site.register_github_repo("alice", alice, "mine").await;
     api.set_env("octo-org/mine", "REGION", "eu-west", "all", false)
         .await;
 
-    sign_in_with(&browser, &base, reader, "reader").await;
+    site.sign_in(reader, "reader").await;
     browser.click("a[href='/repos/octo-org/mine']").await;
     let text = browser.text().await;
     assert!(text.contains("REGION"), "{text}");
@@ -1417,20 +1266,16 @@ async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
         ("/repos/octo-org/mine/variables", &set),
         ("/repos/octo-org/mine/variables/remove", &remove),
     ] {
-        let answers = post_from_page(&browser, path, body, 1).await;
+        let answers = post_from_page(browser, path, body, 1).await;
         assert_eq!(answers, vec!["status 403".to_owned()], "{path}");
     }
-    let confirm = http(browser.cookie("hobotnica_session").await.as_deref())
-        .get(format!("{base}/repos/octo-org/mine/deploy"))
-        .send()
-        .await
-        .expect("an answer");
+    let confirm = site.get("/repos/octo-org/mine/deploy").await;
     assert_eq!(confirm.status(), 403);
     assert!(api.jobs("repo=octo-org/mine&kind=deploy").await.is_empty());
     let env = api.env("octo-org/mine").await;
     assert_eq!(env.len(), 1, "{env:?}");
     assert_eq!(env[0]["value"], json!("eu-west"));
-    browser.close().await;
+    site.close().await;
 }
 
 /// Variables in the page: a secret set there is in no page, no page source
@@ -1438,36 +1283,33 @@ async fn a_reader_gets_no_deploy_or_variable_forms_and_forged_posts_fail() {
 /// shows) and removed; a name the API refuses gets the API's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().repo("demo").start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
+    let (browser, api) = (&site.browser, site.api());
     let secret = "s3cr3t-deploy-token-7f1e9a";
     let replaced = "s3cr3t-deploy-token-replaced-42ab";
     let refused_value = "value-of-a-refused-name-93cd";
 
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
-    browser.goto(&format!("{base}/repos/local/demo")).await;
-    let set_variable =
-        |key: &'static str, scope: &'static str, value: &'static str, secret: bool| {
-            let browser = &browser;
-            async move {
-                browser.fill("#variable-key", key).await;
-                browser.fill("#variable-value", value).await;
-                browser
-                    .script(&format!(
-                        "document.getElementById('variable-scope').value = '{scope}';
+    site.sign_in_as_admin().await;
+    site.open("/repos/local/demo").await;
+    let set_variable = move |key: &'static str,
+                             scope: &'static str,
+                             value: &'static str,
+                             secret: bool| {
+        async move {
+            browser.fill("#variable-key", key).await;
+            browser.fill("#variable-value", value).await;
+            browser
+                .script(&format!(
+                    "document.getElementById('variable-scope').value = '{scope}';
                      document.getElementById('variable-secret').checked = {secret};
                      return true;"
-                    ))
-                    .await;
-                browser.click("#variable-form button").await;
-            }
-        };
+                ))
+                .await;
+            browser.click("#variable-form button").await;
+        }
+    };
 
     // A secret, set and then replaced.
     set_variable("DEPLOY_TOKEN", "deploy", secret, true).await;
@@ -1503,7 +1345,7 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
     browser.assert_accessible("a refused variable").await;
 
     // Removing one.
-    browser.goto(&format!("{base}/repos/local/demo")).await;
+    site.open("/repos/local/demo").await;
     browser
         .click("button[aria-label='Remove GREETING (all)']")
         .await;
@@ -1513,7 +1355,6 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
     assert_eq!(keys, vec![json!("DEPLOY_TOKEN")]);
 
     // The secrets in no page, no page source, no REST answer.
-    let signed_in = http(browser.cookie("hobotnica_session").await.as_deref());
     let source = browser
         .script("return document.documentElement.outerHTML;")
         .await;
@@ -1527,11 +1368,7 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
         "/repos/local/demo/deploy",
         "/jobs",
     ] {
-        let response = signed_in
-            .get(format!("{base}{page}"))
-            .send()
-            .await
-            .expect("the page");
+        let response = site.get(page).await;
         assert_eq!(response.status(), 200, "{page}");
         sources.push((page.to_owned(), response.text().await.expect("its HTML")));
     }
@@ -1553,7 +1390,7 @@ async fn variables_are_set_changed_and_removed_and_secrets_never_shown() {
         .script("return document.getElementById('variable-value').value;")
         .await;
     assert_eq!(value_field, json!(""));
-    browser.close().await;
+    site.close().await;
 }
 
 /// What a phone's width must give on a page: nothing wider than the
@@ -1592,32 +1429,20 @@ async fn assert_fits_a_phone(browser: &Browser, page: &str, reachable: &[&str]) 
 /// goes to `target/browser-screenshots/phone-*.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_main_page_fits_a_phone() {
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
+    let (browser, api) = (&site.browser, site.api());
     browser
         .set_viewport(hobotnica_tests::browser::PHONE_VIEWPORT)
         .await;
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
     let done = api.run_target("local/demo", "test").await;
     api.wait_for_success(done.id, JOB_TIMEOUT).await;
-    let running = api
-        .run_job(
-            "local/demo",
-            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
-        )
-        .await;
-    api.wait_for_log(running.id, "waiting for the gate", JOB_TIMEOUT)
-        .await;
+    let running = site.job_running_until_cancelled().await;
 
-    browser.goto(&format!("{base}/sign-in")).await;
+    site.open("/sign-in").await;
     assert_fits_a_phone(
-        &browser,
+        browser,
         "/sign-in",
         &["#token", "#login", "form[action='/sign-in'] button"],
     )
@@ -1627,7 +1452,7 @@ async fn every_main_page_fits_a_phone() {
         .assert_accessible("/sign-in at a phone's width")
         .await;
 
-    sign_in_with(&browser, &base, &controller.admin_token, "").await;
+    site.sign_in_as_admin().await;
     let nav = "header.top a, header.top button";
     let pages = [
         ("repos", "/repos".to_owned(), vec![nav]),
@@ -1645,18 +1470,18 @@ async fn every_main_page_fits_a_phone() {
         ("agents", "/agents".to_owned(), vec![nav]),
     ];
     for (name, path, reachable) in pages {
-        browser.goto(&format!("{base}{path}")).await;
+        site.open(&path).await;
         if name == "job" {
-            wait_for_shown(&browser, "waiting for the gate").await;
+            browser.wait_for_log_line("waiting for the gate").await;
         }
-        assert_fits_a_phone(&browser, &path, &reachable).await;
+        assert_fits_a_phone(browser, &path, &reachable).await;
         browser.screenshot(&format!("phone-{name}")).await;
         browser
             .assert_accessible(&format!("{path} at a phone's width"))
             .await;
     }
     api.cancel(running.id).await;
-    browser.close().await;
+    site.close().await;
 }
 
 /// Keyboard only: the sign-in form is filled and sent with keys (type,
@@ -1665,29 +1490,17 @@ async fn every_main_page_fits_a_phone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keyboard_alone_signs_in_and_cancels_a_job() {
     use fantoccini::key::Key;
-    let Some(browser) = Browser::start().await else {
+    let Some(site) = Setup::new().agent().repo("demo").start().await else {
         return;
     };
-    let controller = Controller::start_default().await;
-    let _agent = Agent::start_default(&controller).await;
-    let api = controller.api();
-    let base = controller.url();
-    let repo = GitRepo::new();
-    api.register_repo("demo", &repo.url()).await;
-    let job = api
-        .run_job(
-            "local/demo",
-            json!({ "target": "gate", "env": { "E2E_GATE": "/nonexistent/gate" } }),
-        )
-        .await;
-    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
-        .await;
+    let (browser, api) = (&site.browser, site.api());
+    let job = site.job_running_until_cancelled().await;
 
-    browser.goto(&format!("{base}/sign-in")).await;
+    site.open("/sign-in").await;
     browser
         .script("document.querySelector('#token').focus(); return true;")
         .await;
-    browser.type_text(&controller.admin_token).await;
+    browser.type_text(&site.controller.admin_token).await;
     browser.press(&[Key::Tab.into()]).await;
     let focused = browser.script("return document.activeElement.id;").await;
     assert_eq!(
@@ -1702,8 +1515,8 @@ async fn the_keyboard_alone_signs_in_and_cancels_a_job() {
         browser.url().await
     );
 
-    browser.goto(&format!("{base}/jobs/{}", job.id)).await;
-    wait_for_shown(&browser, "waiting for the gate").await;
+    site.open(&format!("/jobs/{}", job.id)).await;
+    browser.wait_for_log_line("waiting for the gate").await;
     let presses = browser.tab_to("#cancel-form button", 60).await;
     assert!(presses.is_some(), "Tab never reached the Cancel button");
     let outline = browser
@@ -1725,5 +1538,5 @@ async fn the_keyboard_alone_signs_in_and_cancels_a_job() {
     browser.press_and_wait(&[Key::Enter.into()]).await;
     let ended = api.wait_for_end(job.id, JOB_TIMEOUT).await;
     assert_eq!(ended.state, hobotnica_tests::JobState::Cancelled);
-    browser.close().await;
+    site.close().await;
 }
