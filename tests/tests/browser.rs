@@ -415,7 +415,9 @@ impl CrossSitePage {
 /// The fixture's Makefile with the targets a job page's tests run:
 /// `stream` prints lines 1-5, waits for `$E2E_GATE`, prints 6-10, waits
 /// for `$E2E_GATE2`, prints 11-40; `hostile` prints markup, an OSC 8
-/// hyperlink and an SGR colour.
+/// hyperlink and an SGR colour; `yellow` prints a line, waits for
+/// `$E2E_GATE`, turns yellow (SGR 33, never reset) and prints what `big`
+/// prints.
 fn job_page_makefile() -> String {
     let wait = |gate: &str| {
         format!(
@@ -432,10 +434,16 @@ fn job_page_makefile() -> String {
          \nhostile:\n\
          \t@printf '%s\\n' '<script>alert(1)</script>' '<img src=x onerror=alert(1)>'\n\
          \t@printf '\\033]8;;javascript:alert(1)\\033\\\\click\\033]8;;\\033\\\\\\n'\n\
-         \t@printf 'plain \\033[31mred text\\033[0m plain\\n'\n",
+         \t@printf 'plain \\033[31mred text\\033[0m plain\\n'\n\
+         \nyellow:\n\
+         \t@echo \"before the gate\"\n\
+         {gate1}\
+         \t@printf '\\033[33m'\n\
+         \t@seq -f 'line %094.0f' 1 {big_lines}\n",
         makefile = hobotnica_tests::git::MAKEFILE,
         gate1 = wait("E2E_GATE"),
         gate2 = wait("E2E_GATE2"),
+        big_lines = BIG_OUTPUT_LINES,
     )
 }
 
@@ -884,6 +892,159 @@ async fn job_rows(browser: &Browser) -> serde_json::Value {
     browser
         .script("return [...document.querySelectorAll('#jobs tbody tr')].map(r => [Number(r.dataset.id), r.querySelector('.state').textContent]);")
         .await
+}
+
+/// A page that falls far behind a log it follows (here: its script
+/// thread is busy while the job writes 50 MiB) skips to the log's last
+/// part instead of drawing everything: the lines after the skip are
+/// numbered as in the log and keep the colour set before it, "Load
+/// earlier" brings back what was skipped, and a page opened afresh starts
+/// in that colour too. The skip event itself says exactly what it jumped
+/// over, and every byte after it comes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_far_behind_skips_ahead_in_the_jobs_colours_and_loads_what_it_skipped() {
+    let Some(site) = job_page_setup().start().await else {
+        return;
+    };
+    let (browser, api) = (&site.browser, site.api());
+    site.sign_in_as_admin().await;
+    let gate = site.controller.scratch_dir("gates").join("yellow");
+    let job = api
+        .run_job(
+            "local/demo",
+            json!({ "target": "yellow", "env": { "E2E_GATE": gate.to_string_lossy() } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "before the gate", JOB_TIMEOUT)
+        .await;
+    site.open(&format!("/jobs/{}", job.id)).await;
+    browser.wait_for_log_line("before the gate").await;
+
+    // Keep the page's script thread busy until the job has finished, so
+    // that the stream falls tens of MiB behind.
+    std::fs::write(&gate, b"").expect("the gate opens");
+    let finished_while_busy = browser
+        .script(&format!(
+            "const until = Date.now() + 25000;
+             for (;;) {{
+               const page = new XMLHttpRequest();
+               page.open('GET', '/jobs/{id}', false);
+               page.send();
+               if (page.responseText.includes('data-state=\"succeeded\"')) return true;
+               if (Date.now() > until) return false;
+             }}",
+            id = job.id
+        ))
+        .await;
+    assert_eq!(
+        finished_while_busy,
+        json!(true),
+        "the job ended while the page was busy"
+    );
+    let last_line = big_output_line(BIG_OUTPUT_LINES);
+    let last_line = last_line.trim_end();
+    hobotnica_tests::wait_until(JOB_TIMEOUT, "the log's last line shown", || async {
+        browser
+            .script(
+                "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
+                 return l ? l.textContent : '';",
+            )
+            .await
+            == json!(last_line)
+    })
+    .await;
+    let shown = browser
+        .script(
+            "const lines = [...document.querySelectorAll('#log .line .tx')];
+             return {
+               count: lines.length,
+               not_yellow: lines.filter(l => !l.querySelector('span.fg-yellow')).length,
+               earlier: !document.querySelector('#log-earlier').hidden,
+             };",
+        )
+        .await;
+    assert!(
+        shown["count"].as_u64().is_some_and(|count| count < 5_000),
+        "the page skipped to the last 256 KiB instead of drawing 20 000 lines: {shown}"
+    );
+    assert_eq!(shown["not_yellow"], json!(0), "{shown}");
+    assert_eq!(shown["earlier"], json!(true), "{shown}");
+    let first = assert_big_log_numbers(browser).await;
+    browser
+        .script("document.querySelector('#log-earlier').click(); return true;")
+        .await;
+    let what = format!("lines before {first} loaded");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        browser
+            .script("return Number(document.querySelector('#log .line .ln').textContent);")
+            .await
+            .as_u64()
+            .is_some_and(|now| now < first)
+    })
+    .await;
+    assert_big_log_numbers(browser).await;
+
+    // Opened afresh, the page starts yellow: the colour set before its
+    // first line.
+    site.open(&format!("/jobs/{}", job.id)).await;
+    browser.wait_for_log_line(last_line).await;
+    let first_line_yellow = browser
+        .script("return !!document.querySelector('#log .line .tx span.fg-yellow');")
+        .await;
+    assert_eq!(first_line_yellow, json!(true));
+
+    // The skip, as the stream sends it to a page at the log's start.
+    let log = api.log(job.id).await;
+    let events = site
+        .get_signed_in(&format!("/jobs/{}/log/events?from=0&catch_up=true", job.id))
+        .await
+        .text()
+        .await
+        .expect("the events");
+    let mut kinds = Vec::new();
+    let mut sent = Vec::new();
+    let mut skip = serde_json::Value::Null;
+    for event in events.split("\n\n") {
+        let field = |name: &str| {
+            event
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::trim_start)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        match field("event:").as_str() {
+            "skip" => {
+                skip = serde_json::from_str(&field("data:")).expect("a skip as JSON");
+                kinds.push("skip");
+            }
+            "log" => {
+                use base64::Engine as _;
+                let piece = base64::engine::general_purpose::STANDARD
+                    .decode(field("data:"))
+                    .expect("base64");
+                sent.extend_from_slice(&piece);
+                kinds.push("log");
+            }
+            "end" => kinds.push("end"),
+            _ => {}
+        }
+    }
+    assert_eq!(kinds.first(), Some(&"skip"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"end"), "{kinds:?}");
+    let to = skip["to"].as_u64().expect("where the skip ends") as usize;
+    assert_eq!(skip["from"], json!(0), "{skip}");
+    assert_eq!(
+        log[to - 1],
+        b'\n',
+        "the skip ends at a line's start: {skip}"
+    );
+    assert!(log.len() - to <= 256 * 1024, "{skip}");
+    let lines = log[..to].iter().filter(|byte| **byte == b'\n').count();
+    assert_eq!(skip["lines"], json!(lines), "{skip}");
+    assert_eq!(skip["colours"], json!("33"), "{skip}");
+    assert!(sent == log[to..], "every byte after the skip, once");
+    site.close().await;
 }
 
 /// The jobs list: new and finished jobs appear without a reload; it
