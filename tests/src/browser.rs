@@ -680,6 +680,19 @@ impl Browser {
         serde_json::from_value(lines).expect("the shown lines")
     }
 
+    /// The text of the last line a job page's log view shows (empty when
+    /// it shows none).
+    pub async fn last_log_line(&self) -> String {
+        self.script(
+            "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
+             return l ? l.textContent : '';",
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+    }
+
     /// Waits until a job page's log view shows a line that is `needle`.
     pub async fn wait_for_log_line(&self, needle: &str) {
         let what = format!("the page to show {needle:?}");

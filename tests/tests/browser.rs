@@ -794,6 +794,24 @@ async fn assert_big_log_numbers(browser: &Browser) -> u64 {
         .expect("shown lines")
 }
 
+/// Clicks "Load earlier" and waits until the page shows lines before
+/// line `first`, numbered as in the log.
+async fn load_earlier_than(browser: &Browser, first: u64) {
+    browser
+        .script("document.querySelector('#log-earlier').click(); return true;")
+        .await;
+    let what = format!("lines before {first} loaded");
+    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
+        browser
+            .script("return Number(document.querySelector('#log .line .ln').textContent);")
+            .await
+            .as_u64()
+            .is_some_and(|now| now < first)
+    })
+    .await;
+    assert_big_log_numbers(browser).await;
+}
+
 /// A 50 MiB log streams into an open page without freezing it (the page
 /// keeps answering scripts and holds a bounded number of lines); once it
 /// ended, "Load earlier" brings back the part before, correctly numbered.
@@ -871,19 +889,7 @@ async fn a_big_log_streams_into_the_page_and_loads_earlier_parts() {
     assert!(first > 1, "older lines left the page");
     browser.screenshot("job-big-log").await;
 
-    browser
-        .script("document.querySelector('#log-earlier').click(); return true;")
-        .await;
-    let what = format!("lines before {first} loaded");
-    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
-        browser
-            .script("return Number(document.querySelector('#log .line .ln').textContent);")
-            .await
-            .as_u64()
-            .is_some_and(|now| now < first)
-    })
-    .await;
-    assert_big_log_numbers(browser).await;
+    load_earlier_than(browser, first).await;
     site.close().await;
 }
 
@@ -944,13 +950,7 @@ async fn a_page_far_behind_skips_ahead_in_the_jobs_colours_and_loads_what_it_ski
     let last_line = big_output_line(BIG_OUTPUT_LINES);
     let last_line = last_line.trim_end();
     hobotnica_tests::wait_until(JOB_TIMEOUT, "the log's last line shown", || async {
-        browser
-            .script(
-                "const l = document.querySelector('#log .block:last-child .line:last-child .tx');
-                 return l ? l.textContent : '';",
-            )
-            .await
-            == json!(last_line)
+        browser.last_log_line().await == last_line
     })
     .await;
     let shown = browser
@@ -970,19 +970,7 @@ async fn a_page_far_behind_skips_ahead_in_the_jobs_colours_and_loads_what_it_ski
     assert_eq!(shown["not_yellow"], json!(0), "{shown}");
     assert_eq!(shown["earlier"], json!(true), "{shown}");
     let first = assert_big_log_numbers(browser).await;
-    browser
-        .script("document.querySelector('#log-earlier').click(); return true;")
-        .await;
-    let what = format!("lines before {first} loaded");
-    hobotnica_tests::wait_until(JOB_TIMEOUT, &what, || async {
-        browser
-            .script("return Number(document.querySelector('#log .line .ln').textContent);")
-            .await
-            .as_u64()
-            .is_some_and(|now| now < first)
-    })
-    .await;
-    assert_big_log_numbers(browser).await;
+    load_earlier_than(browser, first).await;
 
     // Opened afresh, the page starts yellow: the colour set before its
     // first line.
