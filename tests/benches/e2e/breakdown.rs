@@ -3,7 +3,8 @@
 //! recipe's own clock reading, the poller seeing it finished), printed
 //! beside the machine's floor for the same work measured in this process
 //! without Hobotnica: `make now` into a pipe, `git worktree add` + `make`
-//! in a fresh clone, a `git fetch` with nothing new, a `git cat-file -e`.
+//! in a fresh clone, a `git fetch` with nothing new, a `git cat-file -e`,
+//! a `git ls-remote` of the branch (what a trigger naming a branch runs).
 //! Absolute times drift with the machine's load; the ratios to the floor
 //! are what compare across runs.
 
@@ -118,6 +119,9 @@ pub struct Floors {
     /// `git cat-file -e <commit>^{commit}`: one git process that finds
     /// the commit cached.
     cat_file: Vec<f64>,
+    /// `git ls-remote` of the default branch: what the controller runs
+    /// to resolve a trigger that names no commit.
+    ls_remote: Vec<f64>,
 }
 
 fn ms(from_ns: i128, to_ns: i128) -> f64 {
@@ -169,6 +173,7 @@ impl Floors {
             worktree_make_to_exit: Vec::new(),
             fetch_noop: Vec::new(),
             cat_file: Vec::new(),
+            ls_remote: Vec::new(),
         };
         let object = format!("{commit}^{{commit}}");
         for n in 0..FLOOR_RUNS {
@@ -203,6 +208,14 @@ impl Floors {
             let start = now_ns();
             run("git", &["cat-file", "-e", &object], &clone);
             floors.cat_file.push(ms(start, now_ns()));
+
+            let start = now_ns();
+            run(
+                "git",
+                &["ls-remote", "--exit-code", "origin", "refs/heads/main"],
+                &clone,
+            );
+            floors.ls_remote.push(ms(start, now_ns()));
         }
         for runs in [
             &mut floors.make_to_recipe,
@@ -212,6 +225,7 @@ impl Floors {
             &mut floors.worktree_make_to_exit,
             &mut floors.fetch_noop,
             &mut floors.cat_file,
+            &mut floors.ls_remote,
         ] {
             runs.sort_by(f64::total_cmp);
         }
@@ -221,6 +235,7 @@ impl Floors {
     /// The floor of the gap `from -> to`, with what it measures.
     fn of(&self, from: &str, to: &str, fetch_ran: bool) -> Option<(&'static str, &[f64])> {
         Some(match (from, to) {
+            ("trigger", "accepted") => ("git ls-remote of the branch", &self.ls_remote),
             ("received", "fetched") if fetch_ran => ("git fetch, nothing new", &self.fetch_noop),
             ("received", "fetched") => ("git cat-file -e", &self.cat_file),
             ("fetched", "work tree") => ("git worktree add", &self.worktree_add),
@@ -254,6 +269,7 @@ impl Floors {
             ),
             ("git fetch, nothing new", &self.fetch_noop),
             ("git cat-file -e", &self.cat_file),
+            ("git ls-remote of the branch", &self.ls_remote),
         ] {
             println!(
                 "    {name:<44} p50 {:>7.2} ms  p95 {:>7.2} ms",
