@@ -437,11 +437,12 @@ pub struct JobTimings {
     /// The agent read the assignment from its session stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_at: Option<DateTime<Utc>>,
-    /// The commit was in the agent's cache clone: fetched, or already there.
+    /// The commit was in the agent's cache clone: cloned, fetched, or
+    /// already there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_at: Option<DateTime<Utc>>,
     /// Whether `fetched_at` ended a `git fetch` (`false`: the cache had the
-    /// commit and nothing was fetched).
+    /// commit, or was cloned with it, and nothing was fetched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetch_ran: Option<bool>,
     /// The job's work tree was checked out.

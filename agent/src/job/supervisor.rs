@@ -559,7 +559,8 @@ impl<C: JobController> Supervisor<C> {
                 return;
             }
             let mut sent = self.with_lost_log(&completion);
-            if acked.is_some() {
+            // A lost log was never all acknowledged: no reading then.
+            if acked.is_some() && self.log_lost.is_none() {
                 sent.timings.log_acked_at = Some(Utc::now());
             }
             sent.timings.completion_sent_at = Some(Utc::now());

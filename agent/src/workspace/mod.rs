@@ -86,7 +86,8 @@ pub struct WorkTree {
     pub scratch: PathBuf,
     cache: PathBuf,
     name: String,
-    /// When the cache clone had the commit (fetched, or already there).
+    /// When the cache clone had the commit (cloned, fetched, or already
+    /// there).
     pub commit_ready_at: DateTime<Utc>,
     /// Whether that took a `git fetch`.
     pub fetch_ran: bool,

@@ -154,9 +154,11 @@ pub struct JobTimingsView {
     pub assignment_sent_at: Option<DateTime<Utc>>,
     /// The agent read the assignment.
     pub received_at: Option<DateTime<Utc>>,
-    /// The agent's cache clone had the commit (fetched, or already there).
+    /// The agent's cache clone had the commit (cloned, fetched, or already
+    /// there).
     pub fetched_at: Option<DateTime<Utc>>,
-    /// Whether that took a `git fetch` (false: the commit was cached).
+    /// Whether that took a `git fetch` (false: the commit was cached, or
+    /// came with a first clone).
     pub fetch_ran: Option<bool>,
     /// The job's work tree was checked out.
     pub work_tree_ready_at: Option<DateTime<Utc>>,
