@@ -413,6 +413,75 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When each phase of the attempt that finished the job happened, as its
+    /// agent reported them; `None` for a job no agent completed, or one
+    /// completed by an agent that does not report them (and in records
+    /// written before they existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<JobTimings>,
+}
+
+/// When each phase of a job attempt happened, between `started_at` (the
+/// claim) and `finished_at` (the completion recorded): one wall-clock
+/// reading each, taken where the phase ends. Every field is `None` when
+/// unknown (an older agent or controller, or a phase the attempt never
+/// reached, e.g. make when the commit was not found). The controller's
+/// and the agent's readings come from two clocks: on two hosts their
+/// differences include the clocks' skew.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTimings {
+    /// The controller wrote the assignment to the agent's session stream
+    /// (controller's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_sent_at: Option<DateTime<Utc>>,
+    /// The agent read the assignment from its session stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<DateTime<Utc>>,
+    /// The commit was in the agent's cache clone: cloned, fetched, or
+    /// already there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<DateTime<Utc>>,
+    /// Whether `fetched_at` ended a `git fetch` (`false`: the cache had the
+    /// commit, or was cloned with it, and nothing was fetched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_ran: Option<bool>,
+    /// The job's work tree was checked out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_tree_ready_at: Option<DateTime<Utc>>,
+    /// make's command line was wrapped in the sandbox (bubblewrap), ready
+    /// to spawn; the sandbox itself is set up by the spawned process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_ready_at: Option<DateTime<Utc>>,
+    /// make (in its sandbox) was spawned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub make_spawned_at: Option<DateTime<Utc>>,
+    /// make exited (reaped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub make_exited_at: Option<DateTime<Utc>>,
+    /// The controller had acknowledged the log's last byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_acked_at: Option<DateTime<Utc>>,
+    /// The agent sent the completion that was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_sent_at: Option<DateTime<Utc>>,
+}
+
+impl JobTimings {
+    /// The readings in the order the phases happen, named as the API names
+    /// them (`fetch_ran` aside).
+    pub fn in_order(&self) -> [(&'static str, Option<DateTime<Utc>>); 9] {
+        [
+            ("assignment_sent_at", self.assignment_sent_at),
+            ("received_at", self.received_at),
+            ("fetched_at", self.fetched_at),
+            ("work_tree_ready_at", self.work_tree_ready_at),
+            ("sandbox_ready_at", self.sandbox_ready_at),
+            ("make_spawned_at", self.make_spawned_at),
+            ("make_exited_at", self.make_exited_at),
+            ("log_acked_at", self.log_acked_at),
+            ("completion_sent_at", self.completion_sent_at),
+        ]
+    }
 }
 
 /// The first label of `required` that `have` does not carry with the same
@@ -499,6 +568,56 @@ mod tests {
             missing_label(&labels(&[("pool", "test")]), &labels(&[])),
             Some(("pool", "test"))
         );
+    }
+
+    /// A record written before timings existed still loads, without them;
+    /// a record with some of them keeps exactly those.
+    #[test]
+    fn job_records_load_with_and_without_timings() {
+        let job = Job {
+            id: JobId(1),
+            repo: RepoRef::new("o", "r"),
+            git_url: "https://example.invalid/o/r.git".to_owned(),
+            kind: JobKind::Test,
+            target: "test".to_owned(),
+            commit: "0123456789abcdef0123456789abcdef01234567"
+                .parse()
+                .expect("commit"),
+            branch: None,
+            env: BTreeMap::new(),
+            from_fork: false,
+            requested_by: None,
+            trusted_labels: BTreeMap::new(),
+            trigger: Trigger::Api,
+            state: JobState::Succeeded,
+            attempt: 1,
+            agent: None,
+            agent_name: None,
+            exit_code: Some(0),
+            message: None,
+            timeout_secs: 60,
+            cancel_requested: false,
+            created_at: DateTime::UNIX_EPOCH,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            timings: None,
+        };
+        let old = serde_json::to_value(&job).expect("serialise");
+        assert!(old.get("timings").is_none(), "{old}");
+        let loaded: Job = serde_json::from_value(old).expect("an old record loads");
+        assert_eq!(loaded, job);
+
+        let with = Job {
+            timings: Some(JobTimings {
+                received_at: Some(DateTime::UNIX_EPOCH),
+                fetch_ran: Some(false),
+                ..JobTimings::default()
+            }),
+            ..job
+        };
+        let text = serde_json::to_string(&with).expect("serialise");
+        assert_eq!(serde_json::from_str::<Job>(&text).expect("load"), with);
     }
 
     #[test]

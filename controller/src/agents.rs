@@ -14,7 +14,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::{Job, JobState, Outcome, format_labels, missing_label};
+use hobotnica_common::job::{Job, JobState, JobTimings, Outcome, format_labels, missing_label};
 use hobotnica_common::logs::{LOG_NOTICE_ALLOWANCE, MAX_CHUNK_BYTES, log_limit_message};
 use hobotnica_common::secrets::InPlaceMasker;
 use hobotnica_common::token::{constant_time_eq, hash_token, new_token, random_hex};
@@ -143,6 +143,8 @@ pub struct Completion {
     pub message: String,
     pub log_length: u64,
     pub duration_ms: u64,
+    /// When each phase of the attempt ended, as the agent saw them.
+    pub timings: Option<JobTimings>,
 }
 
 /// A job as it is handed to an agent: the record plus its variables
@@ -384,6 +386,7 @@ impl Services {
                     outcome,
                     exit_code: completion.exit_code,
                     message,
+                    timings: completion.timings,
                 },
                 Utc::now(),
             )
@@ -485,6 +488,7 @@ impl Services {
                 "repository {} was removed before the job started",
                 job.repo
             )),
+            timings: None,
         };
         match self
             .store

@@ -471,7 +471,7 @@ impl Servers {
             None => Box::pin(
                 self.grpc_router(false).serve_with_incoming_shutdown(
                     self.connections
-                        .track_incoming(TcpListenerStream::new(listener), self.max_connections()),
+                        .track_incoming(no_delay(listener), self.max_connections()),
                     self.cancelled(),
                 ),
             ),
@@ -488,10 +488,8 @@ impl Servers {
             Some(listener) => {
                 self.grpc_router(false)
                     .serve_with_incoming_shutdown(
-                        self.connections.track_incoming(
-                            TcpListenerStream::new(listener),
-                            self.max_connections(),
-                        ),
+                        self.connections
+                            .track_incoming(no_delay(listener), self.max_connections()),
                         self.cancelled(),
                     )
                     .await
@@ -716,6 +714,22 @@ async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::
             Arc::new(RedisStore::connect(url.expose(), REDIS_KEY_PREFIX, ca).await?)
         }
         None => Arc::new(EmbeddedStore::open_waiting(&config.data_dir, config.store_wait).await?),
+    })
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off (as the
+/// TLS listener does): tonic sets `TCP_NODELAY` only on listeners it binds
+/// itself. With it on, a log acknowledgement written right after another
+/// small frame waited for the agent's delayed ACK, about 40 ms, before it
+/// left: a job's completion waited that long for its last log byte.
+fn no_delay(
+    listener: TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use futures_util::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
     })
 }
 

@@ -4,7 +4,9 @@
 //! - dispatch latency of 100 sequential jobs (REST POST → make runs the
 //!   recipe, and POST → `started_at`): embedded; Redis with one controller;
 //!   Redis with two controllers, the job POSTed to one and the agent
-//!   connected to the other;
+//!   connected to the other; with where the time goes, phase by phase
+//!   (p50/p95 of each gap), beside the machine's floor for the same work
+//!   without Hobotnica;
 //! - throughput: 300 jobs POSTed as fast as two clients can, run by 4
 //!   agents: Redis with two controllers (one client and two agents on each),
 //!   and embedded for comparison;
@@ -24,6 +26,8 @@
 mod agents_rss;
 #[path = "e2e/big_log.rs"]
 mod big_log;
+#[path = "e2e/breakdown.rs"]
+mod breakdown;
 #[path = "e2e/dispatch.rs"]
 mod dispatch;
 #[path = "e2e/sandbox.rs"]

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use hobotnica_common::job::JobState;
 use reqwest::Method;
 use serde::Deserialize;
@@ -39,6 +40,49 @@ pub struct Job {
     pub started_at: Option<String>,
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// Where the job's time went; `None` until an agent that reports
+    /// phases completed it.
+    #[serde(default)]
+    pub timings: Option<JobTimings>,
+}
+
+/// A job's `timings`: one reading per phase, in the order they happen.
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobTimings {
+    pub accepted_at: DateTime<Utc>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub assignment_sent_at: Option<DateTime<Utc>>,
+    pub received_at: Option<DateTime<Utc>>,
+    pub fetched_at: Option<DateTime<Utc>>,
+    pub fetch_ran: Option<bool>,
+    pub work_tree_ready_at: Option<DateTime<Utc>>,
+    pub sandbox_ready_at: Option<DateTime<Utc>>,
+    pub make_spawned_at: Option<DateTime<Utc>>,
+    pub make_exited_at: Option<DateTime<Utc>>,
+    pub log_acked_at: Option<DateTime<Utc>>,
+    pub completion_sent_at: Option<DateTime<Utc>>,
+    pub recorded_at: Option<DateTime<Utc>>,
+}
+
+impl JobTimings {
+    /// Every reading, named, in the order the phases happen (`None` where
+    /// the job has none).
+    pub fn phases(&self) -> [(&'static str, Option<DateTime<Utc>>); 12] {
+        [
+            ("accepted", Some(self.accepted_at)),
+            ("assigned", self.assigned_at),
+            ("sent", self.assignment_sent_at),
+            ("received", self.received_at),
+            ("fetched", self.fetched_at),
+            ("work tree", self.work_tree_ready_at),
+            ("sandbox", self.sandbox_ready_at),
+            ("spawned", self.make_spawned_at),
+            ("exited", self.make_exited_at),
+            ("last byte acked", self.log_acked_at),
+            ("completion sent", self.completion_sent_at),
+            ("recorded", self.recorded_at),
+        ]
+    }
 }
 
 /// Any answer, whole.

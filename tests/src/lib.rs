@@ -33,7 +33,7 @@ pub mod tls;
 pub mod wait;
 
 pub use agent::{Agent, AgentOpts, AgentTarget, TokenPassing};
-pub use api::{Api, Job, RawResponse};
+pub use api::{Api, Job, JobTimings, RawResponse};
 pub use controller::{Controller, ControllerOpts};
 pub use git::GitRepo;
 pub use github::{FakeGitHub, Permission};

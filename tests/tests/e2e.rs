@@ -136,6 +136,50 @@ async fn a_job_runs_end_to_end_and_its_log_holds_the_exact_interleaved_output() 
     }
 }
 
+/// A finished job says where its time went: every phase's reading is
+/// there, in the order the phases happen, between the job's creation and
+/// its completion being recorded. The second job finds the commit in the
+/// agent's cache and fetches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_shows_its_phase_timings_in_order() {
+    let s = setup().await;
+    for run in 0..2 {
+        let job = s.api.run_target(REPO, "test").await;
+        let done = s.api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let timings = done.timings.clone().expect("the job's timings");
+        let created: chrono::DateTime<chrono::Utc> = done.created_at.parse().unwrap();
+        let finished: chrono::DateTime<chrono::Utc> =
+            done.finished_at.as_deref().unwrap().parse().unwrap();
+        assert_eq!(timings.accepted_at, created);
+        assert_eq!(timings.recorded_at, Some(finished));
+        let mut previous = ("created", created);
+        for (phase, at) in timings.phases() {
+            let at = at.unwrap_or_else(|| panic!("no {phase} reading: {done:#?}"));
+            assert!(
+                at >= previous.1,
+                "{phase} ({at}) before {} ({}): {done:#?}",
+                previous.0,
+                previous.1
+            );
+            assert!(at <= finished, "{phase} after finished_at: {done:#?}");
+            previous = (phase, at);
+        }
+        if run == 1 {
+            assert_eq!(timings.fetch_ran, Some(false), "{done:#?}");
+        }
+    }
+    // A job still queued or running has none yet.
+    let gate = s.controller.scratch_dir("gate").join("open");
+    let body = json!({ "target": "gate", "env": { "E2E_GATE": gate.to_str().unwrap() } });
+    let waiting = s.api.run_job(REPO, body).await;
+    s.api
+        .wait_for_log(waiting.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+    assert!(s.api.job(waiting.id).await.timings.is_none());
+    std::fs::write(&gate, b"").unwrap();
+    s.api.wait_for_success(waiting.id, JOB_TIMEOUT).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_target_fails_the_job_with_its_exit_code() {
     let s = setup().await;

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::Outcome;
+use hobotnica_common::job::{JobTimings, Outcome};
 use hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES;
 use hobotnica_common::proto::{self, agent_message, controller_message};
 use tokio::sync::{mpsc, watch};
@@ -176,6 +177,11 @@ impl SessionStream {
 }
 
 fn job_spec(assignment: proto::Assignment) -> JobSpec {
+    let timings = JobTimings {
+        assignment_sent_at: assignment.sent_at_unix_us.and_then(from_unix_us),
+        received_at: Some(Utc::now()),
+        ..JobTimings::default()
+    };
     JobSpec {
         key: JobKey {
             id: JobId(assignment.job_id),
@@ -197,6 +203,30 @@ fn job_spec(assignment: proto::Assignment) -> JobSpec {
             0 => DEFAULT_MAX_LOG_BYTES,
             bytes => bytes,
         },
+        timings,
+    }
+}
+
+fn from_unix_us(micros: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+}
+
+fn unix_us(at: Option<DateTime<Utc>>) -> Option<i64> {
+    at.map(|at| at.timestamp_micros())
+}
+
+fn timings_message(timings: &JobTimings) -> proto::JobTimings {
+    proto::JobTimings {
+        assignment_sent_at_unix_us: unix_us(timings.assignment_sent_at),
+        received_at_unix_us: unix_us(timings.received_at),
+        fetched_at_unix_us: unix_us(timings.fetched_at),
+        fetch_ran: timings.fetch_ran,
+        work_tree_ready_at_unix_us: unix_us(timings.work_tree_ready_at),
+        sandbox_ready_at_unix_us: unix_us(timings.sandbox_ready_at),
+        make_spawned_at_unix_us: unix_us(timings.make_spawned_at),
+        make_exited_at_unix_us: unix_us(timings.make_exited_at),
+        log_acked_at_unix_us: unix_us(timings.log_acked_at),
+        completion_sent_at_unix_us: unix_us(timings.completion_sent_at),
     }
 }
 
@@ -215,6 +245,7 @@ pub(super) fn complete_request(completion: &Completion) -> proto::CompleteJobReq
         message: completion.message.clone(),
         log_length: completion.log_length,
         duration_ms: u64::try_from(completion.duration.as_millis()).unwrap_or(u64::MAX),
+        timings: Some(timings_message(&completion.timings)),
     }
 }
 

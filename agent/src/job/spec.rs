@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use hobotnica_common::ids::JobId;
-use hobotnica_common::job::Outcome;
+use hobotnica_common::job::{JobTimings, Outcome};
 
 use crate::workspace::GitHttpHeader;
 
@@ -50,6 +50,9 @@ pub struct JobSpec {
     pub git_http_header: Option<GitHttpHeader>,
     /// The most the job's log may hold, in bytes.
     pub max_log_bytes: u64,
+    /// The phase readings taken before the job reached its supervisor:
+    /// when the controller sent the assignment, when the agent received it.
+    pub timings: JobTimings,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -98,6 +101,7 @@ mod debug_tests {
             secrets: vec!["listed-secret".into()],
             git_http_header: None,
             max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
+            timings: JobTimings::default(),
         };
         let printed = format!("{spec:?}");
         assert!(printed.contains("API_TOKEN"), "{printed}");
@@ -151,4 +155,6 @@ pub struct Completion {
     /// Total bytes of log produced by this attempt.
     pub log_length: u64,
     pub duration: Duration,
+    /// When each phase of the attempt ended (those it reached).
+    pub timings: JobTimings,
 }

@@ -9,9 +9,10 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
 use hobotnica_common::env::{CiVars, compose};
 use hobotnica_common::ids::CommitSha;
-use hobotnica_common::job::Outcome;
+use hobotnica_common::job::{JobTimings, Outcome};
 use hobotnica_common::logs::log_limit_message;
 use hobotnica_common::validate;
 use tokio::sync::{mpsc, watch};
@@ -63,6 +64,9 @@ pub(super) struct Supervisor<C: JobController = Connection> {
     /// output and in every line and message the agent writes about the job.
     secrets: Secrets,
     started: Instant,
+    /// When each phase the job reached ended: one clock reading each,
+    /// sent with the completion.
+    phases: JobTimings,
     /// Lease renewal and log shipping.
     children: JoinSet<()>,
     children_stop: CancellationToken,
@@ -87,6 +91,7 @@ impl<C: JobController> Supervisor<C> {
             context,
             controller,
             secrets,
+            phases: spec.timings.clone(),
             spec,
             timings,
             events_tx,
@@ -226,6 +231,7 @@ impl<C: JobController> Supervisor<C> {
             message: self.secrets.mask(&end.message),
             log_length,
             duration: self.started.elapsed(),
+            timings: self.phases.clone(),
         }
     }
 
@@ -341,7 +347,12 @@ impl<C: JobController> Supervisor<C> {
         }
 
         let tree = match self.prepare(&commit, spool).await {
-            Ok(tree) => tree,
+            Ok(tree) => {
+                self.phases.fetched_at = Some(tree.commit_ready_at);
+                self.phases.fetch_ran = Some(tree.fetch_ran);
+                self.phases.work_tree_ready_at = Some(Utc::now());
+                tree
+            }
             Err(WorkspaceError::Cancelled) => return (None, self.stopped(spool)),
             Err(error) => {
                 let error = self.secrets.mask(&error.to_string());
@@ -393,10 +404,12 @@ impl<C: JobController> Supervisor<C> {
     /// kill grace is over.
     async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
         let command = self.sandboxed_make(tree, spool);
+        self.phases.sandbox_ready_at = Some(Utc::now());
         let (mut group, pipe) = match process::spawn(&command) {
             Ok(spawned) => spawned,
             Err(error) => return self.failed(spool, format!("could not start make: {error}")),
         };
+        self.phases.make_spawned_at = Some(Utc::now());
         tracing::info!(pgid = group.pgid(), "make started");
         let copy = logs::copy_output(pipe, self.secrets.masker(), spool.clone());
         tokio::pin!(copy);
@@ -416,7 +429,10 @@ impl<C: JobController> Supervisor<C> {
                 () = sleep_until(kill_at) => JobEvent::KillGraceExpired,
             };
             match event {
-                JobEvent::ProcessExited(status) => break status,
+                JobEvent::ProcessExited(status) => {
+                    self.phases.make_exited_at = Some(Utc::now());
+                    break status;
+                }
                 JobEvent::KillGraceExpired => {
                     tracing::info!("grace period over; killing the process group");
                     group.kill();
@@ -542,7 +558,12 @@ impl<C: JobController> Supervisor<C> {
             {
                 return;
             }
-            let sent = self.with_lost_log(&completion);
+            let mut sent = self.with_lost_log(&completion);
+            // A lost log was never all acknowledged: no reading then.
+            if acked.is_some() && self.log_lost.is_none() {
+                sent.timings.log_acked_at = Some(Utc::now());
+            }
+            sent.timings.completion_sent_at = Some(Utc::now());
             let controller = self.controller.clone();
             let Some(result) = self.listening(controller.complete(&sent)).await else {
                 return;
@@ -817,6 +838,7 @@ mod tests {
             secrets: Vec::new(),
             git_http_header: Some(header.clone()),
             max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
+            timings: JobTimings::default(),
         };
         // Even when the agent itself runs with git configuration around.
         let inherited = [
@@ -994,6 +1016,7 @@ mod report_tests {
             secrets: Vec::new(),
             git_http_header: None,
             max_log_bytes: hobotnica_common::logs::DEFAULT_MAX_LOG_BYTES,
+            timings: JobTimings::default(),
         }
     }
 

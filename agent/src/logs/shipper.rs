@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{Spool, SpoolReader};
+use super::spool::{Spool, SpoolProgress, SpoolReader};
 use crate::connection::{
     BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Connection, LOG_QUEUE_CHUNKS, LogAck, LogStream,
     RpcError, SendError,
@@ -70,6 +70,31 @@ pub const WINDOW_BYTES: u64 = 1024 * 1024;
 /// full chunk: short enough for a live tail, long enough to batch chatty
 /// output.
 pub const COALESCE_DELAY: Duration = Duration::from_millis(10);
+
+/// Waits up to [`COALESCE_DELAY`] for more output to send with what came,
+/// but no longer than until the spool is closed (make's output ended: the
+/// job waits for its last bytes) or holds a full chunk beyond `sent`.
+/// Before, the whole delay was slept even when the spool closed just
+/// after the last output, and every job's completion waited for it.
+async fn coalesce(progress_rx: &mut watch::Receiver<SpoolProgress>, sent: u64) {
+    let deadline = tokio::time::sleep(COALESCE_DELAY);
+    tokio::pin!(deadline);
+    loop {
+        let progress = *progress_rx.borrow_and_update();
+        if progress.closed || progress.len.saturating_sub(sent) >= MAX_CHUNK_BYTES as u64 {
+            return;
+        }
+        tokio::select! {
+            () = &mut deadline => return,
+            changed = progress_rx.changed() => {
+                if changed.is_err() {
+                    // The spool is gone; the caller finds out next.
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// How many times in a row the spool may fail to open or read (with
 /// back-off, about 25 s in all) before the shipper gives up on it: a job
@@ -297,10 +322,7 @@ impl<T: LogTransport> Shipper<T> {
                         // The spool is gone: the job is over.
                         return ShipperEnd::Stopped;
                     }
-                    let progress = *progress_rx.borrow();
-                    if !progress.closed && progress.len.saturating_sub(state.sent) < MAX_CHUNK_BYTES as u64 {
-                        tokio::time::sleep(COALESCE_DELAY).await;
-                    }
+                    coalesce(&mut progress_rx, state.sent).await;
                 }
                 ack = next_ack(&mut state.open) => {
                     if let Some(end) = self.take_ack(&mut state, ack).await {
@@ -814,6 +836,46 @@ mod stream_tests {
     /// rest. Before the fix it gave up reading and waited for spool progress
     /// or acknowledgements, neither of which could come: the job stayed
     /// `running` forever while its lease was renewed.
+    /// make prints its last line and exits: the line is shipped as soon as
+    /// the spool is closed, not after the coalescing delay (which every
+    /// job's completion waited for, 10 ms, before the fix).
+    #[tokio::test(start_paused = true)]
+    async fn the_last_output_is_shipped_once_the_spool_closes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool = Arc::new(Spool::create(dir.path().join("spool")).expect("spool"));
+        spool.append(b"first\n").expect("append");
+        let (opened_tx, mut opened) = mpsc::unbounded_channel();
+        let key = JobKey {
+            id: JobId(1),
+            attempt: 1,
+        };
+        let (shipper, _handle) = Shipper::new(Memory { opened: opened_tx }, key, spool.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(shipper.run(stop.clone()));
+        let mut peer = next_peer(&mut opened).await;
+
+        // More output: the shipper waits for more to batch with it...
+        spool.append(b"last\n").expect("append");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // ...until make's output ends.
+        let closed_at = Instant::now();
+        spool.close();
+        let (_, offset, len) = tokio::time::timeout(DEADLINE, peer.chunks.recv())
+            .await
+            .expect("the last chunk")
+            .expect("a chunk");
+        assert_eq!((offset, len), (6, 5));
+        assert!(
+            closed_at.elapsed() < COALESCE_DELAY,
+            "shipped {:?} after the spool closed",
+            closed_at.elapsed()
+        );
+        stop.cancel();
+        task.await.expect("the shipper ends");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_spool_read_error_with_a_stream_open_is_retried() {
         let dir = tempfile::tempdir().expect("temp dir");

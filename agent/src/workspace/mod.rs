@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use hobotnica_common::ids::CommitSha;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -85,6 +86,11 @@ pub struct WorkTree {
     pub scratch: PathBuf,
     cache: PathBuf,
     name: String,
+    /// When the cache clone had the commit (cloned, fetched, or already
+    /// there).
+    pub commit_ready_at: DateTime<Utc>,
+    /// Whether that took a `git fetch`.
+    pub fetch_ran: bool,
 }
 
 impl WorkTree {
@@ -317,8 +323,10 @@ impl Workspaces {
         self.trees().forgotten.remove(&cache);
 
         self.ensure_cache(&cache, cancel).await?;
-        self.ensure_commit(&cache, &origin, commit, &shown_url, log, cancel)
+        let fetch_ran = self
+            .ensure_commit(&cache, &origin, commit, &shown_url, log, cancel)
             .await?;
+        let commit_ready_at = Utc::now();
         let (path, scratch) = self.fresh_tree_dirs(name)?;
         keep_commit(&cache, name, commit)?;
         self.check_out(&cache, &path, commit, cancel).await?;
@@ -332,6 +340,8 @@ impl Workspaces {
             scratch,
             cache,
             name: name.to_owned(),
+            commit_ready_at,
+            fetch_ran,
         })
     }
 
@@ -340,7 +350,8 @@ impl Workspaces {
     /// id. When it is missing after both, fails with the error of the
     /// branches-and-tags fetch, or [`WorkspaceError::CommitNotFound`] when
     /// that fetch worked. A cancel or a timeout of either fetch ends it at
-    /// once.
+    /// once. Returns whether anything was fetched (false: the cache had the
+    /// commit).
     async fn ensure_commit(
         &self,
         cache: &Path,
@@ -349,20 +360,20 @@ impl Workspaces {
         shown_url: &str,
         log: LogLine<'_>,
         cancel: &CancellationToken,
-    ) -> Result<(), WorkspaceError> {
+    ) -> Result<bool, WorkspaceError> {
         if self.has_commit(cache, commit, cancel).await? {
-            return Ok(());
+            return Ok(false);
         }
         log(&format!("fetching {shown_url}"));
         let fetch_error = self
             .fetch_branches_and_tags(cache, origin, log, cancel)
             .await?;
         if self.has_commit(cache, commit, cancel).await? {
-            return Ok(());
+            return Ok(true);
         }
         self.fetch_by_id(cache, origin, commit, cancel).await?;
         if self.has_commit(cache, commit, cancel).await? {
-            return Ok(());
+            return Ok(true);
         }
         if let Some(error) = fetch_error {
             return Err(error);

@@ -41,6 +41,7 @@ async fn a_completion_records_the_outcome() {
                 message: "make: *** [test] Error 2".to_owned(),
                 log_length: 15,
                 duration_ms: 1200,
+                timings: None,
             },
         )
         .await
@@ -138,6 +139,7 @@ async fn a_completion_by_another_agent_or_for_a_stale_attempt_is_refused() {
                 message: String::new(),
                 log_length: 0,
                 duration_ms: 1,
+                timings: None,
             },
         )
         .await;

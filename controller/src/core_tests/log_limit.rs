@@ -192,6 +192,7 @@ async fn the_commit_status_of_a_job_cut_at_its_limit_says_so() {
                 message: hobotnica_common::logs::log_limit_message(65536),
                 log_length: 0,
                 duration_ms: 10,
+                timings: None,
             },
         )
         .await

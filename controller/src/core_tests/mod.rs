@@ -447,6 +447,7 @@ impl Core {
                     message: String::new(),
                     log_length,
                     duration_ms: 10,
+                    timings: None,
                 },
             )
             .await

@@ -153,6 +153,7 @@ async fn a_completion_message_is_stored_as_one_bounded_line() {
                 message,
                 log_length: 0,
                 duration_ms: 1,
+                timings: None,
             },
         )
         .await

@@ -7,9 +7,11 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use hobotnica_common::ids::JobId;
-use hobotnica_common::job::Outcome as DomainOutcome;
+use hobotnica_common::job::{JobTimings, Outcome as DomainOutcome};
+use hobotnica_common::proto;
 use hobotnica_common::proto::agent_service_server::AgentService;
 use hobotnica_common::proto::{
     AGENT_ID_METADATA, AgentMessage, Assignment, Cancel, CompleteJobRequest, CompleteJobResponse,
@@ -107,6 +109,8 @@ fn assignment(assignment: JobAssignment) -> controller_message::Kind {
         secrets,
         git_http_header,
         max_log_bytes,
+        // Taken as the session stream hands the message to the transport.
+        sent_at_unix_us: Some(Utc::now().timestamp_micros()),
     })
 }
 
@@ -146,6 +150,24 @@ fn log_piece(chunk: LogChunk) -> LogPiece {
         offset: chunk.offset,
         data: chunk.data,
     }
+}
+
+/// The phase readings of a completion; `None` from an agent that sends none.
+fn job_timings(timings: Option<proto::JobTimings>) -> Option<JobTimings> {
+    let timings = timings?;
+    let at = |micros: Option<i64>| micros.and_then(DateTime::from_timestamp_micros);
+    Some(JobTimings {
+        assignment_sent_at: at(timings.assignment_sent_at_unix_us),
+        received_at: at(timings.received_at_unix_us),
+        fetched_at: at(timings.fetched_at_unix_us),
+        fetch_ran: timings.fetch_ran,
+        work_tree_ready_at: at(timings.work_tree_ready_at_unix_us),
+        sandbox_ready_at: at(timings.sandbox_ready_at_unix_us),
+        make_spawned_at: at(timings.make_spawned_at_unix_us),
+        make_exited_at: at(timings.make_exited_at_unix_us),
+        log_acked_at: at(timings.log_acked_at_unix_us),
+        completion_sent_at: at(timings.completion_sent_at_unix_us),
+    })
 }
 
 fn outcome(value: i32) -> Option<DomainOutcome> {
@@ -289,6 +311,7 @@ impl AgentService for AgentGrpc {
                     message: request.message,
                     log_length: request.log_length,
                     duration_ms: request.duration_ms,
+                    timings: job_timings(request.timings),
                 },
             )
             .await

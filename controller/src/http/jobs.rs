@@ -69,6 +69,9 @@ pub struct JobView {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Where the job's time went, phase by phase; null for a job no agent
+    /// completed, or one whose agent does not report phases.
+    pub timings: Option<JobTimingsView>,
     /// This job's URL.
     pub url: String,
     /// Its log's URL.
@@ -99,11 +102,78 @@ impl From<Job> for JobView {
                 (job.finished_at.unwrap_or_else(Utc::now) - started).num_milliseconds()
             }),
             requested_by: job.requested_by,
+            timings: job.timings.map(|timings| JobTimingsView {
+                accepted_at: job.created_at,
+                assigned_at: job.started_at,
+                assignment_sent_at: timings.assignment_sent_at,
+                received_at: timings.received_at,
+                fetched_at: timings.fetched_at,
+                fetch_ran: timings.fetch_ran,
+                work_tree_ready_at: timings.work_tree_ready_at,
+                sandbox_ready_at: timings.sandbox_ready_at,
+                make_spawned_at: timings.make_spawned_at,
+                make_exited_at: timings.make_exited_at,
+                log_acked_at: timings.log_acked_at,
+                completion_sent_at: timings.completion_sent_at,
+                recorded_at: job.finished_at,
+            }),
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
         }
     }
+}
+
+/// When each phase of the job's last attempt ended, in the order they
+/// happen: one wall-clock reading each, taken by the controller (accepted,
+/// assigned, sent, recorded) or the agent (the rest). A reading is null
+/// when unknown: a phase the attempt never reached (no make when the
+/// commit was not found), or an agent that does not take it. Readings from
+/// an agent on another host include the two clocks' skew.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "accepted_at": "2026-11-28T12:00:00.000000Z",
+    "assigned_at": "2026-11-28T12:00:00.001200Z",
+    "assignment_sent_at": "2026-11-28T12:00:00.001900Z",
+    "received_at": "2026-11-28T12:00:00.002300Z",
+    "fetched_at": "2026-11-28T12:00:00.004100Z", "fetch_ran": false,
+    "work_tree_ready_at": "2026-11-28T12:00:00.009800Z",
+    "sandbox_ready_at": "2026-11-28T12:00:00.009900Z",
+    "make_spawned_at": "2026-11-28T12:00:00.010600Z",
+    "make_exited_at": "2026-11-28T12:00:00.019700Z",
+    "log_acked_at": "2026-11-28T12:00:00.020500Z",
+    "completion_sent_at": "2026-11-28T12:00:00.020600Z",
+    "recorded_at": "2026-11-28T12:00:00.021800Z"
+}))]
+pub struct JobTimingsView {
+    /// The job was queued (its `created_at`).
+    pub accepted_at: DateTime<Utc>,
+    /// An agent claimed it (its `started_at`).
+    pub assigned_at: Option<DateTime<Utc>>,
+    /// The controller wrote the assignment to the agent's session stream.
+    pub assignment_sent_at: Option<DateTime<Utc>>,
+    /// The agent read the assignment.
+    pub received_at: Option<DateTime<Utc>>,
+    /// The agent's cache clone had the commit (cloned, fetched, or already
+    /// there).
+    pub fetched_at: Option<DateTime<Utc>>,
+    /// Whether that took a `git fetch` (false: the commit was cached, or
+    /// came with a first clone).
+    pub fetch_ran: Option<bool>,
+    /// The job's work tree was checked out.
+    pub work_tree_ready_at: Option<DateTime<Utc>>,
+    /// make's command was wrapped in the agent's sandbox, ready to start.
+    pub sandbox_ready_at: Option<DateTime<Utc>>,
+    /// make (in its sandbox) was started.
+    pub make_spawned_at: Option<DateTime<Utc>>,
+    /// make exited.
+    pub make_exited_at: Option<DateTime<Utc>>,
+    /// The controller had acknowledged the last byte of the log.
+    pub log_acked_at: Option<DateTime<Utc>>,
+    /// The agent sent the completion.
+    pub completion_sent_at: Option<DateTime<Utc>>,
+    /// The controller recorded the completion (the job's `finished_at`).
+    pub recorded_at: Option<DateTime<Utc>>,
 }
 
 /// 202 with the job and its `Location`.

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Duration, Utc};
 use hobotnica_common::ids::{AgentId, JobId};
-use hobotnica_common::job::{GitHubLink, Job, JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
+use hobotnica_common::job::{
+    GitHubLink, Job, JobKind, JobState, JobTimings, Outcome, Repo, RepoRef, Trigger,
+};
 
 use super::{
     AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, SessionPrincipal,
@@ -98,6 +100,7 @@ pub(crate) fn finish(outcome: Outcome, exit_code: Option<i32>) -> Finish {
         outcome,
         exit_code,
         message: None,
+        timings: None,
     }
 }
 
@@ -252,6 +255,48 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
         store.renew_lease(first.id, 1, lease).await,
         Err(StoreError::LeaseLost { .. })
     ));
+}
+
+/// The phase timings an agent reports with its completion are kept with
+/// the job and read back as they were written; a repeated completion
+/// leaves them alone.
+pub async fn finished_jobs_keep_their_timings(store: Arc<dyn Store>) {
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let timings = JobTimings {
+        assignment_sent_at: Some(now),
+        received_at: Some(now + Duration::milliseconds(1)),
+        fetched_at: Some(now + Duration::milliseconds(2)),
+        fetch_ran: Some(false),
+        make_exited_at: Some(now + Duration::microseconds(2_500)),
+        ..JobTimings::default()
+    };
+    let done = store
+        .finish_job(
+            job.id,
+            1,
+            Finish {
+                timings: Some(timings.clone()),
+                ..finish(Outcome::Succeeded, Some(0))
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.job.timings.as_ref(), Some(&timings));
+    let again = store
+        .finish_job(job.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .unwrap();
+    assert!(!again.first);
+    let stored = store.get_job(job.id).await.unwrap().expect("the job");
+    assert_eq!(stored.timings, Some(timings));
 }
 
 pub async fn leases_expire_into_lost(store: Arc<dyn Store>) {
@@ -2092,6 +2137,7 @@ macro_rules! conformance_suite {
             sessions_are_found_until_they_expire_or_are_deleted,
             jobs_are_claimed_once_in_order_and_fenced,
             unknown_jobs_are_not_found,
+            finished_jobs_keep_their_timings,
             leases_expire_into_lost,
             extending_leases_protects_running_jobs,
             leases_are_extended_never_shortened,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use hobotnica_common::ids::{AgentId, CommitSha, JobId};
-use hobotnica_common::job::{Job, JobKind, JobState, Outcome, Repo, RepoRef, Trigger};
+use hobotnica_common::job::{Job, JobKind, JobState, JobTimings, Outcome, Repo, RepoRef, Trigger};
 
 /// Errors a caller of the store branches on.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +141,8 @@ pub struct Finish {
     pub outcome: Outcome,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// The attempt's phases as its agent reported them (kept with the job).
+    pub timings: Option<JobTimings>,
 }
 
 /// A job after `finish_job`.

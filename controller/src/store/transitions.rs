@@ -35,6 +35,7 @@ pub fn new_job(id: JobId, new: NewJob, now: DateTime<Utc>) -> Job {
         started_at: None,
         finished_at: None,
         lease_expires_at: None,
+        timings: None,
     }
 }
 
@@ -184,6 +185,7 @@ pub fn finish(
     job.message = finish.message;
     job.finished_at = Some(now);
     job.lease_expires_at = None;
+    job.timings = finish.timings;
     Ok(true)
 }
 

@@ -2,9 +2,11 @@
 //! before it has succeeded, on one idle agent (concurrency 1). The job goes
 //! to the first controller and the agent is connected to the last, so with
 //! two controllers every job crosses from one to the other through Redis.
+//! Then where the time went, phase by phase, beside the machine's floor.
 
-use hobotnica_tests::{Agent, AgentOpts};
+use hobotnica_tests::{Agent, AgentOpts, JobState};
 
+use super::breakdown::{self, Floors, Sample};
 use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, report, rfc3339_ns};
 
 /// Jobs in one dispatch latency run.
@@ -28,17 +30,21 @@ pub async fn dispatch_latency(mode: Mode) {
 
     let mut to_make = Vec::with_capacity(DISPATCH_JOBS);
     let mut to_started = Vec::with_capacity(DISPATCH_JOBS);
+    let mut samples = Vec::with_capacity(DISPATCH_JOBS);
     for _ in 0..DISPATCH_JOBS {
         let posted = now_ns();
         let job = api.run_target(REPO, "now").await;
-        let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let (done, visible) = breakdown::wait_visible(&api, job.id).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:#?}");
         let log = api.output(job.id).await;
-        if let Ok(make_ns) = log.trim().parse::<i128>() {
+        let recipe = log.trim().parse::<i128>().ok();
+        if let Some(make_ns) = recipe {
             to_make.push((make_ns - posted) as f64 / 1e6);
         }
         if let Some(started) = done.started_at.as_deref().and_then(rfc3339_ns) {
             to_started.push((started - posted) as f64 / 1e6);
         }
+        samples.push(Sample::new(posted, &done, recipe, Some(visible)));
     }
     report(
         &format!("dispatch ({mode}): REST POST -> make runs the recipe"),
@@ -48,4 +54,12 @@ pub async fn dispatch_latency(mode: Mode) {
         &format!("dispatch ({mode}): REST POST -> started_at"),
         to_started,
     );
+
+    let origin = topology.repo.path().to_owned();
+    let commit = topology.repo.head();
+    let scratch = topology.controllers[0].scratch_dir("floors");
+    let floors = tokio::task::spawn_blocking(move || Floors::measure(&origin, &commit, &scratch))
+        .await
+        .unwrap();
+    breakdown::report(&format!("dispatch, {mode}"), &samples, Some(&floors));
 }

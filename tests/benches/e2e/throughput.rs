@@ -3,7 +3,8 @@
 //! controllers), run by [`AGENTS`] agents (agent `n` connected to controller
 //! `n`, the others as its fail-over list). Jobs name the commit, so a POST
 //! costs no `git ls-remote` and the figure is about queueing and running.
-//! Time runs from the first POST to the last `finished_at`.
+//! Time runs from the first POST to the last `finished_at`. Then where
+//! the jobs' time went under that load, phase by phase.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use hobotnica_tests::{Agent, AgentOpts, Api, JobState};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
+use super::breakdown::{self, Sample};
 use super::{JOB_TIMEOUT, Mode, REPO, Topology, now_ns, rfc3339_ns};
 
 /// Jobs in one throughput run.
@@ -51,10 +53,12 @@ pub async fn throughput(mode: Mode) {
     }
     let mut last_ids = Vec::new();
     let mut ids = Vec::with_capacity(THROUGHPUT_JOBS);
+    let mut posted = Vec::with_capacity(THROUGHPUT_JOBS);
     while let Some(submitted) = submitters.join_next().await {
         let submitted = submitted.unwrap();
-        last_ids.extend(submitted.last().copied());
-        ids.extend(submitted);
+        last_ids.extend(submitted.last().map(|(id, _)| *id));
+        ids.extend(submitted.iter().map(|(id, _)| *id));
+        posted.extend(submitted.iter().map(|(_, at)| *at));
     }
     let enqueue_time = started.elapsed();
 
@@ -66,8 +70,10 @@ pub async fn throughput(mode: Mode) {
         api.wait_for_end(id, RUN_TIMEOUT).await;
     }
     let mut last_finished_ns = started_ns;
-    for id in &ids {
+    let mut samples = Vec::with_capacity(ids.len());
+    for (id, posted) in ids.iter().zip(posted) {
         let job = api.wait_for_end(*id, RUN_TIMEOUT).await;
+        samples.push(Sample::new(posted, &job, None, None));
         assert_eq!(
             job.state,
             JobState::Succeeded,
@@ -85,13 +91,16 @@ pub async fn throughput(mode: Mode) {
         ids.len() as f64 / secs,
         enqueue_time.as_secs_f64(),
     );
+    breakdown::report(&format!("throughput, {mode}"), &samples, None);
 }
 
-/// POSTs `count` jobs one after another; returns their ids in order.
-async fn submit(api: Api, body: Value, count: usize) -> Vec<u64> {
+/// POSTs `count` jobs one after another; returns their ids in order, each
+/// with when it was POSTed (ns since the Unix epoch).
+async fn submit(api: Api, body: Value, count: usize) -> Vec<(u64, i128)> {
     let mut ids = Vec::with_capacity(count);
     for _ in 0..count {
-        ids.push(api.run_job(REPO, body.clone()).await.id);
+        let posted = now_ns();
+        ids.push((api.run_job(REPO, body.clone()).await.id, posted));
     }
     ids
 }
