@@ -30,6 +30,8 @@ pub struct Services {
     pub statuses: StatusSender,
     /// Where users reach the REST API (known once the listener is bound).
     pub public_url: Arc<OnceLock<String>>,
+    /// This controller's idle dispatch sessions, woken one per job.
+    pub idle_sessions: Arc<crate::wakeups::IdleSessions>,
 }
 
 impl Services {
