@@ -264,7 +264,7 @@ impl Services {
     /// [`Services::agent_caller`] for a stream that must end when the token
     /// is revoked.
     pub async fn attach_agent(&self, token: &str, agent_id: &str) -> Result<Attached, AgentError> {
-        let events = self.store.subscribe();
+        let events = self.session_events.subscribe();
         let agent = self.agent_caller(token, agent_id).await?;
         Ok(Attached { agent, events })
     }
@@ -1007,7 +1007,7 @@ pub async fn run_session(
                     try_claim = true;
                 }
                 // Queued and finished jobs wake idle sessions one at a time
-                // (`wakeups::wake_idle_sessions`), not every session.
+                // (`wakeups::wake_idle_sessions`), and are not relayed here.
                 Ok(_) => {}
                 Err(RecvError::Closed) => return,
             },
@@ -1168,6 +1168,11 @@ mod tests {
         let mut services = crate::Controller::open(config).await.unwrap().services;
         let gated = Arc::new(GatedStore::new(services.store.clone()));
         services.store = gated.clone();
+        // Ends with the test's runtime.
+        tokio::spawn(crate::wakeups::wake_idle_sessions(
+            services.clone(),
+            CancellationToken::new(),
+        ));
         (services, gated)
     }
 
@@ -1518,10 +1523,6 @@ mod tests {
         let (services, gated) = services(dir.path()).await;
         register_demo(&services).await;
         let shutdown = CancellationToken::new();
-        tokio::spawn(crate::wakeups::wake_idle_sessions(
-            services.clone(),
-            shutdown.clone(),
-        ));
         let mut sessions = Vec::new();
         for n in 0..5 {
             let name = format!("builder-{n}");
@@ -1559,10 +1560,6 @@ mod tests {
         let (services, gated) = services(dir.path()).await;
         register_demo(&services).await;
         let shutdown = CancellationToken::new();
-        tokio::spawn(crate::wakeups::wake_idle_sessions(
-            services.clone(),
-            shutdown.clone(),
-        ));
         let mut plain = Vec::new();
         for n in 0..3 {
             let name = format!("builder-{n}");
@@ -1588,15 +1585,16 @@ mod tests {
         shutdown.cancel();
     }
 
-    /// A job queued while no session wakes idle ones (its wake-up lost):
-    /// the idle session still takes it, on its safety poll.
+    /// A job's wake-up is lost on the way (it goes to a session that never
+    /// acts on it, nor leaves the line): the idle session still takes the
+    /// job, on its safety poll.
     #[tokio::test(start_paused = true)]
     async fn a_lost_wake_up_strands_no_job() {
         let dir = tempfile::tempdir().unwrap();
         let (services, gated) = services(dir.path()).await;
         register_demo(&services).await;
         let shutdown = CancellationToken::new();
-        // No `wake_idle_sessions`: every wake-up is lost.
+        let _lost = services.idle_sessions.wait(&BTreeMap::new());
         let mut session = idle_session(&services, &gated, "builder", &[], &shutdown).await;
         let queued_at = tokio::time::Instant::now();
         let job = services

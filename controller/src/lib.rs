@@ -243,6 +243,7 @@ impl Controller {
             statuses,
             public_url: Arc::new(std::sync::OnceLock::new()),
             idle_sessions: Arc::new(wakeups::IdleSessions::default()),
+            session_events: tokio::sync::broadcast::channel(wakeups::SESSION_EVENT_CAPACITY).0,
             config: Arc::new(config),
         };
         Ok(Controller {

@@ -32,6 +32,9 @@ pub struct Services {
     pub public_url: Arc<OnceLock<String>>,
     /// This controller's idle dispatch sessions, woken one per job.
     pub idle_sessions: Arc<crate::wakeups::IdleSessions>,
+    /// The store events agents' sessions and log streams act on, relayed
+    /// by `wakeups::wake_idle_sessions`.
+    pub session_events: tokio::sync::broadcast::Sender<crate::store::StoreEvent>,
 }
 
 impl Services {

@@ -14,6 +14,10 @@
 //! good: a session that was not waiting when a wake-up came (mid-claim) is
 //! handed it when it next waits, missed events wake every session, and each
 //! idle session also tries on its own every [`SAFETY_POLL`] or so.
+//!
+//! The same task relays to sessions and log streams only the events they
+//! act on (cancels, revocations, missed events), so that they no longer
+//! wake for every job queued, started or finished and every log append.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -202,11 +206,29 @@ pub fn safety_poll_interval() -> Duration {
     SAFETY_POLL.mul_f64(0.75 + spread / 2.0)
 }
 
+/// Events kept for sessions and log streams that have not read them yet.
+pub const SESSION_EVENT_CAPACITY: usize = 1024;
+
+/// Whether an agent's session or log stream acts on `event`: a cancel, a
+/// revoked token, a repository gone, missed events. Not the many others
+/// (every job queued, started, finished, every log append): a thousand
+/// sessions each woken for each of those cost more than the job did.
+fn for_sessions(event: &StoreEvent) -> bool {
+    matches!(
+        event,
+        StoreEvent::CancelRequested { .. }
+            | StoreEvent::AgentTokenRevoked { .. }
+            | StoreEvent::RepoDisabled { .. }
+            | StoreEvent::Resync
+    )
+}
+
 /// Wakes one idle session of this controller per queued job and per
 /// finished job (which may free a deploy that waited for it), and all of
-/// them when events were missed. Ends at `shutdown`, or when the event feed
-/// closes. It hears every event from the moment it is made, before it is
-/// first polled.
+/// them when events were missed; relays to `Services::session_events` the
+/// events that sessions and log streams act on (a lag becomes `Resync`).
+/// Ends at `shutdown`, or when the event feed closes. It hears every event
+/// from the moment it is made, before it is first polled.
 pub fn wake_idle_sessions(
     services: Services,
     shutdown: CancellationToken,
@@ -225,15 +247,21 @@ async fn wake_on_events(
             () = shutdown.cancelled() => return,
             event = events.recv() => event,
         };
-        match event {
-            Ok(StoreEvent::JobQueued { .. } | StoreEvent::JobFinished { .. }) => {
+        let event = match event {
+            Ok(event) => event,
+            Err(RecvError::Lagged(_)) => StoreEvent::Resync,
+            Err(RecvError::Closed) => return,
+        };
+        match &event {
+            StoreEvent::JobQueued { .. } | StoreEvent::JobFinished { .. } => {
                 services.idle_sessions.wake_one(Wake::default());
             }
-            Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
-                services.idle_sessions.wake_all();
-            }
-            Ok(_) => {}
-            Err(RecvError::Closed) => return,
+            StoreEvent::Resync => services.idle_sessions.wake_all(),
+            _ => {}
+        }
+        if for_sessions(&event) {
+            // No session listening is fine.
+            let _ = services.session_events.send(event);
         }
     }
 }
