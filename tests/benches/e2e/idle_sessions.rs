@@ -149,8 +149,14 @@ async fn run(mode: Mode, count: usize) -> Latencies {
         let busy = cpu_time(*pid)
             .zip(*before)
             .map(|(after, before)| after.saturating_sub(before));
+        // The sessions go round the controllers (the lone one: the last).
+        let own = if count == 1 {
+            usize::from(n + 1 == pids.len())
+        } else {
+            count / pids.len() + usize::from(n < count % pids.len())
+        };
         println!(
-            "controller {n} with {count} idle sessions ({mode}): VmRSS={} VmHWM={} \
+            "controller {n} with {own} of {count} idle sessions ({mode}): VmRSS={} VmHWM={} \
              idle CPU {} over {:.0}s (all sessions open after {:.1}s)",
             mib(rss_kib(*pid)),
             mib(peak_rss_kib(*pid)),
