@@ -30,7 +30,8 @@ use crate::store::{Finish, JobFilter, StoreError, StoreEvent};
 use crate::wakeups::{Waiting, Wake, safety_poll_interval};
 
 /// How often the controller sends a heartbeat on a session (keeps proxies
-/// from closing an idle stream) and refreshes the agent's last-seen time.
+/// from closing an idle stream); every other one also refreshes the agent's
+/// last-seen time.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a session goes without writing its agent's `last_seen`: two
 /// heartbeats less a little, so that a write every other beat keeps the
@@ -1018,13 +1019,14 @@ pub async fn run_session(
                 // `last_seen` is written every other beat or so: often
                 // enough to stay within `AGENT_CONNECTED_WITHIN`, half the
                 // writes of a thousand idle agents.
+                // A failed write is tried again at the next beat.
                 if last_touched.is_none_or(|touched| beat.duration_since(touched) >= LAST_SEEN_REFRESH) {
-                    last_touched = Some(beat);
-                    if let Err(err) = services
+                    match services
                         .store
                         .touch_agent(&agent.id, Utc::now(), services.public_url())
                         .await {
-                        tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat");
+                        Ok(()) => last_touched = Some(beat),
+                        Err(err) => tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat"),
                     }
                 }
             }
