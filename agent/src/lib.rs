@@ -36,6 +36,19 @@ pub use config::AgentConfig;
 pub mod fuzzing {
     pub use crate::logs::{Masker, Secrets};
 }
+
+/// The agent's own client side of the protocol (registration, the dispatch
+/// session, completions), for the benchmark that holds a thousand sessions
+/// in one process — not an API.
+#[doc(hidden)]
+pub mod protocol {
+    pub use crate::connection::{
+        AgentIdentity, Connection, Registration, RpcError, SessionCommand, SessionStream,
+        TlsOptions,
+    };
+    pub use crate::job::{Completion, JobKey, JobSpec};
+    pub use crate::pool::HEARTBEAT_INTERVAL;
+}
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{AgentIdentity, Connection};

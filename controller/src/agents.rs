@@ -27,10 +27,17 @@ use crate::error::CoreError;
 use crate::services::Services;
 pub use crate::store::{AgentRecord, AgentTokenRecord};
 use crate::store::{Finish, JobFilter, StoreError, StoreEvent};
+use crate::wakeups::{Waiting, Wake, safety_poll_interval};
 
 /// How often the controller sends a heartbeat on a session (keeps proxies
-/// from closing an idle stream) and refreshes the agent's last-seen time.
+/// from closing an idle stream); every other one also refreshes the agent's
+/// last-seen time.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a session goes without writing its agent's `last_seen`: two
+/// heartbeats less a little, so that a write every other beat keeps the
+/// agent well within [`AGENT_CONNECTED_WITHIN`] (20 s and the store's
+/// latency against 30 s).
+const LAST_SEEN_REFRESH: Duration = Duration::from_millis(19_500);
 /// Most concurrent jobs an agent may announce.
 pub const MAX_CONCURRENCY: u32 = 256;
 /// Longest completion message kept, in characters.
@@ -260,7 +267,7 @@ impl Services {
     /// [`Services::agent_caller`] for a stream that must end when the token
     /// is revoked.
     pub async fn attach_agent(&self, token: &str, agent_id: &str) -> Result<Attached, AgentError> {
-        let events = self.store.subscribe();
+        let events = self.session_events.subscribe();
         let agent = self.agent_caller(token, agent_id).await?;
         Ok(Attached { agent, events })
     }
@@ -867,12 +874,23 @@ pub async fn run_session(
         return;
     }
 
-    // Claiming costs a write transaction: try only when something changed.
+    // Claiming costs a store read (and a write when there is a job): try
+    // only when something changed, or when woken for a job.
     let mut try_claim = true;
     // Jobs claimed whose assignment could not be made yet (the store could
     // not say what they need): tried again each round, before any claim.
     let mut held: Vec<Job> = Vec::new();
     let retry_held = held_retry_interval(services.config.lease_timeout);
+    // While the agent has room, the session waits in this controller's line
+    // of idle sessions: a queued job wakes one of them, not all.
+    let key = agent.vouched_labels.clone();
+    let mut waiting: Option<Waiting<'_>> = None;
+    // The wake-up this round answers, passed on unless it was used.
+    let mut woken: Option<Wake> = None;
+    let safety_poll = tokio::time::sleep(safety_poll_interval());
+    tokio::pin!(safety_poll);
+    // When the heartbeat that last wrote `last_seen` was due.
+    let mut last_touched: Option<tokio::time::Instant> = None;
     loop {
         for job in std::mem::take(&mut held) {
             let dispatched = services.dispatch(&agent, job, true).await;
@@ -886,11 +904,21 @@ pub async fn run_session(
         // take a slot each.
         // Never once the controller stops: the stream ends soon, and a job
         // claimed then would wait for its lease to run out.
-        while try_claim
-            && !shutdown.is_cancelled()
-            && held.is_empty()
-            && free_slots > sent.saturating_sub(received)
-        {
+        let has_room = |sent: u64, held: &Vec<Job>| {
+            held.is_empty() && free_slots > sent.saturating_sub(received)
+        };
+        // In line before claiming: a job queued during the claim wakes
+        // this session again rather than finding nobody waiting.
+        if has_room(sent, &held) && !shutdown.is_cancelled() {
+            if waiting.is_none() {
+                waiting = Some(services.idle_sessions.wait(&key));
+            }
+        } else {
+            waiting = None;
+        }
+        let mut claimed = 0u64;
+        let mut found_nothing = false;
+        while try_claim && !shutdown.is_cancelled() && has_room(sent, &held) {
             let now = Utc::now();
             match services
                 .store
@@ -899,6 +927,7 @@ pub async fn run_session(
             {
                 Ok(Some(job)) => {
                     tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
+                    claimed += 1;
                     services.statuses.job_changed(&job);
                     let dispatched = services.dispatch(&agent, job, false).await;
                     match send_dispatched(dispatched, &mut held, &outbound, &shutdown).await {
@@ -908,7 +937,10 @@ pub async fn run_session(
                         None => return,
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    found_nothing = true;
+                    break;
+                }
                 Err(err) => {
                     tracing::warn!(agent.id = %agent.id, error = %err, "cannot claim a job");
                     break;
@@ -916,9 +948,36 @@ pub async fn run_session(
             }
         }
         try_claim = false;
+        if let Some(wake) = woken.take() {
+            match (claimed, found_nothing) {
+                // It took a job: the wake-up is used (every queued job
+                // brings its own).
+                (1.., _) => {}
+                // Nothing this agent may take: maybe another's.
+                (0, true) => services.idle_sessions.wake_one(wake.tried_by(&key)),
+                // It could not look (the store failed, or a held job
+                // takes its slot): someone else looks.
+                (0, false) => services.idle_sessions.wake_one(wake),
+            }
+        }
+        if !has_room(sent, &held) {
+            waiting = None;
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(retry_held), if !held.is_empty() => {}
+            wake = async { waiting.as_mut().expect("guarded").woken().await }, if waiting.is_some() => {
+                // Out of the line until this wake-up is answered; the next
+                // round joins it again at its end.
+                waiting = None;
+                woken = Some(wake);
+                try_claim = true;
+            }
+            // The net under a lost wake-up.
+            () = &mut safety_poll => {
+                safety_poll.as_mut().reset(tokio::time::Instant::now() + safety_poll_interval());
+                try_claim = true;
+            }
             input = inbound.next() => match input {
                 Some(SessionInput::Capacity { free_slots: free, assignments_received }) => {
                     free_slots = u64::from(free.min(agent.concurrency));
@@ -952,24 +1011,27 @@ pub async fn run_session(
                     }
                     try_claim = true;
                 }
-                // A new job: try to claim it. A finished one may free a
-                // deploy that waited for it (one deploy per repository).
-                Ok(StoreEvent::JobQueued { .. } | StoreEvent::JobFinished { .. }) => {
-                    try_claim = true;
-                }
+                // Queued and finished jobs wake idle sessions one at a time
+                // (`wakeups::wake_idle_sessions`), and are not relayed here.
                 Ok(_) => {}
                 Err(RecvError::Closed) => return,
             },
-            _ = heartbeat.tick() => {
-                try_claim = true;
+            beat = heartbeat.tick() => {
                 if !send_or_stop(&outbound, Ok(SessionOutput::Heartbeat), &shutdown).await {
                     return;
                 }
-                if let Err(err) = services
-                    .store
-                    .touch_agent(&agent.id, Utc::now(), services.public_url())
-                    .await {
-                    tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat");
+                // `last_seen` is written every other beat or so: often
+                // enough to stay within `AGENT_CONNECTED_WITHIN`, half the
+                // writes of a thousand idle agents.
+                // A failed write is tried again at the next beat.
+                if last_touched.is_none_or(|touched| beat.duration_since(touched) >= LAST_SEEN_REFRESH) {
+                    match services
+                        .store
+                        .touch_agent(&agent.id, Utc::now(), services.public_url())
+                        .await {
+                        Ok(()) => last_touched = Some(beat),
+                        Err(err) => tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat"),
+                    }
                 }
             }
         }
@@ -1112,6 +1174,11 @@ mod tests {
         let mut services = crate::Controller::open(config).await.unwrap().services;
         let gated = Arc::new(GatedStore::new(services.store.clone()));
         services.store = gated.clone();
+        // Ends with the test's runtime.
+        tokio::spawn(crate::wakeups::wake_idle_sessions(
+            services.clone(),
+            CancellationToken::new(),
+        ));
         (services, gated)
     }
 
@@ -1332,6 +1399,223 @@ mod tests {
             .await
             .expect("the session ends on shutdown")
             .unwrap();
+    }
+
+    /// Registers `local/demo`, whose jobs [`crate::store::conformance::new_job`]
+    /// makes.
+    async fn register_demo(services: &Services) {
+        services
+            .register(
+                &Caller::Admin,
+                crate::repos::NewRepository::Git(crate::repos::NewRepo {
+                    owner: None,
+                    name: "demo".to_owned(),
+                    git_url: "file:///srv/demo.git".to_owned(),
+                    branch: None,
+                    timeout_secs: None,
+                    requeue_lost_tests: None,
+                    deploy_labels: BTreeMap::new(),
+                    max_log_bytes: None,
+                }),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// An agent's open session, from the agent's side.
+    struct IdleSession {
+        agent: AgentRecord,
+        says: mpsc::Sender<SessionInput>,
+        hears: mpsc::Receiver<Result<SessionOutput, AgentError>>,
+    }
+
+    impl IdleSession {
+        /// The next assignment, skipping heartbeats.
+        async fn assignment(&mut self) -> Box<JobAssignment> {
+            loop {
+                match tokio::time::timeout(DEADLINE, self.hears.recv()).await {
+                    Ok(Some(Ok(SessionOutput::Heartbeat))) => {}
+                    Ok(Some(Ok(SessionOutput::Assign(assignment)))) => return assignment,
+                    Ok(Some(Ok(_))) => panic!("expected an assignment"),
+                    Ok(Some(Err(err))) => panic!("the session ended: {err}"),
+                    Ok(None) | Err(_) => panic!("{} was given nothing", self.agent.name),
+                }
+            }
+        }
+
+        /// Whether the session said anything but heartbeats so far.
+        fn heard_more_than_heartbeats(&mut self) -> bool {
+            while let Ok(said) = self.hears.try_recv() {
+                if !matches!(said, Ok(SessionOutput::Heartbeat)) {
+                    return true;
+                }
+            }
+            false
+        }
+    }
+
+    /// Registers agent `name` with a token of its own allowing (and
+    /// vouching for) `token_labels`, opens its session with one free slot,
+    /// and waits until it has looked for a job (finding none) and stands in
+    /// the line of idle sessions.
+    async fn idle_session(
+        services: &Services,
+        gated: &GatedStore,
+        name: &str,
+        token_labels: &[(&str, &str)],
+        shutdown: &CancellationToken,
+    ) -> IdleSession {
+        let (_, token) = services
+            .create_agent_token(
+                &Caller::Admin,
+                format!("{name}-token"),
+                labels(token_labels),
+            )
+            .await
+            .unwrap();
+        let registered = services
+            .register_agent(
+                &token,
+                Registration {
+                    name: name.to_owned(),
+                    labels: labels(token_labels),
+                    concurrency: 1,
+                    version: "test".to_owned(),
+                    protocol_version: hobotnica_common::proto::PROTOCOL_VERSION,
+                },
+            )
+            .await
+            .unwrap();
+        let attached = services
+            .attach_agent(&token, &registered.agent.id.0)
+            .await
+            .unwrap();
+        let (says, inbound) = mpsc::channel(4);
+        let (outbound, hears) = mpsc::channel(64);
+        tokio::spawn(run_session(
+            services.clone(),
+            attached,
+            ReceiverStream::new(inbound),
+            outbound,
+            shutdown.child_token(),
+        ));
+        let (claims, waiting) = (gated.claims(), services.idle_sessions.waiting());
+        says.send(SessionInput::Capacity {
+            free_slots: 1,
+            assignments_received: 0,
+        })
+        .await
+        .unwrap();
+        hobotnica_tests::wait_until(DEADLINE, "the session to look and wait", || {
+            let done =
+                gated.claims() == claims + 1 && services.idle_sessions.waiting() == waiting + 1;
+            async move { done }
+        })
+        .await;
+        IdleSession {
+            agent: registered.agent,
+            says,
+            hears,
+        }
+    }
+
+    /// Five idle sessions, one job: one store claim, by the session that
+    /// waited longest, and the others hear nothing. Before, every idle
+    /// session woke for each queued job and asked the store (a thousand
+    /// reads for one job with a thousand agents).
+    #[tokio::test(start_paused = true)]
+    async fn one_idle_session_of_many_is_woken_for_a_queued_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, gated) = services(dir.path()).await;
+        register_demo(&services).await;
+        let shutdown = CancellationToken::new();
+        let mut sessions = Vec::new();
+        for n in 0..5 {
+            let name = format!("builder-{n}");
+            sessions.push(idle_session(&services, &gated, &name, &[], &shutdown).await);
+        }
+        let before = gated.claims();
+
+        let job = services
+            .store
+            .create_job(crate::store::conformance::new_job("test"), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(sessions[0].assignment().await.job.id, job.id);
+        hobotnica_tests::wait_until(DEADLINE, "the others to wait again", || {
+            let waiting = services.idle_sessions.waiting();
+            async move { waiting == 4 }
+        })
+        .await;
+        // Well short of the safety poll: any other claim would be a
+        // session woken for nothing.
+        tokio::time::sleep(crate::wakeups::SAFETY_POLL / 2).await;
+        assert_eq!(gated.claims() - before, 1, "one claim for one job");
+        for session in &mut sessions[1..] {
+            assert!(!session.heard_more_than_heartbeats());
+        }
+        shutdown.cancel();
+    }
+
+    /// The session woken first belongs to an agent that may not run the
+    /// job (its token does not vouch for the job's labels): it passes the
+    /// wake-up on, past the other agents like it, to one that may.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_may_not_take_the_job_passes_the_wake_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, gated) = services(dir.path()).await;
+        register_demo(&services).await;
+        let shutdown = CancellationToken::new();
+        let mut plain = Vec::new();
+        for n in 0..3 {
+            let name = format!("builder-{n}");
+            plain.push(idle_session(&services, &gated, &name, &[], &shutdown).await);
+        }
+        let deploy = [("pool", "deploy")];
+        let mut deployer = idle_session(&services, &gated, "deployer", &deploy, &shutdown).await;
+        let before = gated.claims();
+
+        let mut new = crate::store::conformance::new_job("deploy");
+        new.trusted_labels = labels(&deploy);
+        let job = services.store.create_job(new, Utc::now()).await.unwrap();
+        assert_eq!(deployer.assignment().await.job.id, job.id);
+        tokio::time::sleep(crate::wakeups::SAFETY_POLL / 2).await;
+        assert_eq!(
+            gated.claims() - before,
+            2,
+            "the first plain agent and the deployer looked; the other plain agents did not"
+        );
+        for session in &mut plain {
+            assert!(!session.heard_more_than_heartbeats());
+        }
+        shutdown.cancel();
+    }
+
+    /// A job's wake-up is lost on the way (it goes to a session that never
+    /// acts on it, nor leaves the line): the idle session still takes the
+    /// job, on its safety poll.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_wake_up_strands_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, gated) = services(dir.path()).await;
+        register_demo(&services).await;
+        let shutdown = CancellationToken::new();
+        let _lost = services.idle_sessions.wait(&BTreeMap::new());
+        let mut session = idle_session(&services, &gated, "builder", &[], &shutdown).await;
+        let queued_at = tokio::time::Instant::now();
+        let job = services
+            .store
+            .create_job(crate::store::conformance::new_job("test"), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(session.assignment().await.job.id, job.id);
+        let waited = queued_at.elapsed();
+        assert!(
+            waited <= crate::wakeups::SAFETY_POLL * 5 / 4,
+            "taken after {waited:?}"
+        );
+        drop(session.says);
+        shutdown.cancel();
     }
 
     fn token(labels: &[(&str, &str)]) -> AgentToken {

@@ -30,6 +30,7 @@ mod statuses;
 pub mod store;
 mod tls;
 mod variables;
+mod wakeups;
 pub mod web;
 mod webhook;
 
@@ -241,6 +242,8 @@ impl Controller {
             failures: Arc::new(auth::FailedAttempts::new(config.auth_failure_limit)),
             statuses,
             public_url: Arc::new(std::sync::OnceLock::new()),
+            idle_sessions: Arc::new(wakeups::IdleSessions::default()),
+            session_events: tokio::sync::broadcast::channel(wakeups::SESSION_EVENT_CAPACITY).0,
             config: Arc::new(config),
         };
         Ok(Controller {
@@ -370,7 +373,7 @@ fn publish_endpoints(
 }
 
 /// Starts the tasks that run beside the servers (lease reaper,
-/// maintenance, commit statuses, GitHub access checks and the SIGHUP
+/// maintenance, commit statuses, idle-session wake-ups, GitHub access checks and the SIGHUP
 /// handler, which reloads the TLS certificate), each ending at `shutdown`. The returned
 /// tracker also takes the tasks the servers spawn; the stop waits for all.
 fn spawn_background_tasks(
@@ -385,6 +388,10 @@ fn spawn_background_tasks(
     tasks.spawn(statuses::post_statuses(
         services.clone(),
         statuses_rx,
+        shutdown.clone(),
+    ));
+    tasks.spawn(wakeups::wake_idle_sessions(
+        services.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(repos::recheck_github_access(

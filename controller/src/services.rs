@@ -30,6 +30,11 @@ pub struct Services {
     pub statuses: StatusSender,
     /// Where users reach the REST API (known once the listener is bound).
     pub public_url: Arc<OnceLock<String>>,
+    /// This controller's idle dispatch sessions, woken one per job.
+    pub idle_sessions: Arc<crate::wakeups::IdleSessions>,
+    /// The store events agents' sessions and log streams act on, relayed
+    /// by `wakeups::wake_idle_sessions`.
+    pub session_events: tokio::sync::broadcast::Sender<crate::store::StoreEvent>,
 }
 
 impl Services {

@@ -12,6 +12,10 @@
 //!   and embedded for comparison;
 //! - controller memory (`VmRSS`, `VmHWM`) with 200 agent processes
 //!   connected: Redis and embedded;
+//! - a thousand idle agent sessions held in this process through the agent
+//!   crate's own client code: each controller's memory and idle CPU, and
+//!   dispatch latency against one session (the ratio): embedded, and Redis
+//!   with two controllers;
 //! - a 50 MiB log (end-to-end time, read-back time, peak RSS of the
 //!   controller and the agent).
 //!
@@ -30,6 +34,8 @@ mod big_log;
 mod breakdown;
 #[path = "e2e/dispatch.rs"]
 mod dispatch;
+#[path = "e2e/idle_sessions.rs"]
+mod idle_sessions;
 #[path = "e2e/sandbox.rs"]
 mod sandbox;
 #[path = "e2e/throughput.rs"]
@@ -202,7 +208,8 @@ fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     // `cargo bench -p hobotnica-tests -- NAME` runs only the benches whose
-    // name contains NAME (dispatch, throughput, agents, log, sandbox, webhooks).
+    // name contains NAME (dispatch, throughput, agents, sessions, log,
+    // sandbox, webhooks).
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with('-'))
@@ -227,6 +234,11 @@ fn main() {
         if selected("agents") {
             for mode in [Mode::Redis { controllers: 1 }, Mode::Embedded] {
                 agents_rss::controller_rss_with_many_agents(mode).await;
+            }
+        }
+        if selected("sessions") {
+            for mode in [Mode::Embedded, Mode::Redis { controllers: 2 }] {
+                idle_sessions::idle_sessions(mode).await;
             }
         }
         if selected("log") {

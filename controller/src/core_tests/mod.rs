@@ -100,7 +100,7 @@ impl Drop for Core {
 
 impl Core {
     /// A fresh core: an empty store, the four users on the fake GitHub, and
-    /// the commit status sender running.
+    /// the commit status sender and the idle-session waker running.
     async fn start() -> Core {
         Core::start_with(&[]).await
     }
@@ -136,6 +136,10 @@ impl Core {
         tokio::spawn(crate::statuses::post_statuses(
             services.clone(),
             statuses_rx,
+            shutdown.clone(),
+        ));
+        tokio::spawn(crate::wakeups::wake_idle_sessions(
+            services.clone(),
             shutdown.clone(),
         ));
         Core {

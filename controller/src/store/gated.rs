@@ -3,7 +3,7 @@
 //! test can reach on purpose instead of by timing. Every other call goes
 //! straight to the wrapped store.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -37,6 +37,8 @@ pub struct GatedStore {
     create_repo: Mutex<Option<HeldCreateRepo>>,
     /// While set, `get_repo` fails as an unreachable store does.
     get_repo_fails: AtomicBool,
+    /// `claim_job` calls so far: what a crowd of idle sessions costs.
+    claims: AtomicUsize,
 }
 
 impl GatedStore {
@@ -46,7 +48,13 @@ impl GatedStore {
             get_agent: Mutex::new(None),
             create_repo: Mutex::new(None),
             get_repo_fails: AtomicBool::new(false),
+            claims: AtomicUsize::new(0),
         }
+    }
+
+    /// How many times `claim_job` was called.
+    pub fn claims(&self) -> usize {
+        self.claims.load(Ordering::SeqCst)
     }
 
     /// Holds the next `create_repo`: the receiver resolves once it is in
@@ -165,6 +173,7 @@ impl Store for GatedStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<Job>> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         self.inner.claim_job(agent, now, lease_until).await
     }
     async fn renew_lease(
