@@ -275,6 +275,7 @@ async fn session(
                         message: String::new(),
                         log_length: 0,
                         duration: Duration::ZERO,
+                        timings: Default::default(),
                     })
                     .await
                     .context("complete a job")?;
