@@ -177,6 +177,23 @@ impl Services {
         trigger: Trigger,
         requested_by: String,
     ) -> Result<Job, CoreError> {
+        let new = self
+            .job_to_queue(repo, request, trigger, requested_by)
+            .await?;
+        let job = self.store.create_job(new, Utc::now()).await?;
+        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+        Ok(job)
+    }
+
+    /// The job a request asks for, checked and with its commit resolved;
+    /// nothing is written yet.
+    async fn job_to_queue(
+        &self,
+        repo: &Repo,
+        request: JobRequest,
+        trigger: Trigger,
+        requested_by: String,
+    ) -> Result<NewJob, CoreError> {
         require_enabled(repo)?;
         validate::target("target", &request.target)?;
         validate_env(&request.env)?;
@@ -195,9 +212,7 @@ impl Services {
         };
         let mut new = NewJob::new(repo, request.target, commit, branch, trigger, requested_by);
         new.env = request.env;
-        let job = self.store.create_job(new, Utc::now()).await?;
-        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
-        Ok(job)
+        Ok(new)
     }
 
     /// A commit a caller named. It runs as given; a branch beside it is
@@ -288,30 +303,10 @@ impl Services {
         }
     }
 
-    /// Runs `work` once per `key`: `None` when the key was seen before (a
-    /// redelivered webhook, a repeated `Idempotency-Key`). When `work`
-    /// fails, the key is forgotten, so that a retry runs it again.
-    pub(crate) async fn once<T>(
-        &self,
-        key: &str,
-        work: impl Future<Output = Result<T, CoreError>>,
-    ) -> Result<Option<T>, CoreError> {
-        if !self.store.remember_delivery(key, Utc::now()).await? {
-            return Ok(None);
-        }
-        match work.await {
-            Ok(done) => Ok(Some(done)),
-            Err(err) => {
-                if let Err(forget) = self.store.forget_delivery(key).await {
-                    tracing::warn!(error = %forget, "cannot forget a key whose work failed: a retry with it is refused as a repeat until it expires");
-                }
-                Err(err)
-            }
-        }
-    }
-
     /// Queues `make test` for a webhook delivery, once: `None` when the
-    /// delivery was seen before (a redelivery).
+    /// delivery was seen before (a redelivery). The delivery id and the job
+    /// are written together, so a delivery cut off before its job exists
+    /// is not remembered, and GitHub's redelivery queues the job.
     pub async fn queue_webhook_delivery(
         &self,
         repo: &Repo,
@@ -320,21 +315,23 @@ impl Services {
         branch: Option<String>,
         from_fork: bool,
     ) -> Result<Option<Job>, CoreError> {
-        self.once(delivery, async {
-            let mut new = NewJob::new(
-                repo,
-                "test".to_owned(),
-                commit,
-                branch,
-                Trigger::Webhook,
-                "webhook".to_owned(),
-            );
-            new.from_fork = from_fork;
-            let job = self.store.create_job(new, Utc::now()).await?;
+        let mut new = NewJob::new(
+            repo,
+            "test".to_owned(),
+            commit,
+            branch,
+            Trigger::Webhook,
+            "webhook".to_owned(),
+        );
+        new.from_fork = from_fork;
+        let job = self
+            .store
+            .create_job_once(delivery, &[], new, Utc::now())
+            .await?;
+        if let Some(job) = &job {
             tracing::info!(job.id = %job.id, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
-            Ok(job)
-        })
-        .await
+        }
+        Ok(job)
     }
 
     /// Job `id` as stored, with why it waits when it is queued.
@@ -725,36 +722,51 @@ impl Services {
             request.target, request.commit, request.branch, request.env,
         ));
         let scoped_request = format!("{scoped}#{}", &fingerprint[..32]);
-        let first = self
-            .once(&scoped, async {
-                let job = self
-                    .queue_job(&repo, request, Trigger::Api, caller.name())
-                    .await?;
-                // The request's fingerprint first: once the key names the
-                // job, a repeat can compare.
-                self.store.set_key_job(&scoped_request, job.id).await?;
-                self.store.set_key_job(&scoped, job.id).await?;
-                Ok(job)
-            })
-            .await?;
-        if let Some(job) = first {
-            return Ok((job, true));
+        // A repeat is answered from the record, without resolving anything.
+        if let Some(job) = self.repeated(&scoped, &scoped_request).await? {
+            return Ok((job, false));
         }
-        // A repeat: only the first request writes anything, so repeats
-        // cannot race each other or it.
-        let Some(id) = self.store.key_job(&scoped).await? else {
-            return Err(CoreError::Conflict(
-                "a request with this Idempotency-Key is still being handled; retry shortly"
-                    .to_owned(),
-            ));
+        let new = self
+            .job_to_queue(&repo, request, Trigger::Api, caller.name())
+            .await?;
+        // The key, the job and the records naming it (the request's
+        // fingerprint, for a repeat to compare) are written together: a
+        // request cut off before its job exists leaves no key behind.
+        let names = [scoped_request.clone(), scoped.clone()];
+        match self
+            .store
+            .create_job_once(&scoped, &names, new, Utc::now())
+            .await?
+        {
+            Some(job) => {
+                tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+                Ok((job, true))
+            }
+            // Another request with the key created its job meanwhile.
+            None => match self.repeated(&scoped, &scoped_request).await? {
+                Some(job) => Ok((job, false)),
+                None => Err(CoreError::Conflict(
+                    "a request with this Idempotency-Key is still being handled; retry shortly"
+                        .to_owned(),
+                )),
+            },
+        }
+    }
+
+    /// The job an earlier request with key `scoped` created, when that
+    /// request was `scoped_request` (the key and the request's
+    /// fingerprint); an error when it asked for something else.
+    async fn repeated(&self, scoped: &str, scoped_request: &str) -> Result<Option<Job>, CoreError> {
+        let Some(id) = self.store.key_job(scoped).await? else {
+            return Ok(None);
         };
-        if self.store.key_job(&scoped_request).await? != Some(id) {
+        if self.store.key_job(scoped_request).await? != Some(id) {
             return Err(CoreError::invalid(
                 "Idempotency-Key",
                 "this key was already used with a different request",
             ));
         }
-        Ok((self.job(id).await?, false))
+        Ok(Some(self.job(id).await?))
     }
 
     /// Runs finished job `id` again for `caller` (push access), as a new

@@ -249,7 +249,11 @@ fn main() {
             sandbox::sandbox_cost().await;
         }
         if selected("webhooks") {
-            webhooks::webhook_intake().await;
+            for (connections, in_flight) in webhooks::RUNS {
+                for deliveries in [webhooks::Deliveries::Queuing, webhooks::Deliveries::Ignored] {
+                    webhooks::webhook_intake(connections, in_flight, deliveries).await;
+                }
+            }
         }
     });
     println!("load average after: {}", load_average());

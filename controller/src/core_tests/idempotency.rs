@@ -249,3 +249,128 @@ async fn a_refused_delivery_does_not_use_up_its_id() {
         "{delivered:?}"
     );
 }
+
+/// Services of `core` whose store calls the test can hold.
+fn gated(core: &Core) -> (Services, Arc<crate::store::gated::GatedStore>) {
+    let gated = Arc::new(crate::store::gated::GatedStore::new(
+        core.services.store.clone(),
+    ));
+    let mut services = core.services.clone();
+    services.store = gated.clone();
+    (services, gated)
+}
+
+#[tokio::test]
+async fn a_delivery_cut_off_before_its_job_exists_is_queued_when_redelivered() {
+    let core = Core::start().await;
+    let registered = core.github_repo("widget", &[]).await;
+    let (push, _) = core.push_of_head("widget");
+    let webhook = registered.webhook.as_ref().expect("webhook");
+    let hook_id = webhook.url.rsplit('/').next().expect("hook id").to_owned();
+    let body = serde_json::to_vec(&push).expect("JSON");
+    let signature = hobotnica_tests::github::signature(&webhook.secret, &body);
+
+    // The controller dies while the job is being created: the request's
+    // future is dropped there, and GitHub, without an answer, redelivers.
+    let (services, gated) = gated(&core);
+    let entered = gated.hold_create_job();
+    let cut_off = tokio::spawn(async move {
+        let repo = services.delivery_target(&hook_id).await?;
+        services
+            .receive_delivery(
+                &repo,
+                Delivery {
+                    signature: Some(&signature),
+                    event: Some("push"),
+                    delivery_id: Some("delivery-1"),
+                    body: &body,
+                },
+            )
+            .await
+    });
+    tokio::time::timeout(DEADLINE, entered)
+        .await
+        .expect("the job creation began in time")
+        .expect("the gate told");
+    cut_off.abort();
+    assert!(cut_off.await.expect_err("aborted").is_cancelled());
+    assert!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .is_empty()
+    );
+
+    let redelivered = core.deliver(&registered, "push", "delivery-1", &push).await;
+    assert!(
+        matches!(redelivered, Ok(Received::Queued(_))),
+        "the redelivery queues the job the first delivery did not: {redelivered:?}"
+    );
+    let again = core.deliver(&registered, "push", "delivery-1", &push).await;
+    assert!(matches!(again, Ok(Received::Duplicate(_))), "{again:?}");
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default())
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_deploy_cut_off_before_its_job_exists_runs_when_repeated() {
+    let core = Core::start().await;
+    core.github_repo("widget", &[]).await;
+    let writer = core.github_user(WRITER).await;
+
+    let (services, gated) = gated(&core);
+    let entered = gated.hold_create_job();
+    let cut_off = tokio::spawn({
+        let writer = writer.clone();
+        async move {
+            services
+                .deploy(
+                    &writer,
+                    OWNER,
+                    "widget",
+                    request("deploy"),
+                    Some("release-1"),
+                )
+                .await
+        }
+    });
+    tokio::time::timeout(DEADLINE, entered)
+        .await
+        .expect("the job creation began in time")
+        .expect("the gate told");
+    cut_off.abort();
+    assert!(cut_off.await.expect_err("aborted").is_cancelled());
+
+    let (job, new) = core
+        .services
+        .deploy(
+            &writer,
+            OWNER,
+            "widget",
+            request("deploy"),
+            Some("release-1"),
+        )
+        .await
+        .expect("the repeat runs the deploy the first request did not");
+    assert!(new);
+    let (again, new) = core
+        .services
+        .deploy(
+            &writer,
+            OWNER,
+            "widget",
+            request("deploy"),
+            Some("release-1"),
+        )
+        .await
+        .expect("answered");
+    assert!(!new);
+    assert_eq!(again.id, job.id);
+    assert_eq!(
+        core.job_ids(&Caller::Admin, JobQuery::default()).await,
+        [job.id]
+    );
+}

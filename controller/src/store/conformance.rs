@@ -1206,6 +1206,151 @@ pub async fn idempotency_keys_name_the_job_they_created(store: Arc<dyn Store>) {
     assert_eq!(key_job(key.into()).await, Some(next.id));
 }
 
+pub async fn a_key_and_its_job_are_written_together_once(store: Arc<dyn Store>) {
+    let mut events = store.subscribe();
+    let key = "delivery-72d4";
+    let names = vec![format!("{key}#request"), key.to_owned()];
+    let job = store
+        .create_job_once(key, &names, new_job("test"), Utc::now())
+        .await
+        .expect("created")
+        .expect("a new key creates its job");
+    expect_event(&mut events, StoreEvent::JobQueued { job: job.id }).await;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(store.get_job(job.id).await.expect("job"), Some(job.clone()));
+    for name in &names {
+        assert_eq!(store.key_job(name).await.expect("key_job"), Some(job.id));
+    }
+    assert!(
+        !store
+            .remember_delivery(key, Utc::now())
+            .await
+            .expect("remember"),
+        "the key is remembered with its job"
+    );
+
+    // The second time: nothing is written.
+    let repeat = store
+        .create_job_once(key, &[format!("{key}#other")], new_job("test"), Utc::now())
+        .await
+        .expect("answered");
+    assert_eq!(repeat, None, "a key seen before creates nothing");
+    assert_eq!(
+        store
+            .key_job(&format!("{key}#other"))
+            .await
+            .expect("key_job"),
+        None,
+        "a refused creation records no name"
+    );
+    let all = store
+        .list_jobs(&JobFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    assert_eq!(ids(&all), vec![job.id], "one job for the key");
+
+    // A key remembered on its own (a delivery recorded by another path)
+    // refuses too.
+    assert!(
+        store
+            .remember_delivery("d-remembered", Utc::now())
+            .await
+            .expect("remember")
+    );
+    assert_eq!(
+        store
+            .create_job_once("d-remembered", &[], new_job("test"), Utc::now())
+            .await
+            .expect("answered"),
+        None
+    );
+
+    // Keys and plain creations share one id sequence, oldest first.
+    let plain = store
+        .create_job(new_job("test"), Utc::now())
+        .await
+        .expect("job");
+    let other = store
+        .create_job_once("delivery-2", &[], new_job("test"), Utc::now())
+        .await
+        .expect("created")
+        .expect("another key is new");
+    assert!(job.id < plain.id && plain.id < other.id);
+    assert_eq!(
+        store.key_job("delivery-2").await.expect("key_job"),
+        None,
+        "no names, no records"
+    );
+}
+
+pub async fn concurrent_creations_with_one_key_make_one_job(store: Arc<dyn Store>) {
+    const CREATORS: usize = 16;
+    let mut creators = tokio::task::JoinSet::new();
+    for n in 0..CREATORS {
+        let store = Arc::clone(&store);
+        creators.spawn(async move {
+            // Every key twice, and plain creations among them.
+            let key = format!("delivery-{}", n / 2);
+            let once = store
+                .create_job_once(
+                    &key,
+                    std::slice::from_ref(&key),
+                    new_job("test"),
+                    Utc::now(),
+                )
+                .await
+                .expect("answered");
+            let plain = store
+                .create_job(new_job("test"), Utc::now())
+                .await
+                .expect("created");
+            (key, once, plain)
+        });
+    }
+    let mut created: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+    let mut ids_seen = std::collections::BTreeSet::new();
+    while let Some(done) = creators.join_next().await {
+        let (key, once, plain) = done.expect("no panic");
+        assert!(ids_seen.insert(plain.id), "ids are unique");
+        let jobs = created.entry(key).or_default();
+        if let Some(job) = once {
+            assert!(ids_seen.insert(job.id), "ids are unique");
+            jobs.push(job);
+        }
+    }
+    assert_eq!(created.len(), CREATORS / 2);
+    for (key, jobs) in &created {
+        assert_eq!(jobs.len(), 1, "{key}: exactly one creation won");
+        assert_eq!(
+            store.key_job(key).await.expect("key_job"),
+            Some(jobs[0].id),
+            "{key} names the job that was created"
+        );
+    }
+    let all = store
+        .list_jobs(&JobFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    assert_eq!(
+        all.len(),
+        CREATORS + CREATORS / 2,
+        "no job without its answer"
+    );
+    assert_eq!(
+        all.iter()
+            .map(|job| job.id)
+            .collect::<std::collections::BTreeSet<_>>(),
+        ids_seen,
+        "every job stored is one a caller was told about"
+    );
+}
+
 pub async fn agents_are_found_by_id_and_seen(store: Arc<dyn Store>) {
     assert_eq!(
         store
@@ -2134,6 +2279,8 @@ macro_rules! conformance_suite {
             webhooks_find_their_repository,
             deliveries_are_remembered_until_forgotten,
             idempotency_keys_name_the_job_they_created,
+            a_key_and_its_job_are_written_together_once,
+            concurrent_creations_with_one_key_make_one_job,
             sessions_are_found_until_they_expire_or_are_deleted,
             jobs_are_claimed_once_in_order_and_fenced,
             unknown_jobs_are_not_found,

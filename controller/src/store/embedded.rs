@@ -48,9 +48,45 @@ const NEXT_JOB_ID: &str = "next_job_id";
 /// Capacity of the event channel; a receiver further behind misses events.
 const EVENT_CAPACITY: usize = 4096;
 
+/// Most job creations one write transaction (and one fsync) holds.
+const MAX_GROUP_COMMIT: usize = 1024;
+
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
     events: broadcast::Sender<StoreEvent>,
+    /// The job writer; `None` only while the store is dropped.
+    writer: Option<JobWriter>,
+}
+
+/// The thread that creates jobs (group commit): it takes every creation
+/// queued while it was busy, writes them in one transaction, commits once
+/// (one fsync), and only then answers each caller. Spawned by
+/// [`EmbeddedStore::open`]; ends when the store is dropped (the drop waits
+/// for it, so the database is closed when the drop returns).
+struct JobWriter {
+    requests: std::sync::mpsc::Sender<JobCreation>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A job to create, and who waits for it.
+struct JobCreation {
+    new: NewJob,
+    now: DateTime<Utc>,
+    /// Created once per key: the key, and the names recording the job.
+    once: Option<(String, Vec<String>)>,
+    reply: tokio::sync::oneshot::Sender<StoreResult<Option<Job>>>,
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            // Closing the channel ends the thread once its group is answered.
+            drop(writer.requests);
+            if writer.thread.join().is_err() {
+                tracing::error!("the store's job writer panicked");
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -164,14 +200,47 @@ impl EmbeddedStore {
         };
         create_tables(&db)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let inner = Arc::new(Inner {
+            db,
+            logs_dir,
+            log_lock: Mutex::new(()),
+        });
+        let (requests, received) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-job-writer".to_owned())
+            .spawn({
+                let inner = Arc::clone(&inner);
+                let events = events.clone();
+                move || run_job_writer(&inner, &received, &events)
+            })
+            .context("cannot start the store's job writer")?;
         Ok(EmbeddedStore {
-            inner: Arc::new(Inner {
-                db,
-                logs_dir,
-                log_lock: Mutex::new(()),
-            }),
+            inner,
             events,
+            writer: Some(JobWriter { requests, thread }),
         })
+    }
+
+    /// Hands a job creation to the job writer and waits for its commit.
+    async fn create_job_grouped(
+        &self,
+        new: NewJob,
+        now: DateTime<Utc>,
+        once: Option<(String, Vec<String>)>,
+    ) -> StoreResult<Option<Job>> {
+        let stopped = || StoreError::Unavailable("the store's job writer stopped".to_owned());
+        let writer = self.writer.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        writer
+            .requests
+            .send(JobCreation {
+                new,
+                now,
+                once,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn blocking<T, F>(&self, work: F) -> StoreResult<T>
@@ -191,7 +260,114 @@ impl EmbeddedStore {
     }
 }
 
+/// The job writer's loop: one group at a time, until the store is dropped.
+fn run_job_writer(
+    inner: &Inner,
+    requests: &std::sync::mpsc::Receiver<JobCreation>,
+    events: &broadcast::Sender<StoreEvent>,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_COMMIT
+            && let Ok(next) = requests.try_recv()
+        {
+            group.push(next);
+        }
+        let (creations, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|creation| ((creation.new, creation.now, creation.once), creation.reply))
+            .unzip();
+        match inner.create_jobs(creations) {
+            Ok(answers) => {
+                // Committed (and synced): now the jobs may be claimed and
+                // the callers answered.
+                for answer in &answers {
+                    if let Ok(Some(job)) = answer {
+                        // No receiver is fine: nobody is waiting.
+                        let _ = events.send(StoreEvent::JobQueued { job: job.id });
+                    }
+                }
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    // A caller that went away is fine: its job is queued.
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(err) => {
+                // Nothing of the group was written.
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(err.to_string())));
+                }
+            }
+        }
+    }
+}
+
 impl Inner {
+    /// Creates `creations` in one write transaction, committed once and
+    /// durably before it returns: each answer is the job created, `None`
+    /// for a key seen before (also earlier in the same group), or why that
+    /// creation alone was refused. Everything that can refuse one creation
+    /// is checked before it writes anything, so a refusal leaves the
+    /// transaction as the others need it; an error of the transaction
+    /// itself fails the whole group, and none of it is written.
+    #[allow(clippy::type_complexity)]
+    fn create_jobs(
+        &self,
+        creations: Vec<(NewJob, DateTime<Utc>, Option<(String, Vec<String>)>)>,
+    ) -> StoreResult<Vec<StoreResult<Option<Job>>>> {
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        let answers = {
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+            let mut deliveries = txn.open_table(DELIVERIES).map_err(unavailable)?;
+            let mut key_jobs = txn.open_table(KEY_JOBS).map_err(unavailable)?;
+            let mut next_id = meta
+                .get(NEXT_JOB_ID)
+                .map_err(unavailable)?
+                .map_or(1, |v| v.value());
+            let mut answers = Vec::with_capacity(creations.len());
+            for (new, now, once) in creations {
+                if let Some((key, _)) = &once {
+                    let seen = deliveries.get(key.as_str()).map_err(unavailable)?.is_some();
+                    if seen {
+                        answers.push(Ok(None));
+                        continue;
+                    }
+                }
+                let job = transitions::new_job(JobId(next_id), new, now);
+                let encoded = match encode(&job) {
+                    Ok(encoded) => encoded,
+                    Err(err) => {
+                        answers.push(Err(err));
+                        continue;
+                    }
+                };
+                jobs.insert(next_id, encoded.as_slice())
+                    .map_err(unavailable)?;
+                queue.insert(next_id, ()).map_err(unavailable)?;
+                if let Some((key, names)) = &once {
+                    deliveries
+                        .insert(key.as_str(), now.timestamp_millis())
+                        .map_err(unavailable)?;
+                    for name in names {
+                        key_jobs
+                            .insert(name.as_str(), next_id)
+                            .map_err(unavailable)?;
+                    }
+                }
+                next_id += 1;
+                answers.push(Ok(Some(job)));
+            }
+            meta.insert(NEXT_JOB_ID, next_id).map_err(unavailable)?;
+            answers
+        };
+        txn.commit().map_err(unavailable)?;
+        Ok(answers)
+    }
+
     fn log_path(&self, id: JobId) -> PathBuf {
         self.logs_dir.join(format!("{id}.log"))
     }
@@ -585,30 +761,22 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_job(&self, new: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
-        let job = self
-            .blocking(move |inner| {
-                let txn = inner.db.begin_write().map_err(unavailable)?;
-                let job = {
-                    let mut meta = txn.open_table(META).map_err(unavailable)?;
-                    let id = meta
-                        .get(NEXT_JOB_ID)
-                        .map_err(unavailable)?
-                        .map_or(1, |v| v.value());
-                    meta.insert(NEXT_JOB_ID, id + 1).map_err(unavailable)?;
-                    let job = transitions::new_job(JobId(id), new, now);
-                    let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
-                    jobs.insert(id, encode(&job)?.as_slice())
-                        .map_err(unavailable)?;
-                    let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
-                    queue.insert(id, ()).map_err(unavailable)?;
-                    job
-                };
-                txn.commit().map_err(unavailable)?;
-                Ok(job)
+        self.create_job_grouped(new, now, None)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Unavailable("a job without a key was not created".to_owned())
             })
-            .await?;
-        self.publish(StoreEvent::JobQueued { job: job.id });
-        Ok(job)
+    }
+
+    async fn create_job_once(
+        &self,
+        key: &str,
+        names: &[String],
+        new: NewJob,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        self.create_job_grouped(new, now, Some((key.to_owned(), names.to_vec())))
+            .await
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
@@ -1068,6 +1236,46 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One group: a key seen earlier in the same group is refused without
+    /// failing the others, and the ids stay in order without gaps.
+    #[test]
+    fn a_group_refuses_only_its_repeated_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let new = || super::super::conformance::new_job("test");
+        let once = |key: &str| Some((key.to_owned(), vec![key.to_owned()]));
+        let now = Utc::now();
+        let answers = store
+            .inner
+            .create_jobs(vec![
+                (new(), now, once("d-1")),
+                (new(), now, None),
+                (new(), now, once("d-1")),
+                (new(), now, once("d-2")),
+            ])
+            .expect("committed");
+        let ids: Vec<Option<u64>> = answers
+            .iter()
+            .map(|answer| {
+                answer
+                    .as_ref()
+                    .expect("answered")
+                    .as_ref()
+                    .map(|job| job.id.0)
+            })
+            .collect();
+        assert_eq!(ids, [Some(1), Some(2), None, Some(3)]);
+        let next = store
+            .inner
+            .create_jobs(vec![(new(), now, once("d-2")), (new(), now, None)])
+            .expect("committed");
+        assert!(
+            matches!(next[0], Ok(None)),
+            "remembered from the last group"
+        );
+        assert!(matches!(&next[1], Ok(Some(job)) if job.id.0 == 4));
+    }
 
     #[tokio::test]
     async fn a_store_in_use_is_refused_at_once_without_a_wait() {

@@ -35,6 +35,9 @@ pub struct GatedStore {
     inner: Arc<dyn Store>,
     get_agent: Mutex<Option<HeldGetAgent>>,
     create_repo: Mutex<Option<HeldCreateRepo>>,
+    /// A held job creation (`create_job` or `create_job_once`); it never
+    /// goes on: the test ends the call by dropping it (a crash).
+    create_job: Mutex<Option<oneshot::Sender<()>>>,
     /// While set, `get_repo` fails as an unreachable store does.
     get_repo_fails: AtomicBool,
     /// `claim_job` calls so far: what a crowd of idle sessions costs.
@@ -47,6 +50,7 @@ impl GatedStore {
             inner,
             get_agent: Mutex::new(None),
             create_repo: Mutex::new(None),
+            create_job: Mutex::new(None),
             get_repo_fails: AtomicBool::new(false),
             claims: AtomicUsize::new(0),
         }
@@ -68,6 +72,24 @@ impl GatedStore {
             release: release_rx,
         });
         (entered_rx, release_tx)
+    }
+
+    /// Holds the next job creation for good: the receiver resolves once
+    /// it is in flight, and the call never reaches the wrapped store. The
+    /// test drops the caller's future there, as a controller crash would.
+    pub fn hold_create_job(&self) -> oneshot::Receiver<()> {
+        let (entered_tx, entered_rx) = oneshot::channel();
+        *self.create_job.lock().expect("not poisoned") = Some(entered_tx);
+        entered_rx
+    }
+
+    /// Stops here for good if the test holds the next job creation.
+    async fn maybe_hold_create_job(&self) {
+        let held = self.create_job.lock().expect("not poisoned").take();
+        if let Some(entered) = held {
+            let _ = entered.send(());
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Makes every `get_repo` fail with `Unavailable` (`true`) or go to the
@@ -159,7 +181,18 @@ impl Store for GatedStore {
         self.inner.delete_session(id_hash).await
     }
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
+        self.maybe_hold_create_job().await;
         self.inner.create_job(job, now).await
+    }
+    async fn create_job_once(
+        &self,
+        key: &str,
+        names: &[String],
+        job: NewJob,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        self.maybe_hold_create_job().await;
+        self.inner.create_job_once(key, names, job, now).await
     }
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
         self.inner.get_job(id).await

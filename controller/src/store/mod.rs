@@ -275,6 +275,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Assigns an id, stores the job as `queued` and publishes `JobQueued`.
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job>;
+    /// Remembers `key` (as [`Store::remember_delivery`] does) and creates
+    /// `job` (as [`Store::create_job`] does) in one atomic write, and records
+    /// the job's id under each of `names` (read back by
+    /// [`Store::key_job`]). The key and the job exist together or not at
+    /// all, so a crash cannot leave a key remembered whose job was never
+    /// created (its retry would be refused as a repeat). `None`, writing
+    /// nothing, when `key` was seen before.
+    async fn create_job_once(
+        &self,
+        key: &str,
+        names: &[String],
+        job: NewJob,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>>;
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>>;
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>>;
     /// Atomically takes the oldest queued job `agent` may run: it becomes

@@ -409,6 +409,27 @@ end
 return 1
 ";
 
+/// Remembers a key and creates a job with it, in one step, unless the key
+/// was seen before: the key never exists without its job. The key's (and
+/// each name's) record expires after the delivery retention.
+/// KEYS: the key's delivery record, job, fence, jobs, repository's jobs,
+/// queue, repositories with jobs, then each name's `key_job` record.
+/// ARGV: retention (s), job JSON, fence, id, repository.
+/// Returns 1, or 0 (nothing written) when the key was seen before.
+const CREATE_JOB_ONCE: &str = r"
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[4])
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[4])
+redis.call('SADD', KEYS[7], ARGV[5])
+for i = 8, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[4], 'EX', ARGV[1])
+end
+return 1
+";
+
 /// Bytes of log per compressed archive segment.
 const ARCHIVE_SEGMENT_BYTES: usize = 1024 * 1024;
 /// How long one controller may hold a log's archiving lock.
@@ -577,6 +598,7 @@ pub struct RedisStore {
     cas_repo: Arc<Script>,
     register_agent: Arc<Script>,
     revoke_token: Arc<Script>,
+    create_job_once: Arc<Script>,
     /// Stops the pub/sub task and a connection replacement under way when
     /// the store is dropped.
     stop_tasks: CancellationToken,
@@ -650,6 +672,7 @@ impl RedisStore {
             cas_repo: Arc::new(Script::new(CAS_REPO)),
             register_agent: Arc::new(Script::new(REGISTER_AGENT)),
             revoke_token: Arc::new(Script::new(REVOKE_TOKEN)),
+            create_job_once: Arc::new(Script::new(CREATE_JOB_ONCE)),
             stop_tasks,
         };
         store.check_settings().await;
@@ -1385,6 +1408,47 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         self.publish(StoreEvent::JobQueued { job: job.id }).await;
         Ok(job)
+    }
+
+    async fn create_job_once(
+        &self,
+        key: &str,
+        names: &[String],
+        new: NewJob,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        // The id is taken first (the script writes the JSON that holds it):
+        // a repeated key leaves a gap in the ids, as a failed write does.
+        let id: u64 = self
+            .query(redis::cmd("INCR").arg(self.keys.next_job_id()))
+            .await?;
+        let job = transitions::new_job(JobId(id), new, now);
+        let mut script = self.create_job_once.prepare_invoke();
+        script
+            .key(self.keys.delivery(key))
+            .key(self.keys.job(job.id))
+            .key(self.keys.fence(job.id))
+            .key(self.keys.jobs())
+            .key(self.keys.repo_jobs(&job.repo))
+            .key(self.keys.queue())
+            .key(self.keys.repos_with_jobs());
+        for name in names {
+            script.key(self.keys.key_job(name));
+        }
+        let created: i64 = script
+            .arg(super::DELIVERY_RETENTION.as_secs())
+            .arg(encode(&job)?)
+            .arg(fence(&job))
+            .arg(id)
+            .arg(job.repo.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if created != 1 {
+            return Ok(None);
+        }
+        self.publish(StoreEvent::JobQueued { job: job.id }).await;
+        Ok(Some(job))
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
