@@ -1519,6 +1519,17 @@ mod tests {
         }
     }
 
+    /// Queues `new` with the clock running for the moment: the embedded
+    /// store creates jobs on its writer thread, and a paused clock, seeing
+    /// every task wait on it, would jump ahead to the sessions' safety
+    /// polls meanwhile.
+    async fn queue_on_a_running_clock(services: &Services, new: crate::store::NewJob) -> Job {
+        tokio::time::resume();
+        let job = services.store.create_job(new, Utc::now()).await.unwrap();
+        tokio::time::pause();
+        job
+    }
+
     /// Five idle sessions, one job: one store claim, by the session that
     /// waited longest, and the others hear nothing. Before, every idle
     /// session woke for each queued job and asked the store (a thousand
@@ -1536,11 +1547,8 @@ mod tests {
         }
         let before = gated.claims();
 
-        let job = services
-            .store
-            .create_job(crate::store::conformance::new_job("test"), Utc::now())
-            .await
-            .unwrap();
+        let job =
+            queue_on_a_running_clock(&services, crate::store::conformance::new_job("test")).await;
         assert_eq!(sessions[0].assignment().await.job.id, job.id);
         hobotnica_tests::wait_until(DEADLINE, "the others to wait again", || {
             let waiting = services.idle_sessions.waiting();
@@ -1577,7 +1585,7 @@ mod tests {
 
         let mut new = crate::store::conformance::new_job("deploy");
         new.trusted_labels = labels(&deploy);
-        let job = services.store.create_job(new, Utc::now()).await.unwrap();
+        let job = queue_on_a_running_clock(&services, new).await;
         assert_eq!(deployer.assignment().await.job.id, job.id);
         tokio::time::sleep(crate::wakeups::SAFETY_POLL / 2).await;
         assert_eq!(
