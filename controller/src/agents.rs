@@ -1292,23 +1292,7 @@ mod tests {
     async fn a_job_is_not_sent_without_its_secrets_while_the_store_fails() {
         let dir = tempfile::tempdir().unwrap();
         let (services, gated) = services(dir.path()).await;
-        let repo = services
-            .register(
-                &Caller::Admin,
-                crate::repos::NewRepository::Git(crate::repos::NewRepo {
-                    owner: None,
-                    name: "demo".to_owned(),
-                    git_url: "file:///srv/demo.git".to_owned(),
-                    branch: None,
-                    timeout_secs: None,
-                    requeue_lost_tests: None,
-                    deploy_labels: BTreeMap::new(),
-                    max_log_bytes: None,
-                }),
-            )
-            .await
-            .unwrap()
-            .repo;
+        let repo = register_demo(&services).await;
         services
             .set_env(
                 &repo,
@@ -1403,7 +1387,7 @@ mod tests {
 
     /// Registers `local/demo`, whose jobs [`crate::store::conformance::new_job`]
     /// makes.
-    async fn register_demo(services: &Services) {
+    async fn register_demo(services: &Services) -> hobotnica_common::job::Repo {
         services
             .register(
                 &Caller::Admin,
@@ -1419,7 +1403,8 @@ mod tests {
                 }),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .repo
     }
 
     /// An agent's open session, from the agent's side.
@@ -1611,11 +1596,8 @@ mod tests {
         let _lost = services.idle_sessions.wait(&BTreeMap::new());
         let mut session = idle_session(&services, &gated, "builder", &[], &shutdown).await;
         let queued_at = tokio::time::Instant::now();
-        let job = services
-            .store
-            .create_job(crate::store::conformance::new_job("test"), Utc::now())
-            .await
-            .unwrap();
+        let job =
+            queue_on_a_running_clock(&services, crate::store::conformance::new_job("test")).await;
         assert_eq!(session.assignment().await.job.id, job.id);
         let waited = queued_at.elapsed();
         assert!(
