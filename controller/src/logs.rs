@@ -252,15 +252,16 @@ pub enum ViewerItem {
 /// [`tail`] for a viewer that shows only a log's last part (the job page):
 /// whenever it is more than `lag` bytes behind the log's end, it skips to
 /// the window of the last `window` bytes instead of sending everything in
-/// between. Nothing is lost: the viewer loads skipped parts on demand, and
-/// every byte after a skip comes exactly once. The lag is looked at when
-/// the tail starts and after each full piece (a short piece means it had
-/// caught up), so a viewer that keeps up costs no extra store read.
+/// between. Nothing is lost: the viewer loads skipped parts on demand,
+/// and every byte after a skip comes exactly once. The lag is looked at
+/// when the tail starts and after each full piece (a short piece means it
+/// had caught up), so a viewer that keeps up costs no extra store read;
+/// with no `lag` it never skips and costs nothing over [`tail`].
 pub fn tail_catching_up(
     store: Arc<dyn Store>,
     job: JobId,
     offset: u64,
-    lag: u64,
+    lag: Option<u64>,
     window: u64,
 ) -> impl Stream<Item = Result<ViewerItem, StoreError>> + Send + 'static {
     use futures_util::StreamExt as _;
@@ -274,10 +275,10 @@ pub fn tail_catching_up(
         tail: Box::pin(tail(Arc::clone(&store), job, offset, true)),
         store,
         offset,
-        look: true,
+        look: lag.is_some(),
     };
     futures_util::stream::unfold(state, move |mut state| async move {
-        if std::mem::take(&mut state.look) {
+        if let Some(lag) = lag.filter(|_| std::mem::take(&mut state.look)) {
             match skip_ahead(&state.store, job, state.offset, lag, window).await {
                 Ok(None) => {}
                 Ok(Some(skip)) => {
@@ -292,7 +293,7 @@ pub fn tail_catching_up(
         let item = state.tail.next().await?;
         if let Ok(TailItem::Chunk { data, .. }) = &item {
             state.offset += data.len() as u64;
-            state.look = data.len() >= LOG_READ_BYTES;
+            state.look = lag.is_some() && data.len() >= LOG_READ_BYTES;
         }
         Some((item.map(ViewerItem::Log), state))
     })
@@ -388,7 +389,7 @@ impl Services {
         caller: &Caller,
         id: JobId,
         offset: u64,
-        lag: u64,
+        lag: Option<u64>,
         window: u64,
     ) -> Result<impl Stream<Item = Result<ViewerItem, CoreError>> + Send + 'static, CoreError> {
         use futures_util::StreamExt as _;
@@ -532,7 +533,7 @@ mod tests {
         let (lag, window) = (1024 * 1024, 256 * 1024);
 
         let items: Vec<ViewerItem> =
-            tail_catching_up(Arc::clone(&store), job.id, 1000, lag, window)
+            tail_catching_up(Arc::clone(&store), job.id, 1000, Some(lag), window)
                 .map(Result::unwrap)
                 .collect()
                 .await;
@@ -567,11 +568,17 @@ mod tests {
         ));
 
         // From the start, the colour set before the skip comes with it.
-        let first = std::pin::pin!(tail_catching_up(Arc::clone(&store), job.id, 0, lag, window))
-            .next()
-            .await
-            .unwrap()
-            .unwrap();
+        let first = std::pin::pin!(tail_catching_up(
+            Arc::clone(&store),
+            job.id,
+            0,
+            Some(lag),
+            window
+        ))
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
         let ViewerItem::Skipped(skip) = first else {
             panic!("a skip: {first:?}");
         };
@@ -579,7 +586,7 @@ mod tests {
 
         // Within the lag, or asked not to skip: every byte.
         let behind = log.len() as u64 - lag;
-        for (from, lag) in [(behind, lag), (0, u64::MAX)] {
+        for (from, lag) in [(behind, Some(lag)), (0, None)] {
             let mut sent = 0u64;
             let mut stream = std::pin::pin!(tail_catching_up(
                 Arc::clone(&store),

@@ -1023,37 +1023,29 @@ pub async fn deleting_a_repository_keeps_its_jobs(store: Arc<dyn Store>) {
     assert_eq!(store.list_repos().await.expect("repos").len(), 2);
 }
 
-pub async fn deliveries_are_remembered_until_forgotten(store: Arc<dyn Store>) {
-    let remember = |id: &'static str| {
+pub async fn keys_are_remembered_through_maintenance(store: Arc<dyn Store>) {
+    let once = |key: &'static str| {
         let store = Arc::clone(&store);
         async move {
             store
-                .remember_delivery(id, Utc::now())
+                .create_job_once(key, &[], new_job("test"), Utc::now())
                 .await
-                .expect("remember answered")
+                .expect("create_job_once answered")
+                .is_some()
         }
     };
-    assert!(remember("d-1").await, "a new delivery");
-    assert!(!remember("d-1").await, "a redelivery");
-    assert!(remember("d-2").await, "another delivery is new");
-    store.forget_delivery("d-1").await.expect("forgotten");
-    assert!(remember("d-1").await, "a forgotten delivery is new again");
-    assert!(!remember("d-1").await, "and remembered again");
-    assert!(!remember("d-2").await, "forgetting one forgets only it");
-    store
-        .forget_delivery("never-seen")
-        .await
-        .expect("forgetting an unknown delivery is fine");
-    assert!(remember("never-seen").await);
+    assert!(once("d-1").await, "a new delivery");
+    assert!(!once("d-1").await, "a redelivery");
+    assert!(once("d-2").await, "another delivery is new");
 
-    // Recent deliveries outlive maintenance.
+    // Recent keys outlive maintenance.
     let retention = Retention {
         max_age: std::time::Duration::from_secs(3600),
         max_jobs_per_repo: 1000,
     };
     store.prune(&retention, Utc::now()).await.expect("pruned");
-    assert!(!remember("d-1").await);
-    assert!(!remember("d-2").await);
+    assert!(!once("d-1").await);
+    assert!(!once("d-2").await);
 }
 
 fn session(principal: SessionPrincipal, now: DateTime<Utc>) -> SessionRecord {
@@ -1137,32 +1129,16 @@ pub async fn idempotency_keys_name_the_job_they_created(store: Arc<dyn Store>) {
         async move { store.key_job(&key).await.expect("key_job answered") }
     };
     assert_eq!(key_job(key.into()).await, None, "an unknown key");
-    assert!(
-        store
-            .remember_delivery(key, Utc::now())
-            .await
-            .expect("remember"),
-        "the first request with the key"
-    );
-    assert_eq!(
-        key_job(key.into()).await,
-        None,
-        "no job yet while the first request is handled"
-    );
-    assert!(
-        !store
-            .remember_delivery(key, Utc::now())
-            .await
-            .expect("remember"),
-        "a repeat"
-    );
-
     let job = store
-        .create_job(new_job("deploy"), Utc::now())
+        .create_job_once(
+            key,
+            &[request.clone(), key.to_owned()],
+            new_job("deploy"),
+            Utc::now(),
+        )
         .await
-        .expect("job");
-    store.set_key_job(&request, job.id).await.expect("request");
-    store.set_key_job(key, job.id).await.expect("key");
+        .expect("created")
+        .expect("the first request with the key");
     assert_eq!(key_job(key.into()).await, Some(job.id));
     assert_eq!(key_job(request.clone()).await, Some(job.id));
     assert_eq!(
@@ -1183,27 +1159,14 @@ pub async fn idempotency_keys_name_the_job_they_created(store: Arc<dyn Store>) {
     store.prune(&retention, Utc::now()).await.expect("pruned");
     assert_eq!(key_job(key.into()).await, Some(job.id));
     assert_eq!(key_job(request.clone()).await, Some(job.id));
-    assert!(
-        !store
-            .remember_delivery(key, Utc::now())
-            .await
-            .expect("remember")
-    );
-
-    // A forgotten key is new again, and names the job it creates next.
-    store.forget_delivery(key).await.expect("forgotten");
-    assert!(
+    assert_eq!(
         store
-            .remember_delivery(key, Utc::now())
+            .create_job_once(key, &[], new_job("deploy"), Utc::now())
             .await
-            .expect("remember")
+            .expect("answered"),
+        None,
+        "a repeat after maintenance"
     );
-    let next = store
-        .create_job(new_job("deploy"), Utc::now())
-        .await
-        .expect("job");
-    store.set_key_job(key, next.id).await.expect("key");
-    assert_eq!(key_job(key.into()).await, Some(next.id));
 }
 
 pub async fn a_key_and_its_job_are_written_together_once(store: Arc<dyn Store>) {
@@ -1221,14 +1184,6 @@ pub async fn a_key_and_its_job_are_written_together_once(store: Arc<dyn Store>) 
     for name in &names {
         assert_eq!(store.key_job(name).await.expect("key_job"), Some(job.id));
     }
-    assert!(
-        !store
-            .remember_delivery(key, Utc::now())
-            .await
-            .expect("remember"),
-        "the key is remembered with its job"
-    );
-
     // The second time: nothing is written.
     let repeat = store
         .create_job_once(key, &[format!("{key}#other")], new_job("test"), Utc::now())
@@ -1251,22 +1206,6 @@ pub async fn a_key_and_its_job_are_written_together_once(store: Arc<dyn Store>) 
         .await
         .expect("jobs");
     assert_eq!(ids(&all), vec![job.id], "one job for the key");
-
-    // A key remembered on its own (a delivery recorded by another path)
-    // refuses too.
-    assert!(
-        store
-            .remember_delivery("d-remembered", Utc::now())
-            .await
-            .expect("remember")
-    );
-    assert_eq!(
-        store
-            .create_job_once("d-remembered", &[], new_job("test"), Utc::now())
-            .await
-            .expect("answered"),
-        None
-    );
 
     // Keys and plain creations share one id sequence, oldest first.
     let plain = store
@@ -2222,28 +2161,28 @@ pub async fn controllers_sharing_a_store_see_each_others_changes(
         JobState::Succeeded
     );
 
-    assert!(
-        store
-            .remember_delivery("d-1", Utc::now())
+    let keyed = store
+        .create_job_once(
+            "d-1",
+            &["idempotency:local/alpha:k".to_owned()],
+            new_job("test"),
+            Utc::now(),
+        )
+        .await
+        .expect("created")
+        .expect("a new key");
+    assert_eq!(
+        peer.create_job_once("d-1", &[], new_job("test"), Utc::now())
             .await
-            .expect("remember")
-    );
-    assert!(
-        !peer
-            .remember_delivery("d-1", Utc::now())
-            .await
-            .expect("remember"),
+            .expect("answered"),
+        None,
         "a redelivery to another controller"
     );
-    peer.set_key_job("idempotency:local/alpha:k", job.id)
-        .await
-        .expect("key");
     assert_eq!(
-        store
-            .key_job("idempotency:local/alpha:k")
+        peer.key_job("idempotency:local/alpha:k")
             .await
             .expect("key_job"),
-        Some(job.id)
+        Some(keyed.id)
     );
 
     let token = agent_token("t1", "secret");
@@ -2277,7 +2216,7 @@ macro_rules! conformance_suite {
             deleting_a_repository_keeps_its_jobs,
             repository_updates_are_compare_and_set,
             webhooks_find_their_repository,
-            deliveries_are_remembered_until_forgotten,
+            keys_are_remembered_through_maintenance,
             idempotency_keys_name_the_job_they_created,
             a_key_and_its_job_are_written_together_once,
             concurrent_creations_with_one_key_make_one_job,
@@ -2360,23 +2299,34 @@ mod embedded_suite {
     #[tokio::test]
     async fn idempotency_records_are_pruned_with_their_key() {
         use chrono::{Duration, Utc};
-        use hobotnica_common::ids::JobId;
         let (store, _dir) = make();
         let old = Utc::now() - Duration::days(8);
         let key = "idempotency:local/demo:a#b";
-        assert!(store.remember_delivery(key, old).await.unwrap());
-        store.set_key_job(key, JobId(1)).await.unwrap();
-        store
-            .set_key_job(&format!("{key}#f00d"), JobId(1))
-            .await
-            .unwrap();
+        let created = |key: &str, names: &[String], at| {
+            let store = Arc::clone(&store);
+            let (key, names) = (key.to_owned(), names.to_vec());
+            async move {
+                store
+                    .create_job_once(
+                        &key,
+                        &names,
+                        super::super::conformance::new_job("deploy"),
+                        at,
+                    )
+                    .await
+                    .unwrap()
+                    .map(|job| job.id)
+            }
+        };
+        let first = created(key, &[key.to_owned(), format!("{key}#f00d")], old).await;
         let fresh = "idempotency:local/demo:fresh";
-        assert!(store.remember_delivery(fresh, Utc::now()).await.unwrap());
-        store.set_key_job(fresh, JobId(2)).await.unwrap();
-        store
-            .set_key_job(&format!("{fresh}#beef"), JobId(2))
-            .await
-            .unwrap();
+        let second = created(
+            fresh,
+            &[fresh.to_owned(), format!("{fresh}#beef")],
+            Utc::now(),
+        )
+        .await;
+        assert!(first.is_some() && second.is_some());
 
         let retention = super::super::Retention {
             max_age: std::time::Duration::from_secs(3600),
@@ -2385,13 +2335,13 @@ mod embedded_suite {
         store.prune(&retention, Utc::now()).await.unwrap();
         assert_eq!(store.key_job(key).await.unwrap(), None);
         assert_eq!(store.key_job(&format!("{key}#f00d")).await.unwrap(), None);
-        assert_eq!(store.key_job(fresh).await.unwrap(), Some(JobId(2)));
+        assert_eq!(store.key_job(fresh).await.unwrap(), second);
         assert_eq!(
             store.key_job(&format!("{fresh}#beef")).await.unwrap(),
-            Some(JobId(2))
+            second
         );
         // The key can be used again: it is new.
-        assert!(store.remember_delivery(key, Utc::now()).await.unwrap());
+        assert!(created(key, &[], Utc::now()).await.is_some());
     }
 }
 
@@ -2472,14 +2422,24 @@ mod redis_suite {
     async fn idempotency_records_expire_with_their_key() {
         use super::super::DELIVERY_RETENTION;
         use chrono::Utc;
-        use hobotnica_common::ids::JobId;
         let (store, server) = make().await;
         let key = "idempotency:local/demo:a";
         let request = format!("{key}#f00d");
-        assert!(store.remember_delivery("d-1", Utc::now()).await.unwrap());
-        assert!(store.remember_delivery(key, Utc::now()).await.unwrap());
-        store.set_key_job(&request, JobId(1)).await.unwrap();
-        store.set_key_job(key, JobId(1)).await.unwrap();
+        for (key, names) in [
+            ("d-1", vec![]),
+            (key, vec![request.clone(), key.to_owned()]),
+        ] {
+            let created = store
+                .create_job_once(
+                    key,
+                    &names,
+                    super::super::conformance::new_job("deploy"),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+            assert!(created.is_some(), "{key} is new");
+        }
         let mut redis = redis::Client::open(server.url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()

@@ -68,12 +68,17 @@ struct JobWriter {
     thread: std::thread::JoinHandle<()>,
 }
 
-/// A job to create, and who waits for it.
-struct JobCreation {
+/// A job to create.
+struct Creation {
     new: NewJob,
     now: DateTime<Utc>,
     /// Created once per key: the key, and the names recording the job.
     once: Option<(String, Vec<String>)>,
+}
+
+/// A job to create, and who waits for it.
+struct JobCreation {
+    creation: Creation,
     reply: tokio::sync::oneshot::Sender<StoreResult<Option<Job>>>,
 }
 
@@ -234,9 +239,7 @@ impl EmbeddedStore {
         writer
             .requests
             .send(JobCreation {
-                new,
-                now,
-                once,
+                creation: Creation { new, now, once },
                 reply,
             })
             .map_err(|_| stopped())?;
@@ -275,7 +278,7 @@ fn run_job_writer(
         }
         let (creations, replies): (Vec<_>, Vec<_>) = group
             .into_iter()
-            .map(|creation| ((creation.new, creation.now, creation.once), creation.reply))
+            .map(|request| (request.creation, request.reply))
             .unzip();
         match inner.create_jobs(creations) {
             Ok(answers) => {
@@ -310,11 +313,7 @@ impl Inner {
     /// is checked before it writes anything, so a refusal leaves the
     /// transaction as the others need it; an error of the transaction
     /// itself fails the whole group, and none of it is written.
-    #[allow(clippy::type_complexity)]
-    fn create_jobs(
-        &self,
-        creations: Vec<(NewJob, DateTime<Utc>, Option<(String, Vec<String>)>)>,
-    ) -> StoreResult<Vec<StoreResult<Option<Job>>>> {
+    fn create_jobs(&self, creations: Vec<Creation>) -> StoreResult<Vec<StoreResult<Option<Job>>>> {
         let mut txn = self.db.begin_write().map_err(unavailable)?;
         txn.set_durability(Durability::Immediate)
             .map_err(unavailable)?;
@@ -329,7 +328,7 @@ impl Inner {
                 .map_err(unavailable)?
                 .map_or(1, |v| v.value());
             let mut answers = Vec::with_capacity(creations.len());
-            for (new, now, once) in creations {
+            for Creation { new, now, once } in creations {
                 if let Some((key, _)) = &once {
                     let seen = deliveries.get(key.as_str()).map_err(unavailable)?.is_some();
                     if seen {
@@ -646,42 +645,6 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        let delivery_id = delivery_id.to_owned();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(unavailable)?;
-            let first = {
-                let mut table = txn.open_table(DELIVERIES).map_err(unavailable)?;
-                let seen = table
-                    .get(delivery_id.as_str())
-                    .map_err(unavailable)?
-                    .is_some();
-                if !seen {
-                    table
-                        .insert(delivery_id.as_str(), now.timestamp_millis())
-                        .map_err(unavailable)?;
-                }
-                !seen
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(first)
-        })
-        .await
-    }
-
-    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
-        let delivery_id = delivery_id.to_owned();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(unavailable)?;
-            txn.open_table(DELIVERIES)
-                .map_err(unavailable)?
-                .remove(delivery_id.as_str())
-                .map_err(unavailable)?;
-            txn.commit().map_err(unavailable)
-        })
-        .await
-    }
-
     async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()> {
         let id_hash = id_hash.to_owned();
         self.blocking(move |inner| {
@@ -730,19 +693,6 @@ impl Store for EmbeddedStore {
             txn.open_table(SESSIONS)
                 .map_err(unavailable)?
                 .remove(id_hash.as_str())
-                .map_err(unavailable)?;
-            txn.commit().map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {
-        let key = key.to_owned();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(unavailable)?;
-            txn.open_table(KEY_JOBS)
-                .map_err(unavailable)?
-                .insert(key.as_str(), job.0)
                 .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
         })
@@ -1244,16 +1194,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path()).expect("open");
         let new = || super::super::conformance::new_job("test");
-        let once = |key: &str| Some((key.to_owned(), vec![key.to_owned()]));
         let now = Utc::now();
+        let plain = || Creation {
+            new: new(),
+            now,
+            once: None,
+        };
+        let once = |key: &str| Creation {
+            new: new(),
+            now,
+            once: Some((key.to_owned(), vec![key.to_owned()])),
+        };
         let answers = store
             .inner
-            .create_jobs(vec![
-                (new(), now, once("d-1")),
-                (new(), now, None),
-                (new(), now, once("d-1")),
-                (new(), now, once("d-2")),
-            ])
+            .create_jobs(vec![once("d-1"), plain(), once("d-1"), once("d-2")])
             .expect("committed");
         let ids: Vec<Option<u64>> = answers
             .iter()
@@ -1268,7 +1222,7 @@ mod tests {
         assert_eq!(ids, [Some(1), Some(2), None, Some(3)]);
         let next = store
             .inner
-            .create_jobs(vec![(new(), now, once("d-2")), (new(), now, None)])
+            .create_jobs(vec![once("d-2"), plain()])
             .expect("committed");
         assert!(
             matches!(next[0], Ok(None)),

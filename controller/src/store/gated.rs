@@ -151,15 +151,6 @@ impl Store for GatedStore {
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
         self.inner.find_repo_by_hook(hook_id).await
     }
-    async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        self.inner.remember_delivery(delivery_id, now).await
-    }
-    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
-        self.inner.forget_delivery(delivery_id).await
-    }
-    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {
-        self.inner.set_key_job(key, job).await
-    }
     async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
         self.inner.key_job(key).await
     }

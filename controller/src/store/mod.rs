@@ -263,20 +263,15 @@ pub trait Store: Send + Sync + 'static {
     async fn update_repo(&self, old: &Repo, new: Repo) -> StoreResult<bool>;
     /// The GitHub repository whose webhook URL has `hook_id`.
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>>;
-    /// Records a webhook delivery id; `false` when it was seen before (a
-    /// redelivery). Ids are kept for [`DELIVERY_RETENTION`].
-    async fn remember_delivery(&self, delivery_id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
-    /// Forgets a delivery id (its job could not be created after all).
-    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()>;
-    /// Records which job a remembered key (an `Idempotency-Key`) created.
-    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()>;
-    /// The job a remembered key created, if it is known yet.
+    /// The job recorded under the name `key` by [`Store::create_job_once`],
+    /// if any.
     async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>>;
 
     /// Assigns an id, stores the job as `queued` and publishes `JobQueued`.
     async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job>;
-    /// Remembers `key` (as [`Store::remember_delivery`] does) and creates
-    /// `job` (as [`Store::create_job`] does) in one atomic write, and records
+    /// Remembers `key` (a webhook delivery id, a scoped `Idempotency-Key`;
+    /// kept for [`DELIVERY_RETENTION`]) and creates `job` (as
+    /// [`Store::create_job`] does) in one atomic write, and records
     /// the job's id under each of `names` (read back by
     /// [`Store::key_job`]). The key and the job exist together or not at
     /// all, so a crash cannot leave a key remembered whose job was never

@@ -1259,20 +1259,6 @@ impl Store for RedisStore {
         }))
     }
 
-    async fn remember_delivery(&self, delivery_id: &str, _now: DateTime<Utc>) -> StoreResult<bool> {
-        let first: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(self.keys.delivery(delivery_id))
-                    .arg(1)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(super::DELIVERY_RETENTION.as_secs()),
-            )
-            .await?;
-        Ok(first.is_some())
-    }
-
     async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()> {
         let millis = (session.expires_at - session.created_at)
             .num_milliseconds()
@@ -1305,31 +1291,11 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn set_key_job(&self, key: &str, job: JobId) -> StoreResult<()> {
-        let () = self
-            .query(
-                redis::cmd("SET")
-                    .arg(self.keys.key_job(key))
-                    .arg(job.0)
-                    .arg("EX")
-                    .arg(super::DELIVERY_RETENTION.as_secs()),
-            )
-            .await?;
-        Ok(())
-    }
-
     async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
         let id: Option<u64> = self
             .query(redis::cmd("GET").arg(self.keys.key_job(key)))
             .await?;
         Ok(id.map(JobId))
-    }
-
-    async fn forget_delivery(&self, delivery_id: &str) -> StoreResult<()> {
-        let _: i64 = self
-            .query(redis::cmd("DEL").arg(self.keys.delivery(delivery_id)))
-            .await?;
-        Ok(())
     }
 
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {

@@ -127,11 +127,7 @@ pub async fn events(
 ) -> Result<Response, PageError> {
     let id = job_id(&id)?;
     let offset = resume_offset(&headers, &query);
-    let lag = if query.catch_up {
-        CATCH_UP_LAG_BYTES
-    } else {
-        u64::MAX
-    };
+    let lag = query.catch_up.then_some(CATCH_UP_LAG_BYTES);
     let tail = services
         .tail_log_catching_up(&session.caller, id, offset, lag, LOG_WINDOW_BYTES)
         .await?;
