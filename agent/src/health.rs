@@ -3,8 +3,11 @@
 //! line `systemctl status` shows).
 //!
 //! The running agent keeps a small status file in its work dir, `status`,
-//! rewritten (atomically) when its connection changes, when a job starts or
-//! ends, and on every heartbeat:
+//! rewritten (atomically) when its connection changes and on every
+//! heartbeat; a job starting or ending changes only systemd's status line,
+//! so the file's `jobs` is at most a heartbeat old. (Rewriting it for every
+//! job, a new file each time, was a fifth of an idle-to-busy agent's CPU
+//! on a trivial job.)
 //!
 //! ```text
 //! state=connected
@@ -18,6 +21,7 @@
 //! the last [`STALE_AFTER`]: a hung or dead agent stops writing it.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hobotnica_common::service_manager::{self, ServiceManager};
@@ -52,6 +56,8 @@ impl State {
 pub struct Reporter {
     path: PathBuf,
     service_manager: ServiceManager,
+    /// The state and controller the status file says.
+    written: Arc<Mutex<Option<(State, String)>>>,
 }
 
 impl Reporter {
@@ -59,6 +65,23 @@ impl Reporter {
         Reporter {
             path: work_dir.join(STATUS_FILE),
             service_manager,
+            written: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A job started or ended: systemd's status line says so at once; the
+    /// status file is rewritten only when `state` or `controller` is not
+    /// what it says (see the module's documentation).
+    pub fn jobs_changed(&self, state: State, controller: &str, jobs: usize) {
+        let unchanged = self.written.lock().ok().is_some_and(|written| {
+            written
+                .as_ref()
+                .is_some_and(|(s, c)| *s == state && c == controller)
+        });
+        if unchanged {
+            self.status_line(state, controller, jobs);
+        } else {
+            self.report(state, controller, jobs);
         }
     }
 
@@ -82,9 +105,21 @@ impl Reporter {
         // user, which runs the health check, reads it; replaced atomically.
         let written =
             hobotnica_common::private_fs::write_private_file(&self.path, contents.as_bytes());
-        if let Err(error) = written {
-            tracing::warn!(%error, path = %self.path.display(), "cannot write the status file");
+        match written {
+            Ok(()) => {
+                if let Ok(mut written) = self.written.lock() {
+                    *written = Some((state, controller.to_owned()));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %self.path.display(), "cannot write the status file");
+            }
         }
+        self.status_line(state, controller, jobs);
+    }
+
+    /// systemd's status line (and, draining, its STOPPING).
+    fn status_line(&self, state: State, controller: &str, jobs: usize) {
         let line = match state {
             State::Connecting => format!("connecting to {controller}"),
             State::Connected => format!("connected to {controller}; {jobs} job(s) running"),
@@ -180,6 +215,24 @@ mod tests {
         assert!(check(dir.path()).is_ok());
         reporter.stopped();
         assert!(check(dir.path()).unwrap_err().contains("no status"));
+    }
+
+    #[test]
+    fn a_job_starting_leaves_the_file_unless_the_connection_changed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let reporter = Reporter::new(dir.path(), ServiceManager::default());
+        let url = "http://127.0.0.1:1";
+        // Nothing written yet: the first report of any kind writes it.
+        reporter.jobs_changed(State::Connected, url, 1);
+        assert!(check(dir.path()).unwrap().contains("1 job(s)"));
+        // The same connection: the file keeps its count until a heartbeat.
+        reporter.jobs_changed(State::Connected, url, 2);
+        assert!(check(dir.path()).unwrap().contains("1 job(s)"));
+        reporter.report(State::Connected, url, 2);
+        assert!(check(dir.path()).unwrap().contains("2 job(s)"));
+        // Another state is written at once.
+        reporter.jobs_changed(State::Connecting, url, 1);
+        assert!(check(dir.path()).unwrap_err().contains("not connected"));
     }
 
     #[test]

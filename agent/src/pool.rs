@@ -115,15 +115,30 @@ impl Pool {
 
     /// Records where the agent stands for `--health-check` and systemd.
     fn report_health(&self) {
-        let state = if self.shutdown != Shutdown::Running {
+        self.health.report(
+            self.health_state(),
+            self.connection.current_url(),
+            self.jobs.len(),
+        );
+    }
+
+    /// A job started or ended: tells systemd (see `health`).
+    fn report_jobs(&self) {
+        self.health.jobs_changed(
+            self.health_state(),
+            self.connection.current_url(),
+            self.jobs.len(),
+        );
+    }
+
+    fn health_state(&self) -> health::State {
+        if self.shutdown != Shutdown::Running {
             health::State::Draining
         } else if self.live.is_some() {
             health::State::Connected
         } else {
             health::State::Connecting
-        };
-        self.health
-            .report(state, self.connection.current_url(), self.jobs.len());
+        }
     }
 
     fn free_slots(&self, shutdown: Shutdown) -> u32 {
@@ -352,7 +367,7 @@ impl Pool {
         if let Some(key) = key {
             self.jobs.remove(&key);
         }
-        self.report_health();
+        self.report_jobs();
         if self.shutdown != Shutdown::Running && self.jobs.is_empty() {
             tracing::info!("all jobs finished; shutting down");
             return ControlFlow::Break(());
@@ -368,7 +383,7 @@ impl Pool {
                     live.assignments_received += 1;
                 }
                 self.assign(*spec);
-                self.report_health();
+                self.report_jobs();
             }
             SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
                 Some(job) => {

@@ -7,9 +7,10 @@
 //!   connected to the other; with where the time goes, phase by phase
 //!   (p50/p95 of each gap), beside the machine's floor for the same work
 //!   without Hobotnica;
-//! - throughput: 300 jobs POSTed as fast as two clients can, run by 4
-//!   agents: Redis with two controllers (one client and two agents on each),
-//!   and embedded for comparison;
+//! - throughput: 200 jobs POSTed as fast as two clients can, run by 2
+//!   agents of one slot, and 300 jobs run by 4 agents of two slots: Redis
+//!   with two controllers (one client and half the agents on each), and
+//!   embedded; with where the jobs' time and the machine's CPU went;
 //! - controller memory (`VmRSS`, `VmHWM`) with 200 agent processes
 //!   connected: Redis and embedded;
 //! - a thousand idle agent sessions held in this process through the agent
@@ -32,6 +33,8 @@ mod agents_rss;
 mod big_log;
 #[path = "e2e/breakdown.rs"]
 mod breakdown;
+#[path = "e2e/cpu.rs"]
+mod cpu;
 #[path = "e2e/dispatch.rs"]
 mod dispatch;
 #[path = "e2e/idle_sessions.rs"]
@@ -82,7 +85,7 @@ struct Topology {
     /// Dropped after the controllers (fields drop in order).
     controllers: Vec<Controller>,
     repo: GitRepo,
-    _redis: Option<RedisServer>,
+    redis: Option<RedisServer>,
 }
 
 impl Topology {
@@ -116,8 +119,13 @@ impl Topology {
         Topology {
             controllers,
             repo,
-            _redis: redis,
+            redis,
         }
+    }
+
+    /// redis-server's process id, on Redis.
+    fn redis_pid(&self) -> Option<u32> {
+        self.redis.as_ref().and_then(RedisServer::pid)
     }
 
     /// Controller `n`, counting round the controllers.
@@ -227,8 +235,10 @@ fn main() {
             }
         }
         if selected("throughput") {
-            for mode in [Mode::Redis { controllers: 2 }, Mode::Embedded] {
-                throughput::throughput(mode).await;
+            for shape in throughput::SHAPES {
+                for mode in [Mode::Redis { controllers: 2 }, Mode::Embedded] {
+                    throughput::throughput(mode, shape).await;
+                }
             }
         }
         if selected("agents") {

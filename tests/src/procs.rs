@@ -79,15 +79,55 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// `/proc/<pid>/stat`, which counts in `USER_HZ` ticks: 100 a second on
 /// Linux whatever the kernel's own tick rate.
 pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    // utime and stime are fields 14 and 15.
+    stat_ticks(pid, 14)
+}
+
+/// CPU time (user + system) of the children a process has waited for,
+/// each with its own waited-for children: of an agent, every `git`,
+/// sandbox and `make` of the jobs it ran.
+pub fn children_cpu_time(pid: u32) -> Option<std::time::Duration> {
+    // cutime and cstime are fields 16 and 17.
+    stat_ticks(pid, 16)
+}
+
+/// The sum of fields `first` and `first + 1` of `/proc/<pid>/stat`, which
+/// count in `USER_HZ` ticks: 100 a second on Linux whatever the kernel's
+/// own tick rate.
+fn stat_ticks(pid: u32, first: usize) -> Option<std::time::Duration> {
     const USER_HZ: u64 = 100;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces: count after its `)`.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(std::time::Duration::from_millis(
-        (utime + stime) * 1000 / USER_HZ,
+    // `rest` starts at field 3.
+    let a: u64 = fields.get(first - 3)?.parse().ok()?;
+    let b: u64 = fields.get(first - 2)?.parse().ok()?;
+    Some(std::time::Duration::from_millis((a + b) * 1000 / USER_HZ))
+}
+
+/// CPU time every CPU of the machine has spent busy since boot (user,
+/// nice, system, irq, softirq, steal: `/proc/stat`'s first line), and how
+/// many CPUs that counts.
+pub fn machine_busy_time() -> Option<(std::time::Duration, usize)> {
+    const USER_HZ: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpus = stat
+        .lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .count();
+    let total = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = total
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|index| ticks.get(*index))
+        .sum();
+    Some((
+        std::time::Duration::from_millis(busy * 1000 / USER_HZ),
+        cpus,
     ))
 }

@@ -120,6 +120,11 @@ impl RedisServer {
         self.daemon.is_running()
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
     /// SIGKILL: Redis is gone at once (what it had fsynced to the AOF stays).
     pub fn kill9(&mut self) {
         self.daemon.kill9();
