@@ -77,10 +77,41 @@ impl OutputPipe {
     }
 }
 
+/// The file descriptor a gated process finds its gate on (see
+/// [`spawn_gated`]): bubblewrap's `--block-fd`.
+pub const GATE_FD: i32 = 3;
+
+/// The agent's end of a gated process's gate: [`Gate::open`] lets it go on.
+/// Dropped unopened, the process reads end-of-file (bubblewrap then goes on
+/// too: drop the [`ProcessGroup`] first, which kills it).
+#[derive(Debug)]
+pub struct Gate(std::io::PipeWriter);
+
+impl Gate {
+    /// Lets the process go on.
+    pub fn open(self) -> io::Result<()> {
+        use std::io::Write as _;
+        (&self.0).write_all(b"1")
+    }
+}
+
 /// Starts `spec` in a new process group with stdout and stderr going, in the
 /// order they are written, into one pipe.
-#[allow(clippy::disallowed_methods)] // the agent's one place that spawns processes
 pub fn spawn(spec: &CommandSpec) -> io::Result<(ProcessGroup, OutputPipe)> {
+    start(spec, None)
+}
+
+/// [`spawn`], the process getting the read end of a pipe as [`GATE_FD`]:
+/// a program that waits on it (bubblewrap with `--block-fd 3`) is made
+/// ready now and goes on when the returned [`Gate`] is opened.
+pub fn spawn_gated(spec: &CommandSpec) -> io::Result<(ProcessGroup, OutputPipe, Gate)> {
+    let (gate_reader, gate_writer) = std::io::pipe()?;
+    let (group, output) = start(spec, Some(OwnedFd::from(gate_reader)))?;
+    Ok((group, output, Gate(gate_writer)))
+}
+
+#[allow(clippy::disallowed_methods)] // the agent's one place that spawns processes
+fn start(spec: &CommandSpec, gate: Option<OwnedFd>) -> io::Result<(ProcessGroup, OutputPipe)> {
     let (reader, writer) = std::io::pipe()?;
     let child = {
         let mut command = tokio::process::Command::new(&spec.program);
@@ -93,9 +124,19 @@ pub fn spawn(spec: &CommandSpec) -> io::Result<(ProcessGroup, OutputPipe)> {
             .stdout(Stdio::from(writer.try_clone()?))
             .stderr(Stdio::from(writer))
             .process_group(0);
+        if let Some(gate) = gate {
+            use command_fds::{CommandFdExt as _, FdMapping};
+            command
+                .fd_mappings(vec![FdMapping {
+                    parent_fd: gate,
+                    child_fd: GATE_FD,
+                }])
+                .map_err(|_| io::Error::other("the gate's file descriptor is taken"))?;
+        }
         command.spawn()?
-        // `command` (holding our copies of the write end) is dropped here, so
-        // the pipe reaches end-of-file once the process group has exited.
+        // `command` (holding our copies of the write end, and the gate's
+        // read end) is dropped here, so the pipe reaches end-of-file once
+        // the process group has exited.
     };
     let pid = child
         .id()

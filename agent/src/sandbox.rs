@@ -190,8 +190,24 @@ impl Sandbox {
     /// `command` wrapped to run inside the sandbox with `paths`; `HOME` is
     /// [`SANDBOX_HOME`].
     pub fn wrap(&self, command: CommandSpec, paths: &JobPaths) -> CommandSpec {
+        self.wrap_with(command, paths, false)
+    }
+
+    /// [`Sandbox::wrap`], bubblewrap waiting with the sandbox made until
+    /// its gate opens (`--block-fd`, see [`process::spawn_gated`]): the
+    /// namespaces and mounts, most of what bubblewrap costs, are made while
+    /// the tree is checked out. `command` starts when the gate opens.
+    pub fn wrap_gated(&self, command: CommandSpec, paths: &JobPaths) -> CommandSpec {
+        self.wrap_with(command, paths, true)
+    }
+
+    fn wrap_with(&self, command: CommandSpec, paths: &JobPaths, gated: bool) -> CommandSpec {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&std::ffi::OsStr]| args.extend(items.iter().map(|s| s.into()));
+        if gated {
+            let fd = process::GATE_FD.to_string();
+            push(&["--block-fd".as_ref(), fd.as_ref()]);
+        }
         push(&[
             "--die-with-parent".as_ref(),
             "--new-session".as_ref(),

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -24,9 +25,9 @@ use tracing::Instrument as _;
 use super::{Completion, JobContext, JobController, JobEvent, JobSpec, LeaseTimings, lease};
 use crate::connection::{Backoff, Connection, RpcError};
 use crate::logs::{self, LogTransport, Secrets, Shipper, ShipperEnd, ShipperHandle, Spool};
-use crate::process::{self, CommandSpec, OUTPUT_CLOSE_TIMEOUT};
+use crate::process::{self, CommandSpec, Gate, OUTPUT_CLOSE_TIMEOUT, OutputPipe, ProcessGroup};
 use crate::sandbox::JobPaths;
-use crate::workspace::{Remote, WorkTree, WorkspaceError};
+use crate::workspace::{JobDirs, Remote, WorkTree, WorkspaceError};
 
 /// Why the job is being stopped before make finished on its own.
 #[derive(Debug, Clone)]
@@ -346,7 +347,9 @@ impl<C: JobController> Supervisor<C> {
             return (None, self.failed(spool, error.to_string()));
         }
 
-        let tree = match self.prepare(&commit, spool).await {
+        // The sandbox is made while git checks the tree out, and waits.
+        let sandbox_made = std::sync::Mutex::new(None);
+        let tree = match self.prepare(&commit, spool, &sandbox_made).await {
             Ok(tree) => {
                 self.phases.fetched_at = Some(tree.commit_ready_at);
                 self.phases.fetch_ran = Some(tree.fetch_ran);
@@ -360,17 +363,23 @@ impl<C: JobController> Supervisor<C> {
                 return (None, self.failed(spool, error));
             }
         };
+        // Dropped (a stop, or an error above), a waiting sandbox is killed.
+        let sandbox_made = sandbox_made.into_inner().ok().flatten();
         if self.stop.is_some() {
             return (Some(tree), self.stopped(spool));
         }
-        let end = self.run_make(&tree, spool).await;
+        let end = self.run_make(&tree, spool, sandbox_made).await;
         (Some(tree), end)
     }
 
+    /// Prepares the work tree; once its directories exist, starts the
+    /// job's sandbox waiting at its gate into `sandbox_made` (not without
+    /// a sandbox, nor when that fails: then make starts the usual way).
     async fn prepare(
         &mut self,
         commit: &CommitSha,
         spool: &Arc<Spool>,
+        sandbox_made: &std::sync::Mutex<Option<Gated>>,
     ) -> Result<WorkTree, WorkspaceError> {
         let workspaces = self.context.workspaces.clone();
         let git_url = self.spec.git_url.clone();
@@ -384,7 +393,24 @@ impl<C: JobController> Supervisor<C> {
         let log_spool = spool.clone();
         let secrets = self.secrets.clone();
         let log = move |line: &str| log_spool.line(&secrets.mask(line));
-        let prepare = workspaces.prepare(remote, commit, &name, &log, &git_cancel);
+        let sandbox = self.context.sandbox.clone();
+        let job = self.spec.clone();
+        let inherited_env = self.context.inherited_env.clone();
+        let make_sandbox = move |dirs: &JobDirs| {
+            let Some(sandbox) = sandbox else { return };
+            let command = make_command(&job, &inherited_env, &dirs.tree);
+            let paths = job_paths(&dirs.tree, &dirs.scratch, dirs.shared_objects.clone());
+            match process::spawn_gated(&sandbox.wrap_gated(command, &paths)) {
+                Ok(gated) => {
+                    if let Ok(mut made) = sandbox_made.lock() {
+                        *made = Some(gated);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not start the sandbox early"),
+            }
+        };
+        let prepare =
+            workspaces.prepare_then(remote, commit, &name, &log, &git_cancel, make_sandbox);
         tokio::pin!(prepare);
         loop {
             tokio::select! {
@@ -402,10 +428,31 @@ impl<C: JobController> Supervisor<C> {
     /// (masked) to the spool. A job event that stops the job, or the job's
     /// deadline, sends SIGTERM to make's process group, and SIGKILL once the
     /// kill grace is over.
-    async fn run_make(&mut self, tree: &WorkTree, spool: &Arc<Spool>) -> WorkEnd {
-        let command = self.sandboxed_make(tree, spool);
-        self.phases.sandbox_ready_at = Some(Utc::now());
-        let (mut group, pipe) = match process::spawn(&command) {
+    ///
+    /// With `sandbox_made`, make starts in it when its gate opens; a
+    /// sandbox that failed meanwhile has written why to its output, which
+    /// the log shows, and exits with an error as bubblewrap does.
+    async fn run_make(
+        &mut self,
+        tree: &WorkTree,
+        spool: &Arc<Spool>,
+        sandbox_made: Option<Gated>,
+    ) -> WorkEnd {
+        let spawned = match sandbox_made {
+            Some((group, pipe, gate)) => {
+                self.phases.sandbox_ready_at = Some(Utc::now());
+                if let Err(error) = gate.open() {
+                    tracing::debug!(%error, "the sandbox was gone before its gate opened");
+                }
+                Ok((group, pipe))
+            }
+            None => {
+                let command = self.sandboxed_make(tree, spool);
+                self.phases.sandbox_ready_at = Some(Utc::now());
+                process::spawn(&command)
+            }
+        };
+        let (mut group, pipe) = match spawned {
             Ok(spawned) => spawned,
             Err(error) => return self.failed(spool, format!("could not start make: {error}")),
         };
@@ -465,12 +512,7 @@ impl<C: JobController> Supervisor<C> {
         let command = make_command(&self.spec, &self.context.inherited_env, &tree.path);
         match &self.context.sandbox {
             Some(sandbox) => {
-                let paths = JobPaths {
-                    tree: tree.path.clone(),
-                    tmp: tree.scratch.join("tmp"),
-                    home: tree.scratch.join("home"),
-                    shared_read_only: vec![tree.shared_objects()],
-                };
+                let paths = job_paths(&tree.path, &tree.scratch, tree.shared_objects());
                 sandbox.wrap(command, &paths)
             }
             None => {
@@ -765,6 +807,24 @@ impl Drop for CrashReport {
 /// `make <target>` in the work tree, with the job's environment: the agent's
 /// base variables, the CI variables and the job's variables. Nothing of git's
 /// (the URL, the HTTP header) is in it.
+/// A sandbox made early, waiting at its gate (`process::spawn_gated`).
+type Gated = (ProcessGroup, OutputPipe, Gate);
+
+/// What a job's sandbox mounts: the tree, the scratch's `tmp/` and `home/`,
+/// and the cache's objects the tree borrows, read-only.
+fn job_paths(
+    tree: &std::path::Path,
+    scratch: &std::path::Path,
+    shared_objects: PathBuf,
+) -> JobPaths {
+    JobPaths {
+        tree: tree.to_owned(),
+        tmp: scratch.join("tmp"),
+        home: scratch.join("home"),
+        shared_read_only: vec![shared_objects],
+    }
+}
+
 fn make_command(
     spec: &JobSpec,
     inherited_env: &[(String, String)],

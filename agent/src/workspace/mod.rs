@@ -101,6 +101,17 @@ impl WorkTree {
     }
 }
 
+/// Where a job's files are, before its tree is checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDirs {
+    /// The work tree (see [`WorkTree::path`]).
+    pub tree: PathBuf,
+    /// The job's private directories (`tmp/`, `home/`).
+    pub scratch: PathBuf,
+    /// The cache's object store (see [`WorkTree::shared_objects`]).
+    pub shared_objects: PathBuf,
+}
+
 /// Receives progress lines meant for the job's log.
 pub type LogLine<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
@@ -247,6 +258,16 @@ impl Workspaces {
         self.jobs_dir.join(name)
     }
 
+    /// The directories of the job named `name` of the repository at
+    /// `git_url`.
+    pub fn job_dirs(&self, git_url: &str, name: &str) -> JobDirs {
+        JobDirs {
+            tree: self.tree_path(name),
+            scratch: self.scratch_dir.join(name),
+            shared_objects: self.cache_path(git_url).join("objects"),
+        }
+    }
+
     fn lock_for(&self, cache: &Path) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         locks.entry(cache.to_owned()).or_default().clone()
@@ -291,6 +312,21 @@ impl Workspaces {
         }
     }
 
+    /// [`Workspaces::prepare_then`] with nothing to do once the
+    /// directories exist.
+    #[cfg(test)]
+    pub async fn prepare(
+        &self,
+        remote: Remote<'_>,
+        commit: &CommitSha,
+        name: &str,
+        log: LogLine<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<WorkTree, WorkspaceError> {
+        self.prepare_then(remote, commit, name, log, cancel, |_| {})
+            .await
+    }
+
     /// Makes a work tree named `name` at `commit` of `remote`, fetching
     /// into the cache when the commit is not there yet. Progress lines go to
     /// `log`. Cancelling `cancel` kills git and returns
@@ -300,13 +336,21 @@ impl Workspaces {
     /// Under the cache's lock: clear the tree's directories and check the
     /// commit out; when that fails because the cache lacks the commit,
     /// fetch it and check it out again; then keep the commit with a ref.
-    pub async fn prepare(
+    ///
+    /// `dirs_made` is called once the job's directories exist (the tree
+    /// still empty), before the checkout: what needs only the directories
+    /// (a sandbox around them) can be made while git works. The tree and
+    /// scratch directories keep their identity until the tree is removed
+    /// (a checkout tried again empties the tree in place), so a mount of
+    /// them stays valid.
+    pub async fn prepare_then(
         &self,
         remote: Remote<'_>,
         commit: &CommitSha,
         name: &str,
         log: LogLine<'_>,
         cancel: &CancellationToken,
+        dirs_made: impl FnOnce(&JobDirs),
     ) -> Result<WorkTree, WorkspaceError> {
         let origin = Origin::new(remote);
         let git_url = remote.url;
@@ -328,6 +372,7 @@ impl Workspaces {
         // and look for it (and fetch it) only when that fails — one git
         // process less per job than asking first.
         let (path, scratch) = self.fresh_tree_dirs(name)?;
+        dirs_made(&self.job_dirs(git_url, name));
         let prepared = self
             .check_out_or_fetch(&cache, &origin, commit, name, log, cancel)
             .await
@@ -471,9 +516,9 @@ impl Workspaces {
     }
 
     /// The work tree and scratch directories of `name`, emptied: what a
-    /// previous attempt with this name left is removed, and the scratch's
-    /// `tmp/` and `home/` are created private. The tree itself is made by
-    /// [`Workspaces::check_out`]. Returns `(tree, scratch)`.
+    /// previous attempt with this name left is removed, the scratch's
+    /// `tmp/` and `home/` are created private, and the tree empty (filled
+    /// by [`Workspaces::check_out`]). Returns `(tree, scratch)`.
     fn fresh_tree_dirs(&self, name: &str) -> Result<(PathBuf, PathBuf), WorkspaceError> {
         let path = self.tree_path(name);
         let scratch = self.scratch_dir.join(name);
@@ -490,6 +535,7 @@ impl Workspaces {
             crate::create_private_dir(&dir)
                 .map_err(io_error(format!("creating {}", dir.display())))?;
         }
+        std::fs::create_dir(&path).map_err(io_error(format!("creating {}", path.display())))?;
         Ok((path, scratch))
     }
 
@@ -525,7 +571,8 @@ impl Workspaces {
             .ensure_commit(cache, origin, commit, &shown_url, log, cancel)
             .await?;
         let ready = Utc::now();
-        let (path, _) = self.fresh_tree_dirs(name)?;
+        let path = self.tree_path(name);
+        empty_dir(&path).map_err(io_error(format!("emptying {}", path.display())))?;
         self.check_out(cache, &path, commit, cancel).await?;
         Ok((fetched, ready))
     }
@@ -933,6 +980,20 @@ const FORGOTTEN_EXTENSION: &str = "forgotten";
 /// Whether the idle work tree at `tree` belongs to the cache clone `cache`
 /// (its `.git` borrows the cache's objects). Reads only a small regular file:
 /// a job may have left anything there.
+/// Removes everything in `dir`, keeping the directory itself (a sandbox
+/// may have it mounted).
+fn empty_dir(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn is_tree_of(tree: &Path, cache: &Path) -> bool {
     let alternates = tree.join(".git/objects/info/alternates");
     let small_file = std::fs::symlink_metadata(&alternates)

@@ -414,6 +414,8 @@ cc -o /tmp/hello /tmp/hello.c
 echo "a note" > "$HOME/note" && echo "home: $(cat "$HOME/note")"
 make --no-print-directory id
 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$E2E_PORT"; echo "hello from the job" >&3; read -r reply <&3; echo "server said: $reply"'
+test "$(readlink /proc/$$/fd/0)" = /dev/null && echo "stdin: /dev/null"
+test ! -e /proc/$$/fd/3 && echo "no gate: fd 3 closed"
 "#;
 
 async fn an_ordinary_job_works_in_the_sandbox(agent_opts: AgentOpts) {
@@ -449,6 +451,10 @@ async fn an_ordinary_job_works_in_the_sandbox(agent_opts: AgentOpts) {
         "home: a note",
         &format!("job {}", job.id),
         "server said: hi job",
+        // The sandbox is made early and waits on a pipe (its gate): the
+        // job gets neither that pipe nor anything but /dev/null as stdin.
+        "stdin: /dev/null",
+        "no gate: fd 3 closed",
     ] {
         assert!(log.contains(line), "{line:?} missing from:\n{log}");
     }
