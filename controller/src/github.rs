@@ -106,6 +106,20 @@ pub struct CommitStatus {
 pub struct GitHub {
     web_url: String,
     api_url: String,
+    /// Where each call's outcome is counted, if anywhere.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+/// A call's outcome as a metrics label.
+fn outcome<T>(result: &Result<T, GitHubError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(GitHubError::BadCredentials) => "bad_credentials",
+        Err(GitHubError::NotFound) => "not_found",
+        Err(GitHubError::Forbidden(_)) => "forbidden",
+        Err(GitHubError::RateLimited { .. }) => "rate_limited",
+        Err(GitHubError::Unavailable(_)) => "unavailable",
+    }
 }
 
 fn map_error(err: octocrab::Error) -> GitHubError {
@@ -138,7 +152,26 @@ impl GitHub {
         GitHub {
             web_url: web_url.trim_end_matches('/').to_owned(),
             api_url: api_url.trim_end_matches('/').to_owned(),
+            metrics: None,
         }
+    }
+
+    /// Counts every call's outcome in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> GitHub {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts `result` as the outcome of `call`.
+    fn counted<T>(
+        &self,
+        call: &'static str,
+        result: Result<T, GitHubError>,
+    ) -> Result<T, GitHubError> {
+        if let Some(metrics) = &self.metrics {
+            metrics.github_call(call, outcome(&result));
+        }
+        result
     }
 
     /// The URL git clones a repository from.
@@ -160,8 +193,88 @@ impl GitHub {
             .map_err(|err| GitHubError::Unavailable(err.to_string()))
     }
 
-    /// The login of the token's owner (GraphQL `viewer`).
+    // Each call is counted by its outcome (`hobotnica_github_calls_total`);
+    // what it asks is documented on its `_uncounted` body below. GitHub's
+    // `x-ratelimit-remaining` is not seen: octocrab's typed calls return
+    // the parsed body only.
     pub async fn viewer_login(&self, token: &GitHubToken) -> Result<String, GitHubError> {
+        let result = self.viewer_login_uncounted(token).await;
+        self.counted("viewer", result)
+    }
+
+    pub async fn repository(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+    ) -> Result<RepositoryInfo, GitHubError> {
+        let result = self.repository_uncounted(token, owner, name).await;
+        self.counted("repository", result)
+    }
+
+    pub async fn branch_head(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        branch: &str,
+    ) -> Result<CommitSha, GitHubError> {
+        let result = self.branch_head_uncounted(token, owner, name, branch).await;
+        self.counted("branch_head", result)
+    }
+
+    pub async fn commit_exists(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        sha: &CommitSha,
+    ) -> Result<bool, GitHubError> {
+        let result = self.commit_exists_uncounted(token, owner, name, sha).await;
+        self.counted("commit", result)
+    }
+
+    pub async fn create_status(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        sha: &CommitSha,
+        status: &CommitStatus,
+    ) -> Result<(), GitHubError> {
+        let result = self
+            .create_status_uncounted(token, owner, name, sha, status)
+            .await;
+        self.counted("create_status", result)
+    }
+
+    pub async fn create_hook(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        url: &str,
+        secret: &str,
+    ) -> Result<u64, GitHubError> {
+        let result = self
+            .create_hook_uncounted(token, owner, name, url, secret)
+            .await;
+        self.counted("create_hook", result)
+    }
+
+    pub async fn delete_hook(
+        &self,
+        token: &GitHubToken,
+        owner: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<(), GitHubError> {
+        let result = self.delete_hook_uncounted(token, owner, name, id).await;
+        self.counted("delete_hook", result)
+    }
+
+    /// The login of the token's owner (GraphQL `viewer`).
+    async fn viewer_login_uncounted(&self, token: &GitHubToken) -> Result<String, GitHubError> {
         #[derive(Deserialize)]
         struct Data {
             viewer: Viewer,
@@ -179,7 +292,7 @@ impl GitHub {
     }
 
     /// The repository as the token sees it.
-    pub async fn repository(
+    async fn repository_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -192,7 +305,7 @@ impl GitHub {
     }
 
     /// The commit a branch points at.
-    pub async fn branch_head(
+    async fn branch_head_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -225,7 +338,7 @@ impl GitHub {
     /// Whether the repository has commit `sha` (the Git database API, whose
     /// answer is small). The caller has just been checked for access, so a
     /// 404 means the commit.
-    pub async fn commit_exists(
+    async fn commit_exists_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -250,7 +363,7 @@ impl GitHub {
         }
     }
 
-    pub async fn create_status(
+    async fn create_status_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -276,7 +389,7 @@ impl GitHub {
 
     /// Creates the push + pull_request webhook pointing at `url`.
     /// Creates the repository's webhook; returns its id on GitHub.
-    pub async fn create_hook(
+    async fn create_hook_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,
@@ -310,7 +423,7 @@ impl GitHub {
     }
 
     /// Deletes a webhook; one already gone counts as deleted.
-    pub async fn delete_hook(
+    async fn delete_hook_uncounted(
         &self,
         token: &GitHubToken,
         owner: &str,

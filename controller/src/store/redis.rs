@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, SessionRecord,
-    Store, StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
+    SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -558,6 +558,7 @@ const READ_COMMANDS: &[&[u8]] = &[
     b"ZRANGEBYSCORE",
     b"ZREVRANGEBYSCORE",
     b"ZCARD",
+    b"SCARD",
     b"HGET",
     b"HVALS",
     b"XRANGE",
@@ -1415,6 +1416,29 @@ impl Store for RedisStore {
         }
         self.publish(StoreEvent::JobQueued { job: job.id }).await;
         Ok(Some(job))
+    }
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        let queued: u64 = self
+            .query(redis::cmd("ZCARD").arg(self.keys.queue()))
+            .await?;
+        let running: u64 = self
+            .query(redis::cmd("SCARD").arg(self.keys.running()))
+            .await?;
+        let first: Vec<u64> = self
+            .query(redis::cmd("ZRANGE").arg(self.keys.queue()).arg(0).arg(0))
+            .await?;
+        let oldest_queued_at = match first.first() {
+            // Claimed or cancelled since: the queue moved on, and so
+            // does the next look.
+            Some(id) => self.get_job(JobId(*id)).await?.map(|job| job.created_at),
+            None => None,
+        };
+        Ok(QueueStats {
+            queued,
+            running,
+            oldest_queued_at,
+        })
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
