@@ -192,11 +192,8 @@ struct OperationFigures {
 
 pub struct Metrics {
     registry: Registry,
-    jobs_created: Family<Labels1, Counter>,
-    jobs_started: Family<Labels1, Counter>,
-    jobs_finished: Family<Labels2, Counter>,
-    queue_wait: Family<Labels1, DurationHistogram, Buckets>,
-    run_time: Family<Labels1, DurationHistogram, Buckets>,
+    /// The job figures of each kind (test, deploy, custom).
+    kinds: [KindFigures; 3],
     dispatch: DurationHistogram,
     leases_expired: Counter,
     http_requests: Family<RequestLabels, DurationHistogram, Buckets>,
@@ -249,13 +246,15 @@ impl Metrics {
             "Jobs that ended through this controller, by kind and outcome (succeeded, failed, cancelled, timed_out, lost)",
             jobs_finished.clone(),
         );
-        let queue_wait = Family::new_with_constructor(Buckets(WAIT_BUCKETS));
+        let queue_wait: Family<Labels1, DurationHistogram, Buckets> =
+            Family::new_with_constructor(Buckets(WAIT_BUCKETS));
         registry.register(
             "job_queue_wait_seconds",
             "Time from a job's creation to its claim by an agent, by kind",
             queue_wait.clone(),
         );
-        let run_time = Family::new_with_constructor(Buckets(RUN_BUCKETS));
+        let run_time: Family<Labels1, DurationHistogram, Buckets> =
+            Family::new_with_constructor(Buckets(RUN_BUCKETS));
         registry.register(
             "job_run_seconds",
             "Time from a job's claim to its end, by kind",
@@ -385,18 +384,25 @@ impl Metrics {
             agents_connected.clone(),
         );
         // Every bounded series exists from the start, at 0, so that a rate
-        // or an alert has a value before the first event.
-        for kind in [JobKind::Test, JobKind::Deploy, JobKind::Custom] {
-            jobs_created.get_or_create_owned(&[("kind", kind.as_str())]);
-            jobs_started.get_or_create_owned(&[("kind", kind.as_str())]);
-            for state in JobState::ALL
-                .into_iter()
-                .filter(|state| state.is_terminal())
-            {
-                jobs_finished
-                    .get_or_create_owned(&[("kind", kind.as_str()), ("outcome", state.as_str())]);
+        // or an alert has a value before the first event; the job figures
+        // are resolved once, so recording them is an atomic add.
+        let kinds = KINDS.map(|kind| {
+            let labels = [("kind", kind.as_str())];
+            KindFigures {
+                created: jobs_created.get_or_create_owned(&labels),
+                started: jobs_started.get_or_create_owned(&labels),
+                finished: JobState::ALL
+                    .into_iter()
+                    .filter(|state| state.is_terminal())
+                    .map(|state| {
+                        let labels = [("kind", kind.as_str()), ("outcome", state.as_str())];
+                        (state, jobs_finished.get_or_create_owned(&labels))
+                    })
+                    .collect(),
+                queue_wait: queue_wait.get_or_create_owned(&labels),
+                run_time: run_time.get_or_create_owned(&labels),
             }
-        }
+        });
         for event in ["push", "pull_request", "ping"] {
             for outcome in WebhookOutcome::ALL {
                 webhooks.get_or_create_owned(&[("event", event), ("outcome", outcome.as_str())]);
@@ -404,11 +410,7 @@ impl Metrics {
         }
         Metrics {
             registry,
-            jobs_created,
-            jobs_started,
-            jobs_finished,
-            queue_wait,
-            run_time,
+            kinds,
             dispatch,
             leases_expired,
             http_requests,
@@ -432,33 +434,42 @@ impl Metrics {
         }
     }
 
+    fn kind(&self, kind: JobKind) -> &KindFigures {
+        let index = match kind {
+            JobKind::Test => 0,
+            JobKind::Deploy => 1,
+            JobKind::Custom => 2,
+        };
+        &self.kinds[index]
+    }
+
     /// A job was queued.
     pub fn job_created(&self, job: &Job) {
-        self.jobs_created.get_or_create(&kind(job.kind)).inc();
+        self.kind(job.kind).created.inc();
     }
 
     /// An agent claimed `job` (now running).
     pub fn job_started(&self, job: &Job) {
-        self.jobs_started.get_or_create(&kind(job.kind)).inc();
+        let figures = self.kind(job.kind);
+        figures.started.inc();
         if let Some(started_at) = job.started_at {
-            self.queue_wait
-                .get_or_create(&kind(job.kind))
-                .observe_span(job.created_at, started_at);
+            figures.queue_wait.observe_span(job.created_at, started_at);
         }
     }
 
     /// `job` reached its terminal state.
     pub fn job_finished(&self, job: &Job) {
-        if !job.state.is_terminal() {
+        let figures = self.kind(job.kind);
+        let Some((_, finished)) = figures
+            .finished
+            .iter()
+            .find(|(state, _)| *state == job.state)
+        else {
             return;
-        }
-        self.jobs_finished
-            .get_or_create(&[("kind", job.kind.as_str()), ("outcome", outcome(job.state))])
-            .inc();
+        };
+        finished.inc();
         if let (Some(started_at), Some(finished_at)) = (job.started_at, job.finished_at) {
-            self.run_time
-                .get_or_create(&kind(job.kind))
-                .observe_span(started_at, finished_at);
+            figures.run_time.observe_span(started_at, finished_at);
         }
     }
 
@@ -573,12 +584,17 @@ impl Metrics {
     }
 }
 
-fn kind(kind: JobKind) -> Labels1 {
-    [("kind", kind.as_str())]
-}
+/// Every kind of job, in the order of `Metrics::kinds`.
+const KINDS: [JobKind; 3] = [JobKind::Test, JobKind::Deploy, JobKind::Custom];
 
-fn outcome(state: JobState) -> &'static str {
-    state.as_str()
+/// The job figures of one kind, resolved once.
+struct KindFigures {
+    created: Counter,
+    started: Counter,
+    /// One per terminal state.
+    finished: Vec<(JobState, Counter)>,
+    queue_wait: DurationHistogram,
+    run_time: DurationHistogram,
 }
 
 /// The label sets to report: the most common [`MAX_AGENT_LABEL_SETS`] as

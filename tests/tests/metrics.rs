@@ -13,11 +13,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hobotnica_tests::git::makefile_with_test_recipe;
+use hobotnica_tests::github::{GitHubUser, new_delivery_id, send_webhook};
 use hobotnica_tests::net::free_addr;
 use hobotnica_tests::prometheus::{self, PrometheusServer};
 use hobotnica_tests::redis::RedisServer;
 use hobotnica_tests::{
-    Agent, AgentOpts, Api, Controller, ControllerOpts, GitRepo, JobState, wait_for,
+    Agent, AgentOpts, Api, Controller, ControllerOpts, FakeGitHub, GitRepo, JobState, Permission,
+    wait_for,
 };
 use serde_json::json;
 
@@ -529,4 +531,146 @@ async fn in_redis_mode_the_round_trip_and_the_fleet_come_from_redis() {
         "the fleet's gauges are the same on every controller"
     );
     drop(peer);
+}
+
+/// Webhooks, GitHub calls and commit statuses as a fake GitHub sees them:
+/// each delivery counted by event and outcome, the registration's calls
+/// counted, the statuses of the job counted as posted, and no label holds
+/// the repository's owner or name or a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_github_calls_and_commit_statuses_are_counted() {
+    let Some(tools) = prometheus::tools() else {
+        return;
+    };
+    let github = FakeGitHub::start().await;
+    let token = hobotnica_common::token::new_token("ghp")[..40].to_owned();
+    github.add_user("octocat", &token);
+    let repo = github.add_repo("octo-org", "widget", "main");
+    github.grant(&token, "octo-org/widget", Permission::Admin);
+    let metrics_addr = free_addr();
+    let mut extra_args = github.controller_args();
+    extra_args.extend(["--metrics-listen".to_owned(), metrics_addr.to_string()]);
+    let controller = Controller::start(ControllerOpts {
+        extra_args,
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agent = Agent::start_default(&controller).await;
+    let user = GitHubUser::new(controller.url(), "octocat", &token);
+    let registered = user.register("octo-org/widget", json!({})).await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let body = registered.json();
+    let webhook_url = body["webhook_url"].as_str().unwrap().to_owned();
+    let secret = body["webhook_secret"].as_str().unwrap().to_owned();
+
+    let before = repo.head();
+    let pushed = repo.commit_version("metrics");
+    let payload = github.push_payload(
+        "octo-org/widget",
+        "refs/heads/main",
+        &before,
+        &pushed,
+        false,
+        false,
+    );
+    let delivery = new_delivery_id();
+    let queued = send_webhook(&webhook_url, "push", &delivery, &payload, Some(&secret)).await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    let again = send_webhook(&webhook_url, "push", &delivery, &payload, Some(&secret)).await;
+    assert_eq!(again.status, 200, "a redelivery: {}", again.text());
+    let forged = send_webhook(
+        &webhook_url,
+        "push",
+        &new_delivery_id(),
+        &payload,
+        Some("not the secret"),
+    )
+    .await;
+    assert_eq!(forged.status, 401);
+    let unknown = format!(
+        "{}/webhooks/github/no-such-hook-0123456789",
+        controller.url()
+    );
+    let refused = send_webhook(
+        &unknown,
+        "push",
+        &new_delivery_id(),
+        &payload,
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(refused.status, 404);
+
+    // The job runs, and its statuses (pending, success) are posted.
+    let text = wait_for(
+        JOB_TIMEOUT,
+        "two commit statuses counted as posted",
+        || async {
+            let (_, text) = scrape(metrics_addr, None).await;
+            let posted = total(&samples(&text), "hobotnica_commit_statuses_posted_total");
+            (posted >= 2.0 && github.statuses("octo-org/widget", &pushed).len() >= 2)
+                .then_some(text)
+        },
+    )
+    .await;
+    tools.check_metrics(&text).unwrap();
+    let all = samples(&text);
+    for (outcome, expected) in [
+        ("queued", 1.0),
+        ("duplicate", 1.0),
+        ("bad_signature", 1.0),
+        ("refused", 1.0),
+        ("invalid", 0.0),
+    ] {
+        assert_eq!(
+            value(
+                &all,
+                "hobotnica_webhooks_total",
+                &[("event", "push"), ("outcome", outcome)]
+            ),
+            expected,
+            "push {outcome}"
+        );
+    }
+    assert_eq!(total(&all, "hobotnica_commit_statuses_failed_total"), 0.0);
+    assert!(
+        value(
+            &all,
+            "hobotnica_github_calls_total",
+            &[("call", "viewer"), ("outcome", "ok")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &all,
+            "hobotnica_github_calls_total",
+            &[("call", "create_status"), ("outcome", "ok")]
+        ) >= 2.0
+    );
+    assert_eq!(
+        value(
+            &all,
+            "hobotnica_jobs_finished_total",
+            &[("kind", "test"), ("outcome", "succeeded")]
+        ),
+        1.0
+    );
+    for sample in &all {
+        for (key, label) in &sample.labels {
+            for bad in [
+                "octo-org",
+                "widget",
+                token.as_str(),
+                secret.as_str(),
+                pushed.as_str(),
+                delivery.as_str(),
+            ] {
+                assert!(
+                    !label.contains(bad),
+                    "{}{{{key}={label:?}}} holds {bad:?}",
+                    sample.name
+                );
+            }
+        }
+    }
 }
