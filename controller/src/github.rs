@@ -106,7 +106,9 @@ pub struct CommitStatus {
 pub struct GitHub {
     web_url: String,
     api_url: String,
-    /// Where each call's outcome is counted, if anywhere.
+    /// Where each call's outcome is counted (`hobotnica_github_calls_total`),
+    /// if anywhere. GitHub's `x-ratelimit-remaining` is not seen: octocrab's
+    /// typed calls return the parsed body only.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
@@ -193,25 +195,46 @@ impl GitHub {
             .map_err(|err| GitHubError::Unavailable(err.to_string()))
     }
 
-    // Each call is counted by its outcome (`hobotnica_github_calls_total`);
-    // what it asks is documented on its `_uncounted` body below. GitHub's
-    // `x-ratelimit-remaining` is not seen: octocrab's typed calls return
-    // the parsed body only.
+    /// The login of the token's owner (GraphQL `viewer`).
     pub async fn viewer_login(&self, token: &GitHubToken) -> Result<String, GitHubError> {
-        let result = self.viewer_login_uncounted(token).await;
+        let result = async {
+            #[derive(Deserialize)]
+            struct Data {
+                viewer: Viewer,
+            }
+            #[derive(Deserialize)]
+            struct Viewer {
+                login: String,
+            }
+            let data: Data = self
+                .client(token)?
+                .graphql(&json!({ "query": "query { viewer { login } }" }))
+                .await
+                .map_err(map_error)?;
+            Ok(data.viewer.login)
+        }
+        .await;
         self.counted("viewer", result)
     }
 
+    /// The repository as the token sees it.
     pub async fn repository(
         &self,
         token: &GitHubToken,
         owner: &str,
         name: &str,
     ) -> Result<RepositoryInfo, GitHubError> {
-        let result = self.repository_uncounted(token, owner, name).await;
+        let result = async {
+            self.client(token)?
+                .get(format!("/repos/{owner}/{name}"), None::<&()>)
+                .await
+                .map_err(map_error)
+        }
+        .await;
         self.counted("repository", result)
     }
 
+    /// The commit a branch points at.
     pub async fn branch_head(
         &self,
         token: &GitHubToken,
@@ -219,10 +242,35 @@ impl GitHub {
         name: &str,
         branch: &str,
     ) -> Result<CommitSha, GitHubError> {
-        let result = self.branch_head_uncounted(token, owner, name, branch).await;
+        let result =
+            async {
+                #[derive(Deserialize)]
+                struct Ref {
+                    object: Object,
+                }
+                #[derive(Deserialize)]
+                struct Object {
+                    sha: String,
+                }
+                let reference: Ref = self
+                    .client(token)?
+                    .get(
+                        format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
+                        None::<&()>,
+                    )
+                    .await
+                    .map_err(map_error)?;
+                reference.object.sha.parse().map_err(|_| {
+                    GitHubError::Unavailable("GitHub answered an invalid sha".to_owned())
+                })
+            }
+            .await;
         self.counted("branch_head", result)
     }
 
+    /// Whether the repository has commit `sha` (the Git database API, whose
+    /// answer is small). The caller has just been checked for access, so a
+    /// 404 means the commit.
     pub async fn commit_exists(
         &self,
         token: &GitHubToken,
@@ -230,7 +278,25 @@ impl GitHub {
         name: &str,
         sha: &CommitSha,
     ) -> Result<bool, GitHubError> {
-        let result = self.commit_exists_uncounted(token, owner, name, sha).await;
+        let result = async {
+            #[derive(Deserialize)]
+            struct Commit {
+                sha: String,
+            }
+            let answer: Result<Commit, _> = self
+                .client(token)?
+                .get(
+                    format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
+                    None::<&()>,
+                )
+                .await;
+            match answer.map_err(map_error) {
+                Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
+                Err(GitHubError::NotFound) => Ok(false),
+                Err(err) => Err(err),
+            }
+        }
+        .await;
         self.counted("commit", result)
     }
 
@@ -242,12 +308,28 @@ impl GitHub {
         sha: &CommitSha,
         status: &CommitStatus,
     ) -> Result<(), GitHubError> {
-        let result = self
-            .create_status_uncounted(token, owner, name, sha, status)
-            .await;
+        let result = async {
+            let _: serde_json::Value = self
+                .client(token)?
+                .post(
+                    format!("/repos/{owner}/{name}/statuses/{sha}"),
+                    Some(&json!({
+                        "state": status.state.as_str(),
+                        "target_url": status.target_url,
+                        "description": status.description,
+                        "context": status.context,
+                    })),
+                )
+                .await
+                .map_err(map_error)?;
+            Ok(())
+        }
+        .await;
         self.counted("create_status", result)
     }
 
+    /// Creates the push + pull_request webhook pointing at `url`.
+    /// Creates the repository's webhook; returns its id on GitHub.
     pub async fn create_hook(
         &self,
         token: &GitHubToken,
@@ -256,12 +338,36 @@ impl GitHub {
         url: &str,
         secret: &str,
     ) -> Result<u64, GitHubError> {
-        let result = self
-            .create_hook_uncounted(token, owner, name, url, secret)
-            .await;
+        let result = async {
+            #[derive(Deserialize)]
+            struct Hook {
+                id: u64,
+            }
+            let hook: Hook = self
+                .client(token)?
+                .post(
+                    format!("/repos/{owner}/{name}/hooks"),
+                    Some(&json!({
+                        "name": "web",
+                        "active": true,
+                        "events": ["push", "pull_request"],
+                        "config": {
+                            "url": url,
+                            "content_type": "json",
+                            "secret": secret,
+                            "insecure_ssl": "0",
+                        },
+                    })),
+                )
+                .await
+                .map_err(map_error)?;
+            Ok(hook.id)
+        }
+        .await;
         self.counted("create_hook", result)
     }
 
+    /// Deletes a webhook; one already gone counts as deleted.
     pub async fn delete_hook(
         &self,
         token: &GitHubToken,
@@ -269,179 +375,22 @@ impl GitHub {
         name: &str,
         id: u64,
     ) -> Result<(), GitHubError> {
-        let result = self.delete_hook_uncounted(token, owner, name, id).await;
+        let result = async {
+            let client = self.client(token)?;
+            let answer = client
+                ._delete(
+                    format!("{}/repos/{owner}/{name}/hooks/{id}", self.api_url),
+                    None::<&()>,
+                )
+                .await
+                .map_err(map_error)?;
+            match octocrab::map_github_error(answer).await.map_err(map_error) {
+                Ok(_) | Err(GitHubError::NotFound) => Ok(()),
+                Err(err) => Err(err),
+            }
+        }
+        .await;
         self.counted("delete_hook", result)
-    }
-
-    /// The login of the token's owner (GraphQL `viewer`).
-    async fn viewer_login_uncounted(&self, token: &GitHubToken) -> Result<String, GitHubError> {
-        #[derive(Deserialize)]
-        struct Data {
-            viewer: Viewer,
-        }
-        #[derive(Deserialize)]
-        struct Viewer {
-            login: String,
-        }
-        let data: Data = self
-            .client(token)?
-            .graphql(&json!({ "query": "query { viewer { login } }" }))
-            .await
-            .map_err(map_error)?;
-        Ok(data.viewer.login)
-    }
-
-    /// The repository as the token sees it.
-    async fn repository_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-    ) -> Result<RepositoryInfo, GitHubError> {
-        self.client(token)?
-            .get(format!("/repos/{owner}/{name}"), None::<&()>)
-            .await
-            .map_err(map_error)
-    }
-
-    /// The commit a branch points at.
-    async fn branch_head_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-        branch: &str,
-    ) -> Result<CommitSha, GitHubError> {
-        #[derive(Deserialize)]
-        struct Ref {
-            object: Object,
-        }
-        #[derive(Deserialize)]
-        struct Object {
-            sha: String,
-        }
-        let reference: Ref = self
-            .client(token)?
-            .get(
-                format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
-                None::<&()>,
-            )
-            .await
-            .map_err(map_error)?;
-        reference
-            .object
-            .sha
-            .parse()
-            .map_err(|_| GitHubError::Unavailable("GitHub answered an invalid sha".to_owned()))
-    }
-
-    /// Whether the repository has commit `sha` (the Git database API, whose
-    /// answer is small). The caller has just been checked for access, so a
-    /// 404 means the commit.
-    async fn commit_exists_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-        sha: &CommitSha,
-    ) -> Result<bool, GitHubError> {
-        #[derive(Deserialize)]
-        struct Commit {
-            sha: String,
-        }
-        let answer: Result<Commit, _> = self
-            .client(token)?
-            .get(
-                format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
-                None::<&()>,
-            )
-            .await;
-        match answer.map_err(map_error) {
-            Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
-            Err(GitHubError::NotFound) => Ok(false),
-            Err(err) => Err(err),
-        }
-    }
-
-    async fn create_status_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-        sha: &CommitSha,
-        status: &CommitStatus,
-    ) -> Result<(), GitHubError> {
-        let _: serde_json::Value = self
-            .client(token)?
-            .post(
-                format!("/repos/{owner}/{name}/statuses/{sha}"),
-                Some(&json!({
-                    "state": status.state.as_str(),
-                    "target_url": status.target_url,
-                    "description": status.description,
-                    "context": status.context,
-                })),
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(())
-    }
-
-    /// Creates the push + pull_request webhook pointing at `url`.
-    /// Creates the repository's webhook; returns its id on GitHub.
-    async fn create_hook_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-        url: &str,
-        secret: &str,
-    ) -> Result<u64, GitHubError> {
-        #[derive(Deserialize)]
-        struct Hook {
-            id: u64,
-        }
-        let hook: Hook = self
-            .client(token)?
-            .post(
-                format!("/repos/{owner}/{name}/hooks"),
-                Some(&json!({
-                    "name": "web",
-                    "active": true,
-                    "events": ["push", "pull_request"],
-                    "config": {
-                        "url": url,
-                        "content_type": "json",
-                        "secret": secret,
-                        "insecure_ssl": "0",
-                    },
-                })),
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(hook.id)
-    }
-
-    /// Deletes a webhook; one already gone counts as deleted.
-    async fn delete_hook_uncounted(
-        &self,
-        token: &GitHubToken,
-        owner: &str,
-        name: &str,
-        id: u64,
-    ) -> Result<(), GitHubError> {
-        let client = self.client(token)?;
-        let answer = client
-            ._delete(
-                format!("{}/repos/{owner}/{name}/hooks/{id}", self.api_url),
-                None::<&()>,
-            )
-            .await
-            .map_err(map_error)?;
-        match octocrab::map_github_error(answer).await.map_err(map_error) {
-            Ok(_) | Err(GitHubError::NotFound) => Ok(()),
-            Err(err) => Err(err),
-        }
     }
 }
 

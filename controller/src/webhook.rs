@@ -165,9 +165,16 @@ async fn handle_delivery(
     };
     // Who the delivery is for, before a byte of its body is read.
     let repo = services.delivery_target(hook_id).await.map_err(refused)?;
-    let body = read_body(headers, body)
-        .await
-        .map_err(|err| (WebhookOutcome::Invalid, err))?;
+    // Too long, broken or too slow is the sender's; no room in the budget
+    // (503) is ours.
+    let body = read_body(headers, body).await.map_err(|err| {
+        let outcome = if err.status.is_server_error() {
+            WebhookOutcome::Error
+        } else {
+            WebhookOutcome::Invalid
+        };
+        (outcome, err)
+    })?;
     let delivery = Delivery {
         signature: header(headers, "x-hub-signature-256"),
         event: header(headers, "x-github-event"),
