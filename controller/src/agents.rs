@@ -1281,6 +1281,37 @@ mod tests {
         }
     }
 
+    /// Each log piece is counted by what became of it: new bytes appended,
+    /// a resend of stored bytes repeated, a piece past the stored end (a
+    /// gap) rejected; every byte received is counted.
+    #[tokio::test]
+    async fn log_pieces_are_counted_by_what_became_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _gated) = services(dir.path()).await;
+        let (_token, agent, job) = agent_with_job(&services).await;
+        let mut verified = None;
+        for (offset, data) in [
+            (0, &b"hello "[..]),
+            (6, b"world\n"),
+            (0, b"hello "),
+            (100, b"gap"),
+        ] {
+            intake_piece(&services, &agent, &mut verified, piece(&job, offset, data))
+                .await
+                .unwrap();
+        }
+        let text = services.metrics.exposition();
+        for expected in [
+            "hobotnica_log_chunks_total{result=\"appended\"} 2\n",
+            "hobotnica_log_chunks_total{result=\"repeated\"} 1\n",
+            "hobotnica_log_chunks_total{result=\"rejected\"} 1\n",
+            "hobotnica_log_bytes_received_total 21\n",
+            "hobotnica_jobs_started_total{kind=\"test\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+        }
+    }
+
     /// The token is revoked while the log stream's event feed lags, so the
     /// stream learns only that events were missed and asks the store. A
     /// piece arrives while the store is still answering. Before the fix the

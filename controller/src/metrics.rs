@@ -443,6 +443,15 @@ impl Metrics {
         &self.kinds[index]
     }
 
+    /// The Prometheus text exposition, as a scrape without `Accept` gets
+    /// it (without reading the fleet's figures).
+    #[cfg(test)]
+    pub fn exposition(&self) -> String {
+        hobotnica_common::metrics::expose(&self.registry, None)
+            .map(|exposition| exposition.body)
+            .unwrap_or_default()
+    }
+
     /// A job was queued.
     pub fn job_created(&self, job: &Job) {
         self.kind(job.kind).created.inc();

@@ -124,6 +124,21 @@ async fn scrape(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
     (content_type, response.text().await.expect("a body"))
 }
 
+/// Scrapes `addr` until `ready` holds for its samples (or the deadline
+/// passes); the last scrape.
+async fn settled(addr: SocketAddr, ready: impl Fn(&[Sample]) -> bool) -> (String, String) {
+    let ready = &ready;
+    wait_for(
+        JOB_TIMEOUT,
+        "the metrics to count every job",
+        || async move {
+            let (content_type, text) = scrape(addr, None).await;
+            ready(&samples(&text)).then_some((content_type, text))
+        },
+    )
+    .await
+}
+
 /// One sample of an exposition.
 #[derive(Debug)]
 struct Sample {
@@ -215,7 +230,13 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
     };
     let ran = run_jobs(ControllerOpts::default()).await;
 
-    let (content_type, text) = scrape(ran.controller_metrics, None).await;
+    // A transition is counted just after the store commits it, and an
+    // agent counts a job once the controller answered its completion: wait
+    // for the last of them.
+    let (content_type, text) = settled(ran.controller_metrics, |samples| {
+        total(samples, "hobotnica_jobs_finished_total") >= 3.0
+    })
+    .await;
     assert!(
         content_type.starts_with("text/plain; version=0.0.4"),
         "{content_type}"
@@ -338,7 +359,12 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
     assert!(total(&controller, "hobotnica_process_resident_memory_bytes") > 0.0);
     assert!(total(&controller, "hobotnica_process_open_fds") > 0.0);
 
-    let (_, text) = scrape(ran.agent_metrics, None).await;
+    let (_, text) = settled(ran.agent_metrics, |samples| {
+        total(samples, "hobotnica_agent_jobs_finished_total") >= 3.0
+            && value(samples, "hobotnica_agent_running_jobs", &[]) == 0.0
+            && value(samples, "hobotnica_agent_spool_bytes", &[]) == 0.0
+    })
+    .await;
     tools.check_metrics(&text).unwrap();
     let agent = samples(&text);
     assert_eq!(
@@ -509,7 +535,10 @@ async fn in_redis_mode_the_round_trip_and_the_fleet_come_from_redis() {
     let mut peer_opts = ran.controller.peer_opts();
     peer_opts.extra_args = vec!["--metrics-listen".to_owned(), peer_metrics.to_string()];
     let peer = Controller::start(peer_opts).await;
-    let (_, text) = scrape(ran.controller_metrics, None).await;
+    let (_, text) = settled(ran.controller_metrics, |samples| {
+        total(samples, "hobotnica_jobs_finished_total") >= 3.0
+    })
+    .await;
     tools.check_metrics(&text).unwrap();
     let first = samples(&text);
     assert!(
