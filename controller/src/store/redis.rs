@@ -558,7 +558,6 @@ const READ_COMMANDS: &[&[u8]] = &[
     b"ZRANGEBYSCORE",
     b"ZREVRANGEBYSCORE",
     b"ZCARD",
-    b"SCARD",
     b"HGET",
     b"HVALS",
     b"XRANGE",
@@ -1419,15 +1418,21 @@ impl Store for RedisStore {
     }
 
     async fn queue_stats(&self) -> StoreResult<QueueStats> {
-        let queued: u64 = self
-            .query(redis::cmd("ZCARD").arg(self.keys.queue()))
-            .await?;
-        let running: u64 = self
-            .query(redis::cmd("SCARD").arg(self.keys.running()))
-            .await?;
-        let first: Vec<u64> = self
-            .query(redis::cmd("ZRANGE").arg(self.keys.queue()).arg(0).arg(0))
-            .await?;
+        // One round trip for the indexes (consistent with each other), one
+        // more for the first queued job when there is one.
+        let (queued, running, first): (u64, u64, Vec<u64>) = redis::pipe()
+            .atomic()
+            .cmd("ZCARD")
+            .arg(self.keys.queue())
+            .cmd("SCARD")
+            .arg(self.keys.running())
+            .cmd("ZRANGE")
+            .arg(self.keys.queue())
+            .arg(0)
+            .arg(0)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
         let oldest_queued_at = match first.first() {
             // Claimed or cancelled since: the queue moved on, and so
             // does the next look.
