@@ -60,6 +60,12 @@ pub struct AgentConfig {
     #[arg(long, env = "HOBOTNICA_WORK_DIR", default_value = ".hobotnica-agent")]
     pub work_dir: PathBuf,
 
+    /// Address of `/metrics` (Prometheus text, or OpenMetrics when asked),
+    /// plain HTTP without a token: bind it to loopback or a private
+    /// network that only Prometheus reaches. Off when not given.
+    #[arg(long, env = "HOBOTNICA_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// On SIGTERM, how long running jobs may take to finish before they are
     /// cancelled.
     #[arg(long, env = "HOBOTNICA_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]

@@ -20,6 +20,7 @@ mod connection;
 mod health;
 mod job;
 mod logs;
+mod metrics;
 mod pool;
 mod process;
 mod sandbox;
@@ -117,8 +118,19 @@ pub async fn run_with_stop_now(
         "agent starting"
     );
 
+    let metrics = Arc::new(metrics::AgentMetrics::new(spool_dir.clone()));
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let metrics_stop = CancellationToken::new();
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(metrics_addr = ?listener.local_addr().ok(), "serving /metrics (no token: keep it on loopback or a private network)");
+        tokio::spawn(metrics::serve(listener, metrics.clone(), metrics_stop.clone()))
+    });
     let context = Arc::new(JobContext {
         connection: connection.clone(),
+        metrics,
         workspaces: Arc::new(workspaces),
         spool_dir,
         inherited_env,
@@ -139,6 +151,11 @@ pub async fn run_with_stop_now(
     .run(shutdown, stop_now)
     .await;
     health.stopped();
+    // Served until the agent stops, so the last jobs' figures can be read.
+    metrics_stop.cancel();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     result
 }
 

@@ -331,6 +331,7 @@ impl Pool {
             .unwrap_or_default();
         self.live = None;
         self.report_health();
+        self.context.metrics.reconnected();
         match error {
             Some(error) => tracing::warn!(%error, "session broken; reconnecting"),
             None => tracing::warn!("the controller closed the session; reconnecting"),

@@ -508,6 +508,8 @@ fn local_agent_config(agent: LocalAgent) -> anyhow::Result<AgentConfig> {
     config.work_dir = agent.work_dir;
     config.sandbox_hide.extend(agent.hidden);
     config.drain_timeout = AGENT_DRAIN_TIMEOUT;
+    // Local agents share the process: `--metrics-listen` is the controller's.
+    config.metrics_listen = None;
     Ok(config)
 }
 

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod job;
 pub mod logs;
 pub mod mask_forms;
+pub mod metrics;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;

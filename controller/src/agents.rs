@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
 use crate::error::CoreError;
+use crate::metrics::LogChunk;
 use crate::services::Services;
 pub use crate::store::{AgentRecord, AgentTokenRecord};
 use crate::store::{Finish, JobFilter, StoreError, StoreEvent};
@@ -667,6 +668,9 @@ struct VerifiedJob {
     /// The job's log limit plus room for the notice that ends a log cut
     /// at its limit: bytes past this are discarded.
     kept: u64,
+    /// The most this stream has seen stored of the log (a piece wholly
+    /// below it is a resend).
+    committed: u64,
 }
 
 /// Takes log pieces from an agent until the stream ends, the token is
@@ -741,6 +745,7 @@ async fn intake_piece(
             key,
             masker: InPlaceMasker::new(&secrets),
             kept: limit.saturating_add(LOG_NOTICE_ALLOWANCE),
+            committed: 0,
         });
     }
     let mut kept = u64::MAX;
@@ -759,9 +764,15 @@ async fn intake_piece(
         let fits = usize::try_from(kept.saturating_sub(piece.offset)).unwrap_or(usize::MAX);
         piece.data.truncate(fits);
     }
+    let received = piece.data.len();
     let committed = if piece.data.is_empty() && past_limit {
+        services.metrics.log_piece(received, LogChunk::Rejected);
         services.store.log_len(piece.job).await?
     } else {
+        // Wholly below what this stream saw stored: a resend.
+        let repeated = verified
+            .as_ref()
+            .is_some_and(|verified| end <= verified.committed);
         match services
             .store
             .append_log(
@@ -772,11 +783,30 @@ async fn intake_piece(
             )
             .await
         {
-            Ok(len) => len,
-            Err(StoreError::LogGap { committed }) => committed,
-            Err(err) => return Err(err.into()),
+            Ok(len) => {
+                let result = if repeated {
+                    LogChunk::Repeated
+                } else if past_limit {
+                    LogChunk::Rejected
+                } else {
+                    LogChunk::Appended
+                };
+                services.metrics.log_piece(received, result);
+                len
+            }
+            Err(StoreError::LogGap { committed }) => {
+                services.metrics.log_piece(received, LogChunk::Rejected);
+                committed
+            }
+            Err(err) => {
+                services.metrics.log_piece(received, LogChunk::Rejected);
+                return Err(err.into());
+            }
         }
     };
+    if let Some(verified) = verified.as_mut() {
+        verified.committed = verified.committed.max(committed);
+    }
     Ok(LogAcked {
         job: piece.job,
         seq: piece.seq,
@@ -851,6 +881,22 @@ async fn send_dispatched(
     }
 }
 
+/// A session counted as opened, and as lost when it ends (whichever way).
+struct CountedSession<'a>(&'a crate::metrics::Metrics);
+
+impl<'a> CountedSession<'a> {
+    fn open(metrics: &'a crate::metrics::Metrics) -> CountedSession<'a> {
+        metrics.agent_session_opened();
+        CountedSession(metrics)
+    }
+}
+
+impl Drop for CountedSession<'_> {
+    fn drop(&mut self) {
+        self.0.agent_session_lost();
+    }
+}
+
 /// What a session does: push assignments while the agent has free slots,
 /// forward cancellations, send heartbeats; ends when the agent goes away,
 /// its token is revoked (answered with UNAUTHENTICATED), or the controller
@@ -863,6 +909,7 @@ pub async fn run_session(
     shutdown: CancellationToken,
 ) {
     let Attached { agent, mut events } = attached;
+    let _counted = CountedSession::open(&services.metrics);
     let mut inbound = inbound;
     let mut free_slots: u64 = 0;
     let mut received: u64 = 0;
@@ -1231,6 +1278,37 @@ mod tests {
             seq: offset,
             offset,
             data: data.to_vec(),
+        }
+    }
+
+    /// Each log piece is counted by what became of it: new bytes appended,
+    /// a resend of stored bytes repeated, a piece past the stored end (a
+    /// gap) rejected; every byte received is counted.
+    #[tokio::test]
+    async fn log_pieces_are_counted_by_what_became_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, _gated) = services(dir.path()).await;
+        let (_token, agent, job) = agent_with_job(&services).await;
+        let mut verified = None;
+        for (offset, data) in [
+            (0, &b"hello "[..]),
+            (6, b"world\n"),
+            (0, b"hello "),
+            (100, b"gap"),
+        ] {
+            intake_piece(&services, &agent, &mut verified, piece(&job, offset, data))
+                .await
+                .unwrap();
+        }
+        let text = services.metrics.exposition();
+        for expected in [
+            "hobotnica_log_chunks_total{result=\"appended\"} 2\n",
+            "hobotnica_log_chunks_total{result=\"repeated\"} 1\n",
+            "hobotnica_log_chunks_total{result=\"rejected\"} 1\n",
+            "hobotnica_log_bytes_received_total 21\n",
+            "hobotnica_jobs_started_total{kind=\"test\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }
     }
 

@@ -34,6 +34,12 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_GRPC_LISTEN", default_value = "127.0.0.1:8081")]
     pub grpc_listen: SocketAddr,
 
+    /// Address of `/metrics` (Prometheus text, or OpenMetrics when asked),
+    /// plain HTTP without a token: bind it to loopback or a private
+    /// network that only Prometheus reaches. Off when not given.
+    #[arg(long, env = "HOBOTNICA_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// The admin API token. Without it, one is generated once and kept in
     /// `<data-dir>/admin-token`. On the command line every process on the
     /// host can read it: prefer --admin-token-file or the environment.

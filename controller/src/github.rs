@@ -106,6 +106,22 @@ pub struct CommitStatus {
 pub struct GitHub {
     web_url: String,
     api_url: String,
+    /// Where each call's outcome is counted (`hobotnica_github_calls_total`),
+    /// if anywhere. GitHub's `x-ratelimit-remaining` is not seen: octocrab's
+    /// typed calls return the parsed body only.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+/// A call's outcome as a metrics label.
+fn outcome<T>(result: &Result<T, GitHubError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(GitHubError::BadCredentials) => "bad_credentials",
+        Err(GitHubError::NotFound) => "not_found",
+        Err(GitHubError::Forbidden(_)) => "forbidden",
+        Err(GitHubError::RateLimited { .. }) => "rate_limited",
+        Err(GitHubError::Unavailable(_)) => "unavailable",
+    }
 }
 
 fn map_error(err: octocrab::Error) -> GitHubError {
@@ -138,7 +154,26 @@ impl GitHub {
         GitHub {
             web_url: web_url.trim_end_matches('/').to_owned(),
             api_url: api_url.trim_end_matches('/').to_owned(),
+            metrics: None,
         }
+    }
+
+    /// Counts every call's outcome in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> GitHub {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts `result` as the outcome of `call`.
+    fn counted<T>(
+        &self,
+        call: &'static str,
+        result: Result<T, GitHubError>,
+    ) -> Result<T, GitHubError> {
+        if let Some(metrics) = &self.metrics {
+            metrics.github_call(call, outcome(&result));
+        }
+        result
     }
 
     /// The URL git clones a repository from.
@@ -162,20 +197,24 @@ impl GitHub {
 
     /// The login of the token's owner (GraphQL `viewer`).
     pub async fn viewer_login(&self, token: &GitHubToken) -> Result<String, GitHubError> {
-        #[derive(Deserialize)]
-        struct Data {
-            viewer: Viewer,
+        let result = async {
+            #[derive(Deserialize)]
+            struct Data {
+                viewer: Viewer,
+            }
+            #[derive(Deserialize)]
+            struct Viewer {
+                login: String,
+            }
+            let data: Data = self
+                .client(token)?
+                .graphql(&json!({ "query": "query { viewer { login } }" }))
+                .await
+                .map_err(map_error)?;
+            Ok(data.viewer.login)
         }
-        #[derive(Deserialize)]
-        struct Viewer {
-            login: String,
-        }
-        let data: Data = self
-            .client(token)?
-            .graphql(&json!({ "query": "query { viewer { login } }" }))
-            .await
-            .map_err(map_error)?;
-        Ok(data.viewer.login)
+        .await;
+        self.counted("viewer", result)
     }
 
     /// The repository as the token sees it.
@@ -185,10 +224,14 @@ impl GitHub {
         owner: &str,
         name: &str,
     ) -> Result<RepositoryInfo, GitHubError> {
-        self.client(token)?
-            .get(format!("/repos/{owner}/{name}"), None::<&()>)
-            .await
-            .map_err(map_error)
+        let result = async {
+            self.client(token)?
+                .get(format!("/repos/{owner}/{name}"), None::<&()>)
+                .await
+                .map_err(map_error)
+        }
+        .await;
+        self.counted("repository", result)
     }
 
     /// The commit a branch points at.
@@ -199,27 +242,30 @@ impl GitHub {
         name: &str,
         branch: &str,
     ) -> Result<CommitSha, GitHubError> {
-        #[derive(Deserialize)]
-        struct Ref {
-            object: Object,
-        }
-        #[derive(Deserialize)]
-        struct Object {
-            sha: String,
-        }
-        let reference: Ref = self
-            .client(token)?
-            .get(
-                format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
-                None::<&()>,
-            )
-            .await
-            .map_err(map_error)?;
-        reference
-            .object
-            .sha
-            .parse()
-            .map_err(|_| GitHubError::Unavailable("GitHub answered an invalid sha".to_owned()))
+        let result =
+            async {
+                #[derive(Deserialize)]
+                struct Ref {
+                    object: Object,
+                }
+                #[derive(Deserialize)]
+                struct Object {
+                    sha: String,
+                }
+                let reference: Ref = self
+                    .client(token)?
+                    .get(
+                        format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
+                        None::<&()>,
+                    )
+                    .await
+                    .map_err(map_error)?;
+                reference.object.sha.parse().map_err(|_| {
+                    GitHubError::Unavailable("GitHub answered an invalid sha".to_owned())
+                })
+            }
+            .await;
+        self.counted("branch_head", result)
     }
 
     /// Whether the repository has commit `sha` (the Git database API, whose
@@ -232,22 +278,26 @@ impl GitHub {
         name: &str,
         sha: &CommitSha,
     ) -> Result<bool, GitHubError> {
-        #[derive(Deserialize)]
-        struct Commit {
-            sha: String,
+        let result = async {
+            #[derive(Deserialize)]
+            struct Commit {
+                sha: String,
+            }
+            let answer: Result<Commit, _> = self
+                .client(token)?
+                .get(
+                    format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
+                    None::<&()>,
+                )
+                .await;
+            match answer.map_err(map_error) {
+                Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
+                Err(GitHubError::NotFound) => Ok(false),
+                Err(err) => Err(err),
+            }
         }
-        let answer: Result<Commit, _> = self
-            .client(token)?
-            .get(
-                format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
-                None::<&()>,
-            )
-            .await;
-        match answer.map_err(map_error) {
-            Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
-            Err(GitHubError::NotFound) => Ok(false),
-            Err(err) => Err(err),
-        }
+        .await;
+        self.counted("commit", result)
     }
 
     pub async fn create_status(
@@ -258,20 +308,24 @@ impl GitHub {
         sha: &CommitSha,
         status: &CommitStatus,
     ) -> Result<(), GitHubError> {
-        let _: serde_json::Value = self
-            .client(token)?
-            .post(
-                format!("/repos/{owner}/{name}/statuses/{sha}"),
-                Some(&json!({
-                    "state": status.state.as_str(),
-                    "target_url": status.target_url,
-                    "description": status.description,
-                    "context": status.context,
-                })),
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(())
+        let result = async {
+            let _: serde_json::Value = self
+                .client(token)?
+                .post(
+                    format!("/repos/{owner}/{name}/statuses/{sha}"),
+                    Some(&json!({
+                        "state": status.state.as_str(),
+                        "target_url": status.target_url,
+                        "description": status.description,
+                        "context": status.context,
+                    })),
+                )
+                .await
+                .map_err(map_error)?;
+            Ok(())
+        }
+        .await;
+        self.counted("create_status", result)
     }
 
     /// Creates the push + pull_request webhook pointing at `url`.
@@ -284,29 +338,33 @@ impl GitHub {
         url: &str,
         secret: &str,
     ) -> Result<u64, GitHubError> {
-        #[derive(Deserialize)]
-        struct Hook {
-            id: u64,
+        let result = async {
+            #[derive(Deserialize)]
+            struct Hook {
+                id: u64,
+            }
+            let hook: Hook = self
+                .client(token)?
+                .post(
+                    format!("/repos/{owner}/{name}/hooks"),
+                    Some(&json!({
+                        "name": "web",
+                        "active": true,
+                        "events": ["push", "pull_request"],
+                        "config": {
+                            "url": url,
+                            "content_type": "json",
+                            "secret": secret,
+                            "insecure_ssl": "0",
+                        },
+                    })),
+                )
+                .await
+                .map_err(map_error)?;
+            Ok(hook.id)
         }
-        let hook: Hook = self
-            .client(token)?
-            .post(
-                format!("/repos/{owner}/{name}/hooks"),
-                Some(&json!({
-                    "name": "web",
-                    "active": true,
-                    "events": ["push", "pull_request"],
-                    "config": {
-                        "url": url,
-                        "content_type": "json",
-                        "secret": secret,
-                        "insecure_ssl": "0",
-                    },
-                })),
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(hook.id)
+        .await;
+        self.counted("create_hook", result)
     }
 
     /// Deletes a webhook; one already gone counts as deleted.
@@ -317,18 +375,22 @@ impl GitHub {
         name: &str,
         id: u64,
     ) -> Result<(), GitHubError> {
-        let client = self.client(token)?;
-        let answer = client
-            ._delete(
-                format!("{}/repos/{owner}/{name}/hooks/{id}", self.api_url),
-                None::<&()>,
-            )
-            .await
-            .map_err(map_error)?;
-        match octocrab::map_github_error(answer).await.map_err(map_error) {
-            Ok(_) | Err(GitHubError::NotFound) => Ok(()),
-            Err(err) => Err(err),
+        let result = async {
+            let client = self.client(token)?;
+            let answer = client
+                ._delete(
+                    format!("{}/repos/{owner}/{name}/hooks/{id}", self.api_url),
+                    None::<&()>,
+                )
+                .await
+                .map_err(map_error)?;
+            match octocrab::map_github_error(answer).await.map_err(map_error) {
+                Ok(_) | Err(GitHubError::NotFound) => Ok(()),
+                Err(err) => Err(err),
+            }
         }
+        .await;
+        self.counted("delete_hook", result)
     }
 }
 

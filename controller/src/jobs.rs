@@ -681,6 +681,39 @@ pub async fn maintenance(services: Services, shutdown: CancellationToken) {
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
+/// What the whole fleet looks like, read from the store.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub queue: crate::store::QueueStats,
+    /// Connected agents by their vouched labels (`k=v,k=v`; `""`
+    /// without).
+    pub agents_connected: BTreeMap<String, u64>,
+}
+
+impl Services {
+    /// The whole fleet at a glance, for the metrics' fleet gauges (no
+    /// caller: `/metrics` is served on its own listener, without a token):
+    /// the queue, and the connected agents by the labels their tokens
+    /// vouch for (an operator's choice, so few; an agent's own labels on
+    /// the pool token are whatever it says, and are left out).
+    pub async fn fleet(&self) -> Result<Fleet, CoreError> {
+        let queue = self.store.queue_stats().await?;
+        let now = Utc::now();
+        let mut agents_connected = BTreeMap::new();
+        for agent in self.store.list_agents().await? {
+            if agent_connected(agent.last_seen, now) {
+                *agents_connected
+                    .entry(format_labels(&agent.vouched_labels))
+                    .or_default() += 1;
+            }
+        }
+        Ok(Fleet {
+            queue,
+            agents_connected,
+        })
+    }
+}
+
 impl Services {
     /// Queues `make deploy` on `owner/name` for `caller` (push access), at a
     /// commit or a branch's tip (resolved now). A repeated

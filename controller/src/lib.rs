@@ -22,6 +22,7 @@ pub mod health_check;
 pub mod http;
 mod jobs;
 mod logs;
+pub mod metrics;
 mod repos;
 mod secrets;
 mod services;
@@ -89,6 +90,8 @@ const GRPC_MAX_STREAMS: u32 = 256;
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// `/metrics` (`--metrics-listen`), when asked for.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -107,7 +110,19 @@ impl Listeners {
                     config.grpc_listen
                 )
             })?;
-        Ok(Listeners { http, grpc })
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on {addr} (metrics; choose another address with --metrics-listen)"
+                )
+            })?),
+            None => None,
+        };
+        Ok(Listeners {
+            http,
+            grpc,
+            metrics,
+        })
     }
 }
 
@@ -220,7 +235,11 @@ impl Controller {
                 hobotnica_common::token::ADMIN_TOKEN_PREFIX,
             )?,
         };
-        let store = open_store(&config).await?;
+        let metrics = Arc::new(metrics::Metrics::new(config.redis_url.is_some()));
+        let store: Arc<dyn store::Store> = Arc::new(store::metered::MeteredStore::new(
+            open_store(&config).await?,
+            metrics.clone(),
+        ));
         // Agents of jobs that ran before a restart get a full lease to
         // re-attach.
         store
@@ -237,13 +256,15 @@ impl Controller {
                 .as_ref()
                 .map(|token| hash_token(token.expose()).into()),
             secret_key,
-            github: github::GitHub::new(&config.github_url, &config.github_api_url),
+            github: github::GitHub::new(&config.github_url, &config.github_api_url)
+                .with_metrics(metrics.clone()),
             credentials: Arc::new(auth::CredentialCache::default()),
             failures: Arc::new(auth::FailedAttempts::new(config.auth_failure_limit)),
             statuses,
             public_url: Arc::new(std::sync::OnceLock::new()),
             idle_sessions: Arc::new(wakeups::IdleSessions::default()),
             session_events: tokio::sync::broadcast::channel(wakeups::SESSION_EVENT_CAPACITY).0,
+            metrics,
             config: Arc::new(config),
         };
         Ok(Controller {
@@ -293,6 +314,10 @@ impl Controller {
         let tls = check_transport(&services.config, local_grpc.as_ref())?;
         let (http_addr, grpc_addr) = publish_endpoints(&services, tls.is_some(), &listeners)?;
         let tasks = spawn_background_tasks(&services, self.statuses_rx, tls.as_ref(), &shutdown);
+        if let Some(listener) = listeners.metrics {
+            tracing::info!(metrics_addr = %listener.local_addr()?, "serving /metrics (no token: keep it on loopback or a private network)");
+            tasks.spawn(metrics::serve(listener, services.clone(), shutdown.clone()));
+        }
 
         // Every accepted connection is tracked, so that the graceful stop
         // can be bounded (see `connections`).

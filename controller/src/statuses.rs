@@ -122,13 +122,16 @@ async fn post(services: &Services, job: &Job) {
         {
             Ok(()) => {
                 tracing::info!(job.id = %job.id, state = ?status.state, "commit status posted");
+                services.metrics.commit_status_posted();
                 return;
             }
             Err(err @ GitHubError::BadCredentials) => {
+                services.metrics.commit_status_failed();
                 services.access_lost(&repo, &err).await;
                 return;
             }
             Err(GitHubError::NotFound) => {
+                services.metrics.commit_status_failed();
                 // GitHub answers 404 to a write the token may not make:
                 // read access alone is not lost access.
                 if !matches!(services.confirm_access(&repo, &token).await, Ok(false)) {
@@ -157,5 +160,6 @@ async fn post(services: &Services, job: &Job) {
             }
         }
     }
+    services.metrics.commit_status_failed();
     tracing::error!(job.id = %job.id, "gave up posting a commit status");
 }

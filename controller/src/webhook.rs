@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::deliveries::{Delivery, DeliveryError, Received};
 use crate::http::problem::{ApiError, ApiPath};
+use crate::metrics::WebhookOutcome;
 use crate::services::Services;
 
 /// Largest webhook body accepted (GitHub caps payloads at 25 MB).
@@ -145,6 +146,47 @@ impl From<DeliveryError> for ApiError {
     }
 }
 
+/// A delivery's way from its hook to the core; a refusal comes with what
+/// it counts as in the metrics.
+async fn handle_delivery(
+    services: &Services,
+    hook_id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Received, (WebhookOutcome, ApiError)> {
+    let refused = |err: DeliveryError| {
+        let outcome = match &err {
+            DeliveryError::UnknownHook | DeliveryError::Disabled { .. } => WebhookOutcome::Refused,
+            DeliveryError::BadSignature(_) => WebhookOutcome::BadSignature,
+            DeliveryError::Malformed(_) => WebhookOutcome::Invalid,
+            DeliveryError::SecretUnreadable | DeliveryError::Core(_) => WebhookOutcome::Error,
+        };
+        (outcome, ApiError::from(err))
+    };
+    // Who the delivery is for, before a byte of its body is read.
+    let repo = services.delivery_target(hook_id).await.map_err(refused)?;
+    // Too long, broken or too slow is the sender's; no room in the budget
+    // (503) is ours.
+    let body = read_body(headers, body).await.map_err(|err| {
+        let outcome = if err.status.is_server_error() {
+            WebhookOutcome::Error
+        } else {
+            WebhookOutcome::Invalid
+        };
+        (outcome, err)
+    })?;
+    let delivery = Delivery {
+        signature: header(headers, "x-hub-signature-256"),
+        event: header(headers, "x-github-event"),
+        delivery_id: header(headers, "x-github-delivery"),
+        body: &body.bytes,
+    };
+    services
+        .receive_delivery(&repo, delivery)
+        .await
+        .map_err(refused)
+}
+
 /// GitHub delivers `push`, `pull_request` and `ping` events here.
 #[utoipa::path(post, path = "/webhooks/github/{hook_id}", tag = "webhooks",
     params(
@@ -169,16 +211,17 @@ pub(crate) async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // Who the delivery is for, before a byte of its body is read.
-    let repo = services.delivery_target(&hook_id).await?;
-    let body = read_body(&headers, body).await?;
-    let delivery = Delivery {
-        signature: header(&headers, "x-hub-signature-256"),
-        event: header(&headers, "x-github-event"),
-        delivery_id: header(&headers, "x-github-delivery"),
-        body: &body.bytes,
-    };
-    Ok(match services.receive_delivery(&repo, delivery).await? {
+    let received = handle_delivery(&services, &hook_id, &headers, body).await;
+    services.metrics.webhook(
+        header(&headers, "x-github-event"),
+        match &received {
+            Ok(Received::Queued(_)) => WebhookOutcome::Queued,
+            Ok(Received::Pong | Received::Ignored(_)) => WebhookOutcome::Ignored,
+            Ok(Received::Duplicate(_)) => WebhookOutcome::Duplicate,
+            Err((outcome, _)) => *outcome,
+        },
+    );
+    Ok(match received.map_err(|(_, err)| err)? {
         Received::Pong => {
             (StatusCode::OK, Json(serde_json::json!({"message": "pong"}))).into_response()
         }

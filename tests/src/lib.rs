@@ -27,6 +27,7 @@ pub mod github;
 pub mod net;
 pub mod output;
 pub mod procs;
+pub mod prometheus;
 pub mod proxy;
 pub mod redis;
 pub mod tls;

@@ -80,6 +80,8 @@ impl JobController for Connection {
 /// What every job of this agent shares.
 pub struct JobContext {
     pub connection: Connection,
+    /// Where the job's figures are recorded.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
     pub workspaces: Arc<Workspaces>,
     /// Where spools live (`<work_dir>/spool`).
     pub spool_dir: PathBuf,

@@ -107,6 +107,7 @@ impl<C: JobController> Supervisor<C> {
 
     pub(super) async fn run(mut self) {
         let key = self.spec.key;
+        let _running = crate::metrics::RunningJob::start(&self.context.metrics);
         tracing::info!(commit = %self.spec.commit, "job started");
         self.spawn_lease();
 
@@ -150,6 +151,7 @@ impl<C: JobController> Supervisor<C> {
                     reason,
                     "the controller no longer holds this job; dropping it"
                 );
+                self.context.metrics.job_dropped();
             }
             _ => {
                 let completion = self.completion(end, log_length);
@@ -209,6 +211,7 @@ impl<C: JobController> Supervisor<C> {
     /// Starts the job's log shipper as a child task.
     fn spawn_shipper(&mut self, spool: &Arc<Spool>) -> ShipperHandle {
         let (shipper, handle) = Shipper::new(self.controller.clone(), self.spec.key, spool.clone());
+        let shipper = shipper.counting_in(self.context.metrics.log_bytes_shipped.clone());
         self.children.spawn(
             ship_log(shipper, self.children_stop.clone(), self.events_tx.clone()).in_current_span(),
         );
@@ -457,6 +460,13 @@ impl<C: JobController> Supervisor<C> {
             Err(error) => return self.failed(spool, format!("could not start make: {error}")),
         };
         self.phases.make_spawned_at = Some(Utc::now());
+        if let (Some(ready), Some(spawned)) =
+            (self.phases.work_tree_ready_at, self.phases.make_spawned_at)
+        {
+            self.context
+                .metrics
+                .sandbox_ready((spawned - ready).to_std().unwrap_or_default());
+        }
         tracing::info!(pgid = group.pgid(), "make started");
         let copy = logs::copy_output(pipe, self.secrets.masker(), spool.clone());
         tokio::pin!(copy);
@@ -612,6 +622,7 @@ impl<C: JobController> Supervisor<C> {
             };
             match result {
                 Ok(()) => {
+                    self.context.metrics.job_finished(sent.outcome);
                     tracing::info!(
                         outcome = ?sent.outcome,
                         exit_code = sent.exit_code,
@@ -1098,6 +1109,7 @@ mod report_tests {
             Workspaces::new(&dir.join("work"), &[], Duration::from_secs(60)).expect("workspaces");
         let context = Arc::new(JobContext {
             connection,
+            metrics: Arc::new(crate::metrics::AgentMetrics::new(dir.join("spool"))),
             workspaces: Arc::new(workspaces),
             spool_dir: dir.join("spool"),
             inherited_env: Arc::from([]),

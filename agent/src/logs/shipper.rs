@@ -191,6 +191,8 @@ pub struct Shipper<T: LogTransport = Connection> {
     spool: Arc<Spool>,
     acked_tx: watch::Sender<u64>,
     resync: Arc<Notify>,
+    /// Bytes sent, counted for the metrics (an atomic add per chunk).
+    shipped: prometheus_client::metrics::counter::Counter,
 }
 
 struct InFlight {
@@ -246,6 +248,15 @@ enum Step {
 }
 
 impl<T: LogTransport> Shipper<T> {
+    /// Counts the bytes it sends in `shipped`.
+    pub fn counting_in(
+        mut self,
+        shipped: prometheus_client::metrics::counter::Counter,
+    ) -> Shipper<T> {
+        self.shipped = shipped;
+        self
+    }
+
     pub fn new(transport: T, key: JobKey, spool: Arc<Spool>) -> (Shipper<T>, ShipperHandle) {
         let (acked_tx, acked) = watch::channel(0);
         let resync = Arc::new(Notify::new());
@@ -256,6 +267,7 @@ impl<T: LogTransport> Shipper<T> {
                 spool,
                 acked_tx,
                 resync: resync.clone(),
+                shipped: prometheus_client::metrics::counter::Counter::default(),
             },
             ShipperHandle { acked, resync },
         )
@@ -376,6 +388,7 @@ impl<T: LogTransport> Shipper<T> {
         match self.transport.open(self.key, offset, data).await {
             Ok(stream) => {
                 tracing::debug!(offset, "log stream open");
+                self.shipped.inc_by(len as u64);
                 state.sent = offset + len as u64;
                 state.open = Some(OpenStream {
                     stream,
@@ -442,6 +455,7 @@ impl<T: LogTransport> Shipper<T> {
                 };
                 match open.stream.try_send(offset, data) {
                     Ok(seq) => {
+                        self.shipped.inc_by(len as u64);
                         state.sent = offset + len as u64;
                         open.last_seq = seq;
                         open.in_flight.push_back(InFlight {

@@ -249,8 +249,17 @@ impl AgentService for AgentGrpc {
             run_session(services, attached, inbound, outbound, shutdown).await;
             tracing::info!(agent.id = %agent_id, "session closed");
         });
-        let stream =
-            ReceiverStream::new(rx).map(|output| output.map(session_message).map_err(status));
+        let metrics = self.services.metrics.clone();
+        let stream = ReceiverStream::new(rx).map(move |output| {
+            output
+                .map(|output| {
+                    if let SessionOutput::Assign(assignment) = &output {
+                        metrics.job_dispatched(&assignment.job, Utc::now());
+                    }
+                    session_message(output)
+                })
+                .map_err(status)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -99,6 +99,7 @@ impl Modify for SecuritySchemes {
 /// on `requests` (see `shield`), which the graceful stop waits for.
 pub fn router(services: Services, requests: TaskTracker, pages: axum::Router) -> axum::Router {
     let tls = services.config.tls_enabled();
+    let metrics = services.metrics.clone();
     let (router, mut api) = api_router().split_for_parts();
     finish_document(&mut api);
     let webhooks = crate::webhook::router().with_state(services.clone());
@@ -117,6 +118,7 @@ pub fn router(services: Services, requests: TaskTracker, pages: axum::Router) ->
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(requests, shield))
+        .layer(axum::middleware::from_fn_with_state(metrics, timed))
         .layer(axum::middleware::map_response(
             move |response: axum::response::Response| async move {
                 with_security_headers(response, tls)
@@ -156,6 +158,29 @@ fn with_security_headers(
             HeaderValue::from_static("max-age=31536000"),
         );
     }
+    response
+}
+
+/// Times each request until its answer's head, by route template (never
+/// the raw path: ids and names would make a series each).
+async fn timed(
+    State(metrics): State<std::sync::Arc<crate::metrics::Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    metrics.http_request(
+        route.as_deref(),
+        &method,
+        response.status(),
+        started.elapsed(),
+    );
     response
 }
 

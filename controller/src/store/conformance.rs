@@ -19,8 +19,8 @@ use hobotnica_common::job::{
 };
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, Retention, SessionPrincipal,
-    SessionRecord, Store, StoreError, StoreEvent,
+    AgentRecord, AgentTokenRecord, Finish, JobFilter, NewJob, QueueStats, Retention,
+    SessionPrincipal, SessionRecord, Store, StoreError, StoreEvent,
 };
 
 fn repo(name: &str) -> Repo {
@@ -255,6 +255,42 @@ pub async fn jobs_are_claimed_once_in_order_and_fenced(store: Arc<dyn Store>) {
         store.renew_lease(first.id, 1, lease).await,
         Err(StoreError::LeaseLost { .. })
     ));
+}
+
+/// The queue at a glance: how many jobs wait and run, and when the one
+/// that waited longest was queued (the metrics' fleet gauges).
+pub async fn queue_stats_count_queued_and_running_jobs(store: Arc<dyn Store>) {
+    let empty = store.queue_stats().await.unwrap();
+    assert_eq!(empty, QueueStats::default(), "nothing queued or running");
+    let first_at = Utc::now() - Duration::seconds(60);
+    let first = store.create_job(new_job("test"), first_at).await.unwrap();
+    let second = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.running), (2, 0));
+    assert_eq!(stats.oldest_queued_at, Some(first.created_at));
+
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    let now = Utc::now();
+    let claimed = store
+        .claim_job(&worker, now, now + Duration::seconds(30))
+        .await
+        .unwrap()
+        .expect("a job to claim");
+    assert_eq!(claimed.id, first.id);
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.running), (1, 1));
+    assert_eq!(stats.oldest_queued_at, Some(second.created_at));
+
+    store
+        .finish_job(first.id, 1, finish(Outcome::Succeeded, Some(0)), Utc::now())
+        .await
+        .unwrap();
+    store.request_cancel(second.id, Utc::now()).await.unwrap();
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(stats, QueueStats::default(), "finished jobs count nowhere");
 }
 
 /// The phase timings an agent reports with its completion are kept with
@@ -2222,6 +2258,7 @@ macro_rules! conformance_suite {
             concurrent_creations_with_one_key_make_one_job,
             sessions_are_found_until_they_expire_or_are_deleted,
             jobs_are_claimed_once_in_order_and_fenced,
+            queue_stats_count_queued_and_running_jobs,
             unknown_jobs_are_not_found,
             finished_jobs_keep_their_timings,
             leases_expire_into_lost,

@@ -13,7 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
@@ -24,8 +26,8 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, SessionRecord,
-    Store, StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
+    SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -695,6 +697,28 @@ impl Store for EmbeddedStore {
                 .remove(id_hash.as_str())
                 .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        self.blocking(|inner| {
+            let txn = inner.db.begin_read().map_err(unavailable)?;
+            let queue = txn.open_table(QUEUE).map_err(unavailable)?;
+            let running = txn.open_table(RUNNING).map_err(unavailable)?;
+            let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            let oldest_queued_at = match queue.first().map_err(unavailable)? {
+                Some((id, _)) => match jobs.get(id.value()).map_err(unavailable)? {
+                    Some(value) => Some(decode::<Job>(value.value())?.created_at),
+                    None => None,
+                },
+                None => None,
+            };
+            Ok(QueueStats {
+                queued: queue.len().map_err(unavailable)?,
+                running: running.len().map_err(unavailable)?,
+                oldest_queued_at,
+            })
         })
         .await
     }

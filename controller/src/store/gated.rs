@@ -14,8 +14,8 @@ use hobotnica_common::job::{Job, Repo};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, Store,
-    StoreError, StoreEvent, StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
+    Store, StoreError, StoreEvent, StoreResult,
 };
 
 /// A held `create_repo`: told when the call arrives, let through by the
@@ -219,6 +219,9 @@ impl Store for GatedStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Finished> {
         self.inner.finish_job(id, attempt, finish, now).await
+    }
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        self.inner.queue_stats().await
     }
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {
         self.inner.expire_leases(now).await

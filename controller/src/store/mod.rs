@@ -14,6 +14,7 @@ mod transitions;
 pub(crate) mod conformance;
 #[cfg(test)]
 pub(crate) mod gated;
+pub(crate) mod metered;
 
 use std::collections::BTreeMap;
 
@@ -216,6 +217,16 @@ pub enum SessionPrincipal {
     GitHub { login: String, token_sealed: String },
 }
 
+/// The queue at a glance (every controller on the store sees the same).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub queued: u64,
+    pub running: u64,
+    /// When the job first in the queue was created; `None` when the queue
+    /// is empty.
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+}
+
 /// Changes other parts of the controller react to. Delivery is best effort
 /// (a lagging receiver misses events and must re-read the store).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +326,10 @@ pub trait Store: Send + Sync + 'static {
         finish: Finish,
         now: DateTime<Utc>,
     ) -> StoreResult<Finished>;
+    /// How many jobs are queued and running, and when the oldest queued
+    /// job was queued: a few cheap reads (the queue and running indexes'
+    /// sizes, the queue's first job), for the metrics' fleet gauges.
+    async fn queue_stats(&self) -> StoreResult<QueueStats>;
     /// Every running job whose lease ended before `now` becomes `lost`.
     async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>>;
     /// Gives every running job a lease until at least `until` (after a

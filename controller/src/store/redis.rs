@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, Retention, SessionRecord,
-    Store, StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
+    SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -1415,6 +1415,35 @@ impl Store for RedisStore {
         }
         self.publish(StoreEvent::JobQueued { job: job.id }).await;
         Ok(Some(job))
+    }
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        // One round trip for the indexes (consistent with each other), one
+        // more for the first queued job when there is one.
+        let (queued, running, first): (u64, u64, Vec<u64>) = redis::pipe()
+            .atomic()
+            .cmd("ZCARD")
+            .arg(self.keys.queue())
+            .cmd("SCARD")
+            .arg(self.keys.running())
+            .cmd("ZRANGE")
+            .arg(self.keys.queue())
+            .arg(0)
+            .arg(0)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let oldest_queued_at = match first.first() {
+            // Claimed or cancelled since: the queue moved on, and so
+            // does the next look.
+            Some(id) => self.get_job(JobId(*id)).await?.map(|job| job.created_at),
+            None => None,
+        };
+        Ok(QueueStats {
+            queued,
+            running,
+            oldest_queued_at,
+        })
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
