@@ -84,7 +84,7 @@ impl AgentMetrics {
         let sandbox_setup = DurationHistogram::new(WAIT_BUCKETS);
         registry.register(
             "agent_sandbox_setup_seconds",
-            "Time from a job's work tree being ready to its make being spawned inside the sandbox (the bwrap argv built and bwrap started; bwrap's own namespace set-up runs after)",
+            "How long a job waited for its sandbox once its work tree was ready (the sandbox is made during the checkout: near zero unless it had to be started afterwards)",
             sandbox_setup.clone(),
         );
         registry.register_collector(Box::new(SpoolCollector { spool_dir }));
