@@ -23,32 +23,45 @@ pub async fn big_log() {
     api.wait_for_success(warm.id, JOB_TIMEOUT).await;
     let expected = expected.await.unwrap();
 
+    // The median of RUNS jobs, each read back: one run swings with
+    // the machine.
     let mut meter = CpuMeter::new();
     meter.process("controller", controller.pid());
     meter.process("agent", agent.pid());
     meter.descendants("the job: git, sandbox, make and seq", &[agent.pid()]);
     meter.start();
-    let started = Instant::now();
-    let job = api.run_target(REPO, "big").await;
-    api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    let job_time = started.elapsed();
+    let mut runs = Vec::with_capacity(RUNS);
+    let mut exact = true;
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let job = api.run_target(REPO, "big").await;
+        api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let job_time = started.elapsed();
+        let read = Instant::now();
+        let (len, sha) = api.output_digest(job.id).await;
+        runs.push((job_time, read.elapsed()));
+        exact &= len == BIG_OUTPUT_BYTES && sha == expected;
+    }
+    let busy: f64 = runs
+        .iter()
+        .map(|(job, read)| (*job + *read).as_secs_f64())
+        .sum();
     meter.report(
-        "50 MiB log, POST -> succeeded",
-        1,
-        job_time.as_secs_f64(),
+        "50 MiB log, POST -> succeeded + read back",
+        RUNS,
+        busy,
         None,
     );
-    let read = Instant::now();
-    let (len, sha) = api.output_digest(job.id).await;
-    let read_time = read.elapsed();
-    let exact = len == BIG_OUTPUT_BYTES && sha == expected;
+    runs.sort();
+    let (job_time, read_time) = runs[RUNS / 2];
     let log_mib = BIG_OUTPUT_BYTES as f64 / (1024.0 * 1024.0);
     let checkout = repo.path().to_owned();
     let (floor, floor_cpu) = tokio::task::spawn_blocking(move || make_big_into_a_pipe(&checkout))
         .await
         .unwrap();
     println!(
-        "50 MiB log: POST -> succeeded {:.2}s ({:.1} MiB/s), read back {:.2}s, byte-exact: {exact}",
+        "50 MiB log: POST -> succeeded {:.2}s ({:.1} MiB/s), read back {:.2}s (median of {RUNS}), \
+         byte-exact: {exact}",
         job_time.as_secs_f64(),
         log_mib / job_time.as_secs_f64(),
         read_time.as_secs_f64(),
@@ -68,14 +81,17 @@ pub async fn big_log() {
     );
 }
 
-/// The machine's floor for the 50 MiB job: the median of three runs of
+/// Runs of the 50 MiB job and of its floor.
+const RUNS: usize = 5;
+
+/// The machine's floor for the 50 MiB job: the median of [`RUNS`] runs of
 /// the same `make big` in a checkout of the same repository, its output
 /// read whole from a pipe; and the CPU time a run used, on average.
 #[allow(clippy::disallowed_methods)]
 fn make_big_into_a_pipe(checkout: &std::path::Path) -> (std::time::Duration, std::time::Duration) {
     let me = std::process::id();
     let cpu_before = children_cpu_time(me).unwrap_or_default();
-    let mut runs: Vec<std::time::Duration> = (0..3)
+    let mut runs: Vec<std::time::Duration> = (0..RUNS)
         .map(|_| {
             let started = Instant::now();
             let output = std::process::Command::new("make")
@@ -92,9 +108,9 @@ fn make_big_into_a_pipe(checkout: &std::path::Path) -> (std::time::Duration, std
     let cpu = children_cpu_time(me)
         .unwrap_or_default()
         .saturating_sub(cpu_before)
-        / 3;
+        / RUNS as u32;
     runs.sort();
-    (runs[1], cpu)
+    (runs[RUNS / 2], cpu)
 }
 
 /// Secret variables in the "with secrets" log throughput run.
