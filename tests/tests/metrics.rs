@@ -1,7 +1,9 @@
 //! `/metrics` of a real controller and agent after real jobs ran: what
 //! `promtool check metrics` says of it, the numbers an operator would look
 //! for, OpenMetrics content negotiation, bounded labels, and a real
-//! Prometheus server scraping both and answering PromQL.
+//! Prometheus server scraping both and answering PromQL; the alerting
+//! rules (`promtool check rules`, `promtool test rules`) and the Grafana
+//! dashboard (every query names an exported metric).
 //!
 //! Needs `promtool` and `prometheus` (Debian's `prometheus`, installed by
 //! `scripts/setup --tests`); without them each test prints "skipped: why",
@@ -701,5 +703,207 @@ async fn webhooks_github_calls_and_commit_statuses_are_counted() {
                 );
             }
         }
+    }
+}
+
+/// `deploy/<path>` of this checkout.
+fn deploy_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+/// Runs `promtool args`; its output, or a panic with it when it fails.
+fn promtool(tools: &prometheus::Tools, args: &[&str]) -> String {
+    let output = std::process::Command::new(&tools.promtool)
+        .args(args)
+        .output()
+        .expect("run promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?}: {text}");
+    text
+}
+
+/// The alert names of `deploy/prometheus/alerts.yaml`.
+fn alert_names(rules: &str) -> Vec<String> {
+    rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+/// The alerting rules are valid, and their unit tests (synthetic series)
+/// make every alert fire and resolve again.
+#[test]
+fn the_alerting_rules_pass_promtool_and_each_alert_fires_and_resolves() {
+    let Some(tools) = prometheus::tools() else {
+        return;
+    };
+    let rules = deploy_file("prometheus/alerts.yaml");
+    let tests = deploy_file("prometheus/alerts.test.yaml");
+    let checked = promtool(&tools, &["check", "rules", rules.to_str().unwrap()]);
+    assert!(checked.contains("SUCCESS"), "{checked}");
+    let tested = promtool(&tools, &["test", "rules", tests.to_str().unwrap()]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    promtool(
+        &tools,
+        &[
+            "check",
+            "config",
+            deploy_file("prometheus/prometheus.yml").to_str().unwrap(),
+        ],
+    );
+
+    // Each alert has a case where it fires and one where it does not.
+    let rules = std::fs::read_to_string(rules).unwrap();
+    let tests = std::fs::read_to_string(tests).unwrap();
+    let names = alert_names(&rules);
+    for required in [
+        "HobotnicaNoAgentForQueuedJobs",
+        "HobotnicaQueueWaitHigh",
+        "HobotnicaJobsLost",
+        "HobotnicaWebhookSignaturesFailing",
+        "HobotnicaGitHubRateLimited",
+        "HobotnicaStoreUnreachable",
+        "HobotnicaControllerDown",
+    ] {
+        assert!(
+            names.iter().any(|name| name == required),
+            "{required} missing"
+        );
+    }
+    let lines: Vec<&str> = tests.lines().map(str::trim).collect();
+    for name in &names {
+        let expectations: Vec<&str> = lines
+            .windows(2)
+            .filter(|pair| pair[0] == format!("alertname: {name}"))
+            .map(|pair| pair[1])
+            .collect();
+        assert!(
+            expectations.contains(&"exp_alerts: []"),
+            "{name}: no case where it stays quiet or resolves"
+        );
+        assert!(
+            expectations.contains(&"exp_alerts:"),
+            "{name}: no case where it fires"
+        );
+    }
+}
+
+/// Every `hobotnica_*` name in `text` (a PromQL expression, or a file of
+/// them).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("hobotnica_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// Every `expr` of the Grafana dashboard.
+fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", serde_json::Value::String(expr)) => out.push(expr.clone()),
+                    _ => dashboard_queries(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                dashboard_queries(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The Grafana dashboard is valid JSON, and it and the alerting rules name
+/// only metrics a controller (in Redis mode, so that its Redis figures
+/// exist) and an agent that ran jobs export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
+    if prometheus::tools().is_none() {
+        return;
+    }
+    let dashboard = std::fs::read_to_string(deploy_file("grafana/hobotnica.json")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert_eq!(dashboard["title"], "Hobotnica");
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, &mut queries);
+    assert!(queries.len() >= 20, "{queries:?}");
+    let alerts = std::fs::read_to_string(deploy_file("prometheus/alerts.yaml")).unwrap();
+
+    // Redis mode, and a GitHub repository registered (GitHub's calls are
+    // counted once there is one).
+    let redis = RedisServer::start().await;
+    let github = FakeGitHub::start().await;
+    let token = hobotnica_common::token::new_token("ghp")[..40].to_owned();
+    github.add_user("octocat", &token);
+    github.add_repo("octo-org", "widget", "main");
+    github.grant(&token, "octo-org/widget", Permission::Admin);
+    let ran = run_jobs(ControllerOpts {
+        redis_url: Some(redis.url()),
+        extra_args: github.controller_args(),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let user = GitHubUser::new(ran.controller.url(), "octocat", &token);
+    let registered = user.register("octo-org/widget", json!({})).await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let (_, controller) = settled(ran.controller_metrics, |samples| {
+        total(samples, "hobotnica_jobs_finished_total") >= 3.0
+            && total(samples, "hobotnica_github_calls_total") >= 1.0
+    })
+    .await;
+    let (_, agent) = scrape(ran.agent_metrics, None).await;
+    let exported: std::collections::BTreeSet<String> = samples(&controller)
+        .into_iter()
+        .chain(samples(&agent))
+        .map(|sample| sample.name)
+        .collect();
+
+    let mut named = std::collections::BTreeSet::new();
+    for query in &queries {
+        for name in metric_names(query) {
+            assert!(
+                exported.contains(&name),
+                "the dashboard's {query:?} names {name}, which nothing exports"
+            );
+            named.insert(name);
+        }
+    }
+    for name in metric_names(&alerts) {
+        assert!(
+            exported.contains(&name),
+            "alerts.yaml names {name}, which nothing exports"
+        );
+    }
+    // What the dashboard is for: the queue, waits, durations, agents,
+    // errors, logs and webhooks.
+    for name in [
+        "hobotnica_jobs_queued",
+        "hobotnica_job_queue_wait_seconds_bucket",
+        "hobotnica_job_run_seconds_bucket",
+        "hobotnica_agents_connected",
+        "hobotnica_store_errors_total",
+        "hobotnica_log_bytes_received_total",
+        "hobotnica_webhooks_total",
+    ] {
+        assert!(named.contains(name), "the dashboard shows no {name}");
     }
 }
