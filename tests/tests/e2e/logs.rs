@@ -111,6 +111,25 @@ async fn json_logs_carry_the_documented_fields_and_the_jobs_ids_and_no_secret() 
     );
     assert_eq!(delivery["method"], "POST", "{delivery:?}");
     assert_eq!(delivery["status"], 202, "{delivery:?}");
+    // The delivery's lines say what it was and which job it queued.
+    let of_delivery: Vec<&Value> = controller
+        .iter()
+        .filter(|line| line["request_id"] == delivery_id.as_str())
+        .collect();
+    assert!(
+        of_delivery
+            .iter()
+            .any(|line| line["message"] == "webhook received"
+                && line["event"] == "push"
+                && line["delivery_id"].is_string()),
+        "{of_delivery:#?}"
+    );
+    assert!(
+        of_delivery
+            .iter()
+            .any(|line| line["job_id"] == json!(job.id) && line["repo"] == GH_REPO),
+        "no line of the delivery names the job it queued: {of_delivery:#?}"
+    );
 
     // The controller's lines about the job name it, and those of the
     // agent's session name the agent too.
