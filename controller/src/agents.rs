@@ -403,7 +403,7 @@ impl Services {
         // its commit status was queued the first time.
         if finished.first {
             let job = finished.job;
-            tracing::info!(job_id = job.id.0, state = %job.state, exit_code = ?job.exit_code, duration_ms = completion.duration_ms, "job finished");
+            tracing::info!(job_id = job.id.0, state = %job.state, exit_code = job.exit_code, duration_ms = completion.duration_ms, "job finished");
             self.statuses.job_changed(&job);
         }
         Ok(())
