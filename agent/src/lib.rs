@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 pub use config::AgentConfig;
+use tracing::Instrument as _;
 
 /// The agent's masker, for the fuzz targets (`fuzz/`) — not an API.
 #[doc(hidden)]
@@ -110,7 +111,7 @@ pub async fn run_with_stop_now(
         config.keepalive,
     )?;
     tracing::info!(
-        agent.name = %name,
+        agent = %name,
         concurrency = config.concurrency,
         work_dir = %work_dir.display(),
         controllers = ?config.controllers,
@@ -149,6 +150,7 @@ pub async fn run_with_stop_now(
         health.clone(),
     )
     .run(shutdown, stop_now)
+    .instrument(tracing::info_span!("agent", agent = %name))
     .await;
     health.stopped();
     // Served until the agent stops, so the last jobs' figures can be read.

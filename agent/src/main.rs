@@ -1,8 +1,6 @@
 //! `hobotnica-agent`: parses the configuration, sets up tracing and signal
 //! handling, and calls [`hobotnica_agent::run`].
 
-use std::io::IsTerminal as _;
-
 use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -42,11 +40,7 @@ fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("HOBOTNICA_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    hobotnica_common::logging::init(cli.agent.log_format, filter);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

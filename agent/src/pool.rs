@@ -308,7 +308,7 @@ impl Pool {
     /// A registration and Session were made: the Session becomes the live
     /// one, and gets the free slots now.
     fn session_opened(&mut self, registration: Registration, session: SessionStream) {
-        tracing::info!(agent.id = %registration.agent_id, controller = self.connection.current_url(), "session open");
+        tracing::info!(agent_id = %registration.agent_id, controller = self.connection.current_url(), "session open");
         self.registration = Some(registration);
         self.live = Some(Live {
             session,
@@ -388,11 +388,20 @@ impl Pool {
             }
             SessionCommand::Cancel { key, reason } => match self.jobs.get(&key) {
                 Some(job) => {
-                    tracing::info!(job.id = %key.id, attempt = key.attempt, reason, "cancel requested");
+                    tracing::info!(
+                        job_id = key.id.0,
+                        attempt = key.attempt,
+                        reason,
+                        "cancel requested"
+                    );
                     job.handle.cancel(reason);
                 }
                 None => {
-                    tracing::debug!(job.id = %key.id, attempt = key.attempt, "cancel for a job not running here");
+                    tracing::debug!(
+                        job_id = key.id.0,
+                        attempt = key.attempt,
+                        "cancel for a job not running here"
+                    );
                 }
             },
             SessionCommand::Heartbeat => {}
@@ -415,17 +424,25 @@ impl Pool {
     fn assign(&mut self, spec: JobSpec) {
         let key = spec.key;
         if self.jobs.contains_key(&key) {
-            tracing::warn!(job.id = %key.id, attempt = key.attempt, "assignment of a job already running here; ignored");
+            tracing::warn!(
+                job_id = key.id.0,
+                attempt = key.attempt,
+                "assignment of a job already running here; ignored"
+            );
             return;
         }
         let Some(registration) = &self.registration else {
-            tracing::error!(job.id = %key.id, "assignment before registration; ignored");
+            tracing::error!(job_id = key.id.0, "assignment before registration; ignored");
             return;
         };
         if self.free_slots(Shutdown::Running) == 0 {
             // The controller's view lagged behind; the job is ours now, so
             // run it rather than lose it.
-            tracing::warn!(job.id = %key.id, running = self.jobs.len(), "assignment beyond the concurrency; running it anyway");
+            tracing::warn!(
+                job_id = key.id.0,
+                running = self.jobs.len(),
+                "assignment beyond the concurrency; running it anyway"
+            );
         }
         let (handle, task) = job::start(
             self.context.clone(),

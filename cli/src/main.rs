@@ -20,7 +20,6 @@ mod output;
 mod terminal;
 mod up;
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
@@ -57,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli { global, command } = cli;
     let command = match command {
         Command::Up(args) => {
-            init_tracing();
+            init_tracing(args.controller.log_format);
             return up::up(*args).await;
         }
         Command::Admin(config::AdminCommand::RotateKey(args)) => {
@@ -94,13 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Logs to stderr, filtered by `HOBOTNICA_LOG` (default `info`).
-fn init_tracing() {
+/// Logs to stderr, filtered by `HOBOTNICA_LOG` (default `info`), in the
+/// controller's `--log-format`.
+fn init_tracing(format: hobotnica_common::logging::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOBOTNICA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    hobotnica_common::logging::init(format, filter);
 }

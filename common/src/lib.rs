@@ -10,6 +10,7 @@
 pub mod env;
 pub mod ids;
 pub mod job;
+pub mod logging;
 pub mod logs;
 pub mod mask_forms;
 pub mod metrics;

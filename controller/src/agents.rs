@@ -300,7 +300,7 @@ impl Services {
                 controller: None,
             })
             .await?;
-        tracing::info!(agent.id = %agent.id, agent.name = %agent.name, "agent registered");
+        tracing::info!(agent_id = %agent.id, agent = %agent.name, "agent registered");
         Ok(Registered {
             agent,
             lease_timeout: self.config.lease_timeout,
@@ -372,7 +372,7 @@ impl Services {
                         expected: completion.log_length,
                     });
                 }
-                tracing::warn!(job.id = %job.id, agent.id = %agent.id, stored, sent = completion.log_length, "the agent shipped a log past its limit; the rest was discarded");
+                tracing::warn!(job_id = job.id.0, agent_id = %agent.id, stored, sent = completion.log_length, "the agent shipped a log past its limit; the rest was discarded");
                 outcome = Outcome::Failed;
                 completion.message = format!(
                     "{}; the agent sent {} bytes, the first {stored} were kept",
@@ -403,7 +403,7 @@ impl Services {
         // its commit status was queued the first time.
         if finished.first {
             let job = finished.job;
-            tracing::info!(job.id = %job.id, state = %job.state, exit_code = ?job.exit_code, duration_ms = completion.duration_ms, "job finished");
+            tracing::info!(job_id = job.id.0, state = %job.state, exit_code = job.exit_code, duration_ms = completion.duration_ms, "job finished");
             self.statuses.job_changed(&job);
         }
         Ok(())
@@ -462,11 +462,11 @@ impl Services {
             {
                 Ok(current) => current,
                 Err(err @ StoreError::LeaseLost { .. }) => {
-                    tracing::warn!(job.id = %job.id, agent.id = %agent.id, error = %err, "a job held back is no longer this agent's");
+                    tracing::warn!(job_id = job.id.0, agent_id = %agent.id, error = %err, "a job held back is no longer this agent's");
                     return Dispatch::Dropped;
                 }
                 Err(err) => {
-                    tracing::error!(job.id = %job.id, agent.id = %agent.id, error = %err, "cannot renew the lease of a job held back; trying again");
+                    tracing::error!(job_id = job.id.0, agent_id = %agent.id, error = %err, "cannot renew the lease of a job held back; trying again");
                     return Dispatch::Held(Box::new(job));
                 }
             }
@@ -480,7 +480,7 @@ impl Services {
                 Dispatch::Dropped
             }
             Err(err) => {
-                tracing::error!(job.id = %job.id, agent.id = %agent.id, repo = %job.repo, error = %err, "cannot read the job's repository (its secrets and git credentials): the assignment is held back and tried again");
+                tracing::error!(job_id = job.id.0, agent_id = %agent.id, repo = %job.repo, error = %err, "cannot read the job's repository (its secrets and git credentials): the assignment is held back and tried again");
                 Dispatch::Held(Box::new(job))
             }
         }
@@ -505,12 +505,12 @@ impl Services {
         {
             Ok(finished) => {
                 let job = finished.job;
-                tracing::warn!(job.id = %job.id, agent.id = %agent.id, repo = %job.repo, "job failed: its repository was removed");
+                tracing::warn!(job_id = job.id.0, agent_id = %agent.id, repo = %job.repo, "job failed: its repository was removed");
                 self.statuses.job_changed(&job);
             }
             // Not sent, so its lease runs out and it is lost.
             Err(err) => {
-                tracing::warn!(job.id = %job.id, error = %err, "cannot fail a job whose repository was removed")
+                tracing::warn!(job_id = job.id.0, error = %err, "cannot fail a job whose repository was removed")
             }
         }
     }
@@ -697,7 +697,7 @@ pub async fn run_log_intake(
                 if news == TokenNews::MissedEvents && still_registered(&services, &agent).await {
                     continue;
                 }
-                tracing::info!(agent.id = %agent.id, "log stream closed: the agent token was revoked");
+                tracing::info!(agent_id = %agent.id, "log stream closed: the agent token was revoked");
                 send_or_stop(&outbound, Err(revoked()), &shutdown).await;
                 break;
             }
@@ -973,7 +973,7 @@ pub async fn run_session(
                 .await
             {
                 Ok(Some(job)) => {
-                    tracing::info!(job.id = %job.id, agent.id = %agent.id, attempt = job.attempt, "job assigned");
+                    tracing::info!(job_id = job.id.0, agent_id = %agent.id, attempt = job.attempt, "job assigned");
                     claimed += 1;
                     services.statuses.job_changed(&job);
                     let dispatched = services.dispatch(&agent, job, false).await;
@@ -989,7 +989,7 @@ pub async fn run_session(
                     break;
                 }
                 Err(err) => {
-                    tracing::warn!(agent.id = %agent.id, error = %err, "cannot claim a job");
+                    tracing::warn!(agent_id = %agent.id, error = %err, "cannot claim a job");
                     break;
                 }
             }
@@ -1077,7 +1077,7 @@ pub async fn run_session(
                         .touch_agent(&agent.id, Utc::now(), services.public_url())
                         .await {
                         Ok(()) => last_touched = Some(beat),
-                        Err(err) => tracing::warn!(agent.id = %agent.id, error = %err, "cannot record the agent's heartbeat"),
+                        Err(err) => tracing::warn!(agent_id = %agent.id, error = %err, "cannot record the agent's heartbeat"),
                     }
                 }
             }
@@ -1156,7 +1156,7 @@ impl Services {
             labels,
         };
         self.store.create_agent_token(record.clone()).await?;
-        tracing::info!(agent_token.id = %record.id, "agent token created");
+        tracing::info!(agent_token_id = %record.id, "agent token created");
         Ok((record, token))
     }
 
@@ -1174,7 +1174,7 @@ impl Services {
     pub async fn revoke_agent_token(&self, caller: &Caller, id: &str) -> Result<(), CoreError> {
         caller.require_admin("revoking agent tokens")?;
         self.store.delete_agent_token(id).await?;
-        tracing::info!(agent_token.id = %id, "agent token revoked");
+        tracing::info!(agent_token_id = %id, "agent token revoked");
         Ok(())
     }
 }

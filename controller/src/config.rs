@@ -34,6 +34,19 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_GRPC_LISTEN", default_value = "127.0.0.1:8081")]
     pub grpc_listen: SocketAddr,
 
+    /// How the log (on stderr) is written: `text`, lines for a person
+    /// (coloured on a terminal), or `json`, one object a line for a log
+    /// shipper (`timestamp`, `level`, `target`, `message`, then the fields of
+    /// the spans and of the event, such as `request_id` and `job_id`, at the
+    /// top level). `HOBOTNICA_LOG` filters either (default `info`).
+    #[arg(
+        long,
+        env = "HOBOTNICA_LOG_FORMAT",
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    pub log_format: hobotnica_common::logging::LogFormat,
+
     /// Address of `/metrics` (Prometheus text, or OpenMetrics when asked),
     /// plain HTTP without a token: bind it to loopback or a private
     /// network that only Prometheus reaches. Off when not given.

@@ -120,7 +120,7 @@ impl Services {
             })?;
         let parsed = parse_event(event, delivery.body)
             .map_err(|err| DeliveryError::Malformed(err.to_string()))?;
-        tracing::info!(webhook.delivery_id = delivery_id, webhook.event = event, repo = %repo.full_name(), "webhook received");
+        tracing::info!(delivery_id, event, repo = %repo.full_name(), "webhook received");
         Ok(match parsed {
             WebhookEvent::Ping => Received::Pong,
             WebhookEvent::Ignored(reason) => Received::Ignored(reason),

@@ -181,7 +181,7 @@ impl Services {
             .job_to_queue(repo, request, trigger, requested_by)
             .await?;
         let job = self.store.create_job(new, Utc::now()).await?;
-        tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+        tracing::info!(job_id = job.id.0, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
         Ok(job)
     }
 
@@ -329,7 +329,7 @@ impl Services {
             .create_job_once(delivery, &[], new, Utc::now())
             .await?;
         if let Some(job) = &job {
-            tracing::info!(job.id = %job.id, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
+            tracing::info!(job_id = job.id.0, repo = %job.repo, commit = %job.commit, from_fork, "job queued by a webhook");
         }
         Ok(job)
     }
@@ -561,7 +561,7 @@ impl Services {
         if job.state.is_terminal() {
             self.statuses.job_changed(&job);
         }
-        tracing::info!(job.id = %id, state = %job.state, "cancel requested");
+        tracing::info!(job_id = id.0, state = %job.state, "cancel requested");
         Ok(job)
     }
 }
@@ -621,13 +621,17 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
                 for job in lost {
                     services.statuses.job_changed(&job);
                     services.requeue_if_allowed(&job).await;
-                    tracing::warn!(job.id = %job.id, agent = job.agent_name.as_deref().unwrap_or("?"), "lease expired: job lost");
+                    tracing::warn!(
+                        job_id = job.id.0,
+                        agent = job.agent_name.as_deref().unwrap_or("?"),
+                        "lease expired: job lost"
+                    );
                     let line = format!(
                         "job lost: {}",
                         job.message.as_deref().unwrap_or("lease expired")
                     );
                     if let Err(err) = services.store.append_controller_line(job.id, &line).await {
-                        tracing::warn!(job.id = %job.id, error = %err, "cannot note the loss in the log");
+                        tracing::warn!(job_id = job.id.0, error = %err, "cannot note the loss in the log");
                     }
                 }
             }
@@ -772,7 +776,7 @@ impl Services {
             .await?
         {
             Some(job) => {
-                tracing::info!(job.id = %job.id, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
+                tracing::info!(job_id = job.id.0, repo = %job.repo, target = %job.target, commit = %job.commit, "job queued");
                 Ok((job, true))
             }
             // Another request with the key created its job meanwhile.
@@ -835,7 +839,7 @@ impl Services {
         new.env = old.env;
         new.from_fork = old.from_fork;
         let job = self.store.create_job(new, Utc::now()).await?;
-        tracing::info!(job.id = %job.id, retry_of = %old.id, "job retried");
+        tracing::info!(job_id = job.id.0, retry_of = %old.id, "job retried");
         Ok(job)
     }
 
@@ -879,10 +883,10 @@ impl Services {
             .await
         {
             Ok(job) => {
-                tracing::info!(job.id = %job.id, lost = %lost.id, "lost test job queued again")
+                tracing::info!(job_id = job.id.0, lost = %lost.id, "lost test job queued again")
             }
             Err(err) => {
-                tracing::warn!(job.id = %lost.id, error = %err, "cannot queue a lost test job again")
+                tracing::warn!(job_id = lost.id.0, error = %err, "cannot queue a lost test job again")
             }
         }
     }

@@ -644,14 +644,10 @@ fn abandon(tasks: &TaskTracker) {
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Tracing to stderr, filtered by `HOBOTNICA_LOG` (default `info`).
-pub fn init_tracing() {
+pub fn init_tracing(format: hobotnica_common::logging::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOBOTNICA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    hobotnica_common::logging::init(format, filter);
 }
 
 /// Reads the TLS certificate and key again on each SIGHUP (after a renewal),

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    hobotnica_controller::init_tracing();
+    hobotnica_controller::init_tracing(cli.config.log_format);
     match runtime.block_on(run(cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

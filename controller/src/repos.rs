@@ -508,7 +508,7 @@ impl Services {
         };
         self.store_with_webhook(&repo, token, create_webhook.then_some(&webhook))
             .await?;
-        tracing::info!(repo = %full_name, github.login = %login, "GitHub repository registered");
+        tracing::info!(repo = %full_name, github_login = %login, "GitHub repository registered");
         Ok(Registered {
             repo,
             webhook: Some(webhook),

@@ -41,7 +41,7 @@ impl StatusSender {
     /// Queues the job's status for posting (GitHub repositories only).
     pub fn job_changed(&self, job: &Job) {
         if let Err(err) = self.0.try_send(job.clone()) {
-            tracing::warn!(job.id = %job.id, error = %err, "commit status dropped: the queue is full");
+            tracing::warn!(job_id = job.id.0, error = %err, "commit status dropped: the queue is full");
         }
     }
 }
@@ -106,7 +106,7 @@ async fn post(services: &Services, job: &Job) {
         Ok(Some(repo)) => repo,
         Ok(None) => return,
         Err(err) => {
-            tracing::warn!(job.id = %job.id, error = %err, "commit status skipped: store unavailable");
+            tracing::warn!(job_id = job.id.0, error = %err, "commit status skipped: store unavailable");
             return;
         }
     };
@@ -121,7 +121,7 @@ async fn post(services: &Services, job: &Job) {
             .await
         {
             Ok(()) => {
-                tracing::info!(job.id = %job.id, state = ?status.state, "commit status posted");
+                tracing::info!(job_id = job.id.0, state = ?status.state, "commit status posted");
                 services.metrics.commit_status_posted();
                 return;
             }
@@ -136,7 +136,7 @@ async fn post(services: &Services, job: &Job) {
                 // read access alone is not lost access.
                 if !matches!(services.confirm_access(&repo, &token).await, Ok(false)) {
                     tracing::warn!(
-                        job.id = %job.id,
+                        job_id = job.id.0,
                         repo = %job.repo,
                         "cannot post commit statuses: the stored token needs push access (commit statuses: write)"
                     );
@@ -150,16 +150,20 @@ async fn post(services: &Services, job: &Job) {
                         Duration::from_secs(reset.saturating_sub(now))
                     })
                     .min(MAX_RATE_LIMIT_WAIT);
-                tracing::warn!(job.id = %job.id, wait_s = wait.as_secs(), "GitHub rate limit: waiting to post a status");
+                tracing::warn!(
+                    job_id = job.id.0,
+                    wait_s = wait.as_secs(),
+                    "GitHub rate limit: waiting to post a status"
+                );
                 tokio::time::sleep(wait).await;
             }
             Err(err) => {
-                tracing::warn!(job.id = %job.id, attempt, error = %err, "cannot post a commit status; retrying");
+                tracing::warn!(job_id = job.id.0, attempt, error = %err, "cannot post a commit status; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
         }
     }
     services.metrics.commit_status_failed();
-    tracing::error!(job.id = %job.id, "gave up posting a commit status");
+    tracing::error!(job_id = job.id.0, "gave up posting a commit status");
 }

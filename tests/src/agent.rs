@@ -331,6 +331,16 @@ impl Agent {
         self.daemon.output()
     }
 
+    /// Its whole log (stderr) so far.
+    pub fn stderr(&self) -> String {
+        self.daemon.stderr()
+    }
+
+    /// Its whole stdout so far.
+    pub fn stdout(&self) -> String {
+        self.daemon.stdout()
+    }
+
     /// The exit status, once it has exited.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.daemon.try_exit()

@@ -280,6 +280,16 @@ impl Controller {
     pub fn output(&self) -> String {
         self.daemon.output()
     }
+
+    /// Its whole log (stderr) so far.
+    pub fn stderr(&self) -> String {
+        self.daemon.stderr()
+    }
+
+    /// Its whole stdout so far.
+    pub fn stdout(&self) -> String {
+        self.daemon.stdout()
+    }
 }
 
 /// The log filter given to the processes under test.

@@ -2136,3 +2136,7 @@ mod service;
 /// Blue-green switches of the controller behind nginx (deploy/blue-green).
 #[path = "e2e/blue_green.rs"]
 mod blue_green;
+
+/// `--log-format json` and request ids: the fields, and no secret in a log.
+#[path = "e2e/logs.rs"]
+mod logs;

@@ -124,7 +124,7 @@ pub fn start(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!(
         "job",
-        job.id = %spec.key.id,
+        job_id = spec.key.id.0,
         attempt = spec.key.attempt,
         repo = %spec.repo,
         target = %spec.target,

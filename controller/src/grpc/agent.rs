@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use super::{bearer, status};
 use crate::agents::{
@@ -242,13 +243,21 @@ impl AgentService for AgentGrpc {
         let (outbound, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let services = self.services.clone();
         let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            let agent_id = attached.agent.id.clone();
-            tracing::info!(agent.id = %agent_id, "session opened");
-            let inbound = until_error(inbound, session_input);
-            run_session(services, attached, inbound, outbound, shutdown).await;
-            tracing::info!(agent.id = %agent_id, "session closed");
-        });
+        // Every line the session logs names the agent it serves.
+        let span = tracing::info_span!(
+            "agent_session",
+            agent_id = %attached.agent.id,
+            agent = %attached.agent.name,
+        );
+        self.tasks.spawn(
+            async move {
+                tracing::info!("session opened");
+                let inbound = until_error(inbound, session_input);
+                run_session(services, attached, inbound, outbound, shutdown).await;
+                tracing::info!("session closed");
+            }
+            .instrument(span),
+        );
         let metrics = self.services.metrics.clone();
         let stream = ReceiverStream::new(rx).map(move |output| {
             output

@@ -9,6 +9,7 @@ mod jobs;
 pub use jobs::accepted;
 pub mod problem;
 mod repos;
+pub mod request_id;
 mod schemas;
 pub mod server;
 
@@ -32,7 +33,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[openapi(
     info(
         title = "Hobotnica",
-        description = "CI/CD for repositories whose recipes live in a Makefile: register repositories, run make targets on agents, follow their logs.\n\nAuthenticate with `Authorization: Bearer <token>` (the admin token printed by `hobot up`, or kept in `<data-dir>/admin-token`). Errors are `application/problem+json` (RFC 9457)."
+        description = "CI/CD for repositories whose recipes live in a Makefile: register repositories, run make targets on agents, follow their logs.\n\nAuthenticate with `Authorization: Bearer <token>` (the admin token printed by `hobot up`, or kept in `<data-dir>/admin-token`). Errors are `application/problem+json` (RFC 9457).\n\nEvery answer carries an `X-Request-Id` header: the request's own when it is well-formed (1 to 128 of `[A-Za-z0-9._:-]`), else one the controller made. A problem document repeats it as `request_id`, and every line the controller logs about the request carries it: quote it when reporting a problem."
     ),
     modifiers(&SecuritySchemes),
     paths(crate::webhook::receive),
@@ -124,7 +125,7 @@ pub fn router(services: Services, requests: TaskTracker, pages: axum::Router) ->
                 with_security_headers(response, tls)
             },
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(request_id::with_request_id))
 }
 
 /// The headers every answer carries, API and pages alike: no framing

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::error::CoreError;
 
 /// An RFC 9457 problem document.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 #[schema(example = json!({"type": "about:blank", "title": "Unprocessable Entity", "status": 422, "detail": "branch: character ';' is not allowed (use letters, digits, '.', '_', '/' and '-')", "errors": [{"field": "branch", "message": "character ';' is not allowed (use letters, digits, '.', '_', '/' and '-')"}]}))]
 pub struct Problem {
     /// Always `about:blank`: the status code says what kind of problem it is.
@@ -27,6 +27,14 @@ pub struct Problem {
     /// The fields that were refused, when the request had invalid fields.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
+    /// The request's id: the client's `X-Request-Id` when it was well-formed
+    /// (1 to 128 of `[A-Za-z0-9._:-]`), else one the controller made. The
+    /// answer's `X-Request-Id` header carries it too, and so does every line
+    /// the controller logged about the request: quote it when reporting a
+    /// problem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -119,8 +127,12 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             detail: self.detail,
             errors: self.errors,
+            request_id: None,
         };
-        let mut response = (self.status, Json(problem)).into_response();
+        // The request-id middleware finds the document here and writes the
+        // body again with the request's id.
+        let mut response = (self.status, Json(problem.clone())).into_response();
+        response.extensions_mut().insert(problem);
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),

@@ -138,7 +138,7 @@ pub async fn events(
         .take_while(move |item| {
             if let Err(err) = item {
                 // The browser reconnects and resumes from the last piece.
-                tracing::warn!(job.id = %id, error = %err, "a log event stream ended early");
+                tracing::warn!(job_id = id.0, error = %err, "a log event stream ended early");
             }
             std::future::ready(item.is_ok())
         })

@@ -78,15 +78,15 @@ pub(super) async fn github_setup(permission: Permission, controller_args: &[&str
 }
 
 /// What registering answered.
-struct Registered {
-    webhook_url: String,
-    secret: String,
+pub(super) struct Registered {
+    pub(super) webhook_url: String,
+    pub(super) secret: String,
     body: RawResponse,
 }
 
 impl GitHubSetup {
     /// Registers `octo-org/widget` as `octocat` (asserting 201).
-    async fn register(&self, extra: Value) -> Registered {
+    pub(super) async fn register(&self, extra: Value) -> Registered {
         let response = self.user.register(GH_REPO, extra).await;
         assert_eq!(response.status, 201, "registering: {}", response.text());
         let body = response.json();
@@ -114,7 +114,7 @@ impl GitHubSetup {
 
     /// Waits until the repository has `count` jobs, and returns them
     /// (oldest first).
-    async fn wait_for_jobs(&self, count: usize) -> Vec<hobotnica_tests::Job> {
+    pub(super) async fn wait_for_jobs(&self, count: usize) -> Vec<hobotnica_tests::Job> {
         let what = format!("{count} job(s) of {GH_REPO}");
         hobotnica_tests::wait_for(JOB_TIMEOUT, &what, || async move {
             let jobs = self.jobs().await;
@@ -125,7 +125,7 @@ impl GitHubSetup {
     }
 
     /// A signed push of `after` to `main`.
-    async fn push(&self, hook: &Registered, before: &str, after: &str) -> RawResponse {
+    pub(super) async fn push(&self, hook: &Registered, before: &str, after: &str) -> RawResponse {
         let payload =
             self.github
                 .push_payload(GH_REPO, "refs/heads/main", before, after, false, false);
@@ -162,7 +162,7 @@ impl GitHubSetup {
 
 /// Waits until a final (not `pending`) status of `sha` is posted, and
 /// returns every status of `sha`.
-async fn wait_for_final_status(github: &FakeGitHub, sha: &str) -> Vec<CommitStatus> {
+pub(super) async fn wait_for_final_status(github: &FakeGitHub, sha: &str) -> Vec<CommitStatus> {
     let what = format!("a final commit status of {sha}");
     hobotnica_tests::wait_for(STATUS_TIMEOUT, &what, || {
         let statuses = github.statuses(GH_REPO, sha);
