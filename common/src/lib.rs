@@ -13,6 +13,7 @@ pub mod job;
 pub mod logs;
 pub mod mask_forms;
 pub mod metrics;
+pub mod notifications;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;

@@ -88,6 +88,10 @@ pub const STORE_OPERATIONS: &[&str] = &[
     "delete_session",
     "archive_logs",
     "prune",
+    "queue_notifications",
+    "claim_notification",
+    "retry_notification",
+    "finish_notification",
 ];
 
 type Labels1 = [(&'static str, &'static str); 1];

@@ -66,7 +66,7 @@ fn reseal(
 }
 
 /// Re-encrypts every secret at rest (GitHub tokens, webhook secrets, secret
-/// variables) from `old` to `new`. Safe to run again after an interruption.
+/// variables, notification URLs and signing secrets) from `old` to `new`. Safe to run again after an interruption.
 /// Returns how many repositories were rewritten.
 pub async fn rotate_secret_key(
     store: &dyn crate::store::Store,
@@ -95,6 +95,22 @@ pub async fn rotate_secret_key(
                     old,
                     new,
                 )?);
+            }
+        }
+        for target in &mut repo.notifications {
+            target.url_sealed = reseal(
+                &target.url_sealed,
+                &crate::notifications::url_context(&full_name, &target.id),
+                old,
+                new,
+            )?;
+            if let Some(secret) = target.secret_sealed.as_mut() {
+                *secret = reseal(
+                    secret,
+                    &crate::notifications::secret_context(&full_name, &target.id),
+                    old,
+                    new,
+                )?;
             }
         }
         anyhow::ensure!(
@@ -136,6 +152,7 @@ mod rotation_tests {
                 requeue_lost_tests: true,
                 deploy_labels: std::collections::BTreeMap::new(),
                 max_log_bytes: None,
+                notifications: Vec::new(),
                 env: vec![EnvVar {
                     key: "TOKEN".into(),
                     scope: EnvScope::All,

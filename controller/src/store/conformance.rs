@@ -37,6 +37,7 @@ fn repo(name: &str) -> Repo {
         requeue_lost_tests: true,
         deploy_labels: BTreeMap::new(),
         max_log_bytes: None,
+        notifications: Vec::new(),
     }
 }
 
