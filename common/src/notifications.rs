@@ -104,7 +104,7 @@ mod tests {
 
     fn job(kind: JobKind, state: JobState) -> Job {
         let mut job: Job = serde_json::from_value(serde_json::json!({
-            "id": 1, "repo": {"owner": "local", "name": "demo"}, "git_url": "file:///x",
+            "id": 1, "repo": "local/demo", "git_url": "file:///x",
             "kind": "test", "target": "test", "commit": "0123456789abcdef0123456789abcdef01234567",
             "branch": null, "env": {}, "from_fork": false, "requested_by": null,
             "trusted_labels": {}, "trigger": "api", "state": "queued", "attempt": 0,
