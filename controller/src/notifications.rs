@@ -365,9 +365,15 @@ async fn deliver(services: &Services, client: &reqwest::Client, delivery: Notifi
             .iter()
             .find(|target| target.id == delivery.target)
     });
-    let attempt = match (repo.as_ref(), target) {
-        (Some(repo), Some(target)) => send(services, client, repo, target, &delivery).await,
-        _ => Attempt::Dropped,
+    let (kind, attempt) = match (repo.as_ref(), target) {
+        (Some(repo), Some(target)) => (
+            match target.kind {
+                NotificationKind::Slack => "slack",
+                NotificationKind::Webhook => "webhook",
+            },
+            send(services, client, repo, target, &delivery).await,
+        ),
+        _ => ("", Attempt::Dropped),
     };
     let now = Utc::now();
     let (state, status, error) = match attempt {
@@ -378,14 +384,17 @@ async fn deliver(services: &Services, client: &reqwest::Client, delivery: Notifi
         Attempt::Delivered { status } => {
             tracing::info!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, status, "notification delivered");
             finish(services, &delivery).await;
+            services.metrics.notification_attempt(kind, "delivered");
             (DeliveryState::Delivered, Some(status), None)
         }
         Attempt::Failed { status, error } if delivery.attempt >= MAX_ATTEMPTS => {
             tracing::warn!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, error = %error, "notification given up");
             finish(services, &delivery).await;
+            services.metrics.notification_attempt(kind, "failed");
             (DeliveryState::Failed, status, Some(error))
         }
         Attempt::Failed { status, error } => {
+            services.metrics.notification_attempt(kind, "retried");
             let delay = retry_delay(delivery.attempt);
             tracing::info!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, error = %error, retry_in_ms = delay.as_millis(), "notification failed; retrying");
             let due = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
