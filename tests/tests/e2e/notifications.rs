@@ -421,3 +421,50 @@ async fn a_queued_notification_survives_a_controller_restart() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_on_one_redis_send_each_notification_once() {
+    const JOBS: usize = 6;
+    let cluster = super::redis_mode::cluster().await;
+    let _agent = hobotnica_tests::Agent::start(&cluster.b, Default::default()).await;
+    let receiver = Receiver::start(Behaviour::Answer(&[200])).await;
+    let (a, b) = (cluster.a.api(), cluster.b.api());
+    put_target(
+        &a,
+        "events",
+        &json!({"kind": "webhook", "url": receiver.url, "secret": "0123456789abcdef"}),
+    )
+    .await;
+    let mut jobs = Vec::new();
+    for n in 0..JOBS {
+        let api = if n % 2 == 0 { &a } else { &b };
+        jobs.push(api.run_target(REPO, "test").await.id);
+    }
+    for id in &jobs {
+        a.wait_for_success(*id, JOB_TIMEOUT).await;
+    }
+    let told = wait_for(DELIVERY_TIMEOUT, "every job's notification", || {
+        let seen = receiver.seen();
+        async move {
+            let mut told: Vec<u64> = seen
+                .iter()
+                .map(|received| received.json()["job"]["id"].as_u64().unwrap())
+                .collect();
+            told.sort_unstable();
+            told.dedup();
+            (told.len() == JOBS).then_some(told)
+        }
+    })
+    .await;
+    jobs.sort_unstable();
+    assert_eq!(told, jobs);
+    let mut ids: Vec<String> = receiver
+        .seen()
+        .iter()
+        .map(|received| received.header("x-hobotnica-delivery").unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), JOBS, "one request per job");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), JOBS, "one delivery id per job");
+}
