@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
-use hobotnica_common::job::{Job, Repo};
+use hobotnica_common::job::{Job, JobState, Repo};
 use hobotnica_common::notifications::{
     DeliveryState, DeliveryStatus, NotificationEvents, NotificationKind, NotificationTarget,
 };
@@ -491,11 +491,18 @@ pub fn slack_payload(job: &Job, job_url: &str) -> serde_json::Value {
     let duration = duration_of(job).map_or_else(String::new, |duration| {
         format!(" in {}", human_duration(duration))
     });
+    let outcome = match job.state {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "was cancelled",
+        JobState::TimedOut => "timed out",
+        JobState::Lost => "was lost (its agent went away)",
+        JobState::Queued | JobState::Running => "is unfinished",
+    };
     let text = format!(
-        "{repo}: make {target} {state}{duration} at {short}{branch}, asked by {who}. <{job_url}|Job {id}>",
+        "{repo}: make {target} {outcome}{duration} at {short}{branch}, asked by {who}. <{job_url}|Job {id}>",
         repo = job.repo,
         target = job.target,
-        state = job.state,
         id = job.id,
     );
     json!({

@@ -1162,6 +1162,24 @@ impl Store for EmbeddedStore {
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<NotificationDelivery>> {
         self.blocking(move |inner| {
+            // Every controller asks every second: a read first, so an empty
+            // backlog never takes the writer.
+            {
+                let txn = inner.db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                let mut any_due = false;
+                for entry in table.iter().map_err(unavailable)? {
+                    let (_, value) = entry.map_err(unavailable)?;
+                    let delivery: NotificationDelivery = decode(value.value())?;
+                    if delivery.due_at <= now {
+                        any_due = true;
+                        break;
+                    }
+                }
+                if !any_due {
+                    return Ok(None);
+                }
+            }
             let txn = inner.db.begin_write().map_err(unavailable)?;
             let claimed = {
                 let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
@@ -1191,6 +1209,8 @@ impl Store for EmbeddedStore {
             };
             if claimed.is_some() {
                 txn.commit().map_err(unavailable)?;
+            } else {
+                txn.abort().map_err(unavailable)?;
             }
             Ok(claimed)
         })
