@@ -188,6 +188,9 @@ pub struct Repo {
     /// `--max-log-bytes`. Never above it: the smaller of the two applies.
     #[serde(default)]
     pub max_log_bytes: Option<u64>,
+    /// Where to tell about finished jobs (URLs and secrets sealed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<crate::notifications::NotificationTarget>,
 }
 
 fn default_requeue_lost_tests() -> bool {

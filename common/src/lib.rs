@@ -14,6 +14,7 @@ pub mod logging;
 pub mod logs;
 pub mod mask_forms;
 pub mod metrics;
+pub mod notifications;
 pub mod private_fs;
 pub mod proto;
 pub mod secrets;

@@ -405,6 +405,7 @@ impl Services {
             let job = finished.job;
             tracing::info!(job_id = job.id.0, state = %job.state, exit_code = job.exit_code, duration_ms = completion.duration_ms, "job finished");
             self.statuses.job_changed(&job);
+            self.queue_notifications(&job).await;
         }
         Ok(())
     }
@@ -507,6 +508,7 @@ impl Services {
                 let job = finished.job;
                 tracing::warn!(job_id = job.id.0, agent_id = %agent.id, repo = %job.repo, "job failed: its repository was removed");
                 self.statuses.job_changed(&job);
+                self.queue_notifications(&job).await;
             }
             // Not sent, so its lease runs out and it is lost.
             Err(err) => {

@@ -560,6 +560,7 @@ impl Services {
         let job = self.store.request_cancel(id, Utc::now()).await?;
         if job.state.is_terminal() {
             self.statuses.job_changed(&job);
+            self.queue_notifications(&job).await;
         }
         tracing::info!(job_id = id.0, state = %job.state, "cancel requested");
         Ok(job)
@@ -620,6 +621,7 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
             Ok(lost) => {
                 for job in lost {
                     services.statuses.job_changed(&job);
+                    services.queue_notifications(&job).await;
                     services.requeue_if_allowed(&job).await;
                     tracing::warn!(
                         job_id = job.id.0,

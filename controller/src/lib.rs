@@ -23,6 +23,7 @@ pub mod http;
 mod jobs;
 mod logs;
 pub mod metrics;
+mod notifications;
 mod repos;
 mod secrets;
 mod services;
@@ -264,6 +265,7 @@ impl Controller {
             public_url: Arc::new(std::sync::OnceLock::new()),
             idle_sessions: Arc::new(wakeups::IdleSessions::default()),
             session_events: tokio::sync::broadcast::channel(wakeups::SESSION_EVENT_CAPACITY).0,
+            notifications_due: Arc::new(tokio::sync::Notify::new()),
             metrics,
             config: Arc::new(config),
         };
@@ -413,6 +415,10 @@ fn spawn_background_tasks(
     tasks.spawn(statuses::post_statuses(
         services.clone(),
         statuses_rx,
+        shutdown.clone(),
+    ));
+    tasks.spawn(notifications::send_notifications(
+        services.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(wakeups::wake_idle_sessions(

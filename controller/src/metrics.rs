@@ -6,7 +6,8 @@
 //!   where the event happens: the store decorator (`store/metered.rs`) for
 //!   job transitions and store calls, the REST middleware, agent sessions
 //!   and log intake (`agents.rs`), webhooks (`deliveries.rs`), GitHub
-//!   calls (`github.rs`), commit statuses (`statuses.rs`). A dashboard
+//!   calls (`github.rs`), commit statuses (`statuses.rs`), notification
+//!   attempts (`notifications.rs`). A dashboard
 //!   sums them over controllers;
 //! - fleet gauges (`scope="fleet"`): the queue, the running jobs and the
 //!   connected agents, read from the shared store when scraped (at most
@@ -88,6 +89,10 @@ pub const STORE_OPERATIONS: &[&str] = &[
     "delete_session",
     "archive_logs",
     "prune",
+    "queue_notifications",
+    "claim_notification",
+    "retry_notification",
+    "finish_notification",
 ];
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -208,6 +213,7 @@ pub struct Metrics {
     github_calls: Family<Labels2, Counter>,
     statuses_posted: Counter,
     statuses_failed: Counter,
+    notification_attempts: Family<Labels2, Counter>,
     /// Redis mode only: a PING's round trip, once per fleet reading.
     redis_round_trip: Option<DurationHistogram>,
     jobs_queued: Family<Labels1, Gauge>,
@@ -350,6 +356,12 @@ impl Metrics {
             "Commit statuses given up on (refused, or still failing after the retries)",
             statuses_failed.clone(),
         );
+        let notification_attempts: Family<Labels2, Counter> = Family::default();
+        registry.register(
+            "notification_attempts",
+            "Attempts to deliver a notification, by kind (slack, webhook) and outcome (delivered, retried: failed and tried again later, failed: given up)",
+            notification_attempts.clone(),
+        );
         let redis_round_trip = redis.then(|| {
             let histogram = DurationHistogram::new(FAST_BUCKETS);
             registry.register(
@@ -425,6 +437,7 @@ impl Metrics {
             github_calls,
             statuses_posted,
             statuses_failed,
+            notification_attempts,
             redis_round_trip,
             jobs_queued,
             jobs_running,
@@ -563,6 +576,14 @@ impl Metrics {
 
     pub fn commit_status_failed(&self) {
         self.statuses_failed.inc();
+    }
+
+    /// A notification attempt of `kind` (`slack`, `webhook`) came to
+    /// `outcome` (`delivered`, `retried`, `failed`).
+    pub fn notification_attempt(&self, kind: &'static str, outcome: &'static str) {
+        self.notification_attempts
+            .get_or_create(&[("kind", kind), ("outcome", outcome)])
+            .inc();
     }
 
     /// Sets the fleet gauges from a reading of the store.

@@ -367,6 +367,7 @@ impl Services {
             requeue_lost_tests: new.requeue_lost_tests.unwrap_or(true),
             deploy_labels: new.deploy_labels,
             max_log_bytes,
+            notifications: Vec::new(),
         };
         self.store.create_repo(repo.clone()).await?;
         tracing::info!(repo = %repo.full_name(), "repository registered");
@@ -493,6 +494,7 @@ impl Services {
             requeue_lost_tests: true,
             deploy_labels,
             max_log_bytes,
+            notifications: Vec::new(),
         };
         let webhook_url = self.webhook_url(&hook_id);
         // Nothing is made on GitHub for a repository already registered;

@@ -66,7 +66,7 @@ fn reseal(
 }
 
 /// Re-encrypts every secret at rest (GitHub tokens, webhook secrets, secret
-/// variables) from `old` to `new`. Safe to run again after an interruption.
+/// variables, notification URLs and signing secrets) from `old` to `new`. Safe to run again after an interruption.
 /// Returns how many repositories were rewritten.
 pub async fn rotate_secret_key(
     store: &dyn crate::store::Store,
@@ -97,6 +97,22 @@ pub async fn rotate_secret_key(
                 )?);
             }
         }
+        for target in &mut repo.notifications {
+            target.url_sealed = reseal(
+                &target.url_sealed,
+                &crate::notifications::url_context(&full_name, &target.id),
+                old,
+                new,
+            )?;
+            if let Some(secret) = target.secret_sealed.as_mut() {
+                *secret = reseal(
+                    secret,
+                    &crate::notifications::secret_context(&full_name, &target.id),
+                    old,
+                    new,
+                )?;
+            }
+        }
         anyhow::ensure!(
             store.update_repo(&old_repo, repo).await?,
             "repository {full_name} changed during the rotation; stop the controllers and run it again"
@@ -123,6 +139,8 @@ mod rotation_tests {
         let old = SecretKey::from_hex(&SecretKey::generate_hex()).unwrap();
         let new = SecretKey::from_hex(&SecretKey::generate_hex()).unwrap();
         let context = env_context("local/demo", "TOKEN");
+        let url_context = crate::notifications::url_context("local/demo", "chat");
+        let signing_context = crate::notifications::secret_context("local/demo", "chat");
         store
             .create_repo(Repo {
                 owner: "local".into(),
@@ -136,6 +154,16 @@ mod rotation_tests {
                 requeue_lost_tests: true,
                 deploy_labels: std::collections::BTreeMap::new(),
                 max_log_bytes: None,
+                notifications: vec![hobotnica_common::notifications::NotificationTarget {
+                    id: "chat".into(),
+                    kind: hobotnica_common::notifications::NotificationKind::Webhook,
+                    events: hobotnica_common::notifications::NotificationEvents::All,
+                    url_sealed: old.seal(b"https://hooks.example.com/x", &url_context),
+                    host: "hooks.example.com".into(),
+                    secret_sealed: Some(old.seal(b"signing-secret", &signing_context)),
+                    created_at: Utc::now(),
+                    last_delivery: None,
+                }],
                 env: vec![EnvVar {
                     key: "TOKEN".into(),
                     scope: EnvScope::All,
@@ -153,5 +181,16 @@ mod rotation_tests {
         };
         assert_eq!(new.open(sealed, &context).unwrap(), b"s3cret-value");
         assert!(old.open(sealed, &context).is_err());
+        let target = &repo.notifications[0];
+        assert_eq!(
+            new.open(&target.url_sealed, &url_context).unwrap(),
+            b"https://hooks.example.com/x"
+        );
+        let secret = target.secret_sealed.as_deref().unwrap();
+        assert_eq!(
+            new.open(secret, &signing_context).unwrap(),
+            b"signing-secret"
+        );
+        assert!(old.open(secret, &signing_context).is_err());
     }
 }

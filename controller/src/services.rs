@@ -35,6 +35,8 @@ pub struct Services {
     /// The store events agents' sessions and log streams act on, relayed
     /// by `wakeups::wake_idle_sessions`.
     pub session_events: tokio::sync::broadcast::Sender<crate::store::StoreEvent>,
+    /// Wakes this controller's notification sender: deliveries were queued.
+    pub notifications_due: Arc<tokio::sync::Notify>,
     /// This controller's metrics (`/metrics` on `--metrics-listen`).
     pub metrics: Arc<crate::metrics::Metrics>,
 }

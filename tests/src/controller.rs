@@ -290,6 +290,11 @@ impl Controller {
     pub fn stdout(&self) -> String {
         self.daemon.stdout()
     }
+
+    /// Everything it logged so far (stdout and stderr, whole).
+    pub fn whole_log(&self) -> String {
+        format!("{}{}", self.daemon.stdout(), self.daemon.stderr())
+    }
 }
 
 /// The log filter given to the processes under test.

@@ -2133,6 +2133,10 @@ mod cancel;
 #[path = "e2e/service.rs"]
 mod service;
 
+/// Notifications when jobs finish: Slack-compatible and signed webhooks.
+#[path = "e2e/notifications.rs"]
+mod notifications;
+
 /// Blue-green switches of the controller behind nginx (deploy/blue-green).
 #[path = "e2e/blue_green.rs"]
 mod blue_green;

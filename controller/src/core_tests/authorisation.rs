@@ -8,7 +8,19 @@ use hobotnica_common::job::{EnvScope, JobKind, JobState, Repo};
 use super::*;
 use crate::auth::Access;
 use crate::jobs::{JobQuery, Page};
+use crate::notifications::SetNotification;
 use crate::repos::RepoChange;
+
+/// A Slack target named `chat`.
+fn slack_target() -> SetNotification {
+    SetNotification {
+        id: "chat".to_owned(),
+        kind: hobotnica_common::notifications::NotificationKind::Slack,
+        url: "https://hooks.example.com/services/T/B/X".to_owned(),
+        events: hobotnica_common::notifications::NotificationEvents::All,
+        secret: None,
+    }
+}
 
 /// One page, large enough for every test here.
 fn page() -> Page {
@@ -337,6 +349,18 @@ async fn pull_access_reads_but_every_change_needs_push() {
             .await,
     );
     assert_forbidden(
+        "set a notification target",
+        core.services
+            .set_notification(&reader, owner, name, slack_target())
+            .await,
+    );
+    assert_forbidden(
+        "remove a notification target",
+        core.services
+            .remove_notification(&reader, owner, name, "chat")
+            .await,
+    );
+    assert_forbidden(
         "change settings",
         core.services
             .change_settings(
@@ -358,6 +382,13 @@ async fn pull_access_reads_but_every_change_needs_push() {
 
     // And nothing changed.
     let admin = core.admin();
+    assert!(
+        core.services
+            .notification_targets(&reader, owner, name)
+            .await
+            .expect("the reader reads notification targets")
+            .is_empty()
+    );
     assert_eq!(
         core.job_ids(&admin, JobQuery::default()).await,
         [finished.id, queued.id]
@@ -434,6 +465,17 @@ async fn push_access_triggers_deploys_cancels_retries_and_sets_variables() {
         .remove_variable(&writer, owner, name, "API_KEY", Some(EnvScope::Deploy))
         .await
         .expect("the writer removes a variable");
+    let target = core
+        .services
+        .set_notification(&writer, owner, name, slack_target())
+        .await
+        .expect("the writer sets a notification target");
+    assert_eq!(target.host, "hooks.example.com");
+    assert!(!target.url_sealed.contains("hooks.example.com"), "sealed");
+    core.services
+        .remove_notification(&writer, owner, name, "chat")
+        .await
+        .expect("the writer removes a notification target");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod agents;
 mod auth;
 mod env;
 mod jobs;
+mod notifications;
 pub use jobs::accepted;
 pub mod problem;
 mod repos;
@@ -52,6 +53,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
         (name = "jobs", description = "Jobs: make targets run at a commit"),
         (name = "agents", description = "Build agents and their tokens"),
         (name = "env", description = "Repository variables; secrets are encrypted at rest and write-only"),
+        (name = "notifications", description = "Where finished jobs are told about (Slack-compatible or signed JSON webhooks); URLs and secrets are encrypted at rest and write-only"),
         (name = "health", description = "Liveness and readiness"),
         (name = "webhooks", description = "GitHub webhook deliveries (signed with the repository's webhook secret; no token)"),
     )
@@ -220,6 +222,7 @@ fn api_router() -> OpenApiRouter<Services> {
         .merge(jobs::router())
         .merge(agents::router())
         .merge(env::router())
+        .merge(notifications::router())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
 }

@@ -37,6 +37,7 @@ fn repo(name: &str) -> Repo {
         requeue_lost_tests: true,
         deploy_labels: BTreeMap::new(),
         max_log_bytes: None,
+        notifications: Vec::new(),
     }
 }
 
@@ -2242,6 +2243,123 @@ pub async fn controllers_sharing_a_store_see_each_others_changes(
     );
 }
 
+fn notification(id: &str, job: &Job, due_at: DateTime<Utc>) -> super::NotificationDelivery {
+    super::NotificationDelivery {
+        id: id.into(),
+        repo: job.repo.clone(),
+        target: "ops".into(),
+        job: job.clone(),
+        attempt: 0,
+        due_at,
+        created_at: Utc::now(),
+    }
+}
+
+pub async fn notifications_are_claimed_when_due_in_order_and_fenced(store: Arc<dyn Store>) {
+    let job = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let lease = now + Duration::seconds(60);
+    assert_eq!(store.claim_notification(now, lease).await.unwrap(), None);
+    store
+        .queue_notifications(vec![
+            notification("second", &job, now - Duration::seconds(1)),
+            notification("first", &job, now - Duration::seconds(2)),
+            notification("later", &job, now + Duration::seconds(30)),
+        ])
+        .await
+        .unwrap();
+    let first = store.claim_notification(now, lease).await.unwrap().unwrap();
+    assert_eq!((first.id.as_str(), first.attempt), ("first", 1));
+    assert_eq!(first.job, job, "the job travels with its delivery");
+    assert_eq!(first.target, "ops");
+    let second = store.claim_notification(now, lease).await.unwrap().unwrap();
+    assert_eq!((second.id.as_str(), second.attempt), ("second", 1));
+    // Claimed ones are under their lease; the third is not due yet.
+    assert_eq!(store.claim_notification(now, lease).await.unwrap(), None);
+
+    // A stale attempt changes nothing.
+    assert!(!store.retry_notification("first", 2, now).await.unwrap());
+    assert!(!store.finish_notification("first", 0).await.unwrap());
+    assert!(store.retry_notification("first", 1, now).await.unwrap());
+    let again = store.claim_notification(now, lease).await.unwrap().unwrap();
+    assert_eq!((again.id.as_str(), again.attempt), ("first", 2));
+    assert!(!store.finish_notification("first", 1).await.unwrap());
+    assert!(store.finish_notification("first", 2).await.unwrap());
+    assert!(
+        !store.finish_notification("first", 2).await.unwrap(),
+        "gone"
+    );
+    assert!(!store.retry_notification("missing", 1, now).await.unwrap());
+
+    // Past the lease the unfinished one is claimed again, before the later
+    // one (due first).
+    let after = lease + Duration::seconds(1);
+    let retaken = store
+        .claim_notification(after, after + Duration::seconds(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((retaken.id.as_str(), retaken.attempt), ("later", 1));
+    let retaken = store
+        .claim_notification(after, after + Duration::seconds(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((retaken.id.as_str(), retaken.attempt), ("second", 2));
+    assert!(store.finish_notification("second", 2).await.unwrap());
+    assert!(store.finish_notification("later", 1).await.unwrap());
+    assert_eq!(
+        store
+            .claim_notification(after + Duration::days(1), after + Duration::days(2))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn controllers_claim_each_notification_once(store: Arc<dyn Store>, peer: Arc<dyn Store>) {
+    const DELIVERIES: usize = 40;
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let now = Utc::now();
+    store
+        .queue_notifications(
+            (0..DELIVERIES)
+                .map(|n| notification(&format!("d-{n}"), &job, now))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut claimers = tokio::task::JoinSet::new();
+    for store in [Arc::clone(&store), peer, Arc::clone(&store), store] {
+        claimers.spawn(async move {
+            let mut taken = Vec::new();
+            loop {
+                let now = Utc::now();
+                match store
+                    .claim_notification(now, now + Duration::seconds(60))
+                    .await
+                    .unwrap()
+                {
+                    Some(delivery) => taken.push(delivery.id),
+                    None => return taken,
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(taken) = claimers.join_next().await {
+        all.extend(taken.unwrap());
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a delivery was claimed twice");
+    assert_eq!(all.len(), DELIVERIES, "every delivery was claimed");
+}
+
 /// Runs every conformance test against fresh stores: `$make` makes a store
 /// (and what keeps it alive), `$make_pair` a store and its peer.
 macro_rules! conformance_suite {
@@ -2282,11 +2400,13 @@ macro_rules! conformance_suite {
             retention_deletes_only_old_finished_jobs,
             retention_counts_per_repository_and_keeps_queued_jobs,
             deploys_of_one_repository_run_one_at_a_time,
+            notifications_are_claimed_when_due_in_order_and_fenced,
         );
         conformance_suite!(@pair $make_pair;
             announcements_and_changes_reach_every_controller,
             controllers_sharing_a_store_see_each_others_changes,
             sessions_are_shared_between_controllers,
+            controllers_claim_each_notification_once,
         );
     };
     (@single $make:expr; $($name:ident),* $(,)?) => {

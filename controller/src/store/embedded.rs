@@ -26,8 +26,8 @@ use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
-    SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
+    QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 const REPOS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("repos");
@@ -44,6 +44,9 @@ const DELIVERIES: TableDefinition<'_, &str, i64> = TableDefinition::new("deliver
 /// Idempotency keys → the job they created.
 /// Web sessions by the hash of their id: JSON `SessionRecord`s.
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
+/// Pending notification deliveries by id (delivered or given-up ones are
+/// removed; the table holds only the backlog, so a claim scans it).
+const NOTIFICATIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("notifications");
 const KEY_JOBS: TableDefinition<'_, &str, u64> = TableDefinition::new("key_jobs");
 const NEXT_JOB_ID: &str = "next_job_id";
 
@@ -134,6 +137,7 @@ fn create_tables(db: &Database) -> anyhow::Result<()> {
     txn.open_table(DELIVERIES)?;
     txn.open_table(KEY_JOBS)?;
     txn.open_table(SESSIONS)?;
+    txn.open_table(NOTIFICATIONS)?;
     txn.commit()?;
     Ok(())
 }
@@ -1131,6 +1135,139 @@ impl Store for EmbeddedStore {
             token_id: id.to_owned(),
         });
         Ok(())
+    }
+
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                for delivery in &deliveries {
+                    table
+                        .insert(delivery.id.as_str(), encode(delivery)?.as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>> {
+        self.blocking(move |inner| {
+            // Every controller asks every second: a read first, so an empty
+            // backlog never takes the writer.
+            {
+                let txn = inner.db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                let mut any_due = false;
+                for entry in table.iter().map_err(unavailable)? {
+                    let (_, value) = entry.map_err(unavailable)?;
+                    let delivery: NotificationDelivery = decode(value.value())?;
+                    if delivery.due_at <= now {
+                        any_due = true;
+                        break;
+                    }
+                }
+                if !any_due {
+                    return Ok(None);
+                }
+            }
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            let claimed = {
+                let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                let mut first: Option<NotificationDelivery> = None;
+                for entry in table.iter().map_err(unavailable)? {
+                    let (_, value) = entry.map_err(unavailable)?;
+                    let delivery: NotificationDelivery = decode(value.value())?;
+                    if delivery.due_at <= now
+                        && first.as_ref().is_none_or(|first| {
+                            (delivery.due_at, &delivery.id) < (first.due_at, &first.id)
+                        })
+                    {
+                        first = Some(delivery);
+                    }
+                }
+                match first {
+                    Some(mut delivery) => {
+                        delivery.attempt += 1;
+                        delivery.due_at = lease_until;
+                        table
+                            .insert(delivery.id.as_str(), encode(&delivery)?.as_slice())
+                            .map_err(unavailable)?;
+                        Some(delivery)
+                    }
+                    None => None,
+                }
+            };
+            if claimed.is_some() {
+                txn.commit().map_err(unavailable)?;
+            } else {
+                txn.abort().map_err(unavailable)?;
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                let current: Option<NotificationDelivery> =
+                    match table.get(id.as_str()).map_err(unavailable)? {
+                        Some(value) => Some(decode(value.value())?),
+                        None => None,
+                    };
+                let Some(mut delivery) = current.filter(|current| current.attempt == attempt)
+                else {
+                    return Ok(false);
+                };
+                delivery.due_at = due_at;
+                table
+                    .insert(id.as_str(), encode(&delivery)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+                let current: Option<NotificationDelivery> =
+                    match table.get(id.as_str()).map_err(unavailable)? {
+                        Some(value) => Some(decode(value.value())?),
+                        None => None,
+                    };
+                if current.is_none_or(|current| current.attempt != attempt) {
+                    return Ok(false);
+                }
+                table.remove(id.as_str()).map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn archive_logs(&self, _finished_before: DateTime<Utc>) -> StoreResult<usize> {

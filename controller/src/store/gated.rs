@@ -14,8 +14,8 @@ use hobotnica_common::job::{Job, Repo};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
-    Store, StoreError, StoreEvent, StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
+    QueueStats, Retention, Store, StoreError, StoreEvent, StoreResult,
 };
 
 /// A held `create_repo`: told when the call arrives, let through by the
@@ -285,6 +285,27 @@ impl Store for GatedStore {
     }
     async fn delete_agent_token(&self, id: &str) -> StoreResult<()> {
         self.inner.delete_agent_token(id).await
+    }
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()> {
+        self.inner.queue_notifications(deliveries).await
+    }
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>> {
+        self.inner.claim_notification(now, lease_until).await
+    }
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.inner.retry_notification(id, attempt, due_at).await
+    }
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool> {
+        self.inner.finish_notification(id, attempt).await
     }
     async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize> {
         self.inner.archive_logs(finished_before).await

@@ -16,8 +16,8 @@ use hobotnica_common::job::{Job, JobState, Repo};
 use tokio::sync::broadcast;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
-    SessionRecord, Store, StoreError, StoreEvent, StoreResult,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
+    QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult,
 };
 use crate::metrics::Metrics;
 
@@ -269,6 +269,43 @@ impl Store for MeteredStore {
     async fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
         self.timed("delete_session", self.inner.delete_session(id_hash))
             .await
+    }
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()> {
+        self.timed(
+            "queue_notifications",
+            self.inner.queue_notifications(deliveries),
+        )
+        .await
+    }
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>> {
+        self.timed(
+            "claim_notification",
+            self.inner.claim_notification(now, lease_until),
+        )
+        .await
+    }
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.timed(
+            "retry_notification",
+            self.inner.retry_notification(id, attempt, due_at),
+        )
+        .await
+    }
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool> {
+        self.timed(
+            "finish_notification",
+            self.inner.finish_notification(id, attempt),
+        )
+        .await
     }
     async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize> {
         self.timed("archive_logs", self.inner.archive_logs(finished_before))

@@ -227,6 +227,26 @@ pub struct QueueStats {
     pub oldest_queued_at: Option<DateTime<Utc>>,
 }
 
+/// A notification on its way to one target: queued when its job finished,
+/// claimed by one controller at a time, kept until it is delivered or
+/// given up on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotificationDelivery {
+    /// Random, unique: the receiver's `X-Hobotnica-Delivery`.
+    pub id: String,
+    pub repo: RepoRef,
+    /// The target's id within the repository (its URL and secret are read
+    /// from the repository when sending, so a removed target gets nothing).
+    pub target: String,
+    /// The job as it finished.
+    pub job: Job,
+    /// Attempts claimed so far (the fencing token of the last claim).
+    pub attempt: u32,
+    /// When it may be claimed next.
+    pub due_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Changes other parts of the controller react to. Delivery is best effort
 /// (a lagging receiver misses events and must re-read the store).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -384,6 +404,31 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<SessionRecord>>;
     /// Forgets a session (sign-out); a missing one is not an error.
     async fn delete_session(&self, id_hash: &str) -> StoreResult<()>;
+
+    /// Queues notifications (`attempt` 0, due at their `due_at`), all or
+    /// none.
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()>;
+    /// Atomically takes the pending delivery due first, if one is due at
+    /// `now`: its `attempt` grows by one and it is not due again before
+    /// `lease_until` (so a controller that dies while sending leaves it to
+    /// another after that).
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>>;
+    /// Makes a claimed delivery due again at `due_at` (a failed attempt to
+    /// retry); `false`, changing nothing, unless it is still under
+    /// `attempt`.
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Forgets a claimed delivery (delivered, or given up on); `false`,
+    /// changing nothing, unless it is still under `attempt`.
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool>;
 
     /// Moves the logs of jobs that finished before `finished_before` into
     /// their archived form (Redis: compressed segments instead of a stream);

@@ -28,8 +28,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, QueueStats, Retention,
-    SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
+    AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
+    QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
 };
 
 /// Capacity of the local event channel.
@@ -449,6 +449,43 @@ redis.call('XADD', KEYS[3], (committed + 1) .. '-0', 'd', ARGV[3])
 return redis.call('INCRBY', KEYS[2], string.len(ARGV[3]))
 ";
 
+/// Takes the pending notification due first, if one is due: it is not due
+/// again before the lease's end and its attempt count grows.
+/// KEYS: due, attempts. ARGV: now (ms), lease end (ms), record key prefix.
+/// Returns {id, attempt, record JSON}, or nil.
+const CLAIM_NOTIFICATION: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #ids == 0 then return false end
+local id = ids[1]
+local record = redis.call('GET', ARGV[3] .. id)
+if not record then
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  return false
+end
+redis.call('ZADD', KEYS[1], ARGV[2], id)
+local attempt = redis.call('HINCRBY', KEYS[2], id, 1)
+return {id, attempt, record}
+";
+
+/// Makes a claimed notification due again, if still under the attempt.
+/// KEYS: due, attempts. ARGV: id, attempt, due (ms). Returns 1 or 0.
+const RETRY_NOTIFICATION: &str = r"
+if tostring(redis.call('HGET', KEYS[2], ARGV[1])) ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+";
+
+/// Forgets a claimed notification, if still under the attempt.
+/// KEYS: due, attempts, record. ARGV: id, attempt. Returns 1 or 0.
+const FINISH_NOTIFICATION: &str = r"
+if tostring(redis.call('HGET', KEYS[2], ARGV[1])) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+";
+
 /// Key names under one prefix.
 #[derive(Clone)]
 struct Keys {
@@ -547,6 +584,18 @@ impl Keys {
     fn events(&self) -> String {
         self.key("events")
     }
+    /// A pending notification delivery's record (JSON, as queued).
+    fn notification(&self, id: &str) -> String {
+        self.key(format_args!("notification:{id}"))
+    }
+    /// Pending notification deliveries by when they are due (ms).
+    fn notifications_due(&self) -> String {
+        self.key("notifications_due")
+    }
+    /// Each pending delivery's attempts so far (its fencing token).
+    fn notification_attempts(&self) -> String {
+        self.key("notification_attempts")
+    }
 }
 
 /// Commands that only read, and so may be retried.
@@ -599,6 +648,9 @@ pub struct RedisStore {
     register_agent: Arc<Script>,
     revoke_token: Arc<Script>,
     create_job_once: Arc<Script>,
+    claim_notification: Arc<Script>,
+    retry_notification: Arc<Script>,
+    finish_notification: Arc<Script>,
     /// Stops the pub/sub task and a connection replacement under way when
     /// the store is dropped.
     stop_tasks: CancellationToken,
@@ -673,6 +725,9 @@ impl RedisStore {
             register_agent: Arc::new(Script::new(REGISTER_AGENT)),
             revoke_token: Arc::new(Script::new(REVOKE_TOKEN)),
             create_job_once: Arc::new(Script::new(CREATE_JOB_ONCE)),
+            claim_notification: Arc::new(Script::new(CLAIM_NOTIFICATION)),
+            retry_notification: Arc::new(Script::new(RETRY_NOTIFICATION)),
+            finish_notification: Arc::new(Script::new(FINISH_NOTIFICATION)),
             stop_tasks,
         };
         store.check_settings().await;
@@ -1876,6 +1931,92 @@ impl Store for RedisStore {
         })
         .await;
         Ok(())
+    }
+
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for delivery in &deliveries {
+            pipe.cmd("SET")
+                .arg(self.keys.notification(&delivery.id))
+                .arg(encode(delivery)?)
+                .ignore()
+                .cmd("HSET")
+                .arg(self.keys.notification_attempts())
+                .arg(&delivery.id)
+                .arg(delivery.attempt)
+                .ignore()
+                .cmd("ZADD")
+                .arg(self.keys.notifications_due())
+                .arg(delivery.due_at.timestamp_millis())
+                .arg(&delivery.id)
+                .ignore();
+        }
+        let () = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>> {
+        let claimed: Option<(String, u32, String)> = self
+            .claim_notification
+            .key(self.keys.notifications_due())
+            .key(self.keys.notification_attempts())
+            .arg(now.timestamp_millis())
+            .arg(lease_until.timestamp_millis())
+            .arg(self.keys.notification(""))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let Some((_, attempt, record)) = claimed else {
+            return Ok(None);
+        };
+        let mut delivery: NotificationDelivery = decode(&record)?;
+        delivery.attempt = attempt;
+        delivery.due_at = lease_until;
+        Ok(Some(delivery))
+    }
+
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let changed: i64 = self
+            .retry_notification
+            .key(self.keys.notifications_due())
+            .key(self.keys.notification_attempts())
+            .arg(id)
+            .arg(attempt)
+            .arg(due_at.timestamp_millis())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
+    }
+
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool> {
+        let changed: i64 = self
+            .finish_notification
+            .key(self.keys.notifications_due())
+            .key(self.keys.notification_attempts())
+            .key(self.keys.notification(id))
+            .arg(id)
+            .arg(attempt)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
     }
 
     async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize> {
