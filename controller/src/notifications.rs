@@ -243,7 +243,7 @@ impl Services {
             Ok(Some(repo)) => repo,
             Ok(None) => return,
             Err(err) => {
-                tracing::warn!(job.id = %job.id, error = %err, "notifications skipped: store unavailable");
+                tracing::warn!(job_id = job.id.0, error = %err, "notifications skipped: store unavailable");
                 return;
             }
         };
@@ -268,11 +268,11 @@ impl Services {
         let count = deliveries.len();
         match self.store.queue_notifications(deliveries).await {
             Ok(()) => {
-                tracing::debug!(job.id = %job.id, count, "notifications queued");
+                tracing::debug!(job_id = job.id.0, count, "notifications queued");
                 self.notifications_due.notify_one();
             }
             Err(err) => {
-                tracing::warn!(job.id = %job.id, error = %err, "notifications dropped: store unavailable");
+                tracing::warn!(job_id = job.id.0, error = %err, "notifications dropped: store unavailable");
             }
         }
     }
@@ -382,13 +382,13 @@ async fn deliver(services: &Services, client: &reqwest::Client, delivery: Notifi
             return;
         }
         Attempt::Delivered { status } => {
-            tracing::info!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, status, "notification delivered");
+            tracing::info!(delivery = %delivery.id, job_id = delivery.job.id.0, target = %delivery.target, attempt = delivery.attempt, status, "notification delivered");
             finish(services, &delivery).await;
             services.metrics.notification_attempt(kind, "delivered");
             (DeliveryState::Delivered, Some(status), None)
         }
         Attempt::Failed { status, error } if delivery.attempt >= MAX_ATTEMPTS => {
-            tracing::warn!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, error = %error, "notification given up");
+            tracing::warn!(delivery = %delivery.id, job_id = delivery.job.id.0, target = %delivery.target, attempt = delivery.attempt, error = %error, "notification given up");
             finish(services, &delivery).await;
             services.metrics.notification_attempt(kind, "failed");
             (DeliveryState::Failed, status, Some(error))
@@ -396,7 +396,7 @@ async fn deliver(services: &Services, client: &reqwest::Client, delivery: Notifi
         Attempt::Failed { status, error } => {
             services.metrics.notification_attempt(kind, "retried");
             let delay = retry_delay(delivery.attempt);
-            tracing::info!(delivery = %delivery.id, job.id = %delivery.job.id, target = %delivery.target, attempt = delivery.attempt, error = %error, retry_in_ms = delay.as_millis(), "notification failed; retrying");
+            tracing::info!(delivery = %delivery.id, job_id = delivery.job.id.0, target = %delivery.target, attempt = delivery.attempt, error = %error, retry_in_ms = delay.as_millis(), "notification failed; retrying");
             let due = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
             if let Err(err) = services
                 .store
