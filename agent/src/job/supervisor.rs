@@ -382,7 +382,7 @@ impl<C: JobController> Supervisor<C> {
         &mut self,
         commit: &CommitSha,
         spool: &Arc<Spool>,
-        sandbox_made: &std::sync::Mutex<Option<Starting>>,
+        sandbox_made: &std::sync::Mutex<Option<Gated>>,
     ) -> Result<WorkTree, WorkspaceError> {
         let workspaces = self.context.workspaces.clone();
         let git_url = self.spec.git_url.clone();
@@ -403,12 +403,13 @@ impl<C: JobController> Supervisor<C> {
             let Some(sandbox) = sandbox else { return };
             let command = make_command(&job, &inherited_env, &dirs.tree);
             let paths = job_paths(&dirs.tree, &dirs.scratch, dirs.shared_objects.clone());
-            let command = sandbox.wrap_gated(command, &paths);
-            // Started off this task, so that git starts at once beside it.
-            // A result nobody waits for any more is dropped: that kills it.
-            let starting = tokio::task::spawn_blocking(move || process::spawn_gated(&command));
-            if let Ok(mut made) = sandbox_made.lock() {
-                *made = Some(starting);
+            match process::spawn_gated(&sandbox.wrap_gated(command, &paths)) {
+                Ok(gated) => {
+                    if let Ok(mut made) = sandbox_made.lock() {
+                        *made = Some(gated);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not start the sandbox early"),
             }
         };
         let prepare =
@@ -438,22 +439,8 @@ impl<C: JobController> Supervisor<C> {
         &mut self,
         tree: &WorkTree,
         spool: &Arc<Spool>,
-        sandbox_made: Option<Starting>,
+        sandbox_made: Option<Gated>,
     ) -> WorkEnd {
-        let sandbox_made = match sandbox_made {
-            Some(starting) => match starting.await {
-                Ok(Ok(gated)) => Some(gated),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "could not start the sandbox early");
-                    None
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "starting the sandbox early failed");
-                    None
-                }
-            },
-            None => None,
-        };
         let spawned = match sandbox_made {
             Some((group, pipe, gate)) => {
                 self.phases.sandbox_ready_at = Some(Utc::now());
@@ -833,9 +820,6 @@ impl Drop for CrashReport {
 /// (the URL, the HTTP header) is in it.
 /// A sandbox made early, waiting at its gate (`process::spawn_gated`).
 type Gated = (ProcessGroup, OutputPipe, Gate);
-
-/// A sandbox being started early, on a blocking thread.
-type Starting = tokio::task::JoinHandle<io::Result<Gated>>;
 
 /// What a job's sandbox mounts: the tree, the scratch's `tmp/` and `home/`,
 /// and the cache's objects the tree borrows, read-only.
