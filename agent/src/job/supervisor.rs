@@ -403,6 +403,10 @@ impl<C: JobController> Supervisor<C> {
             let Some(sandbox) = sandbox else { return };
             let command = make_command(&job, &inherited_env, &dirs.tree);
             let paths = job_paths(&dirs.tree, &dirs.scratch, dirs.shared_objects.clone());
+            // Here, on the runtime's worker thread, never on a blocking
+            // thread: bubblewrap's --die-with-parent follows the thread that
+            // forked it, and the runtime ends idle blocking threads after
+            // 10 s, which would SIGKILL every longer job.
             match process::spawn_gated(&sandbox.wrap_gated(command, &paths)) {
                 Ok(gated) => {
                     if let Ok(mut made) = sandbox_made.lock() {

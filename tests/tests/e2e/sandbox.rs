@@ -461,6 +461,33 @@ async fn an_ordinary_job_works_in_the_sandbox(agent_opts: AgentOpts) {
     assert_eq!(server.join().unwrap(), "hello from the job\n");
 }
 
+/// bubblewrap's `--die-with-parent` follows the thread that started it, not
+/// the agent: a sandbox started from a thread that ends (the runtime ends
+/// idle blocking threads after 10 s) is killed with its job. A job that
+/// outlives that must run to its end.
+#[tokio::test]
+async fn a_job_longer_than_an_idle_threads_life_runs_to_its_end() {
+    let s = setup_with(AgentOpts::default()).await;
+    let long = s.repo.commit(
+        &[(
+            "Makefile",
+            &format!(
+                "{}\nlong:\n\t@echo started; sleep 12; echo \"still running after 12 s\"\n",
+                makefile()
+            ),
+        )],
+        "a long job",
+    );
+    let job = s
+        .api
+        .run_job(REPO, json!({ "target": "long", "commit": long }))
+        .await;
+    let end = s.api.wait_for_end(job.id, JOB_TIMEOUT).await;
+    let log = s.api.output(job.id).await;
+    assert_eq!(end.state, JobState::Succeeded, "{log}");
+    assert!(log.contains("still running after 12 s"), "{log}");
+}
+
 #[tokio::test]
 async fn an_ordinary_job_does_its_work_in_the_sandbox() {
     an_ordinary_job_works_in_the_sandbox(AgentOpts::default()).await;
