@@ -500,6 +500,22 @@ fn deploying_repos(
     Ok(repos)
 }
 
+/// The queued delivery `id` when its attempt is `attempt` (the fencing
+/// token of the controller that claimed it); `None` when it is gone or
+/// claimed again since.
+fn delivery_at(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+    attempt: u32,
+) -> StoreResult<Option<NotificationDelivery>> {
+    let current: Option<NotificationDelivery> = table
+        .get(id)
+        .map_err(unavailable)?
+        .map(|value| decode(value.value()))
+        .transpose()?;
+    Ok(current.filter(|current| current.attempt == attempt))
+}
+
 fn get_json<T: DeserializeOwned>(
     db: &Database,
     table: TableDefinition<'_, &str, &[u8]>,
@@ -1228,13 +1244,7 @@ impl Store for EmbeddedStore {
             let txn = inner.db.begin_write().map_err(unavailable)?;
             {
                 let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
-                let current: Option<NotificationDelivery> =
-                    match table.get(id.as_str()).map_err(unavailable)? {
-                        Some(value) => Some(decode(value.value())?),
-                        None => None,
-                    };
-                let Some(mut delivery) = current.filter(|current| current.attempt == attempt)
-                else {
+                let Some(mut delivery) = delivery_at(&table, &id, attempt)? else {
                     return Ok(false);
                 };
                 delivery.due_at = due_at;
@@ -1254,12 +1264,7 @@ impl Store for EmbeddedStore {
             let txn = inner.db.begin_write().map_err(unavailable)?;
             {
                 let mut table = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
-                let current: Option<NotificationDelivery> =
-                    match table.get(id.as_str()).map_err(unavailable)? {
-                        Some(value) => Some(decode(value.value())?),
-                        None => None,
-                    };
-                if current.is_none_or(|current| current.attempt != attempt) {
+                if delivery_at(&table, &id, attempt)?.is_none() {
                     return Ok(false);
                 }
                 table.remove(id.as_str()).map_err(unavailable)?;
