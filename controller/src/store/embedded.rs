@@ -18,13 +18,14 @@ use redb::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobKind, JobState, Repo, RepoRef};
 use hobotnica_common::logs::{AppendPlan, plan_append};
 use hobotnica_common::private_fs;
 
+use super::snapshot;
 use super::{
     AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
     QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
@@ -1346,6 +1347,24 @@ impl Store for EmbeddedStore {
             Ok(victims.len())
         })
         .await
+    }
+
+    async fn export(&self, _sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "export: not implemented yet".into(),
+        ))
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        Err(StoreError::Unavailable(
+            "import: not implemented yet".into(),
+        ))
+    }
+
+    async fn import(&self, _batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "import: not implemented yet".into(),
+        ))
     }
 }
 

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hobotnica_common::ids::{AgentId, JobId};
 use hobotnica_common::job::{Job, JobState, Repo};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
+use super::snapshot;
 use super::{
     AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
     QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult,
@@ -313,5 +314,17 @@ impl Store for MeteredStore {
     }
     async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize> {
         self.timed("prune", self.inner.prune(policy, now)).await
+    }
+
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        self.inner.export(sink).await
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        self.inner.is_empty().await
+    }
+
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        self.inner.import(batch).await
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod snapshot;
 mod transitions;
 
 #[cfg(test)]
@@ -22,7 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use hobotnica_common::ids::{AgentId, CommitSha, JobId};
 use hobotnica_common::job::{Job, JobKind, JobState, JobTimings, Outcome, Repo, RepoRef, Trigger};
@@ -438,6 +439,19 @@ pub trait Store: Send + Sync + 'static {
     /// policy's age or beyond its count per repository. Queued and running
     /// jobs are never deleted. Returns how many were deleted.
     async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize>;
+
+    /// Sends everything the store holds to `sink` as snapshot records, read
+    /// from one consistent view: repositories, then each job followed by
+    /// its log, agents, agent tokens, keys, sessions, pending notifications
+    /// and last the next job id. Stops early, without error, when the
+    /// receiver is dropped.
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()>;
+    /// Whether the store holds nothing at all (an import's precondition).
+    async fn is_empty(&self) -> StoreResult<bool>;
+    /// Writes snapshot records into the store exactly as they are (ids,
+    /// states and offsets kept), without events. For an empty store being
+    /// imported into; called with batches in the order of an export.
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()>;
 }
 
 /// How long finished jobs and their logs are kept.

@@ -24,9 +24,10 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisFuture, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::snapshot;
 use super::{
     AgentRecord, AgentTokenRecord, Finish, Finished, JobFilter, NewJob, NotificationDelivery,
     QueueStats, Retention, SessionRecord, Store, StoreError, StoreEvent, StoreResult, transitions,
@@ -2079,6 +2080,24 @@ impl Store for RedisStore {
             }
         }
         Ok(deleted)
+    }
+
+    async fn export(&self, _sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "export: not implemented yet".into(),
+        ))
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        Err(StoreError::Unavailable(
+            "import: not implemented yet".into(),
+        ))
+    }
+
+    async fn import(&self, _batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        Err(StoreError::Unavailable(
+            "import: not implemented yet".into(),
+        ))
     }
 }
 
