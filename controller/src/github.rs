@@ -9,6 +9,7 @@ use std::fmt;
 use hobotnica_common::ids::CommitSha;
 use octocrab::Octocrab;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 /// A GitHub token. `Debug` and `Display` never print it.
@@ -106,9 +107,9 @@ pub struct CommitStatus {
 pub struct GitHub {
     web_url: String,
     api_url: String,
-    /// Where each call's outcome is counted (`hobotnica_github_calls_total`),
-    /// if anywhere. GitHub's `x-ratelimit-remaining` is not seen: octocrab's
-    /// typed calls return the parsed body only.
+    /// Where each call's outcome (`hobotnica_github_calls_total`) and
+    /// GitHub's remaining rate limit (`x-ratelimit-remaining`, read off
+    /// each REST answer) are recorded, if anywhere.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
@@ -144,6 +145,32 @@ fn map_error(err: octocrab::Error) -> GitHubError {
     }
 }
 
+/// The rate-limit resource and the calls left on it, from an answer's
+/// `x-ratelimit-resource` and `x-ratelimit-remaining` (the resource is one
+/// of GitHub's known names, or `other`: a bounded label).
+fn rate_limit(headers: &axum::http::HeaderMap) -> Option<(&'static str, u64)> {
+    let remaining = headers
+        .get("x-ratelimit-remaining")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let resource = match headers
+        .get("x-ratelimit-resource")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("core")
+    {
+        "core" => "core",
+        "graphql" => "graphql",
+        "search" => "search",
+        "code_search" => "code_search",
+        "integration_manifest" => "integration_manifest",
+        _ => "other",
+    };
+    Some((resource, remaining))
+}
+
 /// Longest wait for a connection to GitHub's API.
 pub const GITHUB_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest wait for GitHub's API to send anything on an open connection.
@@ -174,6 +201,41 @@ impl GitHub {
             metrics.github_call(call, outcome(&result));
         }
         result
+    }
+
+    /// Records the rate limit an answer's headers report.
+    fn note_rate_limit(&self, headers: &axum::http::HeaderMap) {
+        if let (Some(metrics), Some((resource, remaining))) = (&self.metrics, rate_limit(headers)) {
+            metrics.github_rate_limit(resource, remaining);
+        }
+    }
+
+    /// One REST call (`body`: a POST's, else a GET) to `path` of the API,
+    /// its JSON answer parsed. The answer's rate-limit headers are recorded
+    /// first, also on a refusal (a 403 for the limit says 0 left).
+    async fn rest<R: DeserializeOwned>(
+        &self,
+        token: &GitHubToken,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<R, GitHubError> {
+        let client = self.client(token)?;
+        let uri = format!("{}{path}", self.api_url);
+        let response = match body {
+            Some(body) => client._post(uri, Some(body)).await,
+            None => client._get(uri).await,
+        }
+        .map_err(map_error)?;
+        self.note_rate_limit(response.headers());
+        let response = octocrab::map_github_error(response)
+            .await
+            .map_err(map_error)?;
+        let text = client.body_to_string(response).await.map_err(map_error)?;
+        serde_json::from_str(&text).map_err(|err| {
+            GitHubError::Unavailable(format!(
+                "GitHub answered {path} with unexpected JSON: {err}"
+            ))
+        })
     }
 
     /// The URL git clones a repository from.
@@ -225,10 +287,8 @@ impl GitHub {
         name: &str,
     ) -> Result<RepositoryInfo, GitHubError> {
         let result = async {
-            self.client(token)?
-                .get(format!("/repos/{owner}/{name}"), None::<&()>)
+            self.rest(token, &format!("/repos/{owner}/{name}"), None)
                 .await
-                .map_err(map_error)
         }
         .await;
         self.counted("repository", result)
@@ -253,13 +313,12 @@ impl GitHub {
                     sha: String,
                 }
                 let reference: Ref = self
-                    .client(token)?
-                    .get(
-                        format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
-                        None::<&()>,
+                    .rest(
+                        token,
+                        &format!("/repos/{owner}/{name}/git/ref/heads/{branch}"),
+                        None,
                     )
-                    .await
-                    .map_err(map_error)?;
+                    .await?;
                 reference.object.sha.parse().map_err(|_| {
                     GitHubError::Unavailable("GitHub answered an invalid sha".to_owned())
                 })
@@ -284,13 +343,13 @@ impl GitHub {
                 sha: String,
             }
             let answer: Result<Commit, _> = self
-                .client(token)?
-                .get(
-                    format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
-                    None::<&()>,
+                .rest(
+                    token,
+                    &format!("/repos/{owner}/{name}/git/commits/{}", sha.as_str()),
+                    None,
                 )
                 .await;
-            match answer.map_err(map_error) {
+            match answer {
                 Ok(commit) => Ok(commit.sha.eq_ignore_ascii_case(sha.as_str())),
                 Err(GitHubError::NotFound) => Ok(false),
                 Err(err) => Err(err),
@@ -310,9 +369,9 @@ impl GitHub {
     ) -> Result<(), GitHubError> {
         let result = async {
             let _: serde_json::Value = self
-                .client(token)?
-                .post(
-                    format!("/repos/{owner}/{name}/statuses/{sha}"),
+                .rest(
+                    token,
+                    &format!("/repos/{owner}/{name}/statuses/{sha}"),
                     Some(&json!({
                         "state": status.state.as_str(),
                         "target_url": status.target_url,
@@ -320,16 +379,15 @@ impl GitHub {
                         "context": status.context,
                     })),
                 )
-                .await
-                .map_err(map_error)?;
+                .await?;
             Ok(())
         }
         .await;
         self.counted("create_status", result)
     }
 
-    /// Creates the push + pull_request webhook pointing at `url`.
-    /// Creates the repository's webhook; returns its id on GitHub.
+    /// Creates the repository's push + pull_request webhook pointing at
+    /// `url`; returns its id on GitHub.
     pub async fn create_hook(
         &self,
         token: &GitHubToken,
@@ -344,9 +402,9 @@ impl GitHub {
                 id: u64,
             }
             let hook: Hook = self
-                .client(token)?
-                .post(
-                    format!("/repos/{owner}/{name}/hooks"),
+                .rest(
+                    token,
+                    &format!("/repos/{owner}/{name}/hooks"),
                     Some(&json!({
                         "name": "web",
                         "active": true,
@@ -359,8 +417,7 @@ impl GitHub {
                         },
                     })),
                 )
-                .await
-                .map_err(map_error)?;
+                .await?;
             Ok(hook.id)
         }
         .await;
@@ -384,6 +441,7 @@ impl GitHub {
                 )
                 .await
                 .map_err(map_error)?;
+            self.note_rate_limit(answer.headers());
             match octocrab::map_github_error(answer).await.map_err(map_error) {
                 Ok(_) | Err(GitHubError::NotFound) => Ok(()),
                 Err(err) => Err(err),

@@ -211,6 +211,7 @@ pub struct Metrics {
     log_chunks_rejected: Counter,
     webhooks: Family<Labels2, Counter>,
     github_calls: Family<Labels2, Counter>,
+    github_rate_limit_remaining: Family<Labels1, Gauge>,
     statuses_posted: Counter,
     statuses_failed: Counter,
     notification_attempts: Family<Labels2, Counter>,
@@ -344,6 +345,12 @@ impl Metrics {
             "Calls to GitHub's API, by call and outcome",
             github_calls.clone(),
         );
+        let github_rate_limit_remaining = Family::default();
+        registry.register(
+            "github_rate_limit_remaining",
+            "Calls GitHub's API has left for the token of its latest answer, by rate-limit resource (core, graphql, ...); no series before the first answer",
+            github_rate_limit_remaining.clone(),
+        );
         let statuses_posted = Counter::default();
         registry.register(
             "commit_statuses_posted",
@@ -435,6 +442,7 @@ impl Metrics {
             log_chunks_rejected: log_chunks.get_or_create_owned(&[("result", "rejected")]),
             webhooks,
             github_calls,
+            github_rate_limit_remaining,
             statuses_posted,
             statuses_failed,
             notification_attempts,
@@ -568,6 +576,14 @@ impl Metrics {
         self.github_calls
             .get_or_create(&[("call", call), ("outcome", outcome)])
             .inc();
+    }
+
+    /// GitHub said `remaining` calls are left on its rate limit
+    /// `resource` (already one of a bounded set).
+    pub fn github_rate_limit(&self, resource: &'static str, remaining: u64) {
+        self.github_rate_limit_remaining
+            .get_or_create(&[("resource", resource)])
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
     pub fn commit_status_posted(&self) {

@@ -686,6 +686,17 @@ async fn webhooks_github_calls_and_commit_statuses_are_counted() {
         ),
         1.0
     );
+    // GitHub's answers said how many calls the token has left: a few of
+    // its 5,000 an hour are spent.
+    let remaining = value(
+        &all,
+        "hobotnica_github_rate_limit_remaining",
+        &[("resource", "core")],
+    );
+    assert!(
+        (4_900.0..5_000.0).contains(&remaining),
+        "remaining rate limit {remaining}"
+    );
     for sample in &all {
         for (key, label) in &sample.labels {
             for bad in [
@@ -704,6 +715,43 @@ async fn webhooks_github_calls_and_commit_statuses_are_counted() {
             }
         }
     }
+
+    // The token's limit is spent: the next commit's status is refused, and
+    // the gauge says nothing is left.
+    github.set_rate_limited(&token, true);
+    let later = repo.commit_version("metrics, rate limited");
+    let payload = github.push_payload(
+        "octo-org/widget",
+        "refs/heads/main",
+        &pushed,
+        &later,
+        false,
+        false,
+    );
+    let queued = send_webhook(
+        &webhook_url,
+        "push",
+        &new_delivery_id(),
+        &payload,
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    wait_for(JOB_TIMEOUT, "the rate limit counted as spent", || async {
+        let all = samples(&scrape(metrics_addr, None).await.1);
+        let left = value(
+            &all,
+            "hobotnica_github_rate_limit_remaining",
+            &[("resource", "core")],
+        );
+        let refused = value(
+            &all,
+            "hobotnica_github_calls_total",
+            &[("call", "create_status"), ("outcome", "rate_limited")],
+        );
+        (left == 0.0 && refused >= 1.0).then_some(())
+    })
+    .await;
 }
 
 /// `deploy/<path>` of this checkout.
