@@ -137,6 +137,10 @@ pub enum Command {
     /// Agents known to the controller.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Where a repository's finished jobs are told about (Slack, signed
+    /// webhooks).
+    #[command(subcommand)]
+    Notifications(NotificationsCommand),
     /// Maintenance that works on the store directly.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -348,6 +352,81 @@ pub enum EnvCommand {
         #[arg(long, value_enum)]
         scope: Option<EnvScope>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NotificationsCommand {
+    /// List a repository's notification targets and how each one's last
+    /// delivery went (a target's URL is never shown, only its host).
+    Ls {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+    },
+    /// Add or replace a target; its URL is read from stdin, never from the
+    /// command line. A `webhook` target gets a new signing secret, printed
+    /// once.
+    Set {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+        /// The target's name within the repository (e.g. `chat`).
+        id: String,
+        #[arg(long, value_enum)]
+        kind: NotificationKindArg,
+        /// Which finished jobs (default: all).
+        #[arg(long, value_enum)]
+        events: Option<NotificationEventsArg>,
+        /// Refused: the URL is read from stdin, never from the command
+        /// line, where every user of the host can read it. (Not `url`:
+        /// that is the global `--url`, whose value would land here.)
+        #[arg(hide = true, value_name = "URL")]
+        url_on_command_line: Option<String>,
+    },
+    /// Remove a target.
+    Rm {
+        /// `OWNER/NAME` or `NAME` (owner `local`).
+        repo: String,
+        /// The target's name.
+        id: String,
+    },
+}
+
+/// What a notification target is.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NotificationKindArg {
+    /// A Slack-compatible incoming webhook (a message).
+    Slack,
+    /// The job as JSON, signed with HMAC-SHA256 (`X-Hobotnica-Signature-256`).
+    Webhook,
+}
+
+impl NotificationKindArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationKindArg::Slack => "slack",
+            NotificationKindArg::Webhook => "webhook",
+        }
+    }
+}
+
+/// Which finished jobs a target hears about.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NotificationEventsArg {
+    /// Every finished job.
+    All,
+    /// Deploys, whatever their outcome.
+    Deploys,
+    /// Jobs that failed, timed out or were lost.
+    Failures,
+}
+
+impl NotificationEventsArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationEventsArg::All => "all",
+            NotificationEventsArg::Deploys => "deploys",
+            NotificationEventsArg::Failures => "failures",
+        }
+    }
 }
 
 #[derive(Subcommand)]

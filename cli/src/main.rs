@@ -1,5 +1,5 @@
 //! `hobot`, the Hobotnica operator CLI: repositories, runs, deploys,
-//! environment variables, jobs, logs and agents over the controller's REST
+//! environment variables, jobs, logs, agents and notification targets over the controller's REST
 //! API and gRPC log tailing, and `hobot up`, which runs a controller with
 //! local agents in one process.
 //!
@@ -16,6 +16,7 @@ mod client;
 mod commands;
 mod config;
 mod logs;
+mod notifications;
 mod output;
 mod terminal;
 mod up;
@@ -89,6 +90,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return logs::tail(&client, args.id, args.offset, args.follow, args.raw).await;
         }
         Command::Agents(command) => commands::agents(&client, command, json).await?,
+        Command::Notifications(command) => {
+            notifications::notifications(&client, command, json).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

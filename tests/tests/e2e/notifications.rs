@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, KeyInit, Mac};
-use hobotnica_tests::{Api, JobState, wait_for};
+use hobotnica_tests::{Api, JobState, cli, wait_for};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -467,4 +467,105 @@ async fn two_controllers_on_one_redis_send_each_notification_once() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), JOBS, "one delivery id per job");
+}
+
+/// `hobot notifications` as an operator uses it: a URL on the command line
+/// is refused (it is a secret), the URL goes in on stdin, a webhook
+/// target's signing secret is printed once and signs what arrives, `ls`
+/// shows the target's host and last delivery but never its URL, and `rm`
+/// removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hobot_sets_lists_and_removes_targets_and_keeps_the_url_off_screen() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let setup = setup().await;
+    let controller = Some(&setup.controller);
+    let receiver = Receiver::start(Behaviour::Answer(&[200])).await;
+    let cwd = tempfile::tempdir().unwrap();
+    let set = [
+        "notifications",
+        "set",
+        REPO,
+        "hooks",
+        "--kind",
+        "webhook",
+        "--events",
+        "failures",
+    ];
+
+    let mut on_the_line = set.to_vec();
+    on_the_line.push(&receiver.url);
+    let refused = cli::run(controller, cwd.path(), &on_the_line).await;
+    assert_eq!(refused.code(), Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("read from stdin"), "{refused:?}");
+    assert!(!refused.stderr.contains(&receiver.path), "{refused:?}");
+    let listed = cli::run(controller, cwd.path(), &["notifications", "ls", REPO]).await;
+    assert!(!listed.success().contains("hooks"), "refused, yet set");
+
+    let mut child = cli::command(controller, cwd.path())
+        .args(set)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hobot");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{}\n", receiver.url).as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let printed = cli::finish(child, &set).await.success();
+    assert!(printed.contains("go to 127.0.0.1"), "{printed}");
+    assert!(!printed.contains(&receiver.path), "{printed}");
+    let secret = printed
+        .lines()
+        .find_map(|line| line.rsplit_once("with it): ").map(|(_, secret)| secret))
+        .unwrap_or_else(|| panic!("no signing secret printed: {printed}"))
+        .trim()
+        .to_owned();
+
+    let failed = setup.api.run_target(REPO, "fail").await;
+    let told = &receiver.wait_for(1, "the failure's webhook").await[0];
+    assert_eq!(told.json()["job"]["id"], failed.id);
+    assert_eq!(
+        told.header("x-hobotnica-signature-256"),
+        Some(format!("sha256={}", hmac_hex(&secret, &told.body)).as_str())
+    );
+
+    let table = wait_for(DELIVERY_TIMEOUT, "`ls` to show the delivery", || async {
+        let table = cli::run(controller, cwd.path(), &["notifications", "ls", REPO])
+            .await
+            .success();
+        table.contains("delivered (1 attempts)").then_some(table)
+    })
+    .await;
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("hooks"))
+        .unwrap_or_else(|| panic!("no row for the target: {table}"));
+    for part in [
+        "webhook",
+        "failures",
+        "127.0.0.1",
+        "yes",
+        &failed.id.to_string(),
+        "HTTP 200",
+    ] {
+        assert!(row.contains(part), "{part:?} in {row:?}");
+    }
+    assert!(!table.contains(&receiver.path), "the URL is shown: {table}");
+    assert!(!table.contains(&secret), "the secret is shown: {table}");
+
+    let removed = cli::run(
+        controller,
+        cwd.path(),
+        &["notifications", "rm", REPO, "hooks"],
+    )
+    .await;
+    assert!(
+        removed
+            .success()
+            .contains("removed notification target hooks")
+    );
+    let listed = cli::run(controller, cwd.path(), &["notifications", "ls", REPO]).await;
+    assert!(!listed.success().contains("hooks"), "removed, yet listed");
 }
