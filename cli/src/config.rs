@@ -110,6 +110,23 @@ impl Cli {
         {
             up.controller.note_command_line(up_matches);
         }
+        if let (Command::Admin(admin), Some(("admin", admin_matches))) =
+            (&mut self.command, matches.subcommand())
+        {
+            match (admin, admin_matches.subcommand()) {
+                (AdminCommand::Export(args), Some((_, matches))) => {
+                    args.store.note_command_line(matches);
+                }
+                (AdminCommand::Import(args), Some((_, matches))) => {
+                    args.store.note_command_line(matches);
+                }
+                (AdminCommand::Migrate(args), Some((_, matches))) => {
+                    args.from.note_command_line(matches);
+                    args.to.note_command_line(matches);
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -149,6 +166,47 @@ pub enum AdminCommand {
     /// first (embedded store), or restart every controller with the new key
     /// afterwards (Redis). Safe to run again if interrupted.
     RotateKey(Box<RotateKeyArgs>),
+    /// Write everything a store holds (repositories, jobs, logs, agents,
+    /// tokens, sessions...) into a snapshot file, from one consistent view.
+    /// Secrets stay sealed: keep the controller's secret key with it. The
+    /// embedded store must not be in use by a controller; Redis may be.
+    Export(Box<ExportArgs>),
+    /// Read a snapshot file into a new, empty store (ids and logs kept; a
+    /// job that was running comes back lost).
+    Import(Box<ImportArgs>),
+    /// Copy everything from one store into a new, empty one (an export
+    /// piped into an import, no file): e.g. from `hobot up`'s embedded
+    /// store to Redis. Stop the controllers of the source first.
+    Migrate(Box<MigrateArgs>),
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub store: hobotnica_controller::store::open::StoreArgs,
+    /// The snapshot file to write (written as a temporary file beside it,
+    /// mode 0600, then renamed).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub store: hobotnica_controller::store::open::StoreArgs,
+    /// The snapshot file (from `hobot admin export`).
+    pub file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub from: hobotnica_controller::store::open::MigrateFrom,
+    #[command(flatten)]
+    pub to: hobotnica_controller::store::open::MigrateTo,
 }
 
 #[derive(Args)]

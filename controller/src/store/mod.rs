@@ -7,6 +7,7 @@
 //! (`store::conformance`) runs against each backend.
 
 pub mod embedded;
+pub mod open;
 pub mod redis;
 pub mod snapshot;
 mod transitions;
