@@ -141,13 +141,13 @@ pub async fn open_existing(location: &StoreLocation) -> anyhow::Result<Arc<dyn S
 /// and `--redis-ca-cert`. [`MigrateFrom`] and [`MigrateTo`] are the same
 /// with `--from-` and `--to-`.
 macro_rules! store_args {
-    ($(#[$meta:meta])* $name:ident, $data_dir:literal, $redis:literal, $redis_env:literal,
+    ($(#[$meta:meta])* $name:ident, $data_id:literal, $data_dir:literal, $redis:literal, $redis_env:literal,
      $url_file:literal, $url_file_env:literal, $ca:literal, $ca_env:literal, $data_env:literal) => {
         $(#[$meta])*
         #[derive(Clone, Debug, clap::Args)]
         pub struct $name {
             /// The embedded store's data directory.
-            #[arg(id = $data_dir, long = $data_dir, env = $data_env, value_name = "DIR")]
+            #[arg(id = $data_id, long = $data_dir, env = $data_env, value_name = "DIR")]
             pub data_dir: Option<PathBuf>,
             /// Redis (`redis://host:6379/0`, `rediss://` for TLS). A URL
             /// with a password belongs in the environment variable or the
@@ -164,19 +164,30 @@ macro_rules! store_args {
             /// ([`Self::note_command_line`]).
             #[arg(skip)]
             pub redis_on_command_line: bool,
+            /// The data directory was given, not a default
+            /// ([`Self::note_command_line`]).
+            #[arg(skip)]
+            pub data_dir_given: bool,
         }
 
         impl $name {
             /// Whether any store option was given.
             pub fn given(&self) -> bool {
-                self.data_dir.is_some() || self.redis_url.is_some() || self.redis_url_file.is_some()
+                self.data_dir_given || self.redis_url.is_some() || self.redis_url_file.is_some()
             }
 
             /// Notes whether the Redis URL came from the command line;
             /// `matches` are those of the command that flattens these.
             pub fn note_command_line(&mut self, matches: &clap::ArgMatches) {
-                self.redis_on_command_line = matches.value_source($redis)
-                    == Some(clap::parser::ValueSource::CommandLine);
+                use clap::parser::ValueSource;
+                self.redis_on_command_line =
+                    matches.value_source($redis) == Some(ValueSource::CommandLine);
+                // `hobot --data-dir` is global, with a default: only a
+                // directory given names the store.
+                self.data_dir_given = matches!(
+                    matches.value_source($data_id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
             }
 
             /// The store these options name. A Redis URL with a password
@@ -199,7 +210,8 @@ macro_rules! store_args {
                     (None, Some(path)) => Some(read_secret_file(concat!("--", $url_file), path)?),
                     (None, None) => None,
                 };
-                match (url, &self.data_dir) {
+                let data_dir = self.data_dir.as_ref().filter(|_| self.data_dir_given);
+                match (url, data_dir) {
                     (Some(_), Some(_)) => anyhow::bail!("give --{} or --{}, not both", $data_dir, $redis),
                     (Some(url), None) => Ok(StoreLocation::Redis {
                         url,
@@ -218,18 +230,18 @@ macro_rules! store_args {
 
 store_args!(
     /// A store, by the controller's options.
-    StoreArgs, "data-dir", "redis", "HOBOTNICA_REDIS_URL", "redis-url-file",
+    StoreArgs, "data_dir", "data-dir", "redis", "HOBOTNICA_REDIS_URL", "redis-url-file",
     "HOBOTNICA_REDIS_URL_FILE", "redis-ca-cert", "HOBOTNICA_REDIS_CA_CERT", "HOBOTNICA_DATA_DIR"
 );
 store_args!(
     /// The store a migration reads.
-    MigrateFrom, "from-data-dir", "from-redis", "HOBOTNICA_FROM_REDIS_URL", "from-redis-url-file",
+    MigrateFrom, "from-data-dir", "from-data-dir", "from-redis", "HOBOTNICA_FROM_REDIS_URL", "from-redis-url-file",
     "HOBOTNICA_FROM_REDIS_URL_FILE", "from-redis-ca-cert", "HOBOTNICA_FROM_REDIS_CA_CERT",
     "HOBOTNICA_FROM_DATA_DIR"
 );
 store_args!(
     /// The store a migration writes.
-    MigrateTo, "to-data-dir", "to-redis", "HOBOTNICA_TO_REDIS_URL", "to-redis-url-file",
+    MigrateTo, "to-data-dir", "to-data-dir", "to-redis", "HOBOTNICA_TO_REDIS_URL", "to-redis-url-file",
     "HOBOTNICA_TO_REDIS_URL_FILE", "to-redis-ca-cert", "HOBOTNICA_TO_REDIS_CA_CERT",
     "HOBOTNICA_TO_DATA_DIR"
 );
