@@ -585,6 +585,73 @@ mod tests {
         );
     }
 
+    /// The store options of `hobot admin export | import | migrate`.
+    fn admin(args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("hobot").chain(args.iter().copied()))?;
+        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        cli.note_command_line(&matches);
+        let Command::Admin(admin) = cli.command else {
+            anyhow::bail!("not an admin command");
+        };
+        let locations = match admin {
+            AdminCommand::Export(args) => vec![args.store.location()?],
+            AdminCommand::Import(args) => vec![args.store.location()?],
+            AdminCommand::Migrate(args) => vec![args.from.location()?, args.to.location()?],
+            AdminCommand::RotateKey(_) => Vec::new(),
+        };
+        Ok(locations
+            .iter()
+            .map(|location| location.describe())
+            .collect())
+    }
+
+    #[test]
+    fn admin_commands_name_their_stores_and_refuse_passwords_in_argv() {
+        assert_eq!(
+            admin(&["admin", "export", "--data-dir", "/srv/h", "--out", "f"]).unwrap(),
+            ["the embedded store in /srv/h"]
+        );
+        assert_eq!(
+            admin(&["admin", "import", "--redis", "redis://r:6379/0", "f"]).unwrap(),
+            ["Redis at r:6379"]
+        );
+        assert_eq!(
+            admin(&[
+                "admin",
+                "migrate",
+                "--from-data-dir",
+                ".hobotnica",
+                "--to-redis",
+                "redis://r:6379/0",
+            ])
+            .unwrap(),
+            ["the embedded store in .hobotnica", "Redis at r:6379"]
+        );
+        let refused = admin(&["admin", "import", "--redis", "redis://:pw@r:6379/0", "f"])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("refused on the command line"), "{refused}");
+        assert!(!refused.contains("pw"), "{refused}");
+        let none = admin(&["admin", "export", "--out", "f"])
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("name the store"), "{none}");
+        let both = admin(&[
+            "admin",
+            "export",
+            "--data-dir",
+            "d",
+            "--redis",
+            "redis://r/",
+            "--out",
+            "f",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("not both"), "{both}");
+    }
+
     #[test]
     fn env_pairs_and_labels() {
         assert_eq!(

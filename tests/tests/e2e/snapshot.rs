@@ -298,6 +298,24 @@ async fn export_and_import_through_a_file_and_what_is_refused() {
         "{}",
         after_cut.stderr
     );
+    let controller = tokio::process::Command::new(hobotnica_tests::bins::bin(
+        hobotnica_tests::bins::CONTROLLER,
+    ))
+    .args(["--data-dir", path_str(&fresh)])
+    .args(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+    .env_clear()
+    .kill_on_drop(true)
+    .output();
+    let refused = tokio::time::timeout(Duration::from_secs(60), controller)
+        .await
+        .expect("the controller exits")
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let said = text(&refused.stderr);
+    assert!(
+        said.contains("an earlier import into this store did not finish"),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
