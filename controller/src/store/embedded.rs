@@ -567,6 +567,8 @@ impl Inner {
     /// their files as they come).
     fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
         use snapshot::Record;
+        // The logs this batch wrote, synced before it commits.
+        let mut written_logs = std::collections::BTreeSet::new();
         let mut txn = self.db.begin_write().map_err(unavailable)?;
         txn.set_durability(Durability::Immediate)
             .map_err(unavailable)?;
@@ -620,7 +622,7 @@ impl Inner {
                             return Err(StoreError::LogGap { committed: length });
                         }
                         self.append_file(job, &data)?;
-                        self.sync_log(job);
+                        written_logs.insert(job);
                     }
                     Record::Agent { agent } => {
                         agents
@@ -659,6 +661,9 @@ impl Inner {
                     }
                 }
             }
+        }
+        for job in written_logs {
+            self.sync_log(job);
         }
         txn.commit().map_err(unavailable)
     }
