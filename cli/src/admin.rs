@@ -10,7 +10,8 @@ use hobotnica_common::private_fs;
 use hobotnica_controller::store::open::{self, StoreLocation};
 use hobotnica_controller::store::snapshot::{self, Progress};
 
-use crate::config::{ExportArgs, ImportArgs, MigrateArgs};
+use crate::client::{Client, Connection};
+use crate::config::{ExportArgs, GlobalArgs, ImportArgs, MigrateArgs};
 
 fn report(verb: &'static str) -> impl Fn(&Progress) + Send + 'static {
     move |done: &Progress| eprintln!("{verb} {done}")
@@ -25,13 +26,17 @@ fn temporary_beside(out: &Path) -> PathBuf {
     out.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
-pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let location = args.store.location()?;
+/// `hobot admin export`: from the store the options name, or without them
+/// through the controller (`GET /api/v1/admin/export`, admin token).
+pub async fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let location = if args.store.given() {
+        Some(args.store.location()?)
+    } else {
+        None
+    };
     if !args.force && args.out.exists() {
         anyhow::bail!("{} exists: give --force to replace it", args.out.display());
     }
-    let store = open::open_existing(&location).await?;
-    eprintln!("exporting {}", location.describe());
     let partial = temporary_beside(&args.out);
     let file = private_fs::private_open_options()
         .write(true)
@@ -39,13 +44,21 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
         .open(&partial)
         .with_context(|| format!("cannot create {}", partial.display()))?;
     let written = async {
-        let done = snapshot::export_to_writer(
-            store.as_ref(),
-            location.kind(),
-            file.try_clone()?,
-            report("exported"),
-        )
-        .await?;
+        let summary = match &location {
+            Some(location) => {
+                let store = open::open_existing(location).await?;
+                eprintln!("exporting {}", location.describe());
+                let done = snapshot::export_to_writer(
+                    store.as_ref(),
+                    location.kind(),
+                    file.try_clone()?,
+                    report("exported"),
+                )
+                .await?;
+                done.to_string()
+            }
+            None => download(global, &file).await?,
+        };
         file.sync_all()?;
         if !args.force && args.out.exists() {
             anyhow::bail!(
@@ -55,12 +68,12 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
         std::fs::rename(&partial, &args.out)
             .with_context(|| format!("cannot write {}", args.out.display()))?;
-        Ok(done)
+        Ok(summary)
     }
     .await;
     match written {
-        Ok(done) => {
-            eprintln!("exported {done} into {}", args.out.display());
+        Ok(summary) => {
+            eprintln!("exported {summary} into {}", args.out.display());
             Ok(())
         }
         Err(err) => {
@@ -69,6 +82,39 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Downloads the controller's snapshot into `file`; says how much.
+async fn download(global: &GlobalArgs, file: &std::fs::File) -> anyhow::Result<String> {
+    let client = Client::new(Connection::discover(global)?)?;
+    eprintln!(
+        "exporting through the controller at {}",
+        client.connection.url
+    );
+    let mut response = client
+        .send(reqwest::Method::GET, "/api/v1/admin/export", None)
+        .await?;
+    let mut out = std::io::BufWriter::new(file.try_clone()?);
+    let mut bytes: u64 = 0;
+    let mut reported: u64 = 0;
+    while let Some(chunk) = response.chunk().await.context(
+        "the download was cut off (the export failed on the controller, or the connection)",
+    )? {
+        out.write_all(&chunk)?;
+        bytes += chunk.len() as u64;
+        if bytes >= reported + DOWNLOAD_PROGRESS_BYTES {
+            reported = bytes;
+            eprintln!("downloaded {}", hobotnica_common::size::human_size(bytes));
+        }
+    }
+    out.flush()?;
+    Ok(format!(
+        "{} (compressed) from the controller",
+        hobotnica_common::size::human_size(bytes)
+    ))
+}
+
+/// Progress of a download is reported every this many bytes.
+const DOWNLOAD_PROGRESS_BYTES: u64 = 16 * 1024 * 1024;
 
 pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
     let location = args.store.location()?;

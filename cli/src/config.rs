@@ -168,8 +168,10 @@ pub enum AdminCommand {
     RotateKey(Box<RotateKeyArgs>),
     /// Write everything a store holds (repositories, jobs, logs, agents,
     /// tokens, sessions...) into a snapshot file, from one consistent view.
-    /// Secrets stay sealed: keep the controller's secret key with it. The
-    /// embedded store must not be in use by a controller; Redis may be.
+    /// Secrets stay sealed: keep the controller's secret key with it. With
+    /// store options, from the store itself (the embedded store must not be
+    /// in use by a controller; Redis may be); without, through the running
+    /// controller (`GET /api/v1/admin/export`, the admin token).
     Export(Box<ExportArgs>),
     /// Read a snapshot file into a new, empty store (ids and logs kept; a
     /// job that was running comes back lost).

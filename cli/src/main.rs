@@ -76,7 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Admin(config::AdminCommand::Export(args)) => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            admin::export(*args).await?;
+            admin::export(*args, &global).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Admin(config::AdminCommand::Import(args)) => {

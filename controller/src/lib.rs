@@ -9,6 +9,7 @@
 mod agents;
 mod ansi;
 mod auth;
+mod backups;
 mod config;
 mod connections;
 #[cfg(test)]

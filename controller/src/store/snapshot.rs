@@ -95,6 +95,48 @@ pub enum Record {
 /// The largest piece of a log one record carries.
 pub const LOG_PIECE: usize = 256 * 1024;
 
+/// The snapshot file of `store`, as a stream of its bytes (for a download):
+/// exported on a task of its own, ending with an error instead of the
+/// trailer when the export fails (so the receiver never holds a file that
+/// looks complete). The export stops when the stream is dropped.
+pub fn export_stream(
+    store: std::sync::Arc<dyn Store>,
+    source: &'static str,
+) -> mpsc::Receiver<Result<Bytes, std::io::Error>> {
+    let (chunks, stream) = mpsc::channel(CHANNEL_RECORDS);
+    // Ends when the export does; a dropped receiver fails its next write.
+    tokio::spawn(async move {
+        let writer = ChannelWriter {
+            chunks: chunks.clone(),
+        };
+        if let Err(err) = export_to_writer(store.as_ref(), source, writer, |_| {}).await {
+            tracing::warn!(error = %err, "a snapshot download failed");
+            let _ = chunks
+                .send(Err(std::io::Error::other(err.to_string())))
+                .await;
+        }
+    });
+    stream
+}
+
+/// Sends what is written, a chunk at a time (from a blocking thread).
+struct ChannelWriter {
+    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.chunks
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Bytes as a base64 string (standard alphabet, padded).
 mod base64_bytes {
     use super::*;

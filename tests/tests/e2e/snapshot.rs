@@ -370,4 +370,45 @@ async fn a_redis_store_exports_into_a_file_an_embedded_store_imports() {
     assert!(imported.status.success(), "{imported:?}");
     target.restart().await;
     assert_moved(&before, &installation(&target.api()).await, 0);
+
+    // Without store options, hobot downloads the same from the running
+    // controller (admin token).
+    let downloaded = cwd.join("downloaded.jsonl.gz");
+    let mut command = cli::command(Some(&source), &cwd);
+    command.args(["admin", "export", "--out", path_str(&downloaded)]);
+    let args = ["admin", "export"];
+    let over_rest = cli::finish(command.spawn().unwrap(), &args).await;
+    assert!(over_rest.status.success(), "{over_rest:?}");
+    assert!(
+        over_rest.stderr.contains("from the controller"),
+        "{}",
+        over_rest.stderr
+    );
+    let mut second = Controller::start(ControllerOpts {
+        tokens: Some((source.admin_token.clone(), source.agent_token.clone())),
+        ..ControllerOpts::default()
+    })
+    .await;
+    second.stop().await;
+    let imported = hobot(
+        &cwd,
+        &[
+            "admin",
+            "import",
+            "--data-dir",
+            path_str(&second.data_dir()),
+            path_str(&downloaded),
+        ],
+        &[],
+    )
+    .await;
+    assert!(imported.status.success(), "{imported:?}");
+    second.restart().await;
+    assert_moved(&before, &installation(&second.api()).await, 0);
+    // Only the admin token may download it.
+    let stranger = source.api().with_token(Some("not-the-admin-token"));
+    let refused = stranger
+        .raw(Method::GET, "/api/v1/admin/export", None)
+        .await;
+    assert_eq!(refused.status, 401, "{}", refused.text());
 }
