@@ -560,6 +560,18 @@ local time = redis.call('TIME')
 return {repos, jobs, agents, tokens, keys, names, sessions, notifications, last_id, time}
 ";
 
+/// Appends an imported log piece at ARGV[1], which must be the log's
+/// length: anything else is an error (and writes nothing).
+/// KEYS: length, stream. ARGV: offset, data.
+const IMPORT_LOG: &str = r"
+local committed = tonumber(redis.call('GET', KEYS[1]) or '0')
+if committed ~= tonumber(ARGV[1]) then
+  return redis.error_reply('the log holds ' .. committed .. ' bytes, not ' .. ARGV[1])
+end
+redis.call('XADD', KEYS[2], (committed + 1) .. '-0', 'd', ARGV[2])
+return redis.call('INCRBY', KEYS[1], string.len(ARGV[2]))
+";
+
 /// Raises a counter to at least ARGV[1]. KEYS: the counter.
 const RAISE_TO: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -723,6 +735,9 @@ const READ_COMMANDS: &[&[u8]] = &[
     b"XRANGE",
     b"XREVRANGE",
     b"LINDEX",
+    b"SCAN",
+    b"EXISTS",
+    b"PTTL",
     b"PING",
     b"CONFIG",
 ];
@@ -2435,16 +2450,15 @@ impl Store for RedisStore {
                         continue;
                     }
                     // The stream's entry ids name the offsets (`N-0` is
-                    // offset N - 1): an entry out of order is refused.
-                    pipe.cmd("XADD")
-                        .arg(keys.log(job))
-                        .arg(format!("{}-0", offset + 1))
-                        .arg("d")
-                        .arg(data.as_ref())
-                        .ignore()
-                        .cmd("INCRBY")
+                    // offset N - 1); a piece that does not continue the
+                    // log is refused, writing nothing.
+                    pipe.cmd("EVAL")
+                        .arg(IMPORT_LOG)
+                        .arg(2)
                         .arg(keys.log_len(job))
-                        .arg(data.len())
+                        .arg(keys.log(job))
+                        .arg(offset)
+                        .arg(data.as_ref())
                         .ignore();
                 }
                 Record::Agent { agent } => {
@@ -2719,6 +2733,26 @@ mod tests {
             matches!(job, Ok(None)),
             "store operations work again: {job:?}"
         );
+    }
+
+    /// A log piece that does not continue its log is refused by Redis
+    /// (the stream's entry ids name the offsets), and the import says so.
+    #[tokio::test]
+    async fn an_import_out_of_order_fails() {
+        use crate::store::snapshot::Record;
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url, "test:", None)
+            .await
+            .unwrap();
+        let piece = |offset: u64| Record::Log {
+            job: JobId(1),
+            offset,
+            data: Bytes::from_static(b"0123456789"),
+        };
+        store.import(vec![piece(0)]).await.unwrap();
+        let refused = store.import(vec![piece(0)]).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(store.log_len(JobId(1)).await.unwrap(), 10);
     }
 
     async fn next_event(
