@@ -1167,18 +1167,21 @@ impl RedisStore {
         Ok(done == 1)
     }
 
-    /// What a remembered key has left (ms), in this import batch or
-    /// already stored; negative when it is not remembered.
+    /// What a key being imported has left (ms; at most 0 when it expired
+    /// already), from this import batch or the keys stored; `None` for a key
+    /// the snapshot does not hold.
     async fn key_remaining(
         &self,
         batch: &std::collections::HashMap<String, i64>,
         key: &str,
-    ) -> StoreResult<i64> {
+    ) -> StoreResult<Option<i64>> {
         if let Some(remaining) = batch.get(key) {
-            return Ok(*remaining);
+            return Ok(Some(*remaining));
         }
-        self.query(redis::cmd("PTTL").arg(self.keys.delivery(key)))
-            .await
+        let remaining: i64 = self
+            .query(redis::cmd("PTTL").arg(self.keys.delivery(key)))
+            .await?;
+        Ok((remaining >= 0).then_some(remaining))
     }
 
     /// Deletes a finished job and everything of it.
@@ -2502,13 +2505,16 @@ impl Store for RedisStore {
                     // Kept as long as its key is remembered (the key, or
                     // the part before '#' of a request's fingerprint).
                     let mut remaining = self.key_remaining(&batch_keys, &name).await?;
-                    if remaining < 0
+                    if remaining.is_none()
                         && let Some((base, _)) = name.rsplit_once('#')
                     {
                         remaining = self.key_remaining(&batch_keys, base).await?;
                     }
-                    if remaining < 0 {
-                        remaining = retention_ms;
+                    // A name whose key is forgotten already goes with it; one
+                    // without a key is kept for the retention.
+                    let remaining = remaining.unwrap_or(retention_ms);
+                    if remaining <= 0 {
+                        continue;
                     }
                     pipe.cmd("SET")
                         .arg(keys.key_job(&name))
