@@ -3053,6 +3053,7 @@ mod snapshot_suite {
         embedded_to_embedded: an_import_answers_like_its_export(embedded(), embedded());
         embedded_to_redis: an_import_answers_like_its_export(embedded(), redis(None, "test:").await);
         redis_to_embedded: an_import_answers_like_its_export(redis(None, "test:").await, embedded());
+        rules_embedded_to_embedded: imports_follow_the_rules(embedded(), embedded());
         rules_embedded_to_redis: imports_follow_the_rules(embedded(), redis(None, "test:").await);
         rules_redis_to_embedded: imports_follow_the_rules(redis(None, "test:").await, embedded());
     }
