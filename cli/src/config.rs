@@ -110,6 +110,23 @@ impl Cli {
         {
             up.controller.note_command_line(up_matches);
         }
+        if let (Command::Admin(admin), Some(("admin", admin_matches))) =
+            (&mut self.command, matches.subcommand())
+        {
+            match (admin, admin_matches.subcommand()) {
+                (AdminCommand::Export(args), Some((_, matches))) => {
+                    args.store.note_command_line(matches);
+                }
+                (AdminCommand::Import(args), Some((_, matches))) => {
+                    args.store.note_command_line(matches);
+                }
+                (AdminCommand::Migrate(args), Some((_, matches))) => {
+                    args.from.note_command_line(matches);
+                    args.to.note_command_line(matches);
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -153,6 +170,49 @@ pub enum AdminCommand {
     /// first (embedded store), or restart every controller with the new key
     /// afterwards (Redis). Safe to run again if interrupted.
     RotateKey(Box<RotateKeyArgs>),
+    /// Write everything a store holds (repositories, jobs, logs, agents,
+    /// tokens, sessions...) into a snapshot file, from one consistent view.
+    /// Secrets stay sealed: keep the controller's secret key with it. With
+    /// store options, from the store itself (the embedded store must not be
+    /// in use by a controller; Redis may be); without, through the running
+    /// controller (`GET /api/v1/admin/export`, the admin token).
+    Export(Box<ExportArgs>),
+    /// Read a snapshot file into a new, empty store (ids and logs kept; a
+    /// job that was running comes back lost).
+    Import(Box<ImportArgs>),
+    /// Copy everything from one store into a new, empty one (an export
+    /// piped into an import, no file): e.g. from `hobot up`'s embedded
+    /// store to Redis. Stop the controllers of the source first.
+    Migrate(Box<MigrateArgs>),
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub store: hobotnica_controller::store::open::StoreArgs,
+    /// The snapshot file to write (written as a temporary file beside it,
+    /// mode 0600, then renamed).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub store: hobotnica_controller::store::open::StoreArgs,
+    /// The snapshot file (from `hobot admin export`).
+    pub file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub from: hobotnica_controller::store::open::MigrateFrom,
+    #[command(flatten)]
+    pub to: hobotnica_controller::store::open::MigrateTo,
 }
 
 #[derive(Args)]
@@ -604,6 +664,73 @@ mod tests {
             up.controller.secrets_on_command_line,
             [hobotnica_controller::CommandLineSecret::AdminToken]
         );
+    }
+
+    /// The store options of `hobot admin export | import | migrate`.
+    fn admin(args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("hobot").chain(args.iter().copied()))?;
+        let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        cli.note_command_line(&matches);
+        let Command::Admin(admin) = cli.command else {
+            anyhow::bail!("not an admin command");
+        };
+        let locations = match admin {
+            AdminCommand::Export(args) => vec![args.store.location()?],
+            AdminCommand::Import(args) => vec![args.store.location()?],
+            AdminCommand::Migrate(args) => vec![args.from.location()?, args.to.location()?],
+            AdminCommand::RotateKey(_) => Vec::new(),
+        };
+        Ok(locations
+            .iter()
+            .map(|location| location.describe())
+            .collect())
+    }
+
+    #[test]
+    fn admin_commands_name_their_stores_and_refuse_passwords_in_argv() {
+        assert_eq!(
+            admin(&["admin", "export", "--data-dir", "/srv/h", "--out", "f"]).unwrap(),
+            ["the embedded store in /srv/h"]
+        );
+        assert_eq!(
+            admin(&["admin", "import", "--redis", "redis://r:6379/0", "f"]).unwrap(),
+            ["Redis at r:6379"]
+        );
+        assert_eq!(
+            admin(&[
+                "admin",
+                "migrate",
+                "--from-data-dir",
+                ".hobotnica",
+                "--to-redis",
+                "redis://r:6379/0",
+            ])
+            .unwrap(),
+            ["the embedded store in .hobotnica", "Redis at r:6379"]
+        );
+        let refused = admin(&["admin", "import", "--redis", "redis://:pw@r:6379/0", "f"])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("refused on the command line"), "{refused}");
+        assert!(!refused.contains("pw"), "{refused}");
+        let none = admin(&["admin", "export", "--out", "f"])
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("name the store"), "{none}");
+        let both = admin(&[
+            "admin",
+            "export",
+            "--data-dir",
+            "d",
+            "--redis",
+            "redis://r/",
+            "--out",
+            "f",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("not both"), "{both}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! (as timeout(1)); lost 1. A cancelled or timed-out job has no exit code of
 //! its own: make was stopped, it did not end.
 
+mod admin;
 mod client;
 mod commands;
 mod config;
@@ -72,6 +73,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "re-encrypted the secrets of {rewritten} repositories; start the controllers with --secret-key-file {}",
                 args.new_key_file.display()
             );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Admin(config::AdminCommand::Export(args)) => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            admin::export(*args, &global).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Admin(config::AdminCommand::Import(args)) => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            admin::import(*args).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Admin(config::AdminCommand::Migrate(args)) => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            admin::migrate(*args).await?;
             return Ok(ExitCode::SUCCESS);
         }
         command => command,

@@ -322,7 +322,7 @@ impl ControllerConfig {
 }
 
 /// Whether a URL carries a password (`scheme://user:password@host`).
-fn url_has_password(url: &str) -> bool {
+pub(crate) fn url_has_password(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     authority

@@ -9,6 +9,7 @@
 mod agents;
 mod ansi;
 mod auth;
+mod backups;
 mod config;
 mod connections;
 #[cfg(test)]
@@ -72,11 +73,6 @@ use hobotnica_common::secrets::SecretKey;
 
 use crate::connections::{Connections, TrackedListener};
 use crate::services::Services;
-use crate::store::embedded::EmbeddedStore;
-use crate::store::redis::RedisStore;
-
-/// Prefix of every key Hobotnica keeps in Redis.
-const REDIS_KEY_PREFIX: &str = "hobotnica:";
 
 /// How often HTTP/2 pings keep idle agent connections alive; a ping
 /// unanswered for as long ends the connection.
@@ -735,20 +731,20 @@ pub async fn rotate_secret_key(
 }
 
 /// The store `config` names: Redis with `--redis`, else the embedded store
-/// in the data directory.
+/// in the data directory (`store::open`). One that holds the remains of an
+/// unfinished import is refused.
 async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
-    Ok(match &config.redis_url {
-        Some(url) => {
-            let ca = match &config.redis_ca_cert {
-                Some(path) => Some(std::fs::read(path).with_context(|| {
-                    format!("cannot read the Redis CA certificate {}", path.display())
-                })?),
-                None => None,
-            };
-            Arc::new(RedisStore::connect(url.expose(), REDIS_KEY_PREFIX, ca).await?)
-        }
-        None => Arc::new(EmbeddedStore::open_waiting(&config.data_dir, config.store_wait).await?),
-    })
+    let location = match &config.redis_url {
+        Some(url) => store::open::StoreLocation::Redis {
+            url: url.clone(),
+            ca_cert: config.redis_ca_cert.clone(),
+        },
+        None => store::open::StoreLocation::Embedded {
+            data_dir: config.data_dir.clone(),
+            wait: config.store_wait,
+        },
+    };
+    store::open::open_to_serve(&location).await
 }
 
 /// The connections `listener` accepts, with Nagle's algorithm off (as the

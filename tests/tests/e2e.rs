@@ -2144,3 +2144,7 @@ mod blue_green;
 /// `--log-format json` and request ids: the fields, and no secret in a log.
 #[path = "e2e/logs.rs"]
 mod logs;
+
+/// Snapshots: migrate, export and import between stores.
+#[path = "e2e/snapshot.rs"]
+mod snapshot;

@@ -2,6 +2,7 @@
 //! Swagger UI. Handlers are thin: decode, call the core, encode, map the
 //! error (once, in `problem`).
 
+mod admin;
 mod agents;
 mod auth;
 mod env;
@@ -54,6 +55,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
         (name = "agents", description = "Build agents and their tokens"),
         (name = "env", description = "Repository variables; secrets are encrypted at rest and write-only"),
         (name = "notifications", description = "Where finished jobs are told about (Slack-compatible or signed JSON webhooks); URLs and secrets are encrypted at rest and write-only"),
+        (name = "admin", description = "The whole installation: a snapshot of the store (admin token only)"),
         (name = "health", description = "Liveness and readiness"),
         (name = "webhooks", description = "GitHub webhook deliveries (signed with the repository's webhook secret; no token)"),
     )
@@ -223,6 +225,7 @@ fn api_router() -> OpenApiRouter<Services> {
         .merge(agents::router())
         .merge(env::router())
         .merge(notifications::router())
+        .merge(admin::router())
         .routes(routes!(healthz))
         .routes(routes!(readyz))
 }

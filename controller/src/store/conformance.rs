@@ -2360,6 +2360,377 @@ pub async fn controllers_claim_each_notification_once(store: Arc<dyn Store>, pee
     assert_eq!(all.len(), DELIVERIES, "every delivery was claimed");
 }
 
+/// A store holding one of everything: repositories (one with a sealed
+/// variable, one on GitHub), jobs in every state (a running deploy holding
+/// its repository's deploy lock, a queued deploy waiting for it), logs live
+/// and archived with bytes that are not UTF-8 and one longer than a
+/// snapshot's log piece, agents, tokens, keys and their names, a session
+/// and notifications (one claimed, one due).
+pub async fn fill_with_everything(store: &Arc<dyn Store>) {
+    use hobotnica_common::job::{EnvScope, EnvValue, EnvVar};
+    let mut demo = repo("demo");
+    demo.env.push(EnvVar {
+        key: "TOKEN".into(),
+        scope: EnvScope::All,
+        value: EnvValue::Sealed("sealed-value".into()),
+    });
+    store.create_repo(demo).await.unwrap();
+    store
+        .create_repo(github_repo("hooked", "hook-1"))
+        .await
+        .unwrap();
+    let worker = agent("worker");
+    let worker = store.register_agent(worker).await.unwrap();
+    store
+        .create_agent_token(agent_token("tok-1", "secret-1"))
+        .await
+        .unwrap();
+
+    // Finished, with an archived log (on Redis) that is not UTF-8.
+    let done = run_job(store, &worker, new_job("test"), Utc::now()).await;
+    store
+        .append_controller_line(done.id, "finished \u{2713}")
+        .await
+        .unwrap();
+    // Failed, with a log longer than one snapshot piece.
+    let big = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let long: Vec<u8> = (0..super::snapshot::LOG_PIECE + 4321)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    store
+        .append_log(big.id, 1, 0, Bytes::from(long))
+        .await
+        .unwrap();
+    store
+        .finish_job(big.id, 1, finish(Outcome::Failed, Some(2)), Utc::now())
+        .await
+        .unwrap();
+    store
+        .archive_logs(Utc::now() + Duration::days(1))
+        .await
+        .unwrap();
+    // Cancelled while queued.
+    let cancelled = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+    store
+        .request_cancel(cancelled.id, Utc::now())
+        .await
+        .unwrap();
+    // A deploy running (its log live, not UTF-8) and one queued behind it.
+    let deploy = store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    let now = Utc::now();
+    store
+        .claim_job(&worker, now, now + Duration::seconds(600))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .append_log(deploy.id, 1, 0, Bytes::from_static(b"\xff\xfe deploying\n"))
+        .await
+        .unwrap();
+    store
+        .create_job(new_job("deploy"), Utc::now())
+        .await
+        .unwrap();
+    // Queued once under a key, with names.
+    store
+        .create_job_once(
+            "d-1",
+            &["d-1".to_owned(), "d-1#f00d".to_owned()],
+            job_of("local/hooked", "test"),
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .create_session(
+            "session-hash",
+            session(
+                SessionPrincipal::Admin {
+                    fingerprint: "fp".into(),
+                },
+                Utc::now(),
+            ),
+        )
+        .await
+        .unwrap();
+    let past = Utc::now() - Duration::seconds(10);
+    store
+        .queue_notifications(vec![
+            notification("n-claimed", &done, past),
+            notification("n-due", &done, past + Duration::seconds(1)),
+        ])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_notification(Utc::now(), Utc::now() + Duration::seconds(600))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, "n-claimed");
+}
+
+/// Every record of `store`'s export, in order.
+pub async fn export_all(store: &Arc<dyn Store>) -> Vec<super::snapshot::Record> {
+    let (sink, mut records) = tokio::sync::mpsc::channel(8);
+    let exporting = {
+        let store = Arc::clone(store);
+        tokio::spawn(async move { store.export(sink).await })
+    };
+    let mut all = Vec::new();
+    while let Some(record) = records.recv().await {
+        all.push(record);
+    }
+    exporting.await.unwrap().unwrap();
+    all
+}
+
+/// Everything a store answers through the trait's reads, in a form to
+/// compare (sets sorted).
+async fn every_read(store: &Arc<dyn Store>, jobs: &[JobId]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut repos = store.list_repos().await.unwrap();
+    repos.sort_by_key(Repo::full_name);
+    out.push(format!("repos {repos:?}"));
+    for repo in &repos {
+        out.push(format!(
+            "repo {:?}",
+            store.get_repo(&repo.owner, &repo.name).await.unwrap()
+        ));
+    }
+    out.push(format!(
+        "hook {:?}",
+        store.find_repo_by_hook("hook-1").await.unwrap()
+    ));
+    for filter in [
+        JobFilter {
+            limit: 100,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            state: Some(JobState::Queued),
+            limit: 100,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            state: Some(JobState::Running),
+            limit: 100,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            repo: Some(RepoRef::new("local", "hooked")),
+            limit: 100,
+            ..JobFilter::default()
+        },
+    ] {
+        out.push(format!(
+            "jobs {:?}",
+            store.list_jobs(&filter).await.unwrap()
+        ));
+    }
+    for id in jobs {
+        out.push(format!("job {:?}", store.get_job(*id).await.unwrap()));
+        let len = store.log_len(*id).await.unwrap();
+        let log = store.read_log(*id, 0, 1 << 20).await.unwrap();
+        out.push(format!("log {id} {len} {log:?}"));
+        out.push(format!(
+            "log {id} from 7 {:?}",
+            store.read_log(*id, 7, 100).await.unwrap()
+        ));
+    }
+    out.push(format!("stats {:?}", store.queue_stats().await.unwrap()));
+    let mut agents = store.list_agents().await.unwrap();
+    agents.sort_by(|a, b| a.id.0.cmp(&b.id.0));
+    out.push(format!("agents {agents:?}"));
+    for agent in &agents {
+        out.push(format!(
+            "agent {:?}",
+            store.get_agent(&agent.id).await.unwrap()
+        ));
+    }
+    out.push(format!(
+        "tokens {:?}",
+        store.list_agent_tokens().await.unwrap()
+    ));
+    out.push(format!(
+        "token {:?}",
+        store
+            .find_agent_token(&hobotnica_common::token::hash_token("secret-1"))
+            .await
+            .unwrap()
+    ));
+    for name in ["d-1", "d-1#f00d", "unknown"] {
+        out.push(format!(
+            "key {name} {:?}",
+            store.key_job(name).await.unwrap()
+        ));
+    }
+    out.push(format!(
+        "session {:?}",
+        store.get_session("session-hash", Utc::now()).await.unwrap()
+    ));
+    out
+}
+
+/// Exports a store holding everything, imports the records as they are
+/// into an empty `target`, and checks the target answers every read as
+/// the source does, claims what the source would claim, refuses what it
+/// would refuse, and gives the next job the next id.
+pub async fn an_import_answers_like_its_export(source: Arc<dyn Store>, target: Arc<dyn Store>) {
+    fill_with_everything(&source).await;
+    assert!(!source.is_empty().await.unwrap());
+    assert!(target.is_empty().await.unwrap(), "the target starts empty");
+    let records = export_all(&source).await;
+
+    // The documented order: repositories, each job then its log, agents,
+    // tokens, keys, names, sessions, notifications, the next id last.
+    use super::snapshot::Record;
+    let rank = |record: &Record| match record {
+        Record::Repo { .. } => 0,
+        Record::Job { .. } | Record::Log { .. } => 1,
+        Record::Agent { .. } => 2,
+        Record::AgentToken { .. } => 3,
+        Record::Key { .. } => 4,
+        Record::KeyJob { .. } => 5,
+        Record::Session { .. } => 6,
+        Record::Notification { .. } => 7,
+        Record::NextJobId { .. } => 8,
+        Record::ImportStarted | Record::ImportFinished => 9,
+    };
+    assert!(records.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
+    assert!(matches!(records.last(), Some(Record::NextJobId { .. })));
+    let jobs: Vec<JobId> = records
+        .iter()
+        .filter_map(|record| match record {
+            Record::Job { job } => Some(job.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(jobs.len(), 6, "every job is exported");
+    assert!(records.iter().all(|record| match record {
+        Record::Log { data, .. } => data.len() <= super::snapshot::LOG_PIECE,
+        _ => true,
+    }));
+
+    for batch in records.chunks(5) {
+        target.import(batch.to_vec()).await.unwrap();
+    }
+    assert!(!target.is_empty().await.unwrap());
+    assert_eq!(
+        every_read(&target, &jobs).await,
+        every_read(&source, &jobs).await
+    );
+
+    // The same queued deploy waits behind the running one (the deploy
+    // lock), the same test job is claimed next.
+    let other = agent("other");
+    let now = Utc::now();
+    let claimed = |store: Arc<dyn Store>| {
+        let other = other.clone();
+        async move {
+            store
+                .claim_job(&other, now, now + Duration::seconds(30))
+                .await
+                .unwrap()
+                .map(|job| job.id)
+        }
+    };
+    assert_eq!(
+        claimed(Arc::clone(&target)).await,
+        claimed(Arc::clone(&source)).await
+    );
+    // Notifications: the claimed one is not due, the due one is, at the
+    // same attempt.
+    let notify = |store: Arc<dyn Store>| async move {
+        store
+            .claim_notification(Utc::now(), Utc::now() + Duration::seconds(600))
+            .await
+            .unwrap()
+            .map(|delivery| (delivery.id, delivery.attempt))
+    };
+    assert_eq!(
+        notify(Arc::clone(&target)).await,
+        notify(Arc::clone(&source)).await
+    );
+    // The next job takes the next id; a key seen before is still seen.
+    let next = |store: Arc<dyn Store>| async move {
+        store
+            .create_job(new_job("test"), Utc::now())
+            .await
+            .unwrap()
+            .id
+    };
+    assert_eq!(
+        next(Arc::clone(&target)).await,
+        next(Arc::clone(&source)).await
+    );
+    assert!(
+        target
+            .create_job_once("d-1", &[], new_job("test"), Utc::now())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// The import rules over a real pair of stores: a job running at export
+/// comes in lost with a line saying why, a second import is refused, and
+/// an import that did not finish is recognised.
+pub async fn imports_follow_the_rules(source: Arc<dyn Store>, target: Arc<dyn Store>) {
+    use super::snapshot::{SnapshotError, migrate};
+    fill_with_everything(&source).await;
+    let running = source
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Running),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 1);
+    let running = &running[0];
+    let before = source.log_len(running.id).await.unwrap();
+
+    let done = migrate(source.as_ref(), target.as_ref(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.jobs, 6);
+    assert!(!target.import_unfinished().await.unwrap());
+    let lost = target.get_job(running.id).await.unwrap().unwrap();
+    assert_eq!(lost.state, JobState::Lost, "never running after an import");
+    assert!(lost.finished_at.is_some());
+    let log = target.read_log(running.id, 0, 1 << 20).await.unwrap();
+    assert_eq!(
+        &log[..usize::try_from(before).unwrap()],
+        &source.read_log(running.id, 0, 1 << 20).await.unwrap()[..]
+    );
+    let line = String::from_utf8_lossy(&log[usize::try_from(before).unwrap()..]).into_owned();
+    assert!(
+        line.starts_with("[hobotnica] ") && line.contains("imported as lost"),
+        "{line}"
+    );
+    assert_eq!(target.queue_stats().await.unwrap().running, 0);
+
+    let again = migrate(source.as_ref(), target.as_ref(), |_| {}).await;
+    assert!(
+        matches!(again, Err(SnapshotError::TargetNotEmpty)),
+        "{again:?}"
+    );
+    assert_eq!(
+        again.unwrap_err().to_string(),
+        "the target store is not empty: import only into a new store"
+    );
+}
+
 /// Runs every conformance test against fresh stores: `$make` makes a store
 /// (and what keeps it alive), `$make_pair` a store and its peer.
 macro_rules! conformance_suite {
@@ -2616,5 +2987,86 @@ mod redis_suite {
                 .unwrap();
             assert!(0 < ttl && ttl <= retention, "{record}: TTL {ttl}");
         }
+    }
+}
+
+/// Export from one backend, import into another: every pair of backends
+/// (a new backend is one more `make_*` and its arms).
+mod snapshot_suite {
+    use super::super::embedded::EmbeddedStore;
+    use super::super::redis::RedisStore;
+    use super::RedisServer;
+    use std::sync::Arc;
+
+    /// What keeps a store alive.
+    #[allow(dead_code)]
+    enum Guard {
+        Dir(tempfile::TempDir),
+        Redis(Arc<RedisServer>),
+    }
+
+    fn embedded() -> (Arc<dyn super::Store>, Guard) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        (Arc::new(store), Guard::Dir(dir))
+    }
+
+    /// A store under `prefix` on `server` (a new server when `None`).
+    async fn redis(
+        server: Option<Arc<RedisServer>>,
+        prefix: &str,
+    ) -> (Arc<dyn super::Store>, Guard) {
+        let server = server.unwrap_or_else(|| Arc::new(RedisServer::start()));
+        let store = RedisStore::connect(&server.url, prefix, None)
+            .await
+            .unwrap();
+        (Arc::new(store), Guard::Redis(server))
+    }
+
+    macro_rules! arms {
+        ($($name:ident: $test:ident($source:expr, $target:expr);)*) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (source, _source_guard) = $source;
+                    let (target, _target_guard) = $target;
+                    super::$test(source, target).await;
+                }
+            )*
+        };
+    }
+
+    /// Two prefixes on one Redis: the source's keys do not make the target
+    /// look full.
+    async fn redis_pair() -> (
+        (Arc<dyn super::Store>, Guard),
+        (Arc<dyn super::Store>, Guard),
+    ) {
+        let server = Arc::new(RedisServer::start());
+        (
+            redis(Some(Arc::clone(&server)), "source:").await,
+            redis(Some(server), "target:").await,
+        )
+    }
+
+    arms! {
+        embedded_to_embedded: an_import_answers_like_its_export(embedded(), embedded());
+        embedded_to_redis: an_import_answers_like_its_export(embedded(), redis(None, "test:").await);
+        redis_to_embedded: an_import_answers_like_its_export(redis(None, "test:").await, embedded());
+        rules_embedded_to_embedded: imports_follow_the_rules(embedded(), embedded());
+        rules_embedded_to_redis: imports_follow_the_rules(embedded(), redis(None, "test:").await);
+        rules_redis_to_embedded: imports_follow_the_rules(redis(None, "test:").await, embedded());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_to_redis() {
+        let ((source, _a), (target, _b)) = redis_pair().await;
+        super::an_import_answers_like_its_export(source, target).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rules_redis_to_redis() {
+        let ((source, _a), (target, _b)) = redis_pair().await;
+        super::imports_follow_the_rules(source, target).await;
     }
 }

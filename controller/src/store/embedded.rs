@@ -50,6 +50,8 @@ const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("session
 const NOTIFICATIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("notifications");
 const KEY_JOBS: TableDefinition<'_, &str, u64> = TableDefinition::new("key_jobs");
 const NEXT_JOB_ID: &str = "next_job_id";
+/// In META while an import into the store is under way (or did not finish).
+const IMPORT_UNFINISHED: &str = "import_unfinished";
 
 /// Capacity of the event channel; a receiver further behind misses events.
 const EVENT_CAPACITY: usize = 4096;
@@ -447,6 +449,253 @@ impl Inner {
             .map_err(unavailable)?;
         file.write_all(data).map_err(unavailable)?;
         file.metadata().map(|m| m.len()).map_err(unavailable)
+    }
+
+    /// Up to `max` bytes of job `id`'s log from `offset`.
+    fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
+        let mut file = match File::open(self.log_path(id)) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Bytes::new());
+            }
+            Err(err) => return Err(unavailable(err)),
+        };
+        file.seek(SeekFrom::Start(offset)).map_err(unavailable)?;
+        let mut buf = Vec::with_capacity(max.min(1 << 20));
+        file.take(max as u64)
+            .read_to_end(&mut buf)
+            .map_err(unavailable)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Sends everything to `sink` from one read transaction (logs read
+    /// after it, through [`Inner::read_log`], a piece at a time). `false`
+    /// when the receiver went away.
+    fn export(&self, sink: &mpsc::Sender<snapshot::Record>) -> StoreResult<bool> {
+        use snapshot::Record;
+        let send = |record: Record| sink.blocking_send(record).is_ok();
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        macro_rules! each_json {
+            ($table:expr, |$key:ident, $value:ident: $ty:ty| $record:expr) => {{
+                let table = txn.open_table($table).map_err(unavailable)?;
+                for entry in table.iter().map_err(unavailable)? {
+                    let (key, value) = entry.map_err(unavailable)?;
+                    #[allow(unused_variables)]
+                    let $key = key.value().to_owned();
+                    let $value: $ty = decode(value.value())?;
+                    if !send($record) {
+                        return Ok(false);
+                    }
+                }
+            }};
+        }
+        each_json!(REPOS, |_name, repo: Repo| Record::Repo { repo });
+        {
+            let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            for entry in jobs.iter().map_err(unavailable)? {
+                let (_, value) = entry.map_err(unavailable)?;
+                let job: Job = decode(value.value())?;
+                let id = job.id;
+                if !send(Record::Job { job }) {
+                    return Ok(false);
+                }
+                let length = self.log_len(id)?;
+                let mut offset = 0;
+                while offset < length {
+                    let max = usize::try_from(length - offset)
+                        .unwrap_or(usize::MAX)
+                        .min(snapshot::LOG_PIECE);
+                    let data = self.read_log(id, offset, max)?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    let read = data.len() as u64;
+                    if !send(Record::Log {
+                        job: id,
+                        offset,
+                        data,
+                    }) {
+                        return Ok(false);
+                    }
+                    offset += read;
+                }
+            }
+        }
+        each_json!(AGENTS, |_id, agent: AgentRecord| Record::Agent { agent });
+        each_json!(AGENT_TOKENS, |_id, token: AgentTokenRecord| {
+            Record::AgentToken { token }
+        });
+        {
+            let keys = txn.open_table(DELIVERIES).map_err(unavailable)?;
+            for entry in keys.iter().map_err(unavailable)? {
+                let (key, at) = entry.map_err(unavailable)?;
+                let at = DateTime::from_timestamp_millis(at.value()).unwrap_or_default();
+                if !send(Record::Key {
+                    key: key.value().to_owned(),
+                    at,
+                }) {
+                    return Ok(false);
+                }
+            }
+            let names = txn.open_table(KEY_JOBS).map_err(unavailable)?;
+            for entry in names.iter().map_err(unavailable)? {
+                let (name, job) = entry.map_err(unavailable)?;
+                if !send(Record::KeyJob {
+                    name: name.value().to_owned(),
+                    job: JobId(job.value()),
+                }) {
+                    return Ok(false);
+                }
+            }
+        }
+        each_json!(SESSIONS, |id_hash, session: SessionRecord| {
+            Record::Session { id_hash, session }
+        });
+        each_json!(NOTIFICATIONS, |_id, delivery: NotificationDelivery| {
+            Record::Notification { delivery }
+        });
+        let next = txn
+            .open_table(META)
+            .map_err(unavailable)?
+            .get(NEXT_JOB_ID)
+            .map_err(unavailable)?
+            .map_or(1, |v| v.value());
+        Ok(send(Record::NextJobId { next }))
+    }
+
+    /// Writes one import batch in one write transaction (log pieces to
+    /// their files as they come).
+    fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        use snapshot::Record;
+        // The logs this batch wrote, synced before it commits.
+        let mut written_logs = std::collections::BTreeSet::new();
+        let mut txn = self.db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        {
+            let mut repos = txn.open_table(REPOS).map_err(unavailable)?;
+            let mut jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            let mut queue = txn.open_table(QUEUE).map_err(unavailable)?;
+            let mut running = txn.open_table(RUNNING).map_err(unavailable)?;
+            let mut agents = txn.open_table(AGENTS).map_err(unavailable)?;
+            let mut tokens = txn.open_table(AGENT_TOKENS).map_err(unavailable)?;
+            let mut meta = txn.open_table(META).map_err(unavailable)?;
+            let mut deliveries = txn.open_table(DELIVERIES).map_err(unavailable)?;
+            let mut key_jobs = txn.open_table(KEY_JOBS).map_err(unavailable)?;
+            let mut sessions = txn.open_table(SESSIONS).map_err(unavailable)?;
+            let mut notifications = txn.open_table(NOTIFICATIONS).map_err(unavailable)?;
+            let raise_next_id = |meta: &mut redb::Table<'_, &str, u64>, next: u64| {
+                let current = meta
+                    .get(NEXT_JOB_ID)
+                    .map_err(unavailable)?
+                    .map_or(1, |v| v.value());
+                if next > current {
+                    meta.insert(NEXT_JOB_ID, next).map_err(unavailable)?;
+                }
+                Ok::<(), StoreError>(())
+            };
+            for record in batch {
+                match record {
+                    Record::Repo { repo } => {
+                        repos
+                            .insert(repo.full_name().as_str(), encode(&repo)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                    Record::Job { job } => {
+                        let id = job.id.0;
+                        jobs.insert(id, encode(&job)?.as_slice())
+                            .map_err(unavailable)?;
+                        match job.state {
+                            JobState::Queued => {
+                                queue.insert(id, ()).map_err(unavailable)?;
+                            }
+                            JobState::Running => {
+                                running.insert(id, ()).map_err(unavailable)?;
+                            }
+                            _ => {}
+                        }
+                        raise_next_id(&mut meta, id + 1)?;
+                    }
+                    Record::Log { job, offset, data } => {
+                        let length = self.log_len(job)?;
+                        if length != offset {
+                            return Err(StoreError::LogGap { committed: length });
+                        }
+                        self.append_file(job, &data)?;
+                        written_logs.insert(job);
+                    }
+                    Record::Agent { agent } => {
+                        agents
+                            .insert(agent.id.0.as_str(), encode(&agent)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                    Record::AgentToken { token } => {
+                        tokens
+                            .insert(token.id.as_str(), encode(&token)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                    Record::Key { key, at } => {
+                        deliveries
+                            .insert(key.as_str(), at.timestamp_millis())
+                            .map_err(unavailable)?;
+                    }
+                    Record::KeyJob { name, job } => {
+                        key_jobs.insert(name.as_str(), job.0).map_err(unavailable)?;
+                    }
+                    Record::Session { id_hash, session } => {
+                        sessions
+                            .insert(id_hash.as_str(), encode(&session)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                    Record::Notification { delivery } => {
+                        notifications
+                            .insert(delivery.id.as_str(), encode(&delivery)?.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                    Record::NextJobId { next } => raise_next_id(&mut meta, next)?,
+                    Record::ImportStarted => {
+                        meta.insert(IMPORT_UNFINISHED, 1).map_err(unavailable)?;
+                    }
+                    Record::ImportFinished => {
+                        meta.remove(IMPORT_UNFINISHED).map_err(unavailable)?;
+                    }
+                }
+            }
+        }
+        for job in written_logs {
+            self.sync_log(job);
+        }
+        txn.commit().map_err(unavailable)
+    }
+
+    /// Nothing in any table and no log file.
+    fn is_empty(&self) -> StoreResult<bool> {
+        fn empty<K: redb::Key + 'static, V: redb::Value + 'static>(
+            txn: &redb::ReadTransaction,
+            table: TableDefinition<'_, K, V>,
+        ) -> StoreResult<bool> {
+            txn.open_table(table)
+                .map_err(unavailable)?
+                .is_empty()
+                .map_err(unavailable)
+        }
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let tables_empty = empty(&txn, REPOS)?
+            && empty(&txn, JOBS)?
+            && empty(&txn, QUEUE)?
+            && empty(&txn, RUNNING)?
+            && empty(&txn, AGENTS)?
+            && empty(&txn, AGENT_TOKENS)?
+            && empty(&txn, META)?
+            && empty(&txn, DELIVERIES)?
+            && empty(&txn, KEY_JOBS)?
+            && empty(&txn, SESSIONS)?
+            && empty(&txn, NOTIFICATIONS)?;
+        if !tables_empty {
+            return Ok(false);
+        }
+        let mut logs = fs::read_dir(&self.logs_dir).map_err(unavailable)?;
+        Ok(logs.next().is_none())
     }
 
     fn sync_log(&self, id: JobId) {
@@ -1002,22 +1251,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
-        self.blocking(move |inner| {
-            let mut file = match File::open(inner.log_path(id)) {
-                Ok(file) => file,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(Bytes::new());
-                }
-                Err(err) => return Err(unavailable(err)),
-            };
-            file.seek(SeekFrom::Start(offset)).map_err(unavailable)?;
-            let mut buf = Vec::with_capacity(max.min(1 << 20));
-            file.take(max as u64)
-                .read_to_end(&mut buf)
-                .map_err(unavailable)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
+        self.blocking(move |inner| inner.read_log(id, offset, max))
+            .await
     }
 
     async fn log_len(&self, id: JobId) -> StoreResult<u64> {
@@ -1349,22 +1584,27 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn export(&self, _sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "export: not implemented yet".into(),
-        ))
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        // A receiver that went away ends the export early, without error.
+        self.blocking(move |inner| inner.export(&sink).map(|_| ()))
+            .await
     }
 
     async fn is_empty(&self) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+        self.blocking(|inner| inner.is_empty()).await
     }
 
-    async fn import(&self, _batch: Vec<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        self.blocking(move |inner| inner.import(batch)).await
+    }
+
+    async fn import_unfinished(&self) -> StoreResult<bool> {
+        self.blocking(|inner| {
+            let txn = inner.db.begin_read().map_err(unavailable)?;
+            let meta = txn.open_table(META).map_err(unavailable)?;
+            Ok(meta.get(IMPORT_UNFINISHED).map_err(unavailable)?.is_some())
+        })
+        .await
     }
 }
 

@@ -327,4 +327,8 @@ impl Store for MeteredStore {
     async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
         self.inner.import(batch).await
     }
+
+    async fn import_unfinished(&self) -> StoreResult<bool> {
+        self.inner.import_unfinished().await
+    }
 }

@@ -7,6 +7,7 @@
 //! (`store::conformance`) runs against each backend.
 
 pub mod embedded;
+pub mod open;
 pub mod redis;
 pub mod snapshot;
 mod transitions;
@@ -452,6 +453,10 @@ pub trait Store: Send + Sync + 'static {
     /// states and offsets kept), without events. For an empty store being
     /// imported into; called with batches in the order of an export.
     async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()>;
+    /// Whether an import into this store began and did not finish (the
+    /// marker `Record::ImportStarted` wrote is still there): a controller
+    /// does not start on such a store.
+    async fn import_unfinished(&self) -> StoreResult<bool>;
 }
 
 /// How long finished jobs and their logs are kept.

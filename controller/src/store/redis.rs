@@ -487,6 +487,124 @@ redis.call('DEL', KEYS[3])
 return 1
 ";
 
+/// Reads everything but the logs in one step (a script runs alone: the
+/// view is consistent), for an export. KEYS: none (the keys are found
+/// under the prefix). ARGV: prefix, prefix as a glob pattern.
+/// Returns: repositories; jobs with their log lengths; agents; tokens;
+/// keys with their remaining ms; key names with their job; sessions with
+/// their id hashes; notifications with their attempt and due time (ms);
+/// the last job id given; the time (s, us).
+const EXPORT_STATE: &str = r"
+local p = ARGV[1]
+local glob = ARGV[2]
+local function values(ids, prefix)
+  local out = {}
+  for _, id in ipairs(ids) do
+    local v = redis.call('GET', p .. prefix .. id)
+    if v then table.insert(out, v) end
+  end
+  return out
+end
+local repos = values(redis.call('SMEMBERS', p .. 'repos'), 'repo:')
+local jobs = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'jobs', 0, -1)) do
+  local v = redis.call('GET', p .. 'job:' .. id)
+  if v then
+    table.insert(jobs, v)
+    table.insert(jobs, redis.call('GET', p .. 'log_len:' .. id) or '0')
+  end
+end
+local agents = values(redis.call('SMEMBERS', p .. 'agents'), 'agent:')
+local tokens = values(redis.call('HVALS', p .. 'agent_tokens_by_hash'), 'agent_token:')
+local function under(kind)
+  local out = {}
+  for _, key in ipairs(redis.call('KEYS', glob .. kind .. '*')) do
+    table.insert(out, string.sub(key, #p + #kind + 1))
+  end
+  table.sort(out)
+  return out
+end
+local keys = {}
+for _, key in ipairs(under('delivery:')) do
+  table.insert(keys, key)
+  table.insert(keys, tostring(redis.call('PTTL', p .. 'delivery:' .. key)))
+end
+local names = {}
+for _, name in ipairs(under('key_job:')) do
+  local job = redis.call('GET', p .. 'key_job:' .. name)
+  if job then
+    table.insert(names, name)
+    table.insert(names, job)
+  end
+end
+local sessions = {}
+for _, hash in ipairs(under('session:')) do
+  local v = redis.call('GET', p .. 'session:' .. hash)
+  if v then
+    table.insert(sessions, hash)
+    table.insert(sessions, v)
+  end
+end
+local notifications = {}
+local due = redis.call('ZRANGE', p .. 'notifications_due', 0, -1, 'WITHSCORES')
+for i = 1, #due, 2 do
+  local v = redis.call('GET', p .. 'notification:' .. due[i])
+  if v then
+    table.insert(notifications, v)
+    table.insert(notifications, tostring(redis.call('HGET', p .. 'notification_attempts', due[i]) or '0'))
+    table.insert(notifications, due[i + 1])
+  end
+end
+local last_id = redis.call('GET', p .. 'next_job_id') or '0'
+local time = redis.call('TIME')
+return {repos, jobs, agents, tokens, keys, names, sessions, notifications, last_id, time}
+";
+
+/// Appends an imported log piece at ARGV[1], which must be the log's
+/// length: anything else is an error (and writes nothing).
+/// KEYS: length, stream. ARGV: offset, data.
+const IMPORT_LOG: &str = r"
+local committed = tonumber(redis.call('GET', KEYS[1]) or '0')
+if committed ~= tonumber(ARGV[1]) then
+  return redis.error_reply('the log holds ' .. committed .. ' bytes, not ' .. ARGV[1])
+end
+redis.call('XADD', KEYS[2], (committed + 1) .. '-0', 'd', ARGV[2])
+return redis.call('INCRBY', KEYS[1], string.len(ARGV[2]))
+";
+
+/// Raises a counter to at least ARGV[1]. KEYS: the counter.
+const RAISE_TO: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+";
+
+/// `prefix` as a glob pattern that matches only itself.
+fn glob_escape(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The state an export reads in one step ([`EXPORT_STATE`]).
+type ExportState = (
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    String,
+    (String, String),
+);
+
 /// Key names under one prefix.
 #[derive(Clone)]
 struct Keys {
@@ -597,6 +715,10 @@ impl Keys {
     fn notification_attempts(&self) -> String {
         self.key("notification_attempts")
     }
+    /// Set while an import into this prefix is under way (or did not finish).
+    fn import_unfinished(&self) -> String {
+        self.key("import_unfinished")
+    }
 }
 
 /// Commands that only read, and so may be retried.
@@ -613,6 +735,9 @@ const READ_COMMANDS: &[&[u8]] = &[
     b"XRANGE",
     b"XREVRANGE",
     b"LINDEX",
+    b"SCAN",
+    b"EXISTS",
+    b"PTTL",
     b"PING",
     b"CONFIG",
 ];
@@ -1040,6 +1165,23 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(done == 1)
+    }
+
+    /// What a key being imported has left (ms; at most 0 when it expired
+    /// already), from this import batch or the keys stored; `None` for a key
+    /// the snapshot does not hold.
+    async fn key_remaining(
+        &self,
+        batch: &std::collections::HashMap<String, i64>,
+        key: &str,
+    ) -> StoreResult<Option<i64>> {
+        if let Some(remaining) = batch.get(key) {
+            return Ok(Some(*remaining));
+        }
+        let remaining: i64 = self
+            .query(redis::cmd("PTTL").arg(self.keys.delivery(key)))
+            .await?;
+        Ok((remaining >= 0).then_some(remaining))
     }
 
     /// Deletes a finished job and everything of it.
@@ -2082,22 +2224,364 @@ impl Store for RedisStore {
         Ok(deleted)
     }
 
-    async fn export(&self, _sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "export: not implemented yet".into(),
-        ))
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        use snapshot::Record;
+        let (repos, jobs, agents, tokens, keys, names, sessions, notifications, last_id, time): ExportState =
+            redis::cmd("EVAL")
+                .arg(EXPORT_STATE)
+                .arg(0)
+                .arg(&self.keys.prefix)
+                .arg(glob_escape(&self.keys.prefix))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+        let now = time
+            .0
+            .parse::<i64>()
+            .ok()
+            .and_then(|secs| {
+                DateTime::from_timestamp(secs, time.1.parse::<u32>().unwrap_or(0) * 1000)
+            })
+            .unwrap_or_else(Utc::now);
+        // A receiver that went away ends the export early, without error.
+        macro_rules! send {
+            ($record:expr) => {
+                if sink.send($record).await.is_err() {
+                    return Ok(());
+                }
+            };
+        }
+        for raw in &repos {
+            send!(Record::Repo { repo: decode(raw)? });
+        }
+        for pair in jobs.chunks_exact(2) {
+            let job: Job = decode(&pair[0])?;
+            let id = job.id;
+            // The log up to the length seen with the job; it is read after
+            // (archived logs through their segments, as any reader does).
+            let length: u64 = pair[1].parse().unwrap_or(0);
+            send!(Record::Job { job });
+            let mut offset = 0;
+            while offset < length {
+                let max = usize::try_from(length - offset)
+                    .unwrap_or(usize::MAX)
+                    .min(snapshot::LOG_PIECE);
+                let data = self.read_log(id, offset, max).await?;
+                if data.is_empty() {
+                    break;
+                }
+                let read = data.len() as u64;
+                send!(Record::Log {
+                    job: id,
+                    offset,
+                    data
+                });
+                offset += read;
+            }
+        }
+        for raw in &agents {
+            send!(Record::Agent {
+                agent: decode(raw)?
+            });
+        }
+        for raw in &tokens {
+            send!(Record::AgentToken {
+                token: decode(raw)?
+            });
+        }
+        let retention =
+            chrono::Duration::from_std(super::DELIVERY_RETENTION).unwrap_or(chrono::Duration::MAX);
+        for pair in keys.chunks_exact(2) {
+            let remaining: i64 = pair[1].parse().unwrap_or(-1);
+            // Kept for the retention from when it arrived.
+            let at = if remaining < 0 {
+                now
+            } else {
+                now - (retention - chrono::Duration::milliseconds(remaining))
+            };
+            send!(Record::Key {
+                key: pair[0].clone(),
+                at
+            });
+        }
+        for pair in names.chunks_exact(2) {
+            let Ok(job) = pair[1].parse::<u64>() else {
+                continue;
+            };
+            send!(Record::KeyJob {
+                name: pair[0].clone(),
+                job: JobId(job)
+            });
+        }
+        for pair in sessions.chunks_exact(2) {
+            send!(Record::Session {
+                id_hash: pair[0].clone(),
+                session: decode(&pair[1])?
+            });
+        }
+        for triple in notifications.chunks_exact(3) {
+            let mut delivery: NotificationDelivery = decode(&triple[0])?;
+            delivery.attempt = triple[1].parse().unwrap_or(delivery.attempt);
+            if let Some(due) = triple[2]
+                .parse::<f64>()
+                .ok()
+                .and_then(|ms| DateTime::from_timestamp_millis(ms as i64))
+            {
+                delivery.due_at = due;
+            }
+            send!(Record::Notification { delivery });
+        }
+        let last: u64 = last_id.parse().unwrap_or(0);
+        send!(Record::NextJobId { next: last + 1 });
+        Ok(())
     }
 
     async fn is_empty(&self) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+        let pattern = format!("{}*", glob_escape(&self.keys.prefix));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = self
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            if !found.is_empty() {
+                return Ok(false);
+            }
+            if next == 0 {
+                return Ok(true);
+            }
+            cursor = next;
+        }
     }
 
-    async fn import(&self, _batch: Vec<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        use snapshot::Record;
+        let now = Utc::now();
+        let retention_ms = i64::try_from(super::DELIVERY_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let keys = &self.keys;
+        // What the keys of this batch will have left (ms), for their names.
+        let mut batch_keys: std::collections::HashMap<String, i64> =
+            std::collections::HashMap::new();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for record in batch {
+            match record {
+                Record::Repo { repo } => {
+                    let full_name = repo.full_name();
+                    pipe.cmd("SET")
+                        .arg(keys.repo(&full_name))
+                        .arg(encode(&repo)?)
+                        .ignore()
+                        .cmd("SADD")
+                        .arg(keys.repos())
+                        .arg(&full_name)
+                        .ignore();
+                    if let Some(github) = &repo.github {
+                        pipe.cmd("SET")
+                            .arg(keys.hook(&github.hook_id))
+                            .arg(&full_name)
+                            .ignore();
+                    }
+                }
+                Record::Job { job } => {
+                    let id = job.id.0;
+                    pipe.cmd("SET")
+                        .arg(keys.job(job.id))
+                        .arg(encode(&job)?)
+                        .ignore()
+                        .cmd("SET")
+                        .arg(keys.fence(job.id))
+                        .arg(fence(&job))
+                        .ignore()
+                        .cmd("ZADD")
+                        .arg(keys.jobs())
+                        .arg(id)
+                        .arg(id)
+                        .ignore()
+                        .cmd("ZADD")
+                        .arg(keys.repo_jobs(&job.repo))
+                        .arg(id)
+                        .arg(id)
+                        .ignore()
+                        .cmd("SADD")
+                        .arg(keys.repos_with_jobs())
+                        .arg(job.repo.to_string())
+                        .ignore()
+                        .cmd("EVAL")
+                        .arg(RAISE_TO)
+                        .arg(1)
+                        .arg(keys.next_job_id())
+                        .arg(id)
+                        .ignore();
+                    match job.state {
+                        JobState::Queued => {
+                            pipe.cmd("ZADD").arg(keys.queue()).arg(id).arg(id).ignore();
+                        }
+                        JobState::Running => {
+                            pipe.cmd("SADD").arg(keys.running()).arg(id).ignore();
+                            if job.kind == JobKind::Deploy {
+                                pipe.cmd("SET")
+                                    .arg(keys.deploy_lock(&job.repo))
+                                    .arg(id)
+                                    .ignore();
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let (true, Some(finished)) = (job.state.is_terminal(), job.finished_at) {
+                        let ms = finished.timestamp_millis();
+                        pipe.cmd("ZADD")
+                            .arg(keys.finished())
+                            .arg(ms)
+                            .arg(id)
+                            .ignore()
+                            .cmd("ZADD")
+                            .arg(keys.unarchived())
+                            .arg(ms)
+                            .arg(id)
+                            .ignore();
+                    }
+                }
+                Record::Log { job, offset, data } => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    // The stream's entry ids name the offsets (`N-0` is
+                    // offset N - 1); a piece that does not continue the
+                    // log is refused, writing nothing.
+                    pipe.cmd("EVAL")
+                        .arg(IMPORT_LOG)
+                        .arg(2)
+                        .arg(keys.log_len(job))
+                        .arg(keys.log(job))
+                        .arg(offset)
+                        .arg(data.as_ref())
+                        .ignore();
+                }
+                Record::Agent { agent } => {
+                    pipe.cmd("SET")
+                        .arg(keys.agent(&agent.id))
+                        .arg(encode(&agent)?)
+                        .ignore()
+                        .cmd("SADD")
+                        .arg(keys.agents())
+                        .arg(&agent.id.0)
+                        .ignore()
+                        .cmd("SET")
+                        .arg(keys.agent_name(&agent.name))
+                        .arg(&agent.id.0)
+                        .ignore();
+                }
+                Record::AgentToken { token } => {
+                    pipe.cmd("SET")
+                        .arg(keys.agent_token(&token.id))
+                        .arg(encode(&token)?)
+                        .ignore()
+                        .cmd("HSET")
+                        .arg(keys.agent_tokens())
+                        .arg(&token.token_hash)
+                        .arg(&token.id)
+                        .ignore();
+                }
+                Record::Key { key, at } => {
+                    let remaining = retention_ms - (now - at).num_milliseconds();
+                    batch_keys.insert(key.clone(), remaining);
+                    if remaining > 0 {
+                        pipe.cmd("SET")
+                            .arg(keys.delivery(&key))
+                            .arg(1)
+                            .arg("PX")
+                            .arg(remaining)
+                            .ignore();
+                    }
+                }
+                Record::KeyJob { name, job } => {
+                    // Kept as long as its key is remembered (the key, or
+                    // the part before '#' of a request's fingerprint).
+                    let mut remaining = self.key_remaining(&batch_keys, &name).await?;
+                    if remaining.is_none()
+                        && let Some((base, _)) = name.rsplit_once('#')
+                    {
+                        remaining = self.key_remaining(&batch_keys, base).await?;
+                    }
+                    // A name whose key is forgotten already goes with it; one
+                    // without a key is kept for the retention.
+                    let remaining = remaining.unwrap_or(retention_ms);
+                    if remaining <= 0 {
+                        continue;
+                    }
+                    pipe.cmd("SET")
+                        .arg(keys.key_job(&name))
+                        .arg(job.0)
+                        .arg("PX")
+                        .arg(remaining.max(1))
+                        .ignore();
+                }
+                Record::Session { id_hash, session } => {
+                    let remaining = (session.expires_at - now).num_milliseconds();
+                    if remaining > 0 {
+                        pipe.cmd("SET")
+                            .arg(keys.session(&id_hash))
+                            .arg(encode(&session)?)
+                            .arg("PX")
+                            .arg(remaining)
+                            .ignore();
+                    }
+                }
+                Record::Notification { delivery } => {
+                    pipe.cmd("SET")
+                        .arg(keys.notification(&delivery.id))
+                        .arg(encode(&delivery)?)
+                        .ignore()
+                        .cmd("HSET")
+                        .arg(keys.notification_attempts())
+                        .arg(&delivery.id)
+                        .arg(delivery.attempt)
+                        .ignore()
+                        .cmd("ZADD")
+                        .arg(keys.notifications_due())
+                        .arg(delivery.due_at.timestamp_millis())
+                        .arg(&delivery.id)
+                        .ignore();
+                }
+                Record::NextJobId { next } => {
+                    // Redis keeps the last id given.
+                    pipe.cmd("EVAL")
+                        .arg(RAISE_TO)
+                        .arg(1)
+                        .arg(keys.next_job_id())
+                        .arg(next.saturating_sub(1))
+                        .ignore();
+                }
+                Record::ImportStarted => {
+                    pipe.cmd("SET")
+                        .arg(keys.import_unfinished())
+                        .arg(1)
+                        .ignore();
+                }
+                Record::ImportFinished => {
+                    pipe.cmd("DEL").arg(keys.import_unfinished()).ignore();
+                }
+            }
+        }
+        let () = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn import_unfinished(&self) -> StoreResult<bool> {
+        let exists: i64 = self
+            .query(redis::cmd("EXISTS").arg(self.keys.import_unfinished()))
+            .await?;
+        Ok(exists == 1)
     }
 }
 
@@ -2255,6 +2739,26 @@ mod tests {
             matches!(job, Ok(None)),
             "store operations work again: {job:?}"
         );
+    }
+
+    /// A log piece that does not continue its log is refused by Redis
+    /// (the stream's entry ids name the offsets), and the import says so.
+    #[tokio::test]
+    async fn an_import_out_of_order_fails() {
+        use crate::store::snapshot::Record;
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url, "test:", None)
+            .await
+            .unwrap();
+        let piece = |offset: u64| Record::Log {
+            job: JobId(1),
+            offset,
+            data: Bytes::from_static(b"0123456789"),
+        };
+        store.import(vec![piece(0)]).await.unwrap();
+        let refused = store.import(vec![piece(0)]).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(store.log_len(JobId(1)).await.unwrap(), 10);
     }
 
     async fn next_event(

@@ -194,15 +194,37 @@ pub fn expire(job: &mut Job, now: DateTime<Utc>) -> bool {
     let expired =
         job.state == JobState::Running && job.lease_expires_at.is_some_and(|until| until < now);
     if expired {
-        job.state = JobState::Lost;
-        job.finished_at = Some(now);
-        job.lease_expires_at = None;
-        job.message = Some(format!(
+        let message = format!(
             "agent {} stopped renewing the lease",
             job.agent_name.as_deref().unwrap_or("?")
-        ));
+        );
+        lose(job, now, message);
     }
     expired
+}
+
+/// A job that was running when its store was exported becomes `lost` as it
+/// is imported, as if its lease had expired: no agent holds it in the new
+/// store. Returns the line the controller appends to its log, `None` for a
+/// job that was not running.
+pub fn lose_on_import(job: &mut Job, now: DateTime<Utc>) -> Option<String> {
+    if job.state != JobState::Running {
+        return None;
+    }
+    let message = format!(
+        "the job was running on agent {} when its store was exported; it was imported as lost",
+        job.agent_name.as_deref().unwrap_or("?")
+    );
+    lose(job, now, message.clone());
+    Some(message)
+}
+
+/// A running job ends `lost`: nobody holds its lease any more.
+fn lose(job: &mut Job, now: DateTime<Utc>, message: String) {
+    job.state = JobState::Lost;
+    job.finished_at = Some(now);
+    job.lease_expires_at = None;
+    job.message = Some(message);
 }
 
 /// Gives a running job a lease until at least `until`.
