@@ -2429,6 +2429,9 @@ macro_rules! conformance_suite {
     };
 }
 
+/// For the suites of backends in modules of their own (`postgres`).
+pub(crate) use conformance_suite;
+
 mod embedded_suite {
     use super::super::embedded::EmbeddedStore;
     use std::sync::Arc;

@@ -7,6 +7,7 @@
 //! (`store::conformance`) runs against each backend.
 
 pub mod embedded;
+pub mod postgres;
 pub mod redis;
 pub mod snapshot;
 mod transitions;
