@@ -73,6 +73,7 @@ use hobotnica_common::secrets::SecretKey;
 use crate::connections::{Connections, TrackedListener};
 use crate::services::Services;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisStore;
 
 /// Prefix of every key Hobotnica keeps in Redis.
@@ -734,9 +735,21 @@ pub async fn rotate_secret_key(
     secrets::rotate_secret_key(store.as_ref(), &old, &new).await
 }
 
-/// The store `config` names: Redis with `--redis`, else the embedded store
-/// in the data directory.
+/// The store `config` names: Redis with `--redis`, PostgreSQL with
+/// `--postgres`, else the embedded store in the data directory.
 async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
+    if let Some(url) = &config.postgres_url {
+        let ca = match &config.postgres_ca_cert {
+            Some(path) => Some(std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read the PostgreSQL CA certificate {}",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        return Ok(Arc::new(PostgresStore::connect(url.expose(), ca).await?));
+    }
     Ok(match &config.redis_url {
         Some(url) => {
             let ca = match &config.redis_ca_cert {
