@@ -48,6 +48,9 @@ const MIGRATIONS: &[&str] = &[include_str!("postgres/migrations/0001_initial.sql
 const MIGRATION_LOCK: i64 = 0x686f_626f_746e_6963;
 /// The channel events are sent on.
 const EVENT_CHANNEL: &str = "hobotnica_events";
+/// The listening connection's `application_name` (the pool's is
+/// `hobotnica-controller`): what `pg_stat_activity` shows.
+const LISTENER_APPLICATION_NAME: &str = "hobotnica-controller events";
 /// NOTIFY payloads must be shorter than 8000 bytes; an event whose JSON is
 /// longer goes into `large_events` and the payload names its row.
 const NOTIFY_PAYLOAD_LIMIT: usize = 7900;
@@ -1028,9 +1031,11 @@ where
     <T::TlsConnect as tokio_postgres::tls::TlsConnect<Socket>>::Future: Send,
 {
     use futures_util::StreamExt as _;
+    let mut config = listener.config.clone();
+    config.application_name(LISTENER_APPLICATION_NAME);
     let connect = tokio::time::timeout(
         CONNECT_TIMEOUT + listener.liveness.ping_timeout,
-        listener.config.connect(tls),
+        config.connect(tls),
     );
     let (client, mut connection) = match tokio::select! {
         () = listener.stop.cancelled() => return ListenOutcome::Stopped,
