@@ -212,6 +212,24 @@ impl PostgresServer {
         self.wait_ready().await;
     }
 
+    /// Runs `sql` with `psql` (what an operator, or another program, does
+    /// behind the controllers' backs) and returns what it printed, unaligned
+    /// and without headers.
+    pub fn psql(&self, sql: &str) -> String {
+        let output = Command::new(program("psql"))
+            .arg(self.url())
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("psql runs (scripts/setup --tests installs PostgreSQL)");
+        assert!(
+            output.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// The server's output so far, for failure messages.
     pub fn output(&self) -> String {
         self.daemon.output()
