@@ -1957,23 +1957,422 @@ impl Store for PostgresStore {
         Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 
-    async fn export(&self, _sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "export: not implemented yet".into(),
-        ))
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
+        match export_from(&tx, &sink).await {
+            // The receiver is gone: stop, without error.
+            Err(Exported::Stopped) => Ok(()),
+            Err(Exported::Failed(err)) => Err(err),
+            Ok(()) => tx.commit().await.map_err(db),
+        }
     }
 
     async fn is_empty(&self) -> StoreResult<bool> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM repos)
+                    AND NOT EXISTS (SELECT 1 FROM jobs)
+                    AND NOT EXISTS (SELECT 1 FROM agents)
+                    AND NOT EXISTS (SELECT 1 FROM agent_tokens)
+                    AND NOT EXISTS (SELECT 1 FROM seen_keys)
+                    AND NOT EXISTS (SELECT 1 FROM key_jobs)
+                    AND NOT EXISTS (SELECT 1 FROM sessions)
+                    AND NOT EXISTS (SELECT 1 FROM notifications)
+                    AND NOT (SELECT is_called FROM job_ids)",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get(0))
     }
 
-    async fn import(&self, _batch: Vec<snapshot::Record>) -> StoreResult<()> {
-        Err(StoreError::Unavailable(
-            "import: not implemented yet".into(),
-        ))
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        for record in batch {
+            import_record(&tx, record).await?;
+        }
+        tx.commit().await.map_err(db)
     }
+}
+
+/// Why an export stopped early.
+enum Exported {
+    /// The receiver was dropped.
+    Stopped,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Exported {
+    fn from(err: StoreError) -> Exported {
+        Exported::Failed(err)
+    }
+}
+
+impl From<tokio_postgres::Error> for Exported {
+    fn from(err: tokio_postgres::Error) -> Exported {
+        Exported::Failed(db(err))
+    }
+}
+
+/// Rows an export reads per query (its memory bound, with one log piece).
+const EXPORT_BATCH: i64 = 100;
+
+async fn send(
+    sink: &mpsc::Sender<snapshot::Record>,
+    record: snapshot::Record,
+) -> Result<(), Exported> {
+    sink.send(record).await.map_err(|_| Exported::Stopped)
+}
+
+/// Sends every record of the snapshot `tx` sees, in the order
+/// [`Store::export`] gives, a batch of rows at a time (keyset pages, so
+/// memory stays bounded whatever the store holds).
+async fn export_from(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sink: &mpsc::Sender<snapshot::Record>,
+) -> Result<(), Exported> {
+    use snapshot::Record;
+    let mut after = String::new();
+    loop {
+        let rows = tx
+            .query(
+                "SELECT full_name, record FROM repos WHERE full_name > $1
+                 ORDER BY full_name LIMIT $2",
+                &[&after, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after = row.get(0);
+            send(
+                sink,
+                Record::Repo {
+                    repo: decode(row.get(1))?,
+                },
+            )
+            .await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    let mut after_id = 0_i64;
+    let mut next_job = 1_u64;
+    loop {
+        let rows = tx
+            .query(
+                "SELECT id, record, log_len FROM jobs WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after_id, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after_id = row.get(0);
+            let job: Job = decode(row.get(1))?;
+            let id = job.id;
+            next_job = next_job.max(id.0 + 1);
+            let len = to_u64(row.get(2));
+            send(sink, Record::Job { job }).await?;
+            let mut offset = 0;
+            while offset < len {
+                let data =
+                    PostgresStore::read_log_with(&**tx, id, offset, snapshot::LOG_PIECE).await?;
+                if data.is_empty() {
+                    break;
+                }
+                let piece = data.len() as u64;
+                send(
+                    sink,
+                    Record::Log {
+                        job: id,
+                        offset,
+                        data,
+                    },
+                )
+                .await?;
+                offset += piece;
+            }
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    for (sql, kind) in [
+        (
+            "SELECT id, record FROM agents WHERE id > $1 ORDER BY id LIMIT $2",
+            0,
+        ),
+        (
+            "SELECT id, record FROM agent_tokens WHERE id > $1 ORDER BY id LIMIT $2",
+            1,
+        ),
+    ] {
+        let mut after = String::new();
+        loop {
+            let rows = tx.query(sql, &[&after, &EXPORT_BATCH]).await?;
+            for row in &rows {
+                after = row.get(0);
+                let record = if kind == 0 {
+                    Record::Agent {
+                        agent: decode(row.get(1))?,
+                    }
+                } else {
+                    Record::AgentToken {
+                        token: decode(row.get(1))?,
+                    }
+                };
+                send(sink, record).await?;
+            }
+            if (rows.len() as i64) < EXPORT_BATCH {
+                break;
+            }
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let rows = tx
+            .query(
+                "SELECT key, at FROM seen_keys WHERE key > $1 ORDER BY key LIMIT $2",
+                &[&after, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after = row.get(0);
+            send(
+                sink,
+                Record::Key {
+                    key: after.clone(),
+                    at: row.get(1),
+                },
+            )
+            .await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let rows = tx
+            .query(
+                "SELECT name, job FROM key_jobs WHERE name > $1 ORDER BY name LIMIT $2",
+                &[&after, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after = row.get(0);
+            let job = JobId(to_u64(row.get(1)));
+            send(
+                sink,
+                Record::KeyJob {
+                    name: after.clone(),
+                    job,
+                },
+            )
+            .await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let rows = tx
+            .query(
+                "SELECT id_hash, record FROM sessions WHERE id_hash > $1 ORDER BY id_hash LIMIT $2",
+                &[&after, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after = row.get(0);
+            let session = decode(row.get(1))?;
+            send(
+                sink,
+                Record::Session {
+                    id_hash: after.clone(),
+                    session,
+                },
+            )
+            .await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let rows = tx
+            .query(
+                "SELECT id, record, attempt, due_at FROM notifications WHERE id > $1
+                 ORDER BY id LIMIT $2",
+                &[&after, &EXPORT_BATCH],
+            )
+            .await?;
+        for row in &rows {
+            after = row.get(0);
+            // The columns hold its claims since it was queued.
+            let mut delivery: NotificationDelivery = decode(row.get(1))?;
+            delivery.attempt = u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX);
+            delivery.due_at = row.get(3);
+            send(sink, Record::Notification { delivery }).await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            break;
+        }
+    }
+    let sequence_next = next_from_sequence(&**tx).await?;
+    send(
+        sink,
+        Record::NextJobId {
+            next: next_job.max(sequence_next),
+        },
+    )
+    .await
+}
+
+/// The id `nextval('job_ids')` would give.
+async fn next_from_sequence(client: &impl GenericClient) -> StoreResult<u64> {
+    let row = client
+        .query_one("SELECT last_value, is_called FROM job_ids", &[])
+        .await
+        .map_err(db)?;
+    let last = to_u64(row.get(0));
+    Ok(if row.get::<_, bool>(1) {
+        last + 1
+    } else {
+        last
+    })
+}
+
+/// Writes one snapshot record as it is.
+async fn import_record(
+    tx: &deadpool_postgres::Transaction<'_>,
+    record: snapshot::Record,
+) -> StoreResult<()> {
+    use snapshot::Record;
+    let taken = |what: String| {
+        move |err: tokio_postgres::Error| {
+            if err.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                StoreError::Conflict(format!("{what} is already in the store"))
+            } else {
+                db(err)
+            }
+        }
+    };
+    match record {
+        Record::Repo { repo } => {
+            let hook = repo.github.as_ref().map(|github| github.hook_id.clone());
+            tx.execute(
+                "INSERT INTO repos (full_name, hook_id, record) VALUES ($1, $2, $3)",
+                &[&repo.full_name(), &hook, &encode(&repo)?],
+            )
+            .await
+            .map_err(taken(format!("repository {}", repo.full_name())))?;
+        }
+        Record::Job { job } => {
+            insert_job(&**tx, &job).await?;
+        }
+        Record::Log { job, offset, data } => {
+            if data.is_empty() {
+                return Ok(());
+            }
+            let end = offset + data.len() as u64;
+            tx.execute(
+                "INSERT INTO log_chunks (job, start, data) VALUES ($1, $2, $3)",
+                &[&to_i64(job.0), &to_i64(offset), &data.as_ref()],
+            )
+            .await
+            .map_err(taken(format!("the log of job {job} at {offset}")))?;
+            tx.execute(
+                "UPDATE jobs SET log_len = greatest(log_len, $2) WHERE id = $1",
+                &[&to_i64(job.0), &to_i64(end)],
+            )
+            .await
+            .map_err(db)?;
+        }
+        Record::Agent { agent } => {
+            tx.execute(
+                "INSERT INTO agents (id, name, token_id, record) VALUES ($1, $2, $3, $4)",
+                &[&agent.id.0, &agent.name, &agent.token_id, &encode(&agent)?],
+            )
+            .await
+            .map_err(taken(format!("agent {}", agent.name)))?;
+        }
+        Record::AgentToken { token } => {
+            tx.execute(
+                "INSERT INTO agent_tokens (id, token_hash, created_at, record)
+                 VALUES ($1, $2, $3, $4)",
+                &[
+                    &token.id,
+                    &token.token_hash,
+                    &token.created_at,
+                    &encode(&token)?,
+                ],
+            )
+            .await
+            .map_err(taken(format!("agent token {}", token.id)))?;
+        }
+        Record::Key { key, at } => {
+            tx.execute(
+                "INSERT INTO seen_keys (key, at) VALUES ($1, $2)",
+                &[&key, &at],
+            )
+            .await
+            .map_err(taken("a key".to_owned()))?;
+        }
+        Record::KeyJob { name, job } => {
+            // Kept as long as the key it was made with (a name is the key,
+            // or the key and a hash).
+            tx.execute(
+                "INSERT INTO key_jobs (name, job, at)
+                 VALUES ($1, $2, coalesce(
+                     (SELECT max(at) FROM seen_keys
+                      WHERE key = $1 OR starts_with($1, key || '#')),
+                     now()))",
+                &[&name, &to_i64(job.0)],
+            )
+            .await
+            .map_err(taken("a key's job".to_owned()))?;
+        }
+        Record::Session { id_hash, session } => {
+            tx.execute(
+                "INSERT INTO sessions (id_hash, expires_at, record) VALUES ($1, $2, $3)",
+                &[&id_hash, &session.expires_at, &encode(&session)?],
+            )
+            .await
+            .map_err(taken("a session".to_owned()))?;
+        }
+        Record::Notification { delivery } => {
+            tx.execute(
+                "INSERT INTO notifications (id, due_at, attempt, record) VALUES ($1, $2, $3, $4)",
+                &[
+                    &delivery.id,
+                    &delivery.due_at,
+                    &i64::from(delivery.attempt),
+                    &encode(&delivery)?,
+                ],
+            )
+            .await
+            .map_err(taken(format!("notification {}", delivery.id)))?;
+        }
+        Record::NextJobId { next } => {
+            // Never lowered: ids already given stay unique.
+            let wanted = next.max(next_from_sequence(&**tx).await?);
+            if wanted > 1 {
+                tx.execute("SELECT setval('job_ids', $1, true)", &[&to_i64(wanted - 1)])
+                    .await
+                    .map_err(db)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -222,3 +222,238 @@ fn sslmode_is_taken_off_the_url() {
     assert!(!format!("{err:#}").contains("secret"), "{err:#}");
     assert!(parse_url("mysql://db/ci").is_err());
 }
+
+/// Everything `store` exports, in order.
+async fn export_all(store: &dyn Store) -> Vec<snapshot::Record> {
+    let (sink, mut records) = mpsc::channel(16);
+    let (exported, all) = tokio::join!(store.export(sink), async {
+        let mut all = Vec::new();
+        while let Some(record) = records.recv().await {
+            all.push(record);
+        }
+        all
+    });
+    exported.expect("exported");
+    all
+}
+
+/// A store holding one of everything: a repository, a finished job with an
+/// archived log and a line after it, a running job with a live log of
+/// several pieces, a queued job made under a key, an agent and its token,
+/// a session and a pending notification.
+async fn fill(store: &dyn Store) {
+    let now = Utc::now();
+    store
+        .create_repo(Repo {
+            owner: "local".into(),
+            name: "demo".into(),
+            git_url: "file:///srv/demo.git".into(),
+            default_branch: "main".into(),
+            timeout_secs: 60,
+            created_at: now,
+            github: None,
+            disabled: None,
+            env: Vec::new(),
+            requeue_lost_tests: true,
+            deploy_labels: std::collections::BTreeMap::new(),
+            max_log_bytes: None,
+            notifications: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let worker = store.register_agent(agent("a1")).await.unwrap();
+    store
+        .create_agent_token(AgentTokenRecord {
+            id: "t1".into(),
+            name: "ci".into(),
+            token_hash: "ab".repeat(32),
+            created_at: now,
+            labels: std::collections::BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    let finished = store.create_job(new_job("test"), now).await.unwrap();
+    let running = store.create_job(new_job("test"), now).await.unwrap();
+    let lease = now + chrono::Duration::seconds(60);
+    for expected in [finished.id, running.id] {
+        let job = store.claim_job(&worker, now, lease).await.unwrap().unwrap();
+        assert_eq!(job.id, expected);
+    }
+    let big: Vec<u8> = (0..(snapshot::LOG_PIECE + ARCHIVE_SEGMENT_BYTES + 7))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    for (id, data) in [(finished.id, &big[..]), (running.id, &big[..1000])] {
+        for (n, piece) in data.chunks(300_000).enumerate() {
+            store
+                .append_log(id, 1, (n * 300_000) as u64, Bytes::copy_from_slice(piece))
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .finish_job(
+            finished.id,
+            1,
+            finish(hobotnica_common::job::Outcome::Succeeded, Some(0)),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .archive_logs(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    store
+        .append_controller_line(finished.id, "after the archive")
+        .await
+        .unwrap();
+    let keyed = store
+        .create_job_once(
+            "d-1",
+            &["d-1".into(), "d-1#f00d".into()],
+            new_job("deploy"),
+            now,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .create_session(
+            &"cd".repeat(32),
+            SessionRecord {
+                principal: super::super::SessionPrincipal::Admin {
+                    fingerprint: "f".into(),
+                },
+                csrf_token: "c".into(),
+                created_at: now,
+                expires_at: now + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .queue_notifications(vec![NotificationDelivery {
+            id: "n1".into(),
+            repo: keyed.repo.clone(),
+            target: "ops".into(),
+            job: keyed,
+            attempt: 0,
+            due_at: now,
+            created_at: now,
+        }])
+        .await
+        .unwrap();
+    // Claimed once: the attempt and due time are the store's now.
+    store
+        .claim_notification(now, now + chrono::Duration::minutes(1))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// An export read back by an import into an empty database exports the
+/// same records; the imported store goes on from the exported next id, and
+/// reads the same logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_imports_into_an_empty_store_as_it_was() {
+    let (store, server) = make().await;
+    assert!(store.is_empty().await.unwrap(), "a new store is empty");
+    fill(store.as_ref()).await;
+    assert!(!store.is_empty().await.unwrap());
+    let exported = export_all(store.as_ref()).await;
+    let kinds: Vec<&str> = exported
+        .iter()
+        .map(|record| match record {
+            snapshot::Record::Repo { .. } => "repo",
+            snapshot::Record::Job { .. } => "job",
+            snapshot::Record::Log { .. } => "log",
+            snapshot::Record::Agent { .. } => "agent",
+            snapshot::Record::AgentToken { .. } => "agent_token",
+            snapshot::Record::Key { .. } => "key",
+            snapshot::Record::KeyJob { .. } => "key_job",
+            snapshot::Record::Session { .. } => "session",
+            snapshot::Record::Notification { .. } => "notification",
+            snapshot::Record::NextJobId { .. } => "next_job_id",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "repo",
+            "job",
+            // 1.25 MiB + 7 bytes and a line: six pieces of 256 KiB at most.
+            "log",
+            "log",
+            "log",
+            "log",
+            "log",
+            "log",
+            "job",
+            "log",
+            "job",
+            "agent",
+            "agent_token",
+            "key",
+            "key_job",
+            "key_job",
+            "session",
+            "notification",
+            "next_job_id"
+        ]
+    );
+    assert_eq!(
+        exported.last(),
+        Some(&snapshot::Record::NextJobId { next: 4 })
+    );
+
+    admin(&server)
+        .await
+        .batch_execute("CREATE DATABASE copy")
+        .await
+        .unwrap();
+    let copy_url = server.url().replace("/postgres?", "/copy?");
+    let copy = PostgresStore::connect(&copy_url, None).await.unwrap();
+    assert!(copy.is_empty().await.unwrap());
+    for batch in exported.chunks(3) {
+        copy.import(batch.to_vec()).await.unwrap();
+    }
+    assert_eq!(export_all(&copy).await, exported, "the same records");
+    for id in [1, 2] {
+        let id = JobId(id);
+        let len = store.log_len(id).await.unwrap();
+        assert_eq!(copy.log_len(id).await.unwrap(), len);
+        assert_eq!(
+            copy.read_log(id, 0, len as usize).await.unwrap(),
+            store.read_log(id, 0, len as usize).await.unwrap(),
+            "job {id}'s log reads the same"
+        );
+    }
+    assert_eq!(copy.key_job("d-1#f00d").await.unwrap(), Some(JobId(3)));
+    let next = copy.create_job(new_job("test"), Utc::now()).await.unwrap();
+    assert_eq!(next.id, JobId(4), "ids go on from the snapshot's next id");
+    // A repeated import is refused, not merged.
+    let again = copy.import(exported[..1].to_vec()).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+}
+
+/// An export whose receiver goes away stops without error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_stops_when_its_receiver_goes() {
+    let (store, _server) = make().await;
+    fill(store.as_ref()).await;
+    let (sink, mut records) = mpsc::channel(1);
+    let export = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.export(sink).await }
+    });
+    assert!(records.recv().await.is_some());
+    drop(records);
+    tokio::time::timeout(DEADLINE, export)
+        .await
+        .expect("the export ends")
+        .unwrap()
+        .expect("without error");
+}
