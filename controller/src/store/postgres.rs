@@ -585,32 +585,32 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> anyhow::Result<(
     Ok(())
 }
 
-pub struct PostgresStore {
+struct PgStore {
     pool: Pool,
     events: broadcast::Sender<StoreEvent>,
     /// Stops the listener when the store is dropped.
     stop_tasks: CancellationToken,
 }
 
-impl Drop for PostgresStore {
+impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop_tasks.cancel();
     }
 }
 
-impl PostgresStore {
+impl PgStore {
     /// Connects to `url` (`postgres://`; TLS as its `sslmode` says, verified
     /// against `ca_pem` or the system's roots), migrates the schema and
     /// starts listening for events.
-    pub async fn connect(url: &str, ca_pem: Option<Vec<u8>>) -> anyhow::Result<PostgresStore> {
-        PostgresStore::connect_with(url, ca_pem, LISTENER_LIVENESS).await
+    async fn connect(url: &str, ca_pem: Option<Vec<u8>>) -> anyhow::Result<PgStore> {
+        PgStore::connect_with(url, ca_pem, LISTENER_LIVENESS).await
     }
 
     async fn connect_with(
         url: &str,
         ca_pem: Option<Vec<u8>>,
         liveness: ListenerLiveness,
-    ) -> anyhow::Result<PostgresStore> {
+    ) -> anyhow::Result<PgStore> {
         use anyhow::Context as _;
         let (config, tls) = settings(url, ca_pem.as_deref())?;
         let mut client = match &tls {
@@ -652,7 +652,7 @@ impl PostgresStore {
             .await
             .context("cannot listen for PostgreSQL events")?
             .context("cannot listen for PostgreSQL events")?;
-        Ok(PostgresStore {
+        Ok(PgStore {
             pool,
             events,
             stop_tasks,
@@ -1178,7 +1178,7 @@ async fn forward(listener: &Listener, payload: &str) {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl Store for PgStore {
     async fn ping(&self) -> StoreResult<()> {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(db)?;
@@ -2082,8 +2082,7 @@ async fn export_from(
             send(sink, Record::Job { job }).await?;
             let mut offset = 0;
             while offset < len {
-                let data =
-                    PostgresStore::read_log_with(&**tx, id, offset, snapshot::LOG_PIECE).await?;
+                let data = PgStore::read_log_with(&**tx, id, offset, snapshot::LOG_PIECE).await?;
                 if data.is_empty() {
                     break;
                 }
@@ -2373,6 +2372,354 @@ async fn import_record(
         }
     }
     Ok(())
+}
+
+/// How long one store call may take before it fails as `Unavailable` (the
+/// API answers 503). Server-side, `statement_timeout` ends a slow
+/// statement; this ends a call whose connection died without closing (a
+/// proxy or NAT that swallows packets), which nothing else notices before
+/// the kernel does. Exports, imports and maintenance are not bounded: they
+/// take as long as what they move (their statements are).
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PostgreSQL store: the backend, each call bounded by
+/// [`OPERATION_TIMEOUT`].
+pub struct PostgresStore {
+    inner: PgStore,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://`; TLS as its `sslmode` says, verified
+    /// against `ca_pem` or the system's roots), migrates the schema and
+    /// starts listening for events.
+    pub async fn connect(url: &str, ca_pem: Option<Vec<u8>>) -> anyhow::Result<PostgresStore> {
+        Ok(PostgresStore {
+            inner: PgStore::connect(url, ca_pem).await?,
+        })
+    }
+
+    /// A call that ran out of time may have left its connection dead in the
+    /// pool: the idle connections are dropped (fresh ones are made as
+    /// needed), as the Redis store replaces a connection that answers
+    /// nothing.
+    fn timed_out(&self, operation: &str) {
+        tracing::warn!(
+            operation,
+            timeout = ?OPERATION_TIMEOUT,
+            "a PostgreSQL call got no answer; dropping the idle connections"
+        );
+        self.inner.pool.retain(|_, _| false);
+    }
+
+    async fn bounded<T>(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(OPERATION_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.timed_out(operation);
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL: no answer within {OPERATION_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.bounded("ping", self.inner.ping()).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.subscribe()
+    }
+
+    async fn announce(&self, event: StoreEvent) {
+        if tokio::time::timeout(OPERATION_TIMEOUT, self.inner.announce(event))
+            .await
+            .is_err()
+        {
+            self.timed_out("announce");
+        }
+    }
+
+    async fn create_repo(&self, repo: Repo) -> StoreResult<()> {
+        self.bounded("create_repo", self.inner.create_repo(repo))
+            .await
+    }
+
+    async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
+        self.bounded("get_repo", self.inner.get_repo(owner, name))
+            .await
+    }
+
+    async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
+        self.bounded("list_repos", self.inner.list_repos()).await
+    }
+
+    async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()> {
+        self.bounded("delete_repo", self.inner.delete_repo(owner, name))
+            .await
+    }
+
+    async fn update_repo(&self, old: &Repo, new: Repo) -> StoreResult<bool> {
+        self.bounded("update_repo", self.inner.update_repo(old, new))
+            .await
+    }
+
+    async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
+        self.bounded("find_repo_by_hook", self.inner.find_repo_by_hook(hook_id))
+            .await
+    }
+
+    async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
+        self.bounded("key_job", self.inner.key_job(key)).await
+    }
+
+    async fn create_job(&self, job: NewJob, now: DateTime<Utc>) -> StoreResult<Job> {
+        self.bounded("create_job", self.inner.create_job(job, now))
+            .await
+    }
+
+    async fn create_job_once(
+        &self,
+        key: &str,
+        names: &[String],
+        job: NewJob,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        self.bounded(
+            "create_job_once",
+            self.inner.create_job_once(key, names, job, now),
+        )
+        .await
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
+        self.bounded("get_job", self.inner.get_job(id)).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+        self.bounded("list_jobs", self.inner.list_jobs(filter))
+            .await
+    }
+
+    async fn claim_job(
+        &self,
+        agent: &AgentRecord,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        self.bounded("claim_job", self.inner.claim_job(agent, now, lease_until))
+            .await
+    }
+
+    async fn renew_lease(
+        &self,
+        id: JobId,
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Job> {
+        self.bounded(
+            "renew_lease",
+            self.inner.renew_lease(id, attempt, lease_until),
+        )
+        .await
+    }
+
+    async fn request_cancel(&self, id: JobId, now: DateTime<Utc>) -> StoreResult<Job> {
+        self.bounded("request_cancel", self.inner.request_cancel(id, now))
+            .await
+    }
+
+    async fn finish_job(
+        &self,
+        id: JobId,
+        attempt: u32,
+        finish: Finish,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Finished> {
+        self.bounded(
+            "finish_job",
+            self.inner.finish_job(id, attempt, finish, now),
+        )
+        .await
+    }
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        self.bounded("queue_stats", self.inner.queue_stats()).await
+    }
+
+    async fn expire_leases(&self, now: DateTime<Utc>) -> StoreResult<Vec<Job>> {
+        self.bounded("expire_leases", self.inner.expire_leases(now))
+            .await
+    }
+
+    async fn extend_leases(&self, until: DateTime<Utc>) -> StoreResult<()> {
+        self.bounded("extend_leases", self.inner.extend_leases(until))
+            .await
+    }
+
+    async fn append_log(
+        &self,
+        id: JobId,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> StoreResult<u64> {
+        self.bounded(
+            "append_log",
+            self.inner.append_log(id, attempt, offset, data),
+        )
+        .await
+    }
+
+    async fn append_controller_line(&self, id: JobId, line: &str) -> StoreResult<u64> {
+        self.bounded(
+            "append_controller_line",
+            self.inner.append_controller_line(id, line),
+        )
+        .await
+    }
+
+    async fn read_log(&self, id: JobId, offset: u64, max: usize) -> StoreResult<Bytes> {
+        self.bounded("read_log", self.inner.read_log(id, offset, max))
+            .await
+    }
+
+    async fn log_len(&self, id: JobId) -> StoreResult<u64> {
+        self.bounded("log_len", self.inner.log_len(id)).await
+    }
+
+    async fn register_agent(&self, agent: AgentRecord) -> StoreResult<AgentRecord> {
+        self.bounded("register_agent", self.inner.register_agent(agent))
+            .await
+    }
+
+    async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>> {
+        self.bounded("get_agent", self.inner.get_agent(id)).await
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
+        self.bounded("list_agents", self.inner.list_agents()).await
+    }
+
+    async fn touch_agent(
+        &self,
+        id: &AgentId,
+        now: DateTime<Utc>,
+        controller: &str,
+    ) -> StoreResult<()> {
+        self.bounded("touch_agent", self.inner.touch_agent(id, now, controller))
+            .await
+    }
+
+    async fn create_agent_token(&self, token: AgentTokenRecord) -> StoreResult<()> {
+        self.bounded("create_agent_token", self.inner.create_agent_token(token))
+            .await
+    }
+
+    async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>> {
+        self.bounded("list_agent_tokens", self.inner.list_agent_tokens())
+            .await
+    }
+
+    async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>> {
+        self.bounded("find_agent_token", self.inner.find_agent_token(token_hash))
+            .await
+    }
+
+    async fn delete_agent_token(&self, id: &str) -> StoreResult<()> {
+        self.bounded("delete_agent_token", self.inner.delete_agent_token(id))
+            .await
+    }
+
+    async fn create_session(&self, id_hash: &str, session: SessionRecord) -> StoreResult<()> {
+        self.bounded(
+            "create_session",
+            self.inner.create_session(id_hash, session),
+        )
+        .await
+    }
+
+    async fn get_session(
+        &self,
+        id_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<SessionRecord>> {
+        self.bounded("get_session", self.inner.get_session(id_hash, now))
+            .await
+    }
+
+    async fn delete_session(&self, id_hash: &str) -> StoreResult<()> {
+        self.bounded("delete_session", self.inner.delete_session(id_hash))
+            .await
+    }
+
+    async fn queue_notifications(&self, deliveries: Vec<NotificationDelivery>) -> StoreResult<()> {
+        self.bounded(
+            "queue_notifications",
+            self.inner.queue_notifications(deliveries),
+        )
+        .await
+    }
+
+    async fn claim_notification(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<NotificationDelivery>> {
+        self.bounded(
+            "claim_notification",
+            self.inner.claim_notification(now, lease_until),
+        )
+        .await
+    }
+
+    async fn retry_notification(
+        &self,
+        id: &str,
+        attempt: u32,
+        due_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.bounded(
+            "retry_notification",
+            self.inner.retry_notification(id, attempt, due_at),
+        )
+        .await
+    }
+
+    async fn finish_notification(&self, id: &str, attempt: u32) -> StoreResult<bool> {
+        self.bounded(
+            "finish_notification",
+            self.inner.finish_notification(id, attempt),
+        )
+        .await
+    }
+
+    async fn archive_logs(&self, finished_before: DateTime<Utc>) -> StoreResult<usize> {
+        self.inner.archive_logs(finished_before).await
+    }
+
+    async fn prune(&self, policy: &Retention, now: DateTime<Utc>) -> StoreResult<usize> {
+        self.inner.prune(policy, now).await
+    }
+
+    async fn export(&self, sink: mpsc::Sender<snapshot::Record>) -> StoreResult<()> {
+        self.inner.export(sink).await
+    }
+
+    async fn is_empty(&self) -> StoreResult<bool> {
+        self.bounded("is_empty", self.inner.is_empty()).await
+    }
+
+    async fn import(&self, batch: Vec<snapshot::Record>) -> StoreResult<()> {
+        self.inner.import(batch).await
+    }
 }
 
 #[cfg(test)]

@@ -457,3 +457,35 @@ async fn an_export_stops_when_its_receiver_goes() {
         .unwrap()
         .expect("without error");
 }
+
+/// The path to the server of a pooled connection dies without closing (a
+/// proxy or NAT that swallows packets; the kernel sees nothing wrong): the
+/// call on it fails as `Unavailable` once [`OPERATION_TIMEOUT`] is up
+/// (the API's 503) instead of hanging, the dead connection leaves the pool,
+/// and the next call works on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_silently_dead_connection_fails_in_time_and_the_next_works() {
+    let server = PostgresServer::start().await;
+    let proxy = hobotnica_tests::proxy::Proxy::start(server.addr).await;
+    let through_proxy = format!(
+        "postgres://postgres@{}/postgres?sslmode=disable",
+        proxy.addr
+    );
+    let store = PostgresStore::connect(&through_proxy, None).await.unwrap();
+    let job = store.create_job(new_job("test"), Utc::now()).await.unwrap();
+
+    proxy.stall_open_connections();
+    let asked = std::time::Instant::now();
+    let err = store.get_job(job.id).await.expect_err("no answer");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        asked.elapsed() < OPERATION_TIMEOUT + Duration::from_secs(5),
+        "failed after {:?}",
+        asked.elapsed()
+    );
+    let found = tokio::time::timeout(DEADLINE, store.get_job(job.id))
+        .await
+        .expect("an answer")
+        .expect("a fresh connection works");
+    assert_eq!(found.map(|job| job.id), Some(job.id));
+}
