@@ -237,7 +237,10 @@ impl Controller {
                 hobotnica_common::token::ADMIN_TOKEN_PREFIX,
             )?,
         };
-        let metrics = Arc::new(metrics::Metrics::new(config.redis_url.is_some()));
+        let metrics = Arc::new(metrics::Metrics::for_store(
+            config.redis_url.is_some(),
+            config.postgres_url.is_some(),
+        ));
         let store: Arc<dyn store::Store> = Arc::new(store::metered::MeteredStore::new(
             open_store(&config).await?,
             metrics.clone(),

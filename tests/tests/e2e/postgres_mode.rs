@@ -317,3 +317,45 @@ async fn a_controller_started_before_postgres_waits_for_it() {
         "1"
     );
 }
+
+/// `/metrics` in PostgreSQL mode measures the round trip to the database
+/// and reads the fleet from it: a job queued through one controller is
+/// counted by the other's gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_measure_the_round_trip_and_read_the_fleet_from_postgres() {
+    let postgres = PostgresServer::start().await;
+    let metrics = net::free_addr();
+    let a = Controller::start(ControllerOpts {
+        postgres_url: Some(postgres.url()),
+        extra_args: vec!["--metrics-listen".to_owned(), metrics.to_string()],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let b = Controller::start(ControllerOpts {
+        extra_args: Vec::new(),
+        ..a.peer_opts()
+    })
+    .await;
+    let repo = GitRepo::new();
+    b.api().register_repo("demo", &repo.url()).await;
+    b.api().run_target(REPO, "test").await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{metrics}/metrics");
+    wait_until(JOB_TIMEOUT, "the queued job in A's gauges", || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let Ok(response) = client.get(&url).send().await else {
+                return false;
+            };
+            let text = response.text().await.unwrap_or_default();
+            let has = |prefix: &str, wanted: &str| {
+                text.lines()
+                    .any(|line| line.starts_with(prefix) && line.ends_with(wanted))
+            };
+            has("hobotnica_postgres_round_trip_seconds_count", "")
+                && !has("hobotnica_postgres_round_trip_seconds_count", " 0")
+                && has("hobotnica_jobs_queued", " 1")
+        }
+    })
+    .await;
+}
