@@ -20,6 +20,7 @@ use tempfile::TempDir;
 
 use crate::daemon::{Daemon, Spec};
 use crate::net::free_addr;
+use crate::tls::TestPki;
 use crate::wait::wait_until;
 
 /// How long the server may take to accept connections.
@@ -29,6 +30,7 @@ const SERVER_USER: &str = "postgres";
 
 pub struct PostgresServer {
     pub addr: SocketAddr,
+    tls: bool,
     daemon: Daemon,
     data: PathBuf,
     _dir: TempDir,
@@ -82,17 +84,44 @@ impl PostgresServer {
     /// Runs `initdb` in a temp dir, starts the server and waits until it
     /// accepts connections.
     pub async fn start() -> PostgresServer {
+        PostgresServer::start_with(None).await
+    }
+
+    /// The same, also speaking TLS with the test PKI's server certificate
+    /// (`127.0.0.1`, `localhost`).
+    pub async fn start_tls(pki: &TestPki) -> PostgresServer {
+        PostgresServer::start_with(Some(pki)).await
+    }
+
+    async fn start_with(tls: Option<&TestPki>) -> PostgresServer {
         let dir = tempfile::Builder::new()
             .prefix("hobotnica-postgres-")
             .tempdir()
             .expect("temp dir");
+        // The server's certificate and key, in its own dir: the key must
+        // be the server user's, mode 0600.
+        let tls_files = tls.map(|pki| {
+            let cert = dir.path().join("server.crt");
+            let key = dir.path().join("server.key");
+            std::fs::copy(&pki.server_cert, &cert).expect("copy the certificate");
+            std::fs::copy(&pki.server_key, &key).expect("copy the key");
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod the key");
+            (cert, key)
+        });
         if running_as_root() {
             let user = nix::unistd::User::from_name(SERVER_USER)
                 .ok()
                 .flatten()
                 .expect("a postgres user (scripts/setup --tests installs PostgreSQL)");
-            std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .expect("chown the server's temp dir");
+            let mut owned = vec![dir.path().to_path_buf()];
+            if let Some((cert, key)) = &tls_files {
+                owned.extend([cert.clone(), key.clone()]);
+            }
+            for path in owned {
+                std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .expect("chown the server's files");
+            }
         }
         let data = dir.path().join("data");
         let (initdb, args) = as_server_user(
@@ -120,6 +149,17 @@ impl PostgresServer {
             String::from_utf8_lossy(&output.stderr)
         );
         let addr = free_addr();
+        let mut server_args: Vec<OsString> = Vec::new();
+        if let Some((cert, key)) = &tls_files {
+            server_args.extend([
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", cert.display()).into(),
+                "-c".into(),
+                format!("ssl_key_file={}", key.display()).into(),
+            ]);
+        }
         let (postgres, args) = as_server_user(
             &program("postgres"),
             vec![
@@ -137,7 +177,10 @@ impl PostgresServer {
                 "shared_buffers=16MB".into(),
                 "-c".into(),
                 "max_connections=200".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(server_args)
+            .collect(),
         );
         let daemon = Daemon::spawn(Spec {
             name: format!("postgres-{}", addr.port()),
@@ -149,6 +192,7 @@ impl PostgresServer {
         });
         let server = PostgresServer {
             addr,
+            tls: tls.is_some(),
             daemon,
             data,
             _dir: dir,
@@ -157,9 +201,11 @@ impl PostgresServer {
         server
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/postgres?sslmode=disable`.
+    /// `postgres://postgres@127.0.0.1:<port>/postgres?sslmode=disable`, or
+    /// with TLS `sslmode=verify-full` (the test CA must be trusted).
     pub fn url(&self) -> String {
-        format!("postgres://postgres@{}/postgres?sslmode=disable", self.addr)
+        let mode = if self.tls { "verify-full" } else { "disable" };
+        format!("postgres://postgres@{}/postgres?sslmode={mode}", self.addr)
     }
 
     /// Waits until the server says it is ready (the status line of
@@ -217,7 +263,7 @@ impl PostgresServer {
     /// and without headers.
     pub fn psql(&self, sql: &str) -> String {
         let output = Command::new(program("psql"))
-            .arg(self.url())
+            .arg(self.url().replace("verify-full", "require"))
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .stdin(Stdio::null())
             .output()

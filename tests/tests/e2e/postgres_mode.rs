@@ -359,3 +359,35 @@ async fn metrics_measure_the_round_trip_and_read_the_fleet_from_postgres() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_reach_postgres_over_tls_with_a_private_ca() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = hobotnica_tests::tls::TestPki::create(pki_dir.path());
+    let postgres = PostgresServer::start_tls(&pki).await;
+    assert!(postgres.url().ends_with("sslmode=verify-full"));
+    let controller = Controller::start(ControllerOpts {
+        postgres_url: Some(postgres.url()),
+        extra_args: vec![
+            "--postgres-ca-cert".to_owned(),
+            pki.ca_cert.display().to_string(),
+        ],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agent = Agent::start_default(&controller).await;
+    let repo = GitRepo::new();
+    let api = controller.api();
+    api.register_repo("demo", &repo.url()).await;
+    let job = api.run_target(REPO, "test").await;
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert!(api.output(job.id).await.contains("hello from stdout"));
+    assert_eq!(
+        postgres.psql(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name LIKE 'hobotnica-controller%'"
+        ),
+        "t",
+        "every connection of the controller is encrypted"
+    );
+}

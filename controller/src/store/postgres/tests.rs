@@ -489,3 +489,52 @@ async fn a_call_on_a_silently_dead_connection_fails_in_time_and_the_next_works()
         .expect("a fresh connection works");
     assert_eq!(found.map(|job| job.id), Some(job.id));
 }
+
+/// TLS by the URL's sslmode: `verify-full` trusts the given CA and checks
+/// the host; without that CA the server's certificate is refused at once
+/// (no waiting for a server that answers), and `require` encrypts without
+/// checking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_follows_the_sslmode() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = hobotnica_tests::tls::TestPki::create(pki_dir.path());
+    let server = PostgresServer::start_tls(&pki).await;
+    let url = server.url();
+    assert!(url.contains("sslmode=verify-full"), "{url}");
+
+    let store = PostgresStore::connect(&url, Some(pki.ca_pem()))
+        .await
+        .expect("verified against the test CA");
+    store.ping().await.unwrap();
+    let encrypted = admin_tls_check(&server).await;
+    assert!(encrypted, "the store's connections use TLS");
+
+    let started = std::time::Instant::now();
+    let Err(err) = PostgresStore::connect(&url, None).await else {
+        panic!("a certificate of an unknown CA was accepted");
+    };
+    let message = format!("{err:#}");
+    assert!(message.contains("TLS"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refused at once"
+    );
+
+    let unverified = url.replace("verify-full", "require");
+    PostgresStore::connect(&unverified, None)
+        .await
+        .expect("require does not check the certificate")
+        .ping()
+        .await
+        .unwrap();
+}
+
+/// Whether every connection of the controller's application name uses TLS.
+async fn admin_tls_check(server: &PostgresServer) -> bool {
+    let output = server.psql(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name LIKE 'hobotnica-controller%'",
+    );
+    output == "t"
+}
