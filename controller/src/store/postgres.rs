@@ -527,6 +527,12 @@ async fn insert_job(client: &impl GenericClient, job: &Job) -> StoreResult<()> {
 /// this controller knows.
 async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    // Waiting for another controller's migration, and a migration itself,
+    // may take longer than an ordinary statement may.
+    client
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .context("cannot prepare the schema migration")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
