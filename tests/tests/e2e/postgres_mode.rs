@@ -16,10 +16,15 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(ControllerOpts::default()).await
+}
+
+/// The same, with `opts` for both controllers.
+async fn cluster_with(opts: ControllerOpts) -> Cluster {
     let postgres = PostgresServer::start().await;
     let a = Controller::start(ControllerOpts {
         postgres_url: Some(postgres.url()),
-        ..ControllerOpts::default()
+        ..opts
     })
     .await;
     let b = Controller::start(a.peer_opts()).await;
@@ -390,4 +395,55 @@ async fn controllers_reach_postgres_over_tls_with_a_private_ca() {
         "t",
         "every connection of the controller is encrypted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_unreachable_the_api_says_503_and_agents_hold_results() {
+    // A lease longer than the agent's longest back-off between renewals
+    // (5 s): after the outage every running job gets a fresh lease, and the
+    // agent's next renewal must come within it. (With the default 2 s of
+    // these tests the job is lost whenever that back-off has grown past
+    // 2 s by the time the store is back: a race of the test's settings,
+    // in every store mode.)
+    let mut c = cluster_with(ControllerOpts {
+        lease_timeout: Duration::from_secs(6),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let gate = c.a.scratch_dir("gate").join("open");
+    let api = c.a.api();
+    let _agent = Agent::start(&c.b, AgentOpts::default()).await;
+    let job = api
+        .run_job(
+            REPO,
+            json!({ "target": "gate", "env": { "E2E_GATE": gate.to_str().unwrap() } }),
+        )
+        .await;
+    api.wait_for_log(job.id, "waiting for the gate", JOB_TIMEOUT)
+        .await;
+
+    c.postgres.stop().await;
+    for controller in [&c.a, &c.b] {
+        let api = controller.api();
+        api.raw(Method::GET, "/api/v1/jobs", None)
+            .await
+            .assert_problem(503);
+        api.raw(Method::GET, "/readyz", None)
+            .await
+            .assert_problem(503);
+    }
+    // The job finishes while PostgreSQL is gone; its agent keeps the result.
+    std::fs::write(&gate, b"").unwrap();
+    let outage = c.a.opts.lease_timeout + Duration::from_secs(1);
+    tokio::time::sleep(outage).await; // an outage longer than the lease: time is the point here
+
+    c.postgres.restart().await;
+    let done = api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    assert_eq!(
+        api.output(job.id).await,
+        "waiting for the gate\ngate opened\n"
+    );
+    assert_eq!(done.attempt, 1);
+    // Both controllers are still serving.
+    c.b.api().job(job.id).await;
 }
