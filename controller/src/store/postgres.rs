@@ -347,7 +347,16 @@ fn settings(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<(tokio_postgres:
         .keepalives_retries(TCP_KEEPALIVE_RETRIES)
         .tcp_user_timeout(TCP_USER_TIMEOUT)
         .application_name("hobotnica-controller");
-    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    // The server's side of the same keepalive: a session whose controller
+    // vanished ends (and a listening one stops holding back the
+    // notification queue) within 25 s, not the OS default of two hours.
+    let statement_timeout = format!(
+        "-c statement_timeout={} -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}",
+        STATEMENT_TIMEOUT.as_millis(),
+        TCP_KEEPALIVE_IDLE.as_secs(),
+        TCP_KEEPALIVE_INTERVAL.as_secs(),
+        TCP_KEEPALIVE_RETRIES,
+    );
     let options = match config.get_options() {
         Some(options) => format!("{options} {statement_timeout}"),
         None => statement_timeout,

@@ -538,3 +538,24 @@ async fn admin_tls_check(server: &PostgresServer) -> bool {
     );
     output == "t"
 }
+
+/// Every session of the store runs with the statement timeout and the
+/// server-side keepalive it asked for in its start-up options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_carry_the_statement_timeout_and_keepalive() {
+    let server = PostgresServer::start().await;
+    let store = PostgresStore::connect(&server.url(), None).await.unwrap();
+    let client = store.inner.client().await.unwrap();
+    for (setting, expected) in [
+        ("statement_timeout", "15s"),
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+    ] {
+        let row = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), expected, "{setting}");
+    }
+}
