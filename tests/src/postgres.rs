@@ -226,9 +226,15 @@ impl PostgresServer {
         self.daemon.is_running()
     }
 
-    /// SIGKILL of the postmaster: the server is gone at once (its backends
-    /// notice and exit; what was committed stays).
+    /// SIGKILL of the whole server, the postmaster and every backend: it is
+    /// gone at once, as with a host that died (what was committed stays).
+    /// Killing the postmaster alone leaves its backends answering queries
+    /// on their open connections until they notice.
     pub fn kill9(&mut self) {
+        crate::procs::signal_all(
+            &crate::procs::processes_in_dir(&self.data),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         self.daemon.kill9();
     }
 
