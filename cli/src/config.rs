@@ -730,7 +730,30 @@ mod tests {
         ])
         .unwrap_err()
         .to_string();
-        assert!(both.contains("not both"), "{both}");
+        assert!(both.contains("not more"), "{both}");
+        assert_eq!(
+            admin(&[
+                "admin",
+                "migrate",
+                "--from-redis",
+                "redis://r:6379/0",
+                "--to-postgres",
+                "postgres://ci@db.internal:5432/hobotnica?sslmode=verify-full",
+            ])
+            .unwrap(),
+            ["Redis at r:6379", "PostgreSQL at db.internal:5432"]
+        );
+        let refused = admin(&[
+            "admin",
+            "import",
+            "--postgres",
+            "postgres://ci:pw@db:5432/ci",
+            "f",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("HOBOTNICA_POSTGRES_URL"), "{refused}");
+        assert!(!refused.contains("pw"), "{refused}");
     }
 
     #[test]

@@ -108,6 +108,26 @@ pub struct ControllerConfig {
     #[arg(long, env = "HOBOTNICA_REDIS_CA_CERT")]
     pub redis_ca_cert: Option<PathBuf>,
 
+    /// Keep everything in PostgreSQL instead of the embedded store
+    /// (`postgres://user@host:5432/hobotnica?sslmode=verify-full`; sslmode
+    /// disable, prefer, require, verify-ca or verify-full). Any number of
+    /// controllers may share one database. A URL with a password belongs
+    /// in HOBOTNICA_POSTGRES_URL or --postgres-url-file, not on the command
+    /// line.
+    #[arg(long = "postgres", env = "HOBOTNICA_POSTGRES_URL", hide_env_values = true, value_parser = Secret::parse)]
+    pub postgres_url: Option<Secret>,
+
+    /// File holding the PostgreSQL URL (mode 0600 or stricter), instead of
+    /// --postgres.
+    #[arg(long, env = "HOBOTNICA_POSTGRES_URL_FILE", value_name = "FILE")]
+    pub postgres_url_file: Option<PathBuf>,
+
+    /// The CA certificate (PEM) that signed PostgreSQL's certificate, for
+    /// sslmode verify-ca and verify-full with a private CA (default: the
+    /// system's roots).
+    #[arg(long, env = "HOBOTNICA_POSTGRES_CA_CERT")]
+    pub postgres_ca_cert: Option<PathBuf>,
+
     /// Finished jobs and their logs are deleted after this long.
     #[arg(long, env = "HOBOTNICA_RETENTION", default_value = "90d", value_parser = parse_duration)]
     pub retention: Duration,
@@ -214,6 +234,8 @@ pub enum CommandLineSecret {
     AgentToken,
     /// `--redis` with a password in the URL.
     RedisPassword,
+    /// `--postgres` with a password in the URL.
+    PostgresPassword,
 }
 
 impl CommandLineSecret {
@@ -237,6 +259,12 @@ impl CommandLineSecret {
                 "--redis",
                 "--redis-url-file",
                 "HOBOTNICA_REDIS_URL",
+            ),
+            CommandLineSecret::PostgresPassword => (
+                "the PostgreSQL password",
+                "--postgres",
+                "--postgres-url-file",
+                "HOBOTNICA_POSTGRES_URL",
             ),
         };
         command_line_warning(what, option, file_option, env)
@@ -267,6 +295,14 @@ impl ControllerConfig {
                         .is_some_and(|url| url_has_password(url.expose())),
                 CommandLineSecret::RedisPassword,
             ),
+            (
+                on_command_line("postgres_url")
+                    && self
+                        .postgres_url
+                        .as_ref()
+                        .is_some_and(|url| url_has_password(url.expose())),
+                CommandLineSecret::PostgresPassword,
+            ),
         ]
         .into_iter()
         .filter_map(|(given, secret)| given.then_some(secret))
@@ -281,7 +317,7 @@ impl ControllerConfig {
     }
 
     /// Reads `--admin-token-file`, `--agent-token-file` and
-    /// `--redis-url-file` into the values they stand for (each file must be
+    /// `--redis-url-file` and `--postgres-url-file` into the values they stand for (each file must be
     /// mode 0600 or stricter). A value given both ways is refused. Reading
     /// twice is harmless: a file read is forgotten.
     pub fn read_secret_files(&mut self) -> anyhow::Result<()> {
@@ -317,6 +353,12 @@ impl ControllerConfig {
             &mut self.redis_url_file,
             "--redis-url-file",
             "--redis (HOBOTNICA_REDIS_URL)",
+        )?;
+        read(
+            &mut self.postgres_url,
+            &mut self.postgres_url_file,
+            "--postgres-url-file",
+            "--postgres (HOBOTNICA_POSTGRES_URL)",
         )
     }
 }
@@ -351,14 +393,28 @@ impl ControllerConfig {
                 "--admin-token must be at least 16 characters"
             );
         }
-        if self.redis_url.is_some() {
+        anyhow::ensure!(
+            self.redis_url.is_none() || self.postgres_url.is_none(),
+            "give --redis or --postgres, not both: a controller keeps everything in one store"
+        );
+        for (given, option, store) in [
+            (self.redis_url.is_some(), "--redis", "one Redis"),
+            (
+                self.postgres_url.is_some(),
+                "--postgres",
+                "one PostgreSQL database",
+            ),
+        ] {
+            if !given {
+                continue;
+            }
             anyhow::ensure!(
                 self.secret_key_file.is_some(),
-                "with --redis, give the secret key (--secret-key-file or HOBOTNICA_SECRET_KEY_FILE): controllers sharing one Redis must share it; make one with: openssl rand -hex 32"
+                "with {option}, give the secret key (--secret-key-file or HOBOTNICA_SECRET_KEY_FILE): controllers sharing {store} must share it; make one with: openssl rand -hex 32"
             );
             anyhow::ensure!(
                 self.admin_token.is_some(),
-                "with --redis, give the admin token (--admin-token-file or HOBOTNICA_ADMIN_TOKEN): controllers sharing one Redis must share it"
+                "with {option}, give the admin token (--admin-token-file or HOBOTNICA_ADMIN_TOKEN): controllers sharing {store} must share it"
             );
         }
         if let Some(token) = &self.agent_token {
@@ -628,6 +684,49 @@ mod secret_tests {
         );
         let config = parse(&["--redis", "redis://127.0.0.1:6379/0"]);
         assert!(config.secrets_on_command_line.is_empty());
+        let config = parse(&["--postgres", "postgres://ci:pw@127.0.0.1/ci"]);
+        assert_eq!(
+            config.secrets_on_command_line,
+            [CommandLineSecret::PostgresPassword]
+        );
+        let config = parse(&["--postgres", "postgres://ci@127.0.0.1/ci"]);
+        assert!(config.secrets_on_command_line.is_empty());
+    }
+
+    #[test]
+    fn postgres_needs_the_shared_secrets_and_excludes_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = private_file(
+            dir.path(),
+            "postgres",
+            "postgres://ci:pw@127.0.0.1:5432/ci\n",
+            0o600,
+        );
+        let mut config = parse(&["--postgres-url-file", &url]);
+        config.read_secret_files().unwrap();
+        assert_eq!(
+            config.postgres_url.as_ref().map(|url| url.expose()),
+            Some("postgres://ci:pw@127.0.0.1:5432/ci")
+        );
+        let message = format!("{:#}", config.validate().unwrap_err());
+        assert!(
+            message.contains("with --postgres, give the secret key"),
+            "{message}"
+        );
+        assert!(!message.contains("pw"), "{message}");
+
+        let mut both = parse(&[
+            "--redis",
+            "redis://127.0.0.1:6379/0",
+            "--postgres",
+            "postgres://ci@127.0.0.1/ci",
+        ]);
+        both.read_secret_files().unwrap();
+        let message = format!("{:#}", both.validate().unwrap_err());
+        assert!(
+            message.contains("give --redis or --postgres, not both"),
+            "{message}"
+        );
     }
 
     #[test]

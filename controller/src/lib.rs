@@ -232,7 +232,10 @@ impl Controller {
                 hobotnica_common::token::ADMIN_TOKEN_PREFIX,
             )?,
         };
-        let metrics = Arc::new(metrics::Metrics::new(config.redis_url.is_some()));
+        let metrics = Arc::new(metrics::Metrics::for_store(
+            config.redis_url.is_some(),
+            config.postgres_url.is_some(),
+        ));
         let store: Arc<dyn store::Store> = Arc::new(store::metered::MeteredStore::new(
             open_store(&config).await?,
             metrics.clone(),
@@ -730,16 +733,21 @@ pub async fn rotate_secret_key(
     secrets::rotate_secret_key(store.as_ref(), &old, &new).await
 }
 
-/// The store `config` names: Redis with `--redis`, else the embedded store
-/// in the data directory (`store::open`). One that holds the remains of an
-/// unfinished import is refused.
+/// The store `config` names: PostgreSQL with `--postgres`, Redis with
+/// `--redis`, else the embedded store in the data directory
+/// (`store::open`). One that holds the remains of an unfinished import is
+/// refused.
 async fn open_store(config: &ControllerConfig) -> anyhow::Result<Arc<dyn store::Store>> {
-    let location = match &config.redis_url {
-        Some(url) => store::open::StoreLocation::Redis {
+    let location = match (&config.postgres_url, &config.redis_url) {
+        (Some(url), _) => store::open::StoreLocation::Postgres {
+            url: url.clone(),
+            ca_cert: config.postgres_ca_cert.clone(),
+        },
+        (None, Some(url)) => store::open::StoreLocation::Redis {
             url: url.clone(),
             ca_cert: config.redis_ca_cert.clone(),
         },
-        None => store::open::StoreLocation::Embedded {
+        (None, None) => store::open::StoreLocation::Embedded {
             data_dir: config.data_dir.clone(),
             wait: config.store_wait,
         },

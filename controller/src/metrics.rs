@@ -217,6 +217,8 @@ pub struct Metrics {
     notification_attempts: Family<Labels2, Counter>,
     /// Redis mode only: a PING's round trip, once per fleet reading.
     redis_round_trip: Option<DurationHistogram>,
+    /// PostgreSQL mode only: a query's round trip, once per fleet reading.
+    postgres_round_trip: Option<DurationHistogram>,
     jobs_queued: Family<Labels1, Gauge>,
     jobs_running: Family<Labels1, Gauge>,
     oldest_queued_age: Family<Labels1, Gauge<f64, AtomicU64>>,
@@ -234,6 +236,12 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// Every metric, registered; `redis` adds the Redis round trip.
     pub fn new(redis: bool) -> Metrics {
+        Metrics::for_store(redis, false)
+    }
+
+    /// Every metric, registered; `redis` adds the Redis round trip,
+    /// `postgres` the PostgreSQL one.
+    pub fn for_store(redis: bool, postgres: bool) -> Metrics {
         let mut registry = hobotnica_common::metrics::registry();
         let jobs_created: Family<Labels1, Counter> = Family::default();
         registry.register(
@@ -378,6 +386,15 @@ impl Metrics {
             );
             histogram
         });
+        let postgres_round_trip = postgres.then(|| {
+            let histogram = DurationHistogram::new(FAST_BUCKETS);
+            registry.register(
+                "postgres_round_trip_seconds",
+                "A query's round trip to PostgreSQL, measured when the fleet gauges are read",
+                histogram.clone(),
+            );
+            histogram
+        });
         let jobs_queued = Family::default();
         registry.register(
             "jobs_queued",
@@ -447,6 +464,7 @@ impl Metrics {
             statuses_failed,
             notification_attempts,
             redis_round_trip,
+            postgres_round_trip,
             jobs_queued,
             jobs_running,
             oldest_queued_age,
@@ -685,7 +703,11 @@ async fn refresh_fleet(services: &Services) {
     if read_at.is_some_and(|at| at.elapsed() < FLEET_CACHE) {
         return;
     }
-    if let Some(round_trip) = &metrics.redis_round_trip {
+    if let Some(round_trip) = metrics
+        .redis_round_trip
+        .as_ref()
+        .or(metrics.postgres_round_trip.as_ref())
+    {
         let started = Instant::now();
         if services.ready().await.is_ok() {
             round_trip.observe(started.elapsed());

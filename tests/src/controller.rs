@@ -33,6 +33,10 @@ pub struct ControllerOpts {
     pub client_ca: bool,
     /// `--redis`: keep everything in this Redis.
     pub redis_url: Option<String>,
+    /// `HOBOTNICA_POSTGRES_URL`: keep everything in this PostgreSQL
+    /// database (the URL goes through the environment, as one with a
+    /// password must).
+    pub postgres_url: Option<String>,
     /// The admin and pool agent tokens (default: fresh ones). Controllers
     /// sharing one Redis share them: see [`Controller::peer_opts`].
     pub tokens: Option<(String, String)>,
@@ -53,6 +57,7 @@ impl Default for ControllerOpts {
             tls: false,
             client_ca: false,
             redis_url: None,
+            postgres_url: None,
             tokens: None,
             secret_key_hex: None,
             token_files: false,
@@ -126,6 +131,8 @@ impl Controller {
         let mut opts = opts;
         if let Some(url) = &opts.redis_url {
             args.extend(["--redis".into(), url.into()]);
+        }
+        if opts.redis_url.is_some() || opts.postgres_url.is_some() {
             let key = opts
                 .secret_key_hex
                 .get_or_insert_with(hobotnica_common::secrets::SecretKey::generate_hex);
@@ -137,6 +144,9 @@ impl Controller {
         // Tokens through files or the environment: never in argv.
         let mut env: Vec<(OsString, OsString)> =
             vec![("HOBOTNICA_LOG".into(), log_filter().into())];
+        if let Some(url) = &opts.postgres_url {
+            env.push(("HOBOTNICA_POSTGRES_URL".into(), url.into()));
+        }
         for (name, token, option) in [
             ("admin", &admin_token, "--admin-token-file"),
             ("agent", &agent_token, "--agent-token-file"),

@@ -26,6 +26,7 @@ pub mod git;
 pub mod github;
 pub mod net;
 pub mod output;
+pub mod postgres;
 pub mod procs;
 pub mod prometheus;
 pub mod proxy;

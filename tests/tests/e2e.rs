@@ -1965,6 +1965,9 @@ fn queued_job_id(stdout: &str) -> u64 {
 #[path = "e2e/redis_mode.rs"]
 mod redis_mode;
 
+#[path = "e2e/postgres_mode.rs"]
+mod postgres_mode;
+
 #[path = "e2e/github.rs"]
 mod github;
 

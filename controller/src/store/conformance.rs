@@ -2800,6 +2800,9 @@ macro_rules! conformance_suite {
     };
 }
 
+/// For the suites of backends in modules of their own (`postgres`).
+pub(crate) use conformance_suite;
+
 mod embedded_suite {
     use super::super::embedded::EmbeddedStore;
     use std::sync::Arc;
@@ -2994,8 +2997,10 @@ mod redis_suite {
 /// (a new backend is one more `make_*` and its arms).
 mod snapshot_suite {
     use super::super::embedded::EmbeddedStore;
+    use super::super::postgres::PostgresStore;
     use super::super::redis::RedisStore;
     use super::RedisServer;
+    use hobotnica_tests::postgres::PostgresServer;
     use std::sync::Arc;
 
     /// What keeps a store alive.
@@ -3003,6 +3008,7 @@ mod snapshot_suite {
     enum Guard {
         Dir(tempfile::TempDir),
         Redis(Arc<RedisServer>),
+        Postgres(Box<PostgresServer>),
     }
 
     fn embedded() -> (Arc<dyn super::Store>, Guard) {
@@ -3021,6 +3027,13 @@ mod snapshot_suite {
             .await
             .unwrap();
         (Arc::new(store), Guard::Redis(server))
+    }
+
+    /// A store on a PostgreSQL server of its own.
+    async fn postgres() -> (Arc<dyn super::Store>, Guard) {
+        let server = PostgresServer::start().await;
+        let store = PostgresStore::connect(&server.url(), None).await.unwrap();
+        (Arc::new(store), Guard::Postgres(Box::new(server)))
     }
 
     macro_rules! arms {
@@ -3056,6 +3069,14 @@ mod snapshot_suite {
         rules_embedded_to_embedded: imports_follow_the_rules(embedded(), embedded());
         rules_embedded_to_redis: imports_follow_the_rules(embedded(), redis(None, "test:").await);
         rules_redis_to_embedded: imports_follow_the_rules(redis(None, "test:").await, embedded());
+        embedded_to_postgres: an_import_answers_like_its_export(embedded(), postgres().await);
+        postgres_to_embedded: an_import_answers_like_its_export(postgres().await, embedded());
+        redis_to_postgres: an_import_answers_like_its_export(redis(None, "test:").await, postgres().await);
+        postgres_to_redis: an_import_answers_like_its_export(postgres().await, redis(None, "test:").await);
+        postgres_to_postgres: an_import_answers_like_its_export(postgres().await, postgres().await);
+        rules_embedded_to_postgres: imports_follow_the_rules(embedded(), postgres().await);
+        rules_postgres_to_embedded: imports_follow_the_rules(postgres().await, embedded());
+        rules_postgres_to_postgres: imports_follow_the_rules(postgres().await, postgres().await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

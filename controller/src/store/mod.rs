@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod open;
+pub mod postgres;
 pub mod redis;
 pub mod snapshot;
 mod transitions;

@@ -11,6 +11,7 @@ use hobotnica_common::private_fs::{Secret, read_secret_file};
 
 use super::Store;
 use super::embedded::{EmbeddedStore, OpenError};
+use super::postgres::PostgresStore;
 use super::redis::RedisStore;
 
 /// Every key a controller writes in Redis starts with this.
@@ -28,6 +29,13 @@ pub enum StoreLocation {
         url: Secret,
         ca_cert: Option<PathBuf>,
     },
+    /// PostgreSQL at `url` (which may hold a password; TLS by its
+    /// `sslmode`), its server verified against `ca_cert` or the system's
+    /// roots.
+    Postgres {
+        url: Secret,
+        ca_cert: Option<PathBuf>,
+    },
 }
 
 impl StoreLocation {
@@ -36,6 +44,7 @@ impl StoreLocation {
         match self {
             StoreLocation::Embedded { .. } => "embedded",
             StoreLocation::Redis { .. } => "redis",
+            StoreLocation::Postgres { .. } => "postgres",
         }
     }
 
@@ -45,19 +54,22 @@ impl StoreLocation {
             StoreLocation::Embedded { data_dir, .. } => {
                 format!("the embedded store in {}", data_dir.display())
             }
-            StoreLocation::Redis { url, .. } => {
-                let rest = url
-                    .expose()
-                    .split_once("://")
-                    .map_or(url.expose(), |(_, rest)| rest);
-                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-                let host = authority
-                    .rsplit_once('@')
-                    .map_or(authority, |(_, host)| host);
-                format!("Redis at {host}")
-            }
+            StoreLocation::Redis { url, .. } => format!("Redis at {}", host_of(url)),
+            StoreLocation::Postgres { url, .. } => format!("PostgreSQL at {}", host_of(url)),
         }
     }
+}
+
+/// The host (and port) of a server URL, without its credentials.
+fn host_of(url: &Secret) -> &str {
+    let rest = url
+        .expose()
+        .split_once("://")
+        .map_or(url.expose(), |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
 }
 
 /// Why a store refuses to be used.
@@ -89,6 +101,18 @@ pub async fn open_for_admin(location: &StoreLocation) -> anyhow::Result<Arc<dyn 
 
 async fn open_as(location: &StoreLocation, admin: bool) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match location {
+        StoreLocation::Postgres { url, ca_cert } => {
+            let ca = match ca_cert {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!(
+                        "cannot read the PostgreSQL CA certificate {}",
+                        path.display()
+                    )
+                })?),
+                None => None,
+            };
+            Arc::new(PostgresStore::connect(url.expose(), ca).await?)
+        }
         StoreLocation::Redis { url, ca_cert } => {
             let ca = match ca_cert {
                 Some(path) => Some(std::fs::read(path).with_context(|| {
@@ -138,11 +162,13 @@ pub async fn open_existing(location: &StoreLocation) -> anyhow::Result<Arc<dyn S
 /// The store options of a command that works on a store directly, as the
 /// controller's: `--data-dir`, or `--redis` (a URL with a password in
 /// `HOBOTNICA_REDIS_URL` or `--redis-url-file`, never on the command line)
-/// and `--redis-ca-cert`. [`MigrateFrom`] and [`MigrateTo`] are the same
+/// and `--redis-ca-cert`, or `--postgres` (likewise) and
+/// `--postgres-ca-cert`. [`MigrateFrom`] and [`MigrateTo`] are the same
 /// with `--from-` and `--to-`.
 macro_rules! store_args {
     ($(#[$meta:meta])* $name:ident, $data_id:literal, $data_dir:literal, $redis:literal, $redis_env:literal,
-     $url_file:literal, $url_file_env:literal, $ca:literal, $ca_env:literal, $data_env:literal) => {
+     $url_file:literal, $url_file_env:literal, $ca:literal, $ca_env:literal, $data_env:literal,
+     $pg:literal, $pg_env:literal, $pg_file:literal, $pg_file_env:literal, $pg_ca:literal, $pg_ca_env:literal) => {
         $(#[$meta])*
         #[derive(Clone, Debug, clap::Args)]
         pub struct $name {
@@ -160,10 +186,24 @@ macro_rules! store_args {
             /// The CA certificate (PEM) that signed Redis' certificate.
             #[arg(id = $ca, long = $ca, env = $ca_env, value_name = "FILE")]
             pub redis_ca_cert: Option<PathBuf>,
+            /// PostgreSQL (`postgres://user@host:5432/db?sslmode=verify-full`).
+            /// A URL with a password belongs in the environment variable or
+            /// the URL file, not on the command line.
+            #[arg(id = $pg, long = $pg, env = $pg_env, hide_env_values = true, value_name = "URL", value_parser = Secret::parse)]
+            pub postgres_url: Option<Secret>,
+            /// File holding the PostgreSQL URL (mode 0600 or stricter).
+            #[arg(id = $pg_file, long = $pg_file, env = $pg_file_env, value_name = "FILE")]
+            pub postgres_url_file: Option<PathBuf>,
+            /// The CA certificate (PEM) that signed PostgreSQL's certificate.
+            #[arg(id = $pg_ca, long = $pg_ca, env = $pg_ca_env, value_name = "FILE")]
+            pub postgres_ca_cert: Option<PathBuf>,
             /// The Redis URL was given on the command line
             /// ([`Self::note_command_line`]).
             #[arg(skip)]
             pub redis_on_command_line: bool,
+            /// The PostgreSQL URL was given on the command line.
+            #[arg(skip)]
+            pub postgres_on_command_line: bool,
             /// The data directory was given, not a default
             /// ([`Self::note_command_line`]).
             #[arg(skip)]
@@ -173,7 +213,11 @@ macro_rules! store_args {
         impl $name {
             /// Whether any store option was given.
             pub fn given(&self) -> bool {
-                self.data_dir_given || self.redis_url.is_some() || self.redis_url_file.is_some()
+                self.data_dir_given
+                    || self.redis_url.is_some()
+                    || self.redis_url_file.is_some()
+                    || self.postgres_url.is_some()
+                    || self.postgres_url_file.is_some()
             }
 
             /// Notes whether the Redis URL came from the command line;
@@ -182,6 +226,8 @@ macro_rules! store_args {
                 use clap::parser::ValueSource;
                 self.redis_on_command_line =
                     matches.value_source($redis) == Some(ValueSource::CommandLine);
+                self.postgres_on_command_line =
+                    matches.value_source($pg) == Some(ValueSource::CommandLine);
                 // `hobot --data-dir` is global, with a default: only a
                 // directory given names the store.
                 self.data_dir_given = matches!(
@@ -193,55 +239,80 @@ macro_rules! store_args {
             /// The store these options name. A Redis URL with a password
             /// given on the command line is refused.
             pub fn location(&self) -> anyhow::Result<StoreLocation> {
-                if let Some(url) = &self.redis_url
-                    && self.redis_on_command_line
-                    && crate::config::url_has_password(url.expose())
-                {
-                    anyhow::bail!(
-                        "a Redis URL with a password is refused on the command line (other users \
-                         see it in the process list): give it in {} or --{}",
-                        $redis_env,
-                        $url_file
-                    );
-                }
-                let url = match (&self.redis_url, &self.redis_url_file) {
-                    (Some(_), Some(_)) => anyhow::bail!("give --{} or --{}, not both", $redis, $url_file),
-                    (Some(url), None) => Some(url.clone()),
-                    (None, Some(path)) => Some(read_secret_file(concat!("--", $url_file), path)?),
-                    (None, None) => None,
-                };
+                let redis = server_url(
+                    (&self.redis_url, self.redis_on_command_line, $redis, $redis_env),
+                    (&self.redis_url_file, concat!("--", $url_file)),
+                )?;
+                let postgres = server_url(
+                    (&self.postgres_url, self.postgres_on_command_line, $pg, $pg_env),
+                    (&self.postgres_url_file, concat!("--", $pg_file)),
+                )?;
                 let data_dir = self.data_dir.as_ref().filter(|_| self.data_dir_given);
-                match (url, data_dir) {
-                    (Some(_), Some(_)) => anyhow::bail!("give --{} or --{}, not both", $data_dir, $redis),
-                    (Some(url), None) => Ok(StoreLocation::Redis {
-                        url,
-                        ca_cert: self.redis_ca_cert.clone(),
-                    }),
-                    (None, Some(dir)) => Ok(StoreLocation::Embedded {
+                match (data_dir, redis, postgres) {
+                    (Some(dir), None, None) => Ok(StoreLocation::Embedded {
                         data_dir: dir.clone(),
                         wait: Duration::ZERO,
                     }),
-                    (None, None) => anyhow::bail!("name the store: --{} DIR or --{} URL", $data_dir, $redis),
+                    (None, Some(url), None) => Ok(StoreLocation::Redis {
+                        url,
+                        ca_cert: self.redis_ca_cert.clone(),
+                    }),
+                    (None, None, Some(url)) => Ok(StoreLocation::Postgres {
+                        url,
+                        ca_cert: self.postgres_ca_cert.clone(),
+                    }),
+                    (None, None, None) => anyhow::bail!(
+                        "name the store: --{} DIR, --{} URL or --{} URL",
+                        $data_dir, $redis, $pg
+                    ),
+                    _ => anyhow::bail!("give one of --{}, --{} and --{}, not more", $data_dir, $redis, $pg),
                 }
             }
         }
     };
 }
 
+/// A server's URL from its option or its URL file (one of them); a URL
+/// with a password given on the command line is refused.
+fn server_url(
+    (url, on_command_line, option, env): (&Option<Secret>, bool, &str, &str),
+    (file, file_option): (&Option<PathBuf>, &'static str),
+) -> anyhow::Result<Option<Secret>> {
+    if let Some(url) = url
+        && on_command_line
+        && crate::config::url_has_password(url.expose())
+    {
+        anyhow::bail!(
+            "a URL with a password is refused on the command line (other users see it in the \
+             process list): give it in {env} or {file_option}"
+        );
+    }
+    Ok(match (url, file) {
+        (Some(_), Some(_)) => anyhow::bail!("give --{option} or {file_option}, not both"),
+        (Some(url), None) => Some(url.clone()),
+        (None, Some(path)) => Some(read_secret_file(file_option, path)?),
+        (None, None) => None,
+    })
+}
+
 store_args!(
     /// A store, by the controller's options.
     StoreArgs, "data_dir", "data-dir", "redis", "HOBOTNICA_REDIS_URL", "redis-url-file",
-    "HOBOTNICA_REDIS_URL_FILE", "redis-ca-cert", "HOBOTNICA_REDIS_CA_CERT", "HOBOTNICA_DATA_DIR"
+    "HOBOTNICA_REDIS_URL_FILE", "redis-ca-cert", "HOBOTNICA_REDIS_CA_CERT", "HOBOTNICA_DATA_DIR",
+    "postgres", "HOBOTNICA_POSTGRES_URL", "postgres-url-file", "HOBOTNICA_POSTGRES_URL_FILE",
+    "postgres-ca-cert", "HOBOTNICA_POSTGRES_CA_CERT"
 );
 store_args!(
     /// The store a migration reads.
     MigrateFrom, "from-data-dir", "from-data-dir", "from-redis", "HOBOTNICA_FROM_REDIS_URL", "from-redis-url-file",
     "HOBOTNICA_FROM_REDIS_URL_FILE", "from-redis-ca-cert", "HOBOTNICA_FROM_REDIS_CA_CERT",
-    "HOBOTNICA_FROM_DATA_DIR"
+    "HOBOTNICA_FROM_DATA_DIR", "from-postgres", "HOBOTNICA_FROM_POSTGRES_URL", "from-postgres-url-file",
+    "HOBOTNICA_FROM_POSTGRES_URL_FILE", "from-postgres-ca-cert", "HOBOTNICA_FROM_POSTGRES_CA_CERT"
 );
 store_args!(
     /// The store a migration writes.
     MigrateTo, "to-data-dir", "to-data-dir", "to-redis", "HOBOTNICA_TO_REDIS_URL", "to-redis-url-file",
     "HOBOTNICA_TO_REDIS_URL_FILE", "to-redis-ca-cert", "HOBOTNICA_TO_REDIS_CA_CERT",
-    "HOBOTNICA_TO_DATA_DIR"
+    "HOBOTNICA_TO_DATA_DIR", "to-postgres", "HOBOTNICA_TO_POSTGRES_URL", "to-postgres-url-file",
+    "HOBOTNICA_TO_POSTGRES_URL_FILE", "to-postgres-ca-cert", "HOBOTNICA_TO_POSTGRES_CA_CERT"
 );

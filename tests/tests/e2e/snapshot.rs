@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use super::*;
+use hobotnica_tests::postgres::PostgresServer;
 use hobotnica_tests::redis::RedisServer;
 
 fn path_str(path: &Path) -> &str {
@@ -411,4 +412,92 @@ async fn a_redis_store_exports_into_a_file_an_embedded_store_imports() {
         .raw(Method::GET, "/api/v1/admin/export", None)
         .await;
     assert_eq!(refused.status, 401, "{}", refused.text());
+}
+
+/// PostgreSQL both ways: `hobot admin migrate` from the embedded store into
+/// PostgreSQL keeps everything (a controller on it with the same key shows
+/// the same installation, lets the old agent token in and masks the old
+/// secret in a new job); then PostgreSQL, exported into a file while its
+/// controller runs, imports into Redis as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_into_postgresql_and_out_of_it_keeps_everything() {
+    let (mut embedded, _repo, running) = used_controller(ControllerOpts::default()).await;
+    embedded.restart().await;
+    let (_, token) = create_token(&embedded.api()).await;
+    let before = installation(&embedded.api()).await;
+    embedded.stop().await;
+
+    let postgres = PostgresServer::start().await;
+    let cwd = embedded.scratch_dir("cwd");
+    let migrated = hobot(
+        &cwd,
+        &[
+            "admin",
+            "migrate",
+            "--from-data-dir",
+            path_str(&embedded.data_dir()),
+        ],
+        &[("HOBOTNICA_TO_POSTGRES_URL", &postgres.url())],
+    )
+    .await;
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert!(
+        migrated.stderr.contains("PostgreSQL at"),
+        "{}",
+        migrated.stderr
+    );
+
+    let key = std::fs::read_to_string(embedded.data_dir().join("secret-key")).unwrap();
+    let tokens = (embedded.admin_token.clone(), embedded.agent_token.clone());
+    let on_postgres = Controller::start(ControllerOpts {
+        postgres_url: Some(postgres.url()),
+        secret_key_hex: Some(key.trim().to_owned()),
+        tokens: Some(tokens.clone()),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let api = on_postgres.api();
+    assert_moved(&before, &installation(&api).await, running);
+    let agent = Agent::start(
+        &on_postgres,
+        AgentOpts {
+            env: vec![("HOBOTNICA_AGENT_TOKEN".into(), token)],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let job = api.run_target(REPO, "secret-whole").await;
+    assert!(job.id > *before.jobs.keys().max().unwrap());
+    api.wait_for_success(job.id, JOB_TIMEOUT).await;
+    let output = api.output(job.id).await;
+    assert!(output.contains("whole: [MASKED]"), "{output}");
+    assert!(!output.contains(SECRET), "{output}");
+    drop(agent);
+
+    // Out of PostgreSQL, while its controller runs, into Redis.
+    let on_postgres_now = installation(&api).await;
+    let file = cwd.join("postgres.jsonl.gz");
+    let exported = hobot(
+        &cwd,
+        &["admin", "export", "--out", path_str(&file)],
+        &[("HOBOTNICA_POSTGRES_URL", &postgres.url())],
+    )
+    .await;
+    assert!(exported.status.success(), "{exported:?}");
+    let redis = RedisServer::start().await;
+    let imported = hobot(
+        &cwd,
+        &["admin", "import", path_str(&file)],
+        &[("HOBOTNICA_REDIS_URL", &redis.url())],
+    )
+    .await;
+    assert!(imported.status.success(), "{imported:?}");
+    let on_redis = Controller::start(ControllerOpts {
+        redis_url: Some(redis.url()),
+        secret_key_hex: Some(key.trim().to_owned()),
+        tokens: Some(tokens),
+        ..ControllerOpts::default()
+    })
+    .await;
+    assert_moved(&on_postgres_now, &installation(&on_redis.api()).await, 0);
 }
