@@ -4,13 +4,15 @@
 //! - dispatch latency of 100 sequential jobs (REST POST → make runs the
 //!   recipe, and POST → `started_at`): embedded; Redis with one controller;
 //!   Redis with two controllers, the job POSTed to one and the agent
-//!   connected to the other; with where the time goes, phase by phase
+//!   connected to the other; PostgreSQL with one and with two controllers;
+//!   with where the time goes, phase by phase
 //!   (p50/p95 of each gap), beside the machine's floor for the same work
 //!   without Hobotnica;
 //! - throughput: 200 jobs POSTed as fast as two clients can, run by 2
 //!   agents of one slot, and 300 jobs run by 4 agents of two slots: Redis
-//!   with two controllers (one client and half the agents on each), and
-//!   embedded; with where the jobs' time and the machine's CPU went;
+//!   and PostgreSQL with two controllers (one client and half the agents on
+//!   each), and embedded; with where the jobs' time and the machine's CPU
+//!   went;
 //! - controller memory (`VmRSS`, `VmHWM`) with 200 agent processes
 //!   connected: Redis and embedded;
 //! - a thousand idle agent sessions held in this process through the agent
@@ -18,7 +20,9 @@
 //!   dispatch latency against one session (the ratio): embedded, and Redis
 //!   with two controllers;
 //! - a 50 MiB log (end-to-end time, read-back time, peak RSS of the
-//!   controller and the agent).
+//!   controller and the agent);
+//! - a snapshot of 1000 finished jobs with their logs: the file's size and
+//!   the time to export it, import it and migrate it between stores.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p hobotnica-tests`
 //! (or point `HOBOTNICA_BIN_DIR` at other binaries). Redis figures need
@@ -37,6 +41,8 @@ mod breakdown;
 mod cpu;
 #[path = "e2e/dispatch.rs"]
 mod dispatch;
+#[path = "e2e/export.rs"]
+mod export;
 #[path = "e2e/idle_sessions.rs"]
 mod idle_sessions;
 #[path = "e2e/sandbox.rs"]
@@ -49,6 +55,7 @@ mod webhooks;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hobotnica_tests::postgres::PostgresServer;
 use hobotnica_tests::redis::RedisServer;
 use hobotnica_tests::{Controller, ControllerOpts, GitRepo};
 
@@ -68,6 +75,8 @@ enum Mode {
     Embedded,
     /// `controllers` controllers sharing one Redis.
     Redis { controllers: usize },
+    /// `controllers` controllers sharing one PostgreSQL database.
+    Postgres { controllers: usize },
 }
 
 impl fmt::Display for Mode {
@@ -76,6 +85,10 @@ impl fmt::Display for Mode {
             Mode::Embedded => f.write_str("embedded"),
             Mode::Redis { controllers: 1 } => f.write_str("redis, 1 controller"),
             Mode::Redis { controllers } => write!(f, "redis, {controllers} controllers"),
+            Mode::Postgres { controllers: 1 } => f.write_str("postgres, 1 controller"),
+            Mode::Postgres { controllers } => {
+                write!(f, "postgres, {controllers} controllers")
+            }
         }
     }
 }
@@ -86,6 +99,7 @@ struct Topology {
     controllers: Vec<Controller>,
     repo: GitRepo,
     redis: Option<RedisServer>,
+    postgres: Option<PostgresServer>,
 }
 
 impl Topology {
@@ -94,8 +108,24 @@ impl Topology {
             lease_timeout: LEASE_TIMEOUT,
             ..ControllerOpts::default()
         };
+        let mut postgres = None;
         let (redis, controllers) = match mode {
             Mode::Embedded => (None, vec![Controller::start(opts).await]),
+            Mode::Postgres { controllers: count } => {
+                let server = PostgresServer::start().await;
+                let first = Controller::start(ControllerOpts {
+                    postgres_url: Some(server.url()),
+                    ..opts
+                })
+                .await;
+                let mut controllers = vec![first];
+                for _ in 1..count {
+                    let peer = controllers[0].peer_opts();
+                    controllers.push(Controller::start(peer).await);
+                }
+                postgres = Some(server);
+                (None, controllers)
+            }
             Mode::Redis { controllers: count } => {
                 let redis = RedisServer::start().await;
                 let first = Controller::start(ControllerOpts {
@@ -120,7 +150,19 @@ impl Topology {
             controllers,
             repo,
             redis,
+            postgres,
         }
+    }
+
+    /// The PostgreSQL server's processes (the postmaster and its
+    /// backends, which serve the controllers' connections), on PostgreSQL.
+    fn postgres_pids(&self) -> Vec<u32> {
+        let Some(main) = self.postgres.as_ref().and_then(PostgresServer::pid) else {
+            return Vec::new();
+        };
+        std::iter::once(main)
+            .chain(hobotnica_tests::procs::children(main))
+            .collect()
     }
 
     /// redis-server's process id, on Redis.
@@ -217,7 +259,7 @@ fn main() {
     );
     // `cargo bench -p hobotnica-tests -- NAME` runs only the benches whose
     // name contains NAME (dispatch, throughput, agents, sessions, log,
-    // sandbox, webhooks).
+    // export, sandbox, webhooks).
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with('-'))
@@ -230,13 +272,19 @@ fn main() {
                 Mode::Embedded,
                 Mode::Redis { controllers: 1 },
                 Mode::Redis { controllers: 2 },
+                Mode::Postgres { controllers: 1 },
+                Mode::Postgres { controllers: 2 },
             ] {
                 dispatch::dispatch_latency(mode).await;
             }
         }
         if selected("throughput") {
             for shape in throughput::SHAPES {
-                for mode in [Mode::Redis { controllers: 2 }, Mode::Embedded] {
+                for mode in [
+                    Mode::Redis { controllers: 2 },
+                    Mode::Postgres { controllers: 2 },
+                    Mode::Embedded,
+                ] {
                     throughput::throughput(mode, shape).await;
                 }
             }
@@ -254,6 +302,9 @@ fn main() {
         if selected("log") {
             big_log::big_log().await;
             big_log::log_throughput_with_secrets().await;
+        }
+        if selected("export") {
+            export::export_size().await;
         }
         if selected("sandbox") {
             sandbox::sandbox_cost().await;

@@ -222,6 +222,11 @@ impl PostgresServer {
     }
 
     /// Whether it still runs.
+    /// The server's (postmaster's) process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.daemon.is_running()
     }

@@ -83,6 +83,28 @@ pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     stat_ticks(pid, 14)
 }
 
+/// The processes whose parent is `pid` (e.g. a PostgreSQL server's
+/// backends).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Field 4, the parent, two after the command's `)`.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// CPU time (user + system) of the children a process has waited for,
 /// each with its own waited-for children: of an agent, every `git`,
 /// sandbox and `make` of the jobs it ran.

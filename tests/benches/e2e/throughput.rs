@@ -83,6 +83,9 @@ pub async fn throughput(mode: Mode, shape: Shape) {
     let agent_pids: Vec<_> = agents.iter().map(Agent::pid).collect();
     meter.descendants("the jobs: git, sandboxes and make", &agent_pids);
     meter.process("redis-server", topology.redis_pid());
+    for pid in topology.postgres_pids() {
+        meter.process("postgres (server and backends)", Some(pid));
+    }
     meter.start();
 
     let body = json!({ "target": "id", "commit": topology.repo.head() });
