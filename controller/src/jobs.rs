@@ -604,7 +604,7 @@ pub async fn lease_reaper(services: Services, shutdown: CancellationToken) {
         if store_was_down {
             match services
                 .store
-                .extend_leases(services.lease_until(Utc::now()))
+                .extend_leases(services.lease_after_outage(Utc::now()))
                 .await
             {
                 Ok(()) => {

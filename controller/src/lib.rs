@@ -240,10 +240,13 @@ impl Controller {
             open_store(&config).await?,
             metrics.clone(),
         ));
-        // Agents of jobs that ran before a restart get a full lease to
-        // re-attach.
+        // Agents of jobs that ran before a restart get a full lease (and
+        // the time their reconnect backoff may take) to re-attach.
         store
-            .extend_leases(Utc::now() + config.lease_timeout)
+            .extend_leases(services::lease_after_outage(
+                Utc::now(),
+                config.lease_timeout,
+            ))
             .await
             .context("cannot extend running leases")?;
         let secret_key = load_secret_key(&config)?;

@@ -56,4 +56,21 @@ impl Services {
     pub fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now + self.config.lease_timeout
     }
+
+    /// When the leases of running jobs end that are given again after
+    /// their agents could not reach the store (an outage, a restart).
+    pub fn lease_after_outage(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        lease_after_outage(now, self.config.lease_timeout)
+    }
+}
+
+/// How much longer than a lease a running job is given after an outage:
+/// more than an agent's longest wait between two attempts to reach a
+/// controller (5 s), so that its next renewal arrives in time however
+/// short the lease.
+pub const OUTAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A lease from `now` after an outage: the lease plus [`OUTAGE_GRACE`].
+pub fn lease_after_outage(now: DateTime<Utc>, lease_timeout: std::time::Duration) -> DateTime<Utc> {
+    now + lease_timeout + OUTAGE_GRACE
 }
