@@ -93,6 +93,17 @@ impl fmt::Display for Mode {
     }
 }
 
+/// `count` controllers on the shared store `opts` names (the first one's
+/// tokens for the others).
+async fn sharing_one_store(opts: ControllerOpts, count: usize) -> Vec<Controller> {
+    let mut controllers = vec![Controller::start(opts).await];
+    for _ in 1..count {
+        let peer = controllers[0].peer_opts();
+        controllers.push(Controller::start(peer).await);
+    }
+    controllers
+}
+
 /// Controllers in one [`Mode`] with `local/demo` registered.
 struct Topology {
     /// Dropped after the controllers (fields drop in order).
@@ -113,32 +124,20 @@ impl Topology {
             Mode::Embedded => (None, vec![Controller::start(opts).await]),
             Mode::Postgres { controllers: count } => {
                 let server = PostgresServer::start().await;
-                let first = Controller::start(ControllerOpts {
+                let opts = ControllerOpts {
                     postgres_url: Some(server.url()),
                     ..opts
-                })
-                .await;
-                let mut controllers = vec![first];
-                for _ in 1..count {
-                    let peer = controllers[0].peer_opts();
-                    controllers.push(Controller::start(peer).await);
-                }
+                };
                 postgres = Some(server);
-                (None, controllers)
+                (None, sharing_one_store(opts, count).await)
             }
             Mode::Redis { controllers: count } => {
                 let redis = RedisServer::start().await;
-                let first = Controller::start(ControllerOpts {
+                let opts = ControllerOpts {
                     redis_url: Some(redis.url()),
                     ..opts
-                })
-                .await;
-                let mut controllers = vec![first];
-                for _ in 1..count {
-                    let peer = controllers[0].peer_opts();
-                    controllers.push(Controller::start(peer).await);
-                }
-                (Some(redis), controllers)
+                };
+                (Some(redis), sharing_one_store(opts, count).await)
             }
         };
         let repo = GitRepo::new();

@@ -2057,6 +2057,28 @@ async fn send(
     sink.send(record).await.map_err(|_| Exported::Stopped)
 }
 
+/// Sends the record `record` makes of each row of `sql`, a page at a time:
+/// `sql` selects rows keyed by their first column (text), `$1` the key to
+/// start after and `$2` the page's size, in key order.
+async fn export_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sink: &mpsc::Sender<snapshot::Record>,
+    sql: &str,
+    record: impl Fn(&tokio_postgres::Row) -> StoreResult<snapshot::Record>,
+) -> Result<(), Exported> {
+    let mut after = String::new();
+    loop {
+        let rows = tx.query(sql, &[&after, &EXPORT_BATCH]).await?;
+        for row in &rows {
+            after = row.get(0);
+            send(sink, record(row)?).await?;
+        }
+        if (rows.len() as i64) < EXPORT_BATCH {
+            return Ok(());
+        }
+    }
+}
+
 /// Sends every record of the snapshot `tx` sees, in the order
 /// [`Store::export`] gives, a batch of rows at a time (keyset pages, so
 /// memory stays bounded whatever the store holds).
@@ -2065,29 +2087,17 @@ async fn export_from(
     sink: &mpsc::Sender<snapshot::Record>,
 ) -> Result<(), Exported> {
     use snapshot::Record;
-    let mut after = String::new();
-    loop {
-        let rows = tx
-            .query(
-                "SELECT full_name, record FROM repos WHERE full_name > $1
-                 ORDER BY full_name LIMIT $2",
-                &[&after, &EXPORT_BATCH],
-            )
-            .await?;
-        for row in &rows {
-            after = row.get(0);
-            send(
-                sink,
-                Record::Repo {
-                    repo: decode(row.get(1))?,
-                },
-            )
-            .await?;
-        }
-        if (rows.len() as i64) < EXPORT_BATCH {
-            break;
-        }
-    }
+    export_rows(
+        tx,
+        sink,
+        "SELECT full_name, record FROM repos WHERE full_name > $1 ORDER BY full_name LIMIT $2",
+        |row| {
+            Ok(Record::Repo {
+                repo: decode(row.get(1))?,
+            })
+        },
+    )
+    .await?;
     let mut after_id = 0_i64;
     let mut next_job = 1_u64;
     loop {
@@ -2127,129 +2137,77 @@ async fn export_from(
             break;
         }
     }
-    for (sql, kind) in [
-        (
-            "SELECT id, record FROM agents WHERE id > $1 ORDER BY id LIMIT $2",
-            0,
-        ),
-        (
-            "SELECT id, record FROM agent_tokens WHERE id > $1 ORDER BY id LIMIT $2",
-            1,
-        ),
-    ] {
-        let mut after = String::new();
-        loop {
-            let rows = tx.query(sql, &[&after, &EXPORT_BATCH]).await?;
-            for row in &rows {
-                after = row.get(0);
-                let record = if kind == 0 {
-                    Record::Agent {
-                        agent: decode(row.get(1))?,
-                    }
-                } else {
-                    Record::AgentToken {
-                        token: decode(row.get(1))?,
-                    }
-                };
-                send(sink, record).await?;
-            }
-            if (rows.len() as i64) < EXPORT_BATCH {
-                break;
-            }
-        }
-    }
-    let mut after = String::new();
-    loop {
-        let rows = tx
-            .query(
-                "SELECT key, at FROM seen_keys WHERE key > $1 ORDER BY key LIMIT $2",
-                &[&after, &EXPORT_BATCH],
-            )
-            .await?;
-        for row in &rows {
-            after = row.get(0);
-            send(
-                sink,
-                Record::Key {
-                    key: after.clone(),
-                    at: row.get(1),
-                },
-            )
-            .await?;
-        }
-        if (rows.len() as i64) < EXPORT_BATCH {
-            break;
-        }
-    }
-    let mut after = String::new();
-    loop {
-        let rows = tx
-            .query(
-                "SELECT name, job FROM key_jobs WHERE name > $1 ORDER BY name LIMIT $2",
-                &[&after, &EXPORT_BATCH],
-            )
-            .await?;
-        for row in &rows {
-            after = row.get(0);
-            let job = JobId(to_u64(row.get(1)));
-            send(
-                sink,
-                Record::KeyJob {
-                    name: after.clone(),
-                    job,
-                },
-            )
-            .await?;
-        }
-        if (rows.len() as i64) < EXPORT_BATCH {
-            break;
-        }
-    }
-    let mut after = String::new();
-    loop {
-        let rows = tx
-            .query(
-                "SELECT id_hash, record FROM sessions WHERE id_hash > $1 ORDER BY id_hash LIMIT $2",
-                &[&after, &EXPORT_BATCH],
-            )
-            .await?;
-        for row in &rows {
-            after = row.get(0);
-            let session = decode(row.get(1))?;
-            send(
-                sink,
-                Record::Session {
-                    id_hash: after.clone(),
-                    session,
-                },
-            )
-            .await?;
-        }
-        if (rows.len() as i64) < EXPORT_BATCH {
-            break;
-        }
-    }
-    let mut after = String::new();
-    loop {
-        let rows = tx
-            .query(
-                "SELECT id, record, attempt, due_at FROM notifications WHERE id > $1
-                 ORDER BY id LIMIT $2",
-                &[&after, &EXPORT_BATCH],
-            )
-            .await?;
-        for row in &rows {
-            after = row.get(0);
+    export_rows(
+        tx,
+        sink,
+        "SELECT id, record FROM agents WHERE id > $1 ORDER BY id LIMIT $2",
+        |row| {
+            Ok(Record::Agent {
+                agent: decode(row.get(1))?,
+            })
+        },
+    )
+    .await?;
+    export_rows(
+        tx,
+        sink,
+        "SELECT id, record FROM agent_tokens WHERE id > $1 ORDER BY id LIMIT $2",
+        |row| {
+            Ok(Record::AgentToken {
+                token: decode(row.get(1))?,
+            })
+        },
+    )
+    .await?;
+    export_rows(
+        tx,
+        sink,
+        "SELECT key, at FROM seen_keys WHERE key > $1 ORDER BY key LIMIT $2",
+        |row| {
+            Ok(Record::Key {
+                key: row.get(0),
+                at: row.get(1),
+            })
+        },
+    )
+    .await?;
+    export_rows(
+        tx,
+        sink,
+        "SELECT name, job FROM key_jobs WHERE name > $1 ORDER BY name LIMIT $2",
+        |row| {
+            Ok(Record::KeyJob {
+                name: row.get(0),
+                job: JobId(to_u64(row.get(1))),
+            })
+        },
+    )
+    .await?;
+    export_rows(
+        tx,
+        sink,
+        "SELECT id_hash, record FROM sessions WHERE id_hash > $1 ORDER BY id_hash LIMIT $2",
+        |row| {
+            Ok(Record::Session {
+                id_hash: row.get(0),
+                session: decode(row.get(1))?,
+            })
+        },
+    )
+    .await?;
+    export_rows(
+        tx,
+        sink,
+        "SELECT id, record, attempt, due_at FROM notifications WHERE id > $1 ORDER BY id LIMIT $2",
+        |row| {
             // The columns hold its claims since it was queued.
             let mut delivery: NotificationDelivery = decode(row.get(1))?;
             delivery.attempt = u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX);
             delivery.due_at = row.get(3);
-            send(sink, Record::Notification { delivery }).await?;
-        }
-        if (rows.len() as i64) < EXPORT_BATCH {
-            break;
-        }
-    }
+            Ok(Record::Notification { delivery })
+        },
+    )
+    .await?;
     let sequence_next = next_from_sequence(&**tx).await?;
     send(
         sink,

@@ -127,63 +127,105 @@ fn assert_moved(before: &Installation, after: &Installation, running: u64) {
     }
 }
 
+/// An embedded installation moved by `hobot admin migrate`: the stopped
+/// embedded controller, what it held, the job running at the move, a
+/// per-agent token made on it, and its secret key (hex).
+struct Moved {
+    embedded: Controller,
+    _repo: GitRepo,
+    before: Installation,
+    running: u64,
+    token: String,
+    key: String,
+}
+
+impl Moved {
+    /// An embedded installation that ran jobs, moved with `hobot admin
+    /// migrate --from-data-dir` into the store `to` (`HOBOTNICA_TO_*_URL`
+    /// and its value) names.
+    async fn from_embedded(to: (&str, &str)) -> Moved {
+        let (mut embedded, repo, running) = used_controller(ControllerOpts::default()).await;
+        embedded.restart().await;
+        let (_, token) = create_token(&embedded.api()).await;
+        let before = installation(&embedded.api()).await;
+        embedded.stop().await;
+        let migrated = hobot(
+            &embedded.scratch_dir("cwd"),
+            &[
+                "admin",
+                "migrate",
+                "--from-data-dir",
+                path_str(&embedded.data_dir()),
+            ],
+            &[to],
+        )
+        .await;
+        assert!(migrated.status.success(), "{migrated:?}");
+        assert!(migrated.stderr.contains("copied "), "{}", migrated.stderr);
+        assert!(migrated.stderr.contains(" jobs, "), "{}", migrated.stderr);
+        let key = std::fs::read_to_string(embedded.data_dir().join("secret-key")).unwrap();
+        Moved {
+            key: key.trim().to_owned(),
+            embedded,
+            _repo: repo,
+            before,
+            running,
+            token,
+        }
+    }
+
+    /// A controller on the new store `opts` names, with the old secret key
+    /// and tokens.
+    async fn controller(&self, opts: ControllerOpts) -> Controller {
+        Controller::start(ControllerOpts {
+            secret_key_hex: Some(self.key.clone()),
+            tokens: Some((
+                self.embedded.admin_token.clone(),
+                self.embedded.agent_token.clone(),
+            )),
+            ..opts
+        })
+        .await
+    }
+
+    /// `moved_to` shows everything the old controller held (the running
+    /// job lost); the per-agent token made on the old store lets an agent
+    /// in; a new job gets a higher id, reads the secret (sealed under the
+    /// same key) and masks it.
+    async fn check(&self, moved_to: &Controller) {
+        let api = moved_to.api();
+        assert_moved(&self.before, &installation(&api).await, self.running);
+        let _agent = Agent::start(
+            moved_to,
+            AgentOpts {
+                env: vec![("HOBOTNICA_AGENT_TOKEN".into(), self.token.clone())],
+                ..AgentOpts::default()
+            },
+        )
+        .await;
+        let job = api.run_target(REPO, "secret-whole").await;
+        assert!(
+            job.id > *self.before.jobs.keys().max().unwrap(),
+            "new ids follow the old"
+        );
+        api.wait_for_success(job.id, JOB_TIMEOUT).await;
+        let output = api.output(job.id).await;
+        assert!(output.contains("whole: [MASKED]"), "{output}");
+        assert!(!output.contains(SECRET), "{output}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_from_the_embedded_store_to_redis_keeps_everything() {
-    let (mut embedded, _repo, running) = used_controller(ControllerOpts::default()).await;
-    embedded.restart().await;
-    let (_, token) = create_token(&embedded.api()).await;
-    let before = installation(&embedded.api()).await;
-    embedded.stop().await;
-
     let redis = RedisServer::start().await;
-    let cwd = embedded.scratch_dir("cwd");
-    let migrated = hobot(
-        &cwd,
-        &[
-            "admin",
-            "migrate",
-            "--from-data-dir",
-            path_str(&embedded.data_dir()),
-        ],
-        &[("HOBOTNICA_TO_REDIS_URL", &redis.url())],
-    )
-    .await;
-    assert!(migrated.status.success(), "{migrated:?}");
-    assert!(migrated.stderr.contains("copied "), "{}", migrated.stderr);
-    assert!(migrated.stderr.contains(" jobs, "), "{}", migrated.stderr);
-
-    // A controller on Redis with the same secret key and tokens.
-    let key = std::fs::read_to_string(embedded.data_dir().join("secret-key")).unwrap();
-    let on_redis = Controller::start(ControllerOpts {
-        redis_url: Some(redis.url()),
-        secret_key_hex: Some(key.trim().to_owned()),
-        tokens: Some((embedded.admin_token.clone(), embedded.agent_token.clone())),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let api = on_redis.api();
-    let after = installation(&api).await;
-    assert_moved(&before, &after, running);
-
-    // The agent token made on the embedded store lets an agent in, and a
-    // new job reads the secret (sealed under the same key) and masks it.
-    let _agent = Agent::start(
-        &on_redis,
-        AgentOpts {
-            env: vec![("HOBOTNICA_AGENT_TOKEN".into(), token)],
-            ..AgentOpts::default()
-        },
-    )
-    .await;
-    let job = api.run_target(REPO, "secret-whole").await;
-    assert!(
-        job.id > *before.jobs.keys().max().unwrap(),
-        "new ids follow the old"
-    );
-    api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    let output = api.output(job.id).await;
-    assert!(output.contains("whole: [MASKED]"), "{output}");
-    assert!(!output.contains(SECRET), "{output}");
+    let moved = Moved::from_embedded(("HOBOTNICA_TO_REDIS_URL", &redis.url())).await;
+    let on_redis = moved
+        .controller(ControllerOpts {
+            redis_url: Some(redis.url()),
+            ..ControllerOpts::default()
+        })
+        .await;
+    moved.check(&on_redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,64 +457,22 @@ async fn a_redis_store_exports_into_a_file_an_embedded_store_imports() {
 }
 
 /// PostgreSQL both ways: `hobot admin migrate` from the embedded store into
-/// PostgreSQL keeps everything (a controller on it with the same key shows
-/// the same installation, lets the old agent token in and masks the old
-/// secret in a new job); then PostgreSQL, exported into a file while its
-/// controller runs, imports into Redis as it was.
+/// PostgreSQL keeps everything (as into Redis above); then PostgreSQL,
+/// exported into a file while its controller runs, imports into Redis as
+/// it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_into_postgresql_and_out_of_it_keeps_everything() {
-    let (mut embedded, _repo, running) = used_controller(ControllerOpts::default()).await;
-    embedded.restart().await;
-    let (_, token) = create_token(&embedded.api()).await;
-    let before = installation(&embedded.api()).await;
-    embedded.stop().await;
-
     let postgres = PostgresServer::start().await;
-    let cwd = embedded.scratch_dir("cwd");
-    let migrated = hobot(
-        &cwd,
-        &[
-            "admin",
-            "migrate",
-            "--from-data-dir",
-            path_str(&embedded.data_dir()),
-        ],
-        &[("HOBOTNICA_TO_POSTGRES_URL", &postgres.url())],
-    )
-    .await;
-    assert!(migrated.status.success(), "{migrated:?}");
-    assert!(
-        migrated.stderr.contains("PostgreSQL at"),
-        "{}",
-        migrated.stderr
-    );
-
-    let key = std::fs::read_to_string(embedded.data_dir().join("secret-key")).unwrap();
-    let tokens = (embedded.admin_token.clone(), embedded.agent_token.clone());
-    let on_postgres = Controller::start(ControllerOpts {
-        postgres_url: Some(postgres.url()),
-        secret_key_hex: Some(key.trim().to_owned()),
-        tokens: Some(tokens.clone()),
-        ..ControllerOpts::default()
-    })
-    .await;
+    let moved = Moved::from_embedded(("HOBOTNICA_TO_POSTGRES_URL", &postgres.url())).await;
+    let on_postgres = moved
+        .controller(ControllerOpts {
+            postgres_url: Some(postgres.url()),
+            ..ControllerOpts::default()
+        })
+        .await;
+    moved.check(&on_postgres).await;
     let api = on_postgres.api();
-    assert_moved(&before, &installation(&api).await, running);
-    let agent = Agent::start(
-        &on_postgres,
-        AgentOpts {
-            env: vec![("HOBOTNICA_AGENT_TOKEN".into(), token)],
-            ..AgentOpts::default()
-        },
-    )
-    .await;
-    let job = api.run_target(REPO, "secret-whole").await;
-    assert!(job.id > *before.jobs.keys().max().unwrap());
-    api.wait_for_success(job.id, JOB_TIMEOUT).await;
-    let output = api.output(job.id).await;
-    assert!(output.contains("whole: [MASKED]"), "{output}");
-    assert!(!output.contains(SECRET), "{output}");
-    drop(agent);
+    let cwd = moved.embedded.scratch_dir("cwd");
 
     // Out of PostgreSQL, while its controller runs, into Redis.
     let on_postgres_now = installation(&api).await;
@@ -492,12 +492,11 @@ async fn migrating_into_postgresql_and_out_of_it_keeps_everything() {
     )
     .await;
     assert!(imported.status.success(), "{imported:?}");
-    let on_redis = Controller::start(ControllerOpts {
-        redis_url: Some(redis.url()),
-        secret_key_hex: Some(key.trim().to_owned()),
-        tokens: Some(tokens),
-        ..ControllerOpts::default()
-    })
-    .await;
+    let on_redis = moved
+        .controller(ControllerOpts {
+            redis_url: Some(redis.url()),
+            ..ControllerOpts::default()
+        })
+        .await;
     assert_moved(&on_postgres_now, &installation(&on_redis.api()).await, 0);
 }
