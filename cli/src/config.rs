@@ -168,13 +168,14 @@ pub enum Command {
 pub enum AdminCommand {
     /// Re-encrypt every secret at rest with a new key. Stop the controller
     /// first (embedded store), or restart every controller with the new key
-    /// afterwards (Redis). Safe to run again if interrupted.
+    /// afterwards (Redis, PostgreSQL). Safe to run again if interrupted.
     RotateKey(Box<RotateKeyArgs>),
     /// Write everything a store holds (repositories, jobs, logs, agents,
     /// tokens, sessions...) into a snapshot file, from one consistent view.
     /// Secrets stay sealed: keep the controller's secret key with it. With
     /// store options, from the store itself (the embedded store must not be
-    /// in use by a controller; Redis may be); without, through the running
+    /// in use by a controller; Redis and PostgreSQL may be); without,
+    /// through the running
     /// controller (`GET /api/v1/admin/export`, the admin token).
     Export(Box<ExportArgs>),
     /// Read a snapshot file into a new, empty store (ids and logs kept; a
@@ -182,7 +183,8 @@ pub enum AdminCommand {
     Import(Box<ImportArgs>),
     /// Copy everything from one store into a new, empty one (an export
     /// piped into an import, no file): e.g. from `hobot up`'s embedded
-    /// store to Redis. Stop the controllers of the source first.
+    /// store to Redis or PostgreSQL. Stop the controllers of the source
+    /// first.
     Migrate(Box<MigrateArgs>),
 }
 
