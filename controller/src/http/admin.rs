@@ -24,7 +24,7 @@ pub fn router() -> OpenApiRouter<Services> {
 
 #[utoipa::path(get, path = "/api/v1/admin/export", tag = "admin",
     responses(
-        (status = 200, description = "A snapshot of everything the store holds (docs/snapshot-format.md): gzip of JSON lines, read from one consistent view. A failure midway ends the body early, without the snapshot's last line: the file is then refused as truncated", body = SnapshotFile, content_type = "application/gzip"),
+        (status = 200, description = "A snapshot of everything the store holds (docs/snapshot-format.md): gzip of JSON lines, read from one consistent view, served as a plain download (`application/octet-stream`, saved as `hobotnica-snapshot.jsonl.gz`). A failure midway ends the body early, without the snapshot's last line: the file is then refused as truncated", body = SnapshotFile, content_type = "application/octet-stream"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
     ),
     security(("token" = [])))]
@@ -39,7 +39,8 @@ async fn export_store(
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/gzip"),
+        // A download, not gzip transfer coding (which clients undo).
+        HeaderValue::from_static("application/octet-stream"),
     );
     headers.insert(
         header::CONTENT_DISPOSITION,
