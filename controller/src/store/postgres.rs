@@ -614,6 +614,34 @@ impl Drop for PgStore {
 }
 
 impl PgStore {
+    /// The record (the JSON of the first column) of the row `sql` selects,
+    /// if any.
+    async fn record<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StoreResult<Option<T>> {
+        let client = self.client().await?;
+        client
+            .query_opt(sql, params)
+            .await
+            .map_err(db)?
+            .map(|row| decode(row.get(0)))
+            .transpose()
+    }
+
+    /// The records (the JSON of the first column) of the rows `sql`
+    /// selects, in its order.
+    async fn records<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StoreResult<Vec<T>> {
+        let client = self.client().await?;
+        let rows = client.query(sql, params).await.map_err(db)?;
+        rows.iter().map(|row| decode(row.get(0))).collect()
+    }
+
     /// Connects to `url` (`postgres://`; TLS as its `sslmode` says, verified
     /// against `ca_pem` or the system's roots), migrates the schema and
     /// starts listening for events.
@@ -1229,25 +1257,16 @@ impl Store for PgStore {
     }
 
     async fn get_repo(&self, owner: &str, name: &str) -> StoreResult<Option<Repo>> {
-        let client = self.client().await?;
-        client
-            .query_opt(
-                "SELECT record FROM repos WHERE full_name = $1",
-                &[&format!("{owner}/{name}")],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| decode(row.get(0)))
-            .transpose()
+        self.record(
+            "SELECT record FROM repos WHERE full_name = $1",
+            &[&format!("{owner}/{name}")],
+        )
+        .await
     }
 
     async fn list_repos(&self) -> StoreResult<Vec<Repo>> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT record FROM repos ORDER BY full_name", &[])
+        self.records("SELECT record FROM repos ORDER BY full_name", &[])
             .await
-            .map_err(db)?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
     }
 
     async fn delete_repo(&self, owner: &str, name: &str) -> StoreResult<()> {
@@ -1292,16 +1311,11 @@ impl Store for PgStore {
     }
 
     async fn find_repo_by_hook(&self, hook_id: &str) -> StoreResult<Option<Repo>> {
-        let client = self.client().await?;
-        client
-            .query_opt(
-                "SELECT record FROM repos WHERE hook_id = $1 LIMIT 1",
-                &[&hook_id],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| decode(row.get(0)))
-            .transpose()
+        self.record(
+            "SELECT record FROM repos WHERE hook_id = $1 LIMIT 1",
+            &[&hook_id],
+        )
+        .await
     }
 
     async fn key_job(&self, key: &str) -> StoreResult<Option<JobId>> {
@@ -1374,13 +1388,8 @@ impl Store for PgStore {
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<Job>> {
-        let client = self.client().await?;
-        client
-            .query_opt("SELECT record FROM jobs WHERE id = $1", &[&to_i64(id.0)])
+        self.record("SELECT record FROM jobs WHERE id = $1", &[&to_i64(id.0)])
             .await
-            .map_err(db)?
-            .map(|row| decode(row.get(0)))
-            .transpose()
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
@@ -1664,22 +1673,13 @@ impl Store for PgStore {
     }
 
     async fn get_agent(&self, id: &AgentId) -> StoreResult<Option<AgentRecord>> {
-        let client = self.client().await?;
-        client
-            .query_opt("SELECT record FROM agents WHERE id = $1", &[&id.0])
+        self.record("SELECT record FROM agents WHERE id = $1", &[&id.0])
             .await
-            .map_err(db)?
-            .map(|row| decode(row.get(0)))
-            .transpose()
     }
 
     async fn list_agents(&self) -> StoreResult<Vec<AgentRecord>> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT record FROM agents ORDER BY name", &[])
+        self.records("SELECT record FROM agents ORDER BY name", &[])
             .await
-            .map_err(db)?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
     }
 
     async fn touch_agent(
@@ -1728,28 +1728,19 @@ impl Store for PgStore {
     }
 
     async fn list_agent_tokens(&self) -> StoreResult<Vec<AgentTokenRecord>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT record FROM agent_tokens ORDER BY created_at, id",
-                &[],
-            )
-            .await
-            .map_err(db)?;
-        rows.iter().map(|row| decode(row.get(0))).collect()
+        self.records(
+            "SELECT record FROM agent_tokens ORDER BY created_at, id",
+            &[],
+        )
+        .await
     }
 
     async fn find_agent_token(&self, token_hash: &str) -> StoreResult<Option<AgentTokenRecord>> {
-        let client = self.client().await?;
-        client
-            .query_opt(
-                "SELECT record FROM agent_tokens WHERE token_hash = $1",
-                &[&token_hash],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| decode(row.get(0)))
-            .transpose()
+        self.record(
+            "SELECT record FROM agent_tokens WHERE token_hash = $1",
+            &[&token_hash],
+        )
+        .await
     }
 
     async fn delete_agent_token(&self, id: &str) -> StoreResult<()> {
