@@ -1062,6 +1062,25 @@ enum ListenOutcome {
     },
 }
 
+/// A step of setting the listener up (connecting, `LISTEN`), bounded by a
+/// timeout: its value, or the outcome that makes the listener retry
+/// (logged).
+fn listen_step<T>(
+    step: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+) -> Result<T, ListenOutcome> {
+    match step {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "cannot listen for PostgreSQL events; retrying");
+            Err(ListenOutcome::Lost { listened: false })
+        }
+        Err(_) => {
+            tracing::warn!("cannot listen for PostgreSQL events: no answer; retrying");
+            Err(ListenOutcome::Lost { listened: false })
+        }
+    }
+}
+
 async fn listen_once<T>(
     listener: &Listener,
     tls: T,
@@ -1080,19 +1099,13 @@ where
         CONNECT_TIMEOUT + listener.liveness.ping_timeout,
         config.connect(tls),
     );
-    let (client, mut connection) = match tokio::select! {
+    let connected = tokio::select! {
         () = listener.stop.cancelled() => return ListenOutcome::Stopped,
         connected = connect => connected,
-    } {
-        Ok(Ok(connected)) => connected,
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "cannot listen for PostgreSQL events; retrying");
-            return ListenOutcome::Lost { listened: false };
-        }
-        Err(_) => {
-            tracing::warn!("cannot listen for PostgreSQL events: no answer; retrying");
-            return ListenOutcome::Lost { listened: false };
-        }
+    };
+    let (client, mut connection) = match listen_step(connected) {
+        Ok(connected) => connected,
+        Err(lost) => return lost,
     };
     // The connection is driven by a task of its own (the client's queries
     // need it polled while this one waits on them); it forwards
@@ -1117,16 +1130,8 @@ where
         listener.liveness.ping_timeout,
         client.batch_execute(&listen_sql),
     );
-    match listen.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "cannot listen for PostgreSQL events; retrying");
-            return ListenOutcome::Lost { listened: false };
-        }
-        Err(_) => {
-            tracing::warn!("cannot listen for PostgreSQL events: no answer; retrying");
-            return ListenOutcome::Lost { listened: false };
-        }
+    if let Err(lost) = listen_step(listen.await) {
+        return lost;
     }
     match ready.take() {
         Some(ready) => {
